@@ -1,0 +1,38 @@
+"""Every error a user can hit says what happened and what to do; these classes carry both."""
+
+from __future__ import annotations
+
+
+class PgSandboxError(Exception):
+    """Base class: ``str(error)`` is the whole message, already free of passwords."""
+
+    def __init__(self, what: str, fix: str = "") -> None:
+        from pgsandbox.redact import redact
+
+        self.what = redact(what)
+        self.fix = redact(fix)
+        super().__init__(self.what + (f"\n  What to do: {self.fix}" if self.fix else ""))
+
+
+class ConfigError(PgSandboxError):
+    """An option has a value pgsandbox cannot use."""
+
+
+class BinariesNotFound(PgSandboxError):
+    """No usable PostgreSQL installation, or none that satisfies the version pin."""
+
+
+class ServerStartError(PgSandboxError):
+    """The local server did not start."""
+
+
+class ConnectError(PgSandboxError):
+    """A server could not be reached or refused the credentials."""
+
+
+class PrivilegeError(PgSandboxError):
+    """The role lacks a privilege pgsandbox needs."""
+
+
+class UnsupportedVersion(PgSandboxError):
+    """The server is older than pgsandbox supports."""

@@ -1,0 +1,31 @@
+"""Passwords never reach output: every DSN and message passes through :func:`redact`.
+
+Besides the ``password=`` keyword and the ``user:password@`` part of URLs, every password pgsandbox
+generates or reads is registered here and masked wherever it appears, so that a secret echoed by a
+library in an unexpected place is masked too.
+"""
+
+from __future__ import annotations
+
+import re
+
+MASK = "***"
+_secrets: set[str] = set()
+
+_KEYWORD = re.compile(r"""(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&;]+)""", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
+
+
+def register_secret(secret: str) -> None:
+    """Mask ``secret`` in everything :func:`redact` sees from now on."""
+    if len(secret) >= 4:
+        _secrets.add(secret)
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with passwords in DSNs, URLs and known secrets replaced by ``***``."""
+    text = _KEYWORD.sub(lambda m: m.group(1) + MASK, text)
+    text = _URL_USERINFO.sub(lambda m: m.group(1) + MASK + m.group(3), text)
+    for secret in _secrets:
+        text = text.replace(secret, MASK)
+    return text

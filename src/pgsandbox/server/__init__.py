@@ -1,0 +1,22 @@
+"""A running server: local and throwaway, or someone else's (external)."""
+
+from __future__ import annotations
+
+from pgsandbox.server.base import Progress, Server
+from pgsandbox.server.external import ExternalServer
+from pgsandbox.server.local import LocalServer
+from pgsandbox.settings import Settings
+
+__all__ = ["ExternalServer", "LocalServer", "Progress", "Server", "start_server", "wants_external"]
+
+
+def wants_external(settings: Settings) -> bool:
+    return settings.server == "external" or (settings.server == "auto" and bool(settings.dsn))
+
+
+def start_server(settings: Settings | None = None, progress: Progress | None = None) -> Server:
+    """The server these settings ask for: attach to an existing one, or start a local one."""
+    settings = settings or Settings.from_env()
+    if wants_external(settings):
+        return ExternalServer.attach(settings.dsn or "", settings.source_of("dsn"))
+    return LocalServer.start(settings, progress)

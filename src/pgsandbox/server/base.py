@@ -1,0 +1,150 @@
+"""What every server offers, local or external: its version, a DSN, connections, databases."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgsandbox.errors import ConfigError
+from pgsandbox.redact import redact
+
+Progress = Callable[[str], None]
+MAX_IDENTIFIER = 63
+
+
+def new_run_id() -> str:
+    """Short, random and lower-case: part of every database name a run creates."""
+    return secrets.token_hex(4)
+
+
+class Server(ABC):
+    """A running PostgreSQL server that pgsandbox may create databases on.
+
+    ``dsn`` carries the password so that any client can connect; ``repr()`` and every message
+    pgsandbox prints show it redacted.
+    """
+
+    kind: str
+
+    def __init__(self, conninfo: str, version_num: int, run_id: str) -> None:
+        self._conninfo = conninfo
+        self.version_num = version_num
+        self.run_id = run_id
+        self.prefix = f"pgsandbox_{run_id}_"
+        self._created: list[str] = []
+        self._admin: psycopg.Connection[Any] | None = None
+        self._counter = 0
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def version(self) -> tuple[int, int]:
+        """(major, minor), from the server itself."""
+        return self.version_num // 10000, self.version_num % 10000
+
+    @property
+    def version_string(self) -> str:
+        return "{}.{}".format(*self.version)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The connection parameters of the admin DSN (host, port, user, password, dbname...)."""
+        return conninfo_to_dict(self._conninfo)
+
+    @property
+    def dsn(self) -> str:
+        """Admin DSN, password included: hand it to clients, never print it (use :attr:`dsn_redacted`)."""
+        return self._conninfo
+
+    @property
+    def dsn_redacted(self) -> str:
+        return redact(self._conninfo)
+
+    def dsn_for(self, dbname: str) -> str:
+        return make_conninfo(self._conninfo, dbname=dbname)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} PostgreSQL {self.version_string} {self.dsn_redacted}>"
+
+    # -- connections -------------------------------------------------------------------------------
+    def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A new psycopg connection as the admin role, to ``dbname`` (default: the admin database)."""
+        conninfo = self.dsn_for(dbname) if dbname else self._conninfo
+        return psycopg.connect(conninfo, **kwargs)
+
+    @property
+    def admin(self) -> psycopg.Connection[Any]:
+        """One autocommit connection kept open for administration: new connections cost milliseconds."""
+        if self._admin is None or self._admin.closed:
+            self._admin = self.connect(autocommit=True)
+        return self._admin
+
+    # -- databases ---------------------------------------------------------------------------------
+    @property
+    def databases(self) -> tuple[str, ...]:
+        """The databases this object created and has not dropped yet."""
+        return tuple(self._created)
+
+    def create_database(self, name: str | None = None, *, template: str | None = None) -> str:
+        """Create a database named with this run's prefix; return its full name.
+
+        ``name`` is the part after the prefix (default: a counter).
+        """
+        if name is None:
+            self._counter += 1
+            name = f"db{self._counter}"
+        if not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ConfigError(
+                f"database name {name!r} may hold only lower-case letters, digits and underscores.",
+                "pick a simple name: pgsandbox adds its run prefix to it.",
+            )
+        full = self.prefix + name
+        if len(full) > MAX_IDENTIFIER:
+            raise ConfigError(
+                f"database name {full!r} is longer than PostgreSQL's {MAX_IDENTIFIER} characters.",
+                f"use a name of at most {MAX_IDENTIFIER - len(self.prefix)} characters.",
+            )
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(full))
+        if template:
+            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        self.admin.execute(query)
+        self._created.append(full)
+        return full
+
+    def drop_database(self, name: str) -> None:
+        """Drop a database this object created (connections to it are terminated)."""
+        if name not in self._created:
+            raise ConfigError(
+                f"pgsandbox did not create database {name!r}, so it will not drop it.",
+                "drop only names create_database() returned: pgsandbox never drops what it did not create.",
+            )
+        self.admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        self._created.remove(name)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @abstractmethod
+    def stop(self) -> None:
+        """Release everything this object created or started. Safe to call twice."""
+
+    def _close_admin(self) -> None:
+        if self._admin is not None and not self._admin.closed:
+            self._admin.close()
+        self._admin = None
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,127 @@
+"""An existing server: pgsandbox creates what it needs under a per-run prefix and drops only that."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgsandbox.binaries import MIN_VERSION
+from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
+from pgsandbox.redact import redact, register_secret
+from pgsandbox.server.base import Server, new_run_id
+
+CONNECT_TIMEOUT = 10
+_UNREACHABLE = re.compile(
+    r"could not connect|connection refused|could not translate host name|timeout expired|"
+    r"no such file or directory|name or service not known|network is unreachable|no route to host",
+    re.IGNORECASE,
+)
+_BAD_PASSWORD = re.compile(
+    r"password authentication failed|no password supplied|authentication failed|"
+    r"password is required|SCRAM authentication",
+    re.IGNORECASE,
+)
+
+
+def describe_target(conninfo: str) -> str:
+    """``host=db port=5432 user=app dbname=app`` from a DSN or the libpq environment, without secrets."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "(unparsable DSN)"
+    shown = {key: params[key] for key in ("host", "hostaddr", "port", "user", "dbname") if params.get(key)}
+    return " ".join(f"{key}={value}" for key, value in shown.items()) or "(libpq defaults: PGHOST, PGPORT...)"
+
+
+class ExternalServer(Server):
+    """A server someone else runs; ``stop()`` drops the databases this run created and nothing else."""
+
+    kind = "external"
+
+    @classmethod
+    def attach(cls, dsn: str = "", source: str = "pg_dsn") -> ExternalServer:
+        """Connect with ``dsn`` (a URL or key=value string; empty: the libpq ``PG*`` variables) and check
+        that the server is new enough and the role may create databases."""
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as error:
+            raise ConnectError(
+                f"{source} is not a valid connection string: {error}.",
+                "use a URL (postgresql://user@host:5432/dbname) or key=value pairs (host=... dbname=...).",
+            ) from None
+        if params.get("password"):
+            register_secret(str(params["password"]))
+        if "connect_timeout" not in params:
+            dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
+        admin = _connect(dsn, source)
+        try:
+            password = admin.info.password
+            if password:
+                register_secret(password)
+            _check(admin)
+            server = cls(dsn, admin.info.server_version, new_run_id())
+        except BaseException:
+            admin.close()
+            raise
+        server._admin = admin
+        return server
+
+    def stop(self) -> None:
+        """Drop every database this run created (and only those)."""
+        try:
+            for name in list(self._created):
+                self.drop_database(name)
+        finally:
+            self._close_admin()
+
+
+def _connect(dsn: str, source: str) -> psycopg.Connection[Any]:
+    target = describe_target(dsn)
+    try:
+        return psycopg.connect(dsn, autocommit=True)
+    except psycopg.OperationalError as error:
+        message = redact(str(error).strip())
+        if _BAD_PASSWORD.search(message):
+            raise ConnectError(
+                f"the PostgreSQL server at {target} refused the password: {message}",
+                f"give the right password in {source} (postgresql://user:PASSWORD@host/db), "
+                "in PGPASSWORD, or in ~/.pgpass.",
+            ) from None
+        if _UNREACHABLE.search(message):
+            raise ConnectError(
+                f"pgsandbox could not reach the PostgreSQL server at {target}: {message}",
+                f"check that the server is running and that the host and port in {source} (or PGHOST, "
+                "PGPORT) are right; or unset them to let pgsandbox start a local server.",
+            ) from None
+        raise ConnectError(
+            f"pgsandbox could not connect to the PostgreSQL server at {target}: {message}",
+            f"check {source} and the libpq variables (PGHOST, PGPORT, PGUSER, PGDATABASE).",
+        ) from None
+
+
+def _check(admin: psycopg.Connection[Any]) -> None:
+    version = admin.info.server_version
+    check_version(version)
+    row = admin.execute(
+        "SELECT current_user, rolsuper, rolcreatedb FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    assert row is not None
+    user, superuser, createdb = row
+    if not (superuser or createdb):
+        raise PrivilegeError(
+            f"role {user!r} lacks the CREATEDB privilege, which pgsandbox needs to create test databases.",
+            f"as a superuser run: ALTER ROLE {user} CREATEDB; or connect as a role that has it.",
+        )
+
+
+def check_version(version_num: int, minimum: tuple[int, ...] = MIN_VERSION) -> None:
+    major, minor = version_num // 10000, version_num % 10000
+    if (major, minor) < minimum:
+        raise UnsupportedVersion(
+            f"the PostgreSQL server runs version {major}.{minor}; pgsandbox needs "
+            f"{'.'.join(map(str, minimum))} or newer.",
+            "upgrade the server, or unset the DSN to let pgsandbox start a local, current one.",
+        )

@@ -1,0 +1,296 @@
+"""A throwaway server: a copy of the cached cluster, started directly and polled until ready."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from pgsandbox.binaries import Installation, find_installations, select_installation
+from pgsandbox.errors import ServerStartError
+from pgsandbox.redact import redact, register_secret
+from pgsandbox.server import cache, osuser, runs
+from pgsandbox.server.base import Progress, Server, new_run_id
+from pgsandbox.settings import Settings
+
+SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+PORT_ATTEMPTS = 5
+# A random 32-byte password needs no key stretching: the default 4096 iterations cost ~4 ms per connect.
+SCRAM_ITERATIONS = 16
+
+TEST_SETTINGS: dict[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "shared_buffers": "32MB",
+    "max_connections": "200",
+    "checkpoint_timeout": "1h",
+    "password_encryption": "scram-sha-256",
+    "logging_collector": "off",
+    "log_min_messages": "warning",
+    "dynamic_shared_memory_type": "posix" if os.name == "posix" else "windows",
+}
+
+HBA = """\
+# pgsandbox: every connection authenticates with SCRAM, socket and TCP alike
+local all all scram-sha-256
+host  all all 127.0.0.1/32 scram-sha-256
+host  all all ::1/128 scram-sha-256
+"""
+
+
+class LocalServer(Server):
+    """A private PostgreSQL server for one run; :meth:`stop` removes every trace of it."""
+
+    kind = "local"
+
+    def __init__(
+        self,
+        conninfo: str,
+        version_num: int,
+        run_id: str,
+        *,
+        installation: Installation,
+        run: runs.RunDir,
+        process: subprocess.Popen[bytes],
+        tcp: tuple[str, int] | None,
+    ) -> None:
+        super().__init__(conninfo, version_num, run_id)
+        self.installation = installation
+        self.run = run
+        self.process = process
+        self.tcp = tcp
+        self._stopped = False
+        atexit.register(self.stop)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.run.log
+
+    @classmethod
+    def start(cls, settings: Settings | None = None, progress: Progress | None = None) -> LocalServer:
+        settings = settings or Settings()
+        search = find_installations(settings.bin)
+        installation = select_installation(search, settings.version, settings.source_of("bin"))
+        account = osuser.server_account(progress)
+        root = cache.cache_root(settings.cache)
+        installation = osuser.reachable_installation(installation, account, root, progress)
+        base = settings.runtime_dir or runs.default_runtime_base()
+        for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir)):
+            runs.reap(leftover)
+            if progress:
+                progress(f"stopped a server left behind by a killed run: {leftover.describe()}")
+        run_id = new_run_id()
+        run = runs.create_run_dir(base, run_id, account)
+        try:
+            cluster = cache.cached_cluster(
+                installation, account, root, runs.runtime_parent(base), settings.initdb_args, progress
+            )
+            cache.copy_tree(cluster.data, run.data)
+            account.chown(run.data)
+            run.data.chmod(0o700)
+            (run.data / "pg_hba.conf").write_text(HBA)
+            account.chown(run.data / "pg_hba.conf")
+            return cls._launch(settings, installation, account, run, run_id, cluster.password)
+        except BaseException:
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _launch(
+        cls,
+        settings: Settings,
+        installation: Installation,
+        account: osuser.Account,
+        run: runs.RunDir,
+        run_id: str,
+        cached_password: str,
+    ) -> LocalServer:
+        for attempt in range(PORT_ATTEMPTS):
+            tcp = _tcp_address(settings)
+            _write_config(run, installation, account, settings, tcp)
+            process = _spawn(installation, account, run)
+            try:
+                _wait_ready(process, run)
+                break
+            except ServerStartError:
+                _kill(process)
+                log = _read_log(run)
+                port_taken = tcp is not None and ("could not bind" in log or "could not create" in log)
+                if port_taken and settings.port == 0 and attempt + 1 < PORT_ATTEMPTS:
+                    continue
+                if port_taken and tcp is not None:
+                    raise ServerStartError(
+                        f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n"
+                        + _tail(log),
+                        "choose another --pg-port (or 0 for a free one), or stop what uses that port.",
+                    ) from None
+                raise
+        password = secrets.token_urlsafe(32)
+        register_secret(password)
+        host = str(run.socket_dir) if tcp is None else _connect_host(tcp[0])
+        port = SOCKET_PORT if tcp is None else tcp[1]
+        conninfo = make_conninfo(
+            host=host, port=port, user=cache.SUPERUSER, password=password, dbname="postgres"
+        )
+        try:
+            admin = psycopg.connect(
+                make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=SOCKET_PORT),
+                autocommit=True,
+            )
+            verifier = admin.pgconn.encrypt_password(
+                password.encode(), cache.SUPERUSER.encode(), b"scram-sha-256"
+            )
+            admin.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(cache.SUPERUSER), sql.Literal(verifier.decode())
+                )
+            )
+            version_num = admin.info.server_version
+        except BaseException:
+            _kill(process)
+            raise
+        server = cls(conninfo, version_num, run_id, installation=installation, run=run,
+                     process=process, tcp=tcp)
+        server._admin = admin
+        return server
+
+    def stop(self) -> None:
+        """Fast shutdown, then remove the run directory. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        atexit.unregister(self.stop)
+        self._close_admin()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: the data is throwaway
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _kill(self.process)
+        shutil.rmtree(self.run.path, ignore_errors=True)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+
+def _tcp_address(settings: Settings) -> tuple[str, int] | None:
+    if not settings.listen or settings.listen.lower() in ("none", "off", "no"):
+        return None
+    port = settings.port or _free_port(settings.listen)
+    return settings.listen, port
+
+
+def _free_port(listen: str) -> int:
+    host = _connect_host(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _connect_host(listen: str) -> str:
+    first = listen.split(",")[0].strip()
+    return {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(first, first)
+
+
+def _write_config(run: runs.RunDir, installation: Installation, account: osuser.Account,
+                  settings: Settings, tcp: tuple[str, int] | None) -> None:
+    values = dict(TEST_SETTINGS)
+    if installation.major >= 16:
+        values["scram_iterations"] = str(SCRAM_ITERATIONS)
+    values["unix_socket_directories"] = str(run.socket_dir)
+    values["listen_addresses"] = tcp[0] if tcp else ""
+    values["port"] = str(tcp[1] if tcp else SOCKET_PORT)
+    values.update(dict(settings.server_settings))
+    lines = ["# written by pgsandbox for this run"]
+    lines += ["{} = '{}'".format(name, value.replace("'", "''")) for name, value in values.items()]
+    conf = run.data / "pgsandbox.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    main = run.data / "postgresql.conf"
+    text = main.read_text()
+    if "include_if_exists = 'pgsandbox.conf'" not in text:
+        main.write_text(text + "\ninclude_if_exists = 'pgsandbox.conf'\n")
+    account.chown(conf)
+
+
+def _spawn(installation: Installation, account: osuser.Account, run: runs.RunDir) -> subprocess.Popen[bytes]:
+    log: IO[bytes]
+    with open(run.log, "ab") as log:
+        return subprocess.Popen(
+            [str(installation.tool("postgres")), "-D", str(run.data)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(run.path),
+            start_new_session=True,  # Ctrl-C in the terminal reaches pytest, which stops the server
+            **account.popen_kwargs(),
+        )
+
+
+def _wait_ready(process: subprocess.Popen[bytes], run: runs.RunDir) -> None:
+    """Poll postmaster.pid for the "ready" status PostgreSQL writes once it accepts connections."""
+    pid_file = run.data / "postmaster.pid"
+    deadline = time.monotonic() + START_TIMEOUT
+    delay = 0.001
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerStartError(
+                f"the local PostgreSQL server exited while starting (exit {process.returncode}). "
+                f"Its log ({run.log}) ends with:\n{_tail(_read_log(run))}",
+                "fix the setting the log names (pg_server_settings?), or run `pgsandbox doctor`.",
+            )
+        try:
+            lines = pid_file.read_text().splitlines()
+        except OSError:
+            lines = []
+        if len(lines) >= 8 and lines[7].strip() == "ready":
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    raise ServerStartError(
+        f"the local PostgreSQL server did not become ready within {START_TIMEOUT:.0f} s. "
+        f"Its log ends with:\n{_tail(_read_log(run))}",
+        "check the machine's load and the log above; run `pgsandbox doctor`.",
+    )
+
+
+def _read_log(run: runs.RunDir) -> str:
+    try:
+        return redact(run.log.read_text(errors="replace"))
+    except OSError:
+        return ""
+
+
+def _tail(log: str, lines: int = 15) -> str:
+    return "\n".join("    " + line for line in log.strip().splitlines()[-lines:])
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGQUIT)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

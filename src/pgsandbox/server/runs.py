@@ -1,0 +1,163 @@
+"""Run directories: where a local server keeps its data, socket and log, and how leftovers are found.
+
+A run directory holds ``owner.json`` (the pytest process that owns it). A run killed with ``kill -9``
+leaves its directory and its postmaster behind; the next run finds the owner gone, checks that the
+postmaster really serves that directory (its working directory is the data directory), stops it and
+removes the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from pgsandbox.server.osuser import Account
+
+MIN_SHM_FREE = 512 * 1024 * 1024
+STARTING_GRACE_SECONDS = 60.0
+
+
+def default_runtime_base() -> Path:
+    """RAM-backed /dev/shm when it exists with room (clones are ~25x faster there), else the temp dir."""
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= MIN_SHM_FREE:
+            return shm
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
+
+
+def runtime_parent(base: Path) -> Path:
+    """``<base>/pgsandbox-<uid>``: one per invoking user, traversable by the server's account."""
+    parent = base / f"pgsandbox-{os.geteuid()}"
+    parent.mkdir(parents=True, exist_ok=True)
+    parent.chmod(0o755 if os.geteuid() == 0 else 0o700)
+    return parent
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.path / "sock"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "server.log"
+
+    @property
+    def owner_file(self) -> Path:
+        return self.path / "owner.json"
+
+
+def create_run_dir(base: Path, run_id: str, account: Account) -> RunDir:
+    path = runtime_parent(base) / f"run-{run_id}"
+    path.mkdir(mode=0o700)
+    run = RunDir(path)
+    me = psutil.Process()
+    run.owner_file.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    run.socket_dir.mkdir(mode=0o700)
+    run.log.touch(mode=0o600)
+    account.chown(run.path)
+    return run
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A run directory whose owner is gone, and the postmaster still serving it, if any."""
+
+    run: RunDir
+    postmaster: int | None
+
+    def describe(self) -> str:
+        server = f"server pid {self.postmaster} still running" if self.postmaster else "no server running"
+        return f"{self.run.path} ({server})"
+
+
+def search_bases(configured: Path | None = None) -> list[Path]:
+    bases = [configured] if configured else []
+    bases += [Path("/dev/shm"), Path(tempfile.gettempdir())]
+    unique: list[Path] = []
+    for base in bases:
+        if base not in unique:
+            unique.append(base)
+    return unique
+
+
+def find_leftovers(bases: list[Path]) -> list[Leftover]:
+    leftovers = []
+    for base in bases:
+        parent = base / f"pgsandbox-{os.geteuid()}"
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.glob("run-*")):
+            run = RunDir(path)
+            if _owner_alive(run):
+                continue
+            leftovers.append(Leftover(run, _postmaster_serving(run)))
+    return leftovers
+
+
+def _owner_alive(run: RunDir) -> bool:
+    try:
+        owner = json.loads(run.owner_file.read_text())
+    except FileNotFoundError:
+        # created a moment ago and owner.json not written yet, or a foreign directory: leave it alone
+        try:
+            return time.time() - run.path.stat().st_mtime < STARTING_GRACE_SECONDS
+        except OSError:
+            return True
+    except (OSError, ValueError):
+        return True
+    try:
+        started = psutil.Process(int(owner["pid"])).create_time()
+        return bool(abs(started - float(owner["started"])) < 1.0)
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return True
+
+
+def _postmaster_serving(run: RunDir) -> int | None:
+    try:
+        pid = int((run.data / "postmaster.pid").read_text().splitlines()[0])
+        process = psutil.Process(pid)
+        if Path(process.cwd()).resolve() == run.data.resolve():
+            return pid
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass
+    return None
+
+
+def stop_postmaster(pid: int, timeout: float = 10.0) -> None:
+    """Immediate shutdown (the data is throwaway), then SIGKILL if it lingers."""
+    try:
+        process = psutil.Process(pid)
+        children = process.children(recursive=True)
+        process.send_signal(signal.SIGQUIT)
+        _, alive = psutil.wait_procs([process], timeout=timeout)
+        for straggler in alive + [c for c in children if c.is_running()]:
+            straggler.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
+def reap(leftover: Leftover) -> None:
+    if leftover.postmaster:
+        stop_postmaster(leftover.postmaster)
+    shutil.rmtree(leftover.run.path, ignore_errors=True)

@@ -1,0 +1,177 @@
+"""The options, their sources and their precedence (CLI > env > ini > default), independent of pytest.
+
+Each option has one entry in :data:`OPTIONS`; the pytest glue registers ``--pg-NAME`` and ini ``pg_NAME``
+from it, and the environment variable is ``PGSANDBOX_NAME``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pgsandbox.errors import ConfigError
+
+ServerKind = Literal["auto", "local", "external"]
+Raw = str | Sequence[str] | None
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    help: str
+    kind: Literal["str", "list"] = "str"
+    parse: Callable[[str], Any] = str
+    env_separator: str = ";"
+
+    @property
+    def cli(self) -> str:
+        return "--pg-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "pg_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "PGSANDBOX_" + self.name.upper()
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _version(value: str) -> str:
+    if not re.fullmatch(r"\d+(\.\d+)?", value):
+        raise ValueError("expected a PostgreSQL version such as 16 or 16.4")
+    return value
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError("expected a port number from 0 (pick a free one) to 65535") from None
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port number from 0 (pick a free one) to 65535")
+    return port
+
+
+def _server_setting(value: str) -> tuple[str, str]:
+    name, sep, setting = value.partition("=")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
+        raise ValueError(f"{value!r} is not of the form name=value (for example work_mem=64MB)")
+    setting = setting.strip()
+    if len(setting) >= 2 and setting[0] == setting[-1] == "'":
+        setting = setting[1:-1].replace("''", "'")
+    return name.lower(), setting
+
+
+def _path(value: str) -> Path:
+    return Path(value).expanduser()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("server", "auto (a DSN if one is configured, else a local server), local, or external",
+           parse=_choice("auto", "local", "external")),
+    Option("dsn", "connection string or URL of an existing server to use instead of a local one"),
+    Option("bin", "directory holding the PostgreSQL binaries (postgres, initdb) to use", parse=_path),
+    Option("version", "PostgreSQL version to use, such as 16 or 18.6 (default: the newest found)",
+           parse=_version),
+    Option("listen", "TCP address for the local server to listen on as well as its Unix socket "
+           "(default: none, socket only)"),
+    Option("port", "TCP port with --pg-listen (default 0: a free one)", parse=_port),
+    Option("server_settings", "extra postgresql.conf settings for the local server, name=value",
+           kind="list", parse=_server_setting),
+    Option("initdb_args", "extra initdb arguments for the local server", kind="list", env_separator=" "),
+    Option("cache", "cache directory (default: the user cache directory, such as ~/.cache/pgsandbox)",
+           parse=_path),
+    Option("runtime_dir", "where local servers keep their data (default: /dev/shm when it has room, "
+           "else the temporary directory)", parse=_path),
+)
+BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved options. Build one directly, with :meth:`from_sources`, or with :meth:`from_env`."""
+
+    server: ServerKind = "auto"
+    dsn: str | None = None
+    bin: Path | None = None
+    version: str | None = None
+    listen: str | None = None
+    port: int = 0
+    server_settings: tuple[tuple[str, str], ...] = ()
+    initdb_args: tuple[str, ...] = ()
+    cache: Path | None = None
+    runtime_dir: Path | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_sources(
+        cls,
+        cli: Mapping[str, Raw] | None = None,
+        env: Mapping[str, str] | None = None,
+        ini: Mapping[str, Raw] | None = None,
+    ) -> Settings:
+        """Resolve every option from the first source that sets it: CLI, environment, ini, default."""
+        cli = cli or {}
+        env = os.environ if env is None else env
+        ini = ini or {}
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for option in OPTIONS:
+            for label, raw in (
+                (option.cli, cli.get(option.name)),
+                (option.env, _split_env(env.get(option.env), option)),
+                (f"ini {option.ini}", ini.get(option.name)),
+            ):
+                if raw is None or (isinstance(raw, str) and raw.strip() == "") or raw == []:
+                    continue
+                values[option.name] = _parse(option, raw, label)
+                sources[option.name] = label
+                break
+        return cls(**values, sources=sources)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``PGSANDBOX_*`` variables alone: for scripts and other test runners."""
+        return cls.from_sources(env=env)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def source_of(self, name: str) -> str:
+        """Where an option's value came from, for messages (``--pg-bin``, ``env PGSANDBOX_BIN``...)."""
+        return self.sources.get(name, BY_NAME[name].ini)
+
+
+def _split_env(value: str | None, option: Option) -> Raw:
+    if value is None or option.kind != "list":
+        return value
+    return [item for item in value.split(option.env_separator) if item.strip()]
+
+
+def _parse(option: Option, raw: Raw, label: str) -> Any:
+    items = [raw] if isinstance(raw, str) else list(raw or ())
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(option.parse(item.strip()))
+        except ValueError as error:
+            raise ConfigError(
+                f"{label}: bad value {item.strip()!r}: {error}.",
+                f"fix {label}; {option.cli} takes: {option.help}.",
+            ) from None
+    return tuple(parsed) if option.kind == "list" else parsed[0]
