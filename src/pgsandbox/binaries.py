@@ -88,7 +88,8 @@ def candidate_dirs(
             pass
     on_path = shutil.which("postgres", path=path)
     if on_path:
-        yield Path(on_path).parent, "PATH"
+        # /usr/local/bin/postgres is often a link into the real installation, where initdb lives too
+        yield Path(on_path).resolve().parent, f"PATH ({on_path})"
     for pattern in system_globs:
         for found in sorted(glob.glob(pattern)):
             yield Path(found), "a system directory"
@@ -150,7 +151,7 @@ def find_installations(
     for bindir, source in candidate_dirs(
         explicit, wheel_packages=wheel_packages, system_globs=system_globs, path=path
     ):
-        real = bindir.resolve()
+        real = (bindir / "postgres").resolve()
         if real in seen:
             continue
         seen.add(real)

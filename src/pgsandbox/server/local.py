@@ -154,7 +154,7 @@ class LocalServer(Server):
         )
         try:
             admin = psycopg.connect(
-                make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=SOCKET_PORT),
+                make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=port),
                 autocommit=True,
             )
             verifier = admin.pgconn.encrypt_password(

