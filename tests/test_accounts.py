@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import StartLocal
 
+from conftest import StartLocal
 from pgsandbox import LocalServer, Settings, find_installations
 from pgsandbox.server import osuser
 

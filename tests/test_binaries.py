@@ -8,7 +8,6 @@ import pytest
 
 from pgsandbox.binaries import (
     Installation,
-    Search,
     candidate_dirs,
     find_installations,
     parse_version,
@@ -96,7 +95,9 @@ def test_unsatisfied_pin_lists_what_was_found() -> None:
 
 
 def test_nothing_found_says_where_it_looked_and_three_fixes(tmp_path: Path) -> None:
-    search = find_installations(wheel_packages=("no_such_package",), path=str(tmp_path), system_globs=("/nonexistent/*/bin",))
+    search = find_installations(
+        wheel_packages=("no_such_package",), path=str(tmp_path), system_globs=("/nonexistent/*/bin",)
+    )
     with pytest.raises(BinariesNotFound) as error:
         select_installation(search)
     message = str(error.value)
@@ -151,11 +152,14 @@ def test_hidden_system_binaries_embedded_wheel_suffices(pytester: pytest.Pyteste
             assert pg_server.admin.execute("select 1").fetchone() == (1,)
         """
     )
-    hide = " && ".join(
-        f"mount -t tmpfs none {path}"
-        for path in ("/usr/lib/postgresql", "/usr/local/bin", "/usr/bin/pg_config")
-        if Path(path).is_dir()
-    ) or "true"
+    hide = (
+        " && ".join(
+            f"mount -t tmpfs none {path}"
+            for path in ("/usr/lib/postgresql", "/usr/local/bin", "/usr/bin/pg_config")
+            if Path(path).is_dir()
+        )
+        or "true"
+    )
     import sys
 
     script = f"{hide} && exec {sys.executable} -m pytest -p no:cacheprovider -q {pytester.path}"
@@ -165,7 +169,8 @@ def test_hidden_system_binaries_embedded_wheel_suffices(pytester: pytest.Pyteste
     assert "1 passed" in out.stdout, out.stdout + out.stderr
     probe = subprocess.run(
         ["unshare", "--mount", "sh", "-c", f"{hide} && {sys.executable} -m pgsandbox.cli doctor"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert "15.18" not in probe.stdout and "a system directory" not in probe.stdout
     assert "Would use for a local server: PostgreSQL 18" in probe.stdout

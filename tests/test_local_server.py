@@ -8,8 +8,8 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import StartLocal
 
+from conftest import StartLocal
 from pgsandbox import LocalServer, Settings
 from pgsandbox.errors import ServerStartError
 
@@ -32,11 +32,27 @@ def test_start_connect_create_drop_stop(start_local: StartLocal) -> None:
 
 def test_test_settings_and_user_settings_apply(start_local: StartLocal) -> None:
     server = start_local(server_settings=(("work_mem", "7MB"), ("application_name", "it's mine")))
-    show = {name: server.admin.execute(f"show {name}").fetchone()[0]  # type: ignore[index]
-            for name in ("fsync", "synchronous_commit", "full_page_writes", "work_mem", "application_name",
-                         "listen_addresses", "max_connections")}
-    assert show == {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "work_mem": "7MB",
-                    "application_name": "it's mine", "listen_addresses": "", "max_connections": "200"}
+    show = {
+        name: server.admin.execute(f"show {name}").fetchone()[0]  # type: ignore[index]
+        for name in (
+            "fsync",
+            "synchronous_commit",
+            "full_page_writes",
+            "work_mem",
+            "application_name",
+            "listen_addresses",
+            "max_connections",
+        )
+    }
+    assert show == {
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+        "work_mem": "7MB",
+        "application_name": "it's mine",
+        "listen_addresses": "",
+        "max_connections": "200",
+    }
 
 
 def test_data_on_tmpfs_private_directories(start_local: StartLocal) -> None:
@@ -52,11 +68,15 @@ def test_random_password_per_run_and_scram_everywhere(start_local: StartLocal) -
     first, second = start_local(), start_local()
     assert first.params["password"] != second.params["password"]
     assert len(first.params["password"]) >= 32
-    hba = [line.split() for line in (first.run.data / "pg_hba.conf").read_text().splitlines()
-           if line.strip() and not line.startswith("#")]
+    hba = [
+        line.split()
+        for line in (first.run.data / "pg_hba.conf").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert {entry[-1] for entry in hba} == {"scram-sha-256"}
-    assert first.admin.execute("select rolpassword like 'SCRAM-SHA-256$%' from pg_authid "
-                               "where rolname = 'postgres'").fetchone() == (True,)
+    assert first.admin.execute(
+        "select rolpassword like 'SCRAM-SHA-256$%' from pg_authid where rolname = 'postgres'"
+    ).fetchone() == (True,)
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(first.dsn_for("postgres") + " password=wrong")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):

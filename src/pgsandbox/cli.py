@@ -27,12 +27,15 @@ def doctor(settings: Settings) -> int:
         print(f"  rejected {bindir} ({source}): {reason}")
     status = 0
     if wants_external(settings):
-        print(f"Would use: the existing server at {describe_target(settings.dsn or '')} "
-              f"(pg_server={settings.server}, DSN from {settings.source_of('dsn')})")
+        print(
+            f"Would use: the existing server at {describe_target(settings.dsn or '')} "
+            f"(pg_server={settings.server}, DSN from {settings.source_of('dsn')})"
+        )
     try:
         chosen = select_installation(search, settings.version, settings.source_of("bin"))
-        why = (f"pinned by {settings.source_of('version')}={settings.version}" if settings.version
-               else "the newest found")
+        why = (
+            f"pinned by {settings.source_of('version')}={settings.version}" if settings.version else "the newest found"
+        )
         print(f"Would use for a local server: {chosen.describe()} ({why})")
     except PgSandboxError as error:
         print(f"Would use for a local server: none.\n  {error}")

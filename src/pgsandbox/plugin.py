@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -20,8 +21,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for option in OPTIONS:
         env = f" [env {option.env}, ini {option.ini}]"
         if option.kind == "list":
-            group.addoption(option.cli, action="append", dest=f"pg_{option.name}", default=None,
-                            metavar="VALUE", help=option.help + " (repeatable)" + env)
+            group.addoption(
+                option.cli,
+                action="append",
+                dest=f"pg_{option.name}",
+                default=None,
+                metavar="VALUE",
+                help=option.help + " (repeatable)" + env,
+            )
             parser.addini(option.ini, option.help, type="linelist", default=[])
         else:
             group.addoption(option.cli, dest=f"pg_{option.name}", default=None, help=option.help + env)
@@ -54,9 +61,12 @@ def progress_writer(config: pytest.Config) -> Progress | None:
     if reporter is None:
         return None
 
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
     def write(message: str) -> None:
-        reporter.ensure_newline()
-        reporter.write_line(f"pgsandbox: {message}")
+        # the server starts inside a fixture, where output is captured: write past the capture
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.ensure_newline()
+            reporter.write_line(f"pgsandbox: {message}")
 
     return write
-

@@ -82,22 +82,32 @@ def _path(value: str) -> Path:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("server", "auto (a DSN if one is configured, else a local server), local, or external",
-           parse=_choice("auto", "local", "external")),
+    Option(
+        "server",
+        "auto (a DSN if one is configured, else a local server), local, or external",
+        parse=_choice("auto", "local", "external"),
+    ),
     Option("dsn", "connection string or URL of an existing server to use instead of a local one"),
     Option("bin", "directory holding the PostgreSQL binaries (postgres, initdb) to use", parse=_path),
-    Option("version", "PostgreSQL version to use, such as 16 or 18.6 (default: the newest found)",
-           parse=_version),
-    Option("listen", "TCP address for the local server to listen on as well as its Unix socket "
-           "(default: none, socket only)"),
+    Option("version", "PostgreSQL version to use, such as 16 or 18.6 (default: the newest found)", parse=_version),
+    Option(
+        "listen",
+        "TCP address for the local server to listen on as well as its Unix socket (default: none, socket only)",
+    ),
     Option("port", "TCP port with --pg-listen (default 0: a free one)", parse=_port),
-    Option("server_settings", "extra postgresql.conf settings for the local server, name=value",
-           kind="list", parse=_server_setting),
+    Option(
+        "server_settings",
+        "extra postgresql.conf settings for the local server, name=value",
+        kind="list",
+        parse=_server_setting,
+    ),
     Option("initdb_args", "extra initdb arguments for the local server", kind="list", env_separator=" "),
-    Option("cache", "cache directory (default: the user cache directory, such as ~/.cache/pgsandbox)",
-           parse=_path),
-    Option("runtime_dir", "where local servers keep their data (default: /dev/shm when it has room, "
-           "else the temporary directory)", parse=_path),
+    Option("cache", "cache directory (default: the user cache directory, such as ~/.cache/pgsandbox)", parse=_path),
+    Option(
+        "runtime_dir",
+        "where local servers keep their data (default: /dev/shm when it has room, else the temporary directory)",
+        parse=_path,
+    ),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

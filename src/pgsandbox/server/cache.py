@@ -72,9 +72,7 @@ class CachedCluster:
 
 
 def initdb_key(installation: Installation, initdb_args: tuple[str, ...]) -> str:
-    material = json.dumps(
-        [LAYOUT, str(installation.bindir.resolve()), installation.version_text, list(initdb_args)]
-    )
+    material = json.dumps([LAYOUT, str(installation.bindir.resolve()), installation.version_text, list(initdb_args)])
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -120,8 +118,16 @@ def _build(
         pwfile.chmod(0o600)
         account.chown(work)
         command = [
-            str(installation.tool("initdb")), "-D", str(work / "data"), "-U", SUPERUSER,
-            f"--pwfile={pwfile}", "--auth=scram-sha-256", "--no-sync", "--no-instructions", *args,
+            str(installation.tool("initdb")),
+            "-D",
+            str(work / "data"),
+            "-U",
+            SUPERUSER,
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
+            "--no-sync",
+            "--no-instructions",
+            *args,
         ]
         out = subprocess.run(command, capture_output=True, text=True, **account.popen_kwargs())
         if out.returncode != 0:

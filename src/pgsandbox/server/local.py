@@ -140,8 +140,7 @@ class LocalServer(Server):
                     continue
                 if port_taken and tcp is not None:
                     raise ServerStartError(
-                        f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n"
-                        + _tail(log),
+                        f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n" + _tail(log),
                         "choose another --pg-port (or 0 for a free one), or stop what uses that port.",
                     ) from None
                 raise
@@ -149,17 +148,13 @@ class LocalServer(Server):
         register_secret(password)
         host = str(run.socket_dir) if tcp is None else _connect_host(tcp[0])
         port = SOCKET_PORT if tcp is None else tcp[1]
-        conninfo = make_conninfo(
-            host=host, port=port, user=cache.SUPERUSER, password=password, dbname="postgres"
-        )
+        conninfo = make_conninfo(host=host, port=port, user=cache.SUPERUSER, password=password, dbname="postgres")
         try:
             admin = psycopg.connect(
                 make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=port),
                 autocommit=True,
             )
-            verifier = admin.pgconn.encrypt_password(
-                password.encode(), cache.SUPERUSER.encode(), b"scram-sha-256"
-            )
+            verifier = admin.pgconn.encrypt_password(password.encode(), cache.SUPERUSER.encode(), b"scram-sha-256")
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                     sql.Identifier(cache.SUPERUSER), sql.Literal(verifier.decode())
@@ -169,8 +164,7 @@ class LocalServer(Server):
         except BaseException:
             _kill(process)
             raise
-        server = cls(conninfo, version_num, run_id, installation=installation, run=run,
-                     process=process, tcp=tcp)
+        server = cls(conninfo, version_num, run_id, installation=installation, run=run, process=process, tcp=tcp)
         server._admin = admin
         return server
 
@@ -214,8 +208,13 @@ def _connect_host(listen: str) -> str:
     return {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(first, first)
 
 
-def _write_config(run: runs.RunDir, installation: Installation, account: osuser.Account,
-                  settings: Settings, tcp: tuple[str, int] | None) -> None:
+def _write_config(
+    run: runs.RunDir,
+    installation: Installation,
+    account: osuser.Account,
+    settings: Settings,
+    tcp: tuple[str, int] | None,
+) -> None:
     values = dict(TEST_SETTINGS)
     if installation.major >= 16:
         values["scram_iterations"] = str(SCRAM_ITERATIONS)

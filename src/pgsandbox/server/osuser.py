@@ -84,8 +84,17 @@ def _create_system_user(name: str, progress: Progress | None) -> Account:
             entry = pwd.getpwnam(name)
         except KeyError:
             commands = [
-                ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                 "--shell", "/usr/sbin/nologin", name],
+                [
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    name,
+                ],
                 ["adduser", "-S", "-D", "-H", "-G", name, name],  # BusyBox (Alpine)
             ]
             errors = []
@@ -166,8 +175,10 @@ def reachable_installation(
                     )
     copied = check(target / _layout(prefix)[0] / "bin", installation.source + ", copied for the server's user")
     if isinstance(copied, str):
-        raise ServerStartError(f"the copy of PostgreSQL in {target} is not usable: {copied}.",
-                               f"remove {target} (pgsandbox clean) and run again.")
+        raise ServerStartError(
+            f"the copy of PostgreSQL in {target} is not usable: {copied}.",
+            f"remove {target} (pgsandbox clean) and run again.",
+        )
     return copied
 
 
