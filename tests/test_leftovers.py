@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,10 +67,12 @@ def test_doctor_lists_and_clean_stops_leftovers(capsys: pytest.CaptureFixture[st
 
 def test_live_runs_and_foreign_processes_are_left_alone(start_local: StartLocal) -> None:
     live = start_local()
-    # a leftover directory whose postmaster.pid names a process that is not its server
-    postmaster, run_dir = start_orphan()
-    os.kill(postmaster, signal.SIGQUIT)
-    psutil.wait_procs([psutil.Process(postmaster)], timeout=10)
+    # a leftover directory whose owner is gone and whose postmaster.pid names a process that is not its server
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir = live.run.path.parent / "run-foreign0"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "owner.json").write_text(json.dumps({"pid": dead.pid, "started": 0.0}))
     (run_dir / "data" / "postmaster.pid").write_text(f"{os.getpid()}\n")
     start_local()
     assert live.process.poll() is None and live.run.path.exists()
@@ -93,8 +96,6 @@ def test_session_teardown_stops_the_server_on_keyboard_interrupt(pytester: pytes
     )
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.INTERRUPTED
-    import json
-
     pid, run_dir = json.loads((pytester.path / "server.json").read_text())
     assert gone(pid) and not Path(run_dir).exists()
 
