@@ -63,7 +63,7 @@ def clean(settings: Settings, keep_cache: bool) -> int:
             shutil.rmtree(root)
             print(f"removed cache {root} ({size / 1e6:.1f} MB)")
         shared = osuser.ROOT_SHARED_CACHE
-        if os.geteuid() == 0 and shared.exists():
+        if os.geteuid() == 0 and settings.cache is None and "PGSANDBOX_CACHE" not in os.environ and shared.exists():
             shutil.rmtree(shared)
             print(f"removed {shared} (binaries copied for the server's user)")
     return 0

