@@ -27,7 +27,7 @@ def test_pg_server_fixture_and_progress_lines(
     pytester.makepyfile(SERVER_TEST)
     result = pytester.runpytest()
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["pgsandbox: initdb for PostgreSQL * cached in * (*s)"])
+    result.stdout.fnmatch_lines(["pgsandbox: initdb for PostgreSQL * took * s; caching it in *"])
     quiet = pytester.runpytest("-q")
     quiet.assert_outcomes(passed=1)
     assert "pgsandbox:" not in quiet.stdout.str()

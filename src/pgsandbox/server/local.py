@@ -102,10 +102,10 @@ class LocalServer(Server):
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
         try:
-            cluster = cache.cached_cluster(
+            with cache.cluster_source(
                 installation, account, root, runs.runtime_parent(base), settings.initdb_args, progress
-            )
-            cache.copy_tree(cluster.data, run.data)
+            ) as cluster:
+                cache.copy_tree(cluster.data, run.data)
             account.chown(run.data)
             run.data.chmod(0o700)
             (run.data / "pg_hba.conf").write_text(HBA)
@@ -182,6 +182,7 @@ class LocalServer(Server):
             except subprocess.TimeoutExpired:
                 _kill(self.process)
         shutil.rmtree(self.run.path, ignore_errors=True)
+        cache.wait_for_cache_writes()
 
     @property
     def stopped(self) -> bool:
