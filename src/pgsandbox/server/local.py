@@ -89,6 +89,11 @@ class LocalServer(Server):
     @classmethod
     def start(cls, settings: Settings | None = None, progress: Progress | None = None) -> LocalServer:
         settings = settings or Settings()
+        if os.name != "posix":
+            raise ServerStartError(
+                "pgsandbox cannot run a local PostgreSQL server on this platform yet (Linux and macOS only).",
+                "use an existing server: --pg-dsn postgresql://user:password@host:5432/postgres (or PGSANDBOX_DSN).",
+            )
         search = find_installations(settings.bin)
         installation = select_installation(search, settings.version, settings.source_of("bin"))
         account = osuser.server_account(progress)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +23,9 @@ from filelock import FileLock
 from pgsandbox.binaries import Installation, check
 from pgsandbox.errors import ServerStartError
 from pgsandbox.server.base import Progress
+
+if sys.platform != "win32":
+    import pwd
 
 CANDIDATE_USERS = ("postgres", "pgsandbox")
 ROOT_SHARED_CACHE = Path("/var/cache/pgsandbox")
