@@ -9,12 +9,39 @@ The core works without pytest::
             conn.execute("select 1")
 """
 
-from pgsandbox.binaries import Installation, find_installations, select_installation
-from pgsandbox.errors import PgSandboxError
-from pgsandbox.server import ExternalServer, LocalServer, Server, start_server
-from pgsandbox.settings import Settings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgsandbox.binaries import Installation, find_installations, select_installation
+    from pgsandbox.errors import PgSandboxError
+    from pgsandbox.server import ExternalServer, LocalServer, Server, start_server
+    from pgsandbox.settings import Settings
 
 __version__ = "0.1.0"
+
+# Imported on first use: the pytest plugin loads this package in every pytest run, and psycopg alone
+# takes about 0.1 s to import, which a suite that never touches the database should not pay.
+_EXPORTS = {
+    "ExternalServer": "pgsandbox.server",
+    "Installation": "pgsandbox.binaries",
+    "LocalServer": "pgsandbox.server",
+    "PgSandboxError": "pgsandbox.errors",
+    "Server": "pgsandbox.server",
+    "Settings": "pgsandbox.settings",
+    "find_installations": "pgsandbox.binaries",
+    "select_installation": "pgsandbox.binaries",
+    "start_server": "pgsandbox.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pgsandbox' has no attribute {name!r}")
+
 
 __all__ = [
     "ExternalServer",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pgsandbox.errors import PgSandboxError
-from pgsandbox.server import Server, start_server
+
+if TYPE_CHECKING:
+    from pgsandbox.server import Server
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +21,7 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[Server]:
     ``.connect(dbname=None)``, ``.create_database(name=None, template=None)``, ``.drop_database(name)``.
     """
     from pgsandbox.plugin import progress_writer, settings
+    from pgsandbox.server import start_server
 
     try:
         server = start_server(settings(request.config), progress_writer(request.config))

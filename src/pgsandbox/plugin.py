@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import pytest
 
 from pgsandbox.errors import ConfigError
-from pgsandbox.server.base import Progress
 from pgsandbox.settings import OPTIONS, Settings
 
 pytest_plugins = ["pgsandbox.fixtures"]
@@ -53,7 +53,7 @@ def settings(config: pytest.Config) -> Settings:
     return config.stash[SETTINGS_KEY]
 
 
-def progress_writer(config: pytest.Config) -> Progress | None:
+def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
     """One line per long step (initdb, binary copy), quiet under -q."""
     if config.get_verbosity() < 0:
         return None
