@@ -17,7 +17,7 @@ def test_public_names_resolve_on_first_use() -> None:
     assert pgsandbox.Settings().server == "auto"
     assert pgsandbox.start_server.__module__ == "pgsandbox.server"
     try:
-        pgsandbox.no_such_name  # type: ignore[attr-defined]  # noqa: B018
+        pgsandbox.no_such_name  # noqa: B018
     except AttributeError as error:
         assert "has no attribute 'no_such_name'" in str(error)
     else:
