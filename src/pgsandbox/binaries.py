@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +199,3 @@ def select_installation(search: Search, version: str | None = None, explicit_lab
         "on platforms it has wheels for); (2) set pg_bin / --pg-bin / PGSANDBOX_BIN to the bin directory "
         "of a PostgreSQL installation; (3) use an existing server with pg_dsn / --pg-dsn / PGSANDBOX_DSN.",
     )
-
-
-def installations_text(installations: Iterable[Installation]) -> str:
-    return "\n".join(i.describe() for i in installations)

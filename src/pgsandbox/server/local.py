@@ -189,10 +189,6 @@ class LocalServer(Server):
         shutil.rmtree(self.run.path, ignore_errors=True)
         cache.wait_for_cache_writes()
 
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
-
 
 def _tcp_address(settings: Settings) -> tuple[str, int] | None:
     if not settings.listen or settings.listen.lower() in ("none", "off", "no"):
