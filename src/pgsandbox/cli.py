@@ -40,7 +40,7 @@ def doctor(settings: Settings) -> int:
     except PgSandboxError as error:
         print(f"Would use for a local server: none.\n  {error}")
         status = 0 if wants_external(settings) else 1
-    root = cache.default_cache_root() if settings.cache is None else settings.cache
+    root = settings.cache or cache.default_cache_root()
     size = cache.cache_size(root) if root.exists() else 0
     print(f"Cache: {root} ({size / 1e6:.1f} MB)")
     print(f"Runtime directory: {settings.runtime_dir or runs.default_runtime_base()}")
@@ -57,13 +57,13 @@ def clean(settings: Settings, keep_cache: bool) -> int:
         runs.reap(leftover)
         print(f"stopped and removed {leftover.describe()}")
     if not keep_cache:
-        root = cache.default_cache_root() if settings.cache is None else settings.cache
+        root = settings.cache or cache.default_cache_root()
         if root.exists():
             size = cache.cache_size(root)
             shutil.rmtree(root)
             print(f"removed cache {root} ({size / 1e6:.1f} MB)")
         shared = osuser.ROOT_SHARED_CACHE
-        if os.geteuid() == 0 and settings.cache is None and "PGSANDBOX_CACHE" not in os.environ and shared.exists():
+        if os.geteuid() == 0 and settings.cache is None and shared.exists():  # only when cleaning the default
             shutil.rmtree(shared)
             print(f"removed {shared} (binaries copied for the server's user)")
     return 0

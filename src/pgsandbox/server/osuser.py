@@ -159,6 +159,7 @@ def reachable_installation(
         return installation
     shared = cache_root if can_reach(cache_root, account) else ROOT_SHARED_CACHE
     prefix = installation.bindir.resolve().parent
+    inner, libs = _layout(prefix)
     key = hashlib.sha256(f"{prefix}\n{installation.version_text}".encode()).hexdigest()[:16]
     target = shared / "binaries" / key
     ready = target / ".ready"
@@ -169,14 +170,14 @@ def reachable_installation(
         with FileLock(str(target) + ".lock"):
             if not ready.exists():
                 started = time.perf_counter()
-                _copy_installation(prefix, target, installation)
+                _copy_installation(prefix, target, installation, inner, libs)
                 ready.touch()
                 if progress:
                     progress(
                         f"copied PostgreSQL {installation.version_string} binaries to {target} so that "
                         f"user {account.name!r} can run them ({time.perf_counter() - started:.2f} s)"
                     )
-    copied = check(target / _layout(prefix)[0] / "bin", installation.source + ", copied for the server's user")
+    copied = check(target / inner / "bin", installation.source + ", copied for the server's user")
     if isinstance(copied, str):
         raise ServerStartError(
             f"the copy of PostgreSQL in {target} is not usable: {copied}.",
@@ -197,7 +198,7 @@ def _layout(prefix: Path) -> tuple[Path, Path | None]:
     return Path("."), None
 
 
-def _copy_installation(prefix: Path, target: Path, installation: Installation) -> None:
+def _copy_installation(prefix: Path, target: Path, installation: Installation, inner: Path, libs: Path | None) -> None:
     missing = [name for name in ("bin", "lib", "share") if not (prefix / name).is_dir()]
     if missing:
         raise ServerStartError(
@@ -206,7 +207,6 @@ def _copy_installation(prefix: Path, target: Path, installation: Installation) -
             "install PostgreSQL where every user can read it (for example a virtualenv outside /root), "
             "or set --pg-bin to such an installation.",
         )
-    inner, libs = _layout(prefix)
     staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=target.parent))
     try:
         for name in ("bin", "lib", "share"):
