@@ -19,7 +19,7 @@ def test_doctor_shows_binaries_choice_and_cache(
     assert "Would use for a local server: PostgreSQL 16." in out
     assert "(pinned by PGSANDBOX_VERSION=16)" in out
     assert f"Cache: {cache_dir} (" in out
-    assert "Leftover servers of killed runs:" in out
+    assert "Leftover servers (killed runs, or kept for failed tests):" in out
 
 
 def test_doctor_with_an_unsatisfiable_pin_fails(

@@ -44,16 +44,17 @@ def doctor(settings: Settings) -> int:
     size = cache.cache_size(root) if root.exists() else 0
     print(f"Cache: {root} ({size / 1e6:.1f} MB)")
     print(f"Runtime directory: {settings.runtime_dir or runs.default_runtime_base()}")
-    leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir))
-    print("Leftover servers of killed runs: " + ("none" if not leftovers else ""))
+    leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True)
+    print("Leftover servers (killed runs, or kept for failed tests): " + ("none" if not leftovers else ""))
     for leftover in leftovers:
-        print(f"  {leftover.describe()}  (pgsandbox clean stops it)")
+        kept = " kept for failed tests' databases;" if runs.is_kept(leftover.run) else ""
+        print(f"  {leftover.describe()} {kept} (pgsandbox clean stops it)")
     return status
 
 
 def clean(settings: Settings, keep_cache: bool) -> int:
     """Stop servers left by killed runs, remove their directories, and (unless told not to) the cache."""
-    for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir)):
+    for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True):
         runs.reap(leftover)
         print(f"stopped and removed {leftover.describe()}")
     if not keep_cache:

@@ -36,3 +36,7 @@ class PrivilegeError(PgSandboxError):
 
 class UnsupportedVersion(PgSandboxError):
     """The server is older than pgsandbox supports."""
+
+
+class PgSandboxWarning(UserWarning):
+    """Something pgsandbox worked around or found; the run goes on."""

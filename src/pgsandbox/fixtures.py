@@ -1,33 +1,86 @@
-"""The fixtures: ``pg_server`` for now; per-test databases come with the template issue."""
+"""The fixtures: ``pg_sandbox`` and ``pg_server`` for the session, ``pg`` and ``pg_conn`` per test."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pgsandbox.errors import PgSandboxError
 
 if TYPE_CHECKING:
+    import psycopg
+
+    from pgsandbox.sandbox import Database, Sandbox
     from pgsandbox.server import Server
+
+MARKER_OPTIONS = ("isolation", "keep_failed")
 
 
 @pytest.fixture(scope="session")
-def pg_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+def pg_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """The session's server with its templates built: hands out each test's database."""
+    from pgsandbox import plugin
+
+    sandbox = plugin.start_sandbox(request.config)
+    try:
+        yield sandbox
+    finally:
+        plugin.stop_sandbox(request.config, sandbox)
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_sandbox: Sandbox) -> Server:
     """The session's PostgreSQL server: a local throwaway one, or the configured external one.
 
     ``pg_server.version``, ``.dsn`` (admin, password included: never print it; ``.dsn_redacted``),
     ``.connect(dbname=None)``, ``.create_database(name=None, template=None)``, ``.drop_database(name)``.
     """
-    from pgsandbox.plugin import progress_writer, settings
-    from pgsandbox.server import start_server
+    return pg_sandbox.server
 
+
+@pytest.fixture
+def pg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
+    """This test's database, migrated and seeded: ``dsn``, ``url()``, ``info``, ``env``, ``connect()``,
+    ``execute()``, ``fetch()``. Rolled back (``transaction`` isolation) or dropped (``database``) after the test."""
+    from pgsandbox import plugin
+
+    options = marker_options(request.node)
     try:
-        server = start_server(settings(request.config), progress_writer(request.config))
+        db = pg_sandbox.open(options.get("isolation"), request.node.nodeid)
     except PgSandboxError as error:
         pytest.fail(f"pgsandbox: {error}", pytrace=False)
+    request.node.stash[plugin.DATABASE_KEY] = db
+    yield db
+    keep = request.node.stash.get(plugin.KEEP_KEY, False)
     try:
-        yield server
-    finally:
-        server.stop()
+        findings = pg_sandbox.close(db, keep=keep)
+    except PgSandboxError as error:
+        pytest.fail(f"pgsandbox: {error}", pytrace=False)
+    for finding in findings:
+        warnings.warn(plugin.PgSandboxWarning(finding), stacklevel=1)
+
+
+@pytest.fixture
+def pg_conn(pg: Database) -> psycopg.Connection[Any]:
+    """A psycopg 3 connection inside the test's isolation (``commit()`` becomes a savepoint in
+    ``transaction`` isolation)."""
+    return pg.connection
+
+
+def marker_options(node: pytest.Item) -> dict[str, Any]:
+    marker = node.get_closest_marker("pg")
+    if marker is None:
+        return {}
+    if marker.args:
+        pytest.fail("pgsandbox: @pytest.mark.pg takes keyword options only, such as isolation='database'.")
+    unknown = sorted(set(marker.kwargs) - set(MARKER_OPTIONS))
+    if unknown:
+        pytest.fail(
+            f"pgsandbox: @pytest.mark.pg got unknown option(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(MARKER_OPTIONS)}.",
+            pytrace=False,
+        )
+    return dict(marker.kwargs)

@@ -1,19 +1,39 @@
-"""pytest glue: options, ini keys, the ``pg`` marker, progress lines. Fixtures live in fixtures.py."""
+"""pytest glue: options, ini keys, the ``pg`` marker, hooks, progress lines and reports.
+Fixtures live in fixtures.py; everything else is in the core, which works without pytest."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pgsandbox.errors import ConfigError
+from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning
 from pgsandbox.settings import OPTIONS, Settings
+
+if TYPE_CHECKING:
+    from pgsandbox.sandbox import Database, Sandbox
+    from pgsandbox.template.base import Migrator
 
 pytest_plugins = ["pgsandbox.fixtures"]
 
+__all__ = ["DATABASE_KEY", "KEEP_KEY", "SETTINGS_KEY", "PgSandboxWarning"]
+
 SETTINGS_KEY = pytest.StashKey[Settings]()
+SANDBOX_KEY: pytest.StashKey[Sandbox] = pytest.StashKey()
+KEPT_KEY = pytest.StashKey[list[str]]()
+DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
+KEEP_KEY = pytest.StashKey[bool]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pgsandbox import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,6 +50,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help=option.help + " (repeatable)" + env,
             )
             parser.addini(option.ini, option.help, type="linelist", default=[])
+        elif option.kind == "flag":
+            group.addoption(
+                option.cli, action="store_true", dest=f"pg_{option.name}", default=None, help=option.help + env
+            )
+            parser.addini(option.ini, option.help, default="")
         else:
             group.addoption(option.cli, dest=f"pg_{option.name}", default=None, help=option.help + env)
             parser.addini(option.ini, option.help, default="")
@@ -37,7 +62,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "pg(**options): per-test pgsandbox options (they take precedence over the command line)"
+        "markers",
+        "pg(isolation=..., keep_failed=...): per-test pgsandbox options, for a test, class or module "
+        "(they take precedence over the command line)",
     )
     try:
         config.stash[SETTINGS_KEY] = Settings.from_sources(
@@ -54,7 +81,7 @@ def settings(config: pytest.Config) -> Settings:
 
 
 def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
-    """One line per long step (initdb, binary copy), quiet under -q."""
+    """One line per long step (initdb, binary copy, template build), quiet under -q."""
     if config.get_verbosity() < 0:
         return None
     reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -70,3 +97,96 @@ def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
             reporter.write_line(f"pgsandbox: {message}")
 
     return write
+
+
+# -- the session's sandbox ---------------------------------------------------------------------------------
+def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) -> list[Migrator]:
+    """A conftest's ``pytest_pgsandbox_migrate``/``_seed`` as a migrator hashed by its source files."""
+    from pgsandbox.template.python import CallableMigrator
+
+    hook = getattr(config.hook, name)
+    impls = hook.get_hookimpls()
+    if not impls:
+        return []
+    sources = sorted({Path(inspect.getfile(impl.function)) for impl in impls})
+
+    def run(conn: Any) -> None:
+        hook(conn=conn)
+
+    return [CallableMigrator(f"hook:{name}", run, inputs, config.rootpath, sources)]
+
+
+def start_sandbox(config: pytest.Config) -> Sandbox:
+    from pgsandbox.sandbox import Sandbox
+    from pgsandbox.template import load_migrators
+
+    options = settings(config)
+    root = config.rootpath
+    try:
+        migrations = load_migrators(options.migrations, options.migrations_inputs, root)
+        migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
+        seed = load_migrators(options.seed, options.migrations_inputs, root)
+        seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
+        sandbox = Sandbox.start(
+            options, migrations=migrations, seed=seed, root=root, project=root.name, progress=progress_writer(config)
+        )
+    except PgSandboxError as error:
+        # raised once: pytest caches a failed session fixture, every test reports this same error
+        pytest.fail(f"pgsandbox: {error}", pytrace=False)
+    config.stash[SANDBOX_KEY] = sandbox
+    return sandbox
+
+
+def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
+    config.stash[KEPT_KEY] = [sandbox.psql_command(name) for name in sandbox.kept]
+    sandbox.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    if report.when != "call" or not report.failed:
+        return report
+    db = item.stash.get(DATABASE_KEY, None)
+    sandbox = item.config.stash.get(SANDBOX_KEY, None)
+    if db is None or sandbox is None:
+        return report
+    from pgsandbox.fixtures import marker_options
+
+    keep = marker_options(item).get("keep_failed", settings(item.config).keep_failed)
+    if keep:
+        item.stash[KEEP_KEY] = True
+        name = db.name if db.isolation == "database" else sandbox.keep_name()
+        report.sections.append(
+            (
+                "pgsandbox: kept database",
+                f"the database of this test is kept as {name}; open it with:\n"
+                f"    {sandbox.psql_command(name)}\n"
+                "(the password is in that pgpass file, readable only by you; `pgsandbox clean` removes a kept "
+                "local server)",
+            )
+        )
+    return report
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    options = settings(config)
+    migrations = ", ".join(options.migrations) or "none in pg_migrations"
+    line = f"pgsandbox: isolation {options.isolation}; migrations: {migrations}"
+    if options.seed:
+        line += f"; seed: {', '.join(options.seed)}"
+    return [line]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    kept = config.stash.get(KEPT_KEY, [])
+    if not kept:
+        return
+    terminalreporter.section("pgsandbox: kept databases of failed tests")
+    for command in kept:
+        terminalreporter.write_line(f"  {command}")
+    sandbox = config.stash.get(SANDBOX_KEY, None)
+    if sandbox is not None and sandbox.server.kind == "local":
+        terminalreporter.write_line("The local server keeps running for them; `pgsandbox clean` stops it.")
+    else:
+        terminalreporter.write_line("Drop them when done (they start with the run's prefix).")

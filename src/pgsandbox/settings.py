@@ -17,14 +17,14 @@ from typing import Any, Literal
 from pgsandbox.errors import ConfigError
 
 ServerKind = Literal["auto", "local", "external"]
-Raw = str | Sequence[str] | None
+Raw = str | Sequence[str] | bool | None
 
 
 @dataclass(frozen=True)
 class Option:
     name: str
     help: str
-    kind: Literal["str", "list"] = "str"
+    kind: Literal["str", "list", "flag"] = "str"
     parse: Callable[[str], Any] = str
     env_separator: str = ";"
 
@@ -81,6 +81,29 @@ def _path(value: str) -> Path:
     return Path(value).expanduser()
 
 
+def _flag(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError("expected a whole number of at least 1") from None
+    if count < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return count
+
+
+ISOLATIONS = ("transaction", "database")
+CLONE_STRATEGIES = ("auto", "file_copy", "wal_log")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "server",
@@ -108,6 +131,34 @@ OPTIONS: tuple[Option, ...] = (
         "where local servers keep their data (default: /dev/shm when it has room, else the temporary directory)",
         parse=_path,
     ),
+    Option(
+        "migrations",
+        "schema migrations, applied in order: sql:DIR (or a directory), alembic:PATH/alembic.ini, "
+        "python:package.module:function",
+        kind="list",
+    ),
+    Option(
+        "migrations_inputs",
+        "globs of files that python: migrations and hooks read, so that changing them rebuilds the template",
+        kind="list",
+    ),
+    Option("seed", "seed data on top of the migrations, same forms as pg_migrations", kind="list"),
+    Option(
+        "isolation", "how each test gets its database: transaction (default) or database", parse=_choice(*ISOLATIONS)
+    ),
+    Option("rebuild", "rebuild the templates even when the cache has them", kind="flag", parse=_flag),
+    Option(
+        "keep_failed",
+        "keep the database of a failed test and print how to open it with psql",
+        kind="flag",
+        parse=_flag,
+    ),
+    Option(
+        "clone_strategy",
+        "CREATE DATABASE strategy for clones on PostgreSQL 15+: auto (file_copy), file_copy or wal_log",
+        parse=_choice(*CLONE_STRATEGIES),
+    ),
+    Option("templates_keep", "how many templates per project to keep on the server (default 3)", parse=_count),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -126,6 +177,14 @@ class Settings:
     initdb_args: tuple[str, ...] = ()
     cache: Path | None = None
     runtime_dir: Path | None = None
+    migrations: tuple[str, ...] = ()
+    migrations_inputs: tuple[str, ...] = ()
+    seed: tuple[str, ...] = ()
+    isolation: Literal["transaction", "database"] = "transaction"
+    rebuild: bool = False
+    keep_failed: bool = False
+    clone_strategy: Literal["auto", "file_copy", "wal_log"] = "auto"
+    templates_keep: int = 3
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -147,7 +206,7 @@ class Settings:
                 (option.env, _split_env(env.get(option.env), option)),
                 (f"ini {option.ini}", ini.get(option.name)),
             ):
-                if raw is None or (isinstance(raw, str) and raw.strip() == "") or raw == []:
+                if raw is None or raw is False or (isinstance(raw, str) and raw.strip() == "") or raw == []:
                     continue
                 values[option.name] = _parse(option, raw, label)
                 sources[option.name] = label
@@ -173,7 +232,9 @@ def _split_env(value: str | None, option: Option) -> Raw:
     return [item for item in value.split(option.env_separator) if item.strip()]
 
 
-def _parse(option: Option, raw: Raw, label: str) -> Any:
+def _parse(option: Option, raw: Raw | bool, label: str) -> Any:
+    if isinstance(raw, bool):
+        return raw
     items = [raw] if isinstance(raw, str) else list(raw or ())
     parsed = []
     for item in items:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pgsandbox.server.base import Progress, Server
 from pgsandbox.server.external import ExternalServer
 from pgsandbox.server.local import LocalServer
@@ -14,9 +16,12 @@ def wants_external(settings: Settings) -> bool:
     return settings.server == "external" or (settings.server == "auto" and bool(settings.dsn))
 
 
-def start_server(settings: Settings | None = None, progress: Progress | None = None) -> Server:
-    """The server these settings ask for: attach to an existing one, or start a local one."""
+def start_server(
+    settings: Settings | None = None, progress: Progress | None = None, snapshots: Sequence[str] = ()
+) -> Server:
+    """The server these settings ask for: attach to an existing one, or start a local one (from the first
+    cached cluster snapshot of ``snapshots``, if any)."""
     settings = settings or Settings.from_env()
     if wants_external(settings):
         return ExternalServer.attach(settings.dsn or "", settings.source_of("dsn"))
-    return LocalServer.start(settings, progress)
+    return LocalServer.start(settings, progress, snapshots)

@@ -92,11 +92,26 @@ class Server(ABC):
         """The databases this object created and has not dropped yet."""
         return tuple(self._created)
 
-    def create_database(self, name: str | None = None, *, template: str | None = None) -> str:
+    def create_database(
+        self, name: str | None = None, *, template: str | None = None, clause: sql.Composable | None = None
+    ) -> str:
         """Create a database named with this run's prefix; return its full name.
 
-        ``name`` is the part after the prefix (default: a counter).
+        ``name`` is the part after the prefix (default: a counter); ``clause`` is appended to the
+        ``CREATE DATABASE`` statement (a clone strategy, for example).
         """
+        full = self.database_name(name)
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(full))
+        if template:
+            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        if clause is not None:
+            query += clause
+        self.admin.execute(query)
+        self._created.append(full)
+        return full
+
+    def database_name(self, name: str | None = None) -> str:
+        """The full name ``create_database(name)`` would use."""
         if name is None:
             self._counter += 1
             name = f"db{self._counter}"
@@ -111,12 +126,22 @@ class Server(ABC):
                 f"database name {full!r} is longer than PostgreSQL's {MAX_IDENTIFIER} characters.",
                 f"use a name of at most {MAX_IDENTIFIER - len(self.prefix)} characters.",
             )
-        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(full))
-        if template:
-            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-        self.admin.execute(query)
-        self._created.append(full)
         return full
+
+    def adopt_database(self, name: str) -> None:
+        """Record a database of this run created elsewhere (a clone pool's thread), so it may be dropped."""
+        if not name.startswith(self.prefix):
+            raise ConfigError(f"{name!r} is not named with this run's prefix {self.prefix!r}.", "")
+        self._created.append(name)
+
+    def rename_database(self, name: str, new_name: str) -> None:
+        """Rename a database this object created to another name with its prefix (nobody may be connected)."""
+        if name not in self._created or not new_name.startswith(self.prefix):
+            raise ConfigError(f"pgsandbox did not create database {name!r}, so it will not rename it.", "")
+        self.admin.execute(
+            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(new_name))
+        )
+        self._created[self._created.index(name)] = new_name
 
     def drop_database(self, name: str) -> None:
         """Drop a database this object created (connections to it are terminated)."""

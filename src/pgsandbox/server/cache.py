@@ -25,7 +25,7 @@ import platformdirs
 from filelock import FileLock
 
 from pgsandbox.binaries import Installation
-from pgsandbox.errors import ServerStartError
+from pgsandbox.errors import PgSandboxWarning, ServerStartError
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server.base import Progress
 from pgsandbox.server.osuser import Account
@@ -33,10 +33,6 @@ from pgsandbox.server.osuser import Account
 LAYOUT = 1  # bump when the cached cluster's shape changes
 SUPERUSER = "postgres"
 DEFAULT_INITDB_ARGS = ("--encoding=UTF8", "--locale=C", "--wal-segsize=1")
-
-
-class PgSandboxWarning(UserWarning):
-    """Something pgsandbox worked around; the run goes on."""
 
 
 def default_cache_root() -> Path:
@@ -193,6 +189,68 @@ def _store(work: Path, target: Path, password: str, lock: FileLock) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         lock.release()
+
+
+SNAPSHOTS_KEPT = 3
+
+
+def snapshot_dir(root: Path, installation: Installation, initdb_args: tuple[str, ...]) -> Path:
+    """Where clusters holding built templates are kept, per binaries and initdb options."""
+    return root / "snapshots" / initdb_key(installation, (*DEFAULT_INITDB_ARGS, *initdb_args))
+
+
+@contextlib.contextmanager
+def snapshot_source(directory: Path, keys: list[str]) -> Iterator[tuple[str, CachedCluster] | None]:
+    """The first of ``keys`` with a stored cluster (keys are template input hashes, most complete first),
+    locked against pruning while the caller copies it."""
+    for key in keys:
+        target = directory / key[:32]
+        if not (target / "ready").exists():
+            continue
+        with FileLock(str(target) + ".lock"):
+            if not (target / "ready").exists():
+                continue
+            password = (target / "password").read_text().strip()
+            register_secret(password)
+            with contextlib.suppress(OSError):
+                os.utime(target / "ready")  # pruning keeps the recently used
+            yield key, CachedCluster(target / "data", password)
+            return
+    yield None
+
+
+def store_snapshot(data: Path, directory: Path, key: str, password: str, replace: bool = False) -> Path:
+    """Copy a stopped cluster's data directory into the snapshot cache; keep the newest few."""
+    target = directory / key[:32]
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
+    try:
+        copy_tree(data, staging / "data")
+        (staging / "password").write_text(password + "\n")
+        (staging / "password").chmod(0o600)
+        staging.chmod(0o700)
+        with FileLock(str(target) + ".lock"):
+            if replace or not (target / "ready").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+                (target / "ready").touch()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _prune_snapshots(directory)
+    return target
+
+
+def _prune_snapshots(directory: Path) -> None:
+    ready = []
+    for path in directory.iterdir():
+        with contextlib.suppress(OSError):
+            ready.append(((path / "ready").stat().st_mtime, path))
+    ready.sort(reverse=True)
+    for _, path in ready[SNAPSHOTS_KEPT:]:
+        with FileLock(str(path) + ".lock"):
+            shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(str(path) + ".lock").unlink()
 
 
 def copy_tree(source: Path, destination: Path) -> None:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -69,9 +70,15 @@ class LocalServer(Server):
         run: runs.RunDir,
         process: subprocess.Popen[bytes],
         tcp: tuple[str, int] | None,
+        account: osuser.Account,
+        snapshots: Path,
+        snapshot: str | None,
     ) -> None:
         super().__init__(conninfo, version_num, run_id)
         self.installation = installation
+        self.account = account
+        self.snapshots = snapshots
+        self.snapshot = snapshot
         self.run = run
         self.process = process
         self.tcp = tcp
@@ -87,7 +94,14 @@ class LocalServer(Server):
         return self.run.log
 
     @classmethod
-    def start(cls, settings: Settings | None = None, progress: Progress | None = None) -> LocalServer:
+    def start(
+        cls, settings: Settings | None = None, progress: Progress | None = None, snapshots: Sequence[str] = ()
+    ) -> LocalServer:
+        """Start a server from the cached cluster, or from the first of ``snapshots`` the cache holds.
+
+        A snapshot is a cluster saved by :meth:`save_snapshot` after templates were built in it: starting
+        from one makes those templates a cache hit without running any migration.
+        """
         settings = settings or Settings()
         if os.name != "posix":
             raise ServerStartError(
@@ -106,19 +120,29 @@ class LocalServer(Server):
                 progress(f"stopped a server left behind by a killed run: {leftover.describe()}")
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
+        snapshot_dir = cache.snapshot_dir(root, installation, settings.initdb_args)
         try:
-            with cache.cluster_source(
-                installation, account, root, runs.runtime_parent(base), settings.initdb_args, progress
-            ) as cluster:
-                cache.copy_tree(cluster.data, run.data)
+            with cache.snapshot_source(snapshot_dir, list(snapshots)) as found:
+                if found:
+                    cache.copy_tree(found[1].data, run.data)
+                    password = found[1].password
+            if not found:
+                with cache.cluster_source(
+                    installation, account, root, runs.runtime_parent(base), settings.initdb_args, progress
+                ) as cluster:
+                    cache.copy_tree(cluster.data, run.data)
+                password = cluster.password
             account.chown(run.data)
             run.data.chmod(0o700)
             (run.data / "pg_hba.conf").write_text(HBA)
             account.chown(run.data / "pg_hba.conf")
-            return cls._launch(settings, installation, account, run, run_id, cluster.password)
+            server = cls._launch(settings, installation, account, run, run_id, password)
         except BaseException:
             shutil.rmtree(run.path, ignore_errors=True)
             raise
+        server.snapshots = snapshot_dir
+        server.snapshot = found[0] if found else None
+        return server
 
     @classmethod
     def _launch(
@@ -169,9 +193,57 @@ class LocalServer(Server):
         except BaseException:
             _kill(process)
             raise
-        server = cls(conninfo, version_num, run_id, installation=installation, run=run, process=process, tcp=tcp)
+        server = cls(
+            conninfo,
+            version_num,
+            run_id,
+            installation=installation,
+            run=run,
+            process=process,
+            tcp=tcp,
+            account=account,
+            snapshots=Path(),
+            snapshot=None,
+        )
         server._admin = admin
         return server
+
+    def save_snapshot(self, key: str, replace: bool = False) -> Path:
+        """Stop, store this cluster in the cache under ``key``, start again: the next run starts from it.
+
+        Only a cleanly stopped cluster is consistent, so the server is down for the copy (about 0.3 s for a
+        cluster with a 15 MB template on tmpfs); connections other than :attr:`admin` must be closed first.
+        """
+        self._close_admin()
+        self._shutdown()
+        target = cache.store_snapshot(self.run.data, self.snapshots, key, str(self.params["password"]), replace)
+        self.process = _spawn(self.installation, self.account, self.run)
+        try:
+            _wait_ready(self.process, self.run)
+        except BaseException:
+            self.stop()
+            raise
+        self.snapshot = key
+        return target
+
+    def _shutdown(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: the data is throwaway
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _kill(self.process)
+
+    def detach(self) -> None:
+        """Leave the server running after this process exits (kept databases of failed tests); it is
+        marked so that later runs do not reap it, and ``pgsandbox clean`` stops it."""
+        if self._stopped:
+            return
+        self._stopped = True
+        atexit.unregister(self.stop)
+        self._close_admin()
+        runs.mark_kept(self.run)
+        cache.wait_for_cache_writes()
 
     def stop(self) -> None:
         """Fast shutdown, then remove the run directory. Safe to call twice."""
@@ -180,12 +252,7 @@ class LocalServer(Server):
         self._stopped = True
         atexit.unregister(self.stop)
         self._close_admin()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # fast shutdown: the data is throwaway
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                _kill(self.process)
+        self._shutdown()
         shutil.rmtree(self.run.path, ignore_errors=True)
         cache.wait_for_cache_writes()
 

@@ -77,6 +77,20 @@ def create_run_dir(base: Path, run_id: str, account: Account) -> RunDir:
     return run
 
 
+def mark_kept(run: RunDir) -> None:
+    """The run's server outlives its owner on purpose (``--pg-keep-failed``)."""
+    owner = json.loads(run.owner_file.read_text())
+    owner["kept"] = True
+    run.owner_file.write_text(json.dumps(owner))
+
+
+def is_kept(run: RunDir) -> bool:
+    try:
+        return bool(json.loads(run.owner_file.read_text()).get("kept"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @dataclass(frozen=True)
 class Leftover:
     """A run directory whose owner is gone, and the postmaster still serving it, if any."""
@@ -99,7 +113,8 @@ def search_bases(configured: Path | None = None) -> list[Path]:
     return unique
 
 
-def find_leftovers(bases: list[Path]) -> list[Leftover]:
+def find_leftovers(bases: list[Path], include_kept: bool = False) -> list[Leftover]:
+    """Run directories whose owner is gone; servers kept for failed tests only with ``include_kept``."""
     leftovers = []
     for base in bases:
         parent = base / f"pgsandbox-{os.geteuid()}"
@@ -107,7 +122,7 @@ def find_leftovers(bases: list[Path]) -> list[Leftover]:
             continue
         for path in sorted(parent.glob("run-*")):
             run = RunDir(path)
-            if _owner_alive(run):
+            if _owner_alive(run) or (is_kept(run) and not include_kept):
                 continue
             leftovers.append(Leftover(run, _postmaster_serving(run)))
     return leftovers

@@ -1,0 +1,292 @@
+"""``transaction`` isolation: every test runs in a transaction on the session database, rolled back after.
+
+One connection serves every test (a new one costs milliseconds, a BEGIN costs microseconds). After each
+test pgsandbox checks that nothing escaped the rollback: a raw ``COMMIT`` on the test's connection, or
+another connection that wrote to the session database. When something did, the test is reported with
+what changed and the session database is cloned again from the template, so the next test starts clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+
+from pgsandbox.errors import PgSandboxError
+from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
+from pgsandbox.server.base import Server
+
+LEFTOVER_WAIT_SECONDS = 0.2
+
+
+class IsolationError(PgSandboxError):
+    """A test broke its isolation (a commit escaped the rollback); the database was restored."""
+
+
+@dataclass
+class Baseline:
+    """What the session database holds when no test has touched it: rows per table, relations."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    relations: int = 0
+    sessions: int | None = None
+
+
+def app_name(test_id: str) -> str:
+    """``application_name`` is limited to 63 bytes: keep the end of a long test id, which names the test."""
+    name = f"pgsandbox {test_id}"
+    encoded = name.encode()
+    if len(encoded) <= 63:
+        return name
+    return "pgsandbox …" + encoded[-(63 - len("pgsandbox …".encode())) :].decode(errors="ignore")
+
+
+class TransactionIsolation:
+    def __init__(self, server: Server, template: str, clone_clause: sql.Composable) -> None:
+        self.server = server
+        self.template = template
+        self.clone_clause = clone_clause
+        self.dbname: str | None = None
+        self.conn: SandboxConnection | None = None
+        self.baseline = Baseline()
+        self._started_at: Any = None
+        self._snapshot_xmax = 0
+        self._kept = 0
+        self._restores = 0
+
+    # -- the session database ------------------------------------------------------------------------
+    def _create_database(self) -> None:
+        self.dbname = self.server.create_database("session", template=self.template, clause=self.clone_clause)
+        self._connect()
+        self.baseline = self._measure()
+
+    def _connect(self) -> None:
+        assert self.dbname
+        self.conn = SandboxConnection.connect(self.server.dsn_for(self.dbname), autocommit=True)
+        if self.server.version[0] >= 15:
+            # count this connection in pg_stat_database now, so that the counter moves only for others
+            self.conn.execute("SELECT pg_stat_force_next_flush()")
+            self.conn.execute("SELECT 1")
+        self.conn.autocommit = False
+
+    def _measure(self) -> Baseline:
+        assert self.conn is not None and self.dbname
+        conn = self.conn
+        was_autocommit = conn.autocommit
+        conn.autocommit = True
+        try:
+            tables = conn.execute(
+                "SELECT format('%I.%I', n.nspname, c.relname) "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1"
+            ).fetchall()
+            rows: dict[str, int] = {}
+            for start in range(0, len(tables), 200):
+                chunk = [t[0] for t in tables[start : start + 200]]
+                query = sql.SQL(" UNION ALL ").join(
+                    sql.SQL("SELECT {}, count(*) FROM {}").format(sql.Literal(name), sql.SQL(name)) for name in chunk
+                )
+                rows.update({name: count for name, count in conn.execute(query).fetchall()})
+            relations = conn.execute("SELECT count(*) FROM pg_class").fetchone()
+        finally:
+            conn.autocommit = was_autocommit
+        return Baseline(rows, int(relations[0]) if relations else 0, self._sessions())
+
+    def _sessions(self) -> int | None:
+        if self.server.version[0] < 15:
+            return None
+        row = self.server.admin.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = %s", [self.dbname]
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def _restore(self) -> None:
+        """Clone the session database again from the template."""
+        self._close()
+        if self.dbname:
+            self.server.drop_database(self.dbname)
+        self._restores += 1
+        self.dbname = self.server.create_database(
+            f"session{self._restores}", template=self.template, clause=self.clone_clause
+        )
+        self._connect()
+        self.baseline = self._measure()
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            self.conn._pgsandbox_active = False
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+        self.conn = None
+
+    # -- per test --------------------------------------------------------------------------------------
+    def begin(self, test_id: str) -> SandboxConnection:
+        if self.dbname is None:
+            self._create_database()
+        elif self.conn is None or self.conn.closed or self.conn.broken:
+            self._close()
+            self._connect()
+        conn = self.conn
+        assert conn is not None
+        conn.row_factory = psycopg.rows.tuple_row
+        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            conn.rollback()
+        query = sql.SQL(
+            "SAVEPOINT {}; SELECT now(), pg_snapshot_xmax(pg_current_snapshot())::text::bigint, "
+            "set_config('application_name', {}, false)"
+        ).format(sql.Identifier(SAVEPOINT), sql.Literal(app_name(test_id)))
+        cursor = conn.execute(query)
+        cursor.nextset()  # the first result is the SAVEPOINT's
+        row = cursor.fetchone()
+        assert row is not None
+        self._started_at, self._snapshot_xmax = row[0], row[1]
+        conn._pgsandbox_active = True
+        conn._pgsandbox_close_calls = 0
+        return conn
+
+    def end(self, test_id: str, keep_as: str | None = None) -> list[str]:
+        """Roll the test back and check what escaped. Returns findings to warn about; raises
+        :class:`IsolationError` (after restoring the database) when committed writes escaped."""
+        conn = self.conn
+        assert conn is not None and self.dbname
+        conn._pgsandbox_active = False
+        if keep_as is not None:
+            self._keep(conn, keep_as)
+            return []
+        own_escape = self._rollback(conn)
+        others = self._other_connections()
+        findings: list[str] = []
+        if others:
+            findings.append(
+                f"{test_id} left {len(others)} other connection(s) open to the session database "
+                f"({'; '.join(others)}); pgsandbox terminated them. In transaction mode only the test's own "
+                "connection is rolled back: use pg.connect() / pg_conn, or isolation='database'."
+            )
+            self._terminate_others()
+        sessions = self._sessions()
+        other_sessions = bool(others) or (
+            sessions is not None and self.baseline.sessions is not None and sessions > self.baseline.sessions
+        )
+        if not (own_escape or other_sessions):
+            return findings
+        changes = self._changes()
+        self.baseline.sessions = self._sessions()
+        if not changes:
+            return findings
+        causes = []
+        if own_escape:
+            causes.append("its transaction was ended by a COMMIT (or END) statement run on the test's connection")
+        if other_sessions:
+            causes.append("another connection to the session database committed")
+        self._restore()
+        raise IsolationError(
+            f"{test_id} committed outside its transaction, so its writes escaped the rollback: "
+            + "; ".join(causes)
+            + ".\n  Changed: "
+            + ", ".join(changes)
+            + ".\n  pgsandbox cloned the session database again from the template: the next test starts clean.",
+            "call conn.commit() on the connection pgsandbox gave you (it becomes a savepoint) instead of running "
+            "COMMIT; for code that opens its own connections, use @pytest.mark.pg(isolation='database').",
+        )
+
+    def _rollback(self, conn: SandboxConnection) -> bool:
+        """Roll back; True when the test's outer transaction had been replaced (a raw COMMIT or END)."""
+        if conn.closed or conn.broken:
+            return True
+        status = conn.info.transaction_status
+        replaced = status == pq.TransactionStatus.IDLE
+        if status == pq.TransactionStatus.INTRANS:
+            cursor = conn.execute("SELECT now(); ROLLBACK")
+            row = cursor.fetchone()
+            replaced = row is None or row[0] != self._started_at
+        elif status == pq.TransactionStatus.INERROR:
+            row = self.server.admin.execute(
+                "SELECT xact_start FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
+            ).fetchone()
+            replaced = row is None or row[0] != self._started_at
+            conn.execute("ROLLBACK")
+        else:
+            conn.rollback()
+        return replaced
+
+    def _other_connections(self) -> list[str]:
+        assert self.conn is not None
+        ours = self.conn.info.backend_pid if not self.conn.closed else 0
+        deadline = time.monotonic() + LEFTOVER_WAIT_SECONDS
+        while True:
+            rows = self.server.admin.execute(
+                "SELECT pid, application_name, state, left(query, 120) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> %s AND backend_type = 'client backend'",
+                [self.dbname, ours],
+            ).fetchall()
+            # a connection closed a moment ago may still be exiting
+            if not rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        return [f"pid {pid}, application_name {app!r}, {state}: {query!r}" for pid, app, state, query in rows]
+
+    def _terminate_others(self) -> None:
+        assert self.conn is not None
+        self.server.admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
+            [self.dbname, self.conn.info.backend_pid],
+        )
+
+    def _changes(self) -> list[str]:
+        now = self._measure()
+        changes = []
+        for table in sorted(set(now.rows) | set(self.baseline.rows)):
+            before, after = self.baseline.rows.get(table), now.rows.get(table)
+            if before is None:
+                changes.append(f"{table} (created, {after} rows)")
+            elif after is None:
+                changes.append(f"{table} (dropped)")
+            else:
+                written = self._written(table)
+                if after != before or written:
+                    delta = f"{after - before:+d} rows" if after != before else "same row count"
+                    changes.append(f"{table} ({delta}, {written} rows written)")
+        if not changes and now.relations != self.baseline.relations:
+            changes.append(f"the schema ({now.relations - self.baseline.relations:+d} relations)")
+        return changes
+
+    def _written(self, table: str) -> int:
+        """Rows inserted or updated by transactions that began after the test started."""
+        assert self.conn is not None
+        self.conn.autocommit = True
+        try:
+            row = self.conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE xmin::text::bigint >= %s").format(sql.SQL(table)),
+                [self._snapshot_xmax % (1 << 32)],
+            ).fetchone()
+        finally:
+            self.conn.autocommit = False
+        return int(row[0]) if row else 0
+
+    def _keep(self, conn: SandboxConnection, keep_as: str) -> None:
+        """Commit the failed test's work and keep the database under ``keep_as``; start a fresh one."""
+        if conn.info.transaction_status == pq.TransactionStatus.INERROR:
+            conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            conn.execute("COMMIT")
+        self._close()
+        assert self.dbname
+        self.server.rename_database(self.dbname, keep_as)
+        self._kept += 1
+        self.dbname = self.server.create_database(
+            f"session_after{self._kept}", template=self.template, clause=self.clone_clause
+        )
+        self._connect()
+        self.baseline = self._measure()
+
+    def close(self) -> None:
+        self._close()
+        if self.dbname:
+            with contextlib.suppress(psycopg.Error, PgSandboxError):
+                self.server.drop_database(self.dbname)
+        self.dbname = None

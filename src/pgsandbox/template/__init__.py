@@ -1,0 +1,50 @@
+"""Templates: migrators behind one interface, built once per hash of their inputs and cached."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pgsandbox.template.base import MigrationError, Migrator, Target
+from pgsandbox.template.cache import Chain, Layer, TemplateInfo, ensure_templates, release
+
+__all__ = [
+    "Chain",
+    "Layer",
+    "MigrationError",
+    "Migrator",
+    "Target",
+    "TemplateInfo",
+    "ensure_templates",
+    "load_migrators",
+    "release",
+]
+
+
+def load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> list[Migrator]:
+    """``sql:DIR`` (or a directory), ``alembic:PATH``, ``python:module:function`` → migrators, in order."""
+    from pgsandbox.template.alembic import AlembicMigrator
+    from pgsandbox.template.python import PythonMigrator
+    from pgsandbox.template.sql import SqlDirMigrator
+
+    migrators: list[Migrator] = []
+    for spec in specs:
+        kind, sep, rest = spec.partition(":")
+        if sep and kind == "python":
+            migrators.append(PythonMigrator(rest, inputs, root))
+            continue
+        if sep and kind in ("sql", "alembic"):
+            path = Path(rest).expanduser()
+        elif sep and len(kind) > 1:
+            raise MigrationError(
+                f"pg_migrations entry {spec!r}: unknown kind {kind!r}.",
+                "use sql:DIR, alembic:PATH/alembic.ini or python:package.module:function.",
+            )
+        else:
+            kind, path = "", Path(spec).expanduser()
+        path = path if path.is_absolute() else root / path
+        if kind == "alembic" or (not kind and (path.name.endswith(".ini") or (path / "env.py").is_file())):
+            migrators.append(AlembicMigrator(path, root))
+        else:
+            migrators.append(SqlDirMigrator(path, root))
+    return migrators

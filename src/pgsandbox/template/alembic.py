@@ -1,0 +1,86 @@
+"""``alembic:PATH/alembic.ini`` (or the script directory): ``alembic upgrade head`` into the template.
+
+The template's URL is given to Alembic as ``sqlalchemy.url`` (SQLAlchemy's psycopg driver), and as
+``config.attributes["pgsandbox_url"]`` for an ``env.py`` that builds its own engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pgsandbox.template.base import MigrationError, Migrator, Target, file_inputs
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+
+def _alembic_missing() -> MigrationError:
+    return MigrationError(
+        "pg_migrations has an alembic: entry, but Alembic is not installed.",
+        "pip install 'pytest-pgsandbox[alembic]' (or add alembic to your test dependencies).",
+    )
+
+
+class AlembicMigrator(Migrator):
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path = path
+        self.root = root
+        try:
+            shown = str(path.relative_to(root))
+        except ValueError:
+            shown = str(path)
+        self.label = f"alembic:{shown}"
+
+    def config(self, url: str | None = None) -> Config:
+        try:
+            from alembic.config import Config
+        except ImportError:
+            raise _alembic_missing() from None
+        if self.path.is_file():
+            config = Config(str(self.path))
+        elif self.path.is_dir() and (self.path / "alembic.ini").is_file():
+            config = Config(str(self.path / "alembic.ini"))
+        elif self.path.is_dir() and (self.path / "env.py").is_file():
+            config = Config()
+            config.set_main_option("script_location", str(self.path))
+        else:
+            raise MigrationError(
+                f"{self.label}: no alembic.ini or Alembic script directory (with env.py) at {self.path}.",
+                "point pg_migrations at the alembic.ini file or the directory holding env.py.",
+            )
+        if url is not None:
+            config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+            config.attributes["pgsandbox_url"] = url
+        return config
+
+    def inputs(self) -> Iterable[tuple[str, bytes]]:
+        from alembic.script import ScriptDirectory
+
+        config = self.config()
+        script = ScriptDirectory.from_config(config)
+        base = Path(script.dir)
+        files = {
+            p for p in base.rglob("*") if p.is_file() and p.suffix in (".py", ".mako") and "__pycache__" not in p.parts
+        }
+        for location in script.version_locations:
+            files.update(p for p in Path(location).rglob("*.py") if "__pycache__" not in p.parts)
+        pairs = file_inputs(sorted(files), base)
+        if config.config_file_name:
+            pairs.append(("alembic.ini", Path(config.config_file_name).read_bytes()))
+        return pairs
+
+    def migrate(self, target: Target) -> None:
+        from alembic import command
+
+        config = self.config(target.url)
+        try:
+            command.upgrade(config, "head")
+        except MigrationError:
+            raise
+        except Exception as error:
+            raise MigrationError(
+                f"{self.label}: `alembic upgrade head` failed: {type(error).__name__}: {error}",
+                "fix the failing revision (the traceback above names it) and run again; the template was not kept.",
+            ) from error

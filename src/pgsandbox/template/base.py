@@ -1,0 +1,89 @@
+"""The migrator interface: what identifies a schema (for the template's hash) and how to build it."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgsandbox.errors import PgSandboxError
+
+
+class MigrationError(PgSandboxError):
+    """A migration failed; the message names the file, the statement and PostgreSQL's error."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The empty database a migrator fills: a DSN for tools that connect themselves, or a connection."""
+
+    dbname: str
+    dsn: str
+    url: str  # SQLAlchemy URL (postgresql+psycopg://...), password included
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, **kwargs)
+
+
+class Migrator(ABC):
+    """One step of a template build. ``inputs()`` must cover everything that changes what ``migrate()`` does."""
+
+    label: str
+
+    @abstractmethod
+    def inputs(self) -> Iterable[tuple[str, bytes]]:
+        """(name, content) pairs that identify this step: files, sources, versions."""
+
+    @abstractmethod
+    def migrate(self, target: Target) -> None:
+        """Apply this step to the target database. Raise :class:`MigrationError` with a useful message."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label}>"
+
+
+def fingerprint(migrators: Iterable[Migrator], *extra: str) -> str:
+    """A hash of the migrators' labels and inputs, in order, plus ``extra`` strings."""
+    digest = hashlib.sha256()
+    for item in extra:
+        digest.update(b"extra\0" + item.encode() + b"\0")
+    for migrator in migrators:
+        digest.update(b"migrator\0" + migrator.label.encode() + b"\0")
+        for name, content in migrator.inputs():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+    return digest.hexdigest()
+
+
+def files_matching(patterns: Iterable[str], root: Path) -> list[Path]:
+    """Files matched by glob patterns relative to ``root`` (absolute patterns too), sorted, de-duplicated."""
+    found: set[Path] = set()
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_absolute():
+            anchor, relative = Path(path.anchor), str(path.relative_to(path.anchor))
+        else:
+            anchor, relative = root, pattern
+        if any(char in relative for char in "*?["):
+            found.update(p for p in anchor.glob(relative) if p.is_file())
+        elif (anchor / relative).is_file():
+            found.add(anchor / relative)
+        elif (anchor / relative).is_dir():
+            found.update(p for p in (anchor / relative).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return sorted(found)
+
+
+def file_inputs(files: Iterable[Path], root: Path) -> list[tuple[str, bytes]]:
+    """(relative name, bytes) for each file: renaming a file changes the hash, moving the project does not."""
+    pairs = []
+    for path in files:
+        try:
+            name = str(path.relative_to(root))
+        except ValueError:
+            name = str(path)
+        pairs.append((name, path.read_bytes()))
+    return pairs

@@ -1,0 +1,278 @@
+"""The template cache: one database per hash of its inputs, built once under an advisory lock.
+
+A template is named ``pgsandbox_tpl_<hash>``. Its builder holds an advisory lock so that concurrent
+sessions, workers and machines sharing the server build it once and the others wait. It becomes a template
+(``IS_TEMPLATE``, ``ALLOW_CONNECTIONS false``) only after every migration succeeded, so a half-built one is
+never cloned, and no connection to it stays open: ``CREATE DATABASE ... TEMPLATE`` fails while anyone is
+connected to its source. Every session holds a shared "in use" lock on its templates; pruning drops the
+older templates of a project only when it can take that lock exclusively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+import pgsandbox
+from pgsandbox.errors import ConfigError
+from pgsandbox.server.base import Progress, Server
+from pgsandbox.template.base import Migrator, Target, fingerprint
+from pgsandbox.urls import sqlalchemy_url
+
+PREFIX = "pgsandbox_tpl_"
+LAYOUT = "1"  # bump when templates built by older versions must not be reused
+WAIT_GONE_SECONDS = 10.0
+NO_CLAUSE = sql.SQL("")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Migrators applied together on top of the previous layer: ``migrations``, then ``seed``."""
+
+    kind: str
+    migrators: tuple[Migrator, ...]
+
+
+@dataclass
+class TemplateInfo:
+    layer: str
+    name: str
+    key: str  # hash of the inputs alone, the same on every server
+    hit: bool = False
+    seconds: float = 0.0
+    labels: tuple[str, ...] = ()
+
+    @property
+    def short_hash(self) -> str:
+        return self.name.removeprefix(PREFIX)[:12]
+
+
+@dataclass
+class Chain:
+    """The layers with their input hashes, computed before any server is involved."""
+
+    layers: tuple[Layer, ...]
+    keys: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        keys, parent = [], f"layout {LAYOUT}; pgsandbox {pgsandbox.__version__}"
+        for layer in self.layers:
+            parent = fingerprint(layer.migrators, layer.kind, parent)
+            keys.append(parent)
+        self.keys = tuple(keys)
+
+    @property
+    def final_key(self) -> str:
+        return self.keys[-1]
+
+
+def _server_traits(server: Server) -> str:
+    row = server.admin.execute(
+        "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database WHERE datname = 'template0'"
+    ).fetchone()
+    return json.dumps([server.version[0], *(row or ())])
+
+
+def template_name(key: str, traits: str) -> str:
+    return PREFIX + hashlib.sha256(f"{key}\0{traits}".encode()).hexdigest()[:20]
+
+
+def lock_id(name: str, purpose: str) -> int:
+    """A bigint advisory lock key for (template, purpose)."""
+    return int.from_bytes(hashlib.sha256(f"pgsandbox:{purpose}:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def ensure_templates(
+    server: Server,
+    chain: Chain,
+    *,
+    project: str,
+    rebuild: bool = False,
+    keep: int = 3,
+    clone_clause: sql.Composable = NO_CLAUSE,
+    progress: Progress | None = None,
+) -> list[TemplateInfo]:
+    """Make sure every layer's template exists on ``server``; build the missing ones (and those after them)."""
+    traits = _server_traits(server)
+    infos: list[TemplateInfo] = []
+    parent = "template0"
+    rebuild_from_here = rebuild
+    for layer, key in zip(chain.layers, chain.keys, strict=True):
+        info = TemplateInfo(layer.kind, template_name(key, traits), key, labels=tuple(m.label for m in layer.migrators))
+        hold_in_use(server, info.name)
+        if not rebuild_from_here and _state(server, info.name) == "ready":
+            info.hit = True
+        else:
+            built = _build(server, layer, info, parent, project, rebuild_from_here, clone_clause, progress)
+            rebuild_from_here = rebuild_from_here or built  # a rebuilt parent means its children are stale
+            if built and keep:
+                prune(server, project, layer.kind, keep)
+        infos.append(info)
+        parent = info.name
+    return infos
+
+
+def hold_in_use(server: Server, name: str) -> None:
+    """A shared lock for this session's lifetime: pruning by another session will not drop this template."""
+    server.admin.execute("SELECT pg_advisory_lock_shared(%s)", [lock_id(name, "use")])
+
+
+def _state(server: Server, name: str) -> str | None:
+    row = server.admin.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", [name]).fetchone()
+    if row is None:
+        return None
+    return "ready" if row[0] else "partial"
+
+
+@contextlib.contextmanager
+def _build_lock(server: Server, info: TemplateInfo, progress: Progress | None) -> Iterator[None]:
+    key = lock_id(info.name, "build")
+    admin = server.admin
+    row = admin.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
+    if not (row and row[0]):
+        if progress:
+            progress(f"waiting for another session building the {info.layer} template {info.short_hash}")
+        admin.execute("SELECT pg_advisory_lock(%s)", [key])
+    try:
+        yield
+    finally:
+        admin.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+def _build(
+    server: Server,
+    layer: Layer,
+    info: TemplateInfo,
+    parent: str,
+    project: str,
+    rebuild: bool,
+    clone_clause: sql.Composable,
+    progress: Progress | None,
+) -> bool:
+    """Build the template unless another session did while we waited; True when this session built it."""
+    with _build_lock(server, info, progress):
+        state = _state(server, info.name)
+        if state == "ready" and not rebuild:
+            info.hit = True
+            return False
+        if state is not None:
+            _require_unused(server, info)
+            drop_template(server, info.name)
+        started = time.perf_counter()
+        name = sql.Identifier(info.name)
+        server.admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(name, sql.Identifier(parent)) + clone_clause
+        )
+        try:
+            comment = json.dumps(
+                {"project": project, "layer": layer.kind, "created": time.time(), "labels": list(info.labels)}
+            )
+            server.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(name, sql.Literal(comment)))
+            target = Target(
+                info.name, server.dsn_for(info.name), sqlalchemy_url({**server.params, "dbname": info.name})
+            )
+            for migrator in layer.migrators:
+                migrator.migrate(target)
+            with server.connect(info.name, autocommit=True) as conn:
+                # frozen rows and fresh statistics, once, instead of hint-bit writes and guesses in every clone
+                conn.execute("VACUUM (FREEZE, ANALYZE)")
+            disconnect_all(server, info.name)
+            server.admin.execute(
+                sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(name)
+            )
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                drop_template(server, info.name)
+            raise
+        info.seconds = time.perf_counter() - started
+        return True
+
+
+def _require_unused(server: Server, info: TemplateInfo) -> None:
+    """Before dropping a template for a rebuild: nobody else may be using it (we hold a shared lock too)."""
+    key = lock_id(info.name, "use") & 0xFFFFFFFFFFFFFFFF
+    row = server.admin.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted "
+        "AND pid <> pg_backend_pid() AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 1",
+        [key >> 32, key & 0xFFFFFFFF],
+    ).fetchone()
+    if row and row[0]:
+        raise ConfigError(
+            f"cannot rebuild the {info.layer} template {info.name}: {row[0]} other session(s) are using it.",
+            "let them finish (or stop them), then run with --pg-rebuild again.",
+        )
+
+
+def disconnect_all(server: Server, dbname: str) -> None:
+    """Terminate every connection to ``dbname`` and wait until they are gone."""
+    admin = server.admin
+    deadline = time.monotonic() + WAIT_GONE_SECONDS
+    delay = 0.001
+    while True:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            [dbname],
+        ).fetchone()
+        if not row or not row[0] or time.monotonic() > deadline:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def drop_template(server: Server, name: str) -> None:
+    if not name.startswith(PREFIX):  # never touch what pgsandbox did not name
+        raise ConfigError(f"refusing to drop {name!r}: not a pgsandbox template.", "")
+    ident = sql.Identifier(name)
+    with contextlib.suppress(psycopg.errors.InvalidCatalogName):
+        server.admin.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
+    server.admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def list_templates(server: Server) -> list[dict[str, Any]]:
+    rows = server.admin.execute(
+        "SELECT datname, datistemplate, shobj_description(oid, 'pg_database') FROM pg_database "
+        "WHERE datname LIKE 'pgsandbox\\_tpl\\_%' ORDER BY datname"
+    ).fetchall()
+    templates = []
+    for name, ready, comment in rows:
+        try:
+            meta = json.loads(comment or "{}")
+        except ValueError:
+            meta = {}
+        templates.append({"name": name, "ready": ready, **meta})
+    return templates
+
+
+def prune(server: Server, project: str, layer: str, keep: int) -> list[str]:
+    """Drop this project's older templates of one layer beyond the newest ``keep``, unless in use."""
+    mine = [t for t in list_templates(server) if t.get("project") == project and t.get("layer") == layer and t["ready"]]
+    mine.sort(key=lambda t: float(t.get("created") or 0), reverse=True)
+    dropped = []
+    for template in mine[keep:]:
+        key = lock_id(template["name"], "use")
+        row = server.admin.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
+        if not (row and row[0]):
+            continue
+        try:
+            drop_template(server, template["name"])
+            dropped.append(template["name"])
+        except psycopg.Error:
+            pass
+        finally:
+            server.admin.execute("SELECT pg_advisory_unlock(%s)", [key])
+    return dropped
+
+
+def release(server: Server, infos: Sequence[TemplateInfo]) -> None:
+    for info in infos:
+        with contextlib.suppress(psycopg.Error):
+            server.admin.execute("SELECT pg_advisory_unlock_shared(%s)", [lock_id(info.name, "use")])
