@@ -52,3 +52,18 @@ def start_local(cache_dir: Path) -> Iterator[StartLocal]:
 
 
 is_root = os.geteuid() == 0
+
+
+@pytest.fixture(scope="session")
+def shared() -> Iterator[LocalServer]:
+    """One server for tests that attach to an existing server (``--pg-dsn``): no start-up per pytest run."""
+    server = LocalServer.start(Settings(listen="127.0.0.1"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_dsn(shared: LocalServer) -> str:
+    """The shared server's superuser URL (password included: pgsandbox redacts it in every message)."""
+    assert shared.tcp is not None
+    return f"postgresql://postgres:{shared.params['password']}@127.0.0.1:{shared.tcp[1]}/postgres"

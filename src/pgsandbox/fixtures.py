@@ -24,7 +24,7 @@ def pg_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """The session's server with its templates built: hands out each test's database."""
     from pgsandbox import plugin
 
-    sandbox = plugin.start_sandbox(request.config)
+    sandbox = plugin.start_sandbox(request.config, request.session)
     try:
         yield sandbox
     finally:

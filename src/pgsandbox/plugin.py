@@ -116,7 +116,7 @@ def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) ->
     return [CallableMigrator(f"hook:{name}", run, inputs, config.rootpath, sources)]
 
 
-def start_sandbox(config: pytest.Config) -> Sandbox:
+def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
     from pgsandbox.sandbox import Sandbox
     from pgsandbox.template import load_migrators
 
@@ -131,7 +131,8 @@ def start_sandbox(config: pytest.Config) -> Sandbox:
             options, migrations=migrations, seed=seed, root=root, project=root.name, progress=progress_writer(config)
         )
     except PgSandboxError as error:
-        # raised once: pytest caches a failed session fixture, every test reports this same error
+        # once: the session stops after this test, instead of every test reporting the same error
+        session.shouldstop = "pgsandbox could not set up the database (see the first error)"
         pytest.fail(f"pgsandbox: {error}", pytrace=False)
     config.stash[SANDBOX_KEY] = sandbox
     return sandbox

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ class Target:
     """The empty database a migrator fills: a DSN for tools that connect themselves, or a connection."""
 
     dbname: str
-    dsn: str
-    url: str  # SQLAlchemy URL (postgresql+psycopg://...), password included
+    dsn: str = field(repr=False)
+    url: str = field(repr=False)  # SQLAlchemy URL (postgresql+psycopg://...), password included
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, **kwargs)

@@ -40,6 +40,8 @@ OPENS = re.compile(r"^(begin|start\s+transaction)\b", re.IGNORECASE)
 # New enum values cannot be used before the transaction that added them commits.
 COMMIT_AFTER = re.compile(r"^alter\s+type\b.*\badd\s+value\b", re.IGNORECASE | re.DOTALL)
 COPY_STDIN = re.compile(r"^copy\b.*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
+COPY_WHY = "is COPY ... FROM STDIN, whose data only psql can send"
+COPY_FIX = "turn the data into INSERT statements, or load it in a python: migration with cursor.copy()"
 
 
 def natural_key(path: Path) -> list[Any]:
@@ -199,9 +201,12 @@ class SqlDirMigrator(Migrator):
 
 def run_file(conn: psycopg.Connection[Any], path: Path, shown: str) -> None:
     source = path.read_text(encoding="utf-8")
+    statements: list[Statement] = []
     try:
-        statements = list(split_statements(source))
+        statements.extend(split_statements(source))
     except _MetaCommand as meta:
+        if statements and COPY_STDIN.match(statements[-1].text):
+            raise _Failure(source, shown, statements[-1]).refuse(COPY_WHY, COPY_FIX) from None
         line, column = line_and_column(source, meta.offset)
         command = source[meta.offset :].split(None, 1)[0]
         raise MigrationError(
@@ -222,10 +227,7 @@ def run_file(conn: psycopg.Connection[Any], path: Path, shown: str) -> None:
                 "checks whether they exist",
             )
         if COPY_STDIN.match(statement.text):
-            raise fail.refuse(
-                "is COPY ... FROM STDIN, whose data only psql can send",
-                "turn the data into INSERT statements, or load it in a python: migration with cursor.copy()",
-            )
+            raise fail.refuse(COPY_WHY, COPY_FIX)
         if TRANSACTION_CONTROL.match(statement.text):
             if ours:
                 conn.execute("COMMIT")
