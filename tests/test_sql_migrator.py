@@ -147,7 +147,7 @@ def test_what_cannot_run_is_reported_clearly(tmp_path: Path, target: Target, sql
     migrations = tmp_path / "m"
     migrations.mkdir()
     (migrations / "1.sql").write_text(sql)
-    with pytest.raises(MigrationError, match="m/1.sql") as caught:
+    with pytest.raises(MigrationError, match=r"m/1\.sql") as caught:
         migrate(migrations, target)
     assert expected in str(caught.value)
     assert "What to do:" in str(caught.value)
@@ -158,5 +158,5 @@ def test_missing_or_empty_directory(tmp_path: Path, target: Target) -> None:
         migrate(tmp_path / "nope", target)
     assert "relative paths start at pytest's rootdir" in str(caught.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MigrationError, match="holds no .sql files"):
+    with pytest.raises(MigrationError, match=r"holds no \.sql files"):
         migrate(tmp_path / "empty", target)

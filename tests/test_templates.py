@@ -94,7 +94,8 @@ def test_external_server_keeps_templates_between_runs(
         'pg_migrations = ["migrations"]\n',
         {
             "conftest.py": COUNTING_CONFTEST,
-            "migrations/1.sql": f"-- {pytester.path.name}\ncreate table users (id int); insert into users values (1), (2);",
+            "migrations/1.sql": f"-- {pytester.path.name}\ncreate table users (id int);\n"
+            "insert into users values (1), (2);",
             "test_users.py": USERS_TEST,
         },
     )
@@ -253,7 +254,8 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 config = context.config
-engine = engine_from_config(config.get_section(config.config_ini_section), prefix="sqlalchemy.", poolclass=pool.NullPool)
+section = config.get_section(config.config_ini_section)
+engine = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
 with engine.connect() as connection:
     context.configure(connection=connection, target_metadata=None)
     with context.begin_transaction():
