@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -11,6 +12,12 @@ import pytest
 from pgsandbox import LocalServer, Settings
 
 pytest_plugins = ["pytester"]
+
+# pytester's in-process runs forget the modules a run imported; SQLAlchemy breaks when imported a second
+# time in one process, so import it (and Alembic) here, once, before any run.
+with contextlib.suppress(ImportError):
+    import alembic.command  # noqa: F401
+    import sqlalchemy  # noqa: F401
 
 _CACHE: list[str] = []
 

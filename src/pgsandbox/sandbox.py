@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgsandbox.errors import ConfigError, PgSandboxError
+from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
 from pgsandbox.isolation.transaction import IsolationError, TransactionIsolation, app_name
 from pgsandbox.server import LocalServer, Server, start_server
@@ -353,11 +353,8 @@ class Sandbox:
             if self._transaction is not None:
                 self._transaction.close()
             release(self.server, self.templates)
-            if not local:
-                for name in self.server.databases:
-                    if name not in self._kept:
-                        with contextlib.suppress(psycopg.Error, PgSandboxError):
-                            self.server.drop_database(name)
+            for name in self._kept:
+                self.server.forget_database(name)
         finally:
             if local and self._kept:
                 assert isinstance(self.server, LocalServer)

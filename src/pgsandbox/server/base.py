@@ -134,6 +134,11 @@ class Server(ABC):
             raise ConfigError(f"{name!r} is not named with this run's prefix {self.prefix!r}.", "")
         self._created.append(name)
 
+    def forget_database(self, name: str) -> None:
+        """Leave a database in place when this object stops (a kept database of a failed test)."""
+        if name in self._created:
+            self._created.remove(name)
+
     def rename_database(self, name: str, new_name: str) -> None:
         """Rename a database this object created to another name with its prefix (nobody may be connected)."""
         if name not in self._created or not new_name.startswith(self.prefix):

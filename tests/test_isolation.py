@@ -1,0 +1,384 @@
+"""A clean database every test: transaction and database isolation, escapes, leaks, markers, keep-failed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+
+from pgsandbox import LocalServer
+from pgsandbox.server import runs
+
+SCHEMA = "create table users (id serial primary key, name text unique not null);\n"
+SEED = "insert into users (name) values ('ada'), ('bob');\n"
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A project with a users table holding two rows, on the shared server."""
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(SCHEMA + SEED)
+    return pytester
+
+
+def run(project: pytest.Pytester, shared_dsn: str, source: str, *args: str) -> pytest.RunResult:
+    project.makepyfile(test_it=textwrap.dedent(source))
+    return project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", *args)
+
+
+def test_transaction_isolation_rolls_back_and_keeps_commits_inside(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(
+        project,
+        shared_dsn,
+        """
+        import psycopg
+
+        def count(conn):
+            return conn.execute("select count(*) from users").fetchone()[0]
+
+        def service_create(conn, name):
+            # code under test that manages its transaction
+            conn.execute("insert into users (name) values (%s)", [name])
+            conn.commit()
+
+        def test_1_commit_stays_inside(pg_conn):
+            service_create(pg_conn, "cy")
+            assert count(pg_conn) == 3
+
+        def test_2_previous_write_is_gone(pg_conn, pg):
+            assert count(pg_conn) == 2
+            assert pg.connect() is pg_conn
+
+        def test_3_rollback_goes_back_to_the_last_commit(pg_conn):
+            service_create(pg_conn, "cy")
+            pg_conn.execute("insert into users (name) values ('dee')")
+            pg_conn.rollback()
+            assert count(pg_conn) == 3
+
+        def test_4_failed_statement_then_rollback(pg_conn):
+            service_create(pg_conn, "cy")
+            try:
+                pg_conn.execute("insert into users (name) values ('ada')")
+            except psycopg.errors.UniqueViolation:
+                pg_conn.rollback()
+            assert count(pg_conn) == 3
+
+        def test_5_nested_transaction_blocks(pg_conn):
+            with pg_conn.transaction():
+                pg_conn.execute("insert into users (name) values ('e')")
+                try:
+                    with pg_conn.transaction():
+                        pg_conn.execute("insert into users (name) values ('f')")
+                        raise ValueError
+                except ValueError:
+                    pass
+            assert count(pg_conn) == 3
+
+        def test_6_with_connection_block_commits_and_closes(pg_conn):
+            with pg_conn:
+                pg_conn.execute("insert into users (name) values ('g')")
+            assert not pg_conn.closed
+            assert count(pg_conn) == 3
+
+        def test_7_everything_was_rolled_back(pg):
+            assert pg.fetch("select name from users order by name") == [{"name": "ada"}, {"name": "bob"}]
+            assert pg.isolation == "transaction"
+        """,
+    )
+    result.assert_outcomes(passed=7)
+
+
+def test_a_raw_commit_is_reported_and_the_next_test_starts_clean(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(
+        project,
+        shared_dsn,
+        """
+        def test_1_raw_commit(pg_conn):
+            pg_conn.execute("insert into users (name) values ('leak')")
+            pg_conn.execute("COMMIT")
+
+        def test_2_clean(pg):
+            assert pg.fetchval("select count(*) from users") == 2
+        """,
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_1_raw_commit*",
+            "*test_it.py::test_1_raw_commit committed outside its transaction, so its writes escaped the rollback:"
+            " its transaction was ended by a COMMIT (or END) statement run on the test's connection.",
+            "*Changed: public.users (+1 rows, 1 rows written).",
+            "*pgsandbox cloned the session database again from the template: the next test starts clean.",
+            "*What to do: call conn.commit() on the connection pgsandbox gave you*",
+        ]
+    )
+
+
+def test_a_second_connection_that_commits_is_reported(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(
+        project,
+        shared_dsn,
+        """
+        import psycopg
+
+        def test_1_second_connection(pg):
+            with psycopg.connect(pg.dsn) as other:
+                other.execute("delete from users where name = 'bob'")
+                other.execute("update users set name = 'ADA'")
+
+        def test_2_clean(pg):
+            assert pg.fetchval("select string_agg(name, ',' order by name) from users") == "ada,bob"
+
+        def test_3_read_only_second_connection_is_fine(pg):
+            with psycopg.connect(pg.dsn) as other:
+                assert other.execute("select count(*) from users").fetchone() == (2,)
+        """,
+    )
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_1_second_connection committed outside its transaction*another connection to the session "
+            "database committed.",
+            "*Changed: public.users (-1 rows, 1 rows written).",
+        ]
+    )
+
+
+def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
+    project: pytest.Pytester, shared_dsn: str
+) -> None:
+    result = run(
+        project,
+        shared_dsn,
+        """
+        import psycopg
+        LEAKED = []
+
+        def test_1_leak(pg):
+            LEAKED.append(psycopg.connect(pg.dsn, application_name="leaky-pool"))
+
+        def test_2_it_was_terminated(pg):
+            assert LEAKED[0].closed or LEAKED[0].broken or _dead(LEAKED[0])
+
+        def _dead(conn):
+            try:
+                conn.execute("select 1")
+            except psycopg.OperationalError:
+                return True
+            return False
+        """,
+        "-W",
+        "always::pgsandbox.errors.PgSandboxWarning",
+    )
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(
+        ["*test_1_leak left 1 other connection(s) open to the session database (pid *, application_name 'leaky-pool'*"]
+    )
+
+
+def test_database_isolation_any_client_and_commits(project: pytest.Pytester, shared_dsn: str) -> None:
+    psql = shutil.which("psql")
+    result = run(
+        project,
+        shared_dsn,
+        f"""
+        import subprocess
+        import psycopg
+        import pytest
+
+        pytestmark = pytest.mark.pg(isolation="database")
+        PSQL = {psql!r}
+
+        def test_1_writes_from_everywhere(pg, pg_conn):
+            pg_conn.execute("insert into users (name) values ('a1')")
+            pg_conn.commit()
+            with psycopg.connect(pg.dsn) as c1, psycopg.connect(pg.dsn) as c2:
+                c1.execute("insert into users (name) values ('c1')")
+                c1.commit()
+                assert c2.execute("select count(*) from users").fetchone() == (4,)
+            if PSQL:
+                out = subprocess.run([PSQL, "-qAtc", "insert into users (name) values ('psql') returning name"],
+                                     env=pg.env, capture_output=True, text=True, check=True)
+                assert out.stdout.strip() == "psql"
+            conn = pg.connect(autocommit=True)
+            conn.execute("create table extra (x int)")
+            assert pg.isolation == "database" and pg.info.dbname == pg.name
+
+        def test_2_clean(pg):
+            assert pg.fetchval("select count(*) from users") == 2
+            assert pg.fetchval("select to_regclass('extra')") is None
+
+        class TestClass:
+            def test_3_class_too(self, pg):
+                assert pg.isolation == "database"
+
+        @pytest.mark.pg(isolation="transaction")
+        def test_4_closest_marker_wins(pg):
+            assert pg.isolation == "transaction"
+        """,
+    )
+    result.assert_outcomes(passed=4)
+
+
+def test_database_isolation_terminates_and_reports_leaked_connections(
+    project: pytest.Pytester, shared_dsn: str
+) -> None:
+    result = run(
+        project,
+        shared_dsn,
+        """
+        import psycopg
+        import pytest
+        LEAKED = []
+
+        @pytest.mark.pg(isolation="database")
+        def test_leak(pg):
+            LEAKED.append(psycopg.connect(pg.dsn, application_name="worker-pool"))
+            LEAKED[0].execute("select 1")
+        """,
+        "-W",
+        "always::pgsandbox.errors.PgSandboxWarning",
+    )
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(
+        ["*test_leak left 1 connection(s) open to its database (pid *, application_name 'worker-pool', idle*"]
+    )
+
+
+def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(
+        project,
+        shared_dsn,
+        """
+        import pytest
+
+        @pytest.mark.pg(isolaton="database")
+        def test_typo(pg):
+            pass
+
+        @pytest.mark.pg(isolation="schema")
+        def test_bad_value(pg):
+            pass
+        """,
+    )
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed.",
+            "*isolation 'schema' is not one of transaction, database.*",
+        ]
+    )
+    project.makepyfile(test_it="def test_x(pg): pass")
+    usage = project.runpytest("--pg-isolation=rows")
+    usage.stderr.fnmatch_lines(["*--pg-isolation: bad value 'rows': expected one of transaction, database*"])
+
+
+def test_pg_fixture_connection_details(project: pytest.Pytester, shared_dsn: str) -> None:
+    pytest.importorskip("sqlalchemy")
+    result = run(
+        project,
+        shared_dsn,
+        """
+        import sqlalchemy
+        import psycopg
+        import pytest
+
+        @pytest.mark.pg(isolation="database")
+        def test_details(pg):
+            engine = sqlalchemy.create_engine(pg.url())
+            with engine.connect() as conn:
+                assert conn.execute(sqlalchemy.text("select count(*) from users")).scalar() == 2
+            engine.dispose()
+            assert pg.url("asyncpg").startswith("postgresql+asyncpg://")
+            assert set(pg.env) >= {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}
+            assert pg.env["PGDATABASE"] == pg.name == pg.info.dbname
+            assert pg.info.host == "127.0.0.1" and pg.info.user == "postgres"
+            assert "password" not in repr(pg).lower() and pg.env["PGPASSWORD"] not in repr(pg)
+            assert pg.execute("insert into users (name) values ('x'), ('y')") == 2
+            assert pg.fetchone("select name from users where name = %s", ["x"]) == {"name": "x"}
+        """,
+    )
+    result.assert_outcomes(passed=1)
+
+
+FAILING = """
+import pytest
+
+def test_1_fails_in_a_transaction(pg_conn):
+    pg_conn.execute("insert into users (name) values ('evidence')")
+    pg_conn.commit()
+    pg_conn.execute("insert into users (name) values ('after-commit')")
+    assert False
+
+@pytest.mark.pg(isolation="database")
+def test_2_fails_in_its_own_database(pg_conn):
+    pg_conn.execute("insert into users (name) values ('evidence2')")
+    pg_conn.commit()
+    assert False
+
+def test_3_next_test_is_clean(pg):
+    assert pg.fetchval("select count(*) from users") == 2
+"""
+
+
+def psql_commands(output: str) -> list[str]:
+    return re.findall(r"^\s+(PGPASSFILE=\S+ \S*psql '[^']*')$", output, re.MULTILINE)
+
+
+def run_psql(command: str, sql: str) -> str:
+    env_part, rest = command.split(" ", 1)
+    argv = shlex.split(rest)
+    out = subprocess.run(
+        [*argv, "-qAtc", sql],
+        env={**os.environ, env_part.split("=", 1)[0]: env_part.split("=", 1)[1]},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: LocalServer, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, FAILING, "--pg-keep-failed")
+    result.assert_outcomes(passed=1, failed=2)
+    output = result.stdout.str()
+    assert str(shared.params["password"]) not in output
+    result.stdout.fnmatch_lines(["*- pgsandbox: kept database -*", "*the database of this test is kept as *failed1*"])
+    commands = psql_commands(output)
+    assert len(commands) == 4  # two in the failure sections, two in the summary
+    if shutil.which("psql") is None and "/" not in commands[0].split(" ")[1]:
+        pytest.skip("no psql here to open the kept database with")
+    first, second = commands[0], commands[1]
+    assert run_psql(first, "select string_agg(name, ',' order by name) from users") == "ada,after-commit,bob,evidence"
+    assert run_psql(second, "select string_agg(name, ',' order by name) from users") == "ada,bob,evidence2"
+    kept = [row[0] for row in shared.admin.execute("select datname from pg_database where datname like '%failed%'")]
+    for name in kept:
+        shared.admin.execute(f'drop database "{name}" with (force)')
+
+
+def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest.Pytester) -> None:
+    project.makepyfile(test_it=FAILING)
+    # in a subprocess: the run must end for its server to be a kept leftover
+    result = project.runpytest_subprocess("--pg-keep-failed", "-k", "test_2")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*The local server keeps running for them; `pgsandbox clean` stops it."])
+    (command,) = set(psql_commands(result.stdout.str()))
+    kept = [
+        leftover
+        for leftover in runs.find_leftovers(runs.search_bases(), include_kept=True)
+        if runs.is_kept(leftover.run)
+    ]
+    assert kept and all(leftover.postmaster for leftover in kept)
+    assert not [leftover for leftover in runs.find_leftovers(runs.search_bases()) if runs.is_kept(leftover.run)]
+    if "/" in command.split(" ")[1]:
+        assert run_psql(command, "select count(*) from users where name = 'evidence2'") == "1"
+    from pgsandbox.cli import main
+
+    assert main(["clean", "--keep-cache"]) == 0
+    assert not runs.find_leftovers(runs.search_bases(), include_kept=True)
