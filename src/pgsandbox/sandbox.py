@@ -30,7 +30,7 @@ from pgsandbox.server.base import Progress
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import Migrator
-from pgsandbox.template.cache import hold_in_use
+from pgsandbox.template.cache import hold_in_use, warm_relcache
 from pgsandbox.urls import libpq_env, sqlalchemy_url
 
 Isolation = Literal["transaction", "database"]
@@ -206,6 +206,8 @@ class Sandbox:
                     if progress:
                         seconds = time.perf_counter() - started
                         progress(f"saved the cluster with its templates to the cache in {seconds:.2f} s")
+                if isinstance(server, LocalServer):
+                    warm_relcache(server, templates[-1].name)
             return cls(server, templates, settings, snapshot_hit)
         except BaseException:
             server.stop()

@@ -22,6 +22,8 @@ from psycopg import sql
 from pgsandbox.server.base import Server
 
 DEPTH = 2  # clones made ahead: enough to hide a create (~16 ms) behind a test, without hoarding memory
+# Two CREATE DATABASE at once share their checkpoints: 13 ms per clone instead of 19 ms, measured here.
+MAKERS = 2
 GONE_WAIT_SECONDS = 2.0
 
 
@@ -32,7 +34,9 @@ class Clone:
 
 
 class ClonePool:
-    def __init__(self, server: Server, template: str, clone_clause: sql.Composable, depth: int = DEPTH) -> None:
+    def __init__(
+        self, server: Server, template: str, clone_clause: sql.Composable, depth: int = DEPTH, makers: int = MAKERS
+    ) -> None:
         self.server = server
         self.template = template
         self.clone_clause = clone_clause
@@ -47,10 +51,14 @@ class ClonePool:
         self._alive: set[str] = set()
         self.created = 0
         self.waited = 0.0
-        self._creator = threading.Thread(target=self._create_loop, name="pgsandbox-clone-maker", daemon=True)
+        self._pending = 0  # clones being made
+        self._makers = [
+            threading.Thread(target=self._create_loop, name=f"pgsandbox-clone-maker-{n}", daemon=True)
+            for n in range(makers)
+        ]
         self._dropper = threading.Thread(target=self._drop_loop, name="pgsandbox-clone-dropper", daemon=True)
-        self._creator.start()
-        self._dropper.start()
+        for thread in (*self._makers, self._dropper):
+            thread.start()
 
     # -- test side -------------------------------------------------------------------------------------
     def acquire(self) -> Clone:
@@ -81,11 +89,12 @@ class ClonePool:
             with self.server.connect(autocommit=True) as conn:
                 while True:
                     with self._cond:
-                        while len(self._ready) >= self.depth and not self._closed:
+                        while len(self._ready) + self._pending >= self.depth and not self._closed:
                             self._cond.wait()
                         if self._closed:
                             return
                         self._counter += 1
+                        self._pending += 1
                         name = self.server.database_name(f"t{self._counter}")
                     conn.execute(
                         sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
@@ -100,6 +109,7 @@ class ClonePool:
                     except psycopg.Error:
                         test_conn = None
                     with self._cond:
+                        self._pending -= 1
                         self._ready.append(Clone(name, test_conn))
                         self._cond.notify_all()
         except BaseException as error:
@@ -135,7 +145,8 @@ class ClonePool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._creator.join()
+        for maker in self._makers:
+            maker.join()
         for clone in self._ready:
             if clone.conn is not None:
                 clone.conn.close()

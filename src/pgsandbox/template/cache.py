@@ -184,6 +184,7 @@ def _build(
             with server.connect(info.name, autocommit=True) as conn:
                 # frozen rows and fresh statistics, once, instead of hint-bit writes and guesses in every clone
                 conn.execute("VACUUM (FREEZE, ANALYZE)")
+            server.connect(info.name).close()  # see warm_relcache
             disconnect_all(server, info.name)
             server.admin.execute(
                 sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(name)
@@ -194,6 +195,22 @@ def _build(
             raise
         info.seconds = time.perf_counter() - started
         return True
+
+
+def warm_relcache(server: Server, name: str) -> None:
+    """Have PostgreSQL write the template's relation cache file (``pg_internal.init``) by connecting once.
+
+    Clones copy it, so their first connection skips rebuilding it (about 4 ms instead of 10). A restart
+    deletes these files, so a private (local) server warms its template at every start; on a shared
+    server the connection would make concurrent clones fail, and the build's own connection wrote it.
+    """
+    ident = sql.Identifier(name)
+    server.admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
+    try:
+        server.connect(name).close()
+        disconnect_all(server, name)
+    finally:
+        server.admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(ident))
 
 
 def _require_unused(server: Server, info: TemplateInfo) -> None:
