@@ -6,26 +6,38 @@ import psycopg
 import pytest
 import todo
 
-from pgsandbox import Server
+from pgsandbox import Database, Server
 
 
-def test_add_and_complete(db: psycopg.Connection[Any]) -> None:
-    first = todo.add(db, "write the README")
-    todo.add(db, "run the tests")
-    assert todo.open_items(db) == ["write the README", "run the tests"]
-    assert todo.complete(db, first)
-    assert not todo.complete(db, first)
-    assert todo.open_items(db) == ["run the tests"]
+def test_add_and_complete(pg_conn: psycopg.Connection[Any]) -> None:
+    first = todo.add(pg_conn, "write the README")
+    todo.add(pg_conn, "run the tests")
+    assert todo.open_items(pg_conn) == ["write the README", "run the tests"]
+    assert todo.complete(pg_conn, first)
+    assert not todo.complete(pg_conn, first)
+    assert todo.open_items(pg_conn) == ["run the tests"]
 
 
-def test_each_test_starts_empty(db: psycopg.Connection[Any]) -> None:
-    assert todo.open_items(db) == []
+def test_each_test_starts_from_the_migrations(pg_conn: psycopg.Connection[Any]) -> None:
+    assert todo.open_items(pg_conn) == []
 
 
-def test_the_database_enforces_the_rules(db: psycopg.Connection[Any]) -> None:
+def test_the_database_enforces_the_rules(pg_conn: psycopg.Connection[Any]) -> None:
     with pytest.raises(psycopg.errors.CheckViolation):
-        todo.add(db, "")
-    assert todo.open_items(db) == []
+        todo.add(pg_conn, "")
+    assert todo.open_items(pg_conn) == []
+
+
+def test_code_under_test_may_commit(pg_conn: psycopg.Connection[Any]) -> None:
+    todo.add(pg_conn, "committed")
+    pg_conn.commit()  # a savepoint: still rolled back after the test
+    assert todo.open_items(pg_conn) == ["committed"]
+
+
+@pytest.mark.pg(isolation="database")
+def test_a_job_with_its_own_connection(pg: Database) -> None:
+    assert todo.import_titles(pg.dsn, ["a", "b"]) == 2
+    assert pg.fetchval("SELECT count(*) FROM item") == 2
 
 
 def test_a_real_private_server(pg_server: Server) -> None:

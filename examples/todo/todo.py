@@ -1,24 +1,13 @@
-"""A tiny to-do list stored in PostgreSQL: the example application whose tests use pgsandbox."""
+"""A tiny to-do list stored in PostgreSQL: the example application whose tests use pgsandbox.
+
+Its schema is in ``migrations/``; ``../pytest.ini`` tells pgsandbox to migrate a template from it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import psycopg
-
-SCHEMA = """
-CREATE TABLE item (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    title text NOT NULL CHECK (title <> ''),
-    done boolean NOT NULL DEFAULT false,
-    created timestamptz NOT NULL DEFAULT now()
-)
-"""
-
-
-def create_schema(conn: psycopg.Connection[Any]) -> None:
-    with conn.transaction():
-        conn.execute(SCHEMA)
 
 
 def add(conn: psycopg.Connection[Any], title: str) -> int:
@@ -36,3 +25,11 @@ def complete(conn: psycopg.Connection[Any], item_id: int) -> bool:
 
 def open_items(conn: psycopg.Connection[Any]) -> list[str]:
     return [title for (title,) in conn.execute("SELECT title FROM item WHERE NOT done ORDER BY id")]
+
+
+def import_titles(dsn: str, titles: list[str]) -> int:
+    """A batch job that opens its own connection and commits: tested in ``database`` isolation."""
+    with psycopg.connect(dsn) as conn:
+        for title in titles:
+            conn.execute("INSERT INTO item (title) VALUES (%s)", (title,))
+    return len(titles)

@@ -2,11 +2,11 @@
 
 The core works without pytest::
 
-    from pgsandbox import Settings, start_server
+    from pgsandbox import Sandbox, Settings
 
-    with start_server(Settings(version="16")) as server:
-        with server.connect() as conn:
-            conn.execute("select 1")
+    with Sandbox.start(Settings(migrations=("sql:migrations",))) as sandbox:
+        with sandbox.database(isolation="transaction") as db:
+            db.execute("insert into users (name) values ('ada')")
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pgsandbox.binaries import Installation, find_installations, select_installation
     from pgsandbox.errors import PgSandboxError
+    from pgsandbox.sandbox import Database, Sandbox
     from pgsandbox.server import ExternalServer, LocalServer, Server, start_server
     from pgsandbox.settings import Settings
 
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 # Imported on first use: the pytest plugin loads this package in every pytest run, and psycopg alone
 # takes about 0.1 s to import, which a suite that never touches the database should not pay.
 _EXPORTS = {
+    "Database": "pgsandbox.sandbox",
+    "Sandbox": "pgsandbox.sandbox",
     "ExternalServer": "pgsandbox.server",
     "Installation": "pgsandbox.binaries",
     "LocalServer": "pgsandbox.server",
@@ -44,6 +47,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Database",
+    "Sandbox",
     "ExternalServer",
     "Installation",
     "LocalServer",

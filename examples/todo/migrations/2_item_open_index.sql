@@ -1,0 +1,1 @@
+CREATE INDEX CONCURRENTLY item_open ON item (id) WHERE NOT done;
