@@ -48,11 +48,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Database",
-    "Sandbox",
     "ExternalServer",
     "Installation",
     "LocalServer",
     "PgSandboxError",
+    "Sandbox",
     "Server",
     "Settings",
     "__version__",
