@@ -46,6 +46,12 @@ def test_lists_and_paths_are_parsed() -> None:
             "ini pg_version: bad value 'sixteen': expected a PostgreSQL version",
         ),
         ({"ini": {"server_settings": ["work_mem"]}}, "'work_mem' is not of the form name=value"),
+        ({"env": {"PGSANDBOX_REBUILD": "maybe"}}, "PGSANDBOX_REBUILD: bad value 'maybe': expected true or false"),
+        (
+            {"ini": {"templates_keep": "0"}},
+            "ini pg_templates_keep: bad value '0': expected a whole number of at least 1",
+        ),
+        ({"cli": {"clone_strategy": "reflink"}}, "expected one of auto, file_copy, wal_log"),
     ],
 )
 def test_bad_values_name_the_source_and_the_fix(sources: dict[str, dict[str, object]], expected: str) -> None:
@@ -74,3 +80,24 @@ def test_ini_options_reach_the_plugin(pytester: pytest.Pytester) -> None:
         """
     )
     pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_migrations_isolation_and_flags() -> None:
+    settings = Settings.from_sources(
+        cli={"rebuild": True, "migrations": ["sql:a", "python:b:c"]},
+        env={"PGSANDBOX_KEEP_FAILED": "yes", "PGSANDBOX_MIGRATIONS_INPUTS": "data/*.csv;seed.json"},
+        ini={"isolation": "database", "rebuild": "false", "seed": ["sql:seed"]},
+    )
+    assert settings.migrations == ("sql:a", "python:b:c")
+    assert settings.migrations_inputs == ("data/*.csv", "seed.json")
+    assert settings.seed == ("sql:seed",)
+    assert settings.isolation == "database"
+    assert settings.rebuild is True and settings.keep_failed is True
+    assert Settings.from_sources(cli={"rebuild": None}, env={}, ini={"rebuild": "true"}).rebuild is True
+    defaults = Settings.from_sources(env={})
+    assert (defaults.isolation, defaults.rebuild, defaults.keep_failed, defaults.templates_keep) == (
+        "transaction",
+        False,
+        False,
+        3,
+    )

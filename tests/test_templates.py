@@ -376,3 +376,19 @@ def test_plain_api_without_pytest(tmp_path: Path, shared_dsn: str) -> None:
                 assert db.fetchval("select count(*) from users") == 0
                 db.execute("insert into users values ('x')")
                 assert db.fetchval("select count(*) from users") == 1
+
+
+def test_rebuild_refuses_a_template_another_session_uses(tmp_path: Path, shared_dsn: str) -> None:
+    from pgsandbox.errors import ConfigError
+    from pgsandbox.sandbox import Sandbox
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/1.sql").write_text(f"create table t (x int) -- {tmp_path.name}")
+    settings = Settings(dsn=shared_dsn, migrations=("sql:m",))
+    with Sandbox.start(settings, root=tmp_path):
+        with pytest.raises(ConfigError) as caught:
+            Sandbox.start(settings.replace(rebuild=True), root=tmp_path)
+        assert "1 other session(s) are using it" in str(caught.value)
+        assert "What to do: let them finish" in str(caught.value)
+    with Sandbox.start(settings.replace(rebuild=True), root=tmp_path) as rebuilt:
+        assert not rebuilt.templates[0].hit
