@@ -21,6 +21,17 @@ from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.server.base import Server
 
 LEFTOVER_WAIT_SECONDS = 0.2
+# Teardown in one round trip: the transaction's start (to tell whether a raw COMMIT replaced it), the
+# rollback, then whether any other connection is (or, PostgreSQL 15+, was) on the session database.
+_OTHERS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+    "AND backend_type = 'client backend'"
+)
+ROLLBACK_AND_CHECK = (
+    f"SELECT now(); ROLLBACK; SELECT ({_OTHERS}), "
+    "(SELECT sessions FROM pg_stat_database WHERE datname = current_database())"
+)
+ROLLBACK_AND_CHECK_14 = f"SELECT now(); ROLLBACK; SELECT ({_OTHERS}), NULL::bigint"
 
 
 class IsolationError(PgSandboxError):
@@ -158,8 +169,11 @@ class TransactionIsolation:
         if keep_as is not None:
             self._keep(conn, keep_as)
             return []
-        own_escape = self._rollback(conn)
-        others = self._other_connections()
+        own_escape, suspects, sessions = self._rollback(conn)
+        if conn.broken or conn.closed:
+            self._close()
+            self._connect()
+        others = self._other_connections() if suspects else []
         findings: list[str] = []
         if others:
             findings.append(
@@ -168,7 +182,6 @@ class TransactionIsolation:
                 "connection is rolled back: use pg.connect() / pg_conn, or isolation='database'."
             )
             self._terminate_others()
-        sessions = self._sessions()
         other_sessions = bool(others) or (
             sessions is not None and self.baseline.sessions is not None and sessions > self.baseline.sessions
         )
@@ -194,25 +207,32 @@ class TransactionIsolation:
             "COMMIT; for code that opens its own connections, use @pytest.mark.pg(isolation='database').",
         )
 
-    def _rollback(self, conn: SandboxConnection) -> bool:
-        """Roll back; True when the test's outer transaction had been replaced (a raw COMMIT or END)."""
+    def _rollback(self, conn: SandboxConnection) -> tuple[bool, bool, int | None]:
+        """Roll back, in one round trip in the common case. Returns whether the test's transaction had been
+        replaced (a raw COMMIT or END), whether other connections are open to the database, and the
+        database's session counter (PostgreSQL 15+)."""
         if conn.closed or conn.broken:
-            return True
+            return True, True, self._sessions()
         status = conn.info.transaction_status
-        replaced = status == pq.TransactionStatus.IDLE
         if status == pq.TransactionStatus.INTRANS:
-            cursor = conn.execute("SELECT now(); ROLLBACK")
+            cursor = conn.execute(ROLLBACK_AND_CHECK if self.server.version[0] >= 15 else ROLLBACK_AND_CHECK_14)
             row = cursor.fetchone()
             replaced = row is None or row[0] != self._started_at
-        elif status == pq.TransactionStatus.INERROR:
+            cursor.nextset()
+            cursor.nextset()
+            check = cursor.fetchone()
+            assert check is not None
+            return replaced, bool(check[0]), check[1]
+        if status == pq.TransactionStatus.INERROR:
             row = self.server.admin.execute(
                 "SELECT xact_start FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
             ).fetchone()
             replaced = row is None or row[0] != self._started_at
             conn.execute("ROLLBACK")
         else:
+            replaced = True
             conn.rollback()
-        return replaced
+        return replaced, True, self._sessions()
 
     def _other_connections(self) -> list[str]:
         assert self.conn is not None
