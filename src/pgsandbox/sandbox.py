@@ -235,8 +235,9 @@ class Sandbox:
             clone: Clone = self._pool.acquire()
             db = Database("database", clone.name, test_id, self.server, _connection=clone.conn)
             if clone.conn is not None:
+                clone.conn.autocommit = True  # one round trip, no transaction left open
                 clone.conn.execute("SELECT set_config('application_name', %s, false)", [app_name(test_id)])
-                clone.conn.commit()
+                clone.conn.autocommit = False
                 db._opened.append(clone.conn)
         self.stats[chosen] += 1
         self.stats["setup_s"] += time.perf_counter() - started

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsandbox.errors import PgSandboxError
 from pgsandbox.server.base import Server
 
 DEPTH = 2  # clones made ahead: enough to hide a create (~16 ms) behind a test, without hoarding memory
@@ -67,7 +68,11 @@ class ClonePool:
             while not self._ready and self._error is None:
                 self._cond.wait()
             if self._error is not None and not self._ready:
-                raise self._error
+                raise PgSandboxError(
+                    f"pgsandbox could not clone the template {self.template}: "
+                    f"{type(self._error).__name__}: {self._error}",
+                    "check the server's log; if the template was dropped by hand, run again (it is rebuilt).",
+                ) from self._error
             clone = self._ready.popleft()
             self._cond.notify_all()
         self.waited += time.perf_counter() - started
