@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -382,3 +383,20 @@ def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest
 
     assert main(["clean", "--keep-cache"]) == 0
     assert not runs.find_leftovers(runs.search_bases(), include_kept=True)
+
+
+def test_a_template_dropped_during_the_run_is_reported(tmp_path: Path, shared: LocalServer, shared_dsn: str) -> None:
+    from pgsandbox import Sandbox, Settings
+    from pgsandbox.errors import PgSandboxError
+    from pgsandbox.template.cache import drop_template
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/1.sql").write_text(f"create table t (x int) -- {tmp_path.name}")
+    with Sandbox.start(Settings(dsn=shared_dsn, migrations=("sql:m",)), root=tmp_path) as sandbox:
+        drop_template(shared, sandbox.template)
+        with pytest.raises(PgSandboxError) as caught:
+            sandbox.open("database", "test_x")
+    message = str(caught.value)
+    assert f"pgsandbox could not clone the template {sandbox.template}:" in message
+    assert "does not exist" in message
+    assert "What to do: check the server's log" in message
