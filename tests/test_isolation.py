@@ -400,3 +400,42 @@ def test_a_template_dropped_during_the_run_is_reported(tmp_path: Path, shared: L
     assert f"pgsandbox could not clone the template {sandbox.template}:" in message
     assert "does not exist" in message
     assert "What to do: check the server's log" in message
+
+
+def test_clone_strategy_is_measured_on_a_server_pgsandbox_does_not_run(tmp_path: Path, shared_dsn: str) -> None:
+    from pgsandbox import Sandbox, Settings
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/1.sql").write_text(f"create table t (x int) -- {tmp_path.name}")
+    with Sandbox.start(Settings(dsn=shared_dsn, migrations=("sql:m",)), root=tmp_path) as sandbox:
+        for n in range(6):
+            with sandbox.database("database", f"test_{n}") as db:
+                db.execute("insert into t values (1)")
+                db.connection.commit()
+        timings = sandbox.clone_timings
+    assert set(timings) == {"FILE_COPY", "WAL_LOG"}
+    assert all(len(samples) >= 2 for samples in timings.values())
+    assert sum(len(samples) for samples in timings.values()) >= 6
+
+
+def test_the_fastest_strategy_wins_after_two_tries_each() -> None:
+    from pgsandbox.isolation.database import pick_strategy
+
+    assert pick_strategy({}) is None
+    assert pick_strategy({"FILE_COPY": [], "WAL_LOG": []}) == "FILE_COPY"
+    assert pick_strategy({"FILE_COPY": [0.02], "WAL_LOG": []}) == "WAL_LOG"
+    assert pick_strategy({"FILE_COPY": [0.02, 0.03], "WAL_LOG": [0.06]}) == "WAL_LOG"
+    assert pick_strategy({"FILE_COPY": [0.02, 0.03], "WAL_LOG": [0.06, 0.07]}) == "FILE_COPY"
+    assert pick_strategy({"FILE_COPY": [0.2, 0.3, 0.25], "WAL_LOG": [0.06, 0.07]}) == "WAL_LOG"
+
+
+def test_clone_strategy_option(tmp_path: Path, shared_dsn: str) -> None:
+    from pgsandbox import Sandbox, Settings
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/1.sql").write_text(f"create table t (x int) -- {tmp_path.name}")
+    settings = Settings(dsn=shared_dsn, migrations=("sql:m",), clone_strategy="wal_log")
+    with Sandbox.start(settings, root=tmp_path) as sandbox:
+        with sandbox.database("database") as db:
+            assert db.fetchval("select count(*) from t") == 0
+        assert set(sandbox.clone_timings) == {"WAL_LOG"}
