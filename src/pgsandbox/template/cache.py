@@ -166,6 +166,8 @@ def _build(
         if state is not None:
             _require_unused(server, info)
             drop_template(server, info.name)
+        if progress:
+            progress(f"building the {info.layer} template {info.short_hash} ({', '.join(info.labels)})")
         started = time.perf_counter()
         name = sql.Identifier(info.name)
         server.admin.execute(
