@@ -392,3 +392,21 @@ def test_rebuild_refuses_a_template_another_session_uses(tmp_path: Path, shared_
         assert "What to do: let them finish" in str(caught.value)
     with Sandbox.start(settings.replace(rebuild=True), root=tmp_path) as rebuilt:
         assert not rebuilt.templates[0].hit
+
+
+def test_alembic_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgsandbox.template import MigrationError, load_migrators
+
+    (missing,) = load_migrators(["alembic:nowhere/alembic.ini"], [], tmp_path)
+    with pytest.raises(MigrationError) as caught:
+        list(missing.inputs())
+    assert "alembic:nowhere/alembic.ini: no alembic.ini or Alembic script directory (with env.py)" in str(caught.value)
+    assert "What to do: point pg_migrations at the alembic.ini file" in str(caught.value)
+
+    monkeypatch.setitem(sys.modules, "alembic", None)
+    monkeypatch.setitem(sys.modules, "alembic.config", None)
+    (without,) = load_migrators(["alembic:alembic.ini"], [], tmp_path)
+    with pytest.raises(MigrationError) as caught:
+        list(without.inputs())
+    assert "pg_migrations has an alembic: entry, but Alembic is not installed." in str(caught.value)
+    assert "pip install 'pytest-pgsandbox[alembic]'" in str(caught.value)

@@ -56,9 +56,9 @@ class AlembicMigrator(Migrator):
         return config
 
     def inputs(self) -> Iterable[tuple[str, bytes]]:
+        config = self.config()
         from alembic.script import ScriptDirectory
 
-        config = self.config()
         script = ScriptDirectory.from_config(config)
         base = Path(script.dir)
         files = {
