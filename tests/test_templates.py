@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -149,8 +151,9 @@ def test_a_broken_migration_fails_the_session_once_and_leaves_nothing(
     assert builds(tmp_path / "builds.log") == 0  # the hook comes after the broken file: never ran
 
 
-def test_concurrent_builders_build_once(shared: LocalServer, shared_dsn: str, tmp_path: Path) -> None:
-    """Two pytest processes start together: one builds, the other waits on the advisory lock and reuses it."""
+def slow_project(tmp_path: Path, extra_args: list[str]) -> tuple[Path, list[str]]:
+    """A project whose migration logs each build and then waits for a "go" file: two runs started together
+    overlap for as long as the test wants."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "pyproject.toml").write_text('[tool.pytest.ini_options]\npg_migrations = ["python:slow:migrate"]\n')
@@ -164,37 +167,71 @@ def test_concurrent_builders_build_once(shared: LocalServer, shared_dsn: str, tm
                 go = pathlib.Path({str(tmp_path / "go")!r})
                 while not go.exists():  # held open until the test has seen the other process wait
                     time.sleep(0.01)
-                conn.execute("create table users (id int)")
+                conn.execute("create table users (id int)  -- {tmp_path.name}")
             """
         )
     )
     (project / "test_x.py").write_text("def test_x(pg):\n    assert pg.fetchval('select count(*) from users') == 0\n")
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--pg-dsn={shared_dsn}"]
+    return project, [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *extra_args]
+
+
+def run_two_builders(tmp_path: Path, extra_args: list[str], wait_line: str) -> list[str]:
+    """Start two runs together; once one is building and the other has printed ``wait_line``, let the
+    build finish. Returns both outputs."""
+    project, command = slow_project(tmp_path, extra_args)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = [
-        subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for _ in range(2)
     ]
+    outputs: list[list[str]] = [[], []]
+    readers = [
+        threading.Thread(target=lambda run=run, lines=lines: lines.extend(run.stdout or ()), daemon=True)
+        for run, lines in zip(runs, outputs, strict=True)
+    ]
+    for reader in readers:
+        reader.start()
+
+    def other_waits() -> bool:
+        return any(wait_line in line for lines in outputs for line in list(lines))
+
     try:
         deadline = time.monotonic() + 60
-        waiting = 0
-        while time.monotonic() < deadline and not (builds(tmp_path / "builds.log") == 1 and waiting == 1):
-            row = shared.admin.execute(
-                "select count(*) from pg_locks where locktype = 'advisory' and not granted"
-            ).fetchone()
-            waiting = row[0] if row else 0
+        while time.monotonic() < deadline and not (builds(tmp_path / "builds.log") == 1 and other_waits()):
             time.sleep(0.01)
-        assert builds(tmp_path / "builds.log") == 1 and waiting == 1
+        assert builds(tmp_path / "builds.log") == 1 and other_waits(), outputs
         (tmp_path / "go").touch()
-        outputs = [run.communicate(timeout=60)[0] for run in runs]
+        for run in runs:
+            run.wait(timeout=60)
+        for reader in readers:
+            reader.join(timeout=10)
     finally:
         for run in runs:
             run.kill()
-    assert [run.returncode for run in runs] == [0, 0], outputs
+    texts = ["".join(lines) for lines in outputs]
+    assert [run.returncode for run in runs] == [0, 0], texts
+    assert builds(tmp_path / "builds.log") == 1
+    return texts
+
+
+def test_concurrent_builders_on_a_shared_server_build_once(shared_dsn: str, tmp_path: Path) -> None:
+    """Two pytest processes start together: one builds, the other waits on the advisory lock and reuses it."""
+    wait_line = "waiting for another session building the migrations template"
+    outputs = run_two_builders(tmp_path, [f"--pg-dsn={shared_dsn}"], wait_line)
     built = [out for out in outputs if "cache miss, built in" in out]
-    waited = [out for out in outputs if "waiting for another session building the migrations template" in out]
+    waited = [out for out in outputs if wait_line in out]
     assert len(built) == 1 and len(waited) == 1, outputs
     assert "cache hit, already on the server" in waited[0]
-    assert builds(tmp_path / "builds.log") == 1
+
+
+def test_concurrent_local_runs_build_once(tmp_path: Path) -> None:
+    """Two runs with local servers: the second waits for the first's cluster snapshot and starts from it."""
+    wait_line = "waiting for another run that is building the same templates"
+    outputs = run_two_builders(tmp_path, ["--pg-server=local"], wait_line)
+    built = [out for out in outputs if "cache miss, built in" in out]
+    waited = [out for out in outputs if wait_line in out]
+    assert len(built) == 1 and len(waited) == 1, outputs
+    assert "cache hit, from the cached cluster, nothing to migrate" in waited[0]
 
 
 def test_python_migrator_hashes_its_inputs(

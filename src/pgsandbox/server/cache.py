@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from pgsandbox.binaries import Installation
 from pgsandbox.errors import PgSandboxWarning, ServerStartError
@@ -197,6 +197,22 @@ SNAPSHOTS_KEPT = 3
 def snapshot_dir(root: Path, installation: Installation, initdb_args: tuple[str, ...]) -> Path:
     """Where clusters holding built templates are kept, per binaries and initdb options."""
     return root / "snapshots" / initdb_key(installation, (*DEFAULT_INITDB_ARGS, *initdb_args))
+
+
+def snapshot_build_lock(directory: Path, keys: list[str], progress: Progress | None) -> FileLock | None:
+    """When the most complete snapshot is missing, a lock held until it is stored (or the run ends), so that
+    concurrent runs with the same migrations build the templates once: the others wait, then start from it."""
+    if not keys or (directory / keys[0][:32] / "ready").exists():
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / f"{keys[0][:32]}.building"), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            progress("waiting for another run that is building the same templates")
+        lock.acquire()
+    return lock
 
 
 @contextlib.contextmanager

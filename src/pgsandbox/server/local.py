@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 import psycopg
+from filelock import BaseFileLock
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -79,6 +80,7 @@ class LocalServer(Server):
         self.account = account
         self.snapshots = snapshots
         self.snapshot = snapshot
+        self._build_lock: BaseFileLock | None = None
         self.run = run
         self.process = process
         self.tcp = tcp
@@ -121,6 +123,7 @@ class LocalServer(Server):
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
         snapshot_dir = cache.snapshot_dir(root, installation, settings.initdb_args)
+        build_lock = cache.snapshot_build_lock(snapshot_dir, list(snapshots), progress)
         try:
             with cache.snapshot_source(snapshot_dir, list(snapshots)) as found:
                 if found:
@@ -139,9 +142,15 @@ class LocalServer(Server):
             server = cls._launch(settings, installation, account, run, run_id, password)
         except BaseException:
             shutil.rmtree(run.path, ignore_errors=True)
+            if build_lock:
+                build_lock.release()
             raise
         server.snapshots = snapshot_dir
         server.snapshot = found[0] if found else None
+        if build_lock and found and found[0] == snapshots[0]:
+            build_lock.release()  # another run built it while this one waited
+            build_lock = None
+        server._build_lock = build_lock
         return server
 
     @classmethod
@@ -217,6 +226,7 @@ class LocalServer(Server):
         self._close_admin()
         self._shutdown()
         target = cache.store_snapshot(self.run.data, self.snapshots, key, str(self.params["password"]), replace)
+        self._release_build_lock()
         self.process = _spawn(self.installation, self.account, self.run)
         try:
             _wait_ready(self.process, self.run)
@@ -225,6 +235,11 @@ class LocalServer(Server):
             raise
         self.snapshot = key
         return target
+
+    def _release_build_lock(self) -> None:
+        if self._build_lock is not None:
+            self._build_lock.release()
+            self._build_lock = None
 
     def _shutdown(self) -> None:
         if self.process.poll() is None:
@@ -242,6 +257,7 @@ class LocalServer(Server):
         self._stopped = True
         atexit.unregister(self.stop)
         self._close_admin()
+        self._release_build_lock()
         runs.mark_kept(self.run)
         cache.wait_for_cache_writes()
 
@@ -253,6 +269,7 @@ class LocalServer(Server):
         atexit.unregister(self.stop)
         self._close_admin()
         self._shutdown()
+        self._release_build_lock()
         shutil.rmtree(self.run.path, ignore_errors=True)
         cache.wait_for_cache_writes()
 
