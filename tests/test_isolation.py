@@ -87,12 +87,18 @@ def test_transaction_isolation_rolls_back_and_keeps_commits_inside(project: pyte
             assert not pg_conn.closed
             assert count(pg_conn) == 3
 
-        def test_7_everything_was_rolled_back(pg):
+        def test_7_autocommit_is_refused_with_a_hint(pg_conn):
+            import pytest
+            with pytest.raises(psycopg.ProgrammingError, match="isolation='database'"):
+                pg_conn.autocommit = True
+            assert pg_conn.autocommit is False
+
+        def test_8_everything_was_rolled_back(pg):
             assert pg.fetch("select name from users order by name") == [{"name": "ada"}, {"name": "bob"}]
             assert pg.isolation == "transaction"
         """,
     )
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
 
 
 def test_a_raw_commit_is_reported_and_the_next_test_starts_clean(project: pytest.Pytester, shared_dsn: str) -> None:

@@ -46,6 +46,20 @@ class SandboxConnection(psycopg.Connection[Any]):
         self.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
         return None
 
+    @property
+    def autocommit(self) -> bool:
+        return super().autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        if value and self._pgsandbox_active:
+            raise psycopg.ProgrammingError(
+                "pgsandbox: this connection runs inside the test's transaction (transaction isolation), so it "
+                "cannot switch to autocommit. Mark the test @pytest.mark.pg(isolation='database') to give it a "
+                "database of its own."
+            )
+        psycopg.Connection.autocommit.fset(self, value)  # type: ignore[attr-defined]
+
     def close(self) -> None:
         if self._pgsandbox_active:
             self._pgsandbox_close_calls += 1  # the session owns it: really closed when the session ends
