@@ -175,8 +175,6 @@ class Sandbox:
         if seed is None:
             seed = load_migrators(settings.seed, settings.migrations_inputs, root)
         layers = [Layer(kind, tuple(ms)) for kind, ms in (("migrations", migrations), ("seed", seed)) if ms]
-        if seed and not migrations:
-            layers = [Layer("seed", tuple(seed))]
         chain = Chain(tuple(layers)) if layers else None
         snapshots = [] if settings.rebuild or chain is None else list(reversed(chain.keys))
         server = start_server(settings, progress, snapshots=snapshots)
