@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 from psycopg import pq, sql
@@ -21,17 +20,16 @@ from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.server.base import Server
 
 LEFTOVER_WAIT_SECONDS = 0.2
-# Teardown in one round trip: the transaction's start (to tell whether a raw COMMIT replaced it), the
-# rollback, then whether any other connection is (or, PostgreSQL 15+, was) on the session database.
-_OTHERS = (
-    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-    "AND backend_type = 'client backend'"
-)
-ROLLBACK_AND_CHECK = (
-    f"SELECT now(); ROLLBACK; SELECT ({_OTHERS}), "
-    "(SELECT sessions FROM pg_stat_database WHERE datname = current_database())"
-)
-ROLLBACK_AND_CHECK_14 = f"SELECT now(); ROLLBACK; SELECT ({_OTHERS}), NULL::bigint"
+# After the rollback, in the same round trip: how many backends are on the session database (more than
+# this one: another connection is there), how many sessions it has had (PostgreSQL 15+: one more means
+# another connection came and went), and the next transaction id (rows with a newer xmin were written
+# after it). The statistics functions, not the pg_stat_* views: 0.04 ms instead of 0.5 ms per test.
+_XMAX = "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+CHECK = "SELECT pg_stat_get_db_numbackends({oid}) - 1, pg_stat_get_db_sessions({oid}), " + _XMAX
+CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - 1, NULL::bigint, " + _XMAX
+# The savepoint exists only in the test's own transaction: if a raw COMMIT (or END) replaced that
+# transaction, rolling back to it fails, and that failure is how an escape is noticed, for free.
+ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
 
 
 class IsolationError(PgSandboxError):
@@ -64,8 +62,9 @@ class TransactionIsolation:
         self.dbname: str | None = None
         self.conn: SandboxConnection | None = None
         self.baseline = Baseline()
-        self._started_at: Any = None
         self._snapshot_xmax = 0
+        self._begin = f"SAVEPOINT {SAVEPOINT}; SET application_name = ".encode()
+        self._check = ""
         self._kept = 0
         self._restores = 0
 
@@ -82,6 +81,10 @@ class TransactionIsolation:
             # count this connection in pg_stat_database now, so that the counter moves only for others
             self.conn.execute("SELECT pg_stat_force_next_flush()")
             self.conn.execute("SELECT 1")
+        row = self.conn.execute(f"SELECT {_XMAX}, oid FROM pg_database WHERE datname = current_database()").fetchone()
+        assert row is not None
+        self._snapshot_xmax = int(row[0])
+        self._check = (CHECK if self.server.version[0] >= 15 else CHECK_14).format(oid=int(row[1]))
         self.conn.autocommit = False
 
     def _measure(self) -> Baseline:
@@ -147,15 +150,8 @@ class TransactionIsolation:
         conn.row_factory = psycopg.rows.tuple_row
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             conn.rollback()
-        query = sql.SQL(
-            "SAVEPOINT {}; SELECT now(), pg_snapshot_xmax(pg_current_snapshot())::text::bigint, "
-            "set_config('application_name', {}, false)"
-        ).format(sql.Identifier(SAVEPOINT), sql.Literal(app_name(test_id)))
-        cursor = conn.execute(query)
-        cursor.nextset()  # the first result is the SAVEPOINT's
-        row = cursor.fetchone()
-        assert row is not None
-        self._started_at, self._snapshot_xmax = row[0], row[1]
+        name = pq.Escaping(conn.pgconn).escape_literal(app_name(test_id).encode())
+        conn.execute(self._begin + name)  # psycopg sends BEGIN first: the connection is not in autocommit
         conn._pgsandbox_active = True
         conn._pgsandbox_close_calls = 0
         return conn
@@ -169,6 +165,7 @@ class TransactionIsolation:
         if keep_as is not None:
             self._keep(conn, keep_as)
             return []
+        started_xmax = self._snapshot_xmax  # the next transaction id when this test began
         own_escape, suspects, sessions = self._rollback(conn)
         if conn.broken or conn.closed:
             self._close()
@@ -187,7 +184,7 @@ class TransactionIsolation:
         )
         if not (own_escape or other_sessions):
             return findings
-        changes = self._changes()
+        changes = self._changes(started_xmax)
         self.baseline.sessions = self._sessions()
         if not changes:
             return findings
@@ -213,26 +210,20 @@ class TransactionIsolation:
         database's session counter (PostgreSQL 15+)."""
         if conn.closed or conn.broken:
             return True, True, self._sessions()
-        status = conn.info.transaction_status
-        if status == pq.TransactionStatus.INTRANS:
-            cursor = conn.execute(ROLLBACK_AND_CHECK if self.server.version[0] >= 15 else ROLLBACK_AND_CHECK_14)
-            row = cursor.fetchone()
-            replaced = row is None or row[0] != self._started_at
+        replaced = False
+        try:
+            cursor = conn.execute(ROLLBACK + self._check)
             cursor.nextset()
             cursor.nextset()
-            check = cursor.fetchone()
-            assert check is not None
-            return replaced, bool(check[0]), check[1]
-        if status == pq.TransactionStatus.INERROR:
-            row = self.server.admin.execute(
-                "SELECT xact_start FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
-            ).fetchone()
-            replaced = row is None or row[0] != self._started_at
-            conn.execute("ROLLBACK")
-        else:
+        except psycopg.errors.InvalidSavepointSpecification:
             replaced = True
             conn.rollback()
-        return replaced, True, self._sessions()
+            cursor = conn.execute(self._check)
+            conn.rollback()
+        row = cursor.fetchone()
+        assert row is not None
+        self._snapshot_xmax = int(row[2])
+        return replaced, bool(row[0]), row[1]
 
     def _other_connections(self) -> list[str]:
         assert self.conn is not None
@@ -257,7 +248,7 @@ class TransactionIsolation:
             [self.dbname, self.conn.info.backend_pid],
         )
 
-    def _changes(self) -> list[str]:
+    def _changes(self, since_xid: int) -> list[str]:
         now = self._measure()
         changes = []
         for table in sorted(set(now.rows) | set(self.baseline.rows)):
@@ -267,7 +258,7 @@ class TransactionIsolation:
             elif after is None:
                 changes.append(f"{table} (dropped)")
             else:
-                written = self._written(table)
+                written = self._written(table, since_xid)
                 if after != before or written:
                     delta = f"{after - before:+d} rows" if after != before else "same row count"
                     changes.append(f"{table} ({delta}, {written} rows written)")
@@ -275,14 +266,14 @@ class TransactionIsolation:
             changes.append(f"the schema ({now.relations - self.baseline.relations:+d} relations)")
         return changes
 
-    def _written(self, table: str) -> int:
+    def _written(self, table: str, since_xid: int) -> int:
         """Rows inserted or updated by transactions that began after the test started."""
         assert self.conn is not None
         self.conn.autocommit = True
         try:
             row = self.conn.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE xmin::text::bigint >= %s").format(sql.SQL(table)),
-                [self._snapshot_xmax % (1 << 32)],
+                [since_xid % (1 << 32)],
             ).fetchone()
         finally:
             self.conn.autocommit = False
