@@ -278,6 +278,11 @@ class Sandbox:
             self.stats["teardown_s"] += time.perf_counter() - started
 
     def _leftover_connections(self, db: Database, ours: set[int]) -> list[str]:
+        row = self.server.admin.execute(
+            "SELECT pg_stat_get_db_numbackends(oid) FROM pg_database WHERE datname = %s", [db.name]
+        ).fetchone()
+        if not row or not row[0]:
+            return []  # the common case, answered without reading pg_stat_activity (0.5 ms)
         deadline = time.monotonic() + LEFTOVER_WAIT_SECONDS
         while True:
             rows = self.server.admin.execute(
