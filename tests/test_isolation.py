@@ -445,3 +445,45 @@ def test_clone_strategy_option(tmp_path: Path, shared_dsn: str) -> None:
         with sandbox.database("database") as db:
             assert db.fetchval("select count(*) from t") == 0
         assert set(sandbox.clone_timings) == {"WAL_LOG"}
+
+
+def test_each_test_gets_its_own_transaction_whatever_runs_between(project: pytest.Pytester, shared_dsn: str) -> None:
+    """The next test's transaction is opened during the previous teardown when pytest says which test is
+    next; tests in between (other isolation, skipped, no database) must not confuse it."""
+    result = run(
+        project,
+        shared_dsn,
+        """
+        import pytest
+
+        def name(pg):
+            return pg.fetchval("show application_name")
+
+        def test_1(pg):
+            assert name(pg) == "pgsandbox test_it.py::test_1"
+            pg.execute("insert into users (name) values ('t1')")
+
+        def test_2(pg):
+            assert name(pg) == "pgsandbox test_it.py::test_2"
+            assert pg.fetchval("select count(*) from users") == 2
+            pg.execute("insert into users (name) values ('t2')")
+
+        @pytest.mark.pg(isolation="database")
+        def test_3_database(pg):
+            assert pg.fetchval("select count(*) from users") == 2
+
+        @pytest.mark.skip("skipped")
+        def test_4_skipped(pg):
+            pass
+
+        def test_5_no_database():
+            pass
+
+        def test_6(pg_conn, pg):
+            assert pg_conn is pg.connection
+            assert name(pg) == "pgsandbox test_it.py::test_6"
+            assert pg.fetchval("select count(*) from users") == 2
+            assert pg.fetchval("select now() >= statement_timestamp() - interval '5 seconds'")
+        """,
+    )
+    result.assert_outcomes(passed=5, skipped=1)

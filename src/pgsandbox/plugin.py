@@ -28,6 +28,7 @@ SANDBOX_KEY: pytest.StashKey[Sandbox] = pytest.StashKey()
 KEPT_KEY = pytest.StashKey[list[str]]()
 DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
 KEEP_KEY = pytest.StashKey[bool]()
+NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -141,6 +142,21 @@ def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
 def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
     config.stash[KEPT_KEY] = [sandbox.psql_command(name) for name in sandbox.kept]
     sandbox.stop()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    item.stash[NEXT_KEY] = nextitem  # lets a test's teardown open the next test's transaction
+
+
+def next_transaction_test(item: pytest.Item, sandbox: Sandbox) -> str | None:
+    """The id of the test that runs after ``item``, if it takes a database in transaction isolation."""
+    nextitem = item.stash.get(NEXT_KEY, None)
+    if nextitem is None or "pg_sandbox" not in getattr(nextitem, "fixturenames", ()):
+        return None
+    marker = nextitem.get_closest_marker("pg")
+    isolation = (marker.kwargs.get("isolation") if marker else None) or sandbox.settings.isolation
+    return nextitem.nodeid if isolation == "transaction" else None
 
 
 @pytest.hookimpl(wrapper=True)

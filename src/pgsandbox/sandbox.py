@@ -245,9 +245,12 @@ class Sandbox:
         """The name the next kept database will get (known before the test's teardown, for its report)."""
         return self.server.database_name(f"failed{self._kept_counter + 1}")
 
-    def close(self, db: Database, keep: bool = False) -> list[str]:
+    def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         """End a test: roll back or drop its database (or keep it). Returns findings worth a warning;
-        raises :class:`IsolationError` when the test's writes escaped its transaction."""
+        raises :class:`IsolationError` when the test's writes escaped its transaction.
+
+        ``next_test_id``: the next test, when it is known to use ``transaction`` isolation: its
+        transaction is opened in the same round trip as this test's rollback."""
         started = time.perf_counter()
         try:
             if db.isolation == "transaction":
@@ -260,7 +263,7 @@ class Sandbox:
                     self._kept_counter += 1
                     keep_as = self.server.database_name(f"failed{self._kept_counter}")
                     self._kept.append(keep_as)
-                return self._transaction.end(db.test_id, keep_as)
+                return self._transaction.end(db.test_id, keep_as, next_test_id)
             assert self._pool is not None
             ours = set()
             for conn in db._opened:

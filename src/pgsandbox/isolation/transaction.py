@@ -63,6 +63,7 @@ class TransactionIsolation:
         self.conn: SandboxConnection | None = None
         self.baseline = Baseline()
         self._snapshot_xmax = 0
+        self._prepared: str | None = None  # the test whose transaction the last rollback opened
         self._begin = f"SAVEPOINT {SAVEPOINT}; SET application_name = ".encode()
         self._check = ""
         self._kept = 0
@@ -131,7 +132,14 @@ class TransactionIsolation:
         self._connect()
         self.baseline = self._measure()
 
+    def _unprepare(self) -> None:
+        """Roll back a transaction opened ahead for the next test."""
+        if self._prepared is not None and self.conn is not None and not self.conn.broken:
+            self.conn.rollback()
+        self._prepared = None
+
     def _close(self) -> None:
+        self._prepared = None
         if self.conn is not None:
             self.conn._pgsandbox_active = False
             with contextlib.suppress(psycopg.Error):
@@ -148,17 +156,27 @@ class TransactionIsolation:
         conn = self.conn
         assert conn is not None
         conn.row_factory = psycopg.rows.tuple_row
-        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-            conn.rollback()
-        name = pq.Escaping(conn.pgconn).escape_literal(app_name(test_id).encode())
-        conn.execute(self._begin + name)  # psycopg sends BEGIN first: the connection is not in autocommit
+        prepared, self._prepared = self._prepared, None
+        if prepared != test_id or conn.info.transaction_status != pq.TransactionStatus.INTRANS:
+            if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                conn.rollback()
+            # psycopg sends BEGIN first: the connection is not in autocommit
+            conn.execute(self._begin + self._app_name(test_id))
         conn._pgsandbox_active = True
         conn._pgsandbox_close_calls = 0
         return conn
 
-    def end(self, test_id: str, keep_as: str | None = None) -> list[str]:
+    def _app_name(self, test_id: str) -> bytes:
+        assert self.conn is not None
+        escaped = pq.Escaping(self.conn.pgconn).escape_literal(app_name(test_id).encode())
+        return bytes(escaped)
+
+    def end(self, test_id: str, keep_as: str | None = None, next_test_id: str | None = None) -> list[str]:
         """Roll the test back and check what escaped. Returns findings to warn about; raises
-        :class:`IsolationError` (after restoring the database) when committed writes escaped."""
+        :class:`IsolationError` (after restoring the database) when committed writes escaped.
+
+        ``next_test_id``: the test that runs next, if it is known to use this isolation. Its transaction
+        is then opened in the same round trip as this rollback, and its :meth:`begin` costs none."""
         conn = self.conn
         assert conn is not None and self.dbname
         conn._pgsandbox_active = False
@@ -166,10 +184,12 @@ class TransactionIsolation:
             self._keep(conn, keep_as)
             return []
         started_xmax = self._snapshot_xmax  # the next transaction id when this test began
-        own_escape, suspects, sessions = self._rollback(conn)
+        own_escape, suspects, sessions = self._rollback(conn, next_test_id)
         if conn.broken or conn.closed:
             self._close()
             self._connect()
+        elif suspects or own_escape or sessions != self.baseline.sessions:
+            self._unprepare()  # the checks below need the connection outside a transaction
         others = self._other_connections() if suspects else []
         findings: list[str] = []
         if others:
@@ -204,17 +224,22 @@ class TransactionIsolation:
             "COMMIT; for code that opens its own connections, use @pytest.mark.pg(isolation='database').",
         )
 
-    def _rollback(self, conn: SandboxConnection) -> tuple[bool, bool, int | None]:
+    def _rollback(self, conn: SandboxConnection, next_test_id: str | None) -> tuple[bool, bool, int | None]:
         """Roll back, in one round trip in the common case. Returns whether the test's transaction had been
         replaced (a raw COMMIT or END), whether other connections are open to the database, and the
         database's session counter (PostgreSQL 15+)."""
         if conn.closed or conn.broken:
             return True, True, self._sessions()
         replaced = False
+        query = (ROLLBACK + self._check).encode()
+        if next_test_id is not None:
+            query += b"; BEGIN; " + self._begin + self._app_name(next_test_id)
         try:
-            cursor = conn.execute(ROLLBACK + self._check)
+            cursor = conn.execute(query)
             cursor.nextset()
             cursor.nextset()
+            if next_test_id is not None:
+                self._prepared = next_test_id
         except psycopg.errors.InvalidSavepointSpecification:
             replaced = True
             conn.rollback()
