@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-from filelock import FileLock, Timeout
+from filelock import BaseFileLock, FileLock, Timeout
 
 from pgsandbox.binaries import Installation
 from pgsandbox.errors import PgSandboxWarning, ServerStartError
@@ -233,6 +233,30 @@ def snapshot_source(directory: Path, keys: list[str]) -> Iterator[tuple[str, Cac
             yield key, CachedCluster(target / "data", password)
             return
     yield None
+
+
+def store_snapshot_in_background(
+    staging: Path, directory: Path, key: str, password: str, replace: bool, lock: BaseFileLock | None
+) -> Path:
+    """Store ``staging/data`` as a snapshot in a background thread, then remove ``staging`` and release
+    ``lock``; :func:`wait_for_cache_writes` waits for it (a server's stop does)."""
+
+    def write() -> None:
+        try:
+            store_snapshot(staging / "data", directory, key, password, replace)
+        except OSError as error:
+            warnings.warn(
+                PgSandboxWarning(f"pgsandbox could not cache the cluster in {directory}: {error}"), stacklevel=1
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if lock is not None:
+                lock.release()
+
+    writer = threading.Thread(target=write, name="pgsandbox-snapshot-writer")
+    writer.start()
+    _writers.append(writer)
+    return directory / key[:32]
 
 
 def store_snapshot(data: Path, directory: Path, key: str, password: str, replace: bool = False) -> Path:

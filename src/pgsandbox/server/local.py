@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,15 +219,21 @@ class LocalServer(Server):
         return server
 
     def save_snapshot(self, key: str, replace: bool = False) -> Path:
-        """Stop, store this cluster in the cache under ``key``, start again: the next run starts from it.
+        """Stop, copy this cluster aside, start again; the copy goes to the cache under ``key`` in the
+        background (the next run starts from it). Returns where it will be.
 
-        Only a cleanly stopped cluster is consistent, so the server is down for the copy (about 0.3 s for a
-        cluster with a 15 MB template on tmpfs); connections other than :attr:`admin` must be closed first.
+        Only a cleanly stopped cluster is consistent, so the server is down while its data directory is
+        copied next to it (tmpfs to tmpfs: about 0.1 s for 45 MB); writing the cache, on disk, took 1.1-1.4 s
+        here and happens while the tests run. Connections other than :attr:`admin` must be closed first.
         """
         self._close_admin()
         self._shutdown()
-        target = cache.store_snapshot(self.run.data, self.snapshots, key, str(self.params["password"]), replace)
-        self._release_build_lock()
+        staging = Path(tempfile.mkdtemp(prefix=f"snapshot-{self.run_id}-", dir=self.run.path.parent))
+        cache.copy_tree(self.run.data, staging / "data")
+        lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
+        target = cache.store_snapshot_in_background(
+            staging, self.snapshots, key, str(self.params["password"]), replace, lock
+        )
         self.process = _spawn(self.installation, self.account, self.run)
         try:
             _wait_ready(self.process, self.run)
