@@ -203,7 +203,10 @@ class Sandbox:
                         hold_in_use(server, info.name)
                     if progress:
                         seconds = time.perf_counter() - started
-                        progress(f"saved the cluster with its templates to the cache in {seconds:.2f} s")
+                        progress(
+                            f"saved the cluster with its templates in {seconds:.2f} s "
+                            "(it is written to the cache while the tests run)"
+                        )
                 if isinstance(server, LocalServer):
                     warm_relcache(server, templates[-1].name)
             return cls(server, templates, settings, snapshot_hit)
