@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg import pq, sql
@@ -36,13 +37,31 @@ class IsolationError(PgSandboxError):
     """A test broke its isolation (a commit escaped the rollback); the database was restored."""
 
 
-@dataclass
-class Baseline:
-    """What the session database holds when no test has touched it: rows per table, relations."""
+@dataclass(frozen=True)
+class Contents:
+    """Rows per table and the number of relations: enough to say what a test changed."""
 
     rows: dict[str, int] = field(default_factory=dict)
     relations: int = 0
-    sessions: int | None = None
+
+
+def contents(conn: psycopg.Connection[Any]) -> Contents:
+    """Count the rows of every table (autocommit connection). Only run when an escape is suspected."""
+    tables = conn.execute(
+        "SELECT format('%I.%I', n.nspname, c.relname) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1"
+    ).fetchall()
+    rows: dict[str, int] = {}
+    for start in range(0, len(tables), 200):
+        chunk = [t[0] for t in tables[start : start + 200]]
+        query = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {}, count(*) FROM {}").format(sql.Literal(name), sql.SQL(name)) for name in chunk
+        )
+        rows.update({name: count for name, count in conn.execute(query).fetchall()})
+    relations = conn.execute("SELECT count(*) FROM pg_class").fetchone()
+    return Contents(rows, int(relations[0]) if relations else 0)
 
 
 def app_name(test_id: str) -> str:
@@ -61,7 +80,7 @@ class TransactionIsolation:
         self.clone_clause = clone_clause
         self.dbname: str | None = None
         self.conn: SandboxConnection | None = None
-        self.baseline = Baseline()
+        self.sessions: int | None = None  # the session database's session counter, after our own connect
         self._snapshot_xmax = 0
         self._prepared: str | None = None  # the test whose transaction the last rollback opened
         self._begin = f"SAVEPOINT {SAVEPOINT}; SET application_name = ".encode()
@@ -73,7 +92,6 @@ class TransactionIsolation:
     def _create_database(self) -> None:
         self.dbname = self.server.create_database("session", template=self.template, clause=self.clone_clause)
         self._connect()
-        self.baseline = self._measure()
 
     def _connect(self) -> None:
         assert self.dbname
@@ -87,30 +105,7 @@ class TransactionIsolation:
         self._snapshot_xmax = int(row[0])
         self._check = (CHECK if self.server.version[0] >= 15 else CHECK_14).format(oid=int(row[1]))
         self.conn.autocommit = False
-
-    def _measure(self) -> Baseline:
-        assert self.conn is not None and self.dbname
-        conn = self.conn
-        was_autocommit = conn.autocommit
-        conn.autocommit = True
-        try:
-            tables = conn.execute(
-                "SELECT format('%I.%I', n.nspname, c.relname) "
-                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1"
-            ).fetchall()
-            rows: dict[str, int] = {}
-            for start in range(0, len(tables), 200):
-                chunk = [t[0] for t in tables[start : start + 200]]
-                query = sql.SQL(" UNION ALL ").join(
-                    sql.SQL("SELECT {}, count(*) FROM {}").format(sql.Literal(name), sql.SQL(name)) for name in chunk
-                )
-                rows.update({name: count for name, count in conn.execute(query).fetchall()})
-            relations = conn.execute("SELECT count(*) FROM pg_class").fetchone()
-        finally:
-            conn.autocommit = was_autocommit
-        return Baseline(rows, int(relations[0]) if relations else 0, self._sessions())
+        self.sessions = self._sessions()
 
     def _sessions(self) -> int | None:
         if self.server.version[0] < 15:
@@ -120,17 +115,17 @@ class TransactionIsolation:
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else None
 
-    def _restore(self) -> None:
-        """Clone the session database again from the template."""
+    def _fresh_clone(self) -> str:
+        self._restores += 1
+        return self.server.create_database(f"session{self._restores}", template=self.template, clause=self.clone_clause)
+
+    def _switch_to(self, fresh: str) -> None:
+        """Use ``fresh`` (a new clone of the template) as the session database from now on."""
         self._close()
         if self.dbname:
             self.server.drop_database(self.dbname)
-        self._restores += 1
-        self.dbname = self.server.create_database(
-            f"session{self._restores}", template=self.template, clause=self.clone_clause
-        )
+        self.dbname = fresh
         self._connect()
-        self.baseline = self._measure()
 
     def _unprepare(self) -> None:
         """Roll back a transaction opened ahead for the next test."""
@@ -188,7 +183,7 @@ class TransactionIsolation:
         if conn.broken or conn.closed:
             self._close()
             self._connect()
-        elif suspects or own_escape or sessions != self.baseline.sessions:
+        elif suspects or own_escape or sessions != self.sessions:
             self._unprepare()  # the checks below need the connection outside a transaction
         others = self._other_connections() if suspects else []
         findings: list[str] = []
@@ -200,20 +195,24 @@ class TransactionIsolation:
             )
             self._terminate_others()
         other_sessions = bool(others) or (
-            sessions is not None and self.baseline.sessions is not None and sessions > self.baseline.sessions
+            sessions is not None and self.sessions is not None and sessions > self.sessions
         )
         if not (own_escape or other_sessions):
             return findings
-        changes = self._changes(started_xmax)
-        self.baseline.sessions = self._sessions()
+        # Something may have escaped: compare with a fresh clone of the template, which replaces the
+        # session database if anything did.
+        fresh = self._fresh_clone()
+        changes = self._changes(fresh, started_xmax)
         if not changes:
+            self.server.drop_database(fresh)
+            self.sessions = self._sessions()
             return findings
         causes = []
         if own_escape:
             causes.append("its transaction was ended by a COMMIT (or END) statement run on the test's connection")
         if other_sessions:
             causes.append("another connection to the session database committed")
-        self._restore()
+        self._switch_to(fresh)
         raise IsolationError(
             f"{test_id} committed outside its transaction, so its writes escaped the rollback: "
             + "; ".join(causes)
@@ -273,11 +272,19 @@ class TransactionIsolation:
             [self.dbname, self.conn.info.backend_pid],
         )
 
-    def _changes(self, since_xid: int) -> list[str]:
-        now = self._measure()
+    def _changes(self, fresh: str, since_xid: int) -> list[str]:
+        """What differs between the session database and ``fresh``, a clone of the template."""
+        assert self.conn is not None
+        with self.server.connect(fresh, autocommit=True) as pristine:
+            then = contents(pristine)
+        self.conn.autocommit = True
+        try:
+            now = contents(self.conn)
+        finally:
+            self.conn.autocommit = False
         changes = []
-        for table in sorted(set(now.rows) | set(self.baseline.rows)):
-            before, after = self.baseline.rows.get(table), now.rows.get(table)
+        for table in sorted(set(now.rows) | set(then.rows)):
+            before, after = then.rows.get(table), now.rows.get(table)
             if before is None:
                 changes.append(f"{table} (created, {after} rows)")
             elif after is None:
@@ -287,8 +294,8 @@ class TransactionIsolation:
                 if after != before or written:
                     delta = f"{after - before:+d} rows" if after != before else "same row count"
                     changes.append(f"{table} ({delta}, {written} rows written)")
-        if not changes and now.relations != self.baseline.relations:
-            changes.append(f"the schema ({now.relations - self.baseline.relations:+d} relations)")
+        if not changes and now.relations != then.relations:
+            changes.append(f"the schema ({now.relations - then.relations:+d} relations)")
         return changes
 
     def _written(self, table: str, since_xid: int) -> int:
@@ -318,7 +325,6 @@ class TransactionIsolation:
             f"session_after{self._kept}", template=self.template, clause=self.clone_clause
         )
         self._connect()
-        self.baseline = self._measure()
 
     def close(self) -> None:
         self._close()
