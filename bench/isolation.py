@@ -217,17 +217,18 @@ def db(admin, pg_socket):
 
 
 def source_state() -> str:
-    """A fingerprint of src/ as the pytest runs import it: the commit plus a hash of uncommitted changes."""
+    """A fingerprint of src/ as the pytest runs import it: git's tree id of src/ plus a hash of uncommitted
+    changes (commits that touch only bench/ or docs leave it alone)."""
     git = shutil.which("git")
-    revision = pgsandbox_revision()
-    if git is None or not revision.endswith("src/ modified"):
-        return revision
+    if git is None:
+        return pgsandbox_revision()
+    tree = subprocess.run([git, "-C", str(REPO), "rev-parse", "HEAD:src"], capture_output=True, text=True)
     diff = subprocess.run([git, "-C", str(REPO), "diff", "HEAD", "--", "src"], capture_output=True)
     untracked = subprocess.run(
         [git, "-C", str(REPO), "ls-files", "--others", "--exclude-standard", "--", "src"], capture_output=True
     )
     digest = hashlib.sha1(diff.stdout + untracked.stdout).hexdigest()[:10]
-    return f"{revision} (diff {digest})"
+    return f"src tree {tree.stdout.strip()[:10]}" + (f" + diff {digest}" if diff.stdout or untracked.stdout else "")
 
 
 def load_average() -> str:
@@ -697,7 +698,7 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
 
     revision = source_state()
     facts = {
-        **machine_facts(bindir, main_runner, revision),
+        **machine_facts(bindir, main_runner, f"{pgsandbox_revision()}, {revision}"),
         "schema": f"{TABLES} tables x (3 indexes, {ROWS} rows): {schema_origin}",
         "psycopg": package_version("psycopg") or "?",
         "load average at start": load_average(),
