@@ -447,3 +447,23 @@ def test_alembic_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         list(without.inputs())
     assert "pg_migrations has an alembic: entry, but Alembic is not installed." in str(caught.value)
     assert "pip install 'pytest-pgsandbox[alembic]'" in str(caught.value)
+
+
+def test_a_broken_migration_on_the_local_server_leaves_nothing_to_wait_for(pytester: pytest.Pytester) -> None:
+    """The build lock is released and no snapshot is stored: the next run builds (and fails) again at once."""
+    write_project(
+        pytester,
+        'pg_migrations = ["sql:migrations"]\n',
+        {
+            "migrations/1.sql": f"-- {pytester.path.name}\ncreate table t (x nosuchtype);\n",
+            "test_x.py": "def test_x(pg): pass\n",
+        },
+    )
+    for _ in range(2):
+        result = pytester.runpytest_subprocess("--pg-server=local", timeout=120)
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(["*migration migrations/1.sql failed at line 2, column 19:*"])
+    (pytester.path / "migrations/1.sql").write_text("create table t (x int);\n")
+    fixed = pytester.runpytest_subprocess("--pg-server=local", timeout=120)
+    fixed.assert_outcomes(passed=1)
+    fixed.stdout.fnmatch_lines(["*cache miss, built in*"])
