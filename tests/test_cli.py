@@ -19,6 +19,7 @@ def test_doctor_shows_binaries_choice_and_cache(
     assert "Would use for a local server: PostgreSQL 16." in out
     assert "(pinned by PGSANDBOX_VERSION=16)" in out
     assert f"Cache: {cache_dir} (" in out
+    assert "  clusters with built templates (local servers start from them): " in out
     assert "Leftover servers (killed runs, or kept for failed tests):" in out
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 
 from pgsandbox.binaries import find_installations, select_installation
@@ -43,6 +44,12 @@ def doctor(settings: Settings) -> int:
     root = settings.cache or cache.default_cache_root()
     size = cache.cache_size(root) if root.exists() else 0
     print(f"Cache: {root} ({size / 1e6:.1f} MB)")
+    snapshots = sorted((root / "snapshots").glob("*/*/ready")) if root.exists() else []
+    line = f"  clusters with built templates (local servers start from them): {len(snapshots)}"
+    if snapshots:
+        newest = max(path.stat().st_mtime for path in snapshots)
+        line += f", last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(newest))}"
+    print(line)
     print(f"Runtime directory: {settings.runtime_dir or runs.default_runtime_base()}")
     leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True)
     print("Leftover servers (killed runs, or kept for failed tests): " + ("none" if not leftovers else ""))
