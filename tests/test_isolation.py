@@ -55,6 +55,13 @@ def test_transaction_isolation_rolls_back_and_keeps_commits_inside(project: pyte
         def test_2_previous_write_is_gone(pg_conn, pg):
             assert count(pg_conn) == 2
             assert pg.connect() is pg_conn
+            from pgsandbox.errors import PgSandboxError
+            try:
+                pg.connect(autocommit=True)
+            except PgSandboxError as error:
+                assert "returns the test's one connection and takes no options" in str(error)
+            else:
+                raise AssertionError("pg.connect(autocommit=True) was accepted in transaction isolation")
 
         def test_3_rollback_goes_back_to_the_last_commit(pg_conn):
             service_create(pg_conn, "cy")
