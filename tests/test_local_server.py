@@ -154,3 +154,17 @@ def test_server_runs_as_an_unprivileged_account(start_local: StartLocal) -> None
     assert owner != 0
     if os.geteuid() != 0:
         assert owner == os.geteuid()
+
+
+@pytest.mark.parametrize("version", [None, "16", "15"])
+def test_the_password_verifier_is_cheap_on_every_version(start_local: StartLocal, version: str | None) -> None:
+    """The run's password is stored with 16 SCRAM iterations whatever the server's default (4096 before 16)."""
+    from pgsandbox import find_installations
+
+    if version and not any(i.major == int(version) for i in find_installations().found):
+        pytest.skip(f"no PostgreSQL {version} on this machine")
+    server = start_local(version=version)
+    row = server.admin.execute("select rolpassword from pg_authid where rolname = current_user").fetchone()
+    assert row is not None and row[0].startswith("SCRAM-SHA-256$16:")
+    with server.connect() as conn:  # the verifier pgsandbox computed is one PostgreSQL accepts
+        assert conn.execute("select 1").fetchone() == (1,)

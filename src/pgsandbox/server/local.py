@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import base64
+import hashlib
+import hmac
 import os
 import secrets
 import shutil
@@ -193,10 +196,9 @@ class LocalServer(Server):
                 make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=port),
                 autocommit=True,
             )
-            verifier = admin.pgconn.encrypt_password(password.encode(), cache.SUPERUSER.encode(), b"scram-sha-256")
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(cache.SUPERUSER), sql.Literal(verifier.decode())
+                    sql.Identifier(cache.SUPERUSER), sql.Literal(scram_verifier(password))
                 )
             )
             version_num = admin.info.server_version
@@ -279,6 +281,26 @@ class LocalServer(Server):
         self._release_build_lock()
         shutil.rmtree(self.run.path, ignore_errors=True)
         cache.wait_for_cache_writes()
+
+
+def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
+    """A SCRAM-SHA-256 verifier as PostgreSQL stores it (RFC 5802, RFC 7677).
+
+    Computed here rather than by libpq, whose ``PQencryptPasswordConn`` uses 4096 iterations for servers
+    older than 16: the server uses whatever count the stored verifier has, so a local PostgreSQL 13-15
+    connects as fast as 16+ with ``scram_iterations`` (measured: 2 ms instead of 5 ms per connect). The
+    password is random ASCII, which SASLprep leaves as it is.
+    """
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    encode = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{encode(salt).decode()}"
+        f"${encode(stored_key).decode()}:{encode(server_key).decode()}"
+    )
 
 
 def _tcp_address(settings: Settings) -> tuple[str, int] | None:
