@@ -11,6 +11,7 @@ with Sandbox.start(Settings(migrations=("sql:migrations",))) as sandbox:
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,9 @@ class Database:
     @property
     def connection(self) -> psycopg.Connection[Any]:
         """The test's main psycopg connection (in ``transaction`` isolation, the one that is rolled back)."""
+        if self.isolation == "transaction":
+            assert self._connection is not None  # never replaced: a new connection would escape the rollback
+            return self._connection
         if self._connection is None or self._connection.closed:
             self._connection = self._open()
         return self._connection
@@ -328,8 +332,6 @@ class Sandbox:
             if isinstance(self.server, LocalServer):
                 path = self.server.run.path / "pgpass"
             else:
-                import tempfile
-
                 path = Path(tempfile.mkdtemp(prefix="pgsandbox-pgpass-")) / "pgpass"
             fields = [str(params.get("port") or 5432), str(params["user"]), str(params.get("password") or "")]
             escaped = [value.replace("\\", "\\\\").replace(":", "\\:") for value in fields]
