@@ -360,20 +360,25 @@ def run_psql(command: str, sql: str) -> str:
 
 def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: LocalServer, shared_dsn: str) -> None:
     result = run(project, shared_dsn, FAILING, "--pg-keep-failed")
-    result.assert_outcomes(passed=1, failed=2)
-    output = result.stdout.str()
-    assert str(shared.params["password"]) not in output
-    result.stdout.fnmatch_lines(["*- pgsandbox: kept database -*", "*the database of this test is kept as *failed1*"])
-    commands = psql_commands(output)
-    assert len(commands) == 4  # two in the failure sections, two in the summary
-    if shutil.which("psql") is None and "/" not in commands[0].split(" ")[1]:
-        pytest.skip("no psql here to open the kept database with")
-    first, second = commands[0], commands[1]
-    assert run_psql(first, "select string_agg(name, ',' order by name) from users") == "ada,after-commit,bob,evidence"
-    assert run_psql(second, "select string_agg(name, ',' order by name) from users") == "ada,bob,evidence2"
-    kept = [row[0] for row in shared.admin.execute("select datname from pg_database where datname like '%failed%'")]
-    for name in kept:
-        shared.admin.execute(f'drop database "{name}" with (force)')
+    commands = psql_commands(result.stdout.str())
+    kept = {match.group(1) for command in commands if (match := re.search(r"dbname=(\S+)'", command))}
+    try:
+        result.assert_outcomes(passed=1, failed=2)
+        assert str(shared.params["password"]) not in result.stdout.str()
+        result.stdout.fnmatch_lines(
+            ["*- pgsandbox: kept database -*", "*the database of this test is kept as *failed1*"]
+        )
+        assert len(commands) == 4 and len(kept) == 2  # two in the failure sections, the same two in the summary
+        if shutil.which("psql") is None and "/" not in commands[0].split(" ")[1]:
+            pytest.skip("no psql here to open the kept database with")
+        first, second = commands[0], commands[1]
+        assert (
+            run_psql(first, "select string_agg(name, ',' order by name) from users") == "ada,after-commit,bob,evidence"
+        )
+        assert run_psql(second, "select string_agg(name, ',' order by name) from users") == "ada,bob,evidence2"
+    finally:
+        for name in kept:  # the user's job after a kept run: pgsandbox leaves them on the server
+            shared.admin.execute(f'drop database if exists "{name}" with (force)')
 
 
 def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest.Pytester) -> None:

@@ -467,3 +467,33 @@ def test_a_broken_migration_on_the_local_server_leaves_nothing_to_wait_for(pytes
     fixed = pytester.runpytest_subprocess("--pg-server=local", timeout=120)
     fixed.assert_outcomes(passed=1)
     fixed.stdout.fnmatch_lines(["*cache miss, built in*"])
+
+
+def test_the_template_line_comes_before_the_first_test(pytester: pytest.Pytester, shared_dsn: str) -> None:
+    write_project(
+        pytester,
+        'pg_migrations = ["sql:m"]\n',
+        {
+            "m/1.sql": f"create table t (x int) -- {pytester.path.name}",
+            "test_a.py": "import pytest\n\ndef test_a(pg): pass\n\n@pytest.mark.skip('later')\ndef test_b(pg): pass\n",
+        },
+    )
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(
+        ["collected 2 items", "pgsandbox: migrations template *: cache miss, built in * s", "", "test_a.py .s*"]
+    )
+    # only skipped tests: the sandbox started after collection is stopped at the end all the same
+    (pytester.path / "test_a.py").write_text("import pytest\n\n@pytest.mark.skip('later')\ndef test_b(pg): pass\n")
+    skipped = pytester.runpytest_subprocess(f"--pg-dsn={shared_dsn}")
+    skipped.assert_outcomes(skipped=1)
+    # and neither run left a database behind on the server, only templates
+    assert [name for name in shared_databases(shared_dsn) if not name.startswith("pgsandbox_tpl_")] == []
+    # collecting only starts nothing
+    collect = pytester.runpytest("--co", f"--pg-dsn={shared_dsn}")
+    assert "pgsandbox: migrations template" not in collect.stdout.str()
+
+
+def shared_databases(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [row[0] for row in conn.execute("select datname from pg_database where datname like 'pgsandbox\\_%'")]

@@ -29,6 +29,7 @@ KEPT_KEY = pytest.StashKey[list[str]]()
 DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
 KEEP_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
+EARLY_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -117,20 +118,41 @@ def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) ->
     return [CallableMigrator(f"hook:{name}", run, inputs, config.rootpath, sources)]
 
 
-def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
+def _start(config: pytest.Config) -> Sandbox:
     from pgsandbox.sandbox import Sandbox
     from pgsandbox.template import load_migrators
 
     options = settings(config)
     root = config.rootpath
+    migrations = load_migrators(options.migrations, options.migrations_inputs, root)
+    migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
+    seed = load_migrators(options.seed, options.migrations_inputs, root)
+    seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
+    return Sandbox.start(
+        options, migrations=migrations, seed=seed, root=root, project=root.name, progress=progress_writer(config)
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the sandbox right after collection when a collected test needs it, so that its lines (server,
+    templates: hit or miss, build time) come with the session's header, before the first test."""
+    config = session.config
+    if config.option.collectonly or not any("pg_sandbox" in getattr(i, "fixturenames", ()) for i in session.items):
+        return
     try:
-        migrations = load_migrators(options.migrations, options.migrations_inputs, root)
-        migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
-        seed = load_migrators(options.seed, options.migrations_inputs, root)
-        seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
-        sandbox = Sandbox.start(
-            options, migrations=migrations, seed=seed, root=root, project=root.name, progress=progress_writer(config)
-        )
+        config.stash[EARLY_KEY] = _start(config)
+    except PgSandboxError as error:
+        config.stash[EARLY_KEY] = error  # reported by the first test that needs the sandbox
+
+
+def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
+    """The session's sandbox: the one started after collection, or a new one."""
+    early = config.stash.get(EARLY_KEY, None)
+    try:
+        if isinstance(early, PgSandboxError):
+            raise early
+        sandbox = early or _start(config)
     except PgSandboxError as error:
         # once: the session stops after this test, instead of every test reporting the same error
         session.shouldstop = "pgsandbox could not set up the database (see the first error)"
@@ -142,6 +164,14 @@ def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
 def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
     config.stash[KEPT_KEY] = [sandbox.psql_command(name) for name in sandbox.kept]
     sandbox.stop()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own session teardown, where the fixture stops it normally
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A sandbox started after collection whose tests never ran (all skipped, or interrupted)."""
+    early = session.config.stash.get(EARLY_KEY, None)
+    if early is not None and not isinstance(early, PgSandboxError):
+        early.stop()
 
 
 @pytest.hookimpl(tryfirst=True)

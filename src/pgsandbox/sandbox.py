@@ -153,6 +153,7 @@ class Sandbox:
         self._kept: list[str] = []
         self._kept_counter = 0
         self._pgpass: Path | None = None
+        self._stopped = False
         self.stats: dict[str, float] = {"transaction": 0, "database": 0, "setup_s": 0.0, "teardown_s": 0.0}
 
     # -- start ----------------------------------------------------------------------------------------
@@ -364,7 +365,11 @@ class Sandbox:
 
     # -- stop -----------------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Drop what this session created (except kept databases) and stop or detach from the server."""
+        """Drop what this session created (except kept databases) and stop or detach from the server.
+        Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
         local = isinstance(self.server, LocalServer)
         try:
             if self._pool is not None:
