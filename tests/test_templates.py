@@ -497,3 +497,30 @@ def test_the_template_line_comes_before_the_first_test(pytester: pytest.Pytester
 def shared_databases(dsn: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
         return [row[0] for row in conn.execute("select datname from pg_database where datname like 'pgsandbox\\_%'")]
+
+
+def test_a_slow_first_clone_says_so(
+    pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pgsandbox.sandbox
+
+    monkeypatch.setattr(pgsandbox.sandbox, "SLOW_CLONE_SECONDS", 0.0)  # every first clone counts as slow
+    write_project(
+        pytester,
+        'pg_migrations = ["sql:m"]\n',
+        {
+            "m/1.sql": f"create table t (x int) -- {pytester.path.name}",
+            "test_a.py": "import pytest\n\ndef test_a(pg): pass\n\n"
+            "@pytest.mark.pg(isolation='database')\ndef test_b(pg): pass\n",
+        },
+    )
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "pgsandbox: cloned the session database from the template in * s (transaction isolation)",
+            "pgsandbox: cloned the first database of a test from the template in * s (database isolation)",
+        ],
+        consecutive=False,
+    )
+    assert "cloned" not in pytester.runpytest(f"--pg-dsn={shared_dsn}", "-q").stdout.str()

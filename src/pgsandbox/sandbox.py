@@ -36,6 +36,7 @@ from pgsandbox.urls import libpq_env, sqlalchemy_url
 
 Isolation = Literal["transaction", "database"]
 LEFTOVER_WAIT_SECONDS = 0.2
+SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
 __all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox"]
 
@@ -141,11 +142,13 @@ class Sandbox:
         templates: list[TemplateInfo],
         settings: Settings,
         snapshot_hit: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         self.server = server
         self.templates = templates
         self.settings = settings
         self.snapshot_hit = snapshot_hit
+        self.progress = progress
         self.template = templates[-1].name if templates else "template0"
         self.clone_clause = clone_clause(server, settings.clone_strategy)
         self._transaction: TransactionIsolation | None = None
@@ -214,7 +217,7 @@ class Sandbox:
                         )
                 if isinstance(server, LocalServer):
                     warm_relcache(server, templates[-1].name)
-            return cls(server, templates, settings, snapshot_hit)
+            return cls(server, templates, settings, snapshot_hit, progress)
         except BaseException:
             server.stop()
             raise
@@ -229,6 +232,7 @@ class Sandbox:
                 "use isolation='transaction' (rolled back, fastest) or isolation='database' (a clone per test).",
             )
         started = time.perf_counter()
+        first = (self._transaction if chosen == "transaction" else self._pool) is None
         if chosen == "transaction":
             if self._transaction is None:
                 self._transaction = TransactionIsolation(self.server, self.template, self.clone_clause)
@@ -245,8 +249,12 @@ class Sandbox:
                 clone.conn.execute("SELECT set_config('application_name', %s, false)", [app_name(test_id)])
                 clone.conn.autocommit = False
                 db._opened.append(clone.conn)
+        seconds = time.perf_counter() - started
+        if first and self.progress and seconds >= SLOW_CLONE_SECONDS:
+            what = "the session database" if chosen == "transaction" else "the first database of a test"
+            self.progress(f"cloned {what} from the template in {seconds:.2f} s ({chosen} isolation)")
         self.stats[chosen] += 1
-        self.stats["setup_s"] += time.perf_counter() - started
+        self.stats["setup_s"] += seconds
         return db
 
     def keep_name(self) -> str:
