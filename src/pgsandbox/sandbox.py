@@ -27,7 +27,7 @@ from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
 from pgsandbox.isolation.transaction import IsolationError, TransactionIsolation, app_name
 from pgsandbox.server import LocalServer, Server, start_server
-from pgsandbox.server.base import Progress
+from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import Migrator
@@ -141,13 +141,11 @@ class Sandbox:
         server: Server,
         templates: list[TemplateInfo],
         settings: Settings,
-        snapshot_hit: bool = False,
         progress: Progress | None = None,
     ) -> None:
         self.server = server
         self.templates = templates
         self.settings = settings
-        self.snapshot_hit = snapshot_hit
         self.progress = progress
         self.template = templates[-1].name if templates else "template0"
         self.clone_clause = clone_clause(server, settings.clone_strategy)
@@ -157,7 +155,6 @@ class Sandbox:
         self._kept_counter = 0
         self._pgpass: Path | None = None
         self._stopped = False
-        self.stats: dict[str, float] = {"transaction": 0, "database": 0, "setup_s": 0.0, "teardown_s": 0.0}
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -188,7 +185,6 @@ class Sandbox:
         server = start_server(settings, progress, snapshots=snapshots)
         try:
             templates: list[TemplateInfo] = []
-            snapshot_hit = False
             if chain is not None:
                 templates = ensure_templates(
                     server,
@@ -217,7 +213,7 @@ class Sandbox:
                         )
                 if isinstance(server, LocalServer):
                     warm_relcache(server, templates[-1].name)
-            return cls(server, templates, settings, snapshot_hit, progress)
+            return cls(server, templates, settings, progress)
         except BaseException:
             server.stop()
             raise
@@ -253,13 +249,12 @@ class Sandbox:
         if first and self.progress and seconds >= SLOW_CLONE_SECONDS:
             what = "the session database" if chosen == "transaction" else "the first database of a test"
             self.progress(f"cloned {what} from the template in {seconds:.2f} s ({chosen} isolation)")
-        self.stats[chosen] += 1
-        self.stats["setup_s"] += seconds
         return db
 
-    def keep_name(self) -> str:
-        """The name the next kept database will get (known before the test's teardown, for its report)."""
-        return self.server.database_name(f"failed{self._kept_counter + 1}")
+    def keep_name(self, number: int | None = None) -> str:
+        """The name a kept database of a ``transaction`` test gets; by default the next one's (known before
+        the test's teardown, for its report)."""
+        return self.server.database_name(f"failed{number or self._kept_counter + 1}")
 
     def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         """End a test: roll back or drop its database (or keep it). Returns findings worth a warning;
@@ -267,34 +262,24 @@ class Sandbox:
 
         ``next_test_id``: the next test, when it is known to use ``transaction`` isolation: its
         transaction is opened in the same round trip as this test's rollback."""
-        started = time.perf_counter()
-        try:
-            if db.isolation == "transaction":
-                assert self._transaction is not None
-                for conn in db._opened:
-                    with contextlib.suppress(psycopg.Error):
-                        conn.close()
-                keep_as = None
-                if keep:
-                    self._kept_counter += 1
-                    keep_as = self.server.database_name(f"failed{self._kept_counter}")
-                    self._kept.append(keep_as)
-                return self._transaction.end(db.test_id, keep_as, next_test_id)
-            assert self._pool is not None
-            ours = set()
-            for conn in db._opened:
-                with contextlib.suppress(psycopg.Error):
-                    if not conn.closed:
-                        ours.add(conn.info.backend_pid)
-                    conn.close()
-            findings = self._leftover_connections(db, ours)
-            if keep:
-                self._kept_counter += 1
-                self._kept.append(db.name)
-            self._pool.release(db.name, keep=keep)
-            return findings
-        finally:
-            self.stats["teardown_s"] += time.perf_counter() - started
+        kept_as = None
+        if keep:
+            self._kept_counter += 1
+            kept_as = db.name if db.isolation == "database" else self.keep_name(self._kept_counter)
+            self._kept.append(kept_as)
+        if db.isolation == "transaction":
+            assert self._transaction is not None
+            return self._transaction.end(db.test_id, kept_as, next_test_id)
+        assert self._pool is not None
+        ours = set()
+        for conn in db._opened:
+            with contextlib.suppress(psycopg.Error):
+                if not conn.closed:
+                    ours.add(conn.info.backend_pid)
+                conn.close()
+        findings = self._leftover_connections(db, ours)
+        self._pool.release(db.name, keep=keep)
+        return findings
 
     def _leftover_connections(self, db: Database, ours: set[int]) -> list[str]:
         row = self.server.admin.execute(
@@ -302,26 +287,12 @@ class Sandbox:
         ).fetchone()
         if not row or not row[0]:
             return []  # the common case, answered without reading pg_stat_activity (0.5 ms)
-        deadline = time.monotonic() + LEFTOVER_WAIT_SECONDS
-        while True:
-            rows = self.server.admin.execute(
-                "SELECT pid, application_name, state, left(query, 120) FROM pg_stat_activity "
-                "WHERE datname = %s AND backend_type = 'client backend' AND NOT (pid = ANY(%s))",
-                [db.name, list(ours)],
-            ).fetchall()
-            if not rows or time.monotonic() > deadline:
-                break
-            time.sleep(0.002)
-        if not rows:
+        left = connections_to(self.server.admin, db.name, ours, LEFTOVER_WAIT_SECONDS)
+        if not left:
             return []
-        self.server.admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [db.name]
-        )
-        described = "; ".join(
-            f"pid {pid}, application_name {app!r}, {state}: {query!r}" for pid, app, state, query in rows
-        )
+        terminate_connections(self.server.admin, db.name)
         return [
-            f"{db.test_id} left {len(rows)} connection(s) open to its database ({described}); "
+            f"{db.test_id} left {len(left)} connection(s) open to its database ({'; '.join(left)}); "
             "pgsandbox terminated them."
         ]
 

@@ -18,7 +18,6 @@ SAVEPOINT = "pgsandbox_test"
 
 class SandboxConnection(psycopg.Connection[Any]):
     _pgsandbox_active = False
-    _pgsandbox_close_calls = 0
 
     def commit(self) -> None:
         if not self._pgsandbox_active:
@@ -62,6 +61,5 @@ class SandboxConnection(psycopg.Connection[Any]):
 
     def close(self) -> None:
         if self._pgsandbox_active:
-            self._pgsandbox_close_calls += 1  # the session owns it: really closed when the session ends
-            return
+            return  # the session owns it: really closed when the session ends
         super().close()

@@ -9,7 +9,6 @@ what changed and the session database is cloned again from the template, so the 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ from psycopg import pq, sql
 
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
-from pgsandbox.server.base import Server
+from pgsandbox.server.base import Server, connections_to, terminate_connections
 
 LEFTOVER_WAIT_SECONDS = 0.2
 # After the rollback, in the same round trip: how many backends are on the session database (more than
@@ -158,7 +157,6 @@ class TransactionIsolation:
             # psycopg sends BEGIN first: the connection is not in autocommit
             conn.execute(self._begin + self._app_name(test_id))
         conn._pgsandbox_active = True
-        conn._pgsandbox_close_calls = 0
         return conn
 
     def _app_name(self, test_id: str) -> bytes:
@@ -185,7 +183,8 @@ class TransactionIsolation:
             self._connect()
         elif suspects or own_escape or sessions != self.sessions:
             self._unprepare()  # the checks below need the connection outside a transaction
-        others = self._other_connections() if suspects else []
+        assert self.dbname
+        others = connections_to(self.server.admin, self.dbname, self._ours(), LEFTOVER_WAIT_SECONDS) if suspects else []
         findings: list[str] = []
         if others:
             findings.append(
@@ -193,7 +192,7 @@ class TransactionIsolation:
                 f"({'; '.join(others)}); pgsandbox terminated them. In transaction mode only the test's own "
                 "connection is rolled back: use pg.connect() / pg_conn, or isolation='database'."
             )
-            self._terminate_others()
+            terminate_connections(self.server.admin, self.dbname, self._ours())
         other_sessions = bool(others) or (
             sessions is not None and self.sessions is not None and sessions > self.sessions
         )
@@ -249,28 +248,8 @@ class TransactionIsolation:
         self._snapshot_xmax = int(row[2])
         return replaced, bool(row[0]), row[1]
 
-    def _other_connections(self) -> list[str]:
-        assert self.conn is not None
-        ours = self.conn.info.backend_pid if not self.conn.closed else 0
-        deadline = time.monotonic() + LEFTOVER_WAIT_SECONDS
-        while True:
-            rows = self.server.admin.execute(
-                "SELECT pid, application_name, state, left(query, 120) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> %s AND backend_type = 'client backend'",
-                [self.dbname, ours],
-            ).fetchall()
-            # a connection closed a moment ago may still be exiting
-            if not rows or time.monotonic() > deadline:
-                break
-            time.sleep(0.002)
-        return [f"pid {pid}, application_name {app!r}, {state}: {query!r}" for pid, app, state, query in rows]
-
-    def _terminate_others(self) -> None:
-        assert self.conn is not None
-        self.server.admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
-            [self.dbname, self.conn.info.backend_pid],
-        )
+    def _ours(self) -> list[int]:
+        return [self.conn.info.backend_pid] if self.conn is not None and not self.conn.closed else []
 
     def _changes(self, fresh: str, since_xid: int) -> list[str]:
         """What differs between the session database and ``fresh``, a clone of the template."""

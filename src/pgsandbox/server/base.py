@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +19,46 @@ from pgsandbox.redact import redact
 
 Progress = Callable[[str], None]
 MAX_IDENTIFIER = 63
+
+
+def connections_to(
+    conn: psycopg.Connection[Any], dbname: str, exclude: Collection[int] = (), wait: float = 0.0
+) -> list[str]:
+    """Client connections to ``dbname`` other than ``conn``'s and ``exclude``, described for a message.
+
+    A connection its client closed a moment ago may still be exiting: with ``wait``, poll up to that many
+    seconds for such connections to go before reporting what is left.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        rows = conn.execute(
+            "SELECT pid, application_name, state, left(query, 120) FROM pg_stat_activity "
+            "WHERE datname = %s AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND NOT (pid = ANY(%s))",
+            [dbname, list(exclude)],
+        ).fetchall()
+        if not rows or time.monotonic() >= deadline:
+            return [f"pid {pid}, application_name {app!r}, {state}: {query!r}" for pid, app, state, query in rows]
+        time.sleep(0.002)
+
+
+def terminate_connections(
+    conn: psycopg.Connection[Any], dbname: str, exclude: Collection[int] = (), wait: float = 10.0
+) -> None:
+    """Terminate every connection to ``dbname`` but ``conn``'s and ``exclude``, and wait until they are gone
+    (``DROP DATABASE`` and ``CREATE DATABASE ... TEMPLATE`` otherwise wait or fail on exiting backends)."""
+    deadline = time.monotonic() + wait
+    delay = 0.001
+    while True:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
+            [dbname, list(exclude)],
+        ).fetchone()
+        if not row or not row[0] or time.monotonic() >= deadline:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
 def new_run_id() -> str:

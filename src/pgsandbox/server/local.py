@@ -261,25 +261,24 @@ class LocalServer(Server):
     def detach(self) -> None:
         """Leave the server running after this process exits (kept databases of failed tests); it is
         marked so that later runs do not reap it, and ``pgsandbox clean`` stops it."""
-        if self._stopped:
-            return
-        self._stopped = True
-        atexit.unregister(self.stop)
-        self._close_admin()
-        self._release_build_lock()
-        runs.mark_kept(self.run)
-        cache.wait_for_cache_writes()
+        self._end(keep_running=True)
 
     def stop(self) -> None:
         """Fast shutdown, then remove the run directory. Safe to call twice."""
+        self._end(keep_running=False)
+
+    def _end(self, keep_running: bool) -> None:
         if self._stopped:
             return
         self._stopped = True
         atexit.unregister(self.stop)
         self._close_admin()
-        self._shutdown()
+        if keep_running:
+            runs.mark_kept(self.run)
+        else:
+            self._shutdown()
+            shutil.rmtree(self.run.path, ignore_errors=True)
         self._release_build_lock()
-        shutil.rmtree(self.run.path, ignore_errors=True)
         cache.wait_for_cache_writes()
 
 

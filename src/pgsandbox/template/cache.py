@@ -23,13 +23,12 @@ from psycopg import sql
 
 import pgsandbox
 from pgsandbox.errors import ConfigError
-from pgsandbox.server.base import Progress, Server
+from pgsandbox.server.base import Progress, Server, terminate_connections
 from pgsandbox.template.base import Migrator, Target, fingerprint
 from pgsandbox.urls import sqlalchemy_url
 
 PREFIX = "pgsandbox_tpl_"
 LAYOUT = "1"  # bump when templates built by older versions must not be reused
-WAIT_GONE_SECONDS = 10.0
 NO_CLAUSE = sql.SQL("")
 
 
@@ -187,7 +186,7 @@ def _build(
                 # frozen rows and fresh statistics, once, instead of hint-bit writes and guesses in every clone
                 conn.execute("VACUUM (FREEZE, ANALYZE)")
             server.connect(info.name).close()  # see warm_relcache
-            disconnect_all(server, info.name)
+            terminate_connections(server.admin, info.name)
             server.admin.execute(
                 sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(name)
             )
@@ -210,7 +209,7 @@ def warm_relcache(server: Server, name: str) -> None:
     server.admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
     try:
         server.connect(name).close()
-        disconnect_all(server, name)
+        terminate_connections(server.admin, name)
     finally:
         server.admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(ident))
 
@@ -228,23 +227,6 @@ def _require_unused(server: Server, info: TemplateInfo) -> None:
             f"cannot rebuild the {info.layer} template {info.name}: {row[0]} other session(s) are using it.",
             "let them finish (or stop them), then run with --pg-rebuild again.",
         )
-
-
-def disconnect_all(server: Server, dbname: str) -> None:
-    """Terminate every connection to ``dbname`` and wait until they are gone."""
-    admin = server.admin
-    deadline = time.monotonic() + WAIT_GONE_SECONDS
-    delay = 0.001
-    while True:
-        row = admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            [dbname],
-        ).fetchone()
-        if not row or not row[0] or time.monotonic() > deadline:
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def drop_template(server: Server, name: str) -> None:
