@@ -14,10 +14,17 @@ from pgsandbox import LocalServer, Settings
 pytest_plugins = ["pytester"]
 
 # pytester's in-process runs forget the modules a run imported; SQLAlchemy breaks when imported a second
-# time in one process, so import it (and Alembic) here, once, before any run.
+# time in one process and C extensions (psycopg2, asyncpg) crash, so import them here, once, before any run.
 with contextlib.suppress(ImportError):
     import alembic.command  # noqa: F401
     import sqlalchemy  # noqa: F401
+    import sqlalchemy.ext.asyncio  # noqa: F401
+
+    import pgsandbox.drivers.sqlalchemy  # noqa: F401
+with contextlib.suppress(ImportError):
+    import pgsandbox.drivers.asyncpg  # noqa: F401
+with contextlib.suppress(ImportError):
+    import pgsandbox.drivers.psycopg2  # noqa: F401
 
 _CACHE: list[str] = []
 

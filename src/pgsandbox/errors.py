@@ -40,3 +40,7 @@ class UnsupportedVersion(PgSandboxError):
 
 class PgSandboxWarning(UserWarning):
     """Something pgsandbox worked around or found; the run goes on."""
+
+
+class MissingExtra(PgSandboxError):
+    """A fixture or migrator needs a library that is not installed."""

@@ -1,9 +1,12 @@
-"""The fixtures: ``pg_sandbox`` and ``pg_server`` for the session, ``pg`` and ``pg_conn`` per test."""
+"""The fixtures: ``pg_sandbox`` and ``pg_server`` for the session; per test ``pg``, ``pg_conn`` and one
+fixture per client library (adapters in :mod:`pgsandbox.drivers`, imported when their fixture is used)."""
 
 from __future__ import annotations
 
+import importlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -12,11 +15,19 @@ from pgsandbox.errors import PgSandboxError
 
 if TYPE_CHECKING:
     import psycopg
+    from sqlalchemy import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.orm import Session
 
     from pgsandbox.sandbox import Database, Sandbox
     from pgsandbox.server import Server
 
-MARKER_OPTIONS = ("isolation", "keep_failed")
+try:
+    import pytest_asyncio
+except ImportError:  # the async fixtures then say which extra to install
+    pytest_asyncio = None  # type: ignore[assignment]
+
+MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver")
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +64,164 @@ def pg_conn(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> psycopg.Conn
     """A psycopg 3 connection inside the test's isolation (``commit()`` becomes a savepoint in
     ``transaction`` isolation)."""
     return sandbox_database(request, pg_sandbox).connection
+
+
+@pytest.fixture
+def pg_psycopg2(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Any]:
+    """A psycopg2 connection inside the test's isolation (extra ``[psycopg2]``): in ``transaction``
+    isolation its own transaction on the session database, ``commit()`` moving a savepoint."""
+    driver = load_driver("psycopg2")
+    db = sandbox_database(request, pg_sandbox)
+    conn = driver.connect(db)
+    try:
+        yield conn
+    finally:
+        driver.close(db, conn)
+
+
+@pytest.fixture
+def pg_engine(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Engine]:
+    """A SQLAlchemy engine on the test's database (extra ``[sqlalchemy]``). In ``transaction`` isolation
+    its one connection is the test's (``pg_conn``'s) and commits through it move a savepoint."""
+    driver = load_driver("sqlalchemy")
+    db = sandbox_database(request, pg_sandbox)
+    engine = driver.engine(db)
+    try:
+        yield engine
+    finally:
+        driver.dispose(db, engine)
+
+
+@pytest.fixture
+def pg_session(request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_engine: Engine) -> Iterator[Session]:
+    """A SQLAlchemy ``Session`` on ``pg_engine``. In ``transaction`` isolation it is joined to the test's
+    transaction (``join_transaction_mode="create_savepoint"``): ``session.commit()`` releases a savepoint."""
+    from pgsandbox import factoryboy
+
+    driver = load_driver("sqlalchemy")
+    db = sandbox_database(request, pg_sandbox)
+    with driver.session(db, pg_engine) as session, factoryboy.using(session):
+        yield session
+
+
+def load_driver(name: str) -> ModuleType:
+    """``pgsandbox.drivers.<name>``; a missing library fails the test with the extra to install."""
+    try:
+        return importlib.import_module(f"pgsandbox.drivers.{name}")
+    except PgSandboxError as error:
+        pytest.fail(f"pgsandbox: {error}", pytrace=False)
+
+
+def async_driver_name(request: pytest.FixtureRequest, sandbox: Sandbox) -> str:
+    from pgsandbox.settings import ASYNC_DRIVERS
+
+    driver = str(marker_options(request.node).get("async_driver", sandbox.settings.async_driver))
+    if driver not in ASYNC_DRIVERS:
+        pytest.fail(
+            f"pgsandbox: @pytest.mark.pg(async_driver={driver!r}) is not one of {', '.join(ASYNC_DRIVERS)}.",
+            pytrace=False,
+        )
+    return driver
+
+
+async def async_connection(db: Database, driver: str) -> tuple[Any, bool]:
+    """The test's async connection of ``driver`` (shared by ``pg_asyncpg``/``pg_aconn`` and the async
+    SQLAlchemy fixtures), and whether this call opened it (then it closes it)."""
+    conn = db.drivers.get(driver)
+    if conn is not None:
+        return conn, False
+    module = load_driver("asyncpg" if driver == "asyncpg" else "psycopg_async")
+    conn = await module.connect(db)
+    db.drivers[driver] = conn
+    return conn, True
+
+
+async def close_async_connection(db: Database, driver: str, conn: Any) -> None:
+    db.drivers.pop(driver, None)
+    await load_driver("asyncpg" if driver == "asyncpg" else "psycopg_async").close(db, conn)
+
+
+if pytest_asyncio is not None:
+
+    @pytest_asyncio.fixture
+    async def pg_aconn(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[Any]:
+        """A psycopg 3 ``AsyncConnection`` inside the test's isolation (needs pytest-asyncio)."""
+        db = sandbox_database(request, pg_sandbox)
+        conn, owner = await async_connection(db, "psycopg")
+        try:
+            yield conn
+        finally:
+            if owner:
+                await close_async_connection(db, "psycopg", conn)
+
+    @pytest_asyncio.fixture
+    async def pg_asyncpg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[Any]:
+        """An asyncpg connection inside the test's isolation (extra ``[asyncpg]``): its ``transaction()``
+        blocks are savepoints inside the test's transaction."""
+        load_driver("asyncpg")
+        db = sandbox_database(request, pg_sandbox)
+        conn, owner = await async_connection(db, "asyncpg")
+        try:
+            yield conn
+        finally:
+            if owner:
+                await close_async_connection(db, "asyncpg", conn)
+
+    @pytest_asyncio.fixture
+    async def pg_async_engine(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[AsyncEngine]:
+        """A SQLAlchemy ``AsyncEngine`` on the test's database; its driver is ``pg_async_driver`` (asyncpg
+        or psycopg). In ``transaction`` isolation its one connection is the test's ``pg_asyncpg``/``pg_aconn``."""
+        driver_name = async_driver_name(request, pg_sandbox)
+        driver = load_driver("sqlalchemy")
+        try:
+            driver.check_async_driver(driver_name)
+        except PgSandboxError as error:
+            pytest.fail(f"pgsandbox: {error}", pytrace=False)
+        db = sandbox_database(request, pg_sandbox)
+        conn, owner = (None, False)
+        if db.isolation == "transaction":
+            conn, owner = await async_connection(db, driver_name)
+        try:
+            engine = await driver.async_engine(db, driver_name, conn)
+            try:
+                yield engine
+            finally:
+                await driver.async_dispose(db, engine)
+        finally:
+            if owner:
+                await close_async_connection(db, driver_name, conn)
+
+    @pytest_asyncio.fixture
+    async def pg_async_session(
+        request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_async_engine: AsyncEngine
+    ) -> AsyncIterator[AsyncSession]:
+        """A SQLAlchemy ``AsyncSession`` on ``pg_async_engine``, joined to the test's transaction like
+        ``pg_session``."""
+        from pgsandbox import factoryboy
+
+        driver = load_driver("sqlalchemy")
+        db = sandbox_database(request, pg_sandbox)
+        async with driver.async_session(db, pg_async_engine) as session:
+            with factoryboy.using_async(session):
+                yield session
+
+else:
+
+    def _needs_pytest_asyncio(fixture: str, extra: str) -> Any:
+        def missing() -> None:
+            pytest.fail(
+                f"pgsandbox: {fixture} is an async fixture and needs pytest-asyncio, which is not installed.\n"
+                f"  What to do: pip install 'pytest-pgsandbox[{extra}]'.",
+                pytrace=False,
+            )
+
+        missing.__name__ = fixture
+        return pytest.fixture(name=fixture)(missing)
+
+    pg_aconn = _needs_pytest_asyncio("pg_aconn", "asyncio")
+    pg_asyncpg = _needs_pytest_asyncio("pg_asyncpg", "asyncpg")
+    pg_async_engine = _needs_pytest_asyncio("pg_async_engine", "sqlalchemy,asyncpg")
+    pg_async_session = _needs_pytest_asyncio("pg_async_session", "sqlalchemy,asyncpg")
 
 
 def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Database:

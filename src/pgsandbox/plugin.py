@@ -203,6 +203,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     keep = marker_options(item).get("keep_failed", settings(item.config).keep_failed)
     if keep:
         item.stash[KEEP_KEY] = True
+        db.keep = True  # driver fixtures commit instead of rolling back, for the kept database
         name = db.name if db.isolation == "database" else sandbox.keep_name()
         report.sections.append(
             (

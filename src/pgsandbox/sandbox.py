@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
-from pgsandbox.isolation.transaction import IsolationError, TransactionIsolation, app_name
+from pgsandbox.isolation.transaction import Guests, IsolationError, TransactionIsolation, app_name, guest_begin
 from pgsandbox.server import LocalServer, Server, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.settings import ISOLATIONS, Settings
@@ -60,6 +60,9 @@ class Database:
     server: Server = field(repr=False)
     _connection: psycopg.Connection[Any] | None = field(default=None, repr=False)
     _opened: list[psycopg.Connection[Any]] = field(default_factory=list, repr=False)
+    keep: bool = False  # keep this database after the test (a failed test under keep-failed)
+    guests: Guests = field(default_factory=Guests, repr=False)
+    drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
 
     @property
     def dsn(self) -> str:
@@ -128,6 +131,30 @@ class Database:
         with self.connection.cursor() as cursor:
             row = cursor.execute(query, params).fetchone()
             return row[0] if row else None
+
+    # -- for driver adapters: connections of other client libraries ------------------------------------
+    @property
+    def params(self) -> dict[str, Any]:
+        """Connection parameters (libpq keywords: host, port, user, password, dbname, ssl...)."""
+        return {**self.server.params, "dbname": self.name}
+
+    @property
+    def application_name(self) -> str:
+        return app_name(self.test_id)
+
+    def joined(self, pid: int) -> None:
+        """A driver connected to this database for the test (backend ``pid``): it is not a leak."""
+        self.guests.joined(pid)
+
+    @property
+    def guest_begin(self) -> str:
+        """SQL a driver's connection runs in its new transaction (``transaction`` isolation): the savepoint
+        that its ``commit()``s move and whose loss at the end reveals a raw ``COMMIT``."""
+        return guest_begin(self.test_id)
+
+    def guest_escaped(self, label: str) -> None:
+        """A driver found its transaction replaced by a raw COMMIT: the test's writes may have escaped."""
+        self.guests.escaped.append(label)
 
     def __repr__(self) -> str:
         return f"<Database {self.name} ({self.isolation}) for {self.test_id}>"
@@ -263,15 +290,16 @@ class Sandbox:
         ``next_test_id``: the next test, when it is known to use ``transaction`` isolation: its
         transaction is opened in the same round trip as this test's rollback."""
         kept_as = None
+        keep = keep or db.keep
         if keep:
             self._kept_counter += 1
             kept_as = db.name if db.isolation == "database" else self.keep_name(self._kept_counter)
             self._kept.append(kept_as)
         if db.isolation == "transaction":
             assert self._transaction is not None
-            return self._transaction.end(db.test_id, kept_as, next_test_id)
+            return self._transaction.end(db.test_id, kept_as, next_test_id, db.guests)
         assert self._pool is not None
-        ours = set()
+        ours = set(db.guests.pids)
         for conn in db._opened:
             with contextlib.suppress(psycopg.Error):
                 if not conn.closed:

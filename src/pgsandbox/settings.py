@@ -101,6 +101,7 @@ def _count(value: str) -> int:
 
 
 ISOLATIONS = ("transaction", "database")
+ASYNC_DRIVERS = ("asyncpg", "psycopg")
 CLONE_STRATEGIES = ("auto", "file_copy", "wal_log")
 
 
@@ -159,6 +160,11 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*CLONE_STRATEGIES),
     ),
     Option("templates_keep", "how many templates per project to keep on the server (default 3)", parse=_count),
+    Option(
+        "async_driver",
+        "driver of pg_async_engine/pg_async_session: asyncpg (default) or psycopg",
+        parse=_choice(*ASYNC_DRIVERS),
+    ),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -185,6 +191,7 @@ class Settings:
     keep_failed: bool = False
     clone_strategy: Literal["auto", "file_copy", "wal_log"] = "auto"
     templates_keep: int = 3
+    async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

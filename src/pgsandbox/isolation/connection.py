@@ -1,4 +1,4 @@
-"""A psycopg connection that keeps a test's work inside the test's transaction.
+"""psycopg connections that keep a test's work inside the test's transaction (sync and async, in step).
 
 While a test runs, ``commit()`` and ``rollback()`` act on a savepoint (``commit()`` keeps the work,
 ``rollback()`` undoes it back to the last ``commit()``) and ``close()`` is deferred to the end of the test,
@@ -14,35 +14,46 @@ import psycopg
 from psycopg import pq
 
 SAVEPOINT = "pgsandbox_test"
+COMMIT = f"RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}"
+ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}"
+
+AUTOCOMMIT_REFUSED = (
+    "pgsandbox: this connection runs inside the test's transaction (transaction isolation), so it cannot switch "
+    "to autocommit. Mark the test @pytest.mark.pg(isolation='database') to give it a database of its own."
+)
+IN_TRANSACTION_BLOCK = {
+    "commit": "Explicit commit() forbidden within a Transaction context. "
+    "(Transaction will be automatically committed on successful exit from context.)",
+    "rollback": "Explicit rollback() forbidden within a Transaction context. "
+    "(Either raise Rollback() or allow an exception to propagate out of the context.)",
+}
+
+
+def _savepoint_for(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], action: str) -> str:
+    """The statement that stands in for ``commit()``/``rollback()`` while the test runs."""
+    if conn._num_transactions:
+        raise psycopg.ProgrammingError(IN_TRANSACTION_BLOCK[action])
+    # like COMMIT of a failed transaction: everything since the last commit is rolled back
+    if action == "rollback" or conn.info.transaction_status == pq.TransactionStatus.INERROR:
+        return ROLLBACK
+    return COMMIT
 
 
 class SandboxConnection(psycopg.Connection[Any]):
     _pgsandbox_active = False
+    _pgsandbox_quiet_rollback = False  # while a client library sets itself up (its rollback would lose work)
 
     def commit(self) -> None:
         if not self._pgsandbox_active:
             return super().commit()
-        if self._num_transactions:
-            raise psycopg.ProgrammingError(
-                "Explicit commit() forbidden within a Transaction context. "
-                "(Transaction will be automatically committed on successful exit from context.)"
-            )
-        if self.info.transaction_status == pq.TransactionStatus.INERROR:
-            # like COMMIT of a failed transaction: everything since the last commit is rolled back
-            self.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
-        else:
-            self.execute(f"RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}")
+        self.execute(_savepoint_for(self, "commit"))
         return None
 
     def rollback(self) -> None:
         if not self._pgsandbox_active:
             return super().rollback()
-        if self._num_transactions:
-            raise psycopg.ProgrammingError(
-                "Explicit rollback() forbidden within a Transaction context. "
-                "(Either raise Rollback() or allow an exception to propagate out of the context.)"
-            )
-        self.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+        if not self._pgsandbox_quiet_rollback:
+            self.execute(_savepoint_for(self, "rollback"))
         return None
 
     @property
@@ -52,14 +63,38 @@ class SandboxConnection(psycopg.Connection[Any]):
     @autocommit.setter
     def autocommit(self, value: bool) -> None:
         if value and self._pgsandbox_active:
-            raise psycopg.ProgrammingError(
-                "pgsandbox: this connection runs inside the test's transaction (transaction isolation), so it "
-                "cannot switch to autocommit. Mark the test @pytest.mark.pg(isolation='database') to give it a "
-                "database of its own."
-            )
+            raise psycopg.ProgrammingError(AUTOCOMMIT_REFUSED)
         psycopg.Connection.autocommit.fset(self, value)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         if self._pgsandbox_active:
             return  # the session owns it: really closed when the session ends
         super().close()
+
+
+class AsyncSandboxConnection(psycopg.AsyncConnection[Any]):
+    _pgsandbox_active = False
+    _pgsandbox_quiet_rollback = False
+
+    async def commit(self) -> None:
+        if not self._pgsandbox_active:
+            return await super().commit()
+        await self.execute(_savepoint_for(self, "commit"))
+        return None
+
+    async def rollback(self) -> None:
+        if not self._pgsandbox_active:
+            return await super().rollback()
+        if not self._pgsandbox_quiet_rollback:
+            await self.execute(_savepoint_for(self, "rollback"))
+        return None
+
+    async def set_autocommit(self, value: bool) -> None:
+        if value and self._pgsandbox_active:
+            raise psycopg.ProgrammingError(AUTOCOMMIT_REFUSED)
+        await super().set_autocommit(value)
+
+    async def close(self) -> None:
+        if self._pgsandbox_active:
+            return  # pgsandbox closes it at the end of the test
+        await super().close()

@@ -32,6 +32,33 @@ CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - 1, NULL::bigint, " + _XMA
 ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
 
 
+@dataclass
+class Guests:
+    """Connections that driver fixtures (psycopg2, asyncpg, async psycopg...) opened on the session database
+    for one test, each in a transaction of its own that they rolled back: not "others" to warn about."""
+
+    pids: set[int] = field(default_factory=set)
+    connects: int = 0  # each one moves the database's session counter
+    escaped: list[str] = field(default_factory=list)  # those whose transaction a COMMIT replaced
+
+    def joined(self, pid: int) -> None:
+        self.pids.add(pid)
+        self.connects += 1
+
+
+def literal(text: str) -> str:
+    """A string literal (standard_conforming_strings is on in every supported version)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def guest_begin(test_id: str) -> str:
+    """What a driver's connection runs inside its new transaction: the savepoint its commits move."""
+    return f"SAVEPOINT {SAVEPOINT}; SET application_name = {literal(app_name(test_id))}"
+
+
+GUEST_ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK"  # fails if a COMMIT replaced the transaction
+
+
 class IsolationError(PgSandboxError):
     """A test broke its isolation (a commit escaped the rollback); the database was restored."""
 
@@ -164,39 +191,52 @@ class TransactionIsolation:
         escaped = pq.Escaping(self.conn.pgconn).escape_literal(app_name(test_id).encode())
         return bytes(escaped)
 
-    def end(self, test_id: str, keep_as: str | None = None, next_test_id: str | None = None) -> list[str]:
+    def end(
+        self,
+        test_id: str,
+        keep_as: str | None = None,
+        next_test_id: str | None = None,
+        guests: Guests | None = None,
+    ) -> list[str]:
         """Roll the test back and check what escaped. Returns findings to warn about; raises
         :class:`IsolationError` (after restoring the database) when committed writes escaped.
 
         ``next_test_id``: the test that runs next, if it is known to use this isolation. Its transaction
-        is then opened in the same round trip as this rollback, and its :meth:`begin` costs none."""
+        is then opened in the same round trip as this rollback, and its :meth:`begin` costs none.
+        ``guests``: the driver connections the test used, already rolled back (or committed, to keep)."""
         conn = self.conn
         assert conn is not None and self.dbname
         conn._pgsandbox_active = False
+        guests = guests or Guests()
         if keep_as is not None:
             self._keep(conn, keep_as)
             return []
         started_xmax = self._snapshot_xmax  # the next transaction id when this test began
         own_escape, suspects, sessions = self._rollback(conn, next_test_id)
+        expected_sessions = None if self.sessions is None else self.sessions + guests.connects
+        more_sessions = sessions is not None and expected_sessions is not None and sessions > expected_sessions
         if conn.broken or conn.closed:
             self._close()
             self._connect()
-        elif suspects or own_escape or sessions != self.sessions:
+        else:
+            # a guest's session may reach the statistics only when its backend exits: count it now
+            self.sessions = expected_sessions
+        if suspects or own_escape or guests.escaped or more_sessions:
             self._unprepare()  # the checks below need the connection outside a transaction
         assert self.dbname
-        others = connections_to(self.server.admin, self.dbname, self._ours(), LEFTOVER_WAIT_SECONDS) if suspects else []
+        ours = [*self._ours(), *guests.pids]
+        others = connections_to(self.server.admin, self.dbname, ours, LEFTOVER_WAIT_SECONDS) if suspects else []
         findings: list[str] = []
         if others:
             findings.append(
                 f"{test_id} left {len(others)} other connection(s) open to the session database "
-                f"({'; '.join(others)}); pgsandbox terminated them. In transaction mode only the test's own "
-                "connection is rolled back: use pg.connect() / pg_conn, or isolation='database'."
+                f"({'; '.join(others)}); pgsandbox terminated them. In transaction mode only the connections "
+                "pgsandbox gives (pg, pg_conn, pg_session, pg_asyncpg...) are rolled back: use those, or "
+                "isolation='database'."
             )
-            terminate_connections(self.server.admin, self.dbname, self._ours())
-        other_sessions = bool(others) or (
-            sessions is not None and self.sessions is not None and sessions > self.sessions
-        )
-        if not (own_escape or other_sessions):
+            terminate_connections(self.server.admin, self.dbname, ours)
+        other_sessions = bool(others) or more_sessions
+        if not (own_escape or guests.escaped or other_sessions):
             return findings
         # Something may have escaped: compare with a fresh clone of the template, which replaces the
         # session database if anything did.
@@ -209,6 +249,10 @@ class TransactionIsolation:
         causes = []
         if own_escape:
             causes.append("its transaction was ended by a COMMIT (or END) statement run on the test's connection")
+        causes.extend(
+            f"the transaction of its {label} connection was ended by a COMMIT (or END) statement"
+            for label in guests.escaped
+        )
         if other_sessions:
             causes.append("another connection to the session database committed")
         self._switch_to(fresh)
@@ -298,6 +342,7 @@ class TransactionIsolation:
             conn.execute("COMMIT")
         self._close()
         assert self.dbname
+        terminate_connections(self.server.admin, self.dbname)  # driver connections may still be exiting
         self.server.rename_database(self.dbname, keep_as)
         self._kept += 1
         self.dbname = self.server.create_database(

@@ -1,1 +1,0 @@
-CREATE INDEX CONCURRENTLY item_open ON item (id) WHERE NOT done;

@@ -1,0 +1,163 @@
+"""``pg_engine``/``pg_session`` and ``pg_async_engine``/``pg_async_session`` (extra ``[sqlalchemy]``).
+
+``transaction`` isolation: the engine's pool holds one connection, the test's (``StaticPool``): the sync
+engine runs on the connection of ``pg``/``pg_conn`` (so they all see each other's writes), the async engine
+on the test's ``pg_aconn`` or ``pg_asyncpg`` connection. Commits through the engine move the test's
+savepoint, and sessions follow SQLAlchemy's recipe for joining an external transaction
+(``join_transaction_mode="create_savepoint"``): ``session.commit()`` releases a savepoint.
+``database`` isolation: an ordinary engine on the test's own database, disposed after the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+from pgsandbox.drivers import require
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.orm import Session
+
+    from pgsandbox.sandbox import Database
+
+require("sqlalchemy", "sqlalchemy", "the SQLAlchemy fixtures (pg_engine, pg_session, pg_async_engine...)")
+
+from sqlalchemy import create_engine, event  # noqa: E402
+from sqlalchemy.orm import Session as _Session  # noqa: E402
+from sqlalchemy.pool import StaticPool  # noqa: E402
+
+ASYNC_DRIVERS = ("asyncpg", "psycopg")
+
+
+def _record_pids(engine: Engine, db: Database, pid: Any) -> None:
+    """Connections the engine opens are the test's own, not leaks to warn about."""
+
+    def connected(dbapi_connection: Any, record: Any) -> None:
+        db.joined(pid(dbapi_connection))
+
+    event.listen(engine, "connect", connected)
+
+
+# -- sync ----------------------------------------------------------------------------------------------------
+def engine(db: Database) -> Engine:
+    """The test's engine. In ``transaction`` isolation one engine per session connection, made once."""
+    if db.isolation == "database":
+        made = create_engine(db.url("psycopg"), connect_args={"application_name": db.application_name})
+        _record_pids(made, db, lambda c: c.info.backend_pid)
+        return made
+    conn: Any = db.connection
+    cached: Engine | None = conn.__dict__.get("_pgsandbox_engine")
+    if cached is None:
+        # no reset on return: closing a SQLAlchemy Connection already rolls its own transaction back
+        cached = create_engine(db.url("psycopg"), creator=lambda: conn, poolclass=StaticPool, pool_reset_on_return=None)
+        # SQLAlchemy rolls back after reading the server's settings on its first connection: that rollback
+        # would undo what the test's fixtures wrote so far
+        conn._pgsandbox_quiet_rollback = True
+        try:
+            with cached.connect():
+                pass
+        finally:
+            conn._pgsandbox_quiet_rollback = False
+        conn._pgsandbox_engine = cached
+    return cached
+
+
+def dispose(db: Database, made: Engine) -> None:
+    if db.isolation == "database":
+        made.dispose()
+
+
+@contextlib.contextmanager
+def session(db: Database, made: Engine) -> Iterator[Session]:
+    if db.isolation == "database":
+        with _Session(made) as plain:
+            yield plain
+        return
+    connection = made.connect()
+    outer = connection.begin()
+    joined = _Session(bind=connection, join_transaction_mode="create_savepoint")
+    try:
+        yield joined
+    finally:
+        try:
+            if db.keep:  # keep what the failed test wrote: commit the session's savepoint, then the test's
+                with contextlib.suppress(Exception):
+                    joined.commit()
+                outer.commit()
+            joined.close()
+            if outer.is_active:
+                outer.rollback()
+        finally:
+            connection.close()
+
+
+# -- asyncio ---------------------------------------------------------------------------------------------------
+def check_async_driver(driver: str) -> None:
+    if driver == "asyncpg":
+        require("asyncpg", "asyncpg", "pg_async_engine with pg_async_driver = asyncpg")
+    require("sqlalchemy.ext.asyncio", "sqlalchemy", "pg_async_engine")
+    require("greenlet", "sqlalchemy", "SQLAlchemy's asyncio extension (pg_async_engine)")
+
+
+async def async_engine(db: Database, driver: str, connection: Any | None) -> AsyncEngine:
+    """``connection``: in ``transaction`` isolation, the test's own async connection of that driver."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = db.url(driver)
+    if connection is None:
+        if driver == "asyncpg":
+            made = create_async_engine(url, connect_args={"server_settings": {"application_name": db.application_name}})
+            _record_pids(made.sync_engine, db, lambda c: c.driver_connection.get_server_pid())
+        else:
+            made = create_async_engine(url, connect_args={"application_name": db.application_name})
+            _record_pids(made.sync_engine, db, lambda c: c.driver_connection.info.backend_pid)
+        return made
+
+    async def handed() -> Any:
+        return connection
+
+    made = create_async_engine(url, async_creator=handed, poolclass=StaticPool, pool_reset_on_return=None)
+    quiet = hasattr(connection, "_pgsandbox_quiet_rollback")  # psycopg's: SQLAlchemy's first rollback is real
+    if quiet:
+        connection._pgsandbox_quiet_rollback = True
+    try:
+        async with made.connect():
+            pass
+    finally:
+        if quiet:
+            connection._pgsandbox_quiet_rollback = False
+    return made
+
+
+async def async_dispose(db: Database, made: AsyncEngine) -> None:
+    # transaction isolation: the connection is the test's, closed by its owner; only the pool goes
+    await made.dispose(close=db.isolation == "database")
+
+
+@contextlib.asynccontextmanager
+async def async_session(db: Database, made: AsyncEngine) -> AsyncIterator[AsyncSession]:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    if db.isolation == "database":
+        async with AsyncSession(made) as plain:
+            yield plain
+        return
+    connection = await made.connect()
+    outer = await connection.begin()
+    joined = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
+    try:
+        yield joined
+    finally:
+        try:
+            if db.keep:
+                with contextlib.suppress(Exception):
+                    await joined.commit()
+                await outer.commit()
+            await joined.close()
+            if outer.is_active:
+                await outer.rollback()
+        finally:
+            await connection.close()
