@@ -3,6 +3,7 @@ by the code under test stay inside the test's isolation, in both isolation modes
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 import pytest
@@ -158,11 +159,9 @@ ASYNC_SQLALCHEMY = """
 
 
 def driver_project(pytester: pytest.Pytester, ini: str = 'asyncio_mode = "auto"\n') -> None:
-    pytester.makefile(
-        ".toml",
-        pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n'
-        'asyncio_default_fixture_loop_scope = "function"\n' + ini,
-    )
+    if "asyncio_default_fixture_loop_scope" not in ini:
+        ini += 'asyncio_default_fixture_loop_scope = "function"\n'
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n' + ini)
     (pytester.path / "migrations").mkdir(exist_ok=True)
     (pytester.path / "migrations/1.sql").write_text(SCHEMA)
     for name, source in DRIVER_TESTS.items():
@@ -180,3 +179,159 @@ def test_every_fixture_isolates_and_keeps_commits_inside(
     driver_project(pytester)
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", f"--pg-isolation={isolation}", "-p", "no:randomly", "-W", "error::pgsandbox.errors.PgSandboxWarning")
     result.assert_outcomes(passed=18)
+
+
+ESCAPES = """
+    import pytest
+
+    def test_1_psycopg2_commits_for_real(pg_psycopg2):
+        cur = pg_psycopg2.cursor()
+        cur.execute("insert into items (name) values ('escaped'); COMMIT")
+
+    def test_2_is_clean(pg):
+        assert pg.fetchval("select count(*) from items") == 0
+
+    async def test_3_asyncpg_commits_for_real(pg_asyncpg):
+        await pg_asyncpg.execute("insert into items (name) values ('escaped'); COMMIT")
+
+    def test_4_is_clean(pg):
+        assert pg.fetchval("select count(*) from items") == 0
+
+    async def test_5_aconn_commits_for_real(pg_aconn):
+        await pg_aconn.execute("insert into items (name) values ('escaped')")
+        await pg_aconn.execute("COMMIT")
+
+    def test_6_is_clean(pg):
+        assert pg.fetchval("select count(*) from items") == 0
+
+    def test_7_autocommit_is_refused(pg_psycopg2):
+        with pytest.raises(Exception, match="cannot switch to autocommit"):
+            pg_psycopg2.autocommit = True
+        with pytest.raises(Exception, match="cannot switch to autocommit"):
+            pg_psycopg2.set_session(autocommit=True)
+
+    async def test_8_async_autocommit_is_refused(pg_aconn):
+        with pytest.raises(Exception, match="cannot switch to autocommit"):
+            await pg_aconn.set_autocommit(True)
+"""
+
+
+def test_a_raw_commit_on_a_driver_connection_is_reported_and_the_next_test_starts_clean(
+    pytester: pytest.Pytester, shared_dsn: str
+) -> None:
+    driver_project(pytester)
+    (pytester.path / "test_escapes.py").write_text(textwrap.dedent(ESCAPES))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_escapes.py")
+    result.assert_outcomes(passed=8, errors=3)
+    for label in ("psycopg2", "asyncpg", "async psycopg"):
+        result.stdout.fnmatch_lines(
+            [
+                f"*committed outside its transaction*the transaction of its {label} connection was ended by a "
+                "COMMIT (or END) statement*",
+            ]
+        )
+    result.stdout.fnmatch_lines(["*Changed: public.items (+1 rows, 1 rows written)*"])
+
+
+MISSING = {
+    "psycopg2": ("pg_psycopg2", "def test_it(pg_psycopg2):\n    pass\n", "psycopg2-binary", "psycopg2"),
+    "asyncpg": ("pg_asyncpg", "async def test_it(pg_asyncpg):\n    pass\n", "asyncpg", "asyncpg"),
+    "sqlalchemy": ("pg_session", "def test_it(pg_session):\n    pass\n", "sqlalchemy", "sqlalchemy"),
+}
+
+
+@pytest.mark.parametrize("library", sorted(MISSING))
+def test_a_fixture_without_its_library_names_the_extra(
+    pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch, library: str
+) -> None:
+    fixture, source, package, extra = MISSING[library]
+    driver_project(pytester)
+    monkeypatch.setitem(sys.modules, library, None)
+    monkeypatch.delitem(sys.modules, f"pgsandbox.drivers.{library}", raising=False)
+    (pytester.path / "test_missing.py").write_text(source)
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "test_missing.py")
+    result.assert_outcomes(errors=1)
+    output = result.stdout.str()
+    assert f"needs {package}, which is not installed." in output
+    assert fixture in output.split(f"needs {package}")[0].splitlines()[-1]
+    assert f"What to do: pip install 'pytest-pgsandbox[{extra}]'" in output
+
+
+def test_async_fixtures_without_pytest_asyncio_name_the_extra(
+    pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver_project(pytester, ini="")
+    (pytester.path / "test_missing.py").write_text("def test_it(pg_aconn):\n    pass\n")
+    # a fresh interpreter where pytest-asyncio cannot be imported, and only pgsandbox is loaded
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    blocked = "import sys; sys.modules['pytest_asyncio'] = None; import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+    result = pytester.run(
+        sys.executable, "-c", blocked, "-p", "pgsandbox.plugin", f"--pg-dsn={shared_dsn}", "test_missing.py"
+    )
+    result.assert_outcomes(errors=1)
+    output = result.stdout.str()
+    assert "pgsandbox: pg_aconn is an async fixture and needs pytest-asyncio, which is not installed." in output
+    assert "What to do: pip install 'pytest-pgsandbox[asyncio]'." in output
+
+
+LOOPS = """
+    import asyncio
+    import pytest
+
+    {mark}
+    async def test_1_write(pg_asyncpg, pg_aconn, pg_async_session):
+        await pg_asyncpg.execute("insert into items (name) values ('a')")
+        await pg_aconn.execute("insert into items (name) values ('b')")
+        LOOPS.append(asyncio.get_running_loop())
+
+    {mark}
+    async def test_2_clean(pg_asyncpg, pg_aconn):
+        assert await pg_asyncpg.fetchval("select count(*) from items") == 0
+        LOOPS.append(asyncio.get_running_loop())
+
+    {mark}
+    async def test_3_fails(pg_asyncpg):
+        await pg_asyncpg.execute("insert into items (name) values ('a')")
+        assert False, "on purpose"
+
+    {mark}
+    async def test_4_cancelled(pg_asyncpg):
+        asyncio.current_task().cancel()
+        await pg_asyncpg.execute("select pg_sleep(5)")
+
+    {mark}
+    async def test_5_nothing_left_open(pg):
+        same = "{scope}" == "session"
+        assert (LOOPS[0] is LOOPS[1]) is same
+        for _ in range(1000):  # a closed connection's server process exits a moment later
+            left = pg.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database() "
+                "and pid <> pg_backend_pid() and backend_type = 'client backend'"
+            )
+            if not left:
+                break
+            await asyncio.sleep(0.005)
+        assert left == 0
+        assert pg.fetchval("select count(*) from items") == 0
+
+    LOOPS = []
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "scope"), [("strict", "function"), ("strict", "session"), ("auto", "function"), ("auto", "session")]
+)
+def test_async_fixtures_in_strict_and_auto_mode_with_function_and_session_loops(
+    pytester: pytest.Pytester, shared_dsn: str, mode: str, scope: str
+) -> None:
+    driver_project(
+        pytester,
+        ini=f'asyncio_mode = "{mode}"\nasyncio_default_test_loop_scope = "{scope}"\n'
+        f'asyncio_default_fixture_loop_scope = "{scope}"\n',
+    )
+    mark = "@pytest.mark.asyncio" if mode == "strict" else ""
+    source = textwrap.dedent(LOOPS).replace("{mark}", mark).replace("{scope}", scope)
+    (pytester.path / "test_loops.py").write_text(source)
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_loops.py")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(["*test_3_fails*on purpose*"])

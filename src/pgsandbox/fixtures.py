@@ -7,7 +7,7 @@ import importlib
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -104,12 +104,17 @@ def pg_session(request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_engine: E
         yield session
 
 
+def fail(error: PgSandboxError) -> NoReturn:
+    """Fail the test with the error's message alone: no traceback, no "during handling" chain."""
+    raise pytest.fail.Exception(f"pgsandbox: {error}", pytrace=False) from None
+
+
 def load_driver(name: str) -> ModuleType:
     """``pgsandbox.drivers.<name>``; a missing library fails the test with the extra to install."""
     try:
         return importlib.import_module(f"pgsandbox.drivers.{name}")
     except PgSandboxError as error:
-        pytest.fail(f"pgsandbox: {error}", pytrace=False)
+        fail(error)
 
 
 def async_driver_name(request: pytest.FixtureRequest, sandbox: Sandbox) -> str:
@@ -176,7 +181,7 @@ if pytest_asyncio is not None:
         try:
             driver.check_async_driver(driver_name)
         except PgSandboxError as error:
-            pytest.fail(f"pgsandbox: {error}", pytrace=False)
+            fail(error)
         db = sandbox_database(request, pg_sandbox)
         conn, owner = (None, False)
         if db.isolation == "transaction":
@@ -209,6 +214,7 @@ else:
 
     def _needs_pytest_asyncio(fixture: str, extra: str) -> Any:
         def missing() -> None:
+            """Stands in for an async fixture when pytest-asyncio is missing: says which extra to install."""
             pytest.fail(
                 f"pgsandbox: {fixture} is an async fixture and needs pytest-asyncio, which is not installed.\n"
                 f"  What to do: pip install 'pytest-pgsandbox[{extra}]'.",
@@ -238,7 +244,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     try:
         db = sandbox.open(options.get("isolation"), node.nodeid)
     except PgSandboxError as error:
-        pytest.fail(f"pgsandbox: {error}", pytrace=False)
+        fail(error)
     node.stash[plugin.DATABASE_KEY] = db
 
     def close() -> None:
@@ -250,7 +256,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
                 next_test_id=plugin.next_transaction_test(node, sandbox),
             )
         except PgSandboxError as error:
-            pytest.fail(f"pgsandbox: {error}", pytrace=False)
+            fail(error)
         for finding in findings:
             warnings.warn(plugin.PgSandboxWarning(finding), stacklevel=1)
 

@@ -156,7 +156,7 @@ def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
     except PgSandboxError as error:
         # once: the session stops after this test, instead of every test reporting the same error
         session.shouldstop = "pgsandbox could not set up the database (see the first error)"
-        pytest.fail(f"pgsandbox: {error}", pytrace=False)
+        raise pytest.fail.Exception(f"pgsandbox: {error}", pytrace=False) from None
     config.stash[SANDBOX_KEY] = sandbox
     return sandbox
 
