@@ -17,12 +17,12 @@ pytest_plugins = ["pytester"]
 # time in one process and C extensions (psycopg2, asyncpg) crash, so import them here, once, before any run.
 with contextlib.suppress(ImportError):
     import alembic.command  # noqa: F401
-    import sqlalchemy  # noqa: F401
+    import sqlalchemy
     import sqlalchemy.ext.asyncio  # noqa: F401
 
-    import pgsandbox.drivers.sqlalchemy  # noqa: F401
+    import pgsandbox.drivers.sqlalchemy
 with contextlib.suppress(ImportError):
-    import pgsandbox.drivers.asyncpg  # noqa: F401
+    import pgsandbox.drivers.asyncpg
 with contextlib.suppress(ImportError):
     import pgsandbox.drivers.psycopg2  # noqa: F401
 

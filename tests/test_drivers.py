@@ -177,7 +177,14 @@ def test_every_fixture_isolates_and_keeps_commits_inside(
     pytester: pytest.Pytester, shared_dsn: str, isolation: str
 ) -> None:
     driver_project(pytester)
-    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", f"--pg-isolation={isolation}", "-p", "no:randomly", "-W", "error::pgsandbox.errors.PgSandboxWarning")
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}",
+        f"--pg-isolation={isolation}",
+        "-p",
+        "no:randomly",
+        "-W",
+        "error::pgsandbox.errors.PgSandboxWarning",
+    )
     result.assert_outcomes(passed=18)
 
 
