@@ -60,7 +60,7 @@ def connect_kwargs(db: Database) -> dict[str, Any]:
 
 async def connect(db: Database) -> Any:
     transaction = db.isolation == "transaction"
-    conn = await asyncpg.connect(
+    conn: Any = await asyncpg.connect(
         **connect_kwargs(db), connection_class=SandboxAsyncpgConnection if transaction else asyncpg.Connection
     )
     db.joined(conn.get_server_pid())

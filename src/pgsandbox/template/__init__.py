@@ -22,10 +22,12 @@ __all__ = [
 
 
 def load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> list[Migrator]:
-    """``sql:DIR`` (or a directory), ``alembic:PATH``, ``python:module:function`` → migrators, in order."""
+    """``sql:DIR`` (or a directory), ``alembic:PATH``, ``python:module:function``, ``sqlalchemy:module:metadata``
+    → migrators, in order."""
     from pgsandbox.template.alembic import AlembicMigrator
     from pgsandbox.template.python import PythonMigrator
     from pgsandbox.template.sql import SqlDirMigrator
+    from pgsandbox.template.sqlalchemy import SqlAlchemyMigrator
 
     migrators: list[Migrator] = []
     for spec in specs:
@@ -33,12 +35,16 @@ def load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> l
         if sep and kind == "python":
             migrators.append(PythonMigrator(rest, inputs, root))
             continue
+        if sep and kind == "sqlalchemy":
+            migrators.append(SqlAlchemyMigrator(rest, inputs, root))
+            continue
         if sep and kind in ("sql", "alembic"):
             path = Path(rest).expanduser()
         elif sep and len(kind) > 1:
             raise MigrationError(
                 f"pg_migrations entry {spec!r}: unknown kind {kind!r}.",
-                "use sql:DIR, alembic:PATH/alembic.ini or python:package.module:function.",
+                "use sql:DIR, alembic:PATH/alembic.ini, python:package.module:function "
+                "or sqlalchemy:package.module:metadata.",
             )
         else:
             kind, path = "", Path(spec).expanduser()
