@@ -3,10 +3,13 @@ by the code under test stay inside the test's isolation, in both isolation modes
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
 import pytest
+
+from pgsandbox import LocalServer
 
 SCHEMA = "create table items (id serial primary key, name text not null);\n"
 
@@ -342,3 +345,142 @@ def test_async_fixtures_in_strict_and_auto_mode_with_function_and_session_loops(
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_loops.py")
     result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(["*test_3_fails*on purpose*"])
+
+
+KEEP = """
+    from sqlalchemy import text
+
+    async def test_1_fails(pg_asyncpg, pg_psycopg2, pg_session):
+        await pg_asyncpg.execute("insert into items (name) values ('asyncpg')")
+        pg_psycopg2.cursor().execute("insert into items (name) values ('psycopg2')")
+        pg_session.execute(text("insert into items (name) values ('session')"))
+        pg_session.commit()
+        assert False, "on purpose"
+
+    def test_2_is_clean(pg):
+        assert pg.fetchval("select count(*) from items") == 0
+"""
+
+
+def test_keep_failed_keeps_what_every_driver_wrote(
+    pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str
+) -> None:
+    driver_project(pytester)
+    (pytester.path / "test_keep.py").write_text(textwrap.dedent(KEEP))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-keep-failed", "-p", "no:randomly", "test_keep.py")
+    kept = re.findall(r"the database of this test is kept as (\S+);", result.stdout.str())
+    try:
+        result.assert_outcomes(passed=1, failed=1)
+        assert len(kept) == 1
+        with shared.connect(kept[0], autocommit=True) as conn:
+            names = {row[0] for row in conn.execute("select name from items")}
+        assert names == {"asyncpg", "psycopg2", "session"}
+    finally:
+        for name in kept:
+            shared.admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+FACTORIES = """
+    import factory
+    import pytest
+    from pytest_factoryboy import register
+    from sqlalchemy import ForeignKey, func, select
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+    from pgsandbox.errors import PgSandboxError
+    from pgsandbox.factoryboy import create, create_batch, session
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Author(Base):
+        __tablename__ = "author"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str]
+
+    class Book(Base):
+        __tablename__ = "book"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        title: Mapped[str]
+        author_id: Mapped[int] = mapped_column(ForeignKey("author.id"))
+        author: Mapped[Author] = relationship()
+
+    class AuthorFactory(factory.alchemy.SQLAlchemyModelFactory):
+        class Meta:
+            model = Author
+            sqlalchemy_session_factory = session
+            sqlalchemy_session_persistence = "flush"
+
+        name = factory.Sequence(lambda n: f"author {n}")
+
+    class BookFactory(factory.alchemy.SQLAlchemyModelFactory):
+        class Meta:
+            model = Book
+            sqlalchemy_session_factory = session
+            sqlalchemy_session_persistence = "flush"
+
+        title = factory.Sequence(lambda n: f"book {n}")
+        author = factory.SubFactory(AuthorFactory)
+
+    register(AuthorFactory)
+    register(BookFactory)
+
+    def test_1_factories_write_through_the_session(pg_session, pg):
+        BookFactory.create_batch(3)
+        assert pg_session.scalar(select(func.count()).select_from(Author)) == 3
+        pg_session.commit()
+        assert pg.fetchval("select count(*) from book") == 3
+
+    def test_2_is_clean(pg):
+        assert pg.fetchval("select count(*) from book") + pg.fetchval("select count(*) from author") == 0
+
+    def test_3_pytest_factoryboy(pg_session, book):
+        assert book.id is not None and book.author.id is not None
+        assert pg_session.get(Book, book.id) is book
+
+    async def test_4_async(pg_async_session):
+        book = await create(BookFactory, title="async")
+        await create_batch(AuthorFactory, 2)
+        assert book.author.id is not None
+        assert await pg_async_session.scalar(select(func.count()).select_from(Author)) == 3
+        assert (await pg_async_session.get(Book, book.id)).title == "async"
+
+    def test_5_is_clean(pg):
+        assert pg.fetchval("select count(*) from book") + pg.fetchval("select count(*) from author") == 0
+
+    def test_6_without_a_session(pg):
+        with pytest.raises(PgSandboxError, match="this test has no pg_session"):
+            AuthorFactory()
+
+    async def test_7_sync_call_in_an_async_test(pg_async_session):
+        with pytest.raises(PgSandboxError, match="await pgsandbox.factoryboy.create"):
+            AuthorFactory()
+"""
+
+
+@pytest.mark.parametrize("isolation", ["transaction", "database"])
+def test_factory_boy_factories_use_the_tests_session(
+    pytester: pytest.Pytester, shared_dsn: str, isolation: str
+) -> None:
+    driver_project(pytester)
+    (pytester.path / "migrations/2.sql").write_text(
+        "create table author (id serial primary key, name text not null);\n"
+        "create table book (id serial primary key, title text not null, author_id int not null references author);\n"
+    )
+    (pytester.path / "test_factories.py").write_text(textwrap.dedent(FACTORIES))
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}", f"--pg-isolation={isolation}", "-p", "no:randomly", "test_factories.py"
+    )
+    result.assert_outcomes(passed=7)
+
+
+def test_bad_async_driver_values(pytester: pytest.Pytester, shared_dsn: str) -> None:
+    driver_project(pytester)
+    (pytester.path / "test_bad.py").write_text(
+        "import pytest\n\n@pytest.mark.pg(async_driver='aiopg')\nasync def test_it(pg_async_engine):\n    pass\n"
+    )
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "test_bad.py")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*@pytest.mark.pg(async_driver='aiopg') is not one of asyncpg, psycopg.*"])
+    usage = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-async-driver=aiopg", "test_bad.py")
+    usage.stderr.fnmatch_lines(["*--pg-async-driver: bad value 'aiopg': expected one of asyncpg, psycopg*"])
