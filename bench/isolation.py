@@ -635,6 +635,10 @@ CASES = {
     "hand-clone": "hand-written clone per test (context)",
     "hand-rollback-empty": "hand-written BEGIN/ROLLBACK, fixture only (context)",
 }
+# Issue 4: what each client library's fixture adds to a test (fixture only, transaction isolation).
+DRIVER_FIXTURES = ("pg_session", "pg_psycopg2", "pg_aconn", "pg_asyncpg", "pg_async_session")
+CASES.update({f"driver-{name}": f"pgsandbox transaction, {name} only" for name in DRIVER_FIXTURES})
+CASES["driver-pg_session-database"] = "pgsandbox database, pg_session only"
 CONTEXT = {"empty", "pytest-postgresql-shm", "hand-clone", "hand-rollback-empty"}
 
 
@@ -745,6 +749,26 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
         ("pgsandbox-database-empty", 'pg_isolation = "database"\n'),
     ):
         spec(key, pgs_runner, f"{on_data} (runtime dir)", ini=pgs_ini + isolation, env=warm_cache, body=False, **pgs)
+    async_ini = 'asyncio_mode = "auto"\nasyncio_default_fixture_loop_scope = "function"\n'
+    for name in DRIVER_FIXTURES:
+        spec(
+            f"driver-{name}",
+            pgs_runner,
+            f"{on_data} (runtime dir)",
+            ini=pgs_ini + async_ini,
+            env=warm_cache,
+            body=False,
+            **{**pgs, "fixture": name},
+        )
+    spec(
+        "driver-pg_session-database",
+        pgs_runner,
+        f"{on_data} (runtime dir)",
+        ini=pgs_ini + 'pg_isolation = "database"\n',
+        env=warm_cache,
+        body=False,
+        **{**pgs, "fixture": "pg_session"},
+    )
     spec(
         "pgsandbox-cold",
         pgs_runner,

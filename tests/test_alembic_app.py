@@ -200,23 +200,29 @@ def alembic_init(pytester: pytest.Pytester, app: str, template: str) -> Path:
     return env
 
 
-@pytest.fixture(autouse=True)
-def no_logging_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """env.py as alembic init writes it calls fileConfig(alembic.ini), which disables every existing logger:
-    in an in-process run that would be this session's loggers."""
-    monkeypatch.setattr(logging.config, "fileConfig", lambda *args, **kwargs: None)
+# the env.py `alembic init` writes runs logging.config.fileConfig(alembic.ini) in the test process
+CAPLOG_TEST = """
+import logging
+
+app_log = logging.getLogger("shop.service")
+
+
+def test_the_apps_logs_are_still_captured(pg, caplog):
+    app_log.info("order placed")
+    assert "order placed" in caplog.text
+"""
 
 
 def test_alembic_sync_env(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_app(pytester, "shop_sync", "alembic:alembic.ini")
     alembic_init(pytester, "shop_sync", "generic")
-    write(pytester.path, {"test_match.py": MATCH_TEST.format(app="shop_sync")})
+    write(pytester.path, {"test_match.py": MATCH_TEST.format(app="shop_sync"), "test_logs.py": CAPLOG_TEST})
 
-    result = pytester.runpytest(f"--pg-dsn={shared_dsn}")
-    result.assert_outcomes(passed=2)
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--log-level=INFO")
+    result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*(alembic:alembic.ini): cache miss*"])
-    result = pytester.runpytest(f"--pg-dsn={shared_dsn}")
-    result.assert_outcomes(passed=2)
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--log-level=INFO")
+    result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*(alembic:alembic.ini): cache hit*"])
 
     revision = pytester.path / "migrations/versions/0002_orders.py"

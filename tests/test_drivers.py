@@ -484,3 +484,49 @@ def test_bad_async_driver_values(pytester: pytest.Pytester, shared_dsn: str) -> 
     result.stdout.fnmatch_lines(["*@pytest.mark.pg(async_driver='aiopg') is not one of asyncpg, psycopg.*"])
     usage = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-async-driver=aiopg", "test_bad.py")
     usage.stderr.fnmatch_lines(["*--pg-async-driver: bad value 'aiopg': expected one of asyncpg, psycopg*"])
+
+
+PARKED = """
+    import psycopg2.extras
+
+    PIDS = []
+
+    def test_1_sets_up_its_connection(pg_psycopg2):
+        PIDS.append(pg_psycopg2.get_backend_pid())
+        pg_psycopg2.cursor_factory = psycopg2.extras.DictCursor
+        pg_psycopg2.cursor().execute("set search_path to nowhere")
+
+    def test_2_gets_it_back_as_new(pg_psycopg2, pg):
+        PIDS.append(pg_psycopg2.get_backend_pid())
+        assert PIDS[1] == PIDS[0]  # kept between tests: no new connection
+        cur = pg_psycopg2.cursor()
+        assert type(cur) is psycopg2.extensions.cursor
+        cur.execute("show search_path")
+        assert "nowhere" not in cur.fetchone()[0]
+        cur.execute("insert into items (name) values ('a')")
+
+    def test_3_commits_for_real(pg_psycopg2):
+        pg_psycopg2.cursor().execute("insert into items (name) values ('escaped'); COMMIT")
+
+    def test_4_new_database_new_connection(pg_psycopg2):
+        PIDS.append(pg_psycopg2.get_backend_pid())
+        assert PIDS[2] != PIDS[0]
+        cur = pg_psycopg2.cursor()
+        cur.execute("select count(*) from items")
+        assert cur.fetchone()[0] == 0
+"""
+
+
+def test_a_psycopg2_connection_is_kept_between_tests_and_reset(pytester: pytest.Pytester, shared_dsn: str) -> None:
+    driver_project(pytester)
+    (pytester.path / "test_parked.py").write_text(textwrap.dedent(PARKED))
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}",
+        "-p",
+        "no:randomly",
+        "-W",
+        "error::pgsandbox.errors.PgSandboxWarning",
+        "test_parked.py",
+    )
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(["*test_3_commits_for_real*the transaction of its psycopg2 connection was ended*"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +63,7 @@ class Database:
     keep: bool = False  # keep this database after the test (a failed test under keep-failed)
     guests: Guests = field(default_factory=Guests, repr=False)
     drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
+    _transaction: TransactionIsolation | None = field(default=None, repr=False)
 
     @property
     def dsn(self) -> str:
@@ -151,6 +152,29 @@ class Database:
         """SQL a driver's connection runs in its new transaction (``transaction`` isolation): the savepoint
         that its ``commit()``s move and whose loss at the end reveals a raw ``COMMIT``."""
         return guest_begin(self.test_id)
+
+    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], None]) -> bool:
+        """Keep a rolled-back sync driver connection for the next test (``transaction`` isolation only);
+        False when it cannot be kept and the caller closes it."""
+        if self._transaction is None or self._transaction.dbname != self.name:
+            return False
+        self._transaction.park(driver, conn, pid, close)
+        return True
+
+    def unpark(self, driver: str) -> Any | None:
+        """A connection of ``driver`` a previous test parked on this database, now this test's guest."""
+        if self._transaction is None or self._transaction.dbname != self.name:
+            return None
+        parked = self._transaction.unpark(driver)
+        if parked is None:
+            return None
+        self.guests.joined(parked.pid, connected=False)
+        return parked.conn
+
+    @property
+    def session_state(self) -> dict[str, Any] | None:
+        """Driver state that lives as long as the session database (``transaction`` isolation), else None."""
+        return self._transaction.state if self._transaction is not None else None
 
     def guest_escaped(self, label: str) -> None:
         """A driver found its transaction replaced by a raw COMMIT: the test's writes may have escaped."""
@@ -261,7 +285,14 @@ class Sandbox:
                 self._transaction = TransactionIsolation(self.server, self.template, self.clone_clause)
             conn = self._transaction.begin(test_id)
             assert self._transaction.dbname
-            db = Database("transaction", self._transaction.dbname, test_id, self.server, _connection=conn)
+            db = Database(
+                "transaction",
+                self._transaction.dbname,
+                test_id,
+                self.server,
+                _connection=conn,
+                _transaction=self._transaction,
+            )
         else:
             if self._pool is None:
                 self._pool = ClonePool(self.server, self.template, clone_strategies(self.server, self.settings))

@@ -116,8 +116,18 @@ async def async_engine(db: Database, driver: str, connection: Any | None) -> Asy
             _record_pids(made.sync_engine, db, lambda c: c.driver_connection.info.backend_pid)
         return made
 
+    # One engine per session and driver: its dialect reads the server's settings once (about 4 ms), and its
+    # pool, emptied after each test, takes the test's connection from ``current``.
+    state = db.session_state if db.session_state is not None else {}
+    key = f"async engine {driver}"
+    if key in state:
+        made, current = state[key]
+        current[0] = connection
+        return made  # type: ignore[no-any-return]
+    current = [connection]
+
     async def handed() -> Any:
-        return connection
+        return current[0]
 
     made = create_async_engine(url, async_creator=handed, poolclass=StaticPool, pool_reset_on_return=None)
     quiet = hasattr(connection, "_pgsandbox_quiet_rollback")  # psycopg's: SQLAlchemy's first rollback is real
@@ -129,11 +139,13 @@ async def async_engine(db: Database, driver: str, connection: Any | None) -> Asy
     finally:
         if quiet:
             connection._pgsandbox_quiet_rollback = False
+    state[key] = (made, current)
     return made
 
 
 async def async_dispose(db: Database, made: AsyncEngine) -> None:
-    # transaction isolation: the connection is the test's, closed by its owner; only the pool goes
+    # transaction isolation: the connection is the test's, closed by its owner; only the pool goes, the
+    # engine stays for the next test
     await made.dispose(close=db.isolation == "database")
 
 

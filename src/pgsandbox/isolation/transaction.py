@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -25,8 +26,8 @@ LEFTOVER_WAIT_SECONDS = 0.2
 # another connection came and went), and the next transaction id (rows with a newer xmin were written
 # after it). The statistics functions, not the pg_stat_* views: 0.04 ms instead of 0.5 ms per test.
 _XMAX = "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-CHECK = "SELECT pg_stat_get_db_numbackends({oid}) - 1, pg_stat_get_db_sessions({oid}), " + _XMAX
-CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - 1, NULL::bigint, " + _XMAX
+CHECK = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, pg_stat_get_db_sessions({oid}), " + _XMAX
+CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, NULL::bigint, " + _XMAX
 # The savepoint exists only in the test's own transaction: if a raw COMMIT (or END) replaced that
 # transaction, rolling back to it fails, and that failure is how an escape is noticed, for free.
 ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
@@ -41,9 +42,18 @@ class Guests:
     connects: int = 0  # each one moves the database's session counter
     escaped: list[str] = field(default_factory=list)  # those whose transaction a COMMIT replaced
 
-    def joined(self, pid: int) -> None:
+    def joined(self, pid: int, connected: bool = True) -> None:
         self.pids.add(pid)
-        self.connects += 1
+        self.connects += connected
+
+
+@dataclass
+class Parked:
+    """A sync driver's connection kept on the session database between tests (a connect costs ~4 ms)."""
+
+    conn: Any
+    pid: int
+    close: Callable[[], None]
 
 
 def literal(text: str) -> str:
@@ -111,6 +121,8 @@ class TransactionIsolation:
         self._prepared: str | None = None  # the test whose transaction the last rollback opened
         self._begin = f"SAVEPOINT {SAVEPOINT}; SET application_name = ".encode()
         self._check = ""
+        self.parked: dict[str, Parked] = {}  # by driver
+        self.state: dict[str, Any] = {}  # what driver adapters keep for the session (SQLAlchemy engines)
         self._kept = 0
         self._restores = 0
 
@@ -129,7 +141,7 @@ class TransactionIsolation:
         row = self.conn.execute(f"SELECT {_XMAX}, oid FROM pg_database WHERE datname = current_database()").fetchone()
         assert row is not None
         self._snapshot_xmax = int(row[0])
-        self._check = (CHECK if self.server.version[0] >= 15 else CHECK_14).format(oid=int(row[1]))
+        self._check = (CHECK if self.server.version[0] >= 15 else CHECK_14).replace("{oid}", str(int(row[1])))
         self.conn.autocommit = False
         self.sessions = self._sessions()
 
@@ -147,6 +159,7 @@ class TransactionIsolation:
 
     def _switch_to(self, fresh: str) -> None:
         """Use ``fresh`` (a new clone of the template) as the session database from now on."""
+        self._close_parked()
         self._close()
         if self.dbname:
             self.server.drop_database(self.dbname)
@@ -273,7 +286,7 @@ class TransactionIsolation:
         if conn.closed or conn.broken:
             return True, True, self._sessions()
         replaced = False
-        query = (ROLLBACK + self._check).encode()
+        query = (ROLLBACK + self._check_query()).encode()
         if next_test_id is not None:
             query += b"; BEGIN; " + self._begin + self._app_name(next_test_id)
         try:
@@ -285,15 +298,38 @@ class TransactionIsolation:
         except psycopg.errors.InvalidSavepointSpecification:
             replaced = True
             conn.rollback()
-            cursor = conn.execute(self._check)
+            cursor = conn.execute(self._check_query())
             conn.rollback()
         row = cursor.fetchone()
         assert row is not None
         self._snapshot_xmax = int(row[2])
         return replaced, bool(row[0]), row[1]
 
+    def _check_query(self) -> str:
+        return self._check.replace("{ours}", str(1 + len(self.parked)))
+
     def _ours(self) -> list[int]:
-        return [self.conn.info.backend_pid] if self.conn is not None and not self.conn.closed else []
+        own = [self.conn.info.backend_pid] if self.conn is not None and not self.conn.closed else []
+        return own + [parked.pid for parked in self.parked.values()]
+
+    # -- driver connections kept between tests ---------------------------------------------------------
+    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], None]) -> None:
+        """Keep ``conn`` (rolled back, outside a transaction) for the next test that uses ``driver``."""
+        old = self.parked.pop(driver, None)
+        if old is not None and old.conn is not conn:
+            with contextlib.suppress(Exception):
+                old.close()
+        self.parked[driver] = Parked(conn, pid, close)
+
+    def unpark(self, driver: str) -> Parked | None:
+        """The parked connection of ``driver``; it counts as a guest of the test that takes it."""
+        return self.parked.pop(driver, None)
+
+    def _close_parked(self) -> None:
+        for parked in self.parked.values():
+            with contextlib.suppress(Exception):
+                parked.close()
+        self.parked.clear()
 
     def _changes(self, fresh: str, since_xid: int) -> list[str]:
         """What differs between the session database and ``fresh``, a clone of the template."""
@@ -340,6 +376,7 @@ class TransactionIsolation:
             conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             conn.execute("COMMIT")
+        self._close_parked()
         self._close()
         assert self.dbname
         terminate_connections(self.server.admin, self.dbname)  # driver connections may still be exiting
@@ -351,6 +388,7 @@ class TransactionIsolation:
         self._connect()
 
     def close(self) -> None:
+        self._close_parked()
         self._close()
         if self.dbname:
             with contextlib.suppress(psycopg.Error, PgSandboxError):

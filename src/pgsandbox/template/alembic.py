@@ -6,6 +6,7 @@ The template's URL is given to Alembic as ``sqlalchemy.url`` (SQLAlchemy's psyco
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +76,13 @@ class AlembicMigrator(Migrator):
         from alembic import command
 
         config = self.config(target.url)
+        # the env.py `alembic init` writes calls logging.config.fileConfig(), which disables every logger
+        # that exists and replaces the root logger's handlers and level, in the test session (caplog then
+        # sees nothing): put them back afterwards
+        root = logging.getLogger()
+        loggers = [root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+        disabled = {logger: logger.disabled for logger in loggers}
+        root_handlers, root_level = root.handlers[:], root.level
         try:
             command.upgrade(config, "head")
         except MigrationError:
@@ -84,3 +92,8 @@ class AlembicMigrator(Migrator):
                 f"{self.label}: `alembic upgrade head` failed: {type(error).__name__}: {error}",
                 "fix the failing revision (the traceback above names it) and run again; the template was not kept.",
             ) from error
+        finally:
+            for logger, was in disabled.items():
+                logger.disabled = was
+            root.handlers[:] = root_handlers
+            root.setLevel(root_level)
