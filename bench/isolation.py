@@ -639,6 +639,10 @@ CASES = {
 DRIVER_FIXTURES = ("pg_session", "pg_psycopg2", "pg_aconn", "pg_asyncpg", "pg_async_session")
 CASES.update({f"driver-{name}": f"pgsandbox transaction, {name} only" for name in DRIVER_FIXTURES})
 CASES["driver-pg_session-database"] = "pgsandbox database, pg_session only"
+ASYNC_FIXTURES = ("pg_aconn", "pg_asyncpg", "pg_async_session")
+CASES.update(
+    {f"driver-{name}-session-loop": f"pgsandbox transaction, {name} only, session loop" for name in ASYNC_FIXTURES}
+)
 CONTEXT = {"empty", "pytest-postgresql-shm", "hand-clone", "hand-rollback-empty"}
 
 
@@ -756,6 +760,20 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
             pgs_runner,
             f"{on_data} (runtime dir)",
             ini=pgs_ini + async_ini,
+            env=warm_cache,
+            body=False,
+            **{**pgs, "fixture": name},
+        )
+    session_loop = (
+        'asyncio_mode = "auto"\nasyncio_default_fixture_loop_scope = "session"\n'
+        'asyncio_default_test_loop_scope = "session"\n'
+    )
+    for name in ASYNC_FIXTURES:
+        spec(
+            f"driver-{name}-session-loop",
+            pgs_runner,
+            f"{on_data} (runtime dir)",
+            ini=pgs_ini + session_loop,
             env=warm_cache,
             body=False,
             **{**pgs, "fixture": name},

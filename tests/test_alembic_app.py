@@ -3,7 +3,6 @@ async), or created by the ``sqlalchemy:`` migrator; and what the user reads when
 
 from __future__ import annotations
 
-import logging.config
 import sys
 import textwrap
 from collections.abc import Iterator

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from conftest import StartLocal
 from pgsandbox import LocalServer
 
 SCHEMA = "create table items (id serial primary key, name text not null);\n"
@@ -293,11 +294,13 @@ LOOPS = """
         await pg_asyncpg.execute("insert into items (name) values ('a')")
         await pg_aconn.execute("insert into items (name) values ('b')")
         LOOPS.append(asyncio.get_running_loop())
+        PIDS.append((pg_asyncpg.get_server_pid(), pg_aconn.info.backend_pid))
 
     {mark}
     async def test_2_clean(pg_asyncpg, pg_aconn):
         assert await pg_asyncpg.fetchval("select count(*) from items") == 0
         LOOPS.append(asyncio.get_running_loop())
+        PIDS.append((pg_asyncpg.get_server_pid(), pg_aconn.info.backend_pid))
 
     {mark}
     async def test_3_fails(pg_asyncpg):
@@ -310,21 +313,26 @@ LOOPS = """
         await pg_asyncpg.execute("select pg_sleep(5)")
 
     {mark}
-    async def test_5_nothing_left_open(pg):
-        same = "{scope}" == "session"
-        assert (LOOPS[0] is LOOPS[1]) is same
+    async def test_5_nothing_left_behind(pg):
+        shared_loop = "{scope}" == "session"
+        assert (LOOPS[0] is LOOPS[1]) is shared_loop
+        # a session loop keeps the connections for the next test; a loop per test cannot
+        assert (PIDS[0] == PIDS[1]) is shared_loop
+        query = (
+            "select count(*) as left, count(*) filter (where state <> 'idle') as busy from pg_stat_activity "
+            "where datname = current_database() and pid <> pg_backend_pid() and backend_type = 'client backend'"
+        )
         for _ in range(1000):  # a closed connection's server process exits a moment later
-            left = pg.fetchval(
-                "select count(*) from pg_stat_activity where datname = current_database() "
-                "and pid <> pg_backend_pid() and backend_type = 'client backend'"
-            )
-            if not left:
+            row = pg.fetchone(query)
+            left, busy = row["left"], row["busy"]
+            if left <= (2 if shared_loop else 0):
                 break
             await asyncio.sleep(0.005)
-        assert left == 0
+        assert left <= (2 if shared_loop else 0) and busy == 0
         assert pg.fetchval("select count(*) from items") == 0
 
     LOOPS = []
+    PIDS = []
 """
 
 
@@ -342,7 +350,9 @@ def test_async_fixtures_in_strict_and_auto_mode_with_function_and_session_loops(
     mark = "@pytest.mark.asyncio" if mode == "strict" else ""
     source = textwrap.dedent(LOOPS).replace("{mark}", mark).replace("{scope}", scope)
     (pytester.path / "test_loops.py").write_text(source)
-    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_loops.py")
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "-W", "error::pgsandbox.errors.PgSandboxWarning", "test_loops.py"
+    )
     result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(["*test_3_fails*on purpose*"])
 
@@ -530,3 +540,73 @@ def test_a_psycopg2_connection_is_kept_between_tests_and_reset(pytester: pytest.
     )
     result.assert_outcomes(passed=4, errors=1)
     result.stdout.fnmatch_lines(["*test_3_commits_for_real*the transaction of its psycopg2 connection was ended*"])
+
+
+def test_urls_of_a_socket_server_work_with_every_client(start_local: StartLocal) -> None:
+    import asyncio
+
+    import asyncpg
+    import psycopg
+    import sqlalchemy
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from pgsandbox.urls import sqlalchemy_url
+
+    server = start_local()
+    params = {**server.params, "dbname": "postgres"}
+    assert str(params["host"]).startswith("/")  # a Unix socket directory
+    plain = sqlalchemy_url(params, "postgresql")
+    with psycopg.connect(plain) as plain_conn:
+        assert plain_conn.execute("select 1").fetchone() == (1,)
+    for driver in ("psycopg", "psycopg2"):
+        engine = sqlalchemy.create_engine(sqlalchemy_url(params, driver), poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            assert conn.execute(sqlalchemy.text("select 1")).scalar() == 1
+
+    async def with_asyncio() -> None:
+        conn = await asyncpg.connect(plain)
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+        for driver in ("asyncpg", "psycopg"):
+            engine = create_async_engine(sqlalchemy_url(params, driver), poolclass=sqlalchemy.pool.NullPool)
+            async with engine.connect() as aconn:
+                assert (await aconn.execute(sqlalchemy.text("select 1"))).scalar() == 1
+            await engine.dispose()
+
+    asyncio.run(with_asyncio())
+
+
+HELPERS = """
+    import psycopg
+    import pytest
+
+    @pytest.mark.pg(isolation="database")
+    def test_helpers_commit_like_autocommit(pg):
+        def seen_by_the_app():
+            with psycopg.connect(pg.dsn) as app:
+                return app.execute("select count(*) from items").fetchone()[0]
+
+        assert pg.execute("insert into items (name) values ('a')") == 1
+        assert seen_by_the_app() == 1
+        assert pg.fetchval("select count(*) from items") == 1
+        assert pg.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # no lock held
+        with pg.connection.transaction():  # inside the test's own transaction they do not commit
+            pg.execute("insert into items (name) values ('b')")
+            assert seen_by_the_app() == 1
+        assert seen_by_the_app() == 2
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            pg.execute("insert into nosuch values (1)")
+        assert pg.fetchval("select count(*) from items") == 2  # the failed statement left nothing open
+
+    def test_in_transaction_isolation_they_stay_in_the_test(pg):
+        pg.execute("insert into items (name) values ('a')")
+        with psycopg.connect(pg.dsn) as other:
+            assert other.execute("select count(*) from items").fetchone()[0] == 0
+"""
+
+
+def test_pg_helpers_in_database_isolation_commit(pytester: pytest.Pytester, shared_dsn: str) -> None:
+    driver_project(pytester)
+    (pytester.path / "test_helpers.py").write_text(textwrap.dedent(HELPERS))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_helpers.py")
+    result.assert_outcomes(passed=2)

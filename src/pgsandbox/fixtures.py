@@ -3,6 +3,7 @@ fixture per client library (adapters in :mod:`pgsandbox.drivers`, imported when 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -129,21 +130,32 @@ def async_driver_name(request: pytest.FixtureRequest, sandbox: Sandbox) -> str:
     return driver
 
 
-async def async_connection(db: Database, driver: str) -> tuple[Any, bool]:
-    """The test's async connection of ``driver`` (shared by ``pg_asyncpg``/``pg_aconn`` and the async
-    SQLAlchemy fixtures), and whether this call opened it (then it closes it)."""
+@contextlib.asynccontextmanager
+async def async_connection(request: pytest.FixtureRequest, db: Database, driver: str) -> AsyncIterator[Any]:
+    """The test's async connection of ``driver``, shared by ``pg_asyncpg``/``pg_aconn`` and the async
+    SQLAlchemy fixtures; the fixture that opened it ends it (parked for the next test when the event loop
+    outlives the test)."""
     conn = db.drivers.get(driver)
     if conn is not None:
-        return conn, False
+        yield conn
+        return
     module = load_driver("asyncpg" if driver == "asyncpg" else "psycopg_async")
     conn = await module.connect(db)
     db.drivers[driver] = conn
-    return conn, True
+    try:
+        yield conn
+    finally:
+        del db.drivers[driver]
+        await module.close(db, conn, park=loop_outlives_test(request.config))
 
 
-async def close_async_connection(db: Database, driver: str, conn: Any) -> None:
-    db.drivers.pop(driver, None)
-    await load_driver("asyncpg" if driver == "asyncpg" else "psycopg_async").close(db, conn)
+def loop_outlives_test(config: pytest.Config) -> bool:
+    """Whether pytest-asyncio runs our (function-scoped) fixtures in a loop that serves more than one test."""
+    try:
+        scope = config.getini("asyncio_default_fixture_loop_scope")
+    except ValueError:
+        return False
+    return scope in ("class", "module", "package", "session")
 
 
 if pytest_asyncio is not None:
@@ -152,12 +164,8 @@ if pytest_asyncio is not None:
     async def pg_aconn(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[Any]:
         """A psycopg 3 ``AsyncConnection`` inside the test's isolation (needs pytest-asyncio)."""
         db = sandbox_database(request, pg_sandbox)
-        conn, owner = await async_connection(db, "psycopg")
-        try:
+        async with async_connection(request, db, "psycopg") as conn:
             yield conn
-        finally:
-            if owner:
-                await close_async_connection(db, "psycopg", conn)
 
     @pytest_asyncio.fixture
     async def pg_asyncpg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[Any]:
@@ -165,12 +173,8 @@ if pytest_asyncio is not None:
         blocks are savepoints inside the test's transaction."""
         load_driver("asyncpg")
         db = sandbox_database(request, pg_sandbox)
-        conn, owner = await async_connection(db, "asyncpg")
-        try:
+        async with async_connection(request, db, "asyncpg") as conn:
             yield conn
-        finally:
-            if owner:
-                await close_async_connection(db, "asyncpg", conn)
 
     @pytest_asyncio.fixture
     async def pg_async_engine(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[AsyncEngine]:
@@ -183,18 +187,15 @@ if pytest_asyncio is not None:
         except PgSandboxError as error:
             fail(error)
         db = sandbox_database(request, pg_sandbox)
-        conn, owner = (None, False)
-        if db.isolation == "transaction":
-            conn, owner = await async_connection(db, driver_name)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            conn = None
+            if db.isolation == "transaction":
+                conn = await stack.enter_async_context(async_connection(request, db, driver_name))
             engine = await driver.async_engine(db, driver_name, conn)
             try:
                 yield engine
             finally:
                 await driver.async_dispose(db, engine)
-        finally:
-            if owner:
-                await close_async_connection(db, driver_name, conn)
 
     @pytest_asyncio.fixture
     async def pg_async_session(

@@ -17,15 +17,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.rows import dict_row
 
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
-from pgsandbox.isolation.transaction import Guests, IsolationError, TransactionIsolation, app_name, guest_begin
+from pgsandbox.isolation.transaction import (
+    Guests,
+    IsolationError,
+    Parked,
+    TransactionIsolation,
+    app_name,
+    guest_begin,
+)
 from pgsandbox.server import LocalServer, Server, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.settings import ISOLATIONS, Settings
@@ -35,6 +42,7 @@ from pgsandbox.template.cache import hold_in_use, warm_relcache
 from pgsandbox.urls import libpq_env, sqlalchemy_url
 
 Isolation = Literal["transaction", "database"]
+T = TypeVar("T")
 LEFTOVER_WAIT_SECONDS = 0.2
 SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
@@ -116,22 +124,36 @@ class Database:
 
     def execute(self, query: Any, params: Any = None) -> int:
         """Run one statement on :attr:`connection`; return the number of rows it affected."""
-        with self.connection.cursor() as cursor:
-            cursor.execute(query, params)
-            return cursor.rowcount
+        rowcount: int = self._run(query, params, lambda cursor: cursor.rowcount)
+        return rowcount
 
     def fetch(self, query: Any, params: Any = None) -> list[dict[str, Any]]:
-        with self.connection.cursor(row_factory=dict_row) as cursor:
-            return cursor.execute(query, params).fetchall()
+        return self._run(query, params, lambda cursor: cursor.fetchall(), dict_row)
 
     def fetchone(self, query: Any, params: Any = None) -> dict[str, Any] | None:
-        with self.connection.cursor(row_factory=dict_row) as cursor:
-            return cursor.execute(query, params).fetchone()
+        row: dict[str, Any] | None = self._run(query, params, lambda cursor: cursor.fetchone(), dict_row)
+        return row
 
     def fetchval(self, query: Any, params: Any = None) -> Any:
-        with self.connection.cursor() as cursor:
-            row = cursor.execute(query, params).fetchone()
-            return row[0] if row else None
+        row = self._run(query, params, lambda cursor: cursor.fetchone())
+        return row[0] if row else None
+
+    def _run(self, query: Any, params: Any, result: Callable[[Any], T], row_factory: Any = None) -> T:
+        """In ``database`` isolation a helper called outside a transaction commits, like autocommit: the
+        app's own connections see its rows, and no transaction is left holding locks."""
+        conn = self.connection
+        own_transaction = self.isolation == "database" and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        try:
+            with conn.cursor(row_factory=row_factory) if row_factory else conn.cursor() as cursor:
+                cursor.execute(query, params)
+                value = result(cursor)
+        except BaseException:
+            if own_transaction and not conn.closed:
+                conn.rollback()
+            raise
+        if own_transaction:
+            conn.commit()
+        return value
 
     # -- for driver adapters: connections of other client libraries ------------------------------------
     @property
@@ -153,19 +175,20 @@ class Database:
         that its ``commit()``s move and whose loss at the end reveals a raw ``COMMIT``."""
         return guest_begin(self.test_id)
 
-    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], None]) -> bool:
-        """Keep a rolled-back sync driver connection for the next test (``transaction`` isolation only);
-        False when it cannot be kept and the caller closes it."""
+    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], bool], loop: Any = None) -> bool:
+        """Keep a rolled-back driver connection for the next test (``transaction`` isolation only); an async
+        one with its event ``loop``. False when it cannot be kept and the caller closes it."""
         if self._transaction is None or self._transaction.dbname != self.name:
             return False
-        self._transaction.park(driver, conn, pid, close)
+        self._transaction.park(driver, Parked(conn, pid, close, loop))
         return True
 
-    def unpark(self, driver: str) -> Any | None:
-        """A connection of ``driver`` a previous test parked on this database, now this test's guest."""
+    def unpark(self, driver: str, loop: Any = None) -> Any | None:
+        """A connection of ``driver`` a previous test parked on this database (in this event ``loop``, for an
+        async one), now this test's guest."""
         if self._transaction is None or self._transaction.dbname != self.name:
             return None
-        parked = self._transaction.unpark(driver)
+        parked = self._transaction.unpark(driver, loop)
         if parked is None:
             return None
         self.guests.joined(parked.pid, connected=False)

@@ -25,12 +25,12 @@ def sqlalchemy_url(params: Mapping[str, Any], driver: str = "psycopg") -> str:
     port = str(params.get("port") or "")
     query: dict[str, str] = {}
     if host.startswith("/"):
+        # a socket directory and its port both go in the query: libpq, SQLAlchemy and asyncpg all read them
+        # there, while asyncpg reads an empty host before ":port" as a host name
         query["host"] = host
-        if driver == "asyncpg" and port:
+        if port:
             query["port"] = port
         netloc = f"{auth}@" if auth else ""
-        if driver != "asyncpg" and port:
-            netloc += f":{port}"
     else:
         netloc = (f"{auth}@" if auth else "") + (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
     for key in ("sslmode", "sslrootcert", "sslcert", "sslkey"):

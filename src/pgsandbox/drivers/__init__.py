@@ -9,10 +9,15 @@ An adapter is imported only when its fixture is used: a missing library costs no
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+from collections.abc import Callable, Coroutine
 from types import ModuleType
+from typing import Any, TypeVar
 
 from pgsandbox.errors import MissingExtra
+
+T = TypeVar("T")
 
 PACKAGES = {"psycopg2": "psycopg2-binary", "pytest_asyncio": "pytest-asyncio", "factory": "factory_boy"}
 
@@ -27,3 +32,26 @@ def require(module: str, extra: str, user: str) -> ModuleType:
             f"{user} needs {package}, which is not installed.",
             f"pip install 'pytest-pgsandbox[{extra}]' (or add {package} to your test dependencies).",
         ) from None
+
+
+def closer(
+    loop: asyncio.AbstractEventLoop,
+    close: Callable[[T], Coroutine[Any, Any, None]],
+    fallback: Callable[[T], bool],
+    conn: T,
+) -> Callable[[], bool]:
+    """How to close a parked async connection later, from sync code: in its own loop when that loop is
+    idle, else with ``fallback`` (no loop needed, returns whether the server was told goodbye)."""
+
+    def run() -> bool:
+        try:
+            asyncio.get_running_loop()
+            inside_a_loop = True
+        except RuntimeError:
+            inside_a_loop = False
+        if not inside_a_loop and not loop.is_closed() and not loop.is_running():
+            loop.run_until_complete(close(conn))
+            return True
+        return fallback(conn)
+
+    return run

@@ -8,10 +8,11 @@ SQLAlchemy fixtures share this connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from pgsandbox.drivers import require
+from pgsandbox.drivers import closer, require
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database
@@ -20,6 +21,7 @@ require("asyncpg", "asyncpg", "pg_asyncpg")  # first: a missing library is named
 
 import asyncpg  # noqa: E402
 
+from pgsandbox.isolation.connection import SAVEPOINT  # noqa: E402
 from pgsandbox.isolation.transaction import GUEST_ROLLBACK  # noqa: E402
 
 LABEL = "asyncpg"
@@ -59,11 +61,13 @@ def connect_kwargs(db: Database) -> dict[str, Any]:
 
 
 async def connect(db: Database) -> Any:
+    """In ``transaction`` isolation, the connection a previous test in this event loop left parked, if any."""
     transaction = db.isolation == "transaction"
-    conn: Any = await asyncpg.connect(
-        **connect_kwargs(db), connection_class=SandboxAsyncpgConnection if transaction else asyncpg.Connection
-    )
-    db.joined(conn.get_server_pid())
+    conn: Any = db.unpark(LABEL, asyncio.get_running_loop()) if transaction else None
+    if conn is None or conn.is_closed():
+        kind = SandboxAsyncpgConnection if transaction else asyncpg.Connection
+        conn = await asyncpg.connect(**connect_kwargs(db), connection_class=kind)
+        db.joined(conn.get_server_pid())
     if _ours(conn):
         outer = conn.transaction()
         await outer.start()
@@ -73,25 +77,48 @@ async def connect(db: Database) -> Any:
     return conn
 
 
-async def close(db: Database, conn: Any) -> None:
-    """End the connection's part of the test: roll back (or commit, to keep the database), then close.
-    A connection that cannot be closed cleanly (a cancelled query) is terminated."""
+async def close(db: Database, conn: Any, park: bool = False) -> None:
+    """End the connection's part of the test: roll back (or commit, to keep the database); then close it, or
+    ``park`` it for the next test in this event loop. A connection that cannot be closed cleanly (a
+    cancelled query) is terminated."""
     try:
         if _ours(conn) and not conn.is_closed():
             conn._pgsandbox_active = False
+            reusable = False
             if db.keep:
                 await conn.execute("COMMIT")
+            elif park:
+                try:
+                    await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+                    reusable = True
+                except ESCAPED:
+                    db.guest_escaped(LABEL)
+                # asyncpg's own rollback of its outermost transaction: it learns that it is over
+                await conn._pgsandbox_transaction.rollback()
             else:
                 try:
                     await conn.execute(GUEST_ROLLBACK)
                 except ESCAPED:
                     db.guest_escaped(LABEL)
+            loop = asyncio.get_running_loop()
+            if reusable and db.park(LABEL, conn, conn.get_server_pid(), closer(loop, _close, _abort, conn), loop):
+                return
             # nothing left to say to the server: do not wait for its goodbye (about 1 ms)
             conn.terminate()
             return
-        await asyncpg.Connection.close(conn, timeout=5)
+        await _close(conn)
     except BaseException as error:  # cancelled teardowns too: the connection must not outlive the test
-        with contextlib.suppress(Exception):
-            conn.terminate()
+        _abort(conn)
         if not isinstance(error, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)):
             raise
+
+
+async def _close(conn: Any) -> None:
+    await asyncpg.Connection.close(conn, timeout=5)
+
+
+def _abort(conn: Any) -> bool:
+    """Drop the connection without its event loop; the server side is then ended by pgsandbox."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
+    return False

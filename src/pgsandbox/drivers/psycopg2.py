@@ -114,6 +114,7 @@ def close(db: Database, conn: psycopg2.extensions.connection) -> None:
     _really_close(conn)
 
 
-def _really_close(conn: psycopg2.extensions.connection) -> None:
+def _really_close(conn: psycopg2.extensions.connection) -> bool:
     with contextlib.suppress(psycopg2.Error):
         psycopg2.extensions.connection.close(conn)
+    return True

@@ -9,8 +9,8 @@ what changed and the session database is cloned again from the template, so the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -49,11 +49,13 @@ class Guests:
 
 @dataclass
 class Parked:
-    """A sync driver's connection kept on the session database between tests (a connect costs ~4 ms)."""
+    """A driver's connection kept on the session database between tests (a connect costs ~4 ms). An async
+    one belongs to its event loop (``loop``) and can serve only tests that run in that loop."""
 
     conn: Any
     pid: int
-    close: Callable[[], None]
+    close: Callable[[], bool]  # False: it could not be closed from here (its loop is gone or busy)
+    loop: Any = None
 
 
 def literal(text: str) -> str:
@@ -313,22 +315,33 @@ class TransactionIsolation:
         return own + [parked.pid for parked in self.parked.values()]
 
     # -- driver connections kept between tests ---------------------------------------------------------
-    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], None]) -> None:
-        """Keep ``conn`` (rolled back, outside a transaction) for the next test that uses ``driver``."""
+    def park(self, driver: str, parked: Parked) -> None:
+        """Keep a connection (rolled back, outside a transaction) for the next test that uses ``driver``."""
         old = self.parked.pop(driver, None)
-        if old is not None and old.conn is not conn:
-            with contextlib.suppress(Exception):
-                old.close()
-        self.parked[driver] = Parked(conn, pid, close)
+        if old is not None and old.conn is not parked.conn:
+            self._discard(old)
+        self.parked[driver] = parked
 
-    def unpark(self, driver: str) -> Parked | None:
-        """The parked connection of ``driver``; it counts as a guest of the test that takes it."""
-        return self.parked.pop(driver, None)
+    def unpark(self, driver: str, loop: Any = None) -> Parked | None:
+        """The parked connection of ``driver`` if it can serve a test running in ``loop`` (None: sync)."""
+        parked = self.parked.pop(driver, None)
+        if parked is not None and parked.loop is not loop:
+            self._discard(parked)
+            return None
+        return parked
+
+    def _discard(self, parked: Parked) -> None:
+        closed = False
+        with contextlib.suppress(Exception):
+            closed = parked.close()
+        if not closed:
+            # its client cannot say goodbye: end the server side, or it would count as a leak
+            with contextlib.suppress(psycopg.Error):
+                self.server.admin.execute("SELECT pg_terminate_backend(%s)", [parked.pid])
 
     def _close_parked(self) -> None:
         for parked in self.parked.values():
-            with contextlib.suppress(Exception):
-                parked.close()
+            self._discard(parked)
         self.parked.clear()
 
     def _changes(self, fresh: str, since_xid: int) -> list[str]:
