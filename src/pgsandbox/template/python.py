@@ -12,6 +12,7 @@ import inspect
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import psycopg
@@ -82,6 +83,26 @@ def _wants_dsn(function: Callable[..., Any]) -> str | None:
     return None
 
 
+def import_from_root(kind: str, spec: str, module_name: str, root: Path) -> ModuleType:
+    """Import ``module_name`` with pytest's rootdir importable; errors name the ``kind:spec`` entry."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        raise MigrationError(
+            f"{kind}:{spec}: cannot import {module_name}: {error}.",
+            "check the module path; it must be importable from pytest's rootdir or the installed packages.",
+        ) from None
+    except Exception as error:
+        frames = inspect.trace()
+        where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+        raise MigrationError(
+            f"{kind}:{spec}: importing {module_name} failed{where}: {type(error).__name__}: {error}",
+            "fix the module (the traceback names the line) and run again.",
+        ) from error
+
+
 def load_function(spec: str, root: Path) -> Callable[..., Any]:
     """``package.module:function`` → the function; the rootdir is importable, like pytest's rootdir conftest."""
     module_name, _, attribute = spec.partition(":")
@@ -90,15 +111,7 @@ def load_function(spec: str, root: Path) -> Callable[..., Any]:
             f"python:{spec} is not of the form python:package.module:function.",
             "write pg_migrations = python:myapp.db:migrate (module path, colon, function name).",
         )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise MigrationError(
-            f"python:{spec}: cannot import {module_name}: {error}.",
-            "check the module path; it must be importable from pytest's rootdir or the installed packages.",
-        ) from None
+    module = import_from_root("python", spec, module_name, root)
     function = getattr(module, attribute, None)
     if not callable(function):
         raise MigrationError(

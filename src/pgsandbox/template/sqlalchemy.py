@@ -24,7 +24,6 @@ stay out of the hash unless they map classes.
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from pgsandbox.template.base import MigrationError
-from pgsandbox.template.python import CallableMigrator
+from pgsandbox.template.python import CallableMigrator, import_from_root
 
 if TYPE_CHECKING:
     from sqlalchemy import MetaData
@@ -75,22 +74,7 @@ def load_metadata(spec: str, root: Path) -> tuple[MetaData, list[registry]]:
     from sqlalchemy import inspect as sa_inspect
     from sqlalchemy.orm import registry
 
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise MigrationError(
-            f"sqlalchemy:{spec}: cannot import {module_name}: {error}.",
-            "check the module path; it must be importable from pytest's rootdir or the installed packages.",
-        ) from None
-    except Exception as error:
-        frames = inspect.trace()
-        where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
-        raise MigrationError(
-            f"sqlalchemy:{spec}: importing {module_name} failed{where}: {type(error).__name__}: {error}",
-            "fix the models (the traceback names the line) and run again.",
-        ) from error
+    module = import_from_root("sqlalchemy", spec, module_name, root)
 
     value: Any = module
     for part in attribute.split("."):
