@@ -20,6 +20,10 @@ durations (``pytest_runtest_logreport``) into a JSON file, for the median cost o
 * hand-written conftests (initdb + ``pg_ctl start`` in a session fixture, data on /dev/shm, ``-F``):
   one session connection with BEGIN ... ROLLBACK per test; and (context) CREATE DATABASE ... TEMPLATE per test.
 
+Issue 4 adds "fixture only" cases per client library (``driver-pg_session``, ``driver-pg_psycopg2``,
+``driver-pg_aconn``, ``driver-pg_asyncpg``, ``driver-pg_async_session``, the async ones also with a
+session-scoped event loop, ``...-session-loop``, and ``driver-pg_session-database``): what each fixture costs.
+
 Runs are interleaved (one of each case per round) after one discarded warm-up round. Root handling, the
 interpreter every pytest case runs and the clean-up of stray servers are those of ``bench/startup.py``.
 """
