@@ -610,3 +610,69 @@ def test_pg_helpers_in_database_isolation_commit(pytester: pytest.Pytester, shar
     (pytester.path / "test_helpers.py").write_text(textwrap.dedent(HELPERS))
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_helpers.py")
     result.assert_outcomes(passed=2)
+
+
+SHARED = """
+    import pytest
+    from sqlalchemy import text
+
+    COUNT = text("select count(*) from items")
+
+    def insert(name):
+        return text(f"insert into items (name) values ('{name}')")
+
+    def test_sync(pg_session, pg_engine, pg_conn, pg):
+        pg_conn.execute("insert into items (name) values ('pg_conn, not committed')")
+        pg_session.execute(insert("session, flushed"))
+        with pg_engine.connect() as conn:  # code under test reads through the engine, then closes
+            assert conn.execute(COUNT).scalar() == 2
+        with pg_engine.connect() as conn:
+            conn.execute(insert("engine, never committed"))
+        with pg_engine.begin() as conn:
+            conn.execute(insert("engine, committed"))
+        pg_session.commit()  # its savepoint survived the engine's rollbacks
+        assert pg.fetchval("select count(*) from items") == 3
+"""
+
+ASYNC_SHARED = """
+    import pytest
+    from sqlalchemy import text
+
+    pytestmark = pytest.mark.pg(async_driver="{driver}")
+    COUNT = text("select count(*) from items")
+
+    def insert(name):
+        return text(f"insert into items (name) values ('{name}')")
+
+    async def test_async(pg_async_session, pg_async_engine):
+        await pg_async_session.execute(insert("session, flushed"))
+        async with pg_async_engine.connect() as conn:
+            assert (await conn.execute(COUNT)).scalar() == 1
+        async with pg_async_engine.connect() as conn:
+            await conn.execute(insert("engine, never committed"))
+        async with pg_async_engine.begin() as conn:
+            await conn.execute(insert("engine, committed"))
+        await pg_async_session.commit()
+        assert (await pg_async_session.execute(COUNT)).scalar() == 2
+
+    async def test_clean(pg_async_session):
+        assert (await pg_async_session.execute(COUNT)).scalar() == 0
+"""
+
+
+def test_engine_connections_roll_back_only_their_own_work(pytester: pytest.Pytester, shared_dsn: str) -> None:
+    driver_project(pytester)
+    (pytester.path / "test_shared.py").write_text(textwrap.dedent(SHARED))
+    for driver in ("psycopg", "asyncpg"):
+        (pytester.path / f"test_shared_{driver}.py").write_text(
+            textwrap.dedent(ASYNC_SHARED).replace("{driver}", driver)
+        )
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}",
+        "-p",
+        "no:randomly",
+        "test_shared.py",
+        "test_shared_psycopg.py",
+        "test_shared_asyncpg.py",
+    )
+    result.assert_outcomes(passed=5)

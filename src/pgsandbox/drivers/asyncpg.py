@@ -69,6 +69,7 @@ async def connect(db: Database) -> Any:
         conn = await asyncpg.connect(**connect_kwargs(db), connection_class=kind)
         db.joined(conn.get_server_pid())
     if _ours(conn):
+        conn.__dict__.pop("_pgsandbox_adapter_transactions", None)  # what SQLAlchemy's checkouts put aside
         outer = conn.transaction()
         await outer.start()
         await conn.execute(db.guest_begin)

@@ -31,6 +31,7 @@ async def connect(db: Database) -> psycopg.AsyncConnection[Any]:
         conn = await kind.connect(db.dsn, application_name=db.application_name)
         db.joined(conn.info.backend_pid)
     if isinstance(conn, AsyncSandboxConnection):
+        conn.reset_levels()
         await conn.execute(db.guest_begin)  # psycopg sends BEGIN first
         conn._pgsandbox_active = True
     return conn

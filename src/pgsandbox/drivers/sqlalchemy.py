@@ -41,6 +41,55 @@ def _record_pids(engine: Engine, db: Database, pid: Any) -> None:
     event.listen(engine, "connect", connected)
 
 
+def _levels(engine: Engine) -> None:
+    """Each pool checkout gets a savepoint of its own on the test's shared connection: closing a SQLAlchemy
+    ``Connection`` rolls back, and that must undo only its own work, not the session's or ``pg_conn``'s."""
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        own = not raw.__dict__.get("_pgsandbox_fixture_checkout", False)
+        if hasattr(dbapi_connection, "_start_transaction"):
+            # SQLAlchemy's asyncpg adapter keeps one asyncpg transaction per connection: put the current one
+            # aside, so this checkout begins its own, nested (a savepoint), and rolls back only that
+            saved = raw.__dict__.setdefault("_pgsandbox_adapter_transactions", [])
+            saved.append((own, dbapi_connection._transaction))
+            if own:
+                dbapi_connection._transaction = None
+        elif hasattr(dbapi_connection, "run_async"):  # the adapter around an async psycopg connection
+            dbapi_connection.run_async(lambda conn: conn.enter_level(own))
+        else:
+            dbapi_connection.enter_level(own)
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is None:
+            return
+        raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if hasattr(dbapi_connection, "_start_transaction"):
+            saved = raw.__dict__.get("_pgsandbox_adapter_transactions") or []
+            if saved:
+                own, transaction = saved.pop()
+                if own:
+                    dbapi_connection._transaction = transaction
+        elif hasattr(dbapi_connection, "run_async"):
+            dbapi_connection.run_async(lambda conn: conn.leave_level())
+        else:
+            dbapi_connection.leave_level()
+
+    event.listen(engine, "checkout", checkout)
+    event.listen(engine, "checkin", checkin)
+
+
+@contextlib.contextmanager
+def _fixture_checkout(conn: Any) -> Iterator[None]:
+    """The session fixture's own checkout lasts the whole test and is never committed: no savepoint."""
+    raw = conn.driver_connection if hasattr(conn, "driver_connection") else conn
+    raw.__dict__["_pgsandbox_fixture_checkout"] = True
+    try:
+        yield
+    finally:
+        raw.__dict__["_pgsandbox_fixture_checkout"] = False
+
+
 # -- sync ----------------------------------------------------------------------------------------------------
 def engine(db: Database) -> Engine:
     """The test's engine. In ``transaction`` isolation one engine per session connection, made once."""
@@ -61,6 +110,7 @@ def engine(db: Database) -> Engine:
                 pass
         finally:
             conn._pgsandbox_quiet_rollback = False
+        _levels(cached)
         conn._pgsandbox_engine = cached
     return cached
 
@@ -76,7 +126,8 @@ def session(db: Database, made: Engine) -> Iterator[Session]:
         with _Session(made) as plain:
             yield plain
         return
-    connection = made.connect()
+    with _fixture_checkout(db.connection):
+        connection = made.connect()
     outer = connection.begin()
     joined = _Session(bind=connection, join_transaction_mode="create_savepoint")
     try:
@@ -139,8 +190,16 @@ async def async_engine(db: Database, driver: str, connection: Any | None) -> Asy
     finally:
         if quiet:
             connection._pgsandbox_quiet_rollback = False
+    _levels(made.sync_engine)
+    made.sync_engine.__dict__["_pgsandbox_current"] = current
     state[key] = (made, current)
     return made
+
+
+def current_connection(made: AsyncEngine) -> Any:
+    """The test's connection an engine of :func:`async_engine` hands out (None in ``database`` isolation)."""
+    current = made.sync_engine.__dict__.get("_pgsandbox_current")
+    return current[0] if current else None
 
 
 async def async_dispose(db: Database, made: AsyncEngine) -> None:
@@ -157,7 +216,9 @@ async def async_session(db: Database, made: AsyncEngine) -> AsyncIterator[AsyncS
         async with AsyncSession(made) as plain:
             yield plain
         return
-    connection = await made.connect()
+    raw = current_connection(made)
+    with _fixture_checkout(raw) if raw is not None else contextlib.nullcontext():
+        connection = await made.connect()
     outer = await connection.begin()
     joined = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
     try:

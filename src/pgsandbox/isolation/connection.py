@@ -29,14 +29,45 @@ IN_TRANSACTION_BLOCK = {
 }
 
 
+def _savepoint(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
+    """The savepoint that ``commit()``/``rollback()`` move: the test's, or the innermost level a client
+    library opened on the shared connection (see :func:`_level`)."""
+    for name in reversed(conn.__dict__.get("_pgsandbox_levels") or ()):
+        if name:
+            return str(name)
+    return SAVEPOINT
+
+
 def _savepoint_for(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], action: str) -> str:
     """The statement that stands in for ``commit()``/``rollback()`` while the test runs."""
     if conn._num_transactions:
         raise psycopg.ProgrammingError(IN_TRANSACTION_BLOCK[action])
+    name = _savepoint(conn)
     # like COMMIT of a failed transaction: everything since the last commit is rolled back
     if action == "rollback" or conn.info.transaction_status == pq.TransactionStatus.INERROR:
-        return ROLLBACK
-    return COMMIT
+        return f"ROLLBACK TO SAVEPOINT {name}"
+    return f"RELEASE SAVEPOINT {name}; SAVEPOINT {name}"
+
+
+def _level(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], own: bool) -> str | None:
+    """A client library (a SQLAlchemy pool checkout) takes the shared connection: with ``own``, a savepoint
+    of its own, so that its rollback undoes only its work, as on a connection of its own. Returns the
+    statement to run."""
+    levels: list[str | None] = conn.__dict__.setdefault("_pgsandbox_levels", [])
+    name = f"pgsandbox_level{len(levels)}" if own and conn._pgsandbox_active else None  # type: ignore[union-attr]
+    levels.append(name)
+    return f"SAVEPOINT {name}" if name else None
+
+
+def _unlevel(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str | None:
+    """The library gives the connection back (last taken, first given back): its savepoint goes."""
+    levels: list[str | None] = conn.__dict__.get("_pgsandbox_levels") or []
+    name = levels.pop() if levels else None
+    if not name or not conn._pgsandbox_active:  # type: ignore[union-attr]
+        return None
+    if conn.info.transaction_status == pq.TransactionStatus.INERROR:
+        return f"ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
+    return f"RELEASE SAVEPOINT {name}"
 
 
 class SandboxConnection(psycopg.Connection[Any]):
@@ -71,6 +102,19 @@ class SandboxConnection(psycopg.Connection[Any]):
             return  # the session owns it: really closed when the session ends
         super().close()
 
+    def enter_level(self, own: bool = True) -> None:
+        statement = _level(self, own)
+        if statement:
+            self.execute(statement)
+
+    def leave_level(self) -> None:
+        statement = _unlevel(self)
+        if statement:
+            self.execute(statement)
+
+    def reset_levels(self) -> None:
+        self.__dict__["_pgsandbox_levels"] = []
+
 
 class AsyncSandboxConnection(psycopg.AsyncConnection[Any]):
     _pgsandbox_active = False
@@ -98,3 +142,16 @@ class AsyncSandboxConnection(psycopg.AsyncConnection[Any]):
         if self._pgsandbox_active:
             return  # pgsandbox closes it at the end of the test
         await super().close()
+
+    async def enter_level(self, own: bool = True) -> None:
+        statement = _level(self, own)
+        if statement:
+            await self.execute(statement)
+
+    async def leave_level(self) -> None:
+        statement = _unlevel(self)
+        if statement:
+            await self.execute(statement)
+
+    def reset_levels(self) -> None:
+        self.__dict__["_pgsandbox_levels"] = []

@@ -192,6 +192,7 @@ class TransactionIsolation:
         conn = self.conn
         assert conn is not None
         conn.row_factory = psycopg.rows.tuple_row
+        conn.reset_levels()
         prepared, self._prepared = self._prepared, None
         if prepared != test_id or conn.info.transaction_status != pq.TransactionStatus.INTRANS:
             if conn.info.transaction_status != pq.TransactionStatus.IDLE:
