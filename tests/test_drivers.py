@@ -245,17 +245,26 @@ def test_a_raw_commit_on_a_driver_connection_is_reported_and_the_next_test_start
 
 
 MISSING = {
-    "psycopg2": ("pg_psycopg2", "def test_it(pg_psycopg2):\n    pass\n", "psycopg2-binary", "psycopg2"),
-    "asyncpg": ("pg_asyncpg", "async def test_it(pg_asyncpg):\n    pass\n", "asyncpg", "asyncpg"),
-    "sqlalchemy": ("pg_session", "def test_it(pg_session):\n    pass\n", "sqlalchemy", "sqlalchemy"),
+    # case: (library hidden, fixture, the test, package named, extra named)
+    "psycopg2": ("psycopg2", "pg_psycopg2", "def test_it(pg_psycopg2):\n    pass\n", "psycopg2-binary", "psycopg2"),
+    "asyncpg": ("asyncpg", "pg_asyncpg", "async def test_it(pg_asyncpg):\n    pass\n", "asyncpg", "asyncpg"),
+    # pg_session's message names pg_engine, which it uses and which pytest sets up first
+    "sqlalchemy": ("sqlalchemy", "pg_engine", "def test_it(pg_session):\n    pass\n", "sqlalchemy", "sqlalchemy"),
+    "async-engine": (
+        "asyncpg",
+        "pg_async_engine with pg_async_driver = asyncpg",
+        "async def test_it(pg_async_session):\n    pass\n",
+        "asyncpg",
+        "asyncpg",
+    ),
 }
 
 
-@pytest.mark.parametrize("library", sorted(MISSING))
+@pytest.mark.parametrize("case", sorted(MISSING))
 def test_a_fixture_without_its_library_names_the_extra(
-    pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch, library: str
+    pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    fixture, source, package, extra = MISSING[library]
+    library, fixture, source, package, extra = MISSING[case]
     driver_project(pytester)
     monkeypatch.setitem(sys.modules, library, None)
     monkeypatch.delitem(sys.modules, f"pgsandbox.drivers.{library}", raising=False)
@@ -263,8 +272,7 @@ def test_a_fixture_without_its_library_names_the_extra(
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "test_missing.py")
     result.assert_outcomes(errors=1)
     output = result.stdout.str()
-    assert f"needs {package}, which is not installed." in output
-    assert fixture in output.split(f"needs {package}")[0].splitlines()[-1]
+    assert f"pgsandbox: {fixture} needs {package}, which is not installed." in output
     assert f"What to do: pip install 'pytest-pgsandbox[{extra}]'" in output
 
 

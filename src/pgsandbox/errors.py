@@ -44,3 +44,6 @@ class PgSandboxWarning(UserWarning):
 
 class MissingExtra(PgSandboxError):
     """A fixture or migrator needs a library that is not installed."""
+
+    module = ""  # the module that could not be imported
+    extra = ""  # the pytest-pgsandbox extra that installs it

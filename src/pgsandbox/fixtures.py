@@ -71,7 +71,7 @@ def pg_conn(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> psycopg.Conn
 def pg_psycopg2(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Any]:
     """A psycopg2 connection inside the test's isolation (extra ``[psycopg2]``): in ``transaction``
     isolation its own transaction on the session database, ``commit()`` moving a savepoint."""
-    driver = load_driver("psycopg2")
+    driver = load_driver("psycopg2", "pg_psycopg2")
     db = sandbox_database(request, pg_sandbox)
     conn = driver.connect(db)
     try:
@@ -84,7 +84,7 @@ def pg_psycopg2(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator
 def pg_engine(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Engine]:
     """A SQLAlchemy engine on the test's database (extra ``[sqlalchemy]``). In ``transaction`` isolation
     its one connection is the test's (``pg_conn``'s) and commits through it move a savepoint."""
-    driver = load_driver("sqlalchemy")
+    driver = load_driver("sqlalchemy", "pg_engine")
     db = sandbox_database(request, pg_sandbox)
     engine = driver.engine(db)
     try:
@@ -99,7 +99,7 @@ def pg_session(request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_engine: E
     transaction (``join_transaction_mode="create_savepoint"``): ``session.commit()`` releases a savepoint."""
     from pgsandbox import factoryboy
 
-    driver = load_driver("sqlalchemy")
+    driver = load_driver("sqlalchemy", "pg_session")
     db = sandbox_database(request, pg_sandbox)
     with driver.session(db, pg_engine) as session, factoryboy.using(session):
         yield session
@@ -110,10 +110,16 @@ def fail(error: PgSandboxError) -> NoReturn:
     raise pytest.fail.Exception(f"pgsandbox: {error}", pytrace=False) from None
 
 
-def load_driver(name: str) -> ModuleType:
-    """``pgsandbox.drivers.<name>``; a missing library fails the test with the extra to install."""
+def load_driver(name: str, fixture: str | None = None) -> ModuleType:
+    """``pgsandbox.drivers.<name>``; a missing library fails the test with the extra to install (and the
+    ``fixture`` that needs it)."""
+    from pgsandbox.drivers import missing
+    from pgsandbox.errors import MissingExtra
+
     try:
         return importlib.import_module(f"pgsandbox.drivers.{name}")
+    except MissingExtra as error:
+        fail(missing(error.module, error.extra, fixture) if fixture else error)
     except PgSandboxError as error:
         fail(error)
 
@@ -171,7 +177,7 @@ if pytest_asyncio is not None:
     async def pg_asyncpg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[Any]:
         """An asyncpg connection inside the test's isolation (extra ``[asyncpg]``): its ``transaction()``
         blocks are savepoints inside the test's transaction."""
-        load_driver("asyncpg")
+        load_driver("asyncpg", "pg_asyncpg")
         db = sandbox_database(request, pg_sandbox)
         async with async_connection(request, db, "asyncpg") as conn:
             yield conn
@@ -181,7 +187,7 @@ if pytest_asyncio is not None:
         """A SQLAlchemy ``AsyncEngine`` on the test's database; its driver is ``pg_async_driver`` (asyncpg
         or psycopg). In ``transaction`` isolation its one connection is the test's ``pg_asyncpg``/``pg_aconn``."""
         driver_name = async_driver_name(request, pg_sandbox)
-        driver = load_driver("sqlalchemy")
+        driver = load_driver("sqlalchemy", "pg_async_engine")
         try:
             driver.check_async_driver(driver_name)
         except PgSandboxError as error:
@@ -205,7 +211,7 @@ if pytest_asyncio is not None:
         ``pg_session``."""
         from pgsandbox import factoryboy
 
-        driver = load_driver("sqlalchemy")
+        driver = load_driver("sqlalchemy", "pg_async_session")
         db = sandbox_database(request, pg_sandbox)
         async with driver.async_session(db, pg_async_engine) as session:
             with factoryboy.using_async(session):

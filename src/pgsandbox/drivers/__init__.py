@@ -27,11 +27,17 @@ def require(module: str, extra: str, user: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        package = PACKAGES.get(module, module)
-        raise MissingExtra(
-            f"{user} needs {package}, which is not installed.",
-            f"pip install 'pytest-pgsandbox[{extra}]' (or add {package} to your test dependencies).",
-        ) from None
+        raise missing(module, extra, user) from None
+
+
+def missing(module: str, extra: str, user: str) -> MissingExtra:
+    package = PACKAGES.get(module, module)
+    error = MissingExtra(
+        f"{user} needs {package}, which is not installed.",
+        f"pip install 'pytest-pgsandbox[{extra}]' (or add {package} to your test dependencies).",
+    )
+    error.module, error.extra = module, extra
+    return error
 
 
 def closer(

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from pgsandbox.sandbox import Database
 
-require("sqlalchemy", "sqlalchemy", "the SQLAlchemy fixtures (pg_engine, pg_session, pg_async_engine...)")
+require("sqlalchemy", "sqlalchemy", "pgsandbox.drivers.sqlalchemy")
 
 from sqlalchemy import create_engine, event  # noqa: E402
 from sqlalchemy.orm import Session as _Session  # noqa: E402
