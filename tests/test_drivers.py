@@ -684,3 +684,51 @@ def test_engine_connections_roll_back_only_their_own_work(pytester: pytest.Pytes
         "test_shared_asyncpg.py",
     )
     result.assert_outcomes(passed=5)
+
+
+SESSION_LOOP = """
+    async def test_1_writes(pg_asyncpg, pg_aconn):
+        await pg_asyncpg.execute("insert into items (name) values ('a')")
+
+    async def test_2_commits_for_real(pg_asyncpg, pg_aconn):
+        await pg_aconn.execute("insert into items (name) values ('escaped')")
+        await pg_aconn.execute("commit")
+
+    async def test_3_fails(pg_asyncpg, pg_aconn):
+        await pg_asyncpg.execute("insert into items (name) values ('kept')")
+        assert False, "on purpose"
+
+    async def test_4_is_clean(pg_asyncpg, pg):
+        assert await pg_asyncpg.fetchval("select count(*) from items") == 0
+"""
+
+
+def test_kept_async_connections_follow_a_restored_and_a_kept_database(
+    pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str
+) -> None:
+    """With a session loop, async connections are parked between tests; when the session database is
+    replaced (an escape) or kept (a failure), they are closed in their loop, and the next test starts clean."""
+    driver_project(
+        pytester,
+        ini='asyncio_mode = "auto"\nasyncio_default_fixture_loop_scope = "session"\n'
+        'asyncio_default_test_loop_scope = "session"\n',
+    )
+    (pytester.path / "test_session_loop.py").write_text(textwrap.dedent(SESSION_LOOP))
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}",
+        "--pg-keep-failed",
+        "-p",
+        "no:randomly",
+        "-W",
+        "error::pgsandbox.errors.PgSandboxWarning",
+        "test_session_loop.py",
+    )
+    kept = re.findall(r"the database of this test is kept as (\S+);", result.stdout.str())
+    try:
+        result.assert_outcomes(passed=3, failed=1, errors=1)
+        result.stdout.fnmatch_lines(["*the transaction of its async psycopg connection was ended by a COMMIT*"])
+        with shared.connect(kept[0], autocommit=True) as conn:
+            assert [row[0] for row in conn.execute("select name from items")] == ["kept"]
+    finally:
+        for name in kept:
+            shared.admin.execute(f'drop database if exists "{name}" with (force)')
