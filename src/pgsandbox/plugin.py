@@ -30,6 +30,9 @@ DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
 KEEP_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 EARLY_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
+CONTROLLER_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
+XDIST_INPUT = "pgsandbox"  # the controller's sandbox, in each worker's workerinput
+XDIST_OUTPUT = "pgsandbox_kept"  # a worker's kept databases, in its workeroutput
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -123,6 +126,11 @@ def _start(config: pytest.Config) -> Sandbox:
     from pgsandbox.template import load_migrators
 
     options = settings(config)
+    shared = getattr(config, "workerinput", {}).get(XDIST_INPUT)
+    if shared is not None:  # an xdist worker: the controller started the server and built the templates
+        if "error" in shared:
+            raise PgSandboxError(shared["error"])
+        return Sandbox.attach(shared, options)
     root = config.rootpath
     migrations = load_migrators(options.migrations, options.migrations_inputs, root)
     migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
@@ -162,16 +170,54 @@ def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
 
 
 def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
-    config.stash[KEPT_KEY] = [sandbox.psql_command(name) for name in sandbox.kept]
+    commands = [sandbox.psql_command(name) for name in sandbox.kept]
+    config.stash[KEPT_KEY] = commands
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None and sandbox.kept:  # the controller reports them and keeps its server running
+        workeroutput[XDIST_OUTPUT] = {"names": sandbox.kept, "commands": commands}
     sandbox.stop()
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own session teardown, where the fixture stops it normally
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """A sandbox started after collection whose tests never ran (all skipped, or interrupted)."""
-    early = session.config.stash.get(EARLY_KEY, None)
+    """A sandbox started after collection whose tests never ran (all skipped, or interrupted); on an xdist
+    controller, the sandbox the workers shared (they are all done)."""
+    config = session.config
+    early = config.stash.get(EARLY_KEY, None)
     if early is not None and not isinstance(early, PgSandboxError):
         early.stop()
+    shared = config.stash.get(CONTROLLER_KEY, None)
+    if shared is not None and not isinstance(shared, PgSandboxError):
+        shared.stop()
+
+
+# -- pytest-xdist: one server and one template build for all workers ------------------------------------------
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """On the xdist controller, before a worker starts: start the sandbox once (server, templates), and hand
+    its description to the worker, which creates its own databases on it."""
+    config = node.config
+    sandbox = config.stash.get(CONTROLLER_KEY, None)
+    if sandbox is None:
+        try:
+            sandbox = _start(config)
+            config.stash[SANDBOX_KEY] = sandbox
+        except PgSandboxError as error:
+            sandbox = error  # each worker reports it at its first test that needs a database
+        config.stash[CONTROLLER_KEY] = sandbox
+    failed = isinstance(sandbox, PgSandboxError)
+    node.workerinput[XDIST_INPUT] = {"error": str(sandbox)} if failed else sandbox.describe()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """A worker is done: the databases it kept for failed tests are reported, and keep the server running."""
+    kept = getattr(node, "workeroutput", {}).get(XDIST_OUTPUT)
+    sandbox = node.config.stash.get(CONTROLLER_KEY, None)
+    if not kept or sandbox is None or isinstance(sandbox, PgSandboxError):
+        return
+    sandbox.adopt_kept(kept["names"])
+    node.config.stash[KEPT_KEY] = [*node.config.stash.get(KEPT_KEY, []), *kept["commands"]]
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -216,11 +216,13 @@ class Sandbox:
         templates: list[TemplateInfo],
         settings: Settings,
         progress: Progress | None = None,
+        attached: bool = False,
     ) -> None:
         self.server = server
         self.templates = templates
         self.settings = settings
         self.progress = progress
+        self.attached = attached  # another process's sandbox (xdist's controller) owns server and templates
         self.template = templates[-1].name if templates else "template0"
         self.clone_clause = clone_clause(server, settings.clone_strategy)
         self._transaction: TransactionIsolation | None = None
@@ -291,6 +293,37 @@ class Sandbox:
         except BaseException:
             server.stop()
             raise
+
+    # -- shared with other processes (pytest-xdist workers) -------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What another process on this machine needs to work on this sandbox's server and templates
+        (plain data, for xdist's worker input). It holds the admin password: never print it."""
+        return {
+            "dsn": self.server.dsn,
+            "local": isinstance(self.server, LocalServer),
+            "templates": [
+                {"layer": t.layer, "name": t.name, "key": t.key, "labels": list(t.labels)} for t in self.templates
+            ],
+        }
+
+    @classmethod
+    def attach(cls, description: dict[str, Any], settings: Settings, progress: Progress | None = None) -> Sandbox:
+        """A sandbox on the server and templates another process's :meth:`describe` gave: it creates (and
+        drops) only its own databases, under a prefix of its own."""
+        from pgsandbox.server import ExternalServer
+
+        server = ExternalServer.attach(description["dsn"], "the xdist controller's server")
+        templates = [
+            TemplateInfo(t["layer"], t["name"], t["key"], hit=True, labels=tuple(t["labels"]))
+            for t in description["templates"]
+        ]
+        if description["local"] and settings.clone_strategy == "auto":
+            settings = settings.replace(clone_strategy="file_copy")  # what the controller's local server takes
+        return cls(server, templates, settings, progress, attached=True)
+
+    def adopt_kept(self, names: Sequence[str]) -> None:
+        """Databases other processes kept on this sandbox's server: a local server then keeps running."""
+        self._kept.extend(names)
 
     # -- per test -------------------------------------------------------------------------------------
     def open(self, isolation: str | None = None, test_id: str = "") -> Database:
@@ -437,7 +470,8 @@ class Sandbox:
                 self._pool.close(drop_all=not local)
             if self._transaction is not None:
                 self._transaction.close()
-            release(self.server, self.templates)
+            if not self.attached:
+                release(self.server, self.templates)
             for name in self._kept:
                 self.server.forget_database(name)
         finally:

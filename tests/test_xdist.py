@@ -1,0 +1,77 @@
+"""pytest-xdist: the controller starts one server and builds the templates once; every worker creates its own
+databases on it, in both isolation modes and with every distribution mode."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("xdist")
+
+SCHEMA = "create table items (id serial primary key, name text not null, worker text);\n"
+
+# Each test records what it saw; test i writes a row and checks that it is the only one: whatever ran
+# before it on the same worker, in the same database, was rolled back or dropped.
+TESTS = """
+    import json
+    import os
+
+    import pytest
+
+    def record(pg, path):
+        row = pg.fetchone("select pg_postmaster_start_time()::text as started, current_database() as db")
+        with open(path, "a") as out:
+            out.write(json.dumps({{"worker": os.environ.get("PYTEST_XDIST_WORKER"), **row}}) + "\\n")
+
+    @pytest.mark.parametrize("i", range({count}))
+    def test_write(pg, i):
+        pg.execute("insert into items (name, worker) values (%s, %s)", [str(i), os.environ.get("PYTEST_XDIST_WORKER")])
+        assert pg.fetchval("select count(*) from items") == 1
+        record(pg, {log!r})
+"""
+
+
+def project(pytester: pytest.Pytester, count: int = 12, ini: str = "") -> Path:
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n' + ini)
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(SCHEMA)
+    log = pytester.path / "seen.jsonl"
+    source = textwrap.dedent(TESTS).format(count=count, log=str(log))
+    (pytester.path / "test_a.py").write_text(source)
+    (pytester.path / "test_b.py").write_text(source)
+    return log
+
+
+def seen(log: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("workers", "dist", "isolation"),
+    [
+        ("2", "load", "transaction"),
+        ("2", "load", "database"),
+        ("4", "loadscope", "transaction"),
+        ("4", "loadfile", "database"),
+    ],
+)
+def test_one_server_one_template_and_isolated_workers(
+    pytester: pytest.Pytester, workers: str, dist: str, isolation: str
+) -> None:
+    log = project(pytester)
+    result = pytester.runpytest("-n", workers, f"--dist={dist}", f"--pg-isolation={isolation}", "-p", "no:randomly")
+    result.assert_outcomes(passed=24)
+    output = result.stdout.str()
+    assert len(re.findall(r"migrations template \w+ \(sql:migrations\): cache (hit|miss)", output)) == 1
+    rows = seen(log)
+    assert len({row["started"] for row in rows}) == 1  # one server for every worker
+    assert len({row["worker"] for row in rows}) >= 2
+    by_worker: dict[str, set[str]] = {}
+    for row in rows:
+        by_worker.setdefault(row["worker"], set()).add(row["db"])
+    databases = [db for dbs in by_worker.values() for db in dbs]
+    assert len(databases) == len(set(databases))  # no database is shared between workers
