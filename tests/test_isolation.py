@@ -312,7 +312,7 @@ def test_pg_fixture_connection_details(project: pytest.Pytester, shared_dsn: str
             assert pg.url("asyncpg").startswith("postgresql+asyncpg://")
             assert set(pg.env) >= {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}
             assert pg.env["PGDATABASE"] == pg.name == pg.info.dbname
-            assert pg.info.host == "127.0.0.1" and pg.info.user == "postgres"
+            assert pg.info.host == "127.0.0.1" and pg.info.user.endswith("_tests")  # the tests' own role
             assert "password" not in repr(pg).lower() and pg.env["PGPASSWORD"] not in repr(pg)
             assert pg.execute("insert into users (name) values ('x'), ('y')") == 2
             assert pg.fetchone("select name from users where name = %s", ["x"]) == {"name": "x"}

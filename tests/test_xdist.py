@@ -23,7 +23,9 @@ TESTS = """
     import pytest
 
     def record(pg, path):
-        row = pg.fetchone("select pg_postmaster_start_time()::text as started, current_database() as db")
+        row = pg.fetchone(
+            "select pg_postmaster_start_time()::text as started, current_database() as db, current_user as user"
+        )
         with open(path, "a") as out:
             out.write(json.dumps({{"worker": os.environ.get("PYTEST_XDIST_WORKER"), **row}}) + "\\n")
 
@@ -75,3 +77,6 @@ def test_one_server_one_template_and_isolated_workers(
         by_worker.setdefault(row["worker"], set()).add(row["db"])
     databases = [db for dbs in by_worker.values() for db in dbs]
     assert len(databases) == len(set(databases))  # no database is shared between workers
+    users = {row["worker"]: row["user"] for row in rows}
+    assert all(row["user"] == users[row["worker"]] for row in rows)
+    assert len(set(users.values())) == len(users)  # a role of its own for each worker

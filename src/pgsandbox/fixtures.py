@@ -68,6 +68,14 @@ def pg_conn(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> psycopg.Conn
 
 
 @pytest.fixture
+def pg_admin(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> psycopg.Connection[Any]:
+    """A psycopg connection to the test's database as the admin (a superuser on a local server), in autocommit:
+    for what the tests' own role may not do. It is outside the test's transaction, so what it changes is
+    committed: in ``transaction`` isolation a write through it is reported as an escape."""
+    return sandbox_database(request, pg_sandbox).connect_admin()
+
+
+@pytest.fixture
 def pg_psycopg2(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Any]:
     """A psycopg2 connection inside the test's isolation (extra ``[psycopg2]``): in ``transaction``
     isolation its own transaction on the session database, ``commit()`` moving a savepoint."""

@@ -33,7 +33,7 @@ from pgsandbox.isolation.transaction import (
     app_name,
     guest_begin,
 )
-from pgsandbox.server import LocalServer, Server, start_server
+from pgsandbox.server import LocalServer, Server, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
@@ -75,16 +75,16 @@ class Database:
 
     @property
     def dsn(self) -> str:
-        """libpq connection string, password included: give it to clients, do not print it."""
-        return self.server.dsn_for(self.name)
+        """libpq connection string of the tests' role, password included: give it to clients, do not print it."""
+        return self.server.login_dsn_for(self.name)
 
     def url(self, driver: str = "psycopg") -> str:
         """SQLAlchemy URL (``postgresql+psycopg://...``); ``driver`` may be psycopg2, asyncpg, pg8000..."""
-        return sqlalchemy_url({**self.server.params, "dbname": self.name}, driver)
+        return sqlalchemy_url(self.params, driver)
 
     @property
     def info(self) -> ConnectionInfo:
-        params = self.server.params
+        params = self.params
         return ConnectionInfo(
             str(params.get("host", "")), int(params.get("port") or 5432), self.name, str(params["user"])
         )
@@ -92,7 +92,7 @@ class Database:
     @property
     def env(self) -> dict[str, str]:
         """libpq environment variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE) for subprocesses."""
-        return libpq_env({**self.server.params, "dbname": self.name})
+        return libpq_env(self.params)
 
     @property
     def connection(self) -> psycopg.Connection[Any]:
@@ -158,8 +158,18 @@ class Database:
     # -- for driver adapters: connections of other client libraries ------------------------------------
     @property
     def params(self) -> dict[str, Any]:
-        """Connection parameters (libpq keywords: host, port, user, password, dbname, ssl...)."""
-        return {**self.server.params, "dbname": self.name}
+        """Connection parameters of the tests' role (libpq keywords: host, port, user, password, dbname...)."""
+        return {**self.server.login_params, "dbname": self.name}
+
+    def connect_admin(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A new connection to this database as the admin (superuser on a local server), outside the test's
+        transaction: what it does is committed. Closed after the test if the test did not close it."""
+        kwargs.setdefault("application_name", app_name(self.test_id) + " (admin)")
+        kwargs.setdefault("autocommit", True)
+        conn = self.server.connect(self.name, **kwargs)
+        self.joined(conn.info.backend_pid)
+        self._opened.append(conn)
+        return conn
 
     @property
     def application_name(self) -> str:
@@ -289,10 +299,29 @@ class Sandbox:
                         )
                 if isinstance(server, LocalServer):
                     warm_relcache(server, templates[-1].name)
-            return cls(server, templates, settings, progress)
+            sandbox = cls(server, templates, settings, progress)
+            sandbox._log_in()
+            return sandbox
         except BaseException:
             server.stop()
             raise
+
+    def _log_in(self) -> None:
+        """Create the role this session's tests connect as (``pg_role``), when the admin may create roles."""
+        if self.settings.role == "admin":
+            return
+        admin = self.server.admin
+        if not roles.can_manage_roles(admin):
+            if self.progress:
+                user = self.server.params.get("user")
+                self.progress(
+                    f"tests connect as {user}: it may not create roles (CREATEROLE), so pgsandbox cannot give them "
+                    "a least-privilege role of their own"
+                )
+            return
+        roles.ensure_owner(admin)
+        name = self.server.database_name("tests")
+        self.server.login = roles.create_login(admin, name, createdb=self.settings.role == "createdb")
 
     # -- shared with other processes (pytest-xdist workers) -------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -319,7 +348,13 @@ class Sandbox:
         ]
         if description["local"] and settings.clone_strategy == "auto":
             settings = settings.replace(clone_strategy="file_copy")  # what the controller's local server takes
-        return cls(server, templates, settings, progress, attached=True)
+        sandbox = cls(server, templates, settings, progress, attached=True)
+        try:
+            sandbox._log_in()
+        except BaseException:
+            server.stop()
+            raise
+        return sandbox
 
     def adopt_kept(self, names: Sequence[str]) -> None:
         """Databases other processes kept on this sandbox's server: a local server then keeps running."""
@@ -384,6 +419,9 @@ class Sandbox:
             self._kept.append(kept_as)
         if db.isolation == "transaction":
             assert self._transaction is not None
+            for conn in db._opened:  # admin connections (connect_admin); the test's own is not in the list
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
             return self._transaction.end(db.test_id, kept_as, next_test_id, db.guests)
         assert self._pool is not None
         ours = set(db.guests.pids)
@@ -474,6 +512,11 @@ class Sandbox:
                 release(self.server, self.templates)
             for name in self._kept:
                 self.server.forget_database(name)
+                if self.server.login is not None:  # its owner, the tests' role, is dropped below
+                    with contextlib.suppress(psycopg.Error):
+                        self.server.admin.execute(
+                            sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(name))
+                        )
         finally:
             if local and self._kept:
                 assert isinstance(self.server, LocalServer)

@@ -102,6 +102,7 @@ def _count(value: str) -> int:
 
 ISOLATIONS = ("transaction", "database")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
+ROLES = ("own", "createdb", "admin")
 CLONE_STRATEGIES = ("auto", "file_copy", "wal_log")
 
 
@@ -161,6 +162,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("templates_keep", "how many templates per project to keep on the server (default 3)", parse=_count),
     Option(
+        "role",
+        "whom tests connect as: own (default: a least-privilege role of the session's own), createdb (the same, "
+        "allowed to create databases) or admin",
+        parse=_choice(*ROLES),
+    ),
+    Option(
         "async_driver",
         "driver of pg_async_engine/pg_async_session: asyncpg (default) or psycopg",
         parse=_choice(*ASYNC_DRIVERS),
@@ -191,6 +198,7 @@ class Settings:
     keep_failed: bool = False
     clone_strategy: Literal["auto", "file_copy", "wal_log"] = "auto"
     templates_keep: int = 3
+    role: Literal["own", "createdb", "admin"] = "own"
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -109,19 +109,18 @@ class ClonePool:
                         self._pending += 1
                         name = self.server.database_name(f"t{self._counter}")
                         strategy = self.strategy()
-                    query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                        sql.Identifier(name), sql.Identifier(self.template)
-                    )
-                    if strategy:
-                        query += sql.SQL(" STRATEGY ") + sql.SQL(strategy)
+                    clause = sql.SQL(" STRATEGY ") + sql.SQL(strategy) if strategy else None
+                    statements = self.server.creation(name, self.template, clause)
                     started = time.perf_counter()
-                    conn.execute(query)
+                    conn.execute(statements[0])
+                    self._alive.add(name)
+                    for statement in statements[1:]:
+                        conn.execute(statement)
                     if strategy:
                         with self._cond:
                             self.timings[strategy].append(time.perf_counter() - started)
-                    self._alive.add(name)
                     try:
-                        test_conn: psycopg.Connection[Any] | None = self.server.connect(name)
+                        test_conn: psycopg.Connection[Any] | None = psycopg.connect(self.server.login_dsn_for(name))
                     except psycopg.Error:
                         test_conn = None
                     with self._cond:

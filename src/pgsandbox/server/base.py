@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.errors import ConfigError
 from pgsandbox.redact import redact
+from pgsandbox.server.roles import Login
 
 Progress = Callable[[str], None]
 MAX_IDENTIFIER = 63
@@ -83,6 +84,8 @@ class Server(ABC):
         self._created: list[str] = []
         self._admin: psycopg.Connection[Any] | None = None
         self._counter = 0
+        # the role tests connect as (roles.py); None: the admin's, as with pg_role = admin
+        self.login: Login | None = None
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -110,6 +113,20 @@ class Server(ABC):
 
     def dsn_for(self, dbname: str) -> str:
         return make_conninfo(self._conninfo, dbname=dbname)
+
+    def login_dsn_for(self, dbname: str) -> str:
+        """The DSN tests use: the login role's (:attr:`login`), or the admin's when there is none."""
+        if self.login is None:
+            return self.dsn_for(dbname)
+        return make_conninfo(self._conninfo, dbname=dbname, user=self.login.user, password=self.login.password)
+
+    @property
+    def login_params(self) -> dict[str, Any]:
+        """The connection parameters tests use (see :meth:`login_dsn_for`), without a database name."""
+        params = self.params
+        if self.login is not None:
+            params.update(user=self.login.user, password=self.login.password)
+        return params
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} PostgreSQL {self.version_string} {self.dsn_redacted}>"
@@ -142,14 +159,26 @@ class Server(ABC):
         ``CREATE DATABASE`` statement (a clone strategy, for example).
         """
         full = self.database_name(name)
+        for statement in self.creation(full, template, clause):
+            self.admin.execute(statement)
+            if full not in self._created:
+                self._created.append(full)
+        return full
+
+    def creation(
+        self, full: str, template: str | None = None, clause: sql.Composable | None = None
+    ) -> list[sql.Composed]:
+        """The statements that create database ``full`` for the tests (each in its own transaction): owned by
+        the tests' role, which alone (with superusers) may connect to it."""
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(full))
         if template:
             query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
         if clause is not None:
             query += clause
-        self.admin.execute(query)
-        self._created.append(full)
-        return full
+        if self.login is None:
+            return [query]
+        query += sql.SQL(" OWNER {}").format(sql.Identifier(self.login.user))
+        return [query, sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(full))]
 
     def database_name(self, name: str | None = None) -> str:
         """The full name ``create_database(name)`` would use."""

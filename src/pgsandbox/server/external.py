@@ -12,6 +12,7 @@ from pgsandbox.binaries import MIN_VERSION
 from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server.base import Server, new_run_id
+from pgsandbox.server.roles import drop_login
 
 CONNECT_TIMEOUT = 10
 _UNREACHABLE = re.compile(
@@ -70,10 +71,12 @@ class ExternalServer(Server):
         return server
 
     def stop(self) -> None:
-        """Drop every database this run created (and only those)."""
+        """Drop every database this run created (and only those), then the role its tests used."""
         try:
             for name in list(self._created):
                 self.drop_database(name)
+            if self.login is not None:
+                drop_login(self.admin, self.login)
         finally:
             self._close_admin()
 

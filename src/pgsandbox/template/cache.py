@@ -23,12 +23,13 @@ from psycopg import sql
 
 import pgsandbox
 from pgsandbox.errors import ConfigError
+from pgsandbox.server import roles
 from pgsandbox.server.base import Progress, Server, terminate_connections
 from pgsandbox.template.base import Migrator, Target, fingerprint
 from pgsandbox.urls import sqlalchemy_url
 
 PREFIX = "pgsandbox_tpl_"
-LAYOUT = "1"  # bump when templates built by older versions must not be reused
+LAYOUT = "2"  # bump when templates built by older versions must not be reused (2: objects handed over)
 NO_CLAUSE = sql.SQL("")
 
 
@@ -77,7 +78,8 @@ def _server_traits(server: Server) -> str:
     row = server.admin.execute(
         "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database WHERE datname = 'template0'"
     ).fetchone()
-    return json.dumps([server.version[0], *(row or ())])
+    # whether the objects are handed over to pgsandbox_owner (roles.py) depends on the admin's rights
+    return json.dumps([server.version[0], *(row or ()), roles.can_manage_roles(server.admin)])
 
 
 def template_name(key: str, traits: str) -> str:
@@ -183,6 +185,9 @@ def _build(
             for migrator in layer.migrators:
                 migrator.migrate(target)
             with server.connect(info.name, autocommit=True) as conn:
+                if roles.can_manage_roles(server.admin):
+                    roles.ensure_owner(server.admin)
+                    roles.hand_over(conn)
                 # frozen rows and fresh statistics, once, instead of hint-bit writes and guesses in every clone
                 conn.execute("VACUUM (FREEZE, ANALYZE)")
             server.connect(info.name).close()  # see warm_relcache

@@ -1,0 +1,130 @@
+"""Least-privilege roles: tests connect as a role of their own process, not as the admin.
+
+- ``pgsandbox_owner`` (NOLOGIN, one per server) owns what the migrations created in a template: after a layer
+  is migrated (as the admin), its objects are handed over to it.
+- Each session (each xdist worker) creates ``<prefix>tests``: LOGIN with a random password, NOSUPERUSER,
+  NOCREATEROLE, NOCREATEDB unless asked, member of ``pgsandbox_owner`` (so it has the owner's rights on the
+  app's tables in the databases it may connect to). Its databases are created by the admin with it as their
+  owner, and ``CONNECT`` is revoked from ``PUBLIC``: another worker's role cannot connect to them.
+
+Roles are cluster-wide; every name starts with ``pgsandbox_``, and a session drops its own role when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgsandbox.redact import register_secret
+
+OWNER = "pgsandbox_owner"
+
+
+@dataclass(frozen=True)
+class Login:
+    """The role tests connect as; ``repr()`` hides the password."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+def can_manage_roles(admin: psycopg.Connection[Any]) -> bool:
+    """Superuser, or CREATEROLE: what creating the roles above takes."""
+    row = admin.execute("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user").fetchone()
+    return bool(row and row[0])
+
+
+def ensure_owner(admin: psycopg.Connection[Any]) -> None:
+    """Create ``pgsandbox_owner`` if this server has none yet (concurrent sessions: one wins, all succeed)."""
+    exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [OWNER]).fetchone()
+    if exists:
+        return
+    with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+        admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(OWNER)))
+    superuser = admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    if not (superuser and superuser[0]):
+        # a CREATEROLE admin must be a member to hand objects over to the role
+        with contextlib.suppress(psycopg.Error):
+            admin.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(OWNER)))
+
+
+# What the migrations' role owns in a template, in schemas that are not the system's and outside extensions,
+# as the ALTER statements that hand it to pgsandbox_owner. Indexes, and sequences owned by a column, follow
+# their table; array and multirange types follow their type.
+_NOT_SYSTEM = "{nsp} NOT LIKE 'pg\\_%%' AND {nsp} <> 'information_schema'"
+_NOT_EXTENSION = (
+    "NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{catalog}'::regclass AND d.objid = {oid} "
+    "AND d.deptype = 'e')"
+)
+HAND_OVER = f"""
+WITH me AS (SELECT oid FROM pg_roles WHERE rolname = current_user)
+SELECT format('ALTER SCHEMA %%I OWNER TO %%I', n.nspname, %(owner)s::text) FROM pg_namespace n, me
+ WHERE n.nspowner = me.oid AND {_NOT_SYSTEM.format(nsp="n.nspname")}
+   AND {_NOT_EXTENSION.format(catalog="pg_namespace", oid="n.oid")}
+UNION ALL
+SELECT format('ALTER %%s %%I.%%I OWNER TO %%I',
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                             WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END,
+              n.nspname, c.relname, %(owner)s::text)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, me
+ WHERE c.relowner = me.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {_NOT_SYSTEM.format(nsp="n.nspname")}
+   AND {_NOT_EXTENSION.format(catalog="pg_class", oid="c.oid")}
+   AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+            AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')))
+UNION ALL
+SELECT format('ALTER %%s %%s OWNER TO %%I', CASE p.prokind WHEN 'a' THEN 'AGGREGATE' ELSE 'ROUTINE' END,
+              p.oid::regprocedure, %(owner)s::text)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace, me
+ WHERE p.proowner = me.oid AND {_NOT_SYSTEM.format(nsp="n.nspname")}
+   AND {_NOT_EXTENSION.format(catalog="pg_proc", oid="p.oid")}
+UNION ALL
+SELECT format('ALTER %%s %%s OWNER TO %%I', CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END,
+              t.oid::regtype, %(owner)s::text)
+  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace, me
+ WHERE t.typowner = me.oid AND t.typtype IN ('e', 'd', 'r', 'c') AND {_NOT_SYSTEM.format(nsp="n.nspname")}
+   AND (t.typtype <> 'c' OR (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
+   AND {_NOT_EXTENSION.format(catalog="pg_type", oid="t.oid")}
+"""
+
+
+def hand_over(conn: psycopg.Connection[Any]) -> int:
+    """In a template being built (``conn``: the admin, on it): give the migrations' objects to
+    ``pgsandbox_owner``, so that the test roles (its members) may use and alter them. Returns how many."""
+    statements = [row[0] for row in conn.execute(HAND_OVER, {"owner": OWNER}).fetchall()]
+    for statement in statements:
+        conn.execute(statement)
+    if conn.info.server_version >= 150000:
+        # lets the tests' connection count itself in the statistics at once (see isolation/transaction.py)
+        grant = sql.SQL("GRANT EXECUTE ON FUNCTION pg_stat_force_next_flush() TO {}")
+        conn.execute(grant.format(sql.Identifier(OWNER)))
+    return len(statements)
+
+
+def create_login(admin: psycopg.Connection[Any], name: str, createdb: bool = False) -> Login:
+    """A role for one session's tests (``CREATEDB`` only when asked); its password is random and reaches
+    the server as a SCRAM verifier, never in clear."""
+    from pgsandbox.server.local import scram_verifier
+
+    password = secrets.token_urlsafe(24)
+    register_secret(password)
+    admin.execute(
+        sql.SQL(
+            "CREATE ROLE {} LOGIN PASSWORD {} NOSUPERUSER NOCREATEROLE {} NOREPLICATION NOBYPASSRLS IN ROLE {}"
+        ).format(
+            sql.Identifier(name),
+            sql.Literal(scram_verifier(password)),
+            sql.SQL("CREATEDB" if createdb else "NOCREATEDB"),
+            sql.Identifier(OWNER),
+        )
+    )
+    return Login(name, password)
+
+
+def drop_login(admin: psycopg.Connection[Any], login: Login) -> None:
+    with contextlib.suppress(psycopg.Error):
+        admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(login.user)))

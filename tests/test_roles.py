@@ -1,0 +1,99 @@
+"""Least-privilege roles: tests connect as a role of their session's own, which owns its databases and
+nothing else, may not create roles or databases, and may not connect to another session's databases."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgsandbox import LocalServer, Sandbox, Settings
+from pgsandbox.server.roles import OWNER
+
+SCHEMA = "create table users (id serial primary key, name text not null);\ninsert into users (name) values ('ada');\n"
+
+PRIVILEGES = """
+    import psycopg
+    import pytest
+
+    def me(conn):
+        return conn.execute(
+            "select current_user, rolsuper, rolcreaterole, rolcreatedb from pg_roles where rolname = current_user"
+        ).fetchone()
+
+    def test_the_tests_role(pg_conn, pg):
+        user, superuser, createrole, createdb = me(pg_conn)
+        assert user == pg.info.user and user.startswith("pgsandbox_") and user.endswith("_tests")
+        assert not (superuser or createrole or createdb)
+        # it owns what the migrations made (through pgsandbox_owner): data and schema changes work
+        pg_conn.execute("insert into users (name) values ('bob')")
+        pg_conn.execute("alter table users add column email text")
+        assert pg_conn.execute("select count(*) from users").fetchone() == (2,)
+
+    def test_it_may_not_create_roles_or_databases(pg_conn):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            pg_conn.execute("create role intruder")
+        pg_conn.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            pg_conn.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = 'postgres'")
+        pg_conn.rollback()
+
+    @pytest.mark.pg(isolation="database")
+    def test_nor_databases(pg):
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("create database intruder")
+
+    def test_pg_admin_is_the_admin(pg_admin, pg):
+        user, superuser, _, _ = me(pg_admin)
+        assert superuser and user != pg.info.user
+        assert pg_admin.info.dbname == pg.name
+"""
+
+
+def test_tests_connect_as_a_least_privilege_role(pytester: pytest.Pytester, shared_dsn: str) -> None:
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(SCHEMA)
+    (pytester.path / "test_privileges.py").write_text(textwrap.dedent(PRIVILEGES))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+    role = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-role=admin", "-p", "no:randomly", "-k", "tests_role")
+    role.assert_outcomes(failed=1)  # with pg_role = admin the tests connect as the admin
+    role.stdout.fnmatch_lines(["*pg_conn = <*SandboxConnection * user=postgres database=*"])
+
+
+def sandbox(tmp_path: Path, shared_dsn: str, **options: object) -> Sandbox:
+    (tmp_path / "migrations").mkdir(exist_ok=True)
+    (tmp_path / "migrations/1.sql").write_text(SCHEMA)
+    settings = Settings(dsn=shared_dsn, migrations=("sql:migrations",)).replace(**options)
+    return Sandbox.start(settings, root=tmp_path)
+
+
+def test_one_sessions_role_cannot_reach_anothers_databases(
+    tmp_path: Path, shared: LocalServer, shared_dsn: str
+) -> None:
+    with sandbox(tmp_path, shared_dsn) as first, sandbox(tmp_path, shared_dsn) as second:
+        assert first.server.login and second.server.login
+        assert first.server.login.user != second.server.login.user
+        with first.database() as mine, second.database() as theirs:
+            assert mine.fetchval("select count(*) from users") == 1
+            with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+                psycopg.connect(first.server.login_dsn_for(theirs.name)).close()
+            with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+                psycopg.connect(second.server.login_dsn_for(mine.name)).close()
+            # the template itself takes no connections at all
+            with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
+                psycopg.connect(first.server.login_dsn_for(first.template)).close()
+        users = (first.server.login.user, second.server.login.user)
+    # each session dropped its role; the shared owner role stays for the templates
+    left = shared.admin.execute("select rolname from pg_roles where rolname = any(%s)", [list(users)]).fetchall()
+    assert left == []
+    assert shared.admin.execute("select 1 from pg_roles where rolname = %s", [OWNER]).fetchone() == (1,)
+
+
+def test_createdb_when_asked(tmp_path: Path, shared_dsn: str) -> None:
+    with sandbox(tmp_path, shared_dsn, role="createdb") as box, box.database() as db:
+        assert db.fetchval("select rolcreatedb from pg_roles where rolname = current_user") is True
