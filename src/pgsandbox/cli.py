@@ -1,4 +1,5 @@
-"""``pgsandbox doctor`` (what would be used and why) and ``pgsandbox clean`` (caches and leftovers)."""
+"""``pgsandbox doctor`` (what would be used and why), ``pgsandbox clean`` (caches and leftovers) and
+``pgsandbox reap`` (what dead runs left on a shared server)."""
 
 from __future__ import annotations
 
@@ -77,17 +78,63 @@ def clean(settings: Settings, keep_cache: bool) -> int:
     return 0
 
 
+def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, include_kept: bool) -> int:
+    """List (``dry_run``) or drop the databases and roles of runs that died on a shared server."""
+    from pgsandbox.server import reaper
+    from pgsandbox.server.external import ExternalServer
+
+    target = dsn if dsn is not None else settings.dsn or ""
+    server = ExternalServer.attach(target, "--dsn" if dsn is not None else settings.source_of("dsn"))
+    try:
+        admin = server.admin
+        now = time.time()
+        stale = reaper.stale_runs(admin, grace, server.run_id, now)
+        alive = [run for run in reaper.runs_on(admin).values() if run.run_id != server.run_id]
+        live = [run for run in alive if run.run_id not in {s.run_id for s in stale}]
+        print(
+            f"Runs on {describe_target(target)}: {len(live)} still running or within the grace period, "
+            f"{len(stale)} to reap"
+        )
+        for run in live:
+            print(f"  leave {run.describe(now)}: {', '.join([*run.databases, *run.kept, *run.roles])}")
+        for run in stale:
+            kept = f"; kept for failed tests: {', '.join(run.kept)}" if run.kept else ""
+            print(
+                f"  {'would reap' if dry_run else 'reap'} {run.describe(now)}: "
+                f"{', '.join([*run.databases, *run.roles]) or 'nothing'}{kept}"
+            )
+        if not dry_run:
+            dropped = reaper.reap(admin, stale, include_kept=include_kept)
+            print(f"Dropped {len(dropped)} databases and roles.")
+        elif any(run.kept for run in stale) and not include_kept:
+            print("Kept databases stay unless --include-kept.")
+    finally:
+        server.stop()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgsandbox", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="show which PostgreSQL would be used and why, the cache, leftovers")
     clean_parser = commands.add_parser("clean", help="stop leftover servers of killed runs, remove caches")
     clean_parser.add_argument("--keep-cache", action="store_true", help="only stop leftover servers")
+    reap_parser = commands.add_parser(
+        "reap", help="drop the databases and roles that runs which died left on a shared server"
+    )
+    reap_parser.add_argument("--dsn", help="the server (default: PGSANDBOX_DSN, then the libpq PG* variables)")
+    reap_parser.add_argument(
+        "--grace", type=float, default=0.0, help="leave runs that started less than this many seconds ago (default 0)"
+    )
+    reap_parser.add_argument("--dry-run", action="store_true", help="list what would be dropped, drop nothing")
+    reap_parser.add_argument("--include-kept", action="store_true", help="also drop databases kept for failed tests")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         if args.command == "doctor":
             return doctor(settings)
+        if args.command == "reap":
+            return reap(settings, args.dsn, args.grace, args.dry_run, args.include_kept)
         return clean(settings, args.keep_cache)
     except PgSandboxError as error:
         print(f"pgsandbox: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ with Sandbox.start(Settings(migrations=("sql:migrations",))) as sandbox:
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,7 @@ from pgsandbox.isolation.transaction import (
     app_name,
     guest_begin,
 )
-from pgsandbox.server import LocalServer, Server, roles, start_server
+from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
@@ -300,11 +301,22 @@ class Sandbox:
                 if isinstance(server, LocalServer):
                     warm_relcache(server, templates[-1].name)
             sandbox = cls(server, templates, settings, progress)
+            if not isinstance(server, LocalServer):
+                sandbox.reap()
             sandbox._log_in()
             return sandbox
         except BaseException:
             server.stop()
             raise
+
+    def reap(self, grace_seconds: float | None = None) -> list[str]:
+        """Drop what runs that died (a killed CI runner) left on this server, once they started longer ago than
+        ``grace_seconds`` (default ``pg_reap_grace``); a progress line says what went."""
+        grace = self.settings.reap_grace if grace_seconds is None else grace_seconds
+        if grace < 0:
+            return []
+        admin = self.server.admin
+        return reaper.reap(admin, reaper.stale_runs(admin, grace, self.server.run_id), say=self.progress)
 
     def _log_in(self) -> None:
         """Create the role this session's tests connect as (``pg_role``), when the admin may create roles."""
@@ -321,7 +333,9 @@ class Sandbox:
             return
         roles.ensure_owner(admin)
         name = self.server.database_name("tests")
-        self.server.login = roles.create_login(admin, name, createdb=self.settings.role == "createdb")
+        self.server.login = roles.create_login(
+            admin, name, createdb=self.settings.role == "createdb", label=self.server.run_label
+        )
 
     # -- shared with other processes (pytest-xdist workers) -------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -422,7 +436,10 @@ class Sandbox:
             for conn in db._opened:  # admin connections (connect_admin); the test's own is not in the list
                 with contextlib.suppress(psycopg.Error):
                     conn.close()
-            return self._transaction.end(db.test_id, kept_as, next_test_id, db.guests)
+            findings = self._transaction.end(db.test_id, kept_as, next_test_id, db.guests)
+            if kept_as:
+                self._label_kept(kept_as)
+            return findings
         assert self._pool is not None
         ours = set(db.guests.pids)
         for conn in db._opened:
@@ -432,7 +449,16 @@ class Sandbox:
                 conn.close()
         findings = self._leftover_connections(db, ours)
         self._pool.release(db.name, keep=keep)
+        if kept_as:
+            self._label_kept(kept_as)
         return findings
+
+    def _label_kept(self, name: str) -> None:
+        """A kept database says so in its comment: the reaper leaves it to its user."""
+        label = {**json.loads(self.server.run_label), "kept": True}
+        self.server.admin.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(json.dumps(label)))
+        )
 
     def _leftover_connections(self, db: Database, ours: set[int]) -> list[str]:
         row = self.server.admin.execute(

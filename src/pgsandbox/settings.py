@@ -100,6 +100,18 @@ def _count(value: str) -> int:
     return count
 
 
+def _seconds(value: str) -> float:
+    if value.strip().lower() in ("never", "off"):
+        return -1.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("expected a number of seconds (0: at once; -1 or never: never)") from None
+    if seconds < 0 and seconds != -1:
+        raise ValueError("expected a number of seconds (0: at once; -1 or never: never)")
+    return seconds
+
+
 ISOLATIONS = ("transaction", "database")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
@@ -168,6 +180,12 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*ROLES),
     ),
     Option(
+        "reap_grace",
+        "seconds after which a dead run's databases and role on a shared server are dropped by the next run "
+        "(default 300; -1: never)",
+        parse=_seconds,
+    ),
+    Option(
         "async_driver",
         "driver of pg_async_engine/pg_async_session: asyncpg (default) or psycopg",
         parse=_choice(*ASYNC_DRIVERS),
@@ -199,6 +217,7 @@ class Settings:
     clone_strategy: Literal["auto", "file_copy", "wal_log"] = "auto"
     templates_keep: int = 3
     role: Literal["own", "createdb", "admin"] = "own"
+    reap_grace: float = 300.0
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

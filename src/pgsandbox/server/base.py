@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import secrets
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
@@ -67,6 +71,11 @@ def new_run_id() -> str:
     return secrets.token_hex(4)
 
 
+def lock_id(name: str, purpose: str) -> int:
+    """A bigint advisory lock key for (name, purpose): a template's build or use, a run's lifetime."""
+    return int.from_bytes(hashlib.sha256(f"pgsandbox:{purpose}:{name}".encode()).digest()[:8], "big", signed=True)
+
+
 class Server(ABC):
     """A running PostgreSQL server that pgsandbox may create databases on.
 
@@ -86,6 +95,7 @@ class Server(ABC):
         self._counter = 0
         # the role tests connect as (roles.py); None: the admin's, as with pg_role = admin
         self.login: Login | None = None
+        self.started = time.time()
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -139,10 +149,29 @@ class Server(ABC):
 
     @property
     def admin(self) -> psycopg.Connection[Any]:
-        """One autocommit connection kept open for administration: new connections cost milliseconds."""
+        """One autocommit connection kept open for administration: new connections cost milliseconds. It
+        holds the run's lock (see :meth:`_hold_run_lock`)."""
         if self._admin is None or self._admin.closed:
             self._admin = self.connect(autocommit=True)
+            self._hold_run_lock(self._admin)
         return self._admin
+
+    def _hold_run_lock(self, conn: psycopg.Connection[Any]) -> None:
+        """A session-level advisory lock for the run's lifetime: while it is held, nobody reaps what the run
+        created (reaper.py); when the run dies, the server releases it with the connection."""
+        conn.execute("SELECT pg_advisory_lock(%s)", [lock_id(self.run_id, "run")])
+
+    @property
+    def run_label(self) -> str:
+        """What every database (and role) of this run says about it in its comment: run, start, host, pid."""
+        return json.dumps(
+            {
+                "pgsandbox_run": self.run_id,
+                "started": int(self.started),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
+        )
 
     # -- databases ---------------------------------------------------------------------------------
     @property
@@ -175,10 +204,13 @@ class Server(ABC):
             query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
         if clause is not None:
             query += clause
+        label = sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(full), sql.Literal(self.run_label))
         if self.login is None:
-            return [query]
+            return [query, label]
         query += sql.SQL(" OWNER {}").format(sql.Identifier(self.login.user))
-        return [query, sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(full))]
+        # one round trip: only its owner (and superusers) may connect, and it says which run made it
+        revoke = sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC; ").format(sql.Identifier(full))
+        return [query, revoke + label]
 
     def database_name(self, name: str | None = None) -> str:
         """The full name ``create_database(name)`` would use."""

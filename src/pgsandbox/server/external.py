@@ -68,6 +68,7 @@ class ExternalServer(Server):
             admin.close()
             raise
         server._admin = admin
+        server._hold_run_lock(admin)
         return server
 
     def stop(self) -> None:

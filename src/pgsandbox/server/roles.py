@@ -105,7 +105,7 @@ def hand_over(conn: psycopg.Connection[Any]) -> int:
     return len(statements)
 
 
-def create_login(admin: psycopg.Connection[Any], name: str, createdb: bool = False) -> Login:
+def create_login(admin: psycopg.Connection[Any], name: str, createdb: bool = False, label: str = "") -> Login:
     """A role for one session's tests (``CREATEDB`` only when asked); its password is random and reaches
     the server as a SCRAM verifier, never in clear."""
     from pgsandbox.server.local import scram_verifier
@@ -122,6 +122,8 @@ def create_login(admin: psycopg.Connection[Any], name: str, createdb: bool = Fal
             sql.Identifier(OWNER),
         )
     )
+    if label:  # which run it belongs to, for the reaper
+        admin.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(name), sql.Literal(label)))
     return Login(name, password)
 
 

@@ -24,7 +24,7 @@ from psycopg import sql
 import pgsandbox
 from pgsandbox.errors import ConfigError
 from pgsandbox.server import roles
-from pgsandbox.server.base import Progress, Server, terminate_connections
+from pgsandbox.server.base import Progress, Server, lock_id, terminate_connections
 from pgsandbox.template.base import Migrator, Target, fingerprint
 from pgsandbox.urls import sqlalchemy_url
 
@@ -84,11 +84,6 @@ def _server_traits(server: Server) -> str:
 
 def template_name(key: str, traits: str) -> str:
     return PREFIX + hashlib.sha256(f"{key}\0{traits}".encode()).hexdigest()[:20]
-
-
-def lock_id(name: str, purpose: str) -> int:
-    """A bigint advisory lock key for (template, purpose)."""
-    return int.from_bytes(hashlib.sha256(f"pgsandbox:{purpose}:{name}".encode()).digest()[:8], "big", signed=True)
 
 
 def ensure_templates(
