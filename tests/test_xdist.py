@@ -80,3 +80,44 @@ def test_one_server_one_template_and_isolated_workers(
     users = {row["worker"]: row["user"] for row in rows}
     assert all(row["user"] == users[row["worker"]] for row in rows)
     assert len(set(users.values())) == len(users)  # a role of its own for each worker
+
+
+def test_keep_failed_under_xdist(pytester: pytest.Pytester) -> None:
+    from pgsandbox.cli import main as cli
+    from pgsandbox.server import runs
+
+    project(pytester, count=2)
+    (pytester.path / "test_fail.py").write_text(
+        "def test_fails(pg):\n    pg.execute(\"insert into items (name) values ('evidence')\")\n    assert False\n"
+    )
+    before = {leftover.run.path for leftover in runs.find_leftovers(runs.search_bases(None), include_kept=True)}
+    # in a process of its own: a server kept for failed tests outlives its run, which must have ended
+    result = pytester.runpytest_subprocess("-n", "2", "--pg-keep-failed", "-p", "no:randomly")
+    result.assert_outcomes(passed=4, failed=1)
+    # the controller lists the worker's kept database and keeps its local server running for it
+    result.stdout.fnmatch_lines(
+        [
+            "*pgsandbox: kept databases of failed tests*",
+            "*PGPASSFILE=* '*dbname=pgsandbox_*_failed1'",
+            "The local server keeps running for them; `pgsandbox clean` stops it.",
+        ]
+    )
+    kept = [
+        leftover
+        for leftover in runs.find_leftovers(runs.search_bases(None), include_kept=True)
+        if leftover.run.path not in before
+    ]
+    assert len(kept) == 1 and runs.is_kept(kept[0].run)
+    assert cli(["clean", "--keep-cache"]) == 0
+    assert not kept[0].run.path.exists()
+
+
+def test_a_broken_migration_under_xdist_is_reported_by_the_workers(pytester: pytest.Pytester) -> None:
+    project(pytester, count=2)
+    (pytester.path / "migrations/2.sql").write_text("insert into nosuch values (1);\n")
+    result = pytester.runpytest("-n", "2", "-p", "no:randomly")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("errors", 0) >= 1 and not outcomes.get("passed")
+    result.stdout.fnmatch_lines(
+        ["*pgsandbox: migration migrations/2.sql failed at line 1, column 13:*", '*relation "nosuch" does not exist*']
+    )

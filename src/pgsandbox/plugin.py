@@ -18,6 +18,7 @@ from pgsandbox.settings import OPTIONS, Settings
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database, Sandbox
     from pgsandbox.template.base import Migrator
+    from pgsandbox.xdist import SharedSandbox
 
 pytest_plugins = ["pgsandbox.fixtures"]
 
@@ -30,7 +31,7 @@ DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
 KEEP_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 EARLY_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
-CONTROLLER_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
+CONTROLLER_KEY: pytest.StashKey[SharedSandbox] = pytest.StashKey()
 XDIST_INPUT = "pgsandbox"  # the controller's sandbox, in each worker's workerinput
 XDIST_OUTPUT = "pgsandbox_kept"  # a worker's kept databases, in its workeroutput
 
@@ -121,23 +122,28 @@ def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) ->
     return [CallableMigrator(f"hook:{name}", run, inputs, config.rootpath, sources)]
 
 
-def _start(config: pytest.Config) -> Sandbox:
+def _start(config: pytest.Config, progress: Callable[[str], None] | None = None) -> Sandbox:
     from pgsandbox.sandbox import Sandbox
     from pgsandbox.template import load_migrators
 
     options = settings(config)
     shared = getattr(config, "workerinput", {}).get(XDIST_INPUT)
-    if shared is not None:  # an xdist worker: the controller started the server and built the templates
-        if "error" in shared:
-            raise PgSandboxError(shared["error"])
-        return Sandbox.attach(shared, options)
+    if shared is not None:  # an xdist worker: the controller starts the server and builds the templates
+        from pgsandbox import xdist
+
+        return xdist.attach(shared, options)
     root = config.rootpath
     migrations = load_migrators(options.migrations, options.migrations_inputs, root)
     migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
     seed = load_migrators(options.seed, options.migrations_inputs, root)
     seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
     return Sandbox.start(
-        options, migrations=migrations, seed=seed, root=root, project=root.name, progress=progress_writer(config)
+        options,
+        migrations=migrations,
+        seed=seed,
+        root=root,
+        project=root.name,
+        progress=progress or progress_writer(config),
     )
 
 
@@ -187,34 +193,51 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if early is not None and not isinstance(early, PgSandboxError):
         early.stop()
     shared = config.stash.get(CONTROLLER_KEY, None)
-    if shared is not None and not isinstance(shared, PgSandboxError):
+    if shared is not None:
         shared.stop()
 
 
 # -- pytest-xdist: one server and one template build for all workers ------------------------------------------
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """On the xdist controller, before a worker starts: start the sandbox once (server, templates), and hand
-    its description to the worker, which creates its own databases on it."""
+    """On the xdist controller, as it sets up a worker: start the sandbox once (server, templates) while the
+    workers start, and tell each worker where to find it; each creates its own role and databases on it."""
+    from pgsandbox.xdist import SharedSandbox
+
     config = node.config
-    sandbox = config.stash.get(CONTROLLER_KEY, None)
-    if sandbox is None:
-        try:
-            sandbox = _start(config)
-            config.stash[SANDBOX_KEY] = sandbox
-        except PgSandboxError as error:
-            sandbox = error  # each worker reports it at its first test that needs a database
-        config.stash[CONTROLLER_KEY] = sandbox
-    failed = isinstance(sandbox, PgSandboxError)
-    node.workerinput[XDIST_INPUT] = {"error": str(sandbox)} if failed else sandbox.describe()
+    shared = config.stash.get(CONTROLLER_KEY, None)
+    if shared is None:
+        shared = SharedSandbox(lambda say: _start(config, say))
+        config.stash[CONTROLLER_KEY] = shared
+    node.workerinput[XDIST_INPUT] = shared.worker_input
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """The first worker has collected: the sandbox has usually started meanwhile; print its lines once."""
+    config = node.config
+    shared = config.stash.get(CONTROLLER_KEY, None)
+    if shared is None or config.stash.get(SANDBOX_KEY, None) is not None:
+        return
+    result = shared.wait()
+    if not isinstance(result, PgSandboxError):
+        config.stash[SANDBOX_KEY] = result
+    write = progress_writer(config)
+    if write is not None:
+        for line in shared.lines:
+            write(line)
+    shared.lines.clear()
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     """A worker is done: the databases it kept for failed tests are reported, and keep the server running."""
     kept = getattr(node, "workeroutput", {}).get(XDIST_OUTPUT)
-    sandbox = node.config.stash.get(CONTROLLER_KEY, None)
-    if not kept or sandbox is None or isinstance(sandbox, PgSandboxError):
+    shared = node.config.stash.get(CONTROLLER_KEY, None)
+    if not kept or shared is None:
+        return
+    sandbox = shared.wait()
+    if isinstance(sandbox, PgSandboxError):
         return
     sandbox.adopt_kept(kept["names"])
     node.config.stash[KEPT_KEY] = [*node.config.stash.get(KEPT_KEY, []), *kept["commands"]]

@@ -1,0 +1,96 @@
+"""pytest-xdist: one sandbox (server and templates) for every worker.
+
+The controller collects no tests, so it cannot know which need a database: it starts the sandbox when xdist
+sets up the first worker, in a thread, so that the server starts while the workers start Python and collect.
+The workers learn the sandbox's description (admin DSN, template names) from a file in a private directory,
+written once the sandbox is up (their ``workerinput`` says where), and each attaches to it as a session of its
+own (``Sandbox.attach``): its own run id, role and databases.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pgsandbox.errors import PgSandboxError
+
+if TYPE_CHECKING:
+    from pgsandbox.sandbox import Sandbox
+    from pgsandbox.settings import Settings
+
+WAIT_SECONDS = 600.0  # a template build can take minutes; the controller writes an error file if it fails
+
+
+class SharedSandbox:
+    """The controller's side: the sandbox, started in a thread; what it printed meanwhile."""
+
+    def __init__(self, start: Callable[[Callable[[str], None]], Sandbox]) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="pgsandbox-xdist-"))  # 0700: the file holds the admin DSN
+        self.path = self.directory / "sandbox.json"
+        self.lines: list[str] = []
+        self.sandbox: Sandbox | None = None
+        self.error: PgSandboxError | None = None
+        self._thread = threading.Thread(target=self._run, args=(start,), name="pgsandbox-xdist", daemon=True)
+        self._thread.start()
+
+    def _run(self, start: Callable[[Callable[[str], None]], Sandbox]) -> None:
+        payload: dict[str, Any]
+        try:
+            self.sandbox = start(self.lines.append)
+            payload = self.sandbox.describe()
+        except PgSandboxError as error:
+            self.error = error
+            payload = {"error": str(error)}
+        except BaseException as error:  # the workers must not wait forever for a file that never comes
+            self.error = PgSandboxError(f"the xdist controller could not start the sandbox: {error!r}")
+            payload = {"error": str(self.error)}
+        staging = self.directory / "sandbox.json.partial"
+        staging.write_text(json.dumps(payload))
+        staging.chmod(0o600)
+        staging.rename(self.path)  # atomic: a worker reads all of it or nothing
+
+    @property
+    def worker_input(self) -> dict[str, str]:
+        return {"path": str(self.path)}
+
+    def wait(self) -> Sandbox | PgSandboxError:
+        self._thread.join()
+        if self.sandbox is not None:
+            return self.sandbox
+        assert self.error is not None
+        return self.error
+
+    def stop(self) -> None:
+        try:
+            result = self.wait()
+            if not isinstance(result, PgSandboxError):
+                result.stop()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def attach(worker_input: dict[str, Any], settings: Settings) -> Sandbox:
+    """The worker's side: wait for the controller's sandbox, then attach to it."""
+    from pgsandbox.sandbox import Sandbox
+
+    path = Path(worker_input["path"])
+    deadline = time.monotonic() + WAIT_SECONDS
+    delay = 0.005
+    while not path.exists():
+        if time.monotonic() > deadline or not path.parent.exists():
+            raise PgSandboxError(
+                f"the xdist controller did not start the sandbox within {WAIT_SECONDS:.0f} s.",
+                "run once without -n to see what the start-up does, or look for a hung migration.",
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    description = json.loads(path.read_text())
+    if "error" in description:
+        raise PgSandboxError(description["error"])
+    return Sandbox.attach(description, settings)
