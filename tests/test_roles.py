@@ -97,3 +97,46 @@ def test_one_sessions_role_cannot_reach_anothers_databases(
 def test_createdb_when_asked(tmp_path: Path, shared_dsn: str) -> None:
     with sandbox(tmp_path, shared_dsn, role="createdb") as box, box.database() as db:
         assert db.fetchval("select rolcreatedb from pg_roles where rolname = current_user") is True
+
+
+APP_SCHEMA = """
+create extension if not exists citext;
+create schema app;
+create type app.status as enum ('new', 'done');
+create domain app.positive as integer check (value > 0);
+create sequence app.tickets;
+create table app.accounts (id serial primary key, email citext unique, status app.status, credit app.positive);
+create view app.open_accounts as select * from app.accounts where status = 'new';
+create function app.add_account(address text) returns integer language sql
+    as $$ insert into app.accounts (email, status, credit) values (address, 'new', 1) returning id $$;
+do $$ begin create role pgsandbox_test_app_reader; exception when duplicate_object then null; end $$;
+grant usage on schema app to pgsandbox_test_app_reader;
+grant select on app.accounts to pgsandbox_test_app_reader;
+"""
+
+APP_TESTS = """
+    def test_the_tests_role_owns_the_apps_objects(pg_conn):
+        assert pg_conn.execute("select app.add_account('ADA@example.com')").fetchone()[0] == 1
+        assert pg_conn.execute("select email from app.open_accounts").fetchone() == ("ADA@example.com",)
+        assert pg_conn.execute("select count(*) from app.accounts where email = 'ada@example.com'").fetchone() == (1,)
+        assert pg_conn.execute("select nextval('app.tickets')").fetchone() == (1,)
+        pg_conn.execute("alter table app.accounts add column note text")  # owner's rights: DDL too
+        owners = pg_conn.execute(
+            "select distinct pg_get_userbyid(relowner) from pg_class where relnamespace = 'app'::regnamespace"
+        ).fetchall()
+        assert owners == [("pgsandbox_owner",)]
+        # the migration's own grant to an app role is still there
+        reader = "select has_table_privilege('pgsandbox_test_app_reader', 'app.accounts', 'select')"
+        assert pg_conn.execute(reader).fetchone() == (True,)
+"""
+
+
+def test_migrations_run_as_the_admin_and_the_tests_role_owns_what_they_made(
+    pytester: pytest.Pytester, shared_dsn: str
+) -> None:
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(APP_SCHEMA)
+    (pytester.path / "test_app.py").write_text(textwrap.dedent(APP_TESTS))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
