@@ -3,6 +3,7 @@ nothing else, may not create roles or databases, and may not connect to another 
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -140,3 +141,42 @@ def test_migrations_run_as_the_admin_and_the_tests_role_owns_what_they_made(
     (pytester.path / "test_app.py").write_text(textwrap.dedent(APP_TESTS))
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly")
     result.assert_outcomes(passed=1)
+
+
+def test_an_admin_with_createrole_but_not_superuser(tmp_path: Path, shared: LocalServer, shared_dsn: str) -> None:
+    """A CI server's admin is often CREATEDB CREATEROLE, not a superuser: roles work the same when it is a member
+    of pgsandbox_owner (it is when it created it); when it cannot be, tests connect as it, and a line says why."""
+    from psycopg.conninfo import make_conninfo
+
+    from pgsandbox.server.local import scram_verifier
+    from pgsandbox.template.cache import drop_template
+
+    password = "ci-" + os.urandom(8).hex()
+    shared.admin.execute(f"create role ci_admin login createdb createrole password '{scram_verifier(password)}'")
+    dsn = make_conninfo(shared_dsn, user="ci_admin", password=password)
+    try:
+        lines: list[str] = []
+        settings = Settings(dsn=dsn, migrations=("sql:migrations",))
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "migrations").mkdir()
+        (project / "migrations/1.sql").write_text(SCHEMA)
+        with Sandbox.start(settings, root=project, progress=lines.append) as box, box.database() as db:
+            assert box.server.login is None
+            assert db.fetchval("select current_user") == "ci_admin"
+        assert any("tests connect as ci_admin: it may not create roles" in line for line in lines), lines
+
+        shared.admin.execute(f"grant {OWNER} to ci_admin with admin option")  # as if it had created it
+        with Sandbox.start(settings, root=project) as box, box.database() as db:
+            assert box.server.login is not None
+            assert db.fetchval("select current_user") == box.server.login.user
+            db.execute("insert into users (name) values ('bob')")
+            db.execute("alter table users add column email text")
+            assert db.fetchval("select count(*) from users") == 2
+    finally:
+        owned = shared.admin.execute(
+            "select datname from pg_database where datdba = (select oid from pg_roles where rolname = 'ci_admin')"
+        ).fetchall()
+        for (name,) in owned:
+            drop_template(shared, name)
+        shared.admin.execute("drop role ci_admin")

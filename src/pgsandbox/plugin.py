@@ -205,6 +205,8 @@ def pytest_configure_node(node: Any) -> None:
     from pgsandbox.xdist import SharedSandbox
 
     config = node.config
+    if config.option.collectonly:
+        return  # --collect-only: the workers run nothing that needs a database
     shared = config.stash.get(CONTROLLER_KEY, None)
     if shared is None:
         shared = SharedSandbox(lambda say: _start(config, say))

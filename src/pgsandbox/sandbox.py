@@ -327,15 +327,20 @@ class Sandbox:
             if self.progress:
                 user = self.server.params.get("user")
                 self.progress(
-                    f"tests connect as {user}: it may not create roles (CREATEROLE), so pgsandbox cannot give them "
-                    "a least-privilege role of their own"
+                    f"tests connect as {user}: it may not create roles (CREATEROLE), or not join {roles.OWNER}, so "
+                    "pgsandbox cannot give them a least-privilege role of their own"
                 )
             return
         roles.ensure_owner(admin)
         name = self.server.database_name("tests")
-        self.server.login = roles.create_login(
-            admin, name, createdb=self.settings.role == "createdb", label=self.server.run_label
-        )
+        try:
+            self.server.login = roles.create_login(
+                admin, name, createdb=self.settings.role == "createdb", label=self.server.run_label
+            )
+        except psycopg.errors.InsufficientPrivilege as error:
+            if self.progress:
+                user = self.server.params.get("user")
+                self.progress(f"tests connect as {user}: creating their own role was refused: {error}")
 
     # -- shared with other processes (pytest-xdist workers) -------------------------------------------------
     def describe(self) -> dict[str, Any]:

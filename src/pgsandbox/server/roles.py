@@ -34,23 +34,39 @@ class Login:
 
 
 def can_manage_roles(admin: psycopg.Connection[Any]) -> bool:
-    """Superuser, or CREATEROLE: what creating the roles above takes."""
-    row = admin.execute("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user").fetchone()
-    return bool(row and row[0])
+    """Whether this admin can run the scheme above: a superuser; or a CREATEROLE role that is (or can become,
+    by creating it) a member of ``pgsandbox_owner``: PostgreSQL 16+ lets only members with the ADMIN option
+    grant a role, so a ``pgsandbox_owner`` another admin created is out of reach."""
+    row = admin.execute(
+        "SELECT rolsuper, rolcreaterole, "
+        "(SELECT count(*) FROM pg_roles WHERE rolname = %(owner)s) = 0 "
+        "OR pg_has_role(current_user, (SELECT oid FROM pg_roles WHERE rolname = %(owner)s), 'MEMBER') "
+        "FROM pg_roles WHERE rolname = current_user",
+        {"owner": OWNER},
+    ).fetchone()
+    return bool(row and (row[0] or (row[1] and row[2])))
 
 
 def ensure_owner(admin: psycopg.Connection[Any]) -> None:
     """Create ``pgsandbox_owner`` if this server has none yet (concurrent sessions: one wins, all succeed)."""
     exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [OWNER]).fetchone()
-    if exists:
+    if not exists:
+        with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(OWNER)))
+    _join(admin, OWNER)  # to hand objects over to it
+
+
+def _join(admin: psycopg.Connection[Any], role: str) -> None:
+    """Make a CREATEROLE admin (not a superuser) a member of ``role``: PostgreSQL lets only members give
+    objects to a role or create databases it owns."""
+    row = admin.execute(
+        "SELECT rolsuper OR pg_has_role(current_user, %s, 'USAGE') FROM pg_roles WHERE rolname = current_user",
+        [role],
+    ).fetchone()
+    if row and row[0]:
         return
-    with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-        admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(OWNER)))
-    superuser = admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
-    if not (superuser and superuser[0]):
-        # a CREATEROLE admin must be a member to hand objects over to the role
-        with contextlib.suppress(psycopg.Error):
-            admin.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(OWNER)))
+    with contextlib.suppress(psycopg.Error):
+        admin.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role)))
 
 
 # What the migrations' role owns in a template, in schemas that are not the system's and outside extensions,
@@ -96,7 +112,13 @@ def hand_over(conn: psycopg.Connection[Any]) -> int:
     """In a template being built (``conn``: the admin, on it): give the migrations' objects to
     ``pgsandbox_owner``, so that the test roles (its members) may use and alter them. Returns how many."""
     statements = [row[0] for row in conn.execute(HAND_OVER, {"owner": OWNER}).fetchall()]
-    for statement in statements:
+    # a new owner needs CREATE on the schema of what it gets (a superuser admin is exempt from the check)
+    schemas = conn.execute(
+        "SELECT format('GRANT USAGE, CREATE ON SCHEMA %%I TO %%I', nspname, %(owner)s::text) FROM pg_namespace "
+        f"WHERE {_NOT_SYSTEM.format(nsp='nspname')} AND NOT has_schema_privilege(%(owner)s, oid, 'CREATE')",
+        {"owner": OWNER},
+    ).fetchall()
+    for statement in [row[0] for row in schemas] + statements:
         conn.execute(statement)
     if conn.info.server_version >= 150000:
         # lets the tests' connection count itself in the statistics at once (see isolation/transaction.py)
@@ -124,6 +146,7 @@ def create_login(admin: psycopg.Connection[Any], name: str, createdb: bool = Fal
     )
     if label:  # which run it belongs to, for the reaper
         admin.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(name), sql.Literal(label)))
+    _join(admin, name)  # to create and drop databases it owns
     return Login(name, password)
 
 
