@@ -56,33 +56,26 @@ def _label(comment: str | None) -> dict[str, Any]:
 def runs_on(admin: psycopg.Connection[Any]) -> dict[str, Run]:
     """Every run that has databases or roles on this server, by run id."""
     found: dict[str, Run] = {}
-    databases = admin.execute(
-        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE 'pgsandbox\\_%'"
+    rows = admin.execute(
+        "SELECT 'database', datname, shobj_description(oid, 'pg_database') FROM pg_database "
+        "WHERE datname LIKE 'pgsandbox\\_%' "
+        "UNION ALL SELECT 'role', rolname, shobj_description(oid, 'pg_authid') FROM pg_roles "
+        "WHERE rolname LIKE 'pgsandbox\\_%'"
     ).fetchall()
-    for name, comment in databases:
+    for kind, name, comment in rows:
         match = RUN_NAME.match(name)
         if not match:
             continue
         run = found.setdefault(match.group(1), Run(match.group(1)))
         label = _label(comment)
-        (run.kept if label.get("kept") else run.databases).append(name)
+        if kind == "role":
+            run.roles.append(name)
+        else:
+            (run.kept if label.get("kept") else run.databases).append(name)
         if label.get("started") is not None:
             started = float(label["started"])
-            run.started = started if run.started is None else min(run.started, started)
-            run.host, run.pid = str(label.get("host", "")), label.get("pid")
-    roles = admin.execute(
-        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname LIKE 'pgsandbox\\_%'"
-    ).fetchall()
-    for name, comment in roles:
-        match = RUN_NAME.match(name)
-        if not match:
-            continue
-        run = found.setdefault(match.group(1), Run(match.group(1)))
-        run.roles.append(name)
-        label = _label(comment)
-        if label.get("started") is not None and run.started is None:
-            run.started = float(label["started"])
-            run.host, run.pid = str(label.get("host", "")), label.get("pid")
+            if run.started is None or started < run.started:
+                run.started, run.host, run.pid = started, str(label.get("host", "")), label.get("pid")
     return found
 
 
