@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,55 @@ def test_prints_and_fails(pg_server):
     for path in cache.rglob("*"):
         if path.is_file() and path.name != "password":
             assert password.encode() not in path.read_bytes(), path
+
+
+REPORTED = """
+    import psycopg
+    import pytest
+
+    def test_1(pg):
+        pass
+
+    def test_2_escapes(pg_conn):
+        pg_conn.execute("insert into users (name) values ('x'); commit")
+
+    @pytest.mark.pg(isolation="database")
+    def test_3_leaks(pg):
+        LEAKED.append(psycopg.connect(pg.dsn))
+
+    def test_4_no_database():
+        pass
+
+    LEAKED = []
+"""
+
+
+def test_the_session_report(pytester: pytest.Pytester, shared_dsn: str) -> None:
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text("create table users (id serial primary key, name text);\n")
+    pytester.makepyfile(test_reported=textwrap.dedent(REPORTED))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "--pg-report=json")
+    result.assert_outcomes(passed=4, errors=1, warnings=1)  # test_2 passes; its teardown errs
+    result.stdout.fnmatch_lines(
+        [
+            "*= pgsandbox =*",
+            "server: PostgreSQL * on an existing server (127.0.0.1:*); attached in * s",
+            "migrations template * (sql:migrations): cache *",
+            "tests: 3 (database 1, transaction 2); pgsandbox's set-up * s and teardown * s in all",
+            "databases: * created, * dropped, 0 kept",
+            "findings: commits that escaped the rollback 1, connections left open 1",
+            "report written to *pgsandbox-report.json",
+        ]
+    )
+    report = json.loads((pytester.path / "pgsandbox-report.json").read_text())
+    assert report["tests"] == {"transaction": 2, "database": 1}
+    assert report["findings"] == {"commits that escaped the rollback": 1, "connections left open": 1}
+    assert report["databases"]["created"] >= 3  # the session database, its replacement, a clone
+    assert str(report["server"]["version"]).split(".")[0].isdigit()
+    quiet = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-q", "-k", "test_1")
+    assert "= pgsandbox =" not in quiet.stdout.str()
+    off = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-report=off", "-k", "test_1")
+    assert "= pgsandbox =" not in off.stdout.str()
+    bad = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-report=xml")
+    bad.stderr.fnmatch_lines(["*--pg-report: bad value 'xml': expected term (the default), json, json:PATH or off*"])

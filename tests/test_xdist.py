@@ -68,7 +68,8 @@ def test_one_server_one_template_and_isolated_workers(
     result = pytester.runpytest("-n", workers, f"--dist={dist}", f"--pg-isolation={isolation}", "-p", "no:randomly")
     result.assert_outcomes(passed=24)
     output = result.stdout.str()
-    assert len(re.findall(r"migrations template \w+ \(sql:migrations\): cache (hit|miss)", output)) == 1
+    assert len(re.findall(r"pgsandbox: migrations template \w+ \(sql:migrations\): cache (hit|miss)", output)) == 1
+    assert f"tests: 24 ({isolation} 24)" in output  # the session report adds up the workers
     rows = seen(log)
     assert len({row["started"] for row in rows}) == 1  # one server for every worker
     assert len({row["worker"] for row in rows}) >= 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -34,6 +35,9 @@ EARLY_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
 CONTROLLER_KEY: pytest.StashKey[SharedSandbox] = pytest.StashKey()
 XDIST_INPUT = "pgsandbox"  # the controller's sandbox, in each worker's workerinput
 XDIST_OUTPUT = "pgsandbox_kept"  # a worker's kept databases, in its workeroutput
+XDIST_REPORT = "pgsandbox_report"  # a worker's session report, in its workeroutput
+REPORT_KEY = pytest.StashKey[dict[str, Any]]()
+WORKER_REPORTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -178,9 +182,12 @@ def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
 def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
     commands = [sandbox.psql_command(name) for name in sandbox.kept]
     config.stash[KEPT_KEY] = commands
+    config.stash[REPORT_KEY] = sandbox.report()
     workeroutput = getattr(config, "workeroutput", None)
-    if workeroutput is not None and sandbox.kept:  # the controller reports them and keeps its server running
-        workeroutput[XDIST_OUTPUT] = {"names": sandbox.kept, "commands": commands}
+    if workeroutput is not None:  # the controller reports them (and keeps its server running for kept ones)
+        workeroutput[XDIST_REPORT] = config.stash[REPORT_KEY]
+        if sandbox.kept:
+            workeroutput[XDIST_OUTPUT] = {"names": sandbox.kept, "commands": commands}
     sandbox.stop()
 
 
@@ -190,18 +197,25 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     controller, the sandbox the workers shared (they are all done)."""
     config = session.config
     early = config.stash.get(EARLY_KEY, None)
-    if early is not None and not isinstance(early, PgSandboxError):
+    if early is not None and not isinstance(early, PgSandboxError) and not early._stopped:
+        config.stash[REPORT_KEY] = early.report()
         early.stop()
     shared = config.stash.get(CONTROLLER_KEY, None)
     if shared is not None:
+        sandbox = shared.wait()
+        if not isinstance(sandbox, PgSandboxError):
+            from pgsandbox.sandbox import merge_reports
+
+            workers: list[dict[str, Any]] = config.stash.get(WORKER_REPORTS_KEY, [])
+            config.stash[REPORT_KEY] = merge_reports(sandbox.report(), workers)
         shared.stop()
 
 
 # -- pytest-xdist: one server and one template build for all workers ------------------------------------------
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """On the xdist controller, as it sets up a worker: start the sandbox once (server, templates) while the
-    workers start, and tell each worker where to find it; each creates its own role and databases on it."""
+    """On the xdist controller, as it sets up a worker: start the sandbox once (server, templates), and tell
+    each worker where to find it; each creates its own role and databases on it."""
     from pgsandbox.xdist import SharedSandbox
 
     config = node.config
@@ -216,7 +230,7 @@ def pytest_configure_node(node: Any) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
-    """The first worker has collected: the sandbox has usually started meanwhile; print its lines once."""
+    """The first worker has collected: print the sandbox's start-up lines once, after xdist's own."""
     config = node.config
     shared = config.stash.get(CONTROLLER_KEY, None)
     if shared is None or config.stash.get(SANDBOX_KEY, None) is not None:
@@ -233,7 +247,11 @@ def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """A worker is done: the databases it kept for failed tests are reported, and keep the server running."""
+    """A worker is done: what it did goes into the session report; the databases it kept for failed tests
+    are listed, and keep the server running."""
+    report = getattr(node, "workeroutput", {}).get(XDIST_REPORT)
+    if report is not None:
+        node.config.stash[WORKER_REPORTS_KEY] = [*node.config.stash.get(WORKER_REPORTS_KEY, []), report]
     kept = getattr(node, "workeroutput", {}).get(XDIST_OUTPUT)
     shared = node.config.stash.get(CONTROLLER_KEY, None)
     if not kept or shared is None:
@@ -298,6 +316,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    report = config.stash.get(REPORT_KEY, None)
+    if report is not None and not hasattr(config, "workerinput"):
+        write_report(terminalreporter, config, report)
     kept = config.stash.get(KEPT_KEY, [])
     if not kept:
         return
@@ -309,3 +330,39 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line("The local server keeps running for them; `pgsandbox clean` stops it.")
     else:
         terminalreporter.write_line("Drop them when done (they start with the run's prefix).")
+
+
+def write_report(terminalreporter: Any, config: pytest.Config, report: dict[str, Any]) -> None:
+    """The session report: a terminal section (quiet under -q), and a JSON file with ``--pg-report=json``."""
+    choice = settings(config).report
+    if choice.startswith("json"):
+        path = (
+            Path(choice[5:]) if choice.startswith("json:") else config.invocation_params.dir / "pgsandbox-report.json"
+        )
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    if choice == "off" or config.get_verbosity() < 0:
+        return
+    terminalreporter.section("pgsandbox")
+    for line in report_lines(report):
+        terminalreporter.write_line(line)
+    if choice.startswith("json"):
+        terminalreporter.write_line(f"report written to {path}")
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    server = report["server"]
+    lines = [f"server: {server['origin']}; {server['start']} in {server['start_seconds']:.2f} s"]
+    for template in report["templates"]:
+        result = "cache hit" if template["hit"] else f"cache miss, built in {template['build_seconds']:.2f} s"
+        lines.append(f"{template['layer']} template {template['hash']} ({', '.join(template['labels'])}): {result}")
+    tests = report["tests"]
+    by_mode = ", ".join(f"{mode} {count}" for mode, count in sorted(tests.items()))
+    lines.append(
+        f"tests: {sum(tests.values())} ({by_mode or 'none'}); pgsandbox's set-up {report['setup_seconds']:.2f} s "
+        f"and teardown {report['teardown_seconds']:.2f} s in all"
+    )
+    databases = report["databases"]
+    lines.append(f"databases: {databases['created']} created, {databases['dropped']} dropped, {databases['kept']} kept")
+    findings = report["findings"]
+    lines.append("findings: " + (", ".join(f"{kind} {count}" for kind, count in sorted(findings.items())) or "none"))
+    return lines

@@ -242,6 +242,11 @@ class Sandbox:
         self._kept_counter = 0
         self._pgpass: Path | None = None
         self._stopped = False
+        self.start_seconds = 0.0  # the server's start (or attach), for the session report
+        self._tests: dict[str, int] = {}
+        self._setup_seconds = 0.0
+        self._teardown_seconds = 0.0
+        self._findings: dict[str, int] = {}
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -269,7 +274,9 @@ class Sandbox:
         layers = [Layer(kind, tuple(ms)) for kind, ms in (("migrations", migrations), ("seed", seed)) if ms]
         chain = Chain(tuple(layers)) if layers else None
         snapshots = [] if settings.rebuild or chain is None else list(reversed(chain.keys))
+        started = time.perf_counter()
         server = start_server(settings, progress, snapshots=snapshots)
+        start_seconds = time.perf_counter() - started
         try:
             templates: list[TemplateInfo] = []
             if chain is not None:
@@ -301,6 +308,7 @@ class Sandbox:
                 if isinstance(server, LocalServer):
                     warm_relcache(server, templates[-1].name)
             sandbox = cls(server, templates, settings, progress)
+            sandbox.start_seconds = start_seconds
             if not isinstance(server, LocalServer):
                 sandbox.reap()
             sandbox._log_in()
@@ -360,7 +368,9 @@ class Sandbox:
         drops) only its own databases, under a prefix of its own."""
         from pgsandbox.server import ExternalServer
 
+        started = time.perf_counter()
         server = ExternalServer.attach(description["dsn"], "the xdist controller's server")
+        start_seconds = time.perf_counter() - started
         templates = [
             TemplateInfo(t["layer"], t["name"], t["key"], hit=True, labels=tuple(t["labels"]))
             for t in description["templates"]
@@ -368,6 +378,7 @@ class Sandbox:
         if description["local"] and settings.clone_strategy == "auto":
             settings = settings.replace(clone_strategy="file_copy")  # what the controller's local server takes
         sandbox = cls(server, templates, settings, progress, attached=True)
+        sandbox.start_seconds = start_seconds
         try:
             sandbox._log_in()
         except BaseException:
@@ -414,6 +425,8 @@ class Sandbox:
                 clone.conn.autocommit = False
                 db._opened.append(clone.conn)
         seconds = time.perf_counter() - started
+        self._tests[chosen] = self._tests.get(chosen, 0) + 1
+        self._setup_seconds += seconds
         if first and self.progress and seconds >= SLOW_CLONE_SECONDS:
             what = "the session database" if chosen == "transaction" else "the first database of a test"
             self.progress(f"cloned {what} from the template in {seconds:.2f} s ({chosen} isolation)")
@@ -425,6 +438,22 @@ class Sandbox:
         return self.server.database_name(f"failed{number or self._kept_counter + 1}")
 
     def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
+        started = time.perf_counter()
+        try:
+            findings = self._close(db, keep, next_test_id)
+        except IsolationError:
+            self._found("commits that escaped the rollback")
+            raise
+        finally:
+            self._teardown_seconds += time.perf_counter() - started
+        for _ in findings:
+            self._found("connections left open")
+        return findings
+
+    def _found(self, kind: str) -> None:
+        self._findings[kind] = self._findings.get(kind, 0) + 1
+
+    def _close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         """End a test: roll back or drop its database (or keep it). Returns findings worth a warning;
         raises :class:`IsolationError` when the test's writes escaped its transaction.
 
@@ -526,6 +555,43 @@ class Sandbox:
     def kept(self) -> list[str]:
         return list(self._kept)
 
+    # -- the session report ---------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """What this session did, as plain data: the terminal summary and ``--pg-report=json`` show it."""
+        server = self.server
+        if isinstance(server, LocalServer):
+            origin = server.installation.describe()
+            start = "from the cached cluster" if server.snapshot is not None else "from the initdb cache"
+        else:
+            origin = f"PostgreSQL {server.version_string} on an existing server ({describe_server(server)})"
+            start = "attached"
+        created, dropped = server.counts["created"], server.counts["dropped"]
+        if self._pool is not None:
+            created, dropped = created + self._pool.created, dropped + self._pool.dropped
+        return {
+            "server": {
+                "version": server.version_string,
+                "origin": origin,
+                "start": start,
+                "start_seconds": round(self.start_seconds, 3),
+            },
+            "templates": [
+                {
+                    "layer": info.layer,
+                    "hash": info.short_hash,
+                    "labels": list(info.labels),
+                    "hit": info.hit,
+                    "build_seconds": round(info.seconds, 3),
+                }
+                for info in self.templates
+            ],
+            "tests": dict(self._tests),
+            "setup_seconds": round(self._setup_seconds, 3),
+            "teardown_seconds": round(self._teardown_seconds, 3),
+            "databases": {"created": created, "dropped": dropped, "kept": len(self._kept)},
+            "findings": dict(self._findings),
+        }
+
     # -- stop -----------------------------------------------------------------------------------------
     def stop(self) -> None:
         """Drop what this session created (except kept databases) and stop or detach from the server.
@@ -580,6 +646,23 @@ def clone_strategies(server: Server, settings: Settings) -> list[str]:
     if settings.clone_strategy != "auto":
         return [settings.clone_strategy.upper()]
     return ["FILE_COPY"] if isinstance(server, LocalServer) else ["FILE_COPY", "WAL_LOG"]
+
+
+def merge_reports(main: dict[str, Any], others: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The controller's report with what its xdist workers counted added in."""
+    merged: dict[str, Any] = json.loads(json.dumps(main))
+    for other in others:
+        for key in ("setup_seconds", "teardown_seconds"):
+            merged[key] = round(merged[key] + other[key], 3)
+        for section in ("tests", "databases", "findings"):
+            for name, count in other[section].items():
+                merged[section][name] = merged[section].get(name, 0) + count
+    return merged
+
+
+def describe_server(server: Server) -> str:
+    params = server.params
+    return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
 
 
 def describe_template(info: TemplateInfo, snapshot_hit: bool) -> str:

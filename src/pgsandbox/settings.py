@@ -112,6 +112,12 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _report(value: str) -> str:
+    if value in ("term", "off", "json") or (value.startswith("json:") and len(value) > 5):
+        return value
+    raise ValueError("expected term (the default), json, json:PATH or off")
+
+
 ISOLATIONS = ("transaction", "database")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
@@ -186,6 +192,12 @@ OPTIONS: tuple[Option, ...] = (
         parse=_seconds,
     ),
     Option(
+        "report",
+        "the session report: term (the terminal summary, default), json (also pgsandbox-report.json), "
+        "json:PATH, or off",
+        parse=_report,
+    ),
+    Option(
         "async_driver",
         "driver of pg_async_engine/pg_async_session: asyncpg (default) or psycopg",
         parse=_choice(*ASYNC_DRIVERS),
@@ -218,6 +230,7 @@ class Settings:
     templates_keep: int = 3
     role: Literal["own", "createdb", "admin"] = "own"
     reap_grace: float = 300.0
+    report: str = "term"
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -1,10 +1,14 @@
 """pytest-xdist: one sandbox (server and templates) for every worker.
 
 The controller collects no tests, so it cannot know which need a database: it starts the sandbox when xdist
-sets up the first worker, in a thread, so that the server starts while the workers start Python and collect.
-The workers learn the sandbox's description (admin DSN, template names) from a file in a private directory,
-written once the sandbox is up (their ``workerinput`` says where), and each attaches to it as a session of its
-own (``Sandbox.attach``): its own run id, role and databases.
+sets up the first worker. The workers learn the sandbox's description (admin DSN, template names) from a file in
+a private directory (their ``workerinput`` says where), and each attaches to it as a session of its own
+(``Sandbox.attach``): its own run id, role and databases.
+
+Not in a thread while the workers start, though that saved 0.5 s: building templates compiles Python (pytest's
+assertion rewriting of pgsandbox's modules, Alembic's env.py, python: migrations), and CPython 3.11 can fail
+with "SystemError: AST constructor recursion depth mismatch" when two threads do that at once (seen here, 1 run
+in 4). The file stays: it also carries a start-up error to every worker.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +31,8 @@ WAIT_SECONDS = 600.0  # a template build can take minutes; the controller writes
 
 
 class SharedSandbox:
-    """The controller's side: the sandbox, started in a thread; what it printed meanwhile."""
+    """The controller's side: the sandbox, and the lines it printed while it started (shown once a worker has
+    collected: xdist's own lines come first)."""
 
     def __init__(self, start: Callable[[Callable[[str], None]], Sandbox]) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="pgsandbox-xdist-"))  # 0700: the file holds the admin DSN
@@ -36,8 +40,7 @@ class SharedSandbox:
         self.lines: list[str] = []
         self.sandbox: Sandbox | None = None
         self.error: PgSandboxError | None = None
-        self._thread = threading.Thread(target=self._run, args=(start,), name="pgsandbox-xdist", daemon=True)
-        self._thread.start()
+        self._run(start)
 
     def _run(self, start: Callable[[Callable[[str], None]], Sandbox]) -> None:
         payload: dict[str, Any]
@@ -60,7 +63,6 @@ class SharedSandbox:
         return {"path": str(self.path)}
 
     def wait(self) -> Sandbox | PgSandboxError:
-        self._thread.join()
         if self.sandbox is not None:
             return self.sandbox
         assert self.error is not None

@@ -52,6 +52,8 @@ class ClonePool:
         self.template = template
         self.strategies = list(strategies)
         self.timings: dict[str, list[float]] = {strategy: [] for strategy in self.strategies}
+        self.created = 0  # databases, for the session report
+        self.dropped = 0
         self.depth = depth
         self._ready: deque[Clone] = deque()
         self._cond = threading.Condition()
@@ -114,6 +116,8 @@ class ClonePool:
                     started = time.perf_counter()
                     conn.execute(statements[0])
                     self._alive.add(name)
+                    with self._cond:
+                        self.created += 1
                     for statement in statements[1:]:
                         conn.execute(statement)
                     if strategy:
@@ -147,6 +151,8 @@ class ClonePool:
         terminate_connections(conn, name, wait=GONE_WAIT_SECONDS)
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         self._alive.discard(name)
+        with self._cond:
+            self.dropped += 1
 
     def close(self, drop_all: bool = True) -> None:
         """Stop the threads; drop the unused clones (and every used one still queued) unless ``drop_all``

@@ -96,6 +96,7 @@ class Server(ABC):
         # the role tests connect as (roles.py); None: the admin's, as with pg_role = admin
         self.login: Login | None = None
         self.started = time.time()
+        self.counts = {"created": 0, "dropped": 0}  # databases, for the session report
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -192,6 +193,7 @@ class Server(ABC):
             self.admin.execute(statement)
             if full not in self._created:
                 self._created.append(full)
+                self.counts["created"] += 1
         return full
 
     def creation(
@@ -259,6 +261,7 @@ class Server(ABC):
             )
         self.admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         self._created.remove(name)
+        self.counts["dropped"] += 1
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @abstractmethod
