@@ -499,3 +499,46 @@ def test_each_test_gets_its_own_transaction_whatever_runs_between(project: pytes
         """,
     )
     result.assert_outcomes(passed=5, skipped=1)
+
+
+HELD = """
+    import psycopg
+    import pytest
+
+    def test_1_takes_an_advisory_lock(pg_conn):
+        pg_conn.execute("select pg_advisory_lock(4242)")
+
+    def test_2_the_lock_is_gone(pg):
+        held = "select count(*) from pg_locks where locktype = 'advisory' and objid = 4242"
+        assert pg.fetchval(held) == 0
+
+    @pytest.mark.pg(isolation="database")
+    def test_3_prepares_a_transaction(pg):
+        conn = psycopg.connect(pg.dsn, autocommit=True)
+        conn.execute("begin; insert into users (name) values ('prepared'); prepare transaction 'left_behind'")
+        conn.close()
+
+    def test_4_nothing_prepared_is_left(pg_admin):
+        assert pg_admin.execute("select count(*) from pg_prepared_xacts").fetchone() == (0,)
+"""
+
+
+def test_advisory_locks_and_prepared_transactions_are_released_and_reported(pytester: pytest.Pytester) -> None:
+    pytester.makefile(
+        ".toml",
+        pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n'
+        'pg_server_settings = ["max_prepared_transactions=4"]\n',
+    )
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(SCHEMA)
+    pytester.makepyfile(test_it=textwrap.dedent(HELD))
+    result = pytester.runpytest("-p", "no:randomly")  # a local server: prepared transactions enabled
+    result.assert_outcomes(passed=4, warnings=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_1_takes_an_advisory_lock left 1 advisory lock(s) held on its connection*pgsandbox released them.",
+            "*test_3_prepares_a_transaction left 1 prepared transaction(s) (left_behind) in its database; "
+            "pgsandbox rolled them back.",
+            "findings: advisory locks left held 1, prepared transactions left 1",
+        ]
+    )

@@ -27,6 +27,9 @@ from psycopg.rows import dict_row
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
 from pgsandbox.isolation.transaction import (
+    LEFT_OPEN,
+    PREPARED,
+    Finding,
     Guests,
     IsolationError,
     Parked,
@@ -446,8 +449,8 @@ class Sandbox:
             raise
         finally:
             self._teardown_seconds += time.perf_counter() - started
-        for _ in findings:
-            self._found("connections left open")
+        for finding in findings:
+            self._found(getattr(finding, "kind", LEFT_OPEN))
         return findings
 
     def _found(self, kind: str) -> None:
@@ -482,10 +485,34 @@ class Sandbox:
                     ours.add(conn.info.backend_pid)
                 conn.close()
         findings = self._leftover_connections(db, ours)
+        findings += self._prepared_transactions(db)
         self._pool.release(db.name, keep=keep)
         if kept_as:
             self._label_kept(kept_as)
         return findings
+
+    def _prepared_transactions(self, db: Database) -> list[str]:
+        """Transactions the test prepared outlive its connections and keep its database from being dropped:
+        roll them back (from a connection to that database, which ROLLBACK PREPARED needs)."""
+        gids = [
+            row[0]
+            for row in self.server.admin.execute(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = %s", [db.name]
+            ).fetchall()
+        ]
+        if not gids:
+            return []
+        with self.server.connect(db.name, autocommit=True) as conn:
+            for gid in gids:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+        return [
+            Finding.of(
+                PREPARED,
+                f"{db.test_id} left {len(gids)} prepared transaction(s) ({', '.join(gids)}) in its database; "
+                "pgsandbox rolled them back.",
+            )
+        ]
 
     def _label_kept(self, name: str) -> None:
         """A kept database says so in its comment: the reaper leaves it to its user."""
