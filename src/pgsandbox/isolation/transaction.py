@@ -27,10 +27,11 @@ LEFTOVER_WAIT_SECONDS = 0.2
 # after it). The statistics functions, not the pg_stat_* views: 0.04 ms instead of 0.5 ms per test.
 _XMAX = "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
 # And what a rollback does not undo: session-level advisory locks the test took on its connection, and
-# transactions it prepared (PREPARE TRANSACTION outlives its session). 0.06 ms more than without.
+# transactions it prepared (PREPARE TRANSACTION outlives its session). The functions, not the pg_locks and
+# pg_prepared_xacts views, whose joins are planned again every time: 0.13 ms more per test instead of 0.23.
 _HELD = (
-    ", (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), "
-    "(SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database())"
+    ", (SELECT count(*) FROM pg_lock_status() l WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid()), "
+    "(SELECT count(*) FROM pg_prepared_xact() p WHERE p.dbid = {oid})"
 )
 CHECK = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, pg_stat_get_db_sessions({oid}), " + _XMAX + _HELD
 CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, NULL::bigint, " + _XMAX + _HELD
