@@ -189,6 +189,7 @@ def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
         """,
         "-W",
         "always::pgsandbox.errors.PgSandboxWarning",
+        "--pg-guard=warn",
     )
     result.assert_outcomes(passed=2, warnings=1)
     result.stdout.fnmatch_lines(
@@ -258,6 +259,7 @@ def test_database_isolation_terminates_and_reports_leaked_connections(
         """,
         "-W",
         "always::pgsandbox.errors.PgSandboxWarning",
+        "--pg-guard=warn",
     )
     result.assert_outcomes(passed=1, warnings=1)
     result.stdout.fnmatch_lines(
@@ -284,7 +286,7 @@ def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: s
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(
         [
-            "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed, async_driver.",
+            "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed, async_driver, guard.",
             "*isolation 'schema' is not one of transaction, database.*",
         ]
     )
@@ -532,7 +534,8 @@ def test_advisory_locks_and_prepared_transactions_are_released_and_reported(pyte
     (pytester.path / "migrations").mkdir()
     (pytester.path / "migrations/1.sql").write_text(SCHEMA)
     pytester.makepyfile(test_it=textwrap.dedent(HELD))
-    result = pytester.runpytest("-p", "no:randomly")  # a local server: prepared transactions enabled
+    # a local server: prepared transactions enabled
+    result = pytester.runpytest("-p", "no:randomly", "--pg-guard=warn")
     result.assert_outcomes(passed=4, warnings=2)
     result.stdout.fnmatch_lines(
         [
@@ -542,3 +545,44 @@ def test_advisory_locks_and_prepared_transactions_are_released_and_reported(pyte
             "findings: advisory locks left held 1, prepared transactions left 1",
         ]
     )
+
+
+GUARDED = """
+    import pytest
+
+    def test_1_leaves_a_lock(pg_conn):
+        pg_conn.execute("select pg_advisory_lock(7)")
+
+    @pytest.mark.pg(guard="warn")
+    def test_2_leaves_a_lock_but_only_warns(pg_conn):
+        pg_conn.execute("select pg_advisory_lock(7)")
+
+    @pytest.mark.pg(guard="off")
+    def test_3_leaves_a_lock_unsaid(pg_conn):
+        pg_conn.execute("select pg_advisory_lock(7)")
+
+    def test_4_starts_clean(pg):
+        held = "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()"
+        assert pg.fetchval(held) == 0
+
+    @pytest.mark.pg(guard="loud")
+    def test_5_bad_value(pg):
+        pass
+"""
+
+
+def test_guard_policy_error_by_default_warn_or_off_by_marker(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, GUARDED, "-W", "always::pgsandbox.errors.PgSandboxWarning")
+    result.assert_outcomes(passed=4, errors=2, warnings=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_1_leaves_a_lock*",
+            "pgsandbox: test_it.py::test_1_leaves_a_lock left 1 advisory lock(s) held on its connection*",
+            "*ERROR at setup of test_5_bad_value*",
+            "*@pytest.mark.pg(guard='loud') is not one of error, warn, off.*",
+            "*PgSandboxWarning: test_it.py::test_2_leaves_a_lock_but_only_warns left 1 advisory lock(s)*",
+        ]
+    )
+    assert "test_3_leaves_a_lock_unsaid left" not in result.stdout.str()
+    usage = project.runpytest(f"--pg-dsn={shared_dsn}", "--pg-guard=loud")
+    usage.stderr.fnmatch_lines(["*--pg-guard: bad value 'loud': expected one of error, warn, off*"])

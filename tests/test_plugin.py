@@ -37,7 +37,7 @@ def test_pg_server_fixture_and_progress_lines(
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.pg(isolation=..., keep_failed=...):*"])
+    result.stdout.fnmatch_lines(["@pytest.mark.pg(isolation=..., keep_failed=..., async_driver=..., guard=...):*"])
 
 
 def test_help_lists_options_with_env_and_ini(pytester: pytest.Pytester) -> None:
@@ -132,7 +132,7 @@ def test_the_session_report(pytester: pytest.Pytester, shared_dsn: str) -> None:
     (pytester.path / "migrations/1.sql").write_text("create table users (id serial primary key, name text);\n")
     pytester.makepyfile(test_reported=textwrap.dedent(REPORTED))
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "--pg-report=json")
-    result.assert_outcomes(passed=4, errors=1, warnings=1)  # test_2 passes; its teardown errs
+    result.assert_outcomes(passed=4, errors=2)  # tests 2 and 3 pass; their teardowns err (pg_guard = error)
     result.stdout.fnmatch_lines(
         [
             "*= pgsandbox =*",

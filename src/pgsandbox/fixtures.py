@@ -28,7 +28,7 @@ try:
 except ImportError:  # the async fixtures then say which extra to install
     pytest_asyncio = None  # type: ignore[assignment]
 
-MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver")
+MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver", "guard")
 
 
 @pytest.fixture(scope="session")
@@ -256,6 +256,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     if db is not None:
         return db
     options = marker_options(node)
+    guard = guard_policy(options, sandbox)
     try:
         db = sandbox.open(options.get("isolation"), node.nodeid)
     except PgSandboxError as error:
@@ -263,20 +264,38 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     node.stash[plugin.DATABASE_KEY] = db
 
     def close() -> None:
+        from pgsandbox.isolation.transaction import IsolationError
+
         del node.stash[plugin.DATABASE_KEY]
         try:
-            findings = sandbox.close(
+            findings: list[str] = sandbox.close(
                 db,
                 keep=node.stash.get(plugin.KEEP_KEY, False),
                 next_test_id=plugin.next_transaction_test(node, sandbox),
             )
+        except IsolationError as error:  # the database was restored: what to say is the guard policy's
+            findings = [str(error)]
         except PgSandboxError as error:
             fail(error)
+        if not findings or guard == "off":
+            return
+        if guard == "error":
+            pytest.fail("pgsandbox: " + "\n".join(findings), pytrace=False)
         for finding in findings:
             warnings.warn(plugin.PgSandboxWarning(finding), stacklevel=1)
 
     request.addfinalizer(close)
     return db
+
+
+def guard_policy(options: dict[str, Any], sandbox: Sandbox) -> str:
+    """What a teardown finding becomes: ``error`` (a test error), ``warn`` or ``off``; the marker wins."""
+    from pgsandbox.settings import GUARDS
+
+    guard = str(options.get("guard", sandbox.settings.guard))
+    if guard not in GUARDS:
+        pytest.fail(f"pgsandbox: @pytest.mark.pg(guard={guard!r}) is not one of {', '.join(GUARDS)}.", pytrace=False)
+    return guard
 
 
 def marker_options(node: pytest.Item) -> dict[str, Any]:

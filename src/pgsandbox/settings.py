@@ -121,6 +121,7 @@ def _report(value: str) -> str:
 ISOLATIONS = ("transaction", "database")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
+GUARDS = ("error", "warn", "off")
 CLONE_STRATEGIES = ("auto", "file_copy", "wal_log")
 
 
@@ -192,6 +193,12 @@ OPTIONS: tuple[Option, ...] = (
         parse=_seconds,
     ),
     Option(
+        "guard",
+        "what a teardown finding (an escaped commit, a connection left open, an advisory lock or prepared "
+        "transaction left behind) becomes: error (default, a test error), warn, or off",
+        parse=_choice(*GUARDS),
+    ),
+    Option(
         "report",
         "the session report: term (the terminal summary, default), json (also pgsandbox-report.json), "
         "json:PATH, or off",
@@ -231,6 +238,7 @@ class Settings:
     role: Literal["own", "createdb", "admin"] = "own"
     reap_grace: float = 300.0
     report: str = "term"
+    guard: Literal["error", "warn", "off"] = "error"
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
