@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pgsandbox.sandbox import Sandbox
     from pgsandbox.settings import Settings
 
-WAIT_SECONDS = 600.0  # a template build can take minutes; the controller writes an error file if it fails
+WAIT_SECONDS = 600.0  # the file is written before the workers start; this is for a controller that died
 
 
 class SharedSandbox:
@@ -50,7 +50,7 @@ class SharedSandbox:
         except PgSandboxError as error:
             self.error = error
             payload = {"error": str(error)}
-        except BaseException as error:  # the workers must not wait forever for a file that never comes
+        except Exception as error:  # the workers must hear of it, not wait for a file that never comes
             self.error = PgSandboxError(f"the xdist controller could not start the sandbox: {error!r}")
             payload = {"error": str(self.error)}
         staging = self.directory / "sandbox.json.partial"
