@@ -586,3 +586,50 @@ def test_guard_policy_error_by_default_warn_or_off_by_marker(project: pytest.Pyt
     assert "test_3_leaves_a_lock_unsaid left" not in result.stdout.str()
     usage = project.runpytest(f"--pg-dsn={shared_dsn}", "--pg-guard=loud")
     usage.stderr.fnmatch_lines(["*--pg-guard: bad value 'loud': expected one of error, warn, off*"])
+
+
+TIMEOUTS = """
+    import psycopg
+    import pytest
+
+    @pytest.fixture
+    def blocker(pg):
+        conn = psycopg.connect(pg.dsn, application_name="the-blocker")
+        yield conn
+        conn.close()
+
+    def test_1_defaults(pg_conn):
+        settings = pg_conn.execute(
+            "select current_setting('lock_timeout'), current_setting('statement_timeout'), "
+            "current_setting('idle_in_transaction_session_timeout')"
+        ).fetchone()
+        assert settings == ("200ms", "5min", "1h")
+
+    @pytest.mark.pg(isolation="database")
+    def test_2_waits_for_a_lock(pg_conn, blocker):
+        blocker.execute("update users set name = 'held' where name = 'ada'")
+        pg_conn.execute("update users set name = 'waiting' where name = 'ada'")
+
+    def test_3_runs_too_long(pg_conn):
+        pg_conn.execute("set statement_timeout = '50ms'")
+        pg_conn.execute("select pg_sleep(2)")
+"""
+
+
+def test_timeouts_and_who_held_the_lock(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, TIMEOUTS, "--pg-lock-timeout=200ms")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_2_waits_for_a_lock*",
+            "*psycopg.errors.LockNotAvailable: canceling statement due to lock timeout*",
+            "*- pgsandbox: a statement waited too long for a lock -*",
+            "*pid * (the-blocker), idle in transaction, in a transaction for * s, holding *RowExclusiveLock on "
+            "users*; its last statement: \"update users set name = 'held' where name = 'ada'\"",
+            "*test_3_runs_too_long*",
+            "*QueryCanceled: canceling statement due to statement timeout*",
+            "*- pgsandbox: a statement was stopped (a timeout) -*",
+        ]
+    )
+    bad = project.runpytest(f"--pg-dsn={shared_dsn}", "--pg-lock-timeout=soon")
+    bad.stderr.fnmatch_lines(["*--pg-lock-timeout: bad value 'soon': expected a duration such as 500ms, 30s*"])

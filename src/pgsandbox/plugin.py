@@ -290,6 +290,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return report
     from pgsandbox.fixtures import marker_options
 
+    stopped = timeout_of(call.excinfo.value if call.excinfo else None)
+    if stopped:
+        holders = sandbox.lock_holders(db.name)
+        report.sections.append(
+            (
+                f"pgsandbox: {stopped}",
+                "sessions in a transaction on the test's database when it failed, with the locks they held (the "
+                "session whose statement was stopped may be among them):\n"
+                + ("\n".join(f"    {holder}" for holder in holders) or "    none left")
+                + "\n(pg_lock_timeout, pg_statement_timeout: how long a statement may wait or run)",
+            )
+        )
     keep = marker_options(item).get("keep_failed", settings(item.config).keep_failed)
     if keep:
         item.stash[KEEP_KEY] = True
@@ -305,6 +317,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             )
         )
     return report
+
+
+TIMEOUTS = {"55P03": "a statement waited too long for a lock", "57014": "a statement was stopped (a timeout)"}
+
+
+def timeout_of(error: BaseException | None) -> str | None:
+    """What stopped a statement, if ``error`` (or what it wraps: SQLAlchemy's ``orig``, a cause) is a lock or
+    statement timeout, by SQLSTATE (psycopg, psycopg2 and asyncpg all carry it)."""
+    seen = 0
+    while error is not None and seen < 10:
+        state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if state in TIMEOUTS:
+            return TIMEOUTS[state]
+        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

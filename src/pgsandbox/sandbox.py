@@ -320,6 +320,15 @@ class Sandbox:
             server.stop()
             raise
 
+    @property
+    def timeouts(self) -> dict[str, str]:
+        """The tests' timeouts (``pg_statement_timeout``, ``pg_lock_timeout``, ``pg_idle_timeout``)."""
+        return {
+            "statement_timeout": self.settings.statement_timeout,
+            "lock_timeout": self.settings.lock_timeout,
+            "idle_in_transaction_session_timeout": self.settings.idle_timeout,
+        }
+
     def reap(self, grace_seconds: float | None = None) -> list[str]:
         """Drop what runs that died (a killed CI runner) left on this server, once they started longer ago than
         ``grace_seconds`` (default ``pg_reap_grace``); a progress line says what went."""
@@ -346,7 +355,11 @@ class Sandbox:
         name = self.server.database_name("tests")
         try:
             self.server.login = roles.create_login(
-                admin, name, createdb=self.settings.role == "createdb", label=self.server.run_label
+                admin,
+                name,
+                createdb=self.settings.role == "createdb",
+                label=self.server.run_label,
+                settings=self.timeouts,
             )
         except psycopg.errors.InsufficientPrivilege as error:
             if self.progress:
@@ -581,6 +594,29 @@ class Sandbox:
     @property
     def kept(self) -> list[str]:
         return list(self._kept)
+
+    def lock_holders(self, dbname: str) -> list[str]:
+        """Sessions in a transaction on ``dbname`` and the locks they hold, described for a failure report
+        (from a connection to that database: relation names resolve only there)."""
+        try:
+            with self.server.connect(dbname, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT a.pid, a.application_name, a.state, "
+                    "round(extract(epoch FROM now() - a.xact_start)::numeric, 1), left(a.query, 300), "
+                    "string_agg(DISTINCT l.mode || CASE WHEN l.relation IS NOT NULL "
+                    "THEN ' on ' || l.relation::regclass::text ELSE ' (' || l.locktype || ')' END, ', ') "
+                    "FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid AND l.granted "
+                    "WHERE a.datname = current_database() AND a.xact_start IS NOT NULL "
+                    "AND a.pid <> pg_backend_pid() AND l.locktype <> 'virtualxid' "
+                    "GROUP BY 1, 2, 3, 4, 5 ORDER BY 4 DESC"
+                ).fetchall()
+        except psycopg.Error as error:
+            return [f"(could not look: {error})"]
+        return [
+            f"pid {pid} ({app or 'no application_name'}), {state}, in a transaction for {age} s, "
+            f"holding {locks}; its last statement: {query!r}"
+            for pid, app, state, age, query, locks in rows
+        ]
 
     # -- the session report ---------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

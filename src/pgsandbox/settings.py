@@ -118,6 +118,14 @@ def _report(value: str) -> str:
     raise ValueError("expected term (the default), json, json:PATH or off")
 
 
+def _duration(value: str) -> str:
+    """A PostgreSQL duration for a timeout: ``30s``, ``500ms``, ``5min``, ``1h``; ``0`` turns it off."""
+    text = value.strip().replace(" ", "")
+    if not re.fullmatch(r"\d+(ms|s|min|h)?", text):
+        raise ValueError("expected a duration such as 500ms, 30s, 5min or 1h (0: no timeout)")
+    return text
+
+
 ISOLATIONS = ("transaction", "database")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
@@ -193,6 +201,21 @@ OPTIONS: tuple[Option, ...] = (
         parse=_seconds,
     ),
     Option(
+        "statement_timeout",
+        "longest a statement of a test may run before PostgreSQL stops it (default 5min; 0: none)",
+        parse=_duration,
+    ),
+    Option(
+        "lock_timeout",
+        "longest a statement of a test may wait for a lock; the failure then names who held it (default 1min)",
+        parse=_duration,
+    ),
+    Option(
+        "idle_timeout",
+        "idle_in_transaction_session_timeout of the tests' connections (default 1h; 0: none)",
+        parse=_duration,
+    ),
+    Option(
         "guard",
         "what a teardown finding (an escaped commit, a connection left open, an advisory lock or prepared "
         "transaction left behind) becomes: error (default, a test error), warn, or off",
@@ -239,6 +262,9 @@ class Settings:
     reap_grace: float = 300.0
     report: str = "term"
     guard: Literal["error", "warn", "off"] = "error"
+    statement_timeout: str = "5min"
+    lock_timeout: str = "1min"
+    idle_timeout: str = "1h"
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

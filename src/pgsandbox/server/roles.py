@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,9 +128,16 @@ def hand_over(conn: psycopg.Connection[Any]) -> int:
     return len(statements)
 
 
-def create_login(admin: psycopg.Connection[Any], name: str, createdb: bool = False, label: str = "") -> Login:
+def create_login(
+    admin: psycopg.Connection[Any],
+    name: str,
+    createdb: bool = False,
+    label: str = "",
+    settings: Mapping[str, str] | None = None,
+) -> Login:
     """A role for one session's tests (``CREATEDB`` only when asked); its password is random and reaches
-    the server as a SCRAM verifier, never in clear."""
+    the server as a SCRAM verifier, never in clear. ``settings`` (timeouts) become the role's defaults, so that
+    every connection of every client library the tests use gets them."""
     from pgsandbox.server.local import scram_verifier
 
     password = secrets.token_urlsafe(24)
@@ -146,6 +154,12 @@ def create_login(admin: psycopg.Connection[Any], name: str, createdb: bool = Fal
     )
     if label:  # which run it belongs to, for the reaper
         admin.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(name), sql.Literal(label)))
+    for setting, value in (settings or {}).items():
+        admin.execute(
+            sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                sql.Identifier(name), sql.Identifier(setting), sql.Literal(value)
+            )
+        )
     _join(admin, name)  # to create and drop databases it owns
     return Login(name, password)
 
