@@ -633,3 +633,53 @@ def test_timeouts_and_who_held_the_lock(project: pytest.Pytester, shared_dsn: st
     )
     bad = project.runpytest(f"--pg-dsn={shared_dsn}", "--pg-lock-timeout=soon")
     bad.stderr.fnmatch_lines(["*--pg-lock-timeout: bad value 'soon': expected a duration such as 500ms, 30s*"])
+
+
+DEADLOCK = """
+    import threading
+
+    import psycopg
+    import pytest
+
+    @pytest.fixture
+    def workers(pg):
+        first = psycopg.connect(pg.dsn, application_name="first-worker")
+        second = psycopg.connect(pg.dsn, application_name="second-worker")
+        yield first, second
+        first.close()
+        second.close()
+
+    @pytest.mark.pg(isolation="database")
+    def test_two_connections_deadlock(workers):
+        first, second = workers
+        first.execute("update users set name = 'a1' where id = 1")
+        second.execute("update users set name = 'b1' where id = 2")
+        errors = []
+
+        def cross(conn, row):
+            try:
+                conn.execute("update users set name = name || '!' where id = %s", [row])
+            except psycopg.Error as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=cross, args=args) for args in ((first, 2), (second, 1))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        raise errors[0]
+"""
+
+
+def test_a_deadlock_is_reported_with_both_statements(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, DEADLOCK)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- pgsandbox: deadlock -*",
+            "Process * waits for ShareLock on transaction *; blocked by process *.",
+            "Process * waits for ShareLock on transaction *; blocked by process *.",
+            "process * (*-worker), its last statement: \"update users set name = name || '!' where id = $1\"",
+            "process * (*-worker), its last statement: \"update users set name = name || '!' where id = $1\"",
+        ]
+    )

@@ -290,7 +290,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return report
     from pgsandbox.fixtures import marker_options
 
-    stopped = timeout_of(call.excinfo.value if call.excinfo else None)
+    error = call.excinfo.value if call.excinfo else None
+    deadlock = deadlock_of(error)
+    if deadlock is not None:
+        report.sections.append(("pgsandbox: deadlock", sandbox.describe_deadlock(deadlock)))
+    stopped = timeout_of(error)
     if stopped:
         holders = sandbox.lock_holders(db.name)
         report.sections.append(
@@ -322,16 +326,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 TIMEOUTS = {"55P03": "a statement waited too long for a lock", "57014": "a statement was stopped (a timeout)"}
 
 
+def _causes(error: BaseException | None) -> list[BaseException]:
+    """``error`` and what it wraps (SQLAlchemy's ``orig``, causes, contexts), nearest first."""
+    found: list[BaseException] = []
+    while error is not None and len(found) < 10:
+        found.append(error)
+        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+    return found
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return str(state) if state else None
+
+
+def deadlock_of(error: BaseException | None) -> str | None:
+    """PostgreSQL's detail of a deadlock (both processes, what each waited for, their statements), if ``error``
+    is one. psycopg and psycopg2 carry it in ``diag``, asyncpg in ``detail``."""
+    for cause in _causes(error):
+        if _sqlstate(cause) == "40P01":
+            diag = getattr(cause, "diag", None)
+            return str(getattr(diag, "message_detail", None) or getattr(cause, "detail", None) or "")
+    return None
+
+
 def timeout_of(error: BaseException | None) -> str | None:
     """What stopped a statement, if ``error`` (or what it wraps: SQLAlchemy's ``orig``, a cause) is a lock or
     statement timeout, by SQLSTATE (psycopg, psycopg2 and asyncpg all carry it)."""
-    seen = 0
-    while error is not None and seen < 10:
-        state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    for cause in _causes(error):
+        state = _sqlstate(cause)
         if state in TIMEOUTS:
             return TIMEOUTS[state]
-        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
-        seen += 1
     return None
 
 

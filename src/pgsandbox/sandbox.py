@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -617,6 +618,26 @@ class Sandbox:
             f"holding {locks}; its last statement: {query!r}"
             for pid, app, state, age, query, locks in rows
         ]
+
+    def describe_deadlock(self, detail: str) -> str:
+        """PostgreSQL's deadlock detail (each process, what it waited for and its statement), with the
+        ``application_name`` of each process that is still connected: which test it belonged to."""
+        pids = sorted({int(pid) for pid in re.findall(r"[Pp]rocess (\d+)", detail)})
+        found: dict[int, tuple[str, str]] = {}
+        if pids:
+            with contextlib.suppress(psycopg.Error):
+                rows = self.server.admin.execute(
+                    "SELECT pid, application_name, left(query, 300) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                    [pids],
+                ).fetchall()
+                found = {int(pid): (str(name), str(query)) for pid, name, query in rows}
+        who = [
+            f"process {pid} ({found[pid][0] or 'no application_name'}), its last statement: {found[pid][1]!r}"
+            if pid in found
+            else f"process {pid}: gone (its connection was closed)"
+            for pid in pids
+        ]
+        return (detail or "(PostgreSQL gave no detail)") + ("\n" + "\n".join(who) if who else "")
 
     # -- the session report ---------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
