@@ -198,8 +198,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     controller, the sandbox the workers shared (they are all done)."""
     config = session.config
     early = config.stash.get(EARLY_KEY, None)
-    if early is not None and not isinstance(early, PgSandboxError) and not early._stopped:
-        config.stash[REPORT_KEY] = early.report()
+    if early is not None and not isinstance(early, PgSandboxError):
+        if REPORT_KEY not in config.stash:  # the fixture did not stop it: no test used it
+            config.stash[REPORT_KEY] = early.report()
         early.stop()
     shared = config.stash.get(CONTROLLER_KEY, None)
     if shared is not None:

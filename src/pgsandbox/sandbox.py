@@ -37,6 +37,7 @@ from pgsandbox.isolation.transaction import (
     TransactionIsolation,
     app_name,
     guest_begin,
+    rollback_prepared,
 )
 from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
@@ -464,7 +465,7 @@ class Sandbox:
         finally:
             self._teardown_seconds += time.perf_counter() - started
         for finding in findings:
-            self._found(getattr(finding, "kind", LEFT_OPEN))
+            self._found(finding.kind if isinstance(finding, Finding) else LEFT_OPEN)
         return findings
 
     def _found(self, kind: str) -> None:
@@ -498,35 +499,11 @@ class Sandbox:
                 if not conn.closed:
                     ours.add(conn.info.backend_pid)
                 conn.close()
-        findings = self._leftover_connections(db, ours)
-        findings += self._prepared_transactions(db)
+        findings = self._left_behind(db, ours)
         self._pool.release(db.name, keep=keep)
         if kept_as:
             self._label_kept(kept_as)
         return findings
-
-    def _prepared_transactions(self, db: Database) -> list[str]:
-        """Transactions the test prepared outlive its connections and keep its database from being dropped:
-        roll them back (from a connection to that database, which ROLLBACK PREPARED needs)."""
-        gids = [
-            row[0]
-            for row in self.server.admin.execute(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = %s", [db.name]
-            ).fetchall()
-        ]
-        if not gids:
-            return []
-        with self.server.connect(db.name, autocommit=True) as conn:
-            for gid in gids:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
-        return [
-            Finding.of(
-                PREPARED,
-                f"{db.test_id} left {len(gids)} prepared transaction(s) ({', '.join(gids)}) in its database; "
-                "pgsandbox rolled them back.",
-            )
-        ]
 
     def _label_kept(self, name: str) -> None:
         """A kept database says so in its comment: the reaper leaves it to its user."""
@@ -535,20 +512,37 @@ class Sandbox:
             sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(json.dumps(label)))
         )
 
-    def _leftover_connections(self, db: Database, ours: set[int]) -> list[str]:
+    def _left_behind(self, db: Database, ours: set[int]) -> list[str]:
+        """Connections the test left open (terminated) and transactions it prepared (rolled back: they would
+        keep its database from being dropped). One query in the common case, where there are neither."""
         row = self.server.admin.execute(
-            "SELECT pg_stat_get_db_numbackends(oid) FROM pg_database WHERE datname = %s", [db.name]
+            "SELECT pg_stat_get_db_numbackends(d.oid), "
+            "(SELECT count(*) FROM pg_prepared_xact() p WHERE p.dbid = d.oid) FROM pg_database d WHERE datname = %s",
+            [db.name],
         ).fetchone()
-        if not row or not row[0]:
-            return []  # the common case, answered without reading pg_stat_activity (0.5 ms)
-        left = connections_to(self.server.admin, db.name, ours, LEFTOVER_WAIT_SECONDS)
-        if not left:
-            return []
-        terminate_connections(self.server.admin, db.name)
-        return [
-            f"{db.test_id} left {len(left)} connection(s) open to its database ({'; '.join(left)}); "
-            "pgsandbox terminated them."
-        ]
+        findings: list[str] = []
+        if row and row[0]:
+            left = connections_to(self.server.admin, db.name, ours, LEFTOVER_WAIT_SECONDS)
+            if left:
+                terminate_connections(self.server.admin, db.name)
+                findings.append(
+                    Finding.of(
+                        LEFT_OPEN,
+                        f"{db.test_id} left {len(left)} connection(s) open to its database ({'; '.join(left)}); "
+                        "pgsandbox terminated them.",
+                    )
+                )
+        if row and row[1]:
+            with self.server.connect(db.name, autocommit=True) as conn:
+                gids = rollback_prepared(conn)
+            findings.append(
+                Finding.of(
+                    PREPARED,
+                    f"{db.test_id} left {len(gids)} prepared transaction(s) ({', '.join(gids)}) in its database; "
+                    "pgsandbox rolled them back.",
+                )
+            )
+        return findings
 
     @contextlib.contextmanager
     def database(self, isolation: str | None = None, test_id: str = "script") -> Iterator[Database]:

@@ -82,6 +82,22 @@ class Parked:
     loop: Any = None
 
 
+def rollback_prepared(conn: psycopg.Connection[Any]) -> list[str]:
+    """Roll back the transactions prepared in ``conn``'s database (ROLLBACK PREPARED must run there, outside a
+    transaction); return their names."""
+    gids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT gid FROM pg_prepared_xact() WHERE dbid = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    ]
+    for gid in gids:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+    return gids
+
+
 def literal(text: str) -> str:
     """A string literal (standard_conforming_strings is on in every supported version)."""
     return "'" + text.replace("'", "''") + "'"
@@ -360,15 +376,7 @@ class TransactionIsolation:
             self._unprepare()
             conn.autocommit = True
             try:
-                gids = [
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
-                    ).fetchall()
-                ]
-                for gid in gids:
-                    with contextlib.suppress(psycopg.Error):
-                        conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+                gids = rollback_prepared(conn)
             finally:
                 conn.autocommit = False
             findings.append(

@@ -24,7 +24,6 @@ from psycopg import sql
 from pgsandbox.server.base import lock_id, terminate_connections
 
 RUN_NAME = re.compile(r"^pgsandbox_([0-9a-f]{8})_")
-DEFAULT_GRACE_SECONDS = 300.0
 
 
 @dataclass

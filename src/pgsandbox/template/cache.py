@@ -74,12 +74,12 @@ class Chain:
         return self.keys[-1]
 
 
-def _server_traits(server: Server) -> str:
+def _server_traits(server: Server, hand_over: bool) -> str:
     row = server.admin.execute(
         "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database WHERE datname = 'template0'"
     ).fetchone()
     # whether the objects are handed over to pgsandbox_owner (roles.py) depends on the admin's rights
-    return json.dumps([server.version[0], *(row or ()), roles.can_manage_roles(server.admin)])
+    return json.dumps([server.version[0], *(row or ()), hand_over])
 
 
 def template_name(key: str, traits: str) -> str:
@@ -97,7 +97,8 @@ def ensure_templates(
     progress: Progress | None = None,
 ) -> list[TemplateInfo]:
     """Make sure every layer's template exists on ``server``; build the missing ones (and those after them)."""
-    traits = _server_traits(server)
+    hand_over = roles.can_manage_roles(server.admin)
+    traits = _server_traits(server, hand_over)
     infos: list[TemplateInfo] = []
     parent = "template0"
     rebuild_from_here = rebuild
@@ -107,7 +108,7 @@ def ensure_templates(
         if not rebuild_from_here and _state(server, info.name) == "ready":
             info.hit = True
         else:
-            built = _build(server, layer, info, parent, project, rebuild_from_here, clone_clause, progress)
+            built = _build(server, layer, info, parent, project, rebuild_from_here, clone_clause, progress, hand_over)
             rebuild_from_here = rebuild_from_here or built  # a rebuilt parent means its children are stale
             if built and keep:
                 prune(server, project, layer.kind, keep)
@@ -152,6 +153,7 @@ def _build(
     rebuild: bool,
     clone_clause: sql.Composable,
     progress: Progress | None,
+    hand_over: bool,
 ) -> bool:
     """Build the template unless another session did while we waited; True when this session built it."""
     with _build_lock(server, info, progress):
@@ -180,7 +182,7 @@ def _build(
             for migrator in layer.migrators:
                 migrator.migrate(target)
             with server.connect(info.name, autocommit=True) as conn:
-                if roles.can_manage_roles(server.admin):
+                if hand_over:
                     roles.ensure_owner(server.admin)
                     roles.hand_over(conn)
                 # frozen rows and fresh statistics, once, instead of hint-bit writes and guesses in every clone
