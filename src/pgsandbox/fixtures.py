@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import Session
 
+    from pgsandbox.queries import Queries
     from pgsandbox.sandbox import Database, Sandbox
     from pgsandbox.server import Server
 
@@ -111,6 +112,27 @@ def pg_session(request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_engine: E
     db = sandbox_database(request, pg_sandbox)
     with driver.session(db, pg_engine) as session, factoryboy.using(session):
         yield session
+
+
+@pytest.fixture
+def pg_queries(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Queries:
+    """Count and list the statements a block runs, on every connection of the test::
+
+        with pg_queries(2):  # fails listing them unless the block ran exactly 2 (at_most=2: at most 2)
+            list_orders(session)
+
+    ``with pg_queries() as ran:`` only records (``ran.count``, ``ran.sql``, ``print(ran)``). Transaction
+    control is not counted. Needs the statement log of the local server (``pg_sql_log``, on by default)."""
+    from pgsandbox.queries import Queries
+    from pgsandbox.server.statements import StatementLogError
+
+    db = sandbox_database(request, pg_sandbox)
+    if pg_sandbox.server.statement_log is None:
+        try:
+            pg_sandbox.sql_of(db)
+        except StatementLogError as error:
+            fail(error)
+    return Queries(pg_sandbox, db)
 
 
 def fail(error: PgSandboxError) -> NoReturn:
@@ -262,6 +284,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     except PgSandboxError as error:
         fail(error)
     node.stash[plugin.DATABASE_KEY] = db
+    node.stash[plugin.LOG_KEY] = db
 
     def close() -> None:
         from pgsandbox.isolation.transaction import IsolationError

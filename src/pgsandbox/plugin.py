@@ -18,6 +18,7 @@ from pgsandbox.settings import OPTIONS, Settings
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database, Sandbox
+    from pgsandbox.server.statements import Statement
     from pgsandbox.template.base import Migrator
     from pgsandbox.xdist import SharedSandbox
 
@@ -29,6 +30,7 @@ SETTINGS_KEY = pytest.StashKey[Settings]()
 SANDBOX_KEY: pytest.StashKey[Sandbox] = pytest.StashKey()
 KEPT_KEY = pytest.StashKey[list[str]]()
 DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
+LOG_KEY: pytest.StashKey[Database] = pytest.StashKey()  # the test's database, also after its teardown
 KEEP_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 EARLY_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
@@ -85,6 +87,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     except ConfigError as error:
         raise pytest.UsageError(f"pgsandbox: {error}") from None
+    chars = config.option.reportchars or ""
+    if config.stash[SETTINGS_KEY].show_sql and not {"P", "A"} & set(chars):
+        config.option.reportchars = chars + "P"  # a passed test's report sections are shown with -rP
 
 
 def settings(config: pytest.Config) -> Settings:
@@ -283,11 +288,23 @@ def next_transaction_test(item: pytest.Item, sandbox: Sandbox) -> str | None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
-    if report.when != "call" or not report.failed:
-        return report
-    db = item.stash.get(DATABASE_KEY, None)
     sandbox = item.config.stash.get(SANDBOX_KEY, None)
+    db = item.stash.get(LOG_KEY, None)
     if db is None or sandbox is None:
+        return report
+    show_sql = settings(item.config).show_sql and report.when == "call"
+    if report.failed or show_sql:
+        from pgsandbox.server.statements import StatementLogError
+
+        found: list[Statement] | None = None
+        try:
+            found, _, complete = sandbox.sql_of(db)
+        except StatementLogError as unavailable:
+            if show_sql:
+                report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
+        if found is not None:
+            report.sections.append((f"pgsandbox: SQL of {report.when}", sql_section(found, complete)))
+    if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
         return report
     from pgsandbox.fixtures import marker_options
 
@@ -322,6 +339,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             )
         )
     return report
+
+
+def sql_section(found: list[Statement], complete: bool) -> str:
+    from pgsandbox.server import statements
+
+    return (
+        statements.report(found, complete=complete)
+        + "\n(from the server's statement log: parameters as the server saw them, known secrets masked; "
+        "--pg-show-sql shows this for every test)"
+    )
 
 
 TIMEOUTS = {"55P03": "a statement waited too long for a lock", "57014": "a statement was stopped (a timeout)"}

@@ -41,6 +41,8 @@ from pgsandbox.isolation.transaction import (
 )
 from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
+from pgsandbox.server.statements import INTERNAL, Position, Scope, Statement, StatementLog, StatementLogError
+from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import Migrator
@@ -50,6 +52,7 @@ from pgsandbox.urls import libpq_env, sqlalchemy_url
 Isolation = Literal["transaction", "database"]
 T = TypeVar("T")
 LEFTOVER_WAIT_SECONDS = 0.2
+ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
 SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
 __all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox"]
@@ -78,6 +81,14 @@ class Database:
     guests: Guests = field(default_factory=Guests, repr=False)
     drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
     _transaction: TransactionIsolation | None = field(default=None, repr=False)
+    log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
+
+    @property
+    def scope(self) -> Scope:
+        """What in the statement log is this test's: its connections' names, and its database when it is
+        the test's own."""
+        names = frozenset((app_name(self.test_id), app_name(self.test_id, ADMIN_SUFFIX)))
+        return Scope(names, self.name if self.isolation == "database" else None)
 
     @property
     def dsn(self) -> str:
@@ -170,9 +181,9 @@ class Database:
     def connect_admin(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new connection to this database as the admin (superuser on a local server), outside the test's
         transaction: what it does is committed. Closed after the test if the test did not close it."""
-        kwargs.setdefault("application_name", app_name(self.test_id) + " (admin)")
+        kwargs.setdefault("application_name", app_name(self.test_id, ADMIN_SUFFIX))
         kwargs.setdefault("autocommit", True)
-        conn = self.server.connect(self.name, **kwargs)
+        conn = self.server.connect(self.name, logged=True, **kwargs)
         self.joined(conn.info.backend_pid)
         self._opened.append(conn)
         return conn
@@ -342,6 +353,8 @@ class Sandbox:
 
     def _log_in(self) -> None:
         """Create the role this session's tests connect as (``pg_role``), when the admin may create roles."""
+        # the tests' timeouts, on each database while they connect as the admin (their own role holds them)
+        self.server.database_settings = dict(self.timeouts)
         if self.settings.role == "admin":
             return
         admin = self.server.admin
@@ -375,6 +388,7 @@ class Sandbox:
         return {
             "dsn": self.server.dsn,
             "local": isinstance(self.server, LocalServer),
+            "statement_log": self.server.statement_log.describe() if self.server.statement_log else None,
             "templates": [
                 {"layer": t.layer, "name": t.name, "key": t.key, "labels": list(t.labels)} for t in self.templates
             ],
@@ -387,7 +401,9 @@ class Sandbox:
         from pgsandbox.server import ExternalServer
 
         started = time.perf_counter()
-        server = ExternalServer.attach(description["dsn"], "the xdist controller's server")
+        log = description.get("statement_log")
+        statement_log = StatementLog(Path(log["directory"]), log["format"]) if log else None
+        server = ExternalServer.attach(description["dsn"], "the xdist controller's server", statement_log)
         start_seconds = time.perf_counter() - started
         templates = [
             TemplateInfo(t["layer"], t["name"], t["key"], hit=True, labels=tuple(t["labels"]))
@@ -439,9 +455,11 @@ class Sandbox:
             db = Database("database", clone.name, test_id, self.server, _connection=clone.conn)
             if clone.conn is not None:
                 clone.conn.autocommit = True  # one round trip, no transaction left open
-                clone.conn.execute("SELECT set_config('application_name', %s, false)", [app_name(test_id)])
+                clone.conn.execute(INTERNAL + "SELECT set_config('application_name', %s, false)", [app_name(test_id)])
                 clone.conn.autocommit = False
                 db._opened.append(clone.conn)
+        if self.server.statement_log is not None:
+            db.log_start = self.server.statement_log.position()
         seconds = time.perf_counter() - started
         self._tests[chosen] = self._tests.get(chosen, 0) + 1
         self._setup_seconds += seconds
@@ -612,6 +630,22 @@ class Sandbox:
             f"holding {locks}; its last statement: {query!r}"
             for pid, app, state, age, query, locks in rows
         ]
+
+    def sql_of(self, db: Database, since: Position | None = None) -> tuple[list[Statement], Position, bool]:
+        """The statements ``db``'s test ran since ``since`` (default: its start) in the order they ran, from
+        the server's statement log; where the log stands after them; whether the log was complete since then.
+        Raises :class:`StatementLogError` when there is no statement log (an external server, pg_sql_log=off)."""
+        log = self.server.statement_log
+        start = since or db.log_start
+        if log is None or start is None:
+            why = "pg_sql_log is off" if isinstance(self.server, LocalServer) or log else "the server is external"
+            raise StatementLogError(
+                f"there is no statement log to read: {why}.",
+                "pgsandbox logs statements on the local server it starts (pg_sql_log = auto); drop pg_dsn "
+                "and pg_server = external for these tests.",
+            )
+        entries, end, complete = log.collect(start, self.server.admin)
+        return statements_in(entries, db.scope), end, complete
 
     def describe_deadlock(self, detail: str) -> str:
         """PostgreSQL's deadlock detail (each process, what it waited for and its statement), with the

@@ -131,6 +131,7 @@ ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
 GUARDS = ("error", "warn", "off")
 CLONE_STRATEGIES = ("auto", "file_copy", "wal_log")
+SQL_LOGS = ("auto", "jsonlog", "csvlog", "off")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -222,6 +223,13 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*GUARDS),
     ),
     Option(
+        "sql_log",
+        "the local server's statement log, read for a failed test's SQL and pg_queries: auto (jsonlog on "
+        "PostgreSQL 15+, csvlog before; the default), jsonlog, csvlog, or off",
+        parse=_choice(*SQL_LOGS),
+    ),
+    Option("show_sql", "show the SQL every test ran in its report, not only a failed test's", kind="flag", parse=_flag),
+    Option(
         "report",
         "the session report: term (the terminal summary, default), json (also pgsandbox-report.json), "
         "json:PATH, or off",
@@ -265,6 +273,8 @@ class Settings:
     statement_timeout: str = "5min"
     lock_timeout: str = "1min"
     idle_timeout: str = "1h"
+    sql_log: Literal["auto", "jsonlog", "csvlog", "off"] = "auto"
+    show_sql: bool = False
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -13,9 +13,12 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
+from pgsandbox.server.statements import INTERNAL
+
 SAVEPOINT = "pgsandbox_test"
-COMMIT = f"RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}"
-ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}"
+# what stands in for commit() and rollback() says so in the statement log
+COMMIT = f"/* commit() */ RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}"
+ROLLBACK = f"/* rollback() */ ROLLBACK TO SAVEPOINT {SAVEPOINT}"
 
 AUTOCOMMIT_REFUSED = (
     "pgsandbox: this connection runs inside the test's transaction (transaction isolation), so it cannot switch "
@@ -45,8 +48,8 @@ def _savepoint_for(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
     name = _savepoint(conn)
     # like COMMIT of a failed transaction: everything since the last commit is rolled back
     if action == "rollback" or conn.info.transaction_status == pq.TransactionStatus.INERROR:
-        return f"ROLLBACK TO SAVEPOINT {name}"
-    return f"RELEASE SAVEPOINT {name}; SAVEPOINT {name}"
+        return f"/* {action}() */ ROLLBACK TO SAVEPOINT {name}"
+    return f"/* commit() */ RELEASE SAVEPOINT {name}; SAVEPOINT {name}"
 
 
 def _level(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], own: bool) -> str | None:
@@ -56,7 +59,7 @@ def _level(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], own: bo
     levels: list[str | None] = conn.__dict__.setdefault("_pgsandbox_levels", [])
     name = f"pgsandbox_level{len(levels)}" if own and conn._pgsandbox_active else None  # type: ignore[union-attr]
     levels.append(name)
-    return f"SAVEPOINT {name}" if name else None
+    return f"{INTERNAL}SAVEPOINT {name}" if name else None
 
 
 def _unlevel(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str | None:
@@ -66,8 +69,8 @@ def _unlevel(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> st
     if not name or not conn._pgsandbox_active:  # type: ignore[union-attr]
         return None
     if conn.info.transaction_status == pq.TransactionStatus.INERROR:
-        return f"ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
-    return f"RELEASE SAVEPOINT {name}"
+        return f"{INTERNAL}ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
+    return f"{INTERNAL}RELEASE SAVEPOINT {name}"
 
 
 class SandboxConnection(psycopg.Connection[Any]):

@@ -19,6 +19,7 @@ from psycopg import pq, sql
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.server.base import Server, connections_to, terminate_connections
+from pgsandbox.server.statements import INTERNAL
 
 LEFTOVER_WAIT_SECONDS = 0.2
 # After the rollback, in the same round trip: how many backends are on the session database (more than
@@ -37,7 +38,7 @@ CHECK = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, pg_stat_get_db_sessi
 CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, NULL::bigint, " + _XMAX + _HELD
 # The savepoint exists only in the test's own transaction: if a raw COMMIT (or END) replaced that
 # transaction, rolling back to it fails, and that failure is how an escape is noticed, for free.
-ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
+ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
 
 
 class Finding(str):
@@ -105,10 +106,10 @@ def literal(text: str) -> str:
 
 def guest_begin(test_id: str) -> str:
     """What a driver's connection runs inside its new transaction: the savepoint its commits move."""
-    return f"SAVEPOINT {SAVEPOINT}; SET application_name = {literal(app_name(test_id))}"
+    return f"{INTERNAL}SAVEPOINT {SAVEPOINT}; SET application_name = {literal(app_name(test_id))}"
 
 
-GUEST_ROLLBACK = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK"  # fails if a COMMIT replaced the transaction
+GUEST_ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK"  # fails if a COMMIT replaced it
 
 
 class IsolationError(PgSandboxError):
@@ -142,9 +143,10 @@ def contents(conn: psycopg.Connection[Any]) -> Contents:
     return Contents(rows, int(relations[0]) if relations else 0)
 
 
-def app_name(test_id: str) -> str:
-    """``application_name`` is limited to 63 bytes: keep the end of a long test id, which names the test."""
-    name = f"pgsandbox {test_id}"
+def app_name(test_id: str, suffix: str = "") -> str:
+    """``application_name`` is limited to 63 bytes: keep the end of a long test id, which names the test
+    (and all of ``suffix``), so that the statement log can tell the test by it."""
+    name = f"pgsandbox {test_id}{suffix}"
     encoded = name.encode()
     if len(encoded) <= 63:
         return name
@@ -161,7 +163,7 @@ class TransactionIsolation:
         self.sessions: int | None = None  # the session database's session counter, after our own connect
         self._snapshot_xmax = 0
         self._prepared: str | None = None  # the test whose transaction the last rollback opened
-        self._begin = f"SAVEPOINT {SAVEPOINT}; SET application_name = ".encode()
+        self._begin = f"{INTERNAL}SAVEPOINT {SAVEPOINT}; SET application_name = ".encode()
         self._check = ""
         self.parked: dict[str, Parked] = {}  # by driver
         self._held = (0, 0)  # advisory locks and prepared transactions the last rollback left
@@ -364,7 +366,7 @@ class TransactionIsolation:
             return []
         findings: list[str] = []
         if advisory:
-            conn.execute("SELECT pg_advisory_unlock_all()")
+            conn.execute(INTERNAL + "SELECT pg_advisory_unlock_all()")
             findings.append(
                 Finding.of(
                     ADVISORY,
@@ -389,7 +391,7 @@ class TransactionIsolation:
         return findings
 
     def _check_query(self) -> str:
-        return self._check.replace("{ours}", str(1 + len(self.parked)))
+        return INTERNAL + self._check.replace("{ours}", str(1 + len(self.parked)))
 
     def _ours(self) -> list[int]:
         own = [self.conn.info.backend_pid] if self.conn is not None and not self.conn.closed else []

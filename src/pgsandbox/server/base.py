@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pgsandbox.errors import ConfigError
 from pgsandbox.redact import redact
 from pgsandbox.server.roles import Login
+from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
 
 Progress = Callable[[str], None]
 MAX_IDENTIFIER = 63
@@ -97,6 +98,10 @@ class Server(ABC):
         self.login: Login | None = None
         self.started = time.time()
         self.counts = {"created": 0, "dropped": 0}  # databases, for the session report
+        # the local server's log of every statement (statements.py); pgsandbox's own connections stay out of it
+        self.statement_log: StatementLog | None = None
+        # settings of every database created for tests when they connect as the admin (no role to hold them)
+        self.database_settings: dict[str, str] = {}
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -143,9 +148,12 @@ class Server(ABC):
         return f"<{type(self).__name__} PostgreSQL {self.version_string} {self.dsn_redacted}>"
 
     # -- connections -------------------------------------------------------------------------------
-    def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
-        """A new psycopg connection as the admin role, to ``dbname`` (default: the admin database)."""
+    def connect(self, dbname: str | None = None, *, logged: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A new psycopg connection as the admin role, to ``dbname`` (default: the admin database). Its
+        statements stay out of the statement log unless ``logged`` (a test's ``pg_admin``)."""
         conninfo = self.dsn_for(dbname) if dbname else self._conninfo
+        if self.statement_log is not None and not logged:
+            kwargs.setdefault("options", QUIET_OPTIONS)
         return psycopg.connect(conninfo, **kwargs)
 
     @property
@@ -208,6 +216,10 @@ class Server(ABC):
             query += clause
         label = sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(full), sql.Literal(self.run_label))
         if self.login is None:
+            for name, value in self.database_settings.items():
+                label += sql.SQL("; ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(full), sql.Identifier(name), sql.Literal(value)
+                )
             return [query, label]
         query += sql.SQL(" OWNER {}").format(sql.Identifier(self.login.user))
         # one round trip: only its owner (and superusers) may connect, and it says which run made it

@@ -13,6 +13,7 @@ from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.roles import drop_login
+from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
 
 CONNECT_TIMEOUT = 10
 _UNREACHABLE = re.compile(
@@ -43,9 +44,10 @@ class ExternalServer(Server):
     kind = "external"
 
     @classmethod
-    def attach(cls, dsn: str = "", source: str = "pg_dsn") -> ExternalServer:
+    def attach(cls, dsn: str = "", source: str = "pg_dsn", statement_log: StatementLog | None = None) -> ExternalServer:
         """Connect with ``dsn`` (a URL or key=value string; empty: the libpq ``PG*`` variables) and check
-        that the server is new enough and the role may create databases."""
+        that the server is new enough and the role may create databases. ``statement_log``: the log of a
+        pgsandbox local server (an xdist worker's), which the admin's own statements stay out of."""
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as error:
@@ -57,13 +59,14 @@ class ExternalServer(Server):
             register_secret(str(params["password"]))
         if "connect_timeout" not in params:
             dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
-        admin = _connect(dsn, source)
+        admin = _connect(dsn, source, quiet=statement_log is not None)
         try:
             password = admin.info.password
             if password:
                 register_secret(password)
             _check(admin)
             server = cls(dsn, admin.info.server_version, new_run_id())
+            server.statement_log = statement_log
         except BaseException:
             admin.close()
             raise
@@ -82,10 +85,11 @@ class ExternalServer(Server):
             self._close_admin()
 
 
-def _connect(dsn: str, source: str) -> psycopg.Connection[Any]:
+def _connect(dsn: str, source: str, quiet: bool = False) -> psycopg.Connection[Any]:
     target = describe_target(dsn)
     try:
-        return psycopg.connect(dsn, autocommit=True)
+        extra: dict[str, Any] = {"options": QUIET_OPTIONS} if quiet else {}  # else PGOPTIONS applies
+        return psycopg.connect(dsn, autocommit=True, **extra)
     except psycopg.OperationalError as error:
         message = redact(str(error).strip())
         if _BAD_PASSWORD.search(message):

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import psycopg
 from filelock import BaseFileLock
@@ -26,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 from pgsandbox.binaries import Installation, find_installations, select_installation
 from pgsandbox.errors import ServerStartError
 from pgsandbox.redact import redact, register_secret
-from pgsandbox.server import cache, osuser, runs
+from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
 from pgsandbox.settings import Settings
 
@@ -167,9 +167,16 @@ class LocalServer(Server):
         run_id: str,
         cached_password: str,
     ) -> LocalServer:
+        log_format = statements.choose_format(settings.sql_log, installation.major)
+        log_settings: dict[str, str] = {}
+        if log_format:
+            log_dir = run.path / "log"
+            log_dir.mkdir(mode=0o700, exist_ok=True)
+            account.chown(log_dir)
+            log_settings = statements.server_settings(log_dir, log_format)
         for attempt in range(PORT_ATTEMPTS):
             tcp = _tcp_address(settings)
-            _write_config(run, installation, account, settings, tcp)
+            _write_config(run, installation, account, settings, tcp, log_settings)
             process = _spawn(installation, account, run)
             try:
                 _wait_ready(process, run)
@@ -188,6 +195,7 @@ class LocalServer(Server):
                 raise
         password = secrets.token_urlsafe(32)
         register_secret(password)
+        quiet: dict[str, Any] = {"options": statements.QUIET_OPTIONS} if log_format else {}
         host = str(run.socket_dir) if tcp is None else _connect_host(tcp[0])
         port = SOCKET_PORT if tcp is None else tcp[1]
         conninfo = make_conninfo(host=host, port=port, user=cache.SUPERUSER, password=password, dbname="postgres")
@@ -195,6 +203,7 @@ class LocalServer(Server):
             admin = psycopg.connect(
                 make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=port),
                 autocommit=True,
+                **quiet,
             )
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
@@ -218,6 +227,8 @@ class LocalServer(Server):
             snapshot=None,
         )
         server._admin = admin
+        if log_format:
+            server.statement_log = statements.StatementLog(run.path / "log", log_format)
         return server
 
     def save_snapshot(self, key: str, replace: bool = False) -> Path:
@@ -328,8 +339,9 @@ def _write_config(
     account: osuser.Account,
     settings: Settings,
     tcp: tuple[str, int] | None,
+    log_settings: dict[str, str],
 ) -> None:
-    values = dict(TEST_SETTINGS)
+    values = {**TEST_SETTINGS, **log_settings}
     if installation.major >= 16:
         values["scram_iterations"] = str(SCRAM_ITERATIONS)
     values["unix_socket_directories"] = str(run.socket_dir)
@@ -389,10 +401,12 @@ def _wait_ready(process: subprocess.Popen[bytes], run: runs.RunDir) -> None:
 
 
 def _read_log(run: runs.RunDir) -> str:
+    """The server's output: its own file, then what it wrote once its logging collector ran."""
     try:
-        return redact(run.log.read_text(errors="replace"))
+        text = run.log.read_text(errors="replace")
     except OSError:
-        return ""
+        text = ""
+    return redact(text + "\n" + statements.server_messages(run.path / "log"))
 
 
 def _tail(log: str, lines: int = 15) -> str:

@@ -1,0 +1,75 @@
+"""Count and list the statements a block of code runs: the ``pg_queries`` fixture, for N+1 tests.
+
+Read from the local server's statement log, so every connection of the test counts, whatever library made
+it (psycopg, psycopg2, asyncpg, SQLAlchemy, the app's own engine in database isolation). Transaction control
+(BEGIN, COMMIT, SAVEPOINT...) is listed but not counted: it differs between isolation modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from pgsandbox.server import statements
+
+if TYPE_CHECKING:
+    from pgsandbox.sandbox import Database, Sandbox
+    from pgsandbox.server.statements import Statement
+
+
+class Recorded:
+    """What a block ran: :attr:`statements` (counted), :attr:`all` (with transaction control and what the
+    server said about the block's sessions), ``len()`` and iteration over the counted ones."""
+
+    def __init__(self) -> None:
+        self.all: list[Statement] = []
+        self.complete = True
+
+    @property
+    def statements(self) -> list[Statement]:
+        return [statement for statement in self.all if statement.counted]
+
+    @property
+    def count(self) -> int:
+        return len(self.statements)
+
+    @property
+    def sql(self) -> list[str]:
+        """The counted statements' SQL text, in order (parameters as ``$1``...)."""
+        return [statement.sql for statement in self.statements]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Statement]:
+        return iter(self.statements)
+
+    def __str__(self) -> str:
+        return statements.report(self.all, limit=100, complete=self.complete)
+
+    def __repr__(self) -> str:
+        return f"<Recorded {self.count} statement(s)>"
+
+
+class Queries:
+    """``with pg_queries() as ran:`` records; ``pg_queries(3)`` also checks that the block ran exactly 3
+    statements, ``pg_queries(at_most=3)`` at most 3; a wrong count fails listing them all."""
+
+    def __init__(self, sandbox: Sandbox, db: Database) -> None:
+        self._sandbox = sandbox
+        self._db = db
+
+    @contextlib.contextmanager
+    def __call__(self, count: int | None = None, *, at_most: int | None = None) -> Iterator[Recorded]:
+        log = self._sandbox.server.statement_log
+        _, start, _ = self._sandbox.sql_of(self._db, log.position() if log else None)
+        recorded = Recorded()
+        yield recorded
+        recorded.all, _, recorded.complete = self._sandbox.sql_of(self._db, start)
+        expected = f"exactly {count}" if count is not None else f"at most {at_most}"
+        if (count is not None and recorded.count != count) or (at_most is not None and recorded.count > at_most):
+            raise AssertionError(
+                f"expected {expected} statement(s), the block ran {recorded.count} (transaction control not "
+                f"counted):\n{recorded}"
+            )
