@@ -193,7 +193,10 @@ def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
     )
     result.assert_outcomes(passed=2, warnings=1)
     result.stdout.fnmatch_lines(
-        ["*test_1_leak left 1 other connection(s) open to the session database (pid *, application_name 'leaky-pool'*"]
+        [
+            "*test_1_leak left 1 connection(s) open to the session database (pid *, application_name 'leaky-pool', "
+            "idle, its last statement: ''); pgsandbox terminated them. In transaction mode only the connections*"
+        ]
     )
 
 
@@ -255,7 +258,7 @@ def test_database_isolation_terminates_and_reports_leaked_connections(
         @pytest.mark.pg(isolation="database")
         def test_leak(pg):
             LEAKED.append(psycopg.connect(pg.dsn, application_name="worker-pool"))
-            LEAKED[0].execute("select 1")
+            LEAKED[0].execute("select 1 as begun_but_never_ended")
         """,
         "-W",
         "always::pgsandbox.errors.PgSandboxWarning",
@@ -263,7 +266,11 @@ def test_database_isolation_terminates_and_reports_leaked_connections(
     )
     result.assert_outcomes(passed=1, warnings=1)
     result.stdout.fnmatch_lines(
-        ["*test_leak left 1 connection(s) open to its database (pid *, application_name 'worker-pool', idle*"]
+        [
+            "*test_leak left 1 session(s) idle in transaction on its database (pid *, application_name 'worker-pool', "
+            "idle in transaction for *s, its last statement: 'select 1 as begun_but_never_ended'): a transaction "
+            "was begun and never committed or rolled back*pgsandbox terminated them."
+        ]
     )
 
 

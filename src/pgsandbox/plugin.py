@@ -11,6 +11,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 
 from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning
@@ -290,18 +291,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     sandbox = item.config.stash.get(SANDBOX_KEY, None)
     db = item.stash.get(LOG_KEY, None)
-    if db is None or sandbox is None:
+    if db is None or sandbox is None or sandbox.stopped:  # the last test's teardown comes after the session's
         return report
     show_sql = settings(item.config).show_sql and report.when == "call"
+    found: list[Statement] | None = None
     if report.failed or show_sql:
         from pgsandbox.server.statements import StatementLogError
 
-        found: list[Statement] | None = None
         try:
             found, _, complete = sandbox.sql_of(db)
         except StatementLogError as unavailable:
             if show_sql:
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
+        except psycopg.Error as error:
+            report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {error}"))
         if found is not None:
             report.sections.append((f"pgsandbox: SQL of {report.when}", sql_section(found, complete)))
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
@@ -311,7 +314,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     error = call.excinfo.value if call.excinfo else None
     deadlock = deadlock_of(error)
     if deadlock is not None:
-        report.sections.append(("pgsandbox: deadlock", sandbox.describe_deadlock(deadlock)))
+        # the server's log has each process's statement, which the client's error leaves out
+        logged = next((s.detail for s in found or () if s.error.startswith("ERROR 40P01")), None)
+        report.sections.append(("pgsandbox: deadlock", sandbox.describe_deadlock(logged or deadlock)))
     stopped = timeout_of(error)
     if stopped:
         holders = sandbox.lock_holders(db.name)
@@ -346,8 +351,7 @@ def sql_section(found: list[Statement], complete: bool) -> str:
 
     return (
         statements.report(found, complete=complete)
-        + "\n(from the server's statement log: parameters as the server saw them, known secrets masked; "
-        "--pg-show-sql shows this for every test)"
+        + "\n(from the server's statement log: parameters as the server saw them, known secrets masked)"
     )
 
 

@@ -27,6 +27,7 @@ from psycopg.rows import dict_row
 
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
+from pgsandbox.isolation.server_objects import OUTSIDE, ServerObjects, created_since, server_objects
 from pgsandbox.isolation.transaction import (
     LEFT_OPEN,
     PREPARED,
@@ -37,6 +38,7 @@ from pgsandbox.isolation.transaction import (
     TransactionIsolation,
     app_name,
     guest_begin,
+    left_open,
     rollback_prepared,
 )
 from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
@@ -82,6 +84,8 @@ class Database:
     drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
     _transaction: TransactionIsolation | None = field(default=None, repr=False)
     log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
+    # the server's databases, roles and tablespaces when the test could first create some (server_objects.py)
+    server_objects: ServerObjects | None = field(default=None, repr=False)
 
     @property
     def scope(self) -> Scope:
@@ -183,6 +187,8 @@ class Database:
         transaction: what it does is committed. Closed after the test if the test did not close it."""
         kwargs.setdefault("application_name", app_name(self.test_id, ADMIN_SUFFIX))
         kwargs.setdefault("autocommit", True)
+        if self.server_objects is None:  # the admin may create databases and roles: watch for them
+            self.server_objects = server_objects(self.server.admin)
         conn = self.server.connect(self.name, logged=True, **kwargs)
         self.joined(conn.info.backend_pid)
         self._opened.append(conn)
@@ -263,6 +269,8 @@ class Sandbox:
         self._setup_seconds = 0.0
         self._teardown_seconds = 0.0
         self._findings: dict[str, int] = {}
+        # a local server of this run (or of the xdist controller): nobody else creates objects on it
+        self.throwaway_server = isinstance(server, LocalServer)
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -413,6 +421,7 @@ class Sandbox:
             settings = settings.replace(clone_strategy="file_copy")  # what the controller's local server takes
         sandbox = cls(server, templates, settings, progress, attached=True)
         sandbox.start_seconds = start_seconds
+        sandbox.throwaway_server = bool(description["local"])
         try:
             sandbox._log_in()
         except BaseException:
@@ -460,6 +469,8 @@ class Sandbox:
                 db._opened.append(clone.conn)
         if self.server.statement_log is not None:
             db.log_start = self.server.statement_log.position()
+        if self.settings.role != "own" or self.server.login is None:  # its connections may create databases
+            db.server_objects = server_objects(self.server.admin)
         seconds = time.perf_counter() - started
         self._tests[chosen] = self._tests.get(chosen, 0) + 1
         self._setup_seconds += seconds
@@ -475,10 +486,17 @@ class Sandbox:
 
     def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         started = time.perf_counter()
+        outside: list[str] = []
+        if db.server_objects is not None:
+            outside = created_since(self.server.admin, db.server_objects, db.test_id, drop=self.throwaway_server)
         try:
-            findings = self._close(db, keep, next_test_id)
-        except IsolationError:
+            findings = outside + self._close(db, keep, next_test_id)
+        except IsolationError as error:
             self._found("commits that escaped the rollback")
+            for _ in outside:
+                self._found(OUTSIDE)
+            if outside:
+                raise IsolationError("\n".join([*outside, error.what]), error.fix) from None
             raise
         finally:
             self._teardown_seconds += time.perf_counter() - started
@@ -543,13 +561,7 @@ class Sandbox:
             left = connections_to(self.server.admin, db.name, ours, LEFTOVER_WAIT_SECONDS)
             if left:
                 terminate_connections(self.server.admin, db.name)
-                findings.append(
-                    Finding.of(
-                        LEFT_OPEN,
-                        f"{db.test_id} left {len(left)} connection(s) open to its database ({'; '.join(left)}); "
-                        "pgsandbox terminated them.",
-                    )
-                )
+                findings += left_open(db.test_id, left, "its database")
         if row and row[1]:
             with self.server.connect(db.name, autocommit=True) as conn:
                 gids = rollback_prepared(conn)
@@ -598,6 +610,10 @@ class Sandbox:
             + f" dbname={dbname}"
         )
         return f"PGPASSFILE={self.pgpass()} {psql} '{target}'"
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     @property
     def clone_timings(self) -> dict[str, list[float]]:

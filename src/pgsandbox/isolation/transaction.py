@@ -18,7 +18,7 @@ from psycopg import pq, sql
 
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
-from pgsandbox.server.base import Server, connections_to, terminate_connections
+from pgsandbox.server.base import Server, Session, connections_to, terminate_connections
 from pgsandbox.server.statements import INTERNAL
 
 LEFTOVER_WAIT_SECONDS = 0.2
@@ -54,6 +54,7 @@ class Finding(str):
 
 
 LEFT_OPEN = "connections left open"
+IDLE_IN_TRANSACTION = "sessions left idle in transaction"
 ADVISORY = "advisory locks left held"
 PREPARED = "prepared transactions left"
 
@@ -97,6 +98,32 @@ def rollback_prepared(conn: psycopg.Connection[Any]) -> list[str]:
         with contextlib.suppress(psycopg.Error):
             conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
     return gids
+
+
+def left_open(test_id: str, sessions: list[Session], where: str, advice: str = "") -> list[str]:
+    """Findings for connections a test left open on ``where`` (pgsandbox terminates them): those idle in a
+    transaction they never ended apart, as they also held locks and a snapshot."""
+    idle = [session for session in sessions if session.idle_in_transaction]
+    other = [session for session in sessions if not session.idle_in_transaction]
+    findings: list[str] = []
+    if idle:
+        findings.append(
+            Finding.of(
+                IDLE_IN_TRANSACTION,
+                f"{test_id} left {len(idle)} session(s) idle in transaction on {where} "
+                f"({'; '.join(map(str, idle))}): a transaction was begun and never committed or rolled back (its "
+                "locks and snapshot were held until then); pgsandbox terminated them." + advice,
+            )
+        )
+    if other:
+        findings.append(
+            Finding.of(
+                LEFT_OPEN,
+                f"{test_id} left {len(other)} connection(s) open to {where} ({'; '.join(map(str, other))}); "
+                "pgsandbox terminated them." + advice,
+            )
+        )
+    return findings
 
 
 def literal(text: str) -> str:
@@ -289,14 +316,12 @@ class TransactionIsolation:
         ours = [*self._ours(), *guests.pids]
         others = connections_to(self.server.admin, self.dbname, ours, LEFTOVER_WAIT_SECONDS) if suspects else []
         if others:
-            findings.append(
-                Finding.of(
-                    LEFT_OPEN,
-                    f"{test_id} left {len(others)} other connection(s) open to the session database "
-                    f"({'; '.join(others)}); pgsandbox terminated them. In transaction mode only the connections "
-                    "pgsandbox gives (pg, pg_conn, pg_session, pg_asyncpg...) are rolled back: use those, or "
-                    "isolation='database'.",
-                )
+            findings += left_open(
+                test_id,
+                others,
+                "the session database",
+                " In transaction mode only the connections pgsandbox gives (pg, pg_conn, pg_session, "
+                "pg_asyncpg...) are rolled back: use those, or isolation='database'.",
             )
             terminate_connections(self.server.admin, self.dbname, ours)
         other_sessions = bool(others) or more_sessions

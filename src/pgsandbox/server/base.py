@@ -11,6 +11,7 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -27,10 +28,32 @@ Progress = Callable[[str], None]
 MAX_IDENTIFIER = 63
 
 
+@dataclass(frozen=True)
+class Session:
+    """A client connection to a database, as pg_stat_activity shows it."""
+
+    pid: int
+    application_name: str
+    state: str
+    query: str
+    transaction_seconds: float | None  # how long its transaction has been open; None: not in one
+
+    @property
+    def idle_in_transaction(self) -> bool:
+        return self.state.startswith("idle in transaction")
+
+    def __str__(self) -> str:
+        opened = "" if self.transaction_seconds is None else f" for {self.transaction_seconds:.1f} s"
+        return (
+            f"pid {self.pid}, application_name {self.application_name!r}, {self.state}{opened}, its last statement: "
+            f"{self.query!r}"
+        )
+
+
 def connections_to(
     conn: psycopg.Connection[Any], dbname: str, exclude: Collection[int] = (), wait: float = 0.0
-) -> list[str]:
-    """Client connections to ``dbname`` other than ``conn``'s and ``exclude``, described for a message.
+) -> list[Session]:
+    """Client connections to ``dbname`` other than ``conn``'s and ``exclude``.
 
     A connection its client closed a moment ago may still be exiting: with ``wait``, poll up to that many
     seconds for such connections to go before reporting what is left.
@@ -38,13 +61,14 @@ def connections_to(
     deadline = time.monotonic() + wait
     while True:
         rows = conn.execute(
-            "SELECT pid, application_name, state, left(query, 120) FROM pg_stat_activity "
+            "SELECT pid, application_name, state, left(query, 200), "
+            "extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity "
             "WHERE datname = %s AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
             "AND NOT (pid = ANY(%s))",
             [dbname, list(exclude)],
         ).fetchall()
         if not rows or time.monotonic() >= deadline:
-            return [f"pid {pid}, application_name {app!r}, {state}: {query!r}" for pid, app, state, query in rows]
+            return [Session(int(r[0]), str(r[1] or ""), str(r[2] or ""), str(r[3] or ""), r[4]) for r in rows]
         time.sleep(0.002)
 
 

@@ -1,0 +1,293 @@
+"""What a test ran: the local server's statement log, a failed test's SQL, --pg-show-sql and pg_queries."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pgsandbox import LocalServer
+from pgsandbox.server import statements
+from pgsandbox.server.statements import Position, Scope, StatementLog
+
+SCHEMA = "create table users (id serial primary key, name text unique not null);\n"
+SEED = "insert into users (name) values ('ada'), ('bob');\n"
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A project with a users table holding two rows; its runs start a local server."""
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(SCHEMA + SEED)
+    return pytester
+
+
+def run(project: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
+    project.makepyfile(test_sql=textwrap.dedent(source))
+    return project.runpytest("-p", "no:randomly", *args)
+
+
+def section(result: pytest.RunResult, title: str, test: str = "") -> str:
+    """The text of the first report section called ``title`` after ``test``'s header."""
+    text = result.stdout.str()
+    start = text.index(test) if test else 0
+    start = text.index(f" {title} ", start)
+    start = text.index("\n", start) + 1
+    end = min(i for i in (text.find("\n___", start), text.find("\n===", start), len(text)) if i >= 0)
+    return text[start:end]
+
+
+FAILING = """
+    import psycopg
+    import pytest
+
+    @pytest.fixture
+    def ada(pg):
+        return pg.fetchval("select id from users where name = %s", ["ada"])
+
+    def test_1_passes_quietly(pg):
+        pg.execute("select 'not in any report'")
+
+    def test_2_fails(pg, pg_conn, ada):
+        pg_conn.execute("update users set name = %s where id = %s", ["ada2", ada])
+        pg_conn.commit()
+        pg.fetchval("select %s::text", [pg.params["password"]])
+        pg.execute("alter role current_user password '" + "hunter2" + "-secret'")
+        pg.execute("insert into users (name) values (%s)", ["bob"])
+
+    @pytest.mark.pg(isolation="database")
+    def test_3_its_own_connections(pg):
+        with psycopg.connect(pg.dsn) as app:
+            app.execute("select count(*) from users")
+        pg.fetch("select 1 / 0")
+"""
+
+
+def test_a_failed_test_shows_the_sql_it_ran(project: pytest.Pytester) -> None:
+    result = run(project, FAILING)
+    result.assert_outcomes(passed=1, failed=2)
+    ran = section(result, "pgsandbox: SQL of call", "test_2_fails")
+    lines = [line.strip() for line in ran.splitlines()]
+    assert lines[0].startswith("6 statement(s), ") and lines[0].endswith("ms in all, 1 failed"), ran
+    assert lines[1].endswith("ms select id from users where name = $1"), ran  # the fixture's, at set-up
+    assert lines[2] == "parameters: $1 = 'ada'"
+    assert lines[3].endswith("ms update users set name = $1 where id = $2"), ran
+    assert lines[4] == "parameters: $1 = 'ada2', $2 = '1'"
+    assert lines[5].endswith("ms /* commit() */ RELEASE SAVEPOINT pgsandbox_test; SAVEPOINT pgsandbox_test")
+    assert lines[6].endswith("ms select $1::text") and lines[7] == "parameters: $1 = '***'", ran
+    assert lines[8].endswith("ms alter role current_user password '***'"), ran
+    assert lines[9] == "failed insert into users (name) values ($1)"
+    assert lines[10:13] == [
+        "parameters: $1 = 'bob'",
+        'ERROR 23505: duplicate key value violates unique constraint "users_name_key"',
+        "DETAIL: Key (name)=(bob) already exists.",
+    ]
+    output = result.stdout.str()
+    assert "hunter2-secret" not in output and "not in any report" not in output
+    assert "pgsandbox */" not in output  # pgsandbox's own statements are not the test's
+
+    own = section(result, "pgsandbox: SQL of call", "test_3_its_own_connections")
+    assert "c1 = backend" in own and "(no application_name)" in own and "(pgsandbox test_sql.py::test_3" in own
+    assert "ms select count(*) from users" in own
+    assert "failed select 1 / 0" in own and "ERROR 22012: division by zero" in own
+
+
+def test_show_sql_for_every_test_and_csvlog(project: pytest.Pytester) -> None:
+    source = """
+        def test_passes(pg):
+            pg.execute("select 'shown' where 1 = %s", [1])
+    """
+    for log_format in ("jsonlog", "csvlog"):
+        result = run(project, source, "--pg-show-sql", f"--pg-sql-log={log_format}")
+        result.assert_outcomes(passed=1)
+        ran = section(result, "pgsandbox: SQL of call", "PASSES")
+        assert "ms select 'shown' where 1 = $1\n" in ran and "parameters: $1 = '1'" in ran, (log_format, ran)
+    bad = project.runpytest("--pg-sql-log=xml")
+    bad.stderr.fnmatch_lines(["*--pg-sql-log: bad value 'xml': expected one of auto, jsonlog, csvlog, off*"])
+
+
+def test_long_sql_is_cut_to_a_readable_length(project: pytest.Pytester) -> None:
+    result = run(
+        project,
+        """
+        def test_many(pg):
+            for number in range(60):
+                pg.execute(f"select {number}")
+            pg.execute("select '" + "x" * 3000 + "'")
+            assert False
+        """,
+    )
+    result.assert_outcomes(failed=1)
+    ran = section(result, "pgsandbox: SQL of call")
+    assert ran.splitlines()[0].startswith("61 statement(s), ") and "the first 11 are not shown" in ran, ran
+    assert "ms select 10\n" not in ran and "ms select 11\n" in ran and "ms select 59\n" in ran
+    assert "… (2009 more characters)" in ran
+
+
+def test_sql_log_off_and_external_servers_have_none(project: pytest.Pytester, shared_dsn: str) -> None:
+    source = """
+        def test_fails(pg):
+            pg.execute("select 1")
+            assert False
+
+        def test_counts(pg_queries):
+            with pg_queries(0):
+                pass
+    """
+    for args in (("--pg-sql-log=off",), (f"--pg-dsn={shared_dsn}",)):
+        result = run(project, source, *args)
+        result.assert_outcomes(failed=1, errors=1)
+        assert "pgsandbox: SQL of" not in result.stdout.str()
+        result.stdout.fnmatch_lines(
+            [
+                "*there is no statement log to read: *.",
+                "*What to do: pgsandbox logs statements on the local server it starts (pg_sql_log = auto)*",
+            ]
+        )
+    assert "pg_sql_log is off" in run(project, source, "--pg-sql-log=off").stdout.str()
+
+
+QUERIES = """
+    import pytest
+
+    @pytest.fixture
+    def books(pg):
+        pg.execute("insert into book values (1, 1), (2, 2), (3, 1)")
+
+    def authors_one_by_one(conn):
+        for (author,) in conn.execute("select author from book order by id").fetchall():
+            conn.execute("select name from users where id = %s", [author])
+
+    def authors_joined(conn):
+        conn.execute("select u.name from book b join users u on u.id = b.author").fetchall()
+
+    @pytest.mark.parametrize("isolation", ["transaction", "database"])
+    def test_counts(request, isolation, pg_queries, pg_conn, pg_psycopg2, books):
+        with pg_queries(2) as ran:
+            authors_joined(pg_conn)
+            pg_conn.commit()
+            with pg_psycopg2.cursor() as cursor:  # its own connection, and in transaction isolation transaction
+                cursor.execute("select count(*) from users")
+            pg_psycopg2.commit()
+        assert ran.count == len(ran) == 2
+        assert ran.sql == ["select u.name from book b join users u on u.id = b.author", "select count(*) from users"]
+        assert [s.transaction_control for s in ran.all].count(True) >= 1
+        with pg_queries(at_most=4):
+            authors_joined(pg_conn)
+
+    def test_n_plus_one_fails(pg_queries, pg_conn, books):
+        with pg_queries(at_most=2):
+            authors_one_by_one(pg_conn)
+
+    def test_exact_count_fails(pg_queries, pg_conn, books):
+        with pg_queries(1):
+            authors_one_by_one(pg_conn)
+"""
+
+
+def test_pg_queries(project: pytest.Pytester) -> None:
+    (project.path / "migrations/2.sql").write_text("create table book (id int primary key, author int references users);")
+    project.makeconftest(
+        textwrap.dedent(
+            """
+            import pytest
+
+            def pytest_collection_modifyitems(items):
+                for item in items:
+                    if "isolation" in getattr(item, "callspec", None).params if hasattr(item, "callspec") else ():
+                        item.add_marker(pytest.mark.pg(isolation=item.callspec.params["isolation"]))
+            """
+        )
+    )
+    result = run(project, QUERIES)
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: expected at most 2 statement(s), the block ran 4 (transaction control not counted):",
+            "E * 4 statement(s), * ms in all",
+            "E * ms select author from book order by id",
+            "E * ms select name from users where id = $1",
+            "E * parameters: $1 = '1'",
+            "*AssertionError: expected exactly 1 statement(s), the block ran 4*",
+        ]
+    )
+
+
+def test_a_deadlock_is_told_with_both_statements_from_the_log(project: pytest.Pytester) -> None:
+    result = run(
+        project,
+        """
+        import threading
+
+        import psycopg
+        import pytest
+
+        @pytest.mark.pg(isolation="database")
+        def test_deadlock(pg):
+            first = psycopg.connect(pg.dsn, application_name="first-worker")
+            second = psycopg.connect(pg.dsn, application_name="second-worker")
+            first.execute("update users set name = 'a1' where id = 1")
+            second.execute("update users set name = 'b1' where id = 2")
+            errors = []
+
+            def cross(conn, row):
+                try:
+                    conn.execute(f"update users set name = name || '!' where id = {row}")
+                except psycopg.Error as error:
+                    errors.append(error)
+                    conn.close()  # gone before the report: the log still has its statement
+
+            threads = [threading.Thread(target=cross, args=args) for args in ((first, 2), (second, 1))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            first.close()
+            second.close()
+            raise errors[0]
+        """,
+    )
+    result.assert_outcomes(failed=1)
+    told = section(result, "pgsandbox: deadlock")
+    assert "update users set name = name || '!' where id = 2" in told, told
+    assert "update users set name = name || '!' where id = 1" in told, told
+    ran = section(result, "pgsandbox: SQL of call")
+    assert "ERROR 40P01: deadlock detected" in ran and "c2 = backend" in ran
+
+
+def test_the_log_alone(start_local: object, tmp_path: Path) -> None:
+    """The statement log from a plain script: parse, bind and execute make one statement; what another test
+    ran, pgsandbox's own statements and old rotated files are left out."""
+    import psycopg
+
+    assert callable(start_local)
+    server: LocalServer = start_local(sql_log="csvlog")
+    log = server.statement_log
+    assert log is not None and log.format == "csvlog"
+    start = log.position()
+    with psycopg.connect(server.dsn, application_name="pgsandbox mine") as mine:
+        mine.execute("select %s::text as multi", ["line one\nline two"])
+        mine.execute(statements.INTERNAL + "select 'ours'")
+    with psycopg.connect(server.dsn, application_name="pgsandbox theirs") as theirs:
+        theirs.execute("select 'theirs'")
+    entries, end, complete = log.collect(start, server.admin)
+    found = statements.statements(entries, Scope(frozenset(["pgsandbox mine"])))
+    assert complete and end.file == start.file and end.offset > start.offset
+    assert [(s.sql, s.parameters) for s in found if not s.transaction_control] == [
+        ("select $1::text as multi", "$1 = 'line one\nline two'")
+    ]
+    assert all(s.duration_ms is not None and s.duration_ms > 0 for s in found)
+    old = [f"{statements.FILE_PREFIX}20000101-00000{n}.csv" for n in range(statements.FILES_KEPT + 1)]
+    for name in old:  # rotated files, older than the one the server writes
+        (log.directory / name).write_text("")
+    log.position()
+    left = sorted(p.name for p in log.directory.iterdir() if p.suffix == ".csv")
+    assert left == [*old[2:], start.file]  # the newest FILES_KEPT stay
+    _, _, complete = log.collect(Position(old[0], 0), server.admin)
+    assert not complete  # the file a test started in is gone: its report says so
+    assert "rotated away" in statements.report([], complete=False)
+    log_files = StatementLog(log.directory, "jsonlog")._files()
+    assert log_files == []  # one format per log
+    assert Position("", 0) == StatementLog(tmp_path, "jsonlog").position()
