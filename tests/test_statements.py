@@ -188,7 +188,8 @@ QUERIES = """
 
 
 def test_pg_queries(project: pytest.Pytester) -> None:
-    (project.path / "migrations/2.sql").write_text("create table book (id int primary key, author int references users);")
+    book = "create table book (id int primary key, author int references users);"
+    (project.path / "migrations/2.sql").write_text(book)
     project.makeconftest(
         textwrap.dedent(
             """

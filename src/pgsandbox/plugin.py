@@ -303,8 +303,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         except StatementLogError as unavailable:
             if show_sql:
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
-        except psycopg.Error as error:
-            report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {error}"))
+        except psycopg.Error as unreadable:
+            report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
         if found is not None:
             report.sections.append((f"pgsandbox: SQL of {report.when}", sql_section(found, complete)))
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
