@@ -690,3 +690,76 @@ def test_a_deadlock_is_reported_with_both_statements(project: pytest.Pytester, s
             "process * (*-worker), its last statement: \"update users set name = name || '!' where id = $1\"",
         ]
     )
+
+
+SERVER_OBJECTS = """
+    import psycopg
+    import pytest
+
+    @pytest.fixture
+    def admin_of_postgres(pg_sandbox):
+        with pg_sandbox.server.connect(autocommit=True) as conn:
+            yield conn
+
+    def test_1_creates_a_database(pg):
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:  # CREATE DATABASE runs outside a transaction
+            conn.execute("create database scratch_of_a_test")
+
+    def test_2_creates_a_role_through_pg_admin(pg_admin):
+        pg_admin.execute("create role app_reader_of_a_test")
+
+    def test_3_server_is_clean_again(pg, admin_of_postgres):
+        found = admin_of_postgres.execute(
+            "select count(*) from pg_database where datname = 'scratch_of_a_test' "
+            "union all select count(*) from pg_roles where rolname = 'app_reader_of_a_test'"
+        ).fetchall()
+        assert found == [(0,), (0,)]
+"""
+
+
+def test_objects_created_on_the_server_are_found_and_dropped(project: pytest.Pytester) -> None:
+    project.makepyfile(test_it=textwrap.dedent(SERVER_OBJECTS))
+    result = project.runpytest("-p", "no:randomly", "--pg-role=createdb", "--pg-isolation=database")
+    result.assert_outcomes(passed=3, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_1_creates_a_database*",
+            "pgsandbox: test_it.py::test_1_creates_a_database created database 'scratch_of_a_test' on the server, "
+            "outside its database, where neither a rollback nor a dropped clone undoes it; pgsandbox dropped them. "
+            "Create such objects in a migration (template), or drop them in the test's own teardown.",
+            "*ERROR at teardown of test_2_creates_a_role_through_pg_admin*",
+            "pgsandbox: test_it.py::test_2_creates_a_role_through_pg_admin created role 'app_reader_of_a_test'*"
+            "pgsandbox dropped them.*",
+            "findings: objects created outside the test's database 2",
+        ]
+    )
+
+
+def test_objects_created_on_a_shared_server_are_left_to_the_user(
+    project: pytest.Pytester, shared_dsn: str, shared: LocalServer
+) -> None:
+    try:
+        result = run(project, shared_dsn, SERVER_OBJECTS, "-k", "test_2", "--pg-guard=warn")
+        result.assert_outcomes(passed=1, warnings=1)
+        result.stdout.fnmatch_lines(
+            ["*created role 'app_reader_of_a_test' on the server*pgsandbox left them on this shared server: drop them*"]
+        )
+    finally:
+        shared.admin.execute("drop role if exists app_reader_of_a_test")
+
+
+def test_timeouts_hold_when_tests_connect_as_the_admin(project: pytest.Pytester, shared_dsn: str) -> None:
+    source = """
+        import pytest
+
+        @pytest.mark.parametrize("isolation", ["transaction", "database"])
+        def test_timeouts(pg_sandbox, isolation, request):
+            with pg_sandbox.database(isolation, request.node.nodeid) as db:
+                assert db.info.user == "postgres"
+                assert db.fetchone(
+                    "select current_setting('lock_timeout') as lock, current_setting('statement_timeout') as run, "
+                    "current_setting('idle_in_transaction_session_timeout') as idle"
+                ) == {"lock": "200ms", "run": "5min", "idle": "1h"}
+    """
+    result = run(project, shared_dsn, source, "--pg-role=admin", "--pg-lock-timeout=200ms")
+    result.assert_outcomes(passed=2)
