@@ -95,9 +95,13 @@ def test_keep_failed_under_xdist(pytester: pytest.Pytester) -> None:
     # in a process of its own: a server kept for failed tests outlives its run, which must have ended
     result = pytester.runpytest_subprocess("-n", "2", "--pg-keep-failed", "-p", "no:randomly")
     result.assert_outcomes(passed=4, failed=1)
-    # the controller lists the worker's kept database and keeps its local server running for it
+    # the controller lists the worker's kept database and keeps its local server running for it; the failed
+    # test's SQL came from the controller's server log, read by the worker
     result.stdout.fnmatch_lines(
         [
+            "*- pgsandbox: SQL of call -*",
+            "1 statement(s), * ms in all",
+            "*ms insert into items (name) values ('evidence')",
             "*pgsandbox: kept databases of failed tests*",
             "*PGPASSFILE=* '*dbname=pgsandbox_*_failed1'",
             "The local server keeps running for them; `pgsandbox clean` stops it.",

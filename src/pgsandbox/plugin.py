@@ -11,7 +11,6 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
 
 from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning
@@ -296,6 +295,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     show_sql = settings(item.config).show_sql and report.when == "call"
     found: list[Statement] | None = None
     if report.failed or show_sql:
+        import psycopg
+
         from pgsandbox.server.statements import StatementLogError
 
         try:
