@@ -2,7 +2,8 @@
 
 Read from the local server's statement log, so every connection of the test counts, whatever library made
 it (psycopg, psycopg2, asyncpg, SQLAlchemy, the app's own engine in database isolation). Transaction control
-(BEGIN, COMMIT, SAVEPOINT...) is listed but not counted: it differs between isolation modes.
+(BEGIN, COMMIT, SAVEPOINT...) is listed but not counted: it differs between isolation modes; nor is the
+DEALLOCATE a client sends for its prepared statements.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ _TRANSACTION_CONTROL = re.compile(
     r"\s*(?:/\*.*?\*/\s*)*(BEGIN|START\s+TRANSACTION|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|PREPARE\s+TRANSACTION)\b",
     re.IGNORECASE,
 )
+_HOUSEKEEPING = re.compile(r"\s*(DEALLOCATE|DISCARD)\b", re.IGNORECASE)  # a client's prepared statements
 
 
 class StatementLogError(PgSandboxError):
@@ -174,7 +175,9 @@ class Statement:
 
     @property
     def counted(self) -> bool:
-        return not self.event and not self.transaction_control
+        """What ``pg_queries`` counts: not transaction control, not a client's DEALLOCATE of its prepared
+        statements, not what the server said about the session."""
+        return not self.event and not self.transaction_control and not _HOUSEKEEPING.match(self.sql)
 
     def describe(self, max_sql: int = 1000) -> str:
         if self.event:
