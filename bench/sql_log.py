@@ -93,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {**clean_env(), "PYTHONPATH": str(REPO / "src"), "PGSANDBOX_CACHE": str(root / "cache")}
         for _ in range(args.rounds):
             for variant in variants:
+                command = [sys.executable, "-c", ONE_RUN.format(), variant, str(bindir)]
                 out = subprocess.run(
-                    [sys.executable, "-c", ONE_RUN.format(), variant, str(bindir), str(args.tests), str(args.statements)],
+                    [*command, str(args.tests), str(args.statements)],
                     cwd=root,
                     env=env,
                     capture_output=True,

@@ -109,10 +109,11 @@ def test_show_sql_for_every_test_and_csvlog(project: pytest.Pytester) -> None:
 
 
 def test_long_sql_is_cut_to_a_readable_length(project: pytest.Pytester) -> None:
+    """Also: a test id longer than an application_name (63 bytes) still finds its statements."""
     result = run(
         project,
         """
-        def test_many(pg):
+        def test_many_statements_in_a_test_whose_name_is_far_longer_than_an_application_name(pg):
             for number in range(60):
                 pg.execute(f"select {number}")
             pg.execute("select '" + "x" * 3000 + "'")

@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from pgsandbox import Database
+from pgsandbox.queries import Queries
 from shop import api
 from shop.models import Customer, Product
-from shop.tests.factories import CustomerFactory, ProductFactory
+from shop.tests.factories import CustomerFactory, OrderFactory, OrderLineFactory, ProductFactory
 
 
 @pytest.fixture
@@ -44,6 +45,21 @@ def test_get_a_product(client: TestClient, product: Product) -> None:
         "stock": 10,
     }
     assert client.get("/products/0").status_code == 404
+
+
+def test_listing_orders_takes_two_queries_however_many_orders(
+    client: TestClient, pg_session: Session, pg_queries: Queries, customer: Customer
+) -> None:
+    """No N+1: ``pg_queries`` counts the statements the request ran (read from the server's log)."""
+    for _ in range(5):
+        OrderLineFactory.create_batch(2, order=OrderFactory.create(customer=customer))
+    url = f"/customers/{customer.id}/orders"
+    pg_session.expire_all()  # nothing cached in the session: the request loads everything it shows
+    with pg_queries(2) as ran:
+        response = client.get(url)
+    assert response.status_code == 200
+    assert [len(order["lines"]) for order in response.json()] == [2] * 5
+    assert "order_lines" in ran.sql[1]
 
 
 def test_post_an_order(client: TestClient, pg_session: Session, customer: Customer, product: Product) -> None:

@@ -171,13 +171,11 @@ def contents(conn: psycopg.Connection[Any]) -> Contents:
 
 
 def app_name(test_id: str, suffix: str = "") -> str:
-    """``application_name`` is limited to 63 bytes: keep the end of a long test id, which names the test
-    (and all of ``suffix``), so that the statement log can tell the test by it."""
-    name = f"pgsandbox {test_id}{suffix}"
-    encoded = name.encode()
-    if len(encoded) <= 63:
-        return name
-    return "pgsandbox …" + encoded[-(63 - len("pgsandbox …".encode())) :].decode(errors="ignore")
+    """``application_name`` is limited to 63 bytes of printable ASCII (the server rewrites anything else):
+    keep the end of a long test id, which names the test, and all of ``suffix``, so that the statement log
+    can tell the test by it."""
+    name = "".join(c if " " <= c <= "~" else "?" for c in f"pgsandbox {test_id}{suffix}")
+    return name if len(name) <= 63 else "pgsandbox ..." + name[-(63 - len("pgsandbox ...")) :]
 
 
 class TransactionIsolation:
