@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -293,3 +294,32 @@ def test_the_log_alone(start_local: object, tmp_path: Path) -> None:
     log_files = StatementLog(log.directory, "jsonlog")._files()
     assert log_files == []  # one format per log
     assert Position("", 0) == StatementLog(tmp_path, "jsonlog").position()
+
+
+def test_a_lock_timeout_names_the_blocker_even_once_it_is_gone(project: pytest.Pytester) -> None:
+    result = run(
+        project,
+        """
+        import psycopg
+        import pytest
+
+        @pytest.mark.pg(isolation="database")
+        def test_waits(pg):
+            blocker = psycopg.connect(pg.dsn, application_name="the-blocker")
+            blocker.execute("update users set name = 'held' where name = 'ada'")
+            try:
+                pg.execute("update users set name = 'waiting' where name = 'ada'")
+            finally:
+                blocker.close()  # before the report: only the log still knows it
+        """,
+        "--pg-lock-timeout=300ms",
+    )
+    result.assert_outcomes(failed=1)
+    told = section(result, "pgsandbox: a statement waited too long for a lock")
+    assert re.search(
+        r"backend \d+ waited for ShareLock on transaction \d+ \(still waiting after 100 ms\) running \"update users "
+        r"set name = 'waiting' where name = 'ada'\"; the lock was held by backend \d+ \(the-blocker\), whose last "
+        r"statement before then was \"update users set name = 'held' where name = 'ada'\"",
+        told,
+    ), told
+    assert "none left" in told  # pg_stat_activity no longer has it

@@ -320,11 +320,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append(("pgsandbox: deadlock", sandbox.describe_deadlock(logged or deadlock)))
     stopped = timeout_of(error)
     if stopped:
+        from pgsandbox.server.statements import lock_waits
+
+        waits = lock_waits(found or [])
         holders = sandbox.lock_holders(db.name)
         report.sections.append(
             (
                 f"pgsandbox: {stopped}",
-                "sessions in a transaction on the test's database when it failed, with the locks they held (the "
+                ("".join(f"{wait}\n" for wait in waits) + "\n" if waits else "")
+                + "sessions in a transaction on the test's database when it failed, with the locks they held (the "
                 "session whose statement was stopped may be among them):\n"
                 + ("\n".join(f"    {holder}" for holder in holders) or "    none left")
                 + "\n(pg_lock_timeout, pg_statement_timeout: how long a statement may wait or run)",

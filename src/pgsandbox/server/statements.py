@@ -79,6 +79,8 @@ def server_settings(directory: Path, log_format: str) -> dict[str, str]:
         "log_parameter_max_length": str(PARAMETER_MAX_LENGTH),
         "log_parameter_max_length_on_error": str(PARAMETER_MAX_LENGTH),
         "log_lock_waits": "on",
+        # a wait longer than this is logged with the process holding the lock (and deadlocks are found then)
+        "deadlock_timeout": "100ms",
     }
 
 
@@ -376,6 +378,39 @@ def statements(entries: Iterable[Entry], scope: Scope) -> list[Statement]:
                 Statement(entry.statement, entry.pid, entry.application_name, event="WARNING: " + entry.message)
             )
     return found
+
+
+_LOCK_WAIT = re.compile(r"process (\d+) still waiting for (.+?) after ([0-9.]+) ms")
+_HOLDERS = re.compile(r"Process(?:es)? holding the lock: ([0-9, ]+)\.")
+
+
+def lock_waits(found: list[Statement]) -> list[str]:
+    """The lock waits the server logged for a test (``log_lock_waits``, after ``deadlock_timeout``), each with
+    the process that held the lock: its ``application_name`` and last statement when it was the test's."""
+    told = []
+    for index, event in enumerate(found):
+        wait = _LOCK_WAIT.match(event.event)
+        holders = _HOLDERS.search(event.detail)
+        if not wait or not holders:
+            continue
+        described = []
+        for pid in (int(p) for p in holders[1].split(",")):
+            theirs = [s for s in found[:index] if s.pid == pid and not s.event]
+            if theirs:
+                last = _shorten(theirs[-1].sql, 300)
+                described.append(
+                    f"backend {pid} ({theirs[-1].application_name or 'no application_name'}), whose "
+                    f"last statement before then was {last!r}"
+                )
+            else:
+                described.append(f"backend {pid} (not one of this test's connections)")
+        told.append(
+            redact_sql(
+                f"backend {wait[1]} waited for {wait[2]} (still waiting after {float(wait[3]):.0f} ms) running "
+                f"{_shorten(event.sql, 300)!r}; the lock was held by " + "; ".join(described)
+            )
+        )
+    return told
 
 
 def report(found: list[Statement], limit: int = 50, max_sql: int = 1000, complete: bool = True) -> str:
