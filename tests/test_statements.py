@@ -317,7 +317,7 @@ def test_a_lock_timeout_names_the_blocker_even_once_it_is_gone(project: pytest.P
     result.assert_outcomes(failed=1)
     told = section(result, "pgsandbox: a statement waited too long for a lock")
     assert re.search(
-        r"backend \d+ waited for ShareLock on transaction \d+ \(still waiting after 100 ms\) running \"update users "
+        r"backend \d+ waited for ShareLock on transaction \d+ \(still waiting after \d+ ms\) running \"update users "
         r"set name = 'waiting' where name = 'ada'\"; the lock was held by backend \d+ \(the-blocker\), whose last "
         r"statement before then was \"update users set name = 'held' where name = 'ada'\"",
         told,
