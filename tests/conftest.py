@@ -47,6 +47,19 @@ def cache_dir() -> Path:
     return Path(os.environ["PGSANDBOX_CACHE"])
 
 
+USERS = "create table users (id serial primary key, name text unique not null);\n"
+USERS_SEED = "insert into users (name) values ('ada'), ('bob');\n"
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A project with a users table holding two rows (sql:migrations). A module may define its own."""
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(USERS + USERS_SEED)
+    return pytester
+
+
 StartLocal = Callable[..., LocalServer]
 
 

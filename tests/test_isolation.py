@@ -15,18 +15,6 @@ import pytest
 from pgsandbox import LocalServer
 from pgsandbox.server import runs
 
-SCHEMA = "create table users (id serial primary key, name text unique not null);\n"
-SEED = "insert into users (name) values ('ada'), ('bob');\n"
-
-
-@pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    """A project with a users table holding two rows, on the shared server."""
-    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
-    (pytester.path / "migrations").mkdir()
-    (pytester.path / "migrations/1.sql").write_text(SCHEMA + SEED)
-    return pytester
-
 
 def run(project: pytest.Pytester, shared_dsn: str, source: str, *args: str) -> pytest.RunResult:
     project.makepyfile(test_it=textwrap.dedent(source))
@@ -539,7 +527,9 @@ def test_advisory_locks_and_prepared_transactions_are_released_and_reported(pyte
         'pg_server_settings = ["max_prepared_transactions=4"]\n',
     )
     (pytester.path / "migrations").mkdir()
-    (pytester.path / "migrations/1.sql").write_text(SCHEMA)
+    (pytester.path / "migrations/1.sql").write_text(
+        "create table users (id serial primary key, name text unique not null);"
+    )
     pytester.makepyfile(test_it=textwrap.dedent(HELD))
     # a local server: prepared transactions enabled
     result = pytester.runpytest("-p", "no:randomly", "--pg-guard=warn")

@@ -12,18 +12,6 @@ from pgsandbox import LocalServer
 from pgsandbox.server import statements
 from pgsandbox.server.statements import Position, Scope, StatementLog
 
-SCHEMA = "create table users (id serial primary key, name text unique not null);\n"
-SEED = "insert into users (name) values ('ada'), ('bob');\n"
-
-
-@pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    """A project with a users table holding two rows; its runs start a local server."""
-    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
-    (pytester.path / "migrations").mkdir()
-    (pytester.path / "migrations/1.sql").write_text(SCHEMA + SEED)
-    return pytester
-
 
 def run(project: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
     project.makepyfile(test_sql=textwrap.dedent(source))
