@@ -167,6 +167,14 @@ QUERIES = """
         with pg_queries(at_most=4):
             authors_joined(pg_conn)
 
+    @pytest.mark.asyncio
+    async def test_async_code(pg_queries, pg_asyncpg):
+        with pg_queries(2) as ran:
+            async with pg_asyncpg.transaction():
+                await pg_asyncpg.fetch("select count(*) from users where name = $1", "ada")
+                await pg_asyncpg.execute("update users set name = 'ada2' where name = 'ada'")
+        assert ran.sql == ["select count(*) from users where name = $1", "update users set name = 'ada2' where name = 'ada'"]
+
     def test_n_plus_one_fails(pg_queries, pg_conn, books):
         with pg_queries(at_most=2):
             authors_one_by_one(pg_conn)
@@ -193,7 +201,7 @@ def test_pg_queries(project: pytest.Pytester) -> None:
         )
     )
     result = run(project, QUERIES)
-    result.assert_outcomes(passed=2, failed=2)
+    result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: expected at most 2 statement(s), the block ran 4 (transaction control not counted):",
