@@ -172,8 +172,8 @@ QUERIES = """
         with pg_queries(2) as ran:
             async with pg_asyncpg.transaction():
                 await pg_asyncpg.fetch("select count(*) from users where name = $1", "ada")
-                await pg_asyncpg.execute("update users set name = 'ada2'")
-        assert ran.sql == ["select count(*) from users where name = $1", "update users set name = 'ada2'"]
+                await pg_asyncpg.execute("update users set name = name || '2'")
+        assert ran.sql == ["select count(*) from users where name = $1", "update users set name = name || '2'"]
 
     def test_n_plus_one_fails(pg_queries, pg_conn, books):
         with pg_queries(at_most=2):
