@@ -47,3 +47,18 @@ class MissingExtra(PgSandboxError):
 
     module = ""  # the module that could not be imported
     extra = ""  # the pytest-pgsandbox extra that installs it
+
+
+def causes(error: BaseException | None) -> list[BaseException]:
+    """``error`` and what it wraps (SQLAlchemy's ``orig``, causes, contexts), nearest first."""
+    found: list[BaseException] = []
+    while error is not None and len(found) < 10:
+        found.append(error)
+        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+    return found
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """A database error's SQLSTATE: psycopg and asyncpg call it ``sqlstate``, psycopg2 ``pgcode``."""
+    state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return str(state) if state else None

@@ -14,7 +14,23 @@ Point a factory at the test's session once, in its ``Meta``::
 ``UserFactory()`` then inserts through ``pg_session`` (rolled back with the test); pytest-factoryboy's
 ``register(UserFactory)`` works the same. In async tests the same factories run inside
 ``pg_async_session``: ``user = await create(UserFactory, name="ada")`` (or ``create_batch``).
-This module needs no factory_boy import itself: it hands sessions out, factory_boy does the rest.
+
+Without models, ``TableFactory`` names a table and leaves every column it does not declare to ``pg.insert``,
+which makes them up from the schema; its rows are dicts whose values also read as attributes::
+
+    class AuthorFactory(TableFactory):
+        class Meta:
+            model = "author"  # the table
+        name = factory.Sequence(lambda n: f"author{n}")
+
+    class BookFactory(TableFactory):
+        class Meta:
+            model = "book"
+        class Params:
+            author = factory.SubFactory(AuthorFactory)
+        author_id = factory.SelfAttribute("author.id")
+
+This module imports factory_boy only for ``TableFactory``: it hands sessions out, factory_boy does the rest.
 """
 
 from __future__ import annotations
@@ -29,7 +45,9 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
 
-__all__ = ["create", "create_batch", "session"]
+    from pgsandbox.sandbox import Database
+
+__all__ = ["Row", "create", "create_batch", "database", "session"]  # and TableFactory, made on first use
 
 T = TypeVar("T")
 
@@ -37,6 +55,7 @@ T = TypeVar("T")
 # a context variable set in a fixture's task would not be seen by the test's.
 _sessions: list[Session] = []
 _async_sessions: list[AsyncSession] = []
+_databases: list[Database] = []
 
 
 def session() -> Session:
@@ -101,3 +120,58 @@ async def create(factory: Any, **kwargs: Any) -> Any:
 
 async def create_batch(factory: Any, size: int, **kwargs: Any) -> list[Any]:
     return await _run(lambda: list(factory.create_batch(size, **kwargs)))
+
+
+# -- TableFactory: factory_boy on pg.insert ------------------------------------------------------------------
+class Row(dict[str, Any]):
+    """A row as a dict whose columns also read as attributes (for factory_boy's ``SelfAttribute``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def database() -> Database:
+    """The running test's database (``pg``): where ``TableFactory`` inserts."""
+    if not _databases:
+        raise PgSandboxError(
+            "a TableFactory ran, but this test has no database.",
+            "request pg (or another pgsandbox fixture) in the test or a fixture it uses.",
+        )
+    return _databases[-1]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TableFactory":
+        return _table_factory()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_made: list[Any] = []
+
+
+def _table_factory() -> Any:
+    if _made:
+        return _made[0]
+    from pgsandbox.drivers import require
+
+    factory = require("factory", "factoryboy", "pgsandbox.factoryboy.TableFactory")
+
+    class TableFactory(factory.Factory):  # type: ignore[misc, name-defined]
+        """A factory_boy factory whose ``Meta.model`` is a table name; ``pg.insert`` fills what it leaves out."""
+
+        class Meta:
+            abstract = True
+
+        @classmethod
+        def _create(cls, model_class: str, *args: Any, **kwargs: Any) -> Row:
+            return Row(database().insert(model_class, **kwargs))
+
+        @classmethod
+        def _build(cls, model_class: str, *args: Any, **kwargs: Any) -> Row:
+            return Row(kwargs)
+
+    _made.append(TableFactory)
+    return TableFactory

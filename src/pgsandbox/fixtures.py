@@ -285,11 +285,17 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
         fail(error)
     node.stash[plugin.DATABASE_KEY] = db
     node.stash[plugin.LOG_KEY] = db
+    from pgsandbox import factoryboy
+
+    factoryboy._databases.append(db)  # where TableFactory inserts
 
     def close() -> None:
         from pgsandbox.isolation.transaction import IsolationError
 
         del node.stash[plugin.DATABASE_KEY]
+        from pgsandbox import factoryboy
+
+        factoryboy._databases.remove(db)
         try:
             findings: list[str] = sandbox.close(
                 db,

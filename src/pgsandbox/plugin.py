@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning
+from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning, causes, sqlstate
 from pgsandbox.settings import OPTIONS, Settings
 
 if TYPE_CHECKING:
@@ -308,6 +308,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
         if found is not None:
             report.sections.append((f"pgsandbox: SQL of {report.when}", sql_section(found, complete)))
+    if report.failed and db._rows is not None and db._rows.made:
+        report.sections.append(
+            (
+                "pgsandbox: data",
+                f"pg.insert made {db._rows.made} row(s) of this test from the seed {db.seed!r}: the same seed makes "
+                "the same values on every run (pg_data_seed, set or not, is part of it).",
+            )
+        )
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
         return report
     from pgsandbox.fixtures import marker_options
@@ -363,25 +371,11 @@ def sql_section(found: list[Statement], complete: bool) -> str:
 TIMEOUTS = {"55P03": "a statement waited too long for a lock", "57014": "a statement was stopped (a timeout)"}
 
 
-def _causes(error: BaseException | None) -> list[BaseException]:
-    """``error`` and what it wraps (SQLAlchemy's ``orig``, causes, contexts), nearest first."""
-    found: list[BaseException] = []
-    while error is not None and len(found) < 10:
-        found.append(error)
-        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
-    return found
-
-
-def _sqlstate(error: BaseException) -> str | None:
-    state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-    return str(state) if state else None
-
-
 def deadlock_of(error: BaseException | None) -> str | None:
     """PostgreSQL's detail of a deadlock (both processes, what each waited for, their statements), if ``error``
     is one. psycopg and psycopg2 carry it in ``diag``, asyncpg in ``detail``."""
-    for cause in _causes(error):
-        if _sqlstate(cause) == "40P01":
+    for cause in causes(error):
+        if sqlstate(cause) == "40P01":
             diag = getattr(cause, "diag", None)
             return str(getattr(diag, "message_detail", None) or getattr(cause, "detail", None) or "")
     return None
@@ -390,8 +384,8 @@ def deadlock_of(error: BaseException | None) -> str | None:
 def timeout_of(error: BaseException | None) -> str | None:
     """What stopped a statement, if ``error`` (or what it wraps: SQLAlchemy's ``orig``, a cause) is a lock or
     statement timeout, by SQLSTATE (psycopg, psycopg2 and asyncpg all carry it)."""
-    for cause in _causes(error):
-        state = _sqlstate(cause)
+    for cause in causes(error):
+        state = sqlstate(cause)
         if state in TIMEOUTS:
             return TIMEOUTS[state]
     return None

@@ -25,6 +25,12 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.rows import dict_row
 
+from pgsandbox.data.catalog import Catalog, for_template
+from pgsandbox.data.catalog import read as read_catalog
+from pgsandbox.data.connections import async_executor, executor
+from pgsandbox.data.rows import Rows
+from pgsandbox.data.rows import run as run_steps
+from pgsandbox.data.rows import run_async as run_steps_async
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
 from pgsandbox.isolation.server_objects import OUTSIDE, ServerObjects, created_since, server_objects
@@ -43,6 +49,7 @@ from pgsandbox.isolation.transaction import (
 )
 from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
+from pgsandbox.server.cache import cache_root
 from pgsandbox.server.statements import INTERNAL, Position, Scope, Statement, StatementLog, StatementLogError
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
@@ -52,6 +59,13 @@ from pgsandbox.template.cache import hold_in_use, warm_relcache
 from pgsandbox.urls import libpq_env, sqlalchemy_url
 
 Isolation = Literal["transaction", "database"]
+
+
+def _one_row(cursor: Any) -> dict[str, Any]:
+    row: dict[str, Any] = cursor.fetchone()
+    return row
+
+
 T = TypeVar("T")
 LEFTOVER_WAIT_SECONDS = 0.2
 ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
@@ -86,6 +100,10 @@ class Database:
     log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
     # the server's databases, roles and tablespaces when the test could first create some (server_objects.py)
     server_objects: ServerObjects | None = field(default=None, repr=False)
+    # the data factories (pg.insert): the template's catalog, given by the sandbox, and the test's seed
+    catalog_source: Callable[[Database], Catalog] | None = field(default=None, repr=False)
+    data_seed: str = ""
+    _rows: Rows | None = field(default=None, repr=False)
 
     @property
     def scope(self) -> Scope:
@@ -175,6 +193,58 @@ class Database:
         if own_transaction:
             conn.commit()
         return value
+
+    # -- data factories ---------------------------------------------------------------------------------
+    @property
+    def rows(self) -> Rows:
+        """This test's data factory: the schema's catalog, the test's seed and counters (see :meth:`insert`)."""
+        if self._rows is None:
+            if self.catalog_source is None:
+                raise ConfigError("this database has no catalog for pg.insert (it was not opened by a Sandbox).", "")
+            shared = self.catalog_source(self)
+            own = Catalog(dict(shared.tables), dict(shared.types), shared.search_path)  # this test may add tables
+            self._rows = Rows(own, self.seed, read_table=lambda name: read_catalog(self._query_all, name))
+        return self._rows
+
+    @property
+    def seed(self) -> str:
+        """What decides the values pg.insert makes up: the test's id (and ``pg_data_seed`` when set)."""
+        return f"{self.data_seed}:{self.test_id}" if self.data_seed else self.test_id
+
+    def insert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]:
+        """Insert one row into ``table`` with ``values`` and return it (every column). Each required column not
+        given gets a valid value of its type (distinct in unique columns, the same on every run); each required
+        foreign key not given gets a parent row made the same way. ``using``: another connection (psycopg2, a
+        SQLAlchemy Session...); by default the test's (``pg.connection``)."""
+        steps = self.rows.insert_steps(table, values)
+        if using is not None:
+            return run_steps(steps, executor(using))
+        return run_steps(steps, lambda query, params: self._run(query, params, _one_row, dict_row))
+
+    def insert_many(self, table: str, count: int, /, *, using: Any = None, **values: Any) -> list[dict[str, Any]]:
+        """``count`` rows; a callable value is called with the row's index, a list or tuple gives one item per
+        row, anything else is the same for every row."""
+        return [self.insert(table, using=using, **Rows.row_values(values, index)) for index in range(count)]
+
+    async def ainsert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]:
+        """:meth:`insert` for async tests, on the test's async connection (``pg_asyncpg``, ``pg_aconn``, the
+        one under ``pg_async_session``) or ``using`` (an asyncpg or async psycopg connection, an AsyncSession)."""
+        conn = using if using is not None else self.drivers.get("asyncpg") or self.drivers.get("psycopg")
+        if conn is None:
+            raise ConfigError(
+                "await pg.ainsert() needs the test's async connection, and this test has none open.",
+                "use pg_asyncpg, pg_aconn or pg_async_session in the test, or pass using=<an async connection>.",
+            )
+        return await run_steps_async(self.rows.insert_steps(table, values), async_executor(conn))
+
+    async def ainsert_many(
+        self, table: str, count: int, /, *, using: Any = None, **values: Any
+    ) -> list[dict[str, Any]]:
+        return [await self.ainsert(table, using=using, **Rows.row_values(values, index)) for index in range(count)]
+
+    def _query_all(self, query: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self._run(query, params, lambda cursor: cursor.fetchall())
+        return rows
 
     # -- for driver adapters: connections of other client libraries ------------------------------------
     @property
@@ -467,6 +537,8 @@ class Sandbox:
                 clone.conn.execute(INTERNAL + "SELECT set_config('application_name', %s, false)", [app_name(test_id)])
                 clone.conn.autocommit = False
                 db._opened.append(clone.conn)
+        db.catalog_source = self._catalog
+        db.data_seed = self.settings.data_seed
         if self.server.statement_log is not None:
             db.log_start = self.server.statement_log.position()
         if self.settings.role != "own" or self.server.login is None:  # its connections may create databases
@@ -610,6 +682,16 @@ class Sandbox:
             + f" dbname={dbname}"
         )
         return f"PGPASSFILE={self.pgpass()} {psql} '{target}'"
+
+    def _catalog(self, db: Database) -> Catalog:
+        """The template's catalog, for the data factories: read once, through a connection of our own to the
+        test's database (a clone of the template), and kept in the cache directory under the template's name."""
+
+        def query(sql_text: str, params: list[Any]) -> list[tuple[Any, ...]]:
+            with self.server.connect(db.name, autocommit=True) as conn:
+                return conn.execute(sql_text, params).fetchall()
+
+        return for_template(self.template, cache_root(self.settings.cache) / "catalogs", query)
 
     @property
     def stopped(self) -> bool:

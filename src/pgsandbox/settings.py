@@ -223,6 +223,11 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*GUARDS),
     ),
     Option(
+        "data_seed",
+        "what the values pg.insert makes up are seeded with, besides the test's id (default: nothing; any text "
+        "changes every made-up value)",
+    ),
+    Option(
         "sql_log",
         "the local server's statement log, read for a failed test's SQL and pg_queries: auto (jsonlog on "
         "PostgreSQL 15+, csvlog before; the default), jsonlog, csvlog, or off",
@@ -273,6 +278,7 @@ class Settings:
     statement_timeout: str = "5min"
     lock_timeout: str = "1min"
     idle_timeout: str = "1h"
+    data_seed: str = ""
     sql_log: Literal["auto", "jsonlog", "csvlog", "off"] = "auto"
     show_sql: bool = False
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"

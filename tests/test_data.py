@@ -1,0 +1,315 @@
+"""Data factories that read the schema: pg.insert and friends, declared factories, factory_boy's TableFactory."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+SCHEMA = """
+create type mood as enum ('happy', 'sad', 'ok');
+create domain positive_int as integer check (value > 0);
+create domain short_code as varchar(8) check (char_length(value) >= 3);
+create table country (code char(2) primary key, name text not null unique);
+create table author (
+  id serial primary key,
+  country char(2) not null references country,
+  name varchar(20) not null,
+  email text not null unique,
+  born date not null,
+  mood mood not null,
+  tags text[] not null,
+  ranks integer[] not null,
+  rank positive_int not null,
+  code short_code not null,
+  profile jsonb not null,
+  settings json not null,
+  uid uuid not null unique,
+  active boolean not null,
+  score numeric(5,2) not null check (score >= 10.5 and score <= 100),
+  ratio real not null,
+  big bigint not null unique,
+  level smallint not null check (level between 3 and 5),
+  kind text not null check (kind in ('a', 'b')),
+  seen_at timestamptz not null,
+  wall_time timestamp not null,
+  at_time time not null,
+  wait interval not null,
+  ip inet not null,
+  period int4range not null,
+  blob bytea not null,
+  nick text
+);
+create table book (
+  id bigint generated always as identity primary key,
+  author_id int not null references author,
+  title text not null check (title <> ''),
+  pages int not null check (pages > 0),
+  slug text generated always as (lower(title)) stored
+);
+create table review (id serial primary key, book_id bigint not null references book, body text not null,
+                     stars int not null check (stars >= 1 and stars <= 5));
+create table a (id int primary key, b_id int not null);
+create table b (id int primary key, a_id int not null references a);
+alter table a add foreign key (b_id) references b;
+create table node (id serial primary key, parent_id int references node, name text not null);
+create table contact (id serial primary key, email text not null check (email like '%@%'));
+create table place (id serial primary key, spot point not null);
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(SCHEMA)
+    return pytester
+
+
+def run(project: pytest.Pytester, shared_dsn: str, source: str, *args: str) -> pytest.RunResult:
+    project.makepyfile(test_rows=textwrap.dedent(source))
+    return project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", *args)
+
+
+EVERY_TYPE = """
+    import datetime, decimal, ipaddress, uuid
+
+    import pytest
+
+    @pytest.mark.parametrize("isolation", ["transaction", "database"])
+    def test_every_type_and_the_parents(pg_sandbox, isolation, request):
+        with pg_sandbox.database(isolation, request.node.nodeid) as pg:
+            review = pg.insert("review")
+            book = pg.fetchone("select * from book where id = %s", [review["book_id"]])
+            author = pg.fetchone("select * from author where id = %s", [book["author_id"]])
+            country = pg.fetchone("select * from country where code = %s", [author["country"]])
+            assert review["stars"] == 1 and review["body"].startswith("body-")
+            assert book["pages"] == 1 and book["slug"] == book["title"].lower()
+            assert len(author["name"]) <= 20 and author["email"].startswith("email-")
+            assert isinstance(author["born"], datetime.date) and author["mood"] == "happy"
+            assert author["tags"][0].startswith("tags-") and isinstance(author["ranks"][0], int)
+            assert author["rank"] > 0 and 3 <= len(author["code"]) <= 8
+            assert isinstance(author["profile"], dict) and isinstance(author["settings"], dict)
+            assert isinstance(author["uid"], uuid.UUID) and isinstance(author["active"], bool)
+            assert author["score"] == decimal.Decimal("10.50") and 3 <= author["level"] <= 5
+            assert author["kind"] in ("a", "b") and author["ratio"] > 0
+            assert author["seen_at"].tzinfo is not None and author["wall_time"].tzinfo is None
+            assert isinstance(author["at_time"], datetime.time) and author["wait"] > datetime.timedelta(0)
+            assert isinstance(author["ip"], ipaddress.IPv4Address) and author["period"].isempty
+            assert isinstance(author["blob"], bytes) and author["nick"] is None  # nullable: left NULL
+            assert len(country["code"]) == 2
+
+    def test_many_rows_unique_and_given(pg):
+        authors = pg.insert_many("author", 30, nick=lambda i: f"nick{i}", kind=["a", "b"] * 15, level=4)
+        for column in ("email", "uid", "big", "country"):
+            assert len({a[column] for a in authors}) == 30, column
+        assert [a["nick"] for a in authors[:3]] == ["nick0", "nick1", "nick2"]
+        assert [a["kind"] for a in authors[:3]] == ["a", "b", "a"] and {a["level"] for a in authors} == {4}
+        node = pg.insert("node")
+        assert node["parent_id"] is None  # a nullable self-reference: no parent made
+        child = pg.insert("node", parent_id=node["id"], name="child")
+        assert child["name"] == "child"
+        book = pg.insert("book", title="Given", author_id=authors[0]["id"])
+        assert book["author_id"] == authors[0]["id"] and book["slug"] == "given"
+        assert pg.insert("book", id=99999)["id"] == 99999  # an identity column, given: OVERRIDING SYSTEM VALUE
+        assert pg.insert("author", profile={"given": [1, 2]})["profile"] == {"given": [1, 2]}
+
+    def test_a_table_the_test_created(pg):
+        pg.execute("create table scratch (id serial primary key, label text not null, n int not null)")
+        row = pg.insert("scratch")
+        assert row["label"].startswith("label-") and row["n"] == 1
+"""
+
+
+def test_every_type_parents_unique_columns_and_both_isolations(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, EVERY_TYPE)
+    result.assert_outcomes(passed=4)
+
+
+DETERMINISM = """
+    import json, os
+
+    def test_values(pg):
+        rows = [pg.insert("author") for _ in range(3)] + [pg.insert("review")]
+        for row in rows:
+            row.pop("id", None)
+            row.pop("book_id", None)
+        with open(os.environ["ROWS_FILE"], "a") as out:
+            out.write(json.dumps(rows, default=str) + "\\n")
+"""
+
+
+def test_the_same_test_makes_the_same_rows_on_every_run(
+    project: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows_file = project.path / "rows.jsonl"
+    monkeypatch.setenv("ROWS_FILE", str(rows_file))
+    for args in ((), (), ("--pg-data-seed=other",)):
+        run(project, shared_dsn, DETERMINISM, *args).assert_outcomes(passed=1)
+    first, second, other = (json.loads(line) for line in rows_file.read_text().splitlines())
+    assert first == second
+    assert first != other
+    assert first[0]["email"] != first[1]["email"]  # and distinct within the test
+
+
+ERRORS = """
+    import pytest
+
+    def test_cycle(pg):
+        pg.insert("a")
+
+    def test_unknown_table(pg):
+        pg.insert("nosuch")
+
+    def test_unknown_column(pg):
+        pg.insert("book", nosuch=1)
+
+    def test_generated_column(pg):
+        pg.insert("book", slug="x")
+
+    def test_unsupported_type(pg):
+        pg.insert("place")
+
+    def test_a_check_it_cannot_read(pg):
+        pg.insert("contact")
+
+    def test_the_check_satisfied_by_hand(pg):
+        assert pg.insert("contact", email="ada@example.com")["email"] == "ada@example.com"
+
+    def test_the_cycle_broken_by_hand(pg):
+        pg.execute("alter table a alter constraint a_b_id_fkey deferrable initially deferred")
+        a = pg.insert("a", id=1, b_id=1)  # b 1 comes next, before the check at commit
+        assert pg.insert("b", id=1, a_id=a["id"])["a_id"] == 1
+"""
+
+
+def test_errors_say_what_could_not_be_filled_and_how_to_pass_it(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, ERRORS)
+    result.assert_outcomes(passed=2, failed=6)
+    result.stdout.fnmatch_lines(
+        [
+            "*CannotFill: pg.insert: public.b.a_id needs a row of public.a, which needs one of public.b in turn "
+            "(public.a -> public.b -> public.a): a cycle of required foreign keys pgsandbox cannot break.",
+            "*What to do: pass a value for one of them, such as pg.insert('b', a_id=...) with the key of a row you "
+            "inserted first.",
+            "*UnknownTable: pg.insert: there is no table 'nosuch' in the test's database (searched: public; "
+            "tables: a, author, b, book, contact, country, node, place, review).",
+            "*PgSandboxError: pg.insert: table public.book has no column 'nosuch'.",
+            "*What to do: use one of id, author_id, title, pages, slug.",
+            "*pg.insert: public.book.slug is a generated column: the database computes it.",
+            "*CannotFill: pg.insert: public.place.spot is of type point, which pgsandbox cannot make a value of.",
+            "*What to do: pass the value yourself: pg.insert('place', spot=...).",
+            "*InsertError: pg.insert('contact'): a CHECK constraint refused the row: contact_email_check "
+            "CHECK ((email ~~ '%@%'::text)). Values pgsandbox made: email='email-*'; given: none. The server "
+            'said: new row for relation "contact" violates check constraint "contact_email_check"',
+            "*What to do: pass the values this constraint needs: pg.insert('contact', column=...).",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["*- pgsandbox: data -*", "pg.insert made * row(s) of this test from the seed 'test_rows.py::test_*'*"]
+    )
+
+
+ASYNC_AND_OTHERS = """
+    import pytest
+    from sqlalchemy import text
+
+    @pytest.mark.asyncio
+    async def test_asyncpg(pg, pg_asyncpg):
+        row = await pg.ainsert("review", stars=4)
+        assert row["stars"] == 4
+        rows = await pg.ainsert_many("author", 2)
+        assert await pg_asyncpg.fetchval("select count(*) from author") == 2 + 1  # one parent of the review
+
+    @pytest.mark.asyncio
+    async def test_async_psycopg_and_session(pg, pg_aconn):
+        row = await pg.ainsert("country", code="zz")
+        assert row["name"].startswith("name-")
+
+    @pytest.mark.asyncio
+    async def test_no_async_connection(pg):
+        await pg.ainsert("country")
+
+    def test_psycopg2_and_a_session(pg, pg_psycopg2, pg_session):
+        row = pg.insert("country", using=pg_psycopg2)
+        assert row["code"]
+        book = pg.insert("book", using=pg_session)
+        assert pg_session.execute(text("select count(*) from book")).scalar() == 1
+        assert book["title"].startswith("title-")
+"""
+
+
+def test_async_and_other_connections(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, ASYNC_AND_OTHERS)
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*await pg.ainsert() needs the test's async connection, and this test has none open.",
+            "*What to do: use pg_asyncpg, pg_aconn or pg_async_session in the test, or pass using=*",
+        ]
+    )
+
+
+DECLARED = """
+    import factory
+    import pytest
+
+    from pgsandbox.data import Factory, lazy, sequence, sub
+    from pgsandbox.factoryboy import TableFactory
+
+    class Countries(Factory):
+        table = "country"
+        name = sequence(lambda n: f"Country {n}")
+
+    class Authors(Factory):
+        table = "author"
+        country = sub(Countries)
+        name = sequence(lambda n: f"author{n}")
+        email = lazy(lambda row: f"{row['name']}@example.com")
+        level = 3
+        traits = {"senior": {"level": 5, "kind": "b"}}
+
+    class Books(Factory):
+        table = "book"
+        author_id = sub(Authors, senior=True)
+
+    def test_declared(pg):
+        first, second = Authors.create_batch(pg, 2)
+        assert (first["name"], first["email"], first["level"]) == ("author1", "author1@example.com", 3)
+        assert second["name"] == "author2" and first["country"] != second["country"]
+        senior = Authors.create(pg, senior=True, name="given")
+        assert (senior["level"], senior["kind"], senior["email"]) == (5, "b", "given@example.com")
+        book = Books.create(pg, pages=12)
+        author = pg.fetchone("select * from author where id = %s", [book["author_id"]])
+        assert book["pages"] == 12 and author["level"] == 5 and author["name"] == "author3"  # the override took no number
+
+    @pytest.mark.asyncio
+    async def test_declared_async(pg, pg_asyncpg):
+        book = await Books.acreate(pg)
+        assert await pg_asyncpg.fetchval("select level from author where id = $1", book["author_id"]) == 5
+
+    class AuthorRows(TableFactory):
+        class Meta:
+            model = "author"
+        name = factory.Sequence(lambda n: f"fb{n}")
+
+    class BookRows(TableFactory):
+        class Meta:
+            model = "book"
+        class Params:
+            author = factory.SubFactory(AuthorRows)
+        author_id = factory.SelfAttribute("author.id")
+        pages = 7
+
+    def test_factory_boy(pg):
+        book = BookRows()
+        assert book.pages == 7 and book["title"].startswith("title-")
+        assert pg.fetchval("select name from author where id = %s", [book.author_id]).startswith("fb")
+        assert len(BookRows.create_batch(3)) == 3
+"""
+
+
+def test_declared_factories_and_factory_boy(project: pytest.Pytester, shared_dsn: str) -> None:
+    result = run(project, shared_dsn, DECLARED)
+    result.assert_outcomes(passed=3)
