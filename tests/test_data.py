@@ -282,7 +282,8 @@ DECLARED = """
         assert (senior["level"], senior["kind"], senior["email"]) == (5, "b", "given@example.com")
         book = Books.create(pg, pages=12)
         author = pg.fetchone("select * from author where id = %s", [book["author_id"]])
-        assert book["pages"] == 12 and author["level"] == 5 and author["name"] == "author3"  # the override took no number
+        # "given" took no number from the sequence
+        assert book["pages"] == 12 and author["level"] == 5 and author["name"] == "author3"
 
     @pytest.mark.asyncio
     async def test_declared_async(pg, pg_asyncpg):
