@@ -84,3 +84,16 @@ def test_every_test_starts_from_the_migrations(pg_session: Session, pg: Database
     pg_session.add(Product(sku="978-0-00-000000-0", title="Only once", price=Decimal("1.00")))
     pg_session.commit()
     assert pg.fetchval("SELECT stock FROM products WHERE sku = '978-0-00-000000-0'") == 0  # server default
+
+
+def test_cancelling_a_paid_order_from_rows_made_up_by_pg_insert(pg_session: Session, pg: Database) -> None:
+    """``pg.insert`` reads the schema: a line of a paid order, with only what this test is about given; the
+    order, its customer and the product (every NOT NULL column, unique ones distinct) are made up."""
+    line = pg.insert("order_lines", quantity=2)
+    pg.execute("UPDATE orders SET status = 'paid' WHERE id = %s", [line["order_id"]])
+    stock = pg.fetchval("SELECT stock FROM products WHERE id = %s", [line["product_id"]])
+
+    order = service.cancel_order(pg_session, line["order_id"])
+
+    assert order.status is OrderStatus.CANCELLED
+    assert pg.fetchval("SELECT stock FROM products WHERE id = %s", [line["product_id"]]) == stock + 2
