@@ -20,7 +20,6 @@ within 2x). Also: reading the catalog of the reference 50-table schema once, col
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,9 @@ from startup import REPO, clean_env, default_bindir
 
 SCHEMA = "\n".join(
     f"create table l{level} (id bigserial primary key, name text not null, amount numeric(10,2) not null, "
-    f"day date not null, code uuid not null unique{f', parent_id bigint not null references l{level - 1}' if level else ''});"
+    "day date not null, code uuid not null unique"
+    + (f", parent_id bigint not null references l{level - 1}" if level else "")
+    + ");"
     for level in range(4)
 )
 
@@ -126,8 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nvariant            per row of l3 (ms, 4 INSERTs)   ratio to hand-written")
     for name, value in (("hand-written", hand), ("pg.insert", single), ("pg.insert_many", many)):
         print(f"  {name:<16} {value:12.3f}                     {value / hand:6.2f}x")
-    print(f"\n  reading the catalog, cold: {cold:.1f} ms for these 4 tables; {float(big_ms):.1f} ms for {tables} "
-          f"tables ({origin})")
+    print(
+        f"\n  reading the catalog, cold: {cold:.1f} ms for these 4 tables; {float(big_ms):.1f} ms for {tables} "
+        f"tables ({origin})"
+    )
     return 0
 
 
