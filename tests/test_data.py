@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+from decimal import Decimal
+from pathlib import Path
 
 import pytest
+
+from pgsandbox.data.values import bounds_from_checks
 
 SCHEMA = """
 create type mood as enum ('happy', 'sad', 'ok');
@@ -122,9 +127,14 @@ EVERY_TYPE = """
 """
 
 
-def test_every_type_parents_unique_columns_and_both_isolations(project: pytest.Pytester, shared_dsn: str) -> None:
+def test_every_type_parents_unique_columns_and_both_isolations(
+    project: pytest.Pytester, shared_dsn: str, cache_dir: Path
+) -> None:
     result = run(project, shared_dsn, EVERY_TYPE)
     result.assert_outcomes(passed=4)
+    (template,) = set(re.findall(r"migrations template (\w+)", result.stdout.str()))
+    cached = [path for path in (cache_dir / "catalogs").glob("pgsandbox_tpl_*.json") if template in path.name]
+    assert len(cached) == 1 and '"author"' in cached[0].read_text()  # kept with the template
 
 
 DETERMINISM = """
@@ -223,9 +233,12 @@ ASYNC_AND_OTHERS = """
         assert await pg_asyncpg.fetchval("select count(*) from author") == 2 + 1  # one parent of the review
 
     @pytest.mark.asyncio
-    async def test_async_psycopg_and_session(pg, pg_aconn):
+    async def test_async_psycopg_and_session(pg, pg_aconn, pg_async_session):
         row = await pg.ainsert("country", code="zz")
         assert row["name"].startswith("name-")
+        other = await pg.ainsert("country", using=pg_async_session)
+        assert (await pg_async_session.execute(text("select count(*) from country"))).scalar() >= 1
+        assert other["code"] != "zz"
 
     @pytest.mark.asyncio
     async def test_no_async_connection(pg):
@@ -314,3 +327,26 @@ DECLARED = """
 def test_declared_factories_and_factory_boy(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, DECLARED)
     result.assert_outcomes(passed=3)
+
+
+def test_simple_checks_are_read() -> None:
+    """What the catalog gives (pg_get_constraintdef's text) and what pgsandbox understands of it."""
+    between = bounds_from_checks(["CHECK (((level >= 3) AND (level <= 5)))"], "level")
+    assert (between.low, between.high, between.understood) == (Decimal(3), Decimal(5), True)
+    exclusive = bounds_from_checks(["CHECK ((price > (0)::numeric))"], "price")
+    assert (exclusive.low, exclusive.low_inclusive) == (Decimal(0), False)
+    listed = bounds_from_checks(["CHECK ((kind = ANY (ARRAY['a'::text, 'b''s'::text])))"], "kind")
+    assert listed.choices == ["a", "b's"]
+    varchar = bounds_from_checks(
+        ["CHECK (((status)::text = ANY ((ARRAY['new'::character varying, 'old'::character varying])::text[])))"],
+        "status",
+    )
+    assert varchar.choices == ["new", "old"]
+    length = bounds_from_checks(["CHECK ((char_length((VALUE)::text) >= 3))"], "VALUE")
+    assert length.min_length == 3
+    blank = bounds_from_checks(["CHECK ((title <> ''::text))", "CHECK ((length(title) < 10))"], "title")
+    assert (blank.min_length, blank.max_length) == (1, 9)
+    unread = bounds_from_checks(["CHECK ((email ~~ '%@%'::text))"], "email")
+    assert not unread.understood
+    other_column = bounds_from_checks(["CHECK ((a < b))"], "c")
+    assert other_column.understood and other_column.low is None

@@ -62,7 +62,7 @@ _COMPARE = re.compile(rf"^({_IDENT}) (>=|<=|>|<|=|<>|!=) ({_CONSTANT})$")
 _COMPARE_REVERSED = re.compile(rf"^({_CONSTANT}) (>=|<=|>|<|=|<>|!=) ({_IDENT})$")
 _LENGTH = re.compile(rf"^(?:char_length|length|character_length)\(({_IDENT})\) (>=|<=|>|<|=|<>) (\d+)$")
 _NOT_BLANK = re.compile(rf"^(?:btrim|trim|lower|upper)\(({_IDENT})\) <> ''$")
-_ANY = re.compile(rf"^({_IDENT}) = ANY \(ARRAY\[(.*)\]\)$")
+_ANY = re.compile(rf"^({_IDENT}) = ANY \(+ARRAY\[(.*)\]\)+$")
 _NOT_NULL = re.compile(rf"^({_IDENT}) IS NOT NULL$")
 _FLIP = {">": "<", "<": ">", ">=": "<=", "<=": ">=", "=": "=", "<>": "<>", "!=": "!="}
 
@@ -125,7 +125,7 @@ def bounds_from_checks(definitions: list[str], column: str) -> Bounds:
         body = body[len("CHECK ") :] if body.startswith("CHECK ") else body
         body = _CAST.sub("", _unparen(body.replace(" NOT VALID", "")))
         for term in _split_and(_unparen(body)):
-            term = re.sub(rf"\(({_IDENT})\)", r"\1", term)  # (price) > 0 -> price > 0
+            term = re.sub(rf"(?<![\w$])\(({_IDENT}|{_CONSTANT})\)", r"\1", term)  # (price) > (0): price > 0
             _read_term(term, column, bounds)
     return bounds
 
