@@ -61,6 +61,12 @@ alter table a add foreign key (b_id) references b;
 create table node (id serial primary key, parent_id int references node, name text not null);
 create table contact (id serial primary key, email text not null check (email like '%@%'));
 create table place (id serial primary key, spot point not null);
+create schema billing;
+create domain required_note as text not null;
+create table billing."Invoice" ("Year" int not null, "No" int not null, primary key ("Year", "No"),
+                                "Note" required_note, "Weird % name" text not null);
+create table billing.line (id serial primary key, inv_year int not null, inv_no int not null,
+                           foreign key (inv_year, inv_no) references billing."Invoice");
 """
 
 
@@ -120,6 +126,15 @@ EVERY_TYPE = """
         assert pg.insert("book", id=99999)["id"] == 99999  # an identity column, given: OVERRIDING SYSTEM VALUE
         assert pg.insert("author", profile={"given": [1, 2]})["profile"] == {"given": [1, 2]}
 
+    def test_composite_keys_other_schemas_and_odd_names(pg, pg_session):
+        line = pg.insert("billing.line")
+        invoice = pg.fetchone('select * from billing."Invoice"')
+        assert (line["inv_year"], line["inv_no"]) == (invoice["Year"], invoice["No"])
+        assert invoice["Note"].startswith("Note-")  # a NOT NULL domain makes the column required
+        assert invoice["Weird % name"].startswith("Weird % name-")
+        row = pg.insert("billing.Invoice", using=pg_session)  # % in a name, through SQLAlchemy's placeholders
+        assert row["Weird % name"].startswith("Weird % name-") and row["No"] != invoice["No"]
+
     def test_a_table_the_test_created(pg):
         pg.execute("create table scratch (id serial primary key, label text not null, n int not null)")
         row = pg.insert("scratch")
@@ -131,7 +146,7 @@ def test_every_type_parents_unique_columns_and_both_isolations(
     project: pytest.Pytester, shared_dsn: str, cache_dir: Path
 ) -> None:
     result = run(project, shared_dsn, EVERY_TYPE)
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     (template,) = set(re.findall(r"migrations template (\w+)", result.stdout.str()))
     cached = [path for path in (cache_dir / "catalogs").glob("pgsandbox_tpl_*.json") if template in path.name]
     assert len(cached) == 1 and '"author"' in cached[0].read_text()  # kept with the template
@@ -204,7 +219,7 @@ def test_errors_say_what_could_not_be_filled_and_how_to_pass_it(project: pytest.
             "*What to do: pass a value for one of them, such as pg.insert('b', a_id=...) with the key of a row you "
             "inserted first.",
             "*UnknownTable: pg.insert: there is no table 'nosuch' in the test's database (searched: public; "
-            "tables: a, author, b, book, contact, country, node, place, review).",
+            "tables: a, author, b, billing.Invoice, billing.line, book, contact, country, node, place, review).",
             "*PgSandboxError: pg.insert: table public.book has no column 'nosuch'.",
             "*What to do: use one of id, author_id, title, pages, slug.",
             "*pg.insert: public.book.slug is a generated column: the database computes it.",

@@ -19,7 +19,7 @@ from typing import Any
 
 from pgsandbox.errors import PgSandboxError
 
-LAYOUT = 1  # bump when what is read changes: cached catalogs of another layout are read again
+LAYOUT = 2  # bump when what is read changes: cached catalogs of another layout are read again
 
 
 Query = Callable[[str, list[Any]], list[tuple[Any, ...]]]  # runs a catalog query, returns its rows
@@ -245,6 +245,9 @@ def read(query: Query, only: str | None = None) -> Catalog:
             [missing],
         ):
             names[int(oid)] = (str(schema), str(name))
+    types = _types(query, {c.type for cols in columns.values() for c in cols})
+    for oid, cols in columns.items():  # a domain declared NOT NULL makes its columns so
+        columns[oid] = [dataclasses.replace(c, not_null=True) if _not_null(types, c.type) else c for c in cols]
     tables = {}
     for oid in oids:
         schema, name = names[oid]
@@ -255,9 +258,17 @@ def read(query: Query, only: str | None = None) -> Catalog:
         tables[f"{schema}.{name}"] = Table(
             schema, name, tuple(columns[oid]), entry["p"], tuple(entry["u"]), foreign, tuple(entry["c"])
         )
-    types = _types(query, {c.type for cols in columns.values() for c in cols})
     search_path = tuple(str(row[0]) for row in query("SELECT unnest(current_schemas(false))", []))
     return Catalog(tables, types, search_path)
+
+
+def _not_null(types: dict[int, PgType], oid: int) -> bool:
+    pgtype = types.get(oid)
+    while pgtype is not None and pgtype.kind == "d":
+        if pgtype.not_null:
+            return True
+        pgtype = types.get(pgtype.base)
+    return False
 
 
 def _types(query: Query, wanted: set[int]) -> dict[int, PgType]:
