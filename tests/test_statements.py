@@ -319,3 +319,23 @@ def test_a_lock_timeout_names_the_blocker_even_once_it_is_gone(project: pytest.P
         told,
     ), told
     assert "none left" in told  # pg_stat_activity no longer has it
+
+
+def test_a_failure_and_a_teardown_error_show_the_sql_once(project: pytest.Pytester) -> None:
+    result = run(
+        project,
+        """
+        import psycopg
+
+        LEFT = []
+
+        def test_fails_and_leaves_a_connection(pg):
+            LEFT.append(psycopg.connect(pg.dsn))
+            pg.execute("select 'shown once'")
+            assert False
+        """,
+    )
+    result.assert_outcomes(failed=1, errors=1)
+    output = result.stdout.str()
+    assert output.count("pgsandbox: SQL of") == 1 and "ms select 'shown once'" in output
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_fails_and_leaves_a_connection*"])

@@ -32,6 +32,7 @@ KEPT_KEY = pytest.StashKey[list[str]]()
 DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
 LOG_KEY: pytest.StashKey[Database] = pytest.StashKey()  # the test's database, also after its teardown
 KEEP_KEY = pytest.StashKey[bool]()
+SQL_SHOWN_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 EARLY_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()
 CONTROLLER_KEY: pytest.StashKey[SharedSandbox] = pytest.StashKey()
@@ -294,7 +295,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return report
     show_sql = settings(item.config).show_sql and report.when == "call"
     found: list[Statement] | None = None
-    if report.failed or show_sql:
+    shown = item.stash.get(SQL_SHOWN_KEY, False)  # a teardown error after a failure: the SQL is there already
+    if (report.failed and not shown) or show_sql:
+        item.stash[SQL_SHOWN_KEY] = True
         import psycopg
 
         from pgsandbox.server.statements import StatementLogError
