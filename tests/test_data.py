@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import textwrap
 from decimal import Decimal
 from pathlib import Path
@@ -365,3 +366,15 @@ def test_simple_checks_are_read() -> None:
     assert not unread.understood
     other_column = bounds_from_checks(["CHECK ((a < b))"], "c")
     assert other_column.understood and other_column.low is None
+
+
+def test_table_factory_without_factory_boy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgsandbox import factoryboy
+    from pgsandbox.errors import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "factory", None)
+    monkeypatch.setattr(factoryboy, "_made", [])
+    with pytest.raises(MissingExtra) as caught:
+        factoryboy.TableFactory  # noqa: B018
+    assert "pgsandbox.factoryboy.TableFactory needs factory_boy, which is not installed." in str(caught.value)
+    assert "pip install 'pytest-pgsandbox[factoryboy]'" in str(caught.value)
