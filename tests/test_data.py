@@ -378,3 +378,18 @@ def test_table_factory_without_factory_boy_names_the_extra(monkeypatch: pytest.M
         factoryboy.TableFactory  # noqa: B018
     assert "pgsandbox.factoryboy.TableFactory needs factory_boy, which is not installed." in str(caught.value)
     assert "pip install 'pytest-pgsandbox[factoryboy]'" in str(caught.value)
+
+
+def test_reading_the_catalog_is_not_taken_for_an_escape(
+    project: pytest.Pytester, shared_dsn: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold catalog is read through a connection of pgsandbox's own to the session database: the guards
+    count it as ours, so no escape check (a fresh clone) runs."""
+    from pgsandbox.data import catalog
+
+    monkeypatch.setattr(catalog, "_memory", {})
+    for cached in (cache_dir / "catalogs").glob("*.json"):
+        cached.unlink()
+    result = run(project, shared_dsn, "def test_one(pg):\n    pg.insert('country')\n")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["databases: 1 created, 0 dropped, 0 kept", "findings: none"])

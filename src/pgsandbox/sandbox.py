@@ -687,11 +687,19 @@ class Sandbox:
         """The template's catalog, for the data factories: read once, through a connection of our own to the
         test's database (a clone of the template), and kept in the cache directory under the template's name."""
 
-        def query(sql_text: str, params: list[Any]) -> list[tuple[Any, ...]]:
-            with self.server.connect(db.name, autocommit=True) as conn:
-                return conn.execute(sql_text, params).fetchall()
+        opened: list[psycopg.Connection[Any]] = []  # one connection for all the catalog's queries, if any
 
-        return for_template(self.template, cache_root(self.settings.cache) / "catalogs", query)
+        def query(sql_text: str, params: list[Any]) -> list[tuple[Any, ...]]:
+            if not opened:
+                opened.append(self.server.connect(db.name, autocommit=True))
+                db.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
+            return opened[0].execute(sql_text, params).fetchall()
+
+        try:
+            return for_template(self.template, cache_root(self.settings.cache) / "catalogs", query)
+        finally:
+            for conn in opened:
+                conn.close()
 
     @property
     def stopped(self) -> bool:
