@@ -187,7 +187,7 @@ class Statement:
             if self.sql:
                 lines.append("statement: " + _shorten(self.sql, max_sql))
             return redact_sql("\n".join(lines))
-        lines = [_shorten(self.sql, max_sql)]
+        lines = [_shorten(self.sql, max_sql)] if self.sql.strip() else []
         if self.parameters:
             lines.append("parameters: " + self.parameters)
         if self.error:
