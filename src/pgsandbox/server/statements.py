@@ -179,7 +179,8 @@ class Statement:
     def counted(self) -> bool:
         """What ``pg_queries`` counts: not transaction control, not a client's DEALLOCATE of its prepared
         statements, not what the server said about the session."""
-        return not self.event and not self.transaction_control and not _HOUSEKEEPING.match(self.sql)
+        ran = bool(self.sql.strip()) and not self.event
+        return ran and not self.transaction_control and not _HOUSEKEEPING.match(self.sql)
 
     def describe(self, max_sql: int = 1000) -> str:
         if self.event:
