@@ -60,6 +60,16 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+@pytest.fixture
+def machine_wide_servers() -> Iterator[None]:
+    """For tests that keep servers or run `pgsandbox clean`, which stops every kept server of the machine:
+    one at a time, also across pytest-xdist workers."""
+    from filelock import FileLock
+
+    with FileLock(os.path.join(tempfile.gettempdir(), f"pgsandbox-tests-kept-servers-{os.geteuid()}.lock")):
+        yield
+
+
 StartLocal = Callable[..., LocalServer]
 
 

@@ -37,6 +37,7 @@ def test_doctor_reports_a_bad_option(capsys: pytest.CaptureFixture[str], monkeyp
     assert "PGSANDBOX_PORT: bad value '-1'" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("machine_wide_servers")
 def test_clean_removes_the_cache(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -378,6 +378,7 @@ def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: Loc
             shared.admin.execute(f'drop database if exists "{name}" with (force)')
 
 
+@pytest.mark.usefixtures("machine_wide_servers")
 def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest.Pytester) -> None:
     project.makepyfile(test_it=FAILING)
     # in a subprocess: the run must end for its server to be a kept leftover

@@ -83,6 +83,7 @@ def test_one_server_one_template_and_isolated_workers(
     assert len(set(users.values())) == len(users)  # a role of its own for each worker
 
 
+@pytest.mark.usefixtures("machine_wide_servers")
 def test_keep_failed_under_xdist(pytester: pytest.Pytester) -> None:
     from pgsandbox.cli import main as cli
     from pgsandbox.server import runs
