@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -27,6 +30,17 @@ ORPHAN = textwrap.dedent(
 )
 
 
+@pytest.fixture
+def private_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runtime directory of the test's own (short: a socket path has at most 107 bytes): the servers other
+    tests start at the same moment (pytest -n) reap leftovers in the default ones, not here."""
+    path = Path(tempfile.mkdtemp(prefix="pgsb-"))
+    path.chmod(0o755)  # as root, the server's own account goes through it
+    monkeypatch.setenv("PGSANDBOX_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def start_orphan() -> tuple[int, Path]:
     """A process that starts a server and is then killed with SIGKILL: its postmaster lives on."""
     owner = subprocess.Popen([sys.executable, "-c", ORPHAN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -43,10 +57,10 @@ def gone(pid: int) -> bool:
     return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_next_run_stops_a_killed_runs_server(start_local: StartLocal) -> None:
+def test_next_run_stops_a_killed_runs_server(start_local: StartLocal, private_runtime: Path) -> None:
     postmaster, run_dir = start_orphan()
     lines: list[str] = []
-    start_local(lines.append)
+    start_local(lines.append, runtime_dir=private_runtime)
     assert gone(postmaster)
     assert not run_dir.exists()
     assert any(
@@ -54,6 +68,7 @@ def test_next_run_stops_a_killed_runs_server(start_local: StartLocal) -> None:
     )
 
 
+@pytest.mark.usefixtures("machine_wide_servers", "private_runtime")
 def test_doctor_lists_and_clean_stops_leftovers(capsys: pytest.CaptureFixture[str]) -> None:
     postmaster, run_dir = start_orphan()
     assert cli_main(["doctor"]) == 0

@@ -168,3 +168,15 @@ def test_the_password_verifier_is_cheap_on_every_version(start_local: StartLocal
     assert row is not None and row[0].startswith("SCRAM-SHA-256$16:")
     with server.connect() as conn:  # the verifier pgsandbox computed is one PostgreSQL accepts
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_a_second_server_on_a_cold_cache_waits_for_the_first_ones_cache_write(tmp_path: Path) -> None:
+    """The first start stores its fresh cluster in the background, holding the cache's lock; a second start in
+    the same process waits for it (filelock 4 raised "Deadlock" instead of waiting)."""
+    first = LocalServer.start(Settings(cache=tmp_path / "cache"))
+    try:
+        second = LocalServer.start(Settings(cache=tmp_path / "cache"))
+        second.stop()
+    finally:
+        first.stop()
+    assert (tmp_path / "cache" / "initdb").is_dir()

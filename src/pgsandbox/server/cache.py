@@ -101,6 +101,9 @@ def cluster_source(
     args = (*DEFAULT_INITDB_ARGS, *initdb_args)
     target = root / "initdb" / initdb_key(installation, args)
     if not (target / "ready").exists():
+        # a writer of this process may hold the lock: wait for it (filelock 4 refuses, rather than waits for, a
+        # lock another instance acquired in this thread)
+        wait_for_cache_writes()
         target.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(target) + ".lock", thread_local=False)
         lock.acquire()
@@ -203,6 +206,9 @@ def snapshot_build_lock(directory: Path, keys: list[str], progress: Progress | N
     """When the most complete snapshot is missing, a lock held until it is stored (or the run ends), so that
     concurrent runs with the same migrations build the templates once: the others wait, then start from it."""
     if not keys or (directory / keys[0][:32] / "ready").exists():
+        return None
+    wait_for_cache_writes()  # a snapshot this process is still storing (see cluster_source)
+    if (directory / keys[0][:32] / "ready").exists():
         return None
     directory.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(directory / f"{keys[0][:32]}.building"), thread_local=False)
