@@ -341,6 +341,7 @@ class Sandbox:
         self._findings: dict[str, int] = {}
         # a local server of this run (or of the xdist controller): nobody else creates objects on it
         self.throwaway_server = isinstance(server, LocalServer)
+        self._catalogs: Path | None = None  # where the data factories' catalogs are cached
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -695,8 +696,10 @@ class Sandbox:
                 db.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
             return opened[0].execute(sql_text, params).fetchall()
 
+        if self._catalogs is None:  # cache_root() checks that the directory is writable: once per session
+            self._catalogs = cache_root(self.settings.cache) / "catalogs"
         try:
-            return for_template(self.template, cache_root(self.settings.cache) / "catalogs", query)
+            return for_template(self.template, self._catalogs, query)
         finally:
             for conn in opened:
                 conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -94,15 +95,20 @@ class Table:
     def key(self) -> str:
         return f"{self.schema}.{self.name}"
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Column]:
+        return {column.name: column for column in self.columns}
+
+    @functools.cached_property
+    def _unique(self) -> frozenset[str]:
+        return frozenset(self.primary_key).union(*self.uniques)
+
     def column(self, name: str) -> Column | None:
-        for column in self.columns:
-            if column.name == name:
-                return column
-        return None
+        return self._by_name.get(name)
 
     def unique(self, column: str) -> bool:
         """Whether ``column`` is part of the primary key or of a unique constraint or index."""
-        return column in self.primary_key or any(column in key for key in self.uniques)
+        return column in self._unique
 
 
 @dataclass
