@@ -74,7 +74,9 @@ def _unparen(text: str) -> str:
     return text
 
 
-def _balanced(text: str) -> bool:
+def _depths(text: str) -> list[int | None]:
+    """The parenthesis depth at each character of ``text``, None inside a string literal."""
+    depths: list[int | None] = []
     depth, quoted = 0, False
     for char in text:
         if char == "'":
@@ -83,29 +85,20 @@ def _balanced(text: str) -> bool:
             depth += 1
         elif not quoted and char == ")":
             depth -= 1
-            if depth < 0:
-                return False
-    return depth == 0
+        depths.append(None if quoted else depth)
+    return depths
+
+
+def _balanced(text: str) -> bool:
+    depths = [d for d in _depths(text) if d is not None]
+    return all(d >= 0 for d in depths) and (not depths or depths[-1] == 0)
 
 
 def _split_and(text: str) -> list[str]:
-    parts, depth, quoted, start = [], 0, False, 0
-    index = 0
-    while index < len(text):
-        char = text[index]
-        if char == "'":
-            quoted = not quoted
-        elif not quoted and char == "(":
-            depth += 1
-        elif not quoted and char == ")":
-            depth -= 1
-        elif not quoted and depth == 0 and text.startswith(" AND ", index):
-            parts.append(text[start:index])
-            start = index + 5
-            index += 4
-        index += 1
-    parts.append(text[start:])
-    return [_unparen(part) for part in parts]
+    depths = _depths(text)
+    cuts = [i for i in range(len(text)) if depths[i] == 0 and text.startswith(" AND ", i)]
+    bounds = [0, *(cut for i in cuts for cut in (i, i + 5)), len(text)]
+    return [_unparen(text[bounds[k] : bounds[k + 1]]) for k in range(0, len(bounds), 2)]
 
 
 def _name(ident: str) -> str:
