@@ -32,6 +32,7 @@ from pgsandbox.settings import Settings
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
 START_TIMEOUT = 60.0
+COLLECTOR_DRAIN_TIMEOUT = 5.0
 STOP_TIMEOUT = 15.0
 PORT_ATTEMPTS = 5
 # A random 32-byte password needs no key stretching: the default 4096 iterations cost ~4 ms per connect.
@@ -380,6 +381,7 @@ def _wait_ready(process: subprocess.Popen[bytes], run: runs.RunDir) -> None:
     delay = 0.001
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            _wait_for_collector(run)
             raise ServerStartError(
                 f"the local PostgreSQL server exited while starting (exit {process.returncode}). "
                 f"Its log ({run.log}) ends with:\n{_tail(_read_log(run))}",
@@ -398,6 +400,29 @@ def _wait_ready(process: subprocess.Popen[bytes], run: runs.RunDir) -> None:
         f"Its log ends with:\n{_tail(_read_log(run))}",
         "check the machine's load and the log above; run `pgsandbox doctor`.",
     )
+
+
+def _wait_for_collector(run: runs.RunDir) -> None:
+    """The postmaster has exited, but its logging collector may still be writing the postmaster's last words
+    (why it stopped) and exits only then. PostgreSQL's processes each lead their own process group but all work
+    in the data directory: wait, bounded, until none is left there before the log is read."""
+    deadline = time.monotonic() + COLLECTOR_DRAIN_TIMEOUT
+    delay = 0.001
+    while time.monotonic() < deadline and _processes_in(run.data):
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _processes_in(directory: Path) -> bool:
+    """Whether a live process has ``directory`` as its working directory (Linux; elsewhere nothing is known)."""
+    target = str(directory.resolve())
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd) == target:
+                return True
+        except OSError:
+            continue  # gone, a zombie, or not ours to see
+    return False
 
 
 def _read_log(run: runs.RunDir) -> str:
