@@ -684,6 +684,9 @@ def test_a_deadlock_is_reported_with_both_statements(project: pytest.Pytester, s
 
 
 SERVER_OBJECTS = """
+    import os
+    from pathlib import Path
+
     import psycopg
     import pytest
 
@@ -699,19 +702,27 @@ SERVER_OBJECTS = """
     def test_2_creates_a_role_through_pg_admin(pg_admin):
         pg_admin.execute("create role app_reader_of_a_test")
 
-    def test_3_server_is_clean_again(pg, admin_of_postgres):
+    def test_3_creates_a_tablespace_through_pg_admin(pg_admin):
+        data = Path(pg_admin.execute("show data_directory").fetchone()[0])
+        location = data.parent / "tablespace_of_a_test"
+        location.mkdir()
+        os.chown(location, data.stat().st_uid, data.stat().st_gid)  # the server's account must own it
+        pg_admin.execute(f"create tablespace space_of_a_test location '{location}'")
+
+    def test_4_server_is_clean_again(pg, admin_of_postgres):
         found = admin_of_postgres.execute(
             "select count(*) from pg_database where datname = 'scratch_of_a_test' "
-            "union all select count(*) from pg_roles where rolname = 'app_reader_of_a_test'"
+            "union all select count(*) from pg_roles where rolname = 'app_reader_of_a_test' "
+            "union all select count(*) from pg_tablespace where spcname = 'space_of_a_test'"
         ).fetchall()
-        assert found == [(0,), (0,)]
+        assert found == [(0,), (0,), (0,)]
 """
 
 
 def test_objects_created_on_the_server_are_found_and_dropped(project: pytest.Pytester) -> None:
     project.makepyfile(test_it=textwrap.dedent(SERVER_OBJECTS))
     result = project.runpytest("-p", "no:randomly", "--pg-role=createdb", "--pg-isolation=database")
-    result.assert_outcomes(passed=3, errors=2)
+    result.assert_outcomes(passed=4, errors=3)
     result.stdout.fnmatch_lines(
         [
             "*ERROR at teardown of test_1_creates_a_database*",
@@ -721,7 +732,10 @@ def test_objects_created_on_the_server_are_found_and_dropped(project: pytest.Pyt
             "*ERROR at teardown of test_2_creates_a_role_through_pg_admin*",
             "pgsandbox: test_it.py::test_2_creates_a_role_through_pg_admin created role 'app_reader_of_a_test'*"
             "pgsandbox dropped them.*",
-            "findings: objects created outside the test's database 2",
+            "*ERROR at teardown of test_3_creates_a_tablespace_through_pg_admin*",
+            "pgsandbox: test_it.py::test_3_creates_a_tablespace_through_pg_admin created tablespace "
+            "'space_of_a_test'*pgsandbox dropped them.*",
+            "findings: objects created outside the test's database 3",
         ]
     )
 
