@@ -140,6 +140,16 @@ EVERY_TYPE = """
         pg.execute("create table scratch (id serial primary key, label text not null, n int not null)")
         row = pg.insert("scratch")
         assert row["label"].startswith("label-") and row["n"] == 1
+
+    def test_a_column_the_test_added(pg):
+        pg.insert("contact", email="first@example.com")  # the template's catalog is read
+        pg.execute("alter table contact add column phone text not null default 'none'")
+        pg.execute("alter table contact alter column phone drop default")  # now required
+        assert pg.insert("contact", email="second@example.com", phone="555")["phone"] == "555"
+        assert pg.insert("contact", email="third@example.com")["phone"].startswith("phone-")  # filled from then on
+
+    def test_the_next_test_has_the_template_table_again(pg):
+        assert "phone" not in pg.insert("contact", email="first@example.com")  # the change stayed in its test
 """
 
 
@@ -147,7 +157,7 @@ def test_every_type_parents_unique_columns_and_both_isolations(
     project: pytest.Pytester, shared_dsn: str, cache_dir: Path
 ) -> None:
     result = run(project, shared_dsn, EVERY_TYPE)
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=7)
     (template,) = set(re.findall(r"migrations template (\w+)", result.stdout.str()))
     cached = [path for path in (cache_dir / "catalogs").glob("pgsandbox_tpl_*.json") if template in path.name]
     assert len(cached) == 1 and '"author"' in cached[0].read_text()  # kept with the template
@@ -207,12 +217,18 @@ ERRORS = """
         pg.execute("alter table a alter constraint a_b_id_fkey deferrable initially deferred")
         a = pg.insert("a", id=1, b_id=1)  # b 1 comes next, before the check at commit
         assert pg.insert("b", id=1, a_id=a["id"])["a_id"] == 1
+
+    def test_a_required_column_the_test_added(pg):
+        pg.insert("contact", email="first@example.com")
+        pg.execute("alter table contact add column phone text not null default 'none'")
+        pg.execute("alter table contact alter column phone drop default")
+        pg.insert("contact", email="second@example.com")
 """
 
 
 def test_errors_say_what_could_not_be_filled_and_how_to_pass_it(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, ERRORS)
-    result.assert_outcomes(passed=2, failed=6)
+    result.assert_outcomes(passed=2, failed=7)
     result.stdout.fnmatch_lines(
         [
             "*CannotFill: pg.insert: public.b.a_id needs a row of public.a, which needs one of public.b in turn "
@@ -230,6 +246,11 @@ def test_errors_say_what_could_not_be_filled_and_how_to_pass_it(project: pytest.
             "CHECK ((email ~~ '%@%'::text)). Values pgsandbox made: email='email-*'; given: none. The server "
             'said: new row for relation "contact" violates check constraint "contact_email_check"',
             "*What to do: pass the values this constraint needs: pg.insert('contact', column=...).",
+            "*InsertError: pg.insert('contact'): public.contact.phone is NOT NULL but not in the schema pgsandbox "
+            "read from the template: was it added by the test (or its fixtures)? The server said: null value in "
+            'column "phone" of relation "contact" violates not-null constraint',
+            "*What to do: pass it once: pg.insert('contact', phone=...); pgsandbox then reads public.contact again "
+            "and fills it from then on.",
         ]
     )
     result.stdout.fnmatch_lines(

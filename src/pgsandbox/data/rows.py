@@ -74,9 +74,23 @@ class Rows:
             )
         return found
 
+    def read_again(self, table: Table) -> Table:
+        """``table`` as the test's connection sees it now: the test may have altered it since the template."""
+        if self.read_table is None:
+            return table
+        extra = self.read_table(".".join('"' + part.replace('"', '""') + '"' for part in (table.schema, table.name)))
+        fresh = extra.tables.get(table.key)
+        if fresh is None:
+            return table
+        self.catalog.tables[table.key] = fresh
+        self.catalog.types.update({oid: t for oid, t in extra.types.items() if oid not in self.catalog.types})
+        return fresh
+
     def insert_steps(self, name: str, given: Mapping[str, Any], path: tuple[str, ...] = ()) -> Steps:
         """The statements that insert one row into ``name`` (its parents first); returns the row."""
         table = self.table(name)
+        if any(table.column(name) is None for name in given):
+            table = self.read_again(table)  # a column the test added itself
         for name in given:
             if table.column(name) is None:
                 raise PgSandboxError(
@@ -181,6 +195,21 @@ class Rows:
             None,
         )
         definition = next((c.definition for c in table.checks if c.name == constraint), "")
+        column = next(
+            (
+                getattr(getattr(e, "diag", None), "column_name", None) or getattr(e, "column_name", None)
+                for e in causes(error)
+            ),
+            None,
+        )
+        if state == "23502" and column and table.column(column) is None:
+            return InsertError(
+                f"pg.insert({table.name!r}): {table.key}.{column} is NOT NULL but not in the schema pgsandbox read "
+                "from the template: was it added by the test (or its fixtures)? The server said: "
+                + str(error).strip().splitlines()[0],
+                f"pass it once: pg.insert({table.name!r}, {column}=...); pgsandbox then reads {table.key} again "
+                "and fills it from then on.",
+            )
         shown = ", ".join(f"{name}={value!r}" for name, value in made.items()) or "none"
         return InsertError(
             f"pg.insert({table.name!r}): {REFUSALS[state]}"
