@@ -19,7 +19,6 @@ within 2x). Also: reading the catalog of the reference 50-table schema once, col
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from isolation import schema_sql
-from startup import REPO, clean_env, default_bindir
+from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
 
 SCHEMA = "\n".join(
     f"create table l{level} (id bigserial primary key, name text not null, amount numeric(10,2) not null, "
@@ -100,16 +99,14 @@ with Sandbox.start(settings, root=Path.cwd()) as box:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--bin", type=Path, help="PostgreSQL bin directory (default: the newest system one)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--rows", type=int, default=1000, help="rows of l3 per measurement (default 1000)")
     parser.add_argument("--rounds", type=int, default=5, help="measurements of each variant (default 5)")
     args = parser.parse_args(argv)
-    bindir = args.bin or default_bindir()
+    bindir = chosen_bindir(args)
     if bindir is None:
-        print("no PostgreSQL binaries found: pass --bin", file=sys.stderr)
         return 2
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"command: {command_line()}")
     print(f"  PostgreSQL: {bindir}; {args.rows} rows of l3 (and their parents) per measurement, {args.rounds} rounds")
     with tempfile.TemporaryDirectory(prefix="pgsandbox-factories-") as work:
         root = Path(work)

@@ -13,7 +13,6 @@ the ``pg_locks``/``pg_prepared_xacts`` views, and no guards (the raw rollback wi
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from isolation import schema_sql
-from startup import REPO, clean_env, default_bindir
+from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
 
 VIEWS = (
     ", (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), "
@@ -54,17 +53,15 @@ print(statistics.median(times[tests // 10 :]) * 1000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--bin", type=Path, help="PostgreSQL bin directory (default: the newest system one)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--tests", type=int, default=800, help="tests per run (default 800)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (default 3)")
     args = parser.parse_args(argv)
-    bindir = args.bin or default_bindir()
+    bindir = chosen_bindir(args)
     if bindir is None:
-        print("no PostgreSQL binaries found: pass --bin", file=sys.stderr)
         return 2
     schema, origin = schema_sql()
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"command: {command_line()}")
     print(f"  PostgreSQL: {bindir}; schema: {origin}; {args.tests} tests per run")
     results: dict[str, list[float]] = {"shipped": [], "views": [], "none": []}
     with tempfile.TemporaryDirectory(prefix="pgsandbox-guards-") as work:

