@@ -91,7 +91,10 @@ def test_unsatisfied_pin_lists_what_was_found() -> None:
         select_installation(search, "99")
     message = str(error.value)
     assert "No PostgreSQL 99 found. Found: PostgreSQL 18" in message
-    assert "point pg_bin at its bin directory" in message
+    assert "point pg_bin at the bin directory of any installation" in message
+    assert "pgsandbox fetch" not in message  # no build of 99 to fetch
+    with pytest.raises(BinariesNotFound, match=r"`pgsandbox fetch 17`.*pytest-pgsandbox\[pg17\]"):
+        select_installation(search, "17")
 
 
 def test_nothing_found_says_where_it_looked_and_three_fixes(tmp_path: Path) -> None:

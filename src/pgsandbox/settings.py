@@ -77,6 +77,13 @@ def _server_setting(value: str) -> tuple[str, str]:
     return name.lower(), setting
 
 
+def _extension(value: str) -> str:
+    name = value.strip().strip('"')
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ValueError("expected an extension name as in CREATE EXTENSION, such as uuid-ossp or pgcrypto")
+    return name
+
+
 def _path(value: str) -> Path:
     return Path(value).expanduser()
 
@@ -143,6 +150,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("dsn", "connection string or URL of an existing server to use instead of a local one"),
     Option("bin", "directory holding the PostgreSQL binaries (postgres, initdb) to use", parse=_path),
     Option("version", "PostgreSQL version to use, such as 16 or 18.6 (default: the newest found)", parse=_version),
+    Option(
+        "extensions",
+        "extensions the migrations create (uuid-ossp, pgcrypto...): the local server uses an installation that "
+        "ships them all; an existing server is checked for them",
+        kind="list",
+        parse=_extension,
+        env_separator=",",
+    ),
     Option(
         "listen",
         "TCP address for the local server to listen on as well as its Unix socket (default: none, socket only)",
@@ -257,6 +272,7 @@ class Settings:
     dsn: str | None = None
     bin: Path | None = None
     version: str | None = None
+    extensions: tuple[str, ...] = ()
     listen: str | None = None
     port: int = 0
     server_settings: tuple[tuple[str, str], ...] = ()

@@ -23,7 +23,7 @@ from filelock import BaseFileLock
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from pgsandbox.binaries import Installation, find_installations, select_installation
+from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
 from pgsandbox.errors import ServerStartError
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server import cache, osuser, runs, statements
@@ -115,10 +115,22 @@ class LocalServer(Server):
                 "pgsandbox cannot run a local PostgreSQL server on this platform yet (Linux and macOS only).",
                 "use an existing server: --pg-dsn postgresql://user:password@host:5432/postgres (or PGSANDBOX_DSN).",
             )
-        search = find_installations(settings.bin)
-        installation = select_installation(search, settings.version, settings.source_of("bin"))
-        account = osuser.server_account(progress)
         root = cache.cache_root(settings.cache)
+        search = find_installations(settings.bin, cache_root=root, say=progress)
+        installation = select_installation(
+            search, settings.version, settings.source_of("bin"), settings.extensions, settings.source_of("extensions")
+        )
+        if progress and settings.extensions:
+            why = why_chosen(
+                installation,
+                search,
+                settings.version,
+                settings.extensions,
+                settings.source_of("version"),
+                settings.source_of("extensions"),
+            )
+            progress(f"using {installation.describe()}: {why}")
+        account = osuser.server_account(progress)
         installation = osuser.reachable_installation(installation, account, root, progress)
         base = settings.runtime_dir or runs.default_runtime_base()
         for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir)):
