@@ -62,6 +62,19 @@ from pgsandbox.urls import libpq_env, sqlalchemy_url
 Isolation = Literal["transaction", "database"]
 
 
+def _require_extensions(server: Server, settings: Settings) -> None:
+    """An existing server is checked for ``pg_extensions`` before any migration runs."""
+    available = {str(name) for (name,) in server.admin.execute("SELECT name FROM pg_available_extensions").fetchall()}
+    missing = [name for name in settings.extensions if name not in available]
+    if missing:
+        raise ConfigError(
+            f"{settings.source_of('extensions')} asks for {', '.join(missing)}, which the server at "
+            f"{describe_server(server)} does not have (pg_available_extensions).",
+            "install them on that server (contrib extensions: its postgresql-contrib package), or test on a local "
+            "server (pg_server = local), where pg_extensions picks an installation that ships them.",
+        )
+
+
 def _explain_missing_extension(error: MigrationError, server: Server, settings: Settings) -> MigrationError | None:
     """A migration that failed on ``CREATE EXTENSION`` of an extension the server lacks blames the
     installation, not the migration, and says how to get one that has it."""
@@ -394,6 +407,8 @@ class Sandbox:
         server = start_server(settings, progress, snapshots=snapshots)
         start_seconds = time.perf_counter() - started
         try:
+            if settings.extensions and not isinstance(server, LocalServer):
+                _require_extensions(server, settings)
             templates: list[TemplateInfo] = []
             if chain is not None:
                 templates = ensure_templates(
