@@ -80,7 +80,7 @@ def uuid_project(pytester: pytest.Pytester, fetched: Fetched, monkeypatch: pytes
     monkeypatch.setenv("PGSANDBOX_CACHE", str(fetched.cache))
     (pytester.path / "migrations").mkdir()
     (pytester.path / "migrations/001_accounts.sql").write_text(UUID_MIGRATION)
-    pytester.makepyfile(test_accounts=UUID_TESTS)
+    pytester.makepyfile(test_uuid_accounts=UUID_TESTS)
     pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
     return pytester
 
@@ -272,7 +272,7 @@ def test_an_existing_server_is_checked_for_pg_extensions(shared_dsn: str, tmp_pa
 def test_a_migration_on_an_existing_server_without_the_extension(pytester: pytest.Pytester, shared_dsn: str) -> None:
     (pytester.path / "migrations").mkdir()
     (pytester.path / "migrations/001_accounts.sql").write_text(UUID_MIGRATION)
-    pytester.makepyfile(test_accounts=UUID_TESTS)
+    pytester.makepyfile(test_uuid_accounts=UUID_TESTS)
     pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
     result = pytester.runpytest("-p", "no:cacheprovider", "--pg-dsn", shared_dsn)
     result.assert_outcomes(errors=1)
