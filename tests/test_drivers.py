@@ -732,3 +732,94 @@ def test_kept_async_connections_follow_a_restored_and_a_kept_database(
     finally:
         for name in kept:
             shared.admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+ASYNC_FASTAPI_APP = """
+    from collections.abc import AsyncIterator
+    from typing import Annotated
+
+    import httpx
+    import pytest
+    from fastapi import Depends, FastAPI, Request
+    from sqlalchemy import func, select
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+    pytestmark = pytest.mark.pg(async_driver="{driver}")
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str]
+
+    app = FastAPI()
+
+    def get_engine(request: Request) -> AsyncEngine:
+        return request.app.state.engine  # made in the app's lifespan in production
+
+    async def get_session(engine: Annotated[AsyncEngine, Depends(get_engine)]) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            yield session
+
+    Session = Annotated[AsyncSession, Depends(get_session)]
+
+    @app.post("/items/{name}", status_code=201)
+    async def add_item(name: str, session: Session) -> dict[str, int]:
+        session.add(Item(name=name))
+        await session.commit()
+        return {"count": await session.scalar(select(func.count()).select_from(Item))}
+
+    @app.post("/drafts/{name}")
+    async def draft_item(name: str, session: Session) -> None:
+        session.add(Item(name=name))
+        await session.flush()  # never committed: closing the session rolls it back
+
+    @pytest.fixture
+    async def client(pg_async_engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+        app.dependency_overrides[get_engine] = lambda: pg_async_engine
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                yield client
+        finally:
+            app.dependency_overrides.clear()
+
+    async def test_1_app_sessions_beside_the_tests(client, pg_async_session):
+        pg_async_session.add(Item(name="by the test"))
+        await pg_async_session.commit()
+        assert (await client.post("/items/by the app")).json() == {"count": 2}
+        assert (await client.post("/drafts/abandoned")).status_code == 200
+        assert (await client.post("/items/again")).json() == {"count": 3}
+        names = await pg_async_session.scalars(select(Item.name).order_by(Item.id))
+        assert list(names) == ["by the test", "by the app", "again"]
+
+    async def test_2_is_clean(pg_async_session):
+        assert await pg_async_session.scalar(select(func.count()).select_from(Item)) == 0
+"""
+
+
+@pytest.mark.parametrize("isolation", ["transaction", "database"])
+def test_an_async_fastapi_app_makes_its_sessions_from_the_engine_beside_the_tests_session(
+    pytester: pytest.Pytester, shared_dsn: str, isolation: str
+) -> None:
+    """The README's async FastAPI pattern: the app's dependency makes an ``AsyncSession`` per request from
+    ``pg_async_engine`` while the test holds ``pg_async_session``. On SQLAlchemy 2.0 with asyncpg the app's
+    commit and rollback failed on a missing transaction (CI runs this on 2.0 and 2.1)."""
+    driver_project(pytester)
+    for driver in ("asyncpg", "psycopg"):
+        (pytester.path / f"test_fastapi_{driver}.py").write_text(
+            textwrap.dedent(ASYNC_FASTAPI_APP).replace("{driver}", driver)
+        )
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}",
+        f"--pg-isolation={isolation}",
+        "-p",
+        "no:randomly",
+        "-W",
+        "error::pgsandbox.errors.PgSandboxWarning",
+        "test_fastapi_asyncpg.py",
+        "test_fastapi_psycopg.py",
+    )
+    result.assert_outcomes(passed=4)

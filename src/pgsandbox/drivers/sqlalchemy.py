@@ -31,6 +31,11 @@ from sqlalchemy.pool import StaticPool  # noqa: E402
 
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 
+# Where SQLAlchemy's asyncpg adapter keeps its transaction, with the value meaning "none begun": 2.1 has
+# ``_transaction`` alone; 2.0 also a ``_started`` flag, which alone decides whether the adapter begins, commits
+# or rolls back a transaction (left True with no transaction, commit and rollback fail on None)
+_ADAPTER_TRANSACTION_STATE: dict[str, Any] = {"_transaction": None, "_started": False}
+
 
 def _record_pids(engine: Engine, db: Database, pid: Any) -> None:
     """Connections the engine opens are the test's own, not leaks to warn about."""
@@ -52,9 +57,11 @@ def _levels(engine: Engine) -> None:
             # SQLAlchemy's asyncpg adapter keeps one asyncpg transaction per connection: put the current one
             # aside, so this checkout begins its own, nested (a savepoint), and rolls back only that
             saved = raw.__dict__.setdefault("_pgsandbox_adapter_transactions", [])
-            saved.append((own, dbapi_connection._transaction))
+            names = [name for name in _ADAPTER_TRANSACTION_STATE if hasattr(dbapi_connection, name)]
+            saved.append((own, {name: getattr(dbapi_connection, name) for name in names}))
             if own:
-                dbapi_connection._transaction = None
+                for name in names:
+                    setattr(dbapi_connection, name, _ADAPTER_TRANSACTION_STATE[name])
         elif hasattr(dbapi_connection, "run_async"):  # the adapter around an async psycopg connection
             dbapi_connection.run_async(lambda conn: conn.enter_level(own))
         else:
@@ -67,9 +74,10 @@ def _levels(engine: Engine) -> None:
         if hasattr(dbapi_connection, "_start_transaction"):
             saved = raw.__dict__.get("_pgsandbox_adapter_transactions") or []
             if saved:
-                own, transaction = saved.pop()
+                own, state = saved.pop()
                 if own:
-                    dbapi_connection._transaction = transaction
+                    for name, value in state.items():
+                        setattr(dbapi_connection, name, value)
         elif hasattr(dbapi_connection, "run_async"):
             dbapi_connection.run_async(lambda conn: conn.leave_level())
         else:
