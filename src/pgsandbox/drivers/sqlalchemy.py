@@ -11,10 +11,12 @@ savepoint, and sessions follow SQLAlchemy's recipe for joining an external trans
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pgsandbox.drivers import require
+from pgsandbox.errors import ConfigError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -98,6 +100,47 @@ def _fixture_checkout(conn: Any) -> Iterator[None]:
         raw.__dict__["_pgsandbox_fixture_checkout"] = False
 
 
+def session_class(spec: str | type | None, source: str, asynchronous: bool = False) -> type:
+    """The class a session fixture is made of: ``spec`` is a class (from the marker), ``module:Class`` (an
+    option) or None for SQLAlchemy's own. ``source`` names where it was set, for the messages."""
+    base: type = _Session
+    example = "sqlmodel:Session"
+    if asynchronous:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        base, example = AsyncSession, "sqlmodel.ext.asyncio.session:AsyncSession"
+    if spec is None:
+        return base
+
+    def bad(reason: str, fix: str = "") -> ConfigError:
+        return ConfigError(
+            f"{source}: bad value {spec!r}: {reason}.",
+            fix
+            or f"fix {source}; it takes a subclass of SQLAlchemy's {base.__qualname__} as module:Class, "
+            f"such as {example}.",
+        )
+
+    found: Any = spec
+    if isinstance(spec, str):
+        module_name, _, attribute = spec.partition(":")
+        if not module_name or not attribute:
+            raise bad("not of the form module:Class")
+        try:
+            found = importlib.import_module(module_name)
+        except ImportError as error:
+            raise bad(
+                f"cannot import {module_name} ({error})",
+                f"install {module_name.partition('.')[0]} in the tests' environment, or fix {source}.",
+            ) from None
+        for name in attribute.split("."):
+            found = getattr(found, name, None)
+            if found is None:
+                raise bad(f"{module_name} has no {attribute}")
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise bad(f"{found!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+    return found
+
+
 # -- sync ----------------------------------------------------------------------------------------------------
 def engine(db: Database) -> Engine:
     """The test's engine. In ``transaction`` isolation one engine per session connection, made once."""
@@ -129,15 +172,16 @@ def dispose(db: Database, made: Engine) -> None:
 
 
 @contextlib.contextmanager
-def session(db: Database, made: Engine) -> Iterator[Session]:
+def session(db: Database, made: Engine, cls: type[Session] = _Session) -> Iterator[Session]:
+    """``cls``: the app's Session class (a subclass of SQLAlchemy's, such as ``sqlmodel.Session``)."""
     if db.isolation == "database":
-        with _Session(made) as plain:
+        with cls(made) as plain:
             yield plain
         return
     with _fixture_checkout(db.connection):
         connection = made.connect()
     outer = connection.begin()
-    joined = _Session(bind=connection, join_transaction_mode="create_savepoint")
+    joined = cls(bind=connection, join_transaction_mode="create_savepoint")
     try:
         yield joined
     finally:
@@ -217,18 +261,22 @@ async def async_dispose(db: Database, made: AsyncEngine) -> None:
 
 
 @contextlib.asynccontextmanager
-async def async_session(db: Database, made: AsyncEngine) -> AsyncIterator[AsyncSession]:
+async def async_session(
+    db: Database, made: AsyncEngine, cls: type[AsyncSession] | None = None
+) -> AsyncIterator[AsyncSession]:
+    """``cls``: the app's AsyncSession class (such as SQLModel's), SQLAlchemy's by default."""
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    made_of = cls or AsyncSession
     if db.isolation == "database":
-        async with AsyncSession(made) as plain:
+        async with made_of(made) as plain:
             yield plain
         return
     raw = current_connection(made)
     with _fixture_checkout(raw) if raw is not None else contextlib.nullcontext():
         connection = await made.connect()
     outer = await connection.begin()
-    joined = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
+    joined = made_of(bind=connection, join_transaction_mode="create_savepoint")
     try:
         yield joined
     finally:
