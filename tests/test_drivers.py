@@ -732,3 +732,252 @@ def test_kept_async_connections_follow_a_restored_and_a_kept_database(
     finally:
         for name in kept:
             shared.admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+ASYNC_FASTAPI_APP = """
+    from collections.abc import AsyncIterator
+    from typing import Annotated
+
+    import httpx
+    import pytest
+    from fastapi import Depends, FastAPI, Request
+    from sqlalchemy import func, select
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+    pytestmark = pytest.mark.pg(async_driver="{driver}")
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str]
+
+    app = FastAPI()
+
+    def get_engine(request: Request) -> AsyncEngine:
+        return request.app.state.engine  # made in the app's lifespan in production
+
+    async def get_session(engine: Annotated[AsyncEngine, Depends(get_engine)]) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            yield session
+
+    Session = Annotated[AsyncSession, Depends(get_session)]
+
+    @app.post("/items/{name}", status_code=201)
+    async def add_item(name: str, session: Session) -> dict[str, int]:
+        session.add(Item(name=name))
+        await session.commit()
+        return {"count": await session.scalar(select(func.count()).select_from(Item))}
+
+    @app.post("/drafts/{name}")
+    async def draft_item(name: str, session: Session) -> None:
+        session.add(Item(name=name))
+        await session.flush()  # never committed: closing the session rolls it back
+
+    @pytest.fixture
+    async def client(pg_async_engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+        app.dependency_overrides[get_engine] = lambda: pg_async_engine
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                yield client
+        finally:
+            app.dependency_overrides.clear()
+
+    async def test_1_app_sessions_beside_the_tests(client, pg_async_session):
+        pg_async_session.add(Item(name="by the test"))
+        await pg_async_session.commit()
+        assert (await client.post("/items/by the app")).json() == {"count": 2}
+        assert (await client.post("/drafts/abandoned")).status_code == 200
+        assert (await client.post("/items/again")).json() == {"count": 3}
+        names = await pg_async_session.scalars(select(Item.name).order_by(Item.id))
+        assert list(names) == ["by the test", "by the app", "again"]
+
+    async def test_2_is_clean(pg_async_session):
+        assert await pg_async_session.scalar(select(func.count()).select_from(Item)) == 0
+"""
+
+
+@pytest.mark.parametrize("isolation", ["transaction", "database"])
+def test_an_async_fastapi_app_makes_its_sessions_from_the_engine_beside_the_tests_session(
+    pytester: pytest.Pytester, shared_dsn: str, isolation: str
+) -> None:
+    """The README's async FastAPI pattern: the app's dependency makes an ``AsyncSession`` per request from
+    ``pg_async_engine`` while the test holds ``pg_async_session``. On SQLAlchemy 2.0 with asyncpg the app's
+    commit and rollback failed on a missing transaction (CI runs this on 2.0 and 2.1)."""
+    driver_project(pytester)
+    for driver in ("asyncpg", "psycopg"):
+        (pytester.path / f"test_fastapi_{driver}.py").write_text(
+            textwrap.dedent(ASYNC_FASTAPI_APP).replace("{driver}", driver)
+        )
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}",
+        f"--pg-isolation={isolation}",
+        "-p",
+        "no:randomly",
+        "-W",
+        "error::pgsandbox.errors.PgSandboxWarning",
+        "test_fastapi_asyncpg.py",
+        "test_fastapi_psycopg.py",
+    )
+    result.assert_outcomes(passed=4)
+
+
+SQLMODEL_APP = {
+    "heroes.py": '''
+        """A SQLModel app as its tutorial writes one: table models, a FastAPI endpoint, session.exec()."""
+
+        from collections.abc import Iterator
+        from typing import Annotated
+
+        from fastapi import Depends, FastAPI
+        from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+        class Team(SQLModel, table=True):
+            id: int | None = Field(default=None, primary_key=True)
+            name: str = Field(unique=True)
+
+        class Hero(SQLModel, table=True):
+            id: int | None = Field(default=None, primary_key=True)
+            name: str
+            team_id: int = Field(foreign_key="team.id")
+
+        def hire(session: Session, name: str, team_name: str) -> Hero:
+            team = session.exec(select(Team).where(Team.name == team_name)).first()
+            if team is None:
+                team = Team(name=team_name)
+                session.add(team)
+                session.flush()
+            hero = Hero(name=name, team_id=team.id)
+            session.add(hero)
+            session.commit()
+            session.refresh(hero)
+            return hero
+
+        def roster(session: Session, team_name: str) -> list[str]:
+            query = select(Hero.name).join(Team).where(Team.name == team_name).order_by(Hero.name)
+            return list(session.exec(query))
+
+        app = FastAPI()
+
+        def get_session() -> Iterator[Session]:
+            with Session(create_engine("postgresql+psycopg:///heroes")) as session:
+                yield session
+
+        @app.get("/teams/{team_name}")
+        def read_roster(team_name: str, session: Annotated[Session, Depends(get_session)]) -> list[str]:
+            return roster(session, team_name)
+    ''',
+    "test_heroes.py": """
+        import pytest
+        from fastapi.testclient import TestClient
+        from sqlmodel import Session, select
+        from sqlmodel.ext.asyncio.session import AsyncSession
+
+        from heroes import Hero, Team, app, get_session, hire, roster
+
+        def test_1_the_session_is_the_apps(pg_session):
+            assert isinstance(pg_session, Session)
+            hire(pg_session, "Deadpond", "Preventers")
+            hire(pg_session, "Rusty-Man", "Preventers")
+            assert roster(pg_session, "Preventers") == ["Deadpond", "Rusty-Man"]
+            assert pg_session.exec(select(Team.name)).all() == ["Preventers"]
+
+        def test_2_is_clean(pg_session):
+            assert pg_session.exec(select(Hero)).all() == []
+
+        def test_3_through_the_api(pg_session):
+            hire(pg_session, "Spider-Boy", "Z-Force")
+            app.dependency_overrides[get_session] = lambda: pg_session
+            try:
+                assert TestClient(app).get("/teams/Z-Force").json() == ["Spider-Boy"]
+            finally:
+                app.dependency_overrides.clear()
+
+        @pytest.mark.pg(async_session_class=AsyncSession)
+        async def test_4_async(pg_async_session):
+            assert isinstance(pg_async_session, AsyncSession)
+            pg_async_session.add(Team(name="Avengers"))
+            await pg_async_session.commit()
+            assert (await pg_async_session.exec(select(Team.name))).all() == ["Avengers"]
+
+        @pytest.mark.pg(async_session_class="sqlmodel.ext.asyncio.session:AsyncSession")
+        async def test_5_async_is_clean(pg_async_session):
+            assert (await pg_async_session.exec(select(Team))).all() == []
+    """,
+}
+
+
+@pytest.mark.parametrize("isolation", ["transaction", "database"])
+def test_a_sqlmodel_app_gets_sqlmodel_sessions(pytester: pytest.Pytester, shared_dsn: str, isolation: str) -> None:
+    """``pg_session_class = sqlmodel:Session`` (and the marker's ``async_session_class``): the fixtures are
+    SQLModel's sessions, with ``exec()``, joined to the test's isolation like SQLAlchemy's."""
+    pytest.importorskip("sqlmodel")
+    pytester.makefile(
+        ".toml",
+        pyproject='[tool.pytest.ini_options]\npg_migrations = ["sqlalchemy:heroes:SQLModel"]\n'
+        'pg_session_class = "sqlmodel:Session"\npythonpath = ["."]\n'
+        'asyncio_mode = "auto"\nasyncio_default_fixture_loop_scope = "function"\n',
+    )
+    for name, source in SQLMODEL_APP.items():
+        (pytester.path / name).write_text(textwrap.dedent(source))
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}",
+        f"--pg-isolation={isolation}",
+        "-p",
+        "no:randomly",
+        "-W",
+        "error::pgsandbox.errors.PgSandboxWarning",
+    )
+    result.assert_outcomes(passed=5)
+
+
+BAD_SESSION_CLASSES = """
+    import pytest
+
+    @pytest.mark.pg(session_class="sqlmodel:Sesion")
+    def test_a_typo(pg_session):
+        pass
+
+    @pytest.mark.pg(session_class="sqlmodel.ext.asyncio.session:AsyncSession")
+    def test_an_async_class_for_the_sync_session(pg_session):
+        pass
+
+    @pytest.mark.pg(async_session_class="shop_app_not_installed.db:AsyncSession")
+    async def test_a_module_that_is_not_installed(pg_async_session):
+        pass
+"""
+
+
+def test_a_session_class_that_cannot_be_used_says_why_and_what_to_do(
+    pytester: pytest.Pytester, shared_dsn: str
+) -> None:
+    pytest.importorskip("sqlmodel")
+    driver_project(pytester)
+    (pytester.path / "test_bad.py").write_text(textwrap.dedent(BAD_SESSION_CLASSES))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_bad.py")
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*pgsandbox: @pytest.mark.pg(session_class=...): bad value 'sqlmodel:Sesion': sqlmodel has no Sesion.",
+            "*What to do: fix @pytest.mark.pg(session_class=...); it takes a subclass of SQLAlchemy's Session as "
+            "module:Class, such as sqlmodel:Session.",
+            "*bad value 'sqlmodel.ext.asyncio.session:AsyncSession': "
+            "<class 'sqlmodel.ext.asyncio.session.AsyncSession'> is not a subclass of sqlalchemy.orm.session.Session.",
+            "*@pytest.mark.pg(async_session_class=...): bad value 'shop_app_not_installed.db:AsyncSession': cannot "
+            "import shop_app_not_installed.db (No module named 'shop_app_not_installed')*",
+            "*What to do: install shop_app_not_installed in the tests' environment, or fix "
+            "@pytest.mark.pg(async_session_class=...).",
+        ]
+    )
+
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-session-class=sqlmodel", "test_bad.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*pgsandbox: --pg-session-class: bad value 'sqlmodel': expected module:Class, such as sqlmodel:Session.",
+            "*What to do: fix --pg-session-class; --pg-session-class takes: the Session class pg_session is made of*",
+        ]
+    )

@@ -281,7 +281,7 @@ def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: s
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(
         [
-            "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed, async_driver, guard.",
+            "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed, async_driver, guard*",
             "*isolation 'schema' is not one of transaction, database.*",
         ]
     )

@@ -37,7 +37,7 @@ def test_pg_server_fixture_and_progress_lines(
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.pg(isolation=..., keep_failed=..., async_driver=..., guard=...):*"])
+    result.stdout.fnmatch_lines(["@pytest.mark.pg(isolation=..., keep_failed=..., async_driver=..., guard=...*):*"])
 
 
 def test_help_lists_options_with_env_and_ini(pytester: pytest.Pytester) -> None:

@@ -29,7 +29,7 @@ try:
 except ImportError:  # the async fixtures then say which extra to install
     pytest_asyncio = None  # type: ignore[assignment]
 
-MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver", "guard")
+MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver", "guard", "session_class", "async_session_class")
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +110,8 @@ def pg_session(request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_engine: E
 
     driver = load_driver("sqlalchemy", "pg_session")
     db = sandbox_database(request, pg_sandbox)
-    with driver.session(db, pg_engine) as session, factoryboy.using(session):
+    made_of = session_class(request, pg_sandbox, driver, "session_class")
+    with driver.session(db, pg_engine, made_of) as session, factoryboy.using(session):
         yield session
 
 
@@ -133,6 +134,19 @@ def pg_queries(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Queries:
         except StatementLogError as error:
             fail(error)
     return Queries(pg_sandbox, db)
+
+
+def session_class(request: pytest.FixtureRequest, sandbox: Sandbox, driver: ModuleType, option: str) -> Any:
+    """The app's Session class for ``pg_session``/``pg_async_session``: the marker's, else the option's."""
+    options = marker_options(request.node)
+    if option in options:
+        spec, source = options[option], f"@pytest.mark.pg({option}=...)"
+    else:
+        spec, source = getattr(sandbox.settings, option), sandbox.settings.source_of(option)
+    try:
+        return driver.session_class(spec, source, asynchronous=option == "async_session_class")
+    except PgSandboxError as error:
+        fail(error)
 
 
 def fail(error: PgSandboxError) -> NoReturn:
@@ -243,7 +257,8 @@ if pytest_asyncio is not None:
 
         driver = load_driver("sqlalchemy", "pg_async_session")
         db = sandbox_database(request, pg_sandbox)
-        async with driver.async_session(db, pg_async_engine) as session:
+        made_of = session_class(request, pg_sandbox, driver, "async_session_class")
+        async with driver.async_session(db, pg_async_engine, made_of) as session:
             with factoryboy.using_async(session):
                 yield session
 

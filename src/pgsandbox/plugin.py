@@ -76,7 +76,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "pg(isolation=..., keep_failed=..., async_driver=..., guard=...): per-test pgsandbox options, for a test, "
+        "pg(isolation=..., keep_failed=..., async_driver=..., guard=..., session_class=..., "
+        "async_session_class=...): per-test pgsandbox options, for a test, "
         "class or module "
         "(they take precedence over the command line)",
     )

@@ -133,6 +133,13 @@ def _duration(value: str) -> str:
     return text
 
 
+def _class_path(value: str) -> str:
+    """``module:Class``, imported only when a fixture needs it (settings import nothing of the app)."""
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+        raise ValueError("expected module:Class, such as sqlmodel:Session")
+    return value
+
+
 ISOLATIONS = ("transaction", "database")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
@@ -260,6 +267,18 @@ OPTIONS: tuple[Option, ...] = (
         "driver of pg_async_engine/pg_async_session: asyncpg (default) or psycopg",
         parse=_choice(*ASYNC_DRIVERS),
     ),
+    Option(
+        "session_class",
+        "the Session class pg_session is made of, module:Class, such as sqlmodel:Session (default: "
+        "SQLAlchemy's sqlalchemy.orm:Session)",
+        parse=_class_path,
+    ),
+    Option(
+        "async_session_class",
+        "the AsyncSession class pg_async_session is made of, module:Class, such as "
+        "sqlmodel.ext.asyncio.session:AsyncSession (default: SQLAlchemy's)",
+        parse=_class_path,
+    ),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -298,6 +317,8 @@ class Settings:
     sql_log: Literal["auto", "jsonlog", "csvlog", "off"] = "auto"
     show_sql: bool = False
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
+    session_class: str | None = None
+    async_session_class: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

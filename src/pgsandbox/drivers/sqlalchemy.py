@@ -11,10 +11,12 @@ savepoint, and sessions follow SQLAlchemy's recipe for joining an external trans
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pgsandbox.drivers import require
+from pgsandbox.errors import ConfigError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -30,6 +32,11 @@ from sqlalchemy.orm import Session as _Session  # noqa: E402
 from sqlalchemy.pool import StaticPool  # noqa: E402
 
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
+
+# Where SQLAlchemy's asyncpg adapter keeps its transaction, with the value meaning "none begun": 2.1 has
+# ``_transaction`` alone; 2.0 also a ``_started`` flag, which alone decides whether the adapter begins, commits
+# or rolls back a transaction (left True with no transaction, commit and rollback fail on None)
+_ADAPTER_TRANSACTION_STATE: dict[str, Any] = {"_transaction": None, "_started": False}
 
 
 def _record_pids(engine: Engine, db: Database, pid: Any) -> None:
@@ -52,9 +59,11 @@ def _levels(engine: Engine) -> None:
             # SQLAlchemy's asyncpg adapter keeps one asyncpg transaction per connection: put the current one
             # aside, so this checkout begins its own, nested (a savepoint), and rolls back only that
             saved = raw.__dict__.setdefault("_pgsandbox_adapter_transactions", [])
-            saved.append((own, dbapi_connection._transaction))
+            names = [name for name in _ADAPTER_TRANSACTION_STATE if hasattr(dbapi_connection, name)]
+            saved.append((own, {name: getattr(dbapi_connection, name) for name in names}))
             if own:
-                dbapi_connection._transaction = None
+                for name in names:
+                    setattr(dbapi_connection, name, _ADAPTER_TRANSACTION_STATE[name])
         elif hasattr(dbapi_connection, "run_async"):  # the adapter around an async psycopg connection
             dbapi_connection.run_async(lambda conn: conn.enter_level(own))
         else:
@@ -67,9 +76,10 @@ def _levels(engine: Engine) -> None:
         if hasattr(dbapi_connection, "_start_transaction"):
             saved = raw.__dict__.get("_pgsandbox_adapter_transactions") or []
             if saved:
-                own, transaction = saved.pop()
+                own, state = saved.pop()
                 if own:
-                    dbapi_connection._transaction = transaction
+                    for name, value in state.items():
+                        setattr(dbapi_connection, name, value)
         elif hasattr(dbapi_connection, "run_async"):
             dbapi_connection.run_async(lambda conn: conn.leave_level())
         else:
@@ -88,6 +98,47 @@ def _fixture_checkout(conn: Any) -> Iterator[None]:
         yield
     finally:
         raw.__dict__["_pgsandbox_fixture_checkout"] = False
+
+
+def session_class(spec: str | type | None, source: str, asynchronous: bool = False) -> type:
+    """The class a session fixture is made of: ``spec`` is a class (from the marker), ``module:Class`` (an
+    option) or None for SQLAlchemy's own. ``source`` names where it was set, for the messages."""
+    base: type = _Session
+    example = "sqlmodel:Session"
+    if asynchronous:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        base, example = AsyncSession, "sqlmodel.ext.asyncio.session:AsyncSession"
+    if spec is None:
+        return base
+
+    def bad(reason: str, fix: str = "") -> ConfigError:
+        return ConfigError(
+            f"{source}: bad value {spec!r}: {reason}.",
+            fix
+            or f"fix {source}; it takes a subclass of SQLAlchemy's {base.__qualname__} as module:Class, "
+            f"such as {example}.",
+        )
+
+    found: Any = spec
+    if isinstance(spec, str):
+        module_name, _, attribute = spec.partition(":")
+        if not module_name or not attribute:
+            raise bad("not of the form module:Class")
+        try:
+            found = importlib.import_module(module_name)
+        except ImportError as error:
+            raise bad(
+                f"cannot import {module_name} ({error})",
+                f"install {module_name.partition('.')[0]} in the tests' environment, or fix {source}.",
+            ) from None
+        for name in attribute.split("."):
+            found = getattr(found, name, None)
+            if found is None:
+                raise bad(f"{module_name} has no {attribute}")
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise bad(f"{found!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+    return found
 
 
 # -- sync ----------------------------------------------------------------------------------------------------
@@ -121,15 +172,16 @@ def dispose(db: Database, made: Engine) -> None:
 
 
 @contextlib.contextmanager
-def session(db: Database, made: Engine) -> Iterator[Session]:
+def session(db: Database, made: Engine, cls: type[Session] = _Session) -> Iterator[Session]:
+    """``cls``: the app's Session class (a subclass of SQLAlchemy's, such as ``sqlmodel.Session``)."""
     if db.isolation == "database":
-        with _Session(made) as plain:
+        with cls(made) as plain:
             yield plain
         return
     with _fixture_checkout(db.connection):
         connection = made.connect()
     outer = connection.begin()
-    joined = _Session(bind=connection, join_transaction_mode="create_savepoint")
+    joined = cls(bind=connection, join_transaction_mode="create_savepoint")
     try:
         yield joined
     finally:
@@ -209,18 +261,22 @@ async def async_dispose(db: Database, made: AsyncEngine) -> None:
 
 
 @contextlib.asynccontextmanager
-async def async_session(db: Database, made: AsyncEngine) -> AsyncIterator[AsyncSession]:
+async def async_session(
+    db: Database, made: AsyncEngine, cls: type[AsyncSession] | None = None
+) -> AsyncIterator[AsyncSession]:
+    """``cls``: the app's AsyncSession class (such as SQLModel's), SQLAlchemy's by default."""
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    made_of = cls or AsyncSession
     if db.isolation == "database":
-        async with AsyncSession(made) as plain:
+        async with made_of(made) as plain:
             yield plain
         return
     raw = current_connection(made)
     with _fixture_checkout(raw) if raw is not None else contextlib.nullcontext():
         connection = await made.connect()
     outer = await connection.begin()
-    joined = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
+    joined = made_of(bind=connection, join_transaction_mode="create_savepoint")
     try:
         yield joined
     finally:
