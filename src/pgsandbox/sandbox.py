@@ -466,6 +466,7 @@ class Sandbox:
         (plain data, for xdist's worker input). It holds the admin password: never print it."""
         return {
             "dsn": self.server.dsn,
+            "admin_dsn": self.server.admin_dsn,
             "local": isinstance(self.server, LocalServer),
             "statement_log": self.server.statement_log.describe() if self.server.statement_log else None,
             "templates": [
@@ -482,7 +483,9 @@ class Sandbox:
         started = time.perf_counter()
         log = description.get("statement_log")
         statement_log = StatementLog(Path(log["directory"]), log["format"]) if log else None
-        server = ExternalServer.attach(description["dsn"], "the xdist controller's server", statement_log)
+        server = ExternalServer.attach(
+            description["dsn"], "the xdist controller's server", statement_log, description.get("admin_dsn")
+        )
         start_seconds = time.perf_counter() - started
         templates = [
             TemplateInfo(t["layer"], t["name"], t["key"], hit=True, labels=tuple(t["labels"]))

@@ -56,6 +56,18 @@ def _version(value: str) -> str:
     return value
 
 
+SOCKET_ONLY = ("none", "off", "no")
+
+
+def _listen(value: str) -> str:
+    """An address for ``listen_addresses``; ``none`` (``off``, ``no``): the Unix socket alone."""
+    return "none" if value.lower() in SOCKET_ONLY else value
+
+
+def listens_on_tcp(listen: str | None) -> bool:
+    return bool(listen) and str(listen).lower() not in SOCKET_ONLY
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -145,7 +157,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("version", "PostgreSQL version to use, such as 16 or 18.6 (default: the newest found)", parse=_version),
     Option(
         "listen",
-        "TCP address for the local server to listen on as well as its Unix socket (default: none, socket only)",
+        "TCP address the local server listens on beside its Unix socket, which the DSNs and URLs tests get name "
+        "(default 127.0.0.1; none: the Unix socket only)",
+        parse=_listen,
     ),
     Option("port", "TCP port with --pg-listen (default 0: a free one)", parse=_port),
     Option(
@@ -257,7 +271,7 @@ class Settings:
     dsn: str | None = None
     bin: Path | None = None
     version: str | None = None
-    listen: str | None = None
+    listen: str | None = "127.0.0.1"  # None or "none": the Unix socket only
     port: int = 0
     server_settings: tuple[tuple[str, str], ...] = ()
     initdb_args: tuple[str, ...] = ()

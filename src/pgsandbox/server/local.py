@@ -28,13 +28,15 @@ from pgsandbox.errors import ServerStartError
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
-from pgsandbox.settings import Settings
+from pgsandbox.settings import Settings, listens_on_tcp
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
 START_TIMEOUT = 60.0
 COLLECTOR_DRAIN_TIMEOUT = 5.0
 STOP_TIMEOUT = 15.0
-PORT_ATTEMPTS = 5
+PORT_ATTEMPTS = 5  # a free port picked by pgsandbox may be taken before the server binds it: pick again
+PORT_IN_USE = "already in use"  # EADDRINUSE in the server's log (English: initdb --locale=C)
+CANNOT_LISTEN = ("could not bind", "could not create any TCP/IP sockets")
 # A random 32-byte password needs no key stretching: the default 4096 iterations cost ~4 ms per connect.
 SCRAM_ITERATIONS = 16
 
@@ -79,8 +81,9 @@ class LocalServer(Server):
         account: osuser.Account,
         snapshots: Path,
         snapshot: str | None,
+        admin_conninfo: str | None = None,
     ) -> None:
-        super().__init__(conninfo, version_num, run_id)
+        super().__init__(conninfo, version_num, run_id, admin_conninfo)
         self.installation = installation
         self.account = account
         self.snapshots = snapshots
@@ -175,6 +178,8 @@ class LocalServer(Server):
             log_dir.mkdir(mode=0o700, exist_ok=True)
             account.chown(log_dir)
             log_settings = statements.server_settings(log_dir, log_format)
+        in_use_before = 0  # port conflicts already in the log, which every attempt appends to
+        picked: list[int] = []
         for attempt in range(PORT_ATTEMPTS):
             tcp = _tcp_address(settings)
             _write_config(run, installation, account, settings, tcp, log_settings)
@@ -185,27 +190,44 @@ class LocalServer(Server):
             except ServerStartError:
                 _kill(process)
                 log = _read_log(run)
-                port_taken = tcp is not None and ("could not bind" in log or "could not create" in log)
-                if port_taken and settings.port == 0 and attempt + 1 < PORT_ATTEMPTS:
-                    continue
-                if port_taken and tcp is not None:
+                if tcp is None or not any(text in log for text in CANNOT_LISTEN):
+                    raise
+                in_use = log.count(PORT_IN_USE) > in_use_before
+                in_use_before = log.count(PORT_IN_USE)
+                if in_use and settings.port == 0:
+                    picked.append(tcp[1])
+                    if attempt + 1 < PORT_ATTEMPTS:
+                        continue
+                    raise ServerStartError(
+                        f"the local server could not listen on {tcp[0]}: each of the {len(picked)} free ports "
+                        f"pgsandbox picked ({', '.join(map(str, picked))}) was taken by another process before the "
+                        "server could bind it.\n" + _tail(log),
+                        "run again; if it keeps happening, set --pg-port to a port nothing else uses, or "
+                        "pg_listen = none to use the Unix socket only.",
+                    ) from None
+                if in_use:
                     raise ServerStartError(
                         f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n" + _tail(log),
                         "choose another --pg-port (or 0 for a free one), or stop what uses that port.",
                     ) from None
-                raise
+                raise ServerStartError(
+                    f"the local server could not listen on {tcp[0]} port {tcp[1]} "
+                    f"({settings.source_of('listen')}).\n" + _tail(log),
+                    "set pg_listen to an address of this machine (127.0.0.1, ::1, or * for all of them), or to "
+                    "none to use the Unix socket only.",
+                ) from None
         password = secrets.token_urlsafe(32)
         register_secret(password)
         quiet: dict[str, Any] = {"options": statements.QUIET_OPTIONS} if log_format else {}
-        host = str(run.socket_dir) if tcp is None else _connect_host(tcp[0])
         port = SOCKET_PORT if tcp is None else tcp[1]
-        conninfo = make_conninfo(host=host, port=port, user=cache.SUPERUSER, password=password, dbname="postgres")
+        # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
+        # get the TCP address, which code that parses host and port out of a URL understands
+        admin_conninfo = make_conninfo(
+            host=str(run.socket_dir), port=port, user=cache.SUPERUSER, password=password, dbname="postgres"
+        )
+        conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
         try:
-            admin = psycopg.connect(
-                make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=port),
-                autocommit=True,
-                **quiet,
-            )
+            admin = psycopg.connect(make_conninfo(admin_conninfo, password=cached_password), autocommit=True, **quiet)
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                     sql.Identifier(cache.SUPERUSER), sql.Literal(scram_verifier(password))
@@ -226,6 +248,7 @@ class LocalServer(Server):
             account=account,
             snapshots=Path(),
             snapshot=None,
+            admin_conninfo=admin_conninfo,
         )
         server._admin = admin
         if log_format:
@@ -315,13 +338,23 @@ def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
 
 
 def _tcp_address(settings: Settings) -> tuple[str, int] | None:
-    if not settings.listen or settings.listen.lower() in ("none", "off", "no"):
+    """Where the server listens besides its socket: ``pg_listen`` (127.0.0.1 by default) and ``pg_port`` or a
+    free port; None with ``pg_listen = none``."""
+    if settings.listen is None or not listens_on_tcp(settings.listen):
         return None
-    port = settings.port or _free_port(settings.listen)
+    try:
+        port = settings.port or _free_port(settings.listen)
+    except OSError as error:
+        raise ServerStartError(
+            f"the local server cannot listen on {settings.listen} ({settings.source_of('listen')}): {error}.",
+            "set pg_listen to an address of this machine (127.0.0.1, ::1, or * for all of them), or to none to "
+            "use the Unix socket only.",
+        ) from None
     return settings.listen, port
 
 
 def _free_port(listen: str) -> int:
+    """A port nothing listens on now; the server binds it a moment later (a race that start() retries)."""
     host = _connect_host(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
