@@ -14,7 +14,7 @@ pytest.importorskip("asyncpg")
 pytest.importorskip("psycopg2")
 
 PROJECT = Path(__file__).parent / "projects" / "urlapp"
-PROJECT_TESTS = 12
+PROJECT_TESTS = 13
 
 
 def urlapp(pytester: pytest.Pytester) -> None:

@@ -92,17 +92,23 @@ def test_psycopg_and_psycopg2_take_the_dsn_and_the_plain_url(pg):
             conn2.close()
 
 
-def test_libpq_in_a_subprocess_with_pg_env(pg, pg_server):
+def psql(pg_server, env):
+    """psql from the server's own installation (else PATH), with only ``env``'s libpq variables."""
     bindir = getattr(pg_server, "installation", None) and pg_server.installation.bindir
-    psql = bindir / "psql" if bindir and (bindir / "psql").exists() else shutil.which("psql")
-    if psql is None:
+    program = bindir / "psql" if bindir and (bindir / "psql").exists() else shutil.which("psql")
+    if program is None:
         pytest.skip("no psql beside the server nor on PATH")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+    query = "select current_user, current_database(), inet_server_port()"
     out = subprocess.run(
-        [str(psql), "-XAtc", "select current_user, current_database(), inet_server_port()"],
-        env={**env, **pg.env},
-        capture_output=True,
-        text=True,
-        check=True,
+        [str(program), "-XAtc", query], env={**clean, **env}, capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip() == f"{pg.params['user']}|{pg.name}|{pg.info.port}"
+    return out.stdout.strip()
+
+
+def test_libpq_in_a_subprocess_with_pg_env(pg, pg_server):
+    assert psql(pg_server, pg.env) == f"{pg.params['user']}|{pg.name}|{pg.info.port}"
+
+
+def test_libpq_in_a_subprocess_with_pg_login_env(pg_login, pg_server):
+    assert psql(pg_server, pg_login.env) == f"{pg_login.user}|{pg_login.dbname}|{pg_login.params['port']}"
