@@ -320,10 +320,6 @@ class SessionLogin(ConnectionForms):
         return {**self.server.login_params, "dbname": self.dbname}
 
     @property
-    def dsn(self) -> str:
-        return self.server.login_dsn_for(self.dbname)
-
-    @property
     def user(self) -> str:
         return str(self.params["user"])
 
