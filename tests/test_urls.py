@@ -29,8 +29,14 @@ def test_the_url_app_passes_on_the_default_local_server(pytester: pytest.Pyteste
 
 def test_the_url_app_passes_under_xdist(pytester: pytest.Pytester) -> None:
     urlapp(pytester)
+    # a worker's clients get the controller's TCP address, and its own admin connections the socket
+    (pytester.path / "tests" / "test_worker_addresses.py").write_text(
+        "def test_addresses(pg, pg_server):\n"
+        "    assert pg_server.kind == 'external' and pg.params['host'] == pg_server.params['host'] == '127.0.0.1'\n"
+        "    assert pg_server.admin.info.host.startswith('/')\n"
+    )
     result = pytester.runpytest("-n", "2", "-p", "no:randomly")
-    result.assert_outcomes(passed=PROJECT_TESTS)
+    result.assert_outcomes(passed=PROJECT_TESTS + 1)
 
 
 def test_the_url_app_fails_on_a_socket_only_server(pytester: pytest.Pytester) -> None:
