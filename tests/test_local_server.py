@@ -130,6 +130,33 @@ def _first_taken(picked: list[int], taken: socket.socket, free: int) -> int:
     return picked[-1]
 
 
+def test_a_port_taken_while_the_server_restarts_for_a_snapshot_moves_it(
+    start_local: StartLocal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgsandbox.server import local
+
+    server = start_local()
+    assert server.tcp is not None
+    old_port = server.tcp[1]
+    real_spawn = local._spawn
+    taken = socket.socket()
+
+    def spawn_after_someone_took_the_port(*args: object, **kwargs: object) -> object:
+        if not taken.getsockname()[1]:  # the server is down: another process takes its port
+            taken.bind(("127.0.0.1", old_port))
+            taken.listen()
+        return real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_spawn", spawn_after_someone_took_the_port)
+    with taken:
+        server.save_snapshot(f"restart-race-{server.run_id}")
+    assert server.tcp is not None and server.tcp[1] != old_port
+    assert server.params["port"] == str(server.tcp[1])
+    with psycopg.connect(server.dsn) as conn:
+        assert conn.info.port == server.tcp[1]
+    assert server.admin.execute("select 1").fetchone() == (1,)  # the socket file moved with the port
+
+
 def test_free_ports_taken_every_time_are_reported(start_local: StartLocal, monkeypatch: pytest.MonkeyPatch) -> None:
     from pgsandbox.server import local
 

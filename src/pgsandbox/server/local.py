@@ -92,6 +92,8 @@ class LocalServer(Server):
         self.run = run
         self.process = process
         self.tcp = tcp
+        # what a restart (save_snapshot) needs to start it again: its settings and the statement log's
+        self._start_settings: tuple[Settings, dict[str, str]] = (Settings(), {})
         self._stopped = False
         atexit.register(self.stop)
 
@@ -178,44 +180,7 @@ class LocalServer(Server):
             log_dir.mkdir(mode=0o700, exist_ok=True)
             account.chown(log_dir)
             log_settings = statements.server_settings(log_dir, log_format)
-        in_use_before = 0  # port conflicts already in the log, which every attempt appends to
-        picked: list[int] = []
-        for attempt in range(PORT_ATTEMPTS):
-            tcp = _tcp_address(settings)
-            _write_config(run, installation, account, settings, tcp, log_settings)
-            process = _spawn(installation, account, run)
-            try:
-                _wait_ready(process, run)
-                break
-            except ServerStartError:
-                _kill(process)
-                log = _read_log(run)
-                if tcp is None or not any(text in log for text in CANNOT_LISTEN):
-                    raise
-                in_use = log.count(PORT_IN_USE) > in_use_before
-                in_use_before = log.count(PORT_IN_USE)
-                if in_use and settings.port == 0:
-                    picked.append(tcp[1])
-                    if attempt + 1 < PORT_ATTEMPTS:
-                        continue
-                    raise ServerStartError(
-                        f"the local server could not listen on {tcp[0]}: each of the {len(picked)} free ports "
-                        f"pgsandbox picked ({', '.join(map(str, picked))}) was taken by another process before the "
-                        "server could bind it.\n" + _tail(log),
-                        "run again; if it keeps happening, set --pg-port to a port nothing else uses, or "
-                        "pg_listen = none to use the Unix socket only.",
-                    ) from None
-                if in_use:
-                    raise ServerStartError(
-                        f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n" + _tail(log),
-                        "choose another --pg-port (or 0 for a free one), or stop what uses that port.",
-                    ) from None
-                raise ServerStartError(
-                    f"the local server could not listen on {tcp[0]} port {tcp[1]} "
-                    f"({settings.source_of('listen')}).\n" + _tail(log),
-                    "set pg_listen to an address of this machine (127.0.0.1, ::1, or * for all of them), or to "
-                    "none to use the Unix socket only.",
-                ) from None
+        process, tcp = _start_listening(settings, installation, account, run, log_settings)
         password = secrets.token_urlsafe(32)
         register_secret(password)
         quiet: dict[str, Any] = {"options": statements.QUIET_OPTIONS} if log_format else {}
@@ -250,6 +215,7 @@ class LocalServer(Server):
             snapshot=None,
             admin_conninfo=admin_conninfo,
         )
+        server._start_settings = (settings, log_settings)
         server._admin = admin
         if log_format:
             server.statement_log = statements.StatementLog(run.path / "log", log_format)
@@ -271,12 +237,19 @@ class LocalServer(Server):
         target = cache.store_snapshot_in_background(
             staging, self.snapshots, key, str(self.params["password"]), replace, lock
         )
-        self.process = _spawn(self.installation, self.account, self.run)
+        settings, log_settings = self._start_settings
         try:
-            _wait_ready(self.process, self.run)
+            # while it was down, another process may have taken its port: then it moves to another one
+            self.process, tcp = _start_listening(
+                settings, self.installation, self.account, self.run, log_settings, again=self.tcp
+            )
         except BaseException:
             self.stop()
             raise
+        if tcp is not None and tcp != self.tcp:
+            self.tcp = tcp
+            self._conninfo = make_conninfo(self._conninfo, port=tcp[1])
+            self._admin_conninfo = make_conninfo(self._admin_conninfo, port=tcp[1])  # the socket file's name
         self.snapshot = key
         return target
 
@@ -335,6 +308,72 @@ def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
         f"SCRAM-SHA-256${iterations}:{encode(salt).decode()}"
         f"${encode(stored_key).decode()}:{encode(server_key).decode()}"
     )
+
+
+def _start_listening(
+    settings: Settings,
+    installation: Installation,
+    account: osuser.Account,
+    run: runs.RunDir,
+    log_settings: dict[str, str],
+    again: tuple[str, int] | None = None,
+) -> tuple[subprocess.Popen[bytes], tuple[str, int] | None]:
+    """Write the configuration, start postgres and wait until it is ready; return it and its TCP address.
+
+    The port is picked free just before the server binds it, so another process may take it in between: then
+    another is picked, up to :data:`PORT_ATTEMPTS` times. ``again``: the address of a server started before
+    (a restart), tried first.
+    """
+    in_use_before = _port_conflicts(run)  # the log is appended to by every start
+    picked: list[int] = []
+    for attempt in range(PORT_ATTEMPTS):
+        tcp = again if again and attempt == 0 else _tcp_address(settings)
+        _write_config(run, installation, account, settings, tcp, log_settings)
+        process = _spawn(installation, account, run)
+        try:
+            _wait_ready(process, run)
+            return process, tcp
+        except ServerStartError:
+            _kill(process)
+            log = _read_log(run)
+            if tcp is None or not any(text in log for text in CANNOT_LISTEN):
+                raise
+            in_use = _port_conflicts(run) > in_use_before
+            in_use_before = _port_conflicts(run)
+            if in_use and settings.port == 0:
+                picked.append(tcp[1])
+                if attempt + 1 < PORT_ATTEMPTS:
+                    continue
+                raise ServerStartError(
+                    f"the local server could not listen on {tcp[0]}: each of the {len(picked)} free ports "
+                    f"pgsandbox picked ({', '.join(map(str, picked))}) was taken by another process before the "
+                    "server could bind it.\n" + _tail(log),
+                    "run again; if it keeps happening, set --pg-port to a port nothing else uses, or "
+                    "pg_listen = none to use the Unix socket only.",
+                ) from None
+            if in_use:
+                raise ServerStartError(
+                    f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n" + _tail(log),
+                    "choose another --pg-port (or 0 for a free one), or stop what uses that port.",
+                ) from None
+            raise ServerStartError(
+                f"the local server could not listen on {tcp[0]} port {tcp[1]} "
+                f"({settings.source_of('listen')}).\n" + _tail(log),
+                "set pg_listen to an address of this machine (127.0.0.1, ::1, or * for all of them), or to "
+                "none to use the Unix socket only.",
+            ) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _port_conflicts(run: runs.RunDir) -> int:
+    """How many times the server's output (its own file and the logging collector's) says a port was in use."""
+    count = 0
+    for path in [run.log, *sorted((run.path / "log").glob("*"))]:
+        try:
+            count += path.read_bytes().count(PORT_IN_USE.encode())
+        except OSError:
+            continue
+    return count
 
 
 def _tcp_address(settings: Settings) -> tuple[str, int] | None:
