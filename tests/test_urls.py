@@ -47,3 +47,38 @@ def test_the_url_app_fails_on_a_socket_only_server(pytester: pytest.Pytester) ->
     result.stdout.fnmatch_lines(
         ["*python:urlapp.migrate:upgrade failed*InterpolationSyntaxError: '%' must be followed by '%' or '('*%2F*"]
     )
+
+
+FRAMEWORK = """
+import psycopg
+import pytest
+from psycopg import sql
+
+
+@pytest.fixture(scope="session")
+def framework_database(pg_login):
+    # what a framework's test runner does with the DSN it is given: create its own test database, drop it after
+    name = pg_login.dbname + "_fw"
+    with pg_login.connect(autocommit=True) as conn:
+        create = sql.SQL("CREATE DATABASE {} TEMPLATE {}")
+        conn.execute(create.format(sql.Identifier(name), sql.Identifier(pg_login.dbname)))
+    yield psycopg.conninfo.make_conninfo(pg_login.dsn, dbname=name)
+    with pg_login.connect(autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_the_framework_database_is_migrated_and_the_tests_role_owns_it(framework_database, pg, pg_server):
+    with psycopg.connect(framework_database) as conn:
+        assert conn.execute("select count(*) from users").fetchone() == (2,)
+        owner = conn.execute("select pg_get_userbyid(datdba) from pg_database where datname = current_database()")
+        assert owner.fetchone() == (pg.params["user"],)
+    assert pg.params["user"] != pg_server.params["user"]
+"""
+
+
+def test_a_framework_makes_its_own_test_database_from_pg_login(project: pytest.Pytester, shared_dsn: str) -> None:
+    project.makepyfile(test_framework=FRAMEWORK)
+    result = project.runpytest(
+        f"--pg-dsn={shared_dsn}", "--pg-role=createdb", "-W", "error::pgsandbox.errors.PgSandboxWarning"
+    )
+    result.assert_outcomes(passed=1)
