@@ -74,6 +74,8 @@ def test_asyncpg_connect_takes_the_plain_url(pg):
 
     assert asyncio.run(run(pg.database_url)) == pg.name
     assert asyncio.run(run(pg.url("postgresql"))) == pg.name
+    with pytest.raises(ValueError, match="invalid DSN"):  # why the table in the README says database_url
+        asyncio.run(run(pg.dsn))
 
 
 def test_psycopg_and_psycopg2_take_the_dsn_and_the_plain_url(pg):
