@@ -12,6 +12,7 @@ import pytest
 from pgsandbox import LocalServer, Settings
 
 pytest_plugins = ["pytester"]
+collect_ignore = ["projects"]  # test projects, each run by a test of its own through pytester
 
 # pytester's in-process runs forget the modules a run imported; SQLAlchemy breaks when imported a second
 # time in one process and C extensions (psycopg2, asyncpg) crash, so import them here, once, before any run.

@@ -560,7 +560,7 @@ def test_urls_of_a_socket_server_work_with_every_client(start_local: StartLocal)
 
     from pgsandbox.urls import sqlalchemy_url
 
-    server = start_local()
+    server = start_local(listen="none")
     params = {**server.params, "dbname": "postgres"}
     assert str(params["host"]).startswith("/")  # a Unix socket directory
     plain = sqlalchemy_url(params, "postgresql")

@@ -51,7 +51,7 @@ def test_test_settings_and_user_settings_apply(start_local: StartLocal) -> None:
         "full_page_writes": "off",
         "work_mem": "7MB",
         "application_name": "it's mine",
-        "listen_addresses": "",
+        "listen_addresses": "127.0.0.1",
         "max_connections": "200",
     }
 
@@ -62,7 +62,7 @@ def test_data_on_tmpfs_private_directories(start_local: StartLocal) -> None:
         assert server.run.path.is_relative_to("/dev/shm")
     for directory in (server.run.data, server.run.socket_dir, server.run.path):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
-    assert str(server.run.socket_dir) == server.params["host"]
+    assert server.admin.info.host == str(server.run.socket_dir)  # pgsandbox's own connections
 
 
 def test_random_password_per_run_and_scram_everywhere(start_local: StartLocal) -> None:
@@ -84,14 +84,106 @@ def test_random_password_per_run_and_scram_everywhere(start_local: StartLocal) -
         psycopg.connect(first.dsn_for("postgres") + f" password={second.params['password']}")
 
 
-def test_tcp_only_when_asked(start_local: StartLocal) -> None:
-    server = start_local(listen="127.0.0.1")
+def test_tcp_loopback_by_default_for_clients_socket_for_the_admin(start_local: StartLocal) -> None:
+    server = start_local()
     assert server.tcp is not None and server.params["host"] == "127.0.0.1"
+    assert server.params["port"] == str(server.tcp[1])
     with psycopg.connect(server.dsn) as conn:
         assert conn.info.port == server.tcp[1]
         assert conn.execute("select inet_server_addr()::text").fetchone() == ("127.0.0.1/32",)
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(server.dsn + " password=wrong")
+    assert server.admin.info.host == str(server.run.socket_dir)
+    with server.connect() as admin:
+        assert admin.execute("select inet_server_addr()").fetchone() == (None,)  # a Unix socket
+
+
+@pytest.mark.parametrize("listen", ["none", "off"])
+def test_socket_only_when_asked(start_local: StartLocal, listen: str) -> None:
+    server = start_local(listen=Settings.from_sources(ini={"listen": listen}).listen)
+    assert server.tcp is None and server.params["host"] == str(server.run.socket_dir)
+    assert server.admin.execute("show listen_addresses").fetchone() == ("",)
+    with psycopg.connect(server.dsn) as conn:
+        assert conn.execute("select inet_server_addr()").fetchone() == (None,)
+
+
+def test_a_free_port_taken_before_the_server_binds_it_is_picked_again(
+    start_local: StartLocal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgsandbox.server import local
+
+    picked: list[int] = []
+    real = local._free_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        # the race: another process takes the port between pgsandbox's pick and the server's bind
+        monkeypatch.setattr(local, "_free_port", lambda listen: _first_taken(picked, taken, real(listen)))
+        server = start_local()
+    assert len(picked) == 2 and server.tcp == ("127.0.0.1", picked[1])
+    with psycopg.connect(server.dsn) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def _first_taken(picked: list[int], taken: socket.socket, free: int) -> int:
+    picked.append(taken.getsockname()[1] if not picked else free)
+    return picked[-1]
+
+
+def test_a_port_taken_while_the_server_restarts_for_a_snapshot_moves_it(
+    start_local: StartLocal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgsandbox.server import local
+
+    server = start_local()
+    assert server.tcp is not None
+    old_port = server.tcp[1]
+    real_spawn = local._spawn
+    taken = socket.socket()
+
+    def spawn_after_someone_took_the_port(*args: object, **kwargs: object) -> object:
+        if not taken.getsockname()[1]:  # the server is down: another process takes its port
+            taken.bind(("127.0.0.1", old_port))
+            taken.listen()
+        return real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_spawn", spawn_after_someone_took_the_port)
+    with taken:
+        server.save_snapshot(f"restart-race-{server.run_id}")
+    assert server.tcp is not None and server.tcp[1] != old_port
+    assert server.params["port"] == str(server.tcp[1])
+    with psycopg.connect(server.dsn) as conn:
+        assert conn.info.port == server.tcp[1]
+    assert server.admin.execute("select 1").fetchone() == (1,)  # the socket file moved with the port
+
+
+def test_free_ports_taken_every_time_are_reported(start_local: StartLocal, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgsandbox.server import local
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(local, "_free_port", lambda listen: port)
+        with pytest.raises(ServerStartError) as error:
+            start_local()
+    message = str(error.value)
+    assert f"each of the {local.PORT_ATTEMPTS} free ports pgsandbox picked ({port}, {port}," in message
+    assert "was taken by another process before the server could bind it" in message
+    assert "set --pg-port to a port nothing else uses, or pg_listen = none" in message
+
+
+@pytest.mark.parametrize("port", [0, 45678])
+def test_an_address_this_machine_does_not_have_is_reported(start_local: StartLocal, port: int) -> None:
+    with pytest.raises(ServerStartError) as error:
+        start_local(listen="192.0.2.1", port=port)  # TEST-NET-1: no machine has it
+    message = str(error.value)
+    if port:  # the server tried, and its log says why it could not
+        assert "could not listen on 192.0.2.1 port 45678 (pg_listen)" in message
+        assert "Cannot assign requested address" in message
+    else:  # no free port to pick on that address
+        assert "the local server cannot listen on 192.0.2.1 (pg_listen)" in message
+    assert "set pg_listen to an address of this machine (127.0.0.1, ::1, or * for all of them), or to none" in message
 
 
 def test_busy_port_is_reported(start_local: StartLocal) -> None:

@@ -23,6 +23,17 @@ def test_precedence_is_cli_then_env_then_ini_then_default() -> None:
     assert settings.source_of("listen") == "ini pg_listen"
 
 
+def test_listen_defaults_to_loopback_and_none_means_the_socket_alone() -> None:
+    from pgsandbox.settings import listens_on_tcp
+
+    assert Settings.from_sources(env={}).listen == "127.0.0.1"
+    for word in ("none", "None", "off", "NO"):
+        listen = Settings.from_sources(env={"PGSANDBOX_LISTEN": word}).listen
+        assert listen == "none" and not listens_on_tcp(listen)
+    assert listens_on_tcp(Settings.from_sources(cli={"listen": "*"}).listen)
+    assert not listens_on_tcp(None)
+
+
 def test_lists_and_paths_are_parsed() -> None:
     settings = Settings.from_sources(
         env={"PGSANDBOX_SERVER_SETTINGS": "work_mem=64MB;search_path='a, b'", "PGSANDBOX_BIN": "~/pg/bin"},

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pgsandbox.binaries import Installation, find_installations, select_installation
     from pgsandbox.errors import PgSandboxError
-    from pgsandbox.sandbox import Database, Sandbox
+    from pgsandbox.sandbox import Database, Sandbox, SessionLogin
     from pgsandbox.server import ExternalServer, LocalServer, Server, start_server
     from pgsandbox.settings import Settings
 
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Database": "pgsandbox.sandbox",
     "Sandbox": "pgsandbox.sandbox",
+    "SessionLogin": "pgsandbox.sandbox",
     "ExternalServer": "pgsandbox.server",
     "Installation": "pgsandbox.binaries",
     "LocalServer": "pgsandbox.server",
@@ -54,6 +55,7 @@ __all__ = [
     "PgSandboxError",
     "Sandbox",
     "Server",
+    "SessionLogin",
     "Settings",
     "__version__",
     "find_installations",

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from pgsandbox.queries import Queries
-    from pgsandbox.sandbox import Database, Sandbox
+    from pgsandbox.sandbox import Database, Sandbox, SessionLogin
     from pgsandbox.server import Server
 
 try:
@@ -52,6 +52,17 @@ def pg_server(pg_sandbox: Sandbox) -> Server:
     ``.connect(dbname=None)``, ``.create_database(name=None, template=None)``, ``.drop_database(name)``.
     """
     return pg_sandbox.server
+
+
+@pytest.fixture(scope="session")
+def pg_login(pg_sandbox: Sandbox) -> SessionLogin:
+    """The tests' role (not the admin's) for session-scoped fixtures, worker subprocesses and a framework's own
+    test database: ``dsn``, ``database_url``, ``url(driver)``, ``env``, ``connect()``. They name a database of
+    the session's own (``dbname``), cloned from the template; it is not rolled back between tests."""
+    try:
+        return pg_sandbox.session_login()
+    except PgSandboxError as error:
+        fail(error)
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator
 from pgsandbox.template.cache import hold_in_use, warm_relcache
-from pgsandbox.urls import libpq_env, sqlalchemy_url
+from pgsandbox.urls import ConnectionForms
 
 Isolation = Literal["transaction", "database"]
 
@@ -105,7 +105,8 @@ LEFTOVER_WAIT_SECONDS = 0.2
 ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
 SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
-__all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox"]
+__all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox", "SessionLogin"]
+LOGIN_DATABASE = "login"  # the database SessionLogin names: <prefix>login
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,10 @@ class ConnectionInfo:
 
 
 @dataclass
-class Database:
-    """A test's database: the ``pg`` fixture. Connect with :meth:`connect`, or hand :attr:`dsn`/:meth:`url`
-    to any client (in ``transaction`` isolation only the connection from :meth:`connect` is rolled back)."""
+class Database(ConnectionForms):
+    """A test's database: the ``pg`` fixture. Connect with :meth:`connect`, or hand :attr:`dsn`,
+    :attr:`database_url`, :meth:`url` or :attr:`env` to any client (see :class:`ConnectionForms`; in
+    ``transaction`` isolation only the connection from :meth:`connect` is rolled back)."""
 
     isolation: Isolation
     name: str
@@ -151,21 +153,12 @@ class Database:
         """libpq connection string of the tests' role, password included: give it to clients, do not print it."""
         return self.server.login_dsn_for(self.name)
 
-    def url(self, driver: str = "psycopg") -> str:
-        """SQLAlchemy URL (``postgresql+psycopg://...``); ``driver`` may be psycopg2, asyncpg, pg8000..."""
-        return sqlalchemy_url(self.params, driver)
-
     @property
     def info(self) -> ConnectionInfo:
         params = self.params
         return ConnectionInfo(
             str(params.get("host", "")), int(params.get("port") or 5432), self.name, str(params["user"])
         )
-
-    @property
-    def env(self) -> dict[str, str]:
-        """libpq environment variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE) for subprocesses."""
-        return libpq_env(self.params)
 
     @property
     def connection(self) -> psycopg.Connection[Any]:
@@ -344,6 +337,34 @@ class Database:
         return f"<Database {self.name} ({self.isolation}) for {self.test_id}>"
 
 
+class SessionLogin(ConnectionForms):
+    """The tests' role for what lives as long as the session (the ``pg_login`` fixture): session-scoped
+    fixtures, worker processes, a framework that makes its own test database. :attr:`dsn`,
+    :attr:`database_url`, :meth:`url` and :attr:`env` name :attr:`dbname`, a database of the session's own,
+    cloned from the template (migrated and seeded) when first asked for and owned by the tests' role. It is not
+    isolated: what is written there stays for the whole session, and the tests' own databases do not see it."""
+
+    def __init__(self, server: Server, dbname: str) -> None:
+        self.server = server
+        self.dbname = dbname
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Connection parameters of the tests' role (libpq keywords: host, port, user, password, dbname...)."""
+        return {**self.server.login_params, "dbname": self.dbname}
+
+    @property
+    def user(self) -> str:
+        return str(self.params["user"])
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A new psycopg connection to :attr:`dbname` as the tests' role; the caller closes it."""
+        return psycopg.connect(self.dsn, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<SessionLogin {self.user} on {self.dbname}>"
+
+
 class Sandbox:
     """A server with its templates built, handing out one isolated database per test."""
 
@@ -376,6 +397,7 @@ class Sandbox:
         # a local server of this run (or of the xdist controller): nobody else creates objects on it
         self.throwaway_server = isinstance(server, LocalServer)
         self._catalogs: Path | None = None  # where the data factories' catalogs are cached
+        self._login: SessionLogin | None = None
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -506,6 +528,7 @@ class Sandbox:
         (plain data, for xdist's worker input). It holds the admin password: never print it."""
         return {
             "dsn": self.server.dsn,
+            "admin_dsn": self.server.admin_dsn,
             "local": isinstance(self.server, LocalServer),
             "statement_log": self.server.statement_log.describe() if self.server.statement_log else None,
             "templates": [
@@ -522,7 +545,9 @@ class Sandbox:
         started = time.perf_counter()
         log = description.get("statement_log")
         statement_log = StatementLog(Path(log["directory"]), log["format"]) if log else None
-        server = ExternalServer.attach(description["dsn"], "the xdist controller's server", statement_log)
+        server = ExternalServer.attach(
+            description["dsn"], "the xdist controller's server", statement_log, description.get("admin_dsn")
+        )
         start_seconds = time.perf_counter() - started
         templates = [
             TemplateInfo(t["layer"], t["name"], t["key"], hit=True, labels=tuple(t["labels"]))
@@ -539,6 +564,14 @@ class Sandbox:
             server.stop()
             raise
         return sandbox
+
+    def session_login(self) -> SessionLogin:
+        """The tests' role and a database of this session's own, for session-scoped code (see
+        :class:`SessionLogin`); the database is cloned from the template on the first call."""
+        if self._login is None:
+            name = self.server.create_database(LOGIN_DATABASE, template=self.template, clause=self.clone_clause)
+            self._login = SessionLogin(self.server, name)
+        return self._login
 
     def adopt_kept(self, names: Sequence[str]) -> None:
         """Databases other processes kept on this sandbox's server: a local server then keeps running."""

@@ -56,6 +56,18 @@ def _version(value: str) -> str:
     return value
 
 
+SOCKET_ONLY = ("none", "off", "no")
+
+
+def _listen(value: str) -> str:
+    """An address for ``listen_addresses``; ``none`` (``off``, ``no``): the Unix socket alone."""
+    return "none" if value.lower() in SOCKET_ONLY else value
+
+
+def listens_on_tcp(listen: str | None) -> bool:
+    return bool(listen) and str(listen).lower() not in SOCKET_ONLY
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -167,7 +179,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "listen",
-        "TCP address for the local server to listen on as well as its Unix socket (default: none, socket only)",
+        "TCP address the local server listens on beside its Unix socket, which the DSNs and URLs tests get name "
+        "(default 127.0.0.1; none: the Unix socket only)",
+        parse=_listen,
     ),
     Option("port", "TCP port with --pg-listen (default 0: a free one)", parse=_port),
     Option(
@@ -292,7 +306,7 @@ class Settings:
     bin: Path | None = None
     version: str | None = None
     extensions: tuple[str, ...] = ()
-    listen: str | None = None
+    listen: str | None = "127.0.0.1"  # None or "none": the Unix socket only
     port: int = 0
     server_settings: tuple[tuple[str, str], ...] = ()
     initdb_args: tuple[str, ...] = ()

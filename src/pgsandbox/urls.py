@@ -1,4 +1,4 @@
-"""Connection parameters as SQLAlchemy URLs and libpq environment variables."""
+"""Connection parameters as SQLAlchemy URLs, plain ``postgresql://`` URLs and libpq environment variables."""
 
 from __future__ import annotations
 
@@ -54,3 +54,42 @@ LIBPQ_ENV = {
 
 def libpq_env(params: Mapping[str, Any]) -> dict[str, str]:
     return {name: str(params[key]) for key, name in LIBPQ_ENV.items() if params.get(key)}
+
+
+class ConnectionForms:
+    """One database's connection parameters (:attr:`params`, libpq keywords) in the form each client takes:
+
+    - :attr:`dsn`: ``host=... port=... user=... password=... dbname=...`` (libpq, psycopg, psycopg2);
+    - :attr:`database_url`: ``postgresql://user:password@host:port/dbname`` (what an app's ``DATABASE_URL``
+      holds: libpq, psycopg, psycopg2, asyncpg, ``urlparse``);
+    - :meth:`url`: SQLAlchemy's ``postgresql+DRIVER://...`` (``create_engine``, Alembic's ``sqlalchemy.url``);
+    - :attr:`env`: ``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGPASSWORD``, ``PGDATABASE`` (psql, subprocesses).
+
+    Each carries the password: hand it to clients, do not print it.
+    """
+
+    @property
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def dsn(self) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(**{key: str(value) for key, value in self.params.items() if value is not None})
+
+    @property
+    def database_url(self) -> str:
+        """``postgresql://user:password@host:port/dbname``: libpq's URL, which asyncpg takes too (unlike
+        :attr:`dsn`). The same as ``url("postgresql")``."""
+        return sqlalchemy_url(self.params, "postgresql")
+
+    def url(self, driver: str = "psycopg") -> str:
+        """SQLAlchemy URL (``postgresql+psycopg://...``); ``driver`` may be psycopg2, asyncpg, pg8000, or
+        ``postgresql`` for a plain URL (:attr:`database_url`)."""
+        return sqlalchemy_url(self.params, driver)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """libpq environment variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE) for subprocesses."""
+        return libpq_env(self.params)

@@ -110,8 +110,11 @@ class Server(ABC):
 
     kind: str
 
-    def __init__(self, conninfo: str, version_num: int, run_id: str) -> None:
+    def __init__(self, conninfo: str, version_num: int, run_id: str, admin_conninfo: str | None = None) -> None:
         self._conninfo = conninfo
+        # pgsandbox's own connections as the admin: a local server's Unix socket (a connect costs less than
+        # over TCP loopback, see bench/connect.py); what clients get (dsn, params) is ``conninfo``
+        self._admin_conninfo = admin_conninfo or conninfo
         self.version_num = version_num
         self.run_id = run_id
         self.prefix = f"pgsandbox_{run_id}_"
@@ -154,6 +157,12 @@ class Server(ABC):
     def dsn_for(self, dbname: str) -> str:
         return make_conninfo(self._conninfo, dbname=dbname)
 
+    @property
+    def admin_dsn(self) -> str:
+        """The DSN of pgsandbox's own admin connections (:meth:`connect`, :attr:`admin`): on a local server its
+        Unix socket, which only processes of this machine and user reach; else :attr:`dsn`. Never print it."""
+        return self._admin_conninfo
+
     def login_dsn_for(self, dbname: str) -> str:
         """The DSN tests use: the login role's (:attr:`login`), or the admin's when there is none."""
         if self.login is None:
@@ -175,7 +184,7 @@ class Server(ABC):
     def connect(self, dbname: str | None = None, *, logged: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new psycopg connection as the admin role, to ``dbname`` (default: the admin database). Its
         statements stay out of the statement log unless ``logged`` (a test's ``pg_admin``)."""
-        conninfo = self.dsn_for(dbname) if dbname else self._conninfo
+        conninfo = make_conninfo(self._admin_conninfo, dbname=dbname) if dbname else self._admin_conninfo
         if self.statement_log is not None and not logged:
             kwargs.setdefault("options", QUIET_OPTIONS)
         return psycopg.connect(conninfo, **kwargs)

@@ -44,10 +44,17 @@ class ExternalServer(Server):
     kind = "external"
 
     @classmethod
-    def attach(cls, dsn: str = "", source: str = "pg_dsn", statement_log: StatementLog | None = None) -> ExternalServer:
+    def attach(
+        cls,
+        dsn: str = "",
+        source: str = "pg_dsn",
+        statement_log: StatementLog | None = None,
+        admin_dsn: str | None = None,
+    ) -> ExternalServer:
         """Connect with ``dsn`` (a URL or key=value string; empty: the libpq ``PG*`` variables) and check
         that the server is new enough and the role may create databases. ``statement_log``: the log of a
-        pgsandbox local server (an xdist worker's), which the admin's own statements stay out of."""
+        pgsandbox local server (an xdist worker's), which the admin's own statements stay out of;
+        ``admin_dsn``: the same role by another way for pgsandbox's own connections (that server's socket)."""
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as error:
@@ -59,13 +66,14 @@ class ExternalServer(Server):
             register_secret(str(params["password"]))
         if "connect_timeout" not in params:
             dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
-        admin = _connect(dsn, source, quiet=statement_log is not None)
+            admin_dsn = admin_dsn and make_conninfo(admin_dsn, connect_timeout=CONNECT_TIMEOUT)
+        admin = _connect(admin_dsn or dsn, source, quiet=statement_log is not None)
         try:
             password = admin.info.password
             if password:
                 register_secret(password)
             _check(admin)
-            server = cls(dsn, admin.info.server_version, new_run_id())
+            server = cls(dsn, admin.info.server_version, new_run_id(), admin_dsn)
             server.statement_log = statement_log
         except BaseException:
             admin.close()

@@ -28,13 +28,15 @@ from pgsandbox.errors import ServerStartError
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
-from pgsandbox.settings import Settings
+from pgsandbox.settings import Settings, listens_on_tcp
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
 START_TIMEOUT = 60.0
 COLLECTOR_DRAIN_TIMEOUT = 5.0
 STOP_TIMEOUT = 15.0
-PORT_ATTEMPTS = 5
+PORT_ATTEMPTS = 5  # a free port picked by pgsandbox may be taken before the server binds it: pick again
+PORT_IN_USE = "already in use"  # EADDRINUSE in the server's log (English: initdb --locale=C)
+CANNOT_LISTEN = ("could not bind", "could not create any TCP/IP sockets")
 # A random 32-byte password needs no key stretching: the default 4096 iterations cost ~4 ms per connect.
 SCRAM_ITERATIONS = 16
 
@@ -79,8 +81,9 @@ class LocalServer(Server):
         account: osuser.Account,
         snapshots: Path,
         snapshot: str | None,
+        admin_conninfo: str | None = None,
     ) -> None:
-        super().__init__(conninfo, version_num, run_id)
+        super().__init__(conninfo, version_num, run_id, admin_conninfo)
         self.installation = installation
         self.account = account
         self.snapshots = snapshots
@@ -89,6 +92,8 @@ class LocalServer(Server):
         self.run = run
         self.process = process
         self.tcp = tcp
+        # what a restart (save_snapshot) needs to start it again: its settings and the statement log's
+        self._start_settings: tuple[Settings, dict[str, str]] = (Settings(), {})
         self._stopped = False
         atexit.register(self.stop)
 
@@ -187,37 +192,19 @@ class LocalServer(Server):
             log_dir.mkdir(mode=0o700, exist_ok=True)
             account.chown(log_dir)
             log_settings = statements.server_settings(log_dir, log_format)
-        for attempt in range(PORT_ATTEMPTS):
-            tcp = _tcp_address(settings)
-            _write_config(run, installation, account, settings, tcp, log_settings)
-            process = _spawn(installation, account, run)
-            try:
-                _wait_ready(process, run)
-                break
-            except ServerStartError:
-                _kill(process)
-                log = _read_log(run)
-                port_taken = tcp is not None and ("could not bind" in log or "could not create" in log)
-                if port_taken and settings.port == 0 and attempt + 1 < PORT_ATTEMPTS:
-                    continue
-                if port_taken and tcp is not None:
-                    raise ServerStartError(
-                        f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n" + _tail(log),
-                        "choose another --pg-port (or 0 for a free one), or stop what uses that port.",
-                    ) from None
-                raise
+        process, tcp = _start_listening(settings, installation, account, run, log_settings)
         password = secrets.token_urlsafe(32)
         register_secret(password)
         quiet: dict[str, Any] = {"options": statements.QUIET_OPTIONS} if log_format else {}
-        host = str(run.socket_dir) if tcp is None else _connect_host(tcp[0])
         port = SOCKET_PORT if tcp is None else tcp[1]
-        conninfo = make_conninfo(host=host, port=port, user=cache.SUPERUSER, password=password, dbname="postgres")
+        # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
+        # get the TCP address, which code that parses host and port out of a URL understands
+        admin_conninfo = make_conninfo(
+            host=str(run.socket_dir), port=port, user=cache.SUPERUSER, password=password, dbname="postgres"
+        )
+        conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
         try:
-            admin = psycopg.connect(
-                make_conninfo(conninfo, password=cached_password, host=str(run.socket_dir), port=port),
-                autocommit=True,
-                **quiet,
-            )
+            admin = psycopg.connect(make_conninfo(admin_conninfo, password=cached_password), autocommit=True, **quiet)
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                     sql.Identifier(cache.SUPERUSER), sql.Literal(scram_verifier(password))
@@ -238,7 +225,9 @@ class LocalServer(Server):
             account=account,
             snapshots=Path(),
             snapshot=None,
+            admin_conninfo=admin_conninfo,
         )
+        server._start_settings = (settings, log_settings)
         server._admin = admin
         if log_format:
             server.statement_log = statements.StatementLog(run.path / "log", log_format)
@@ -260,12 +249,19 @@ class LocalServer(Server):
         target = cache.store_snapshot_in_background(
             staging, self.snapshots, key, str(self.params["password"]), replace, lock
         )
-        self.process = _spawn(self.installation, self.account, self.run)
+        settings, log_settings = self._start_settings
         try:
-            _wait_ready(self.process, self.run)
+            # while it was down, another process may have taken its port: then it moves to another one
+            self.process, tcp = _start_listening(
+                settings, self.installation, self.account, self.run, log_settings, again=self.tcp
+            )
         except BaseException:
             self.stop()
             raise
+        if tcp is not None and tcp != self.tcp:
+            self.tcp = tcp
+            self._conninfo = make_conninfo(self._conninfo, port=tcp[1])
+            self._admin_conninfo = make_conninfo(self._admin_conninfo, port=tcp[1])  # the socket file's name
         self.snapshot = key
         return target
 
@@ -326,14 +322,90 @@ def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
     )
 
 
+def _start_listening(
+    settings: Settings,
+    installation: Installation,
+    account: osuser.Account,
+    run: runs.RunDir,
+    log_settings: dict[str, str],
+    again: tuple[str, int] | None = None,
+) -> tuple[subprocess.Popen[bytes], tuple[str, int] | None]:
+    """Write the configuration, start postgres and wait until it is ready; return it and its TCP address.
+
+    The port is picked free just before the server binds it, so another process may take it in between: then
+    another is picked, up to :data:`PORT_ATTEMPTS` times. ``again``: the address of a server started before
+    (a restart), tried first.
+    """
+    in_use_before = _port_conflicts(run)  # the log is appended to by every start
+    picked: list[int] = []
+    for attempt in range(PORT_ATTEMPTS):
+        tcp = again if again and attempt == 0 else _tcp_address(settings)
+        _write_config(run, installation, account, settings, tcp, log_settings)
+        process = _spawn(installation, account, run)
+        try:
+            _wait_ready(process, run)
+            return process, tcp
+        except ServerStartError:
+            _kill(process)
+            log = _read_log(run)
+            if tcp is None or not any(text in log for text in CANNOT_LISTEN):
+                raise
+            in_use = _port_conflicts(run) > in_use_before
+            in_use_before = _port_conflicts(run)
+            if in_use and settings.port == 0:
+                picked.append(tcp[1])
+                if attempt + 1 < PORT_ATTEMPTS:
+                    continue
+                raise ServerStartError(
+                    f"the local server could not listen on {tcp[0]}: each of the {len(picked)} free ports "
+                    f"pgsandbox picked ({', '.join(map(str, picked))}) was taken by another process before the "
+                    "server could bind it.\n" + _tail(log),
+                    "run again; if it keeps happening, set --pg-port to a port nothing else uses, or "
+                    "pg_listen = none to use the Unix socket only.",
+                ) from None
+            if in_use:
+                raise ServerStartError(
+                    f"the local server could not listen on {tcp[0]}:{tcp[1]}: the port is in use.\n" + _tail(log),
+                    "choose another --pg-port (or 0 for a free one), or stop what uses that port.",
+                ) from None
+            raise ServerStartError(
+                f"the local server could not listen on {tcp[0]} port {tcp[1]} "
+                f"({settings.source_of('listen')}).\n" + _tail(log),
+                "set pg_listen to an address of this machine (127.0.0.1, ::1, or * for all of them), or to "
+                "none to use the Unix socket only.",
+            ) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _port_conflicts(run: runs.RunDir) -> int:
+    """How many times the server's output (its own file and the logging collector's) says a port was in use."""
+    count = 0
+    for path in [run.log, *sorted((run.path / "log").glob("*"))]:
+        try:
+            count += path.read_bytes().count(PORT_IN_USE.encode())
+        except OSError:
+            continue
+    return count
+
+
 def _tcp_address(settings: Settings) -> tuple[str, int] | None:
-    if not settings.listen or settings.listen.lower() in ("none", "off", "no"):
+    """Where the server listens besides its socket: ``pg_listen`` (127.0.0.1 by default) and ``pg_port`` or a
+    free port; None with ``pg_listen = none``."""
+    if settings.listen is None or not listens_on_tcp(settings.listen):
         return None
-    port = settings.port or _free_port(settings.listen)
+    try:
+        port = settings.port or _free_port(settings.listen)
+    except OSError as error:
+        raise ServerStartError(
+            f"the local server cannot listen on {settings.listen} ({settings.source_of('listen')}): {error}.",
+            "set pg_listen to an address of this machine (127.0.0.1, ::1, or * for all of them), or to none to "
+            "use the Unix socket only.",
+        ) from None
     return settings.listen, port
 
 
 def _free_port(listen: str) -> int:
+    """A port nothing listens on now; the server binds it a moment later (a race that start() retries)."""
     host = _connect_host(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:

@@ -1,0 +1,142 @@
+"""What a connection costs over TCP loopback next to the Unix socket (issue 13): connects, round trips, tests.
+
+Usage::
+
+    python bench/connect.py [--bin DIR] [--connects N] [--queries N] [--tests N] [--rounds N]
+
+One local server listening on both its Unix socket and 127.0.0.1 (SCRAM on both, as pgsandbox sets it up):
+
+- ``connect``: ``psycopg.connect()`` + ``close()``, N times per address, alternating socket and TCP (interleaved,
+  so both see the same machine load); median, 10th and 90th percentiles;
+- ``round trip``: ``SELECT 1`` on an open connection, N times per address, alternating;
+- ``transaction isolation``: a sandbox (the reference 50-table schema) opens and closes N transaction-isolation
+  databases back to back through the plain API, as pytest does between two tests, each test running one
+  ``SELECT 1`` on its connection; once with ``pg_listen = none`` (everything on the socket: the old default) and
+  once with the default (the tests' connection over TCP loopback), each run in its own process, alternating
+  over the rounds; median time of one close + open + statement.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import psycopg
+from isolation import schema_sql
+from psycopg.conninfo import make_conninfo
+from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
+
+from pgsandbox import LocalServer, Settings
+
+ONE_RUN = """
+import statistics, sys, time
+from pathlib import Path
+from pgsandbox import Sandbox, Settings
+listen, bindir, tests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+settings = Settings(bin=Path(bindir), migrations=("sql:migrations",), server="local", listen=listen)
+with Sandbox.start(settings, root=Path.cwd()) as box:
+    times = []
+    db = box.open("transaction", "t0")
+    host = db.params["host"]
+    for i in range(tests):
+        started = time.perf_counter()
+        db.connection.execute("SELECT 1")
+        box.close(db, next_test_id=f"t{i + 1}")
+        db = box.open("transaction", f"t{i + 1}")
+        times.append(time.perf_counter() - started)
+    box.close(db)
+print(host, statistics.median(times[tests // 10 :]) * 1000)
+"""
+
+
+def percentiles(samples: list[float]) -> str:
+    ms = sorted(s * 1000 for s in samples)
+    tenth, ninetieth = ms[len(ms) // 10], ms[len(ms) * 9 // 10]
+    return f"median {statistics.median(ms):.3f} ms (p10 {tenth:.3f}, p90 {ninetieth:.3f})"
+
+
+def alternate(count: int, variants: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """Each variant ``count`` times, one of each in turn."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(count):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--connects", type=int, default=300, help="connects per address (default 300)")
+    parser.add_argument("--queries", type=int, default=3000, help="round trips per address (default 3000)")
+    parser.add_argument("--tests", type=int, default=800, help="tests per isolation run (default 800; 0: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="isolation runs per variant (default 3)")
+    args = parser.parse_args(argv)
+    bindir = chosen_bindir(args)
+    if bindir is None:
+        return 2
+    print(f"command: {command_line()}")
+    with tempfile.TemporaryDirectory(prefix="pgsandbox-connect-") as work:
+        root = Path(work)
+        server = LocalServer.start(Settings(bin=bindir, cache=root / "cache", listen="127.0.0.1"))
+        try:
+            print(f"  PostgreSQL {server.version_string} ({bindir})")
+            assert server.tcp is not None
+            tcp = server.dsn
+            socket = make_conninfo(tcp, host=str(server.run.socket_dir))
+            connects = alternate(args.connects, {"socket": lambda: psycopg.connect(socket).close(),
+                                                 "tcp": lambda: psycopg.connect(tcp).close()})  # fmt: skip
+            for name, samples in connects.items():
+                print(f"connect + close, {name:6}: {percentiles(samples)}")
+            with psycopg.connect(socket) as over_socket, psycopg.connect(tcp) as over_tcp:
+                trips = alternate(
+                    args.queries,
+                    {"socket": lambda: over_socket.execute("SELECT 1").fetchone(),
+                     "tcp": lambda: over_tcp.execute("SELECT 1").fetchone()},
+                )  # fmt: skip
+            for name, samples in trips.items():
+                print(f"SELECT 1 round trip, {name:6}: {percentiles(samples)}")
+        finally:
+            server.stop()
+        if args.tests:
+            isolation(root, bindir, args.tests, args.rounds)
+    return 0
+
+
+def isolation(root: Path, bindir: Path, tests: int, rounds: int) -> None:
+    schema, origin = schema_sql()
+    (root / "migrations").mkdir()
+    (root / "migrations/1_schema.sql").write_text(schema)
+    env = {**clean_env(), "PYTHONPATH": str(REPO / "src"), "PGSANDBOX_CACHE": str(root / "cache")}
+    results: dict[str, list[float]] = {"none": [], "127.0.0.1": []}
+    hosts: dict[str, str] = {}
+    for _ in range(rounds):
+        for listen in results:
+            out = subprocess.run(
+                [sys.executable, "-c", ONE_RUN, listen, str(bindir), str(tests)],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            host, ms = out.stdout.split()
+            hosts[listen] = host
+            results[listen].append(float(ms))
+    print(f"transaction isolation, {tests} tests per run, {rounds} runs each ({origin}):")
+    for listen, values in results.items():
+        shown = ", ".join(f"{value:.3f}" for value in values)
+        print(
+            f"  pg_listen = {listen:9} (tests connect to {hosts[listen]}): median {statistics.median(values):.3f} ms"
+            f" per close + open + SELECT 1 (runs: {shown})"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
