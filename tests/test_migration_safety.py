@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,6 @@ import psycopg
 import pytest
 
 from pgsandbox import LocalServer
-from pgsandbox.template import guard
 
 PROJECTS = Path(__file__).parent / "projects"
 
@@ -169,6 +170,8 @@ def connect_with(library: str, url: str) -> None:
 def test_during_a_build_every_library_reaches_only_the_template(
     library: str, shared: LocalServer, real_database: str
 ) -> None:
+    from pgsandbox.template import guard
+
     template = shared.create_database()
     try:
         with guard.only_template(template, "python:app.db:migrate") as refused:
@@ -184,6 +187,60 @@ def test_during_a_build_every_library_reaches_only_the_template(
         connect_with(library, url_of(shared, real_database, "postgresql"))  # after the build: anything goes
     finally:
         shared.drop_database(template)
+
+
+IMPORTED_DURING_THE_BUILD = """
+import asyncio, sys
+from pgsandbox.template import guard
+
+template, other = sys.argv[1:]
+assert not {"sqlalchemy", "asyncpg", "psycopg2"} & set(sys.modules)  # the guard imports none of them
+with guard.only_template(template.rpartition("/")[2], "hook:pytest_pgsandbox_migrate"):
+    import asyncpg, psycopg2, sqlalchemy  # a migration that imports its libraries itself
+
+    connects = {
+        "sqlalchemy": lambda url: sqlalchemy.create_engine(url.replace("postgresql", "postgresql+psycopg")).connect(),
+        "psycopg2": psycopg2.connect,
+        "asyncpg": lambda url: asyncio.run(asyncpg.connect(url)),
+    }
+    for library, connect in connects.items():
+        connect(template)
+        try:
+            connect(other)
+            print(library, "connected")
+        except guard.ForeignConnection:
+            print(library, "refused")
+psycopg2.connect(other).close()
+print("after the build: connected")
+"""
+
+
+def test_libraries_imported_during_the_build_are_guarded_too(shared: LocalServer, real_database: str) -> None:
+    pytest.importorskip("sqlalchemy")
+    pytest.importorskip("asyncpg")
+    pytest.importorskip("psycopg2")
+    template = shared.create_database()
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                IMPORTED_DURING_THE_BUILD,
+                url_of(shared, template, "postgresql"),
+                url_of(shared, real_database, "postgresql"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        shared.drop_database(template)
+    assert out.splitlines() == [
+        "sqlalchemy refused",
+        "psycopg2 refused",
+        "asyncpg refused",
+        "after the build: connected",
+    ]
 
 
 def test_a_migration_that_swallows_the_refusal_still_fails(

@@ -228,7 +228,10 @@ def _build(
 def _migrate(server: Server, migrator: Migrator, target: Target, opened: set[str]) -> None:
     """One step, with connections elsewhere refused and the files it reads recorded; a step running the app's
     code must change something in the template (else it most likely migrated another database)."""
-    since = _next_xid(server) if migrator.runs_app_code else None
+    if not migrator.runs_app_code:  # sql:, sqlalchemy: connect to the template only and read only their inputs
+        migrator.migrate(target)
+        return
+    since = _next_xid(server)
     refused: list[guard.ForeignConnection] = []
     try:
         with reads.recording() as read, guard.only_template(target.dbname, migrator.label) as refused:
@@ -240,7 +243,7 @@ def _migrate(server: Server, migrator: Migrator, target: Target, opened: set[str
         raise
     if refused:  # the migration caught the refusal and went on: it still tried to change another database
         raise refused[0]
-    if since is not None and not _changed_since(server, target.dbname, since):
+    if not _changed_since(server, target.dbname, since):
         migrator.unchanged(target)
 
 

@@ -3,8 +3,9 @@
 An ``env.py`` or a ``python:`` migration that builds its engine from the app's own settings would otherwise
 migrate the database those settings name (a real server), and the build would look like a success. The
 guard wraps the connect entry points of the client libraries that are already imported (psycopg 3 sync and
-async, psycopg2, asyncpg) or installed (imported then, so that a migration importing them later is covered
-too), and adds a ``do_connect`` listener on SQLAlchemy's ``Engine`` class, which sees every dialect. A
+async, psycopg2, asyncpg; those the migration imports are patched once imported, by a ``sys.meta_path``
+finder, so that no library is imported for the guard's sake) and adds a ``do_connect`` listener on
+SQLAlchemy's ``Engine`` class, which sees every dialect. A
 connection to a template being built passes; any other raises :class:`ForeignConnection`, naming the target
 without its password. Everything is put back when the last build ends.
 """
@@ -13,8 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import importlib
-import importlib.util
+import importlib.abc
 import os
 import sys
 import threading
@@ -107,16 +107,46 @@ def _default_user() -> str:
 
 
 def _loaded(name: str) -> Any:
-    """The module if it is imported, or installed (then imported now); None otherwise."""
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    try:
-        if importlib.util.find_spec(name.partition(".")[0]) is None:
+    return sys.modules.get(name)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds a watched library's module with the other finders and patches it once it is executed."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        install = _WATCHED.get(name)
+        if install is None:
             return None
-        return importlib.import_module(name)
-    except Exception:  # a broken or partial installation is not the guard's business
-        return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _Patching(spec.loader, install)
+        return spec
+
+
+class _Patching(importlib.abc.Loader):
+    def __init__(self, loader: Any, install: Callable[[], None]) -> None:
+        self.loader = loader
+        self.install = install
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        with _state.lock:
+            if _state.building:
+                self.install()
+
+    def __getattr__(self, name: str) -> Any:  # resource readers and the like
+        return getattr(self.loader, name)
 
 
 def _patch(owner: Any, attribute: str, replacement: Any) -> None:
@@ -126,8 +156,13 @@ def _patch(owner: Any, attribute: str, replacement: Any) -> None:
 
 
 def _install() -> None:
-    for install in (_psycopg, _psycopg2, _asyncpg, _sqlalchemy):
-        install()
+    _psycopg()  # pgsandbox's own driver: always imported
+    for name, install in _WATCHED.items():
+        if name in sys.modules:
+            install()
+    finder = _PatchOnImport()
+    sys.meta_path.insert(0, finder)
+    _state.undo.append(lambda: sys.meta_path.remove(finder))
 
 
 def _conninfo(conninfo: str) -> dict[str, Any]:
@@ -199,3 +234,10 @@ def _sqlalchemy() -> None:
 
     event.listen(engine_module.Engine, "do_connect", do_connect)
     _state.undo.append(lambda: event.remove(engine_module.Engine, "do_connect", do_connect))
+
+
+_WATCHED: dict[str, Callable[[], None]] = {
+    "psycopg2": _psycopg2,
+    "asyncpg.connect_utils": _asyncpg,
+    "sqlalchemy.engine": _sqlalchemy,
+}
