@@ -456,3 +456,50 @@ def test_seed_through_the_apps_own_session(pytester: pytest.Pytester, shared_dsn
     result.stdout.fnmatch_lines(
         ["*seed template * (python:shop.catalog:seed_demo, python:shop.catalog:seed_more, hook:*): cache miss*"]
     )
+
+
+def test_errors_of_async_and_session_migrations(
+    pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgsandbox.template import MigrationError, Target
+    from pgsandbox.template.python import CallableMigrator
+    from pgsandbox.urls import sqlalchemy_url
+
+    write(
+        pytester.path,
+        {
+            "pyproject.toml": '[tool.pytest.ini_options]\npg_migrations = ["python:app.schema:create"]\n',
+            "app/__init__.py": "",
+            "app/schema.py": """
+                async def create(conn):
+                    await conn.execute("create table users (name text)")
+                    await conn.execute("insert into nosuch values (1)")
+            """,
+            "test_x.py": "def test_x(pg): pass\n",
+        },
+    )
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            '*python:app.schema:create failed (*app/schema.py, line 4): UndefinedTable: relation "nosuch" does not '
+            "exist",
+            "*What to do: fix the migration function and run again; the template was not kept.",
+        ]
+    )
+
+    def seed(session: Any) -> None:
+        pass
+
+    name = shared.create_database()
+    try:
+        target = Target(name, shared.dsn_for(name), sqlalchemy_url({**shared.params, "dbname": name}))
+        monkeypatch.setitem(sys.modules, "sqlalchemy.orm", None)  # as if SQLAlchemy were not installed
+        with pytest.raises(MigrationError) as caught:
+            CallableMigrator("python:app.seed:seed", seed, (), pytester.path).migrate(target)
+    finally:
+        shared.drop_database(name)
+    assert str(caught.value) == (
+        "a migration or seed asks for a SQLAlchemy session, but SQLAlchemy is not installed.\n"
+        "  What to do: pip install 'pytest-pgsandbox[sqlalchemy]', or take a connection (conn) instead."
+    )

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import os
 import sys
 import threading
 import warnings
@@ -29,6 +30,7 @@ import psycopg
 
 from pgsandbox.errors import PgSandboxWarning
 from pgsandbox.template.base import MigrationError, Migrator, Target, file_inputs, files_matching
+from pgsandbox.template.reads import ignored_roots
 
 GIVEN = ("conn", "dsn", "url", "session")
 
@@ -128,8 +130,9 @@ class CallableMigrator(Migrator):
             raise
         except Exception as error:
             where = ""
-            here = str(Path(__file__).parent)
-            frames = [f for f in inspect.trace() if not f.filename.startswith(here) and "/asyncio/" not in f.filename]
+            # the innermost frame of the app's code: not pgsandbox's, Python's or a library's (psycopg's)
+            libraries = ignored_roots()
+            frames = [f for f in inspect.trace() if not os.path.realpath(f.filename).startswith(libraries)]
             if frames:
                 where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
             message = error.diag.message_primary if isinstance(error, psycopg.Error) else None

@@ -65,7 +65,8 @@ def recording() -> Iterator[set[str]]:
         _recorders.remove(opened)
 
 
-def _ignored_roots() -> tuple[str, ...]:
+def ignored_roots() -> tuple[str, ...]:
+    """Directories of Python itself, installed packages and pgsandbox (each ending with a separator)."""
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(pgsandbox.__file__)}
     roots.update(path for path in sysconfig.get_paths().values())
     with contextlib.suppress(AttributeError):
@@ -79,7 +80,7 @@ def _ignored_roots() -> tuple[str, ...]:
 def watched(opened: Iterable[str], inputs: Iterable[Path]) -> list[Path]:
     """Of the files a build opened, those worth watching: regular data files of the project (or anywhere
     else), not among the migrators' hashed inputs, not Python's, an installed package's or pgsandbox's."""
-    ignored = _ignored_roots()
+    ignored = ignored_roots()
     hashed = {os.path.realpath(path) for path in inputs}
     found = set()
     for name in opened:
