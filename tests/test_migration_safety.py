@@ -264,8 +264,8 @@ def test_a_migration_that_swallows_the_refusal_still_fails(
 
 # -- 1: what legitimately changes nothing ---------------------------------------------------------------------
 def test_a_migration_with_nothing_to_do_is_no_error(pytester: pytest.Pytester, shared_dsn: str) -> None:
-    """An sql: file of comments only (a placeholder) builds silently; a hook that did nothing builds with a
-    warning that says where its work may have gone."""
+    """An sql: file of comments only (a placeholder) and an Alembic project without revisions build silently; a
+    hook that did nothing builds with a warning that says where its work may have gone."""
     write(
         pytester.path,
         {
@@ -277,7 +277,36 @@ def test_a_migration_with_nothing_to_do_is_no_error(pytester: pytest.Pytester, s
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-W", "error::pgsandbox.errors.PgSandboxWarning")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*(sql:migrations): cache miss, built in*"])
-    write(pytester.path, {"conftest.py": "def pytest_pgsandbox_migrate(conn):\n    pass\n"})
+    # a new Alembic project without revisions: `upgrade head` still creates its version table in the template
+    write(
+        pytester.path,
+        {
+            "pyproject.toml": '[tool.pytest.ini_options]\npg_migrations = ["alembic:alembic.ini"]\n',
+            "alembic.ini": "[alembic]\nscript_location = %(here)s/alembic\n",
+            "alembic/script.py.mako": f"# {pytester.path.name}\n",
+            "alembic/versions/.keep": "",
+            "alembic/env.py": """
+                from alembic import context
+                from sqlalchemy import engine_from_config, pool
+
+                section = context.config.get_section(context.config.config_ini_section)
+                with engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool).connect() as connection:
+                    context.configure(connection=connection, target_metadata=None)
+                    with context.begin_transaction():
+                        context.run_migrations()
+            """,
+        },
+    )
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-W", "error::pgsandbox.errors.PgSandboxWarning")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*(alembic:alembic.ini): cache miss, built in*"])
+    write(
+        pytester.path,
+        {
+            "pyproject.toml": '[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n',
+            "conftest.py": "def pytest_pgsandbox_migrate(conn):\n    pass\n",
+        },
+    )
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
@@ -503,3 +532,38 @@ def test_errors_of_async_and_session_migrations(
         "a migration or seed asks for a SQLAlchemy session, but SQLAlchemy is not installed.\n"
         "  What to do: pip install 'pytest-pgsandbox[sqlalchemy]', or take a connection (conn) instead."
     )
+
+
+def test_a_changed_read_file_of_a_template_in_use_on_a_shared_server(tmp_path: Path, shared_dsn: str) -> None:
+    """Another session uses the template: it is not dropped under it; the error says how to get a template per
+    version of the file. A file the build wrote and read back (its own output) is not watched."""
+    from pgsandbox import Settings
+    from pgsandbox.errors import ConfigError
+    from pgsandbox.sandbox import Sandbox
+    from pgsandbox.template.python import CallableMigrator
+
+    (tmp_path / "schema.sql").write_text(f"create table users (name text); -- {tmp_path.name}")
+
+    def migrate(conn: psycopg.Connection[Any]) -> None:
+        (tmp_path / "generated.sql").write_text((tmp_path / "schema.sql").read_text())
+        conn.execute((tmp_path / "generated.sql").read_text())
+
+    def start() -> Sandbox:
+        migrator = CallableMigrator("python:app.db:migrate", migrate, (), tmp_path)
+        return Sandbox.start(Settings(dsn=shared_dsn), migrations=[migrator], root=tmp_path)
+
+    with start() as first:
+        assert first.templates[0].watched == ("schema.sql",)
+        (tmp_path / "schema.sql").write_text("create table users (name text, email text);")
+        with pytest.raises(ConfigError) as caught:
+            start()
+    assert str(caught.value) == (
+        f"cannot rebuild the migrations template {first.templates[0].name}: its build read schema.sql, which changed "
+        "since, and 1 other session(s) are using it.\n  What to do: list the file(s) in pg_migrations_inputs: then "
+        "each version gets a template of its own (sessions on a shared server may differ); or let the other sessions "
+        "finish and run again."
+    )
+    with start() as rebuilt:
+        assert rebuilt.templates[0].stale == ("schema.sql",)
+        with rebuilt.database() as db:
+            assert db.fetchval("select count(*) from information_schema.columns where table_name = 'users'") == 2

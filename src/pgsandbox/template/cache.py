@@ -316,6 +316,13 @@ def _require_unused(server: Server, info: TemplateInfo) -> None:
         "AND pid <> pg_backend_pid() AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 1",
         [key >> 32, key & 0xFFFFFFFF],
     ).fetchone()
+    if row and row[0] and info.stale:
+        raise ConfigError(
+            f"cannot rebuild the {info.layer} template {info.name}: its build read {', '.join(info.stale)}, which "
+            f"changed since, and {row[0]} other session(s) are using it.",
+            "list the file(s) in pg_migrations_inputs: then each version gets a template of its own (sessions on a "
+            "shared server may differ); or let the other sessions finish and run again.",
+        )
     if row and row[0]:
         raise ConfigError(
             f"cannot rebuild the {info.layer} template {info.name}: {row[0]} other session(s) are using it.",

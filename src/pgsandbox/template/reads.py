@@ -31,7 +31,7 @@ OWN_THREADS = ("pgsandbox-cache-writer", "pgsandbox-snapshot-writer", "pgsandbox
 CODE_SUFFIXES = (".py", ".pyc", ".pyi", ".pth", ".so", ".pyd")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
-_recorders: list[set[str]] = []
+_recorders: list[tuple[set[str], set[str]]] = []  # (opened for reading, opened for writing) per build
 _hooked = False
 _lock = threading.Lock()
 
@@ -40,29 +40,32 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     if event != "open" or not _recorders:
         return
     path, _, flags = args
-    if not isinstance(path, (str, bytes, os.PathLike)) or (isinstance(flags, int) and flags & WRITE_FLAGS):
-        return
-    if threading.current_thread().name.startswith(OWN_THREADS):
+    if not isinstance(path, (str, bytes, os.PathLike)) or threading.current_thread().name.startswith(OWN_THREADS):
         return
     name = os.path.abspath(os.fsdecode(path))
-    for recorder in _recorders:
-        recorder.add(name)
+    writes = isinstance(flags, int) and bool(flags & WRITE_FLAGS)
+    for read, written in _recorders:
+        (written if writes else read).add(name)
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[set[str]]:
-    """The absolute paths of the files opened for reading while the block runs (unfiltered)."""
+    """The absolute paths of the files opened for reading while the block runs (unfiltered), except those it
+    also wrote: a file the build wrote is its output (a temporary file), not an input."""
     global _hooked
     with _lock:
         if not _hooked:
             sys.addaudithook(_hook)
             _hooked = True
-    opened: set[str] = set()
-    _recorders.append(opened)
+    read: set[str] = set()
+    written: set[str] = set()
+    recorder = (read, written)
+    _recorders.append(recorder)
     try:
-        yield opened
+        yield read
     finally:
-        _recorders.remove(opened)
+        _recorders.remove(recorder)
+        read -= written
 
 
 def ignored_roots() -> tuple[str, ...]:
