@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
 import os
@@ -55,12 +56,9 @@ class Call:
 
     @classmethod
     def hook(cls, function: Callable[..., Any], names: Sequence[str]) -> Call:
-        """A hook implementation: each argument it names (``conn``, ``dsn``, ``url``, ``session``)."""
-        try:
-            parameters = inspect.signature(function).parameters
-        except (TypeError, ValueError):
-            parameters = {}  # type: ignore[assignment]
-        return cls(function, tuple((name, _wanted(parameters[name]) if name in parameters else name) for name in names))
+        """A hook implementation: each argument it names (``conn``, ``dsn``, ``url``, ``session``: the
+        hookspec's, which pluggy checked)."""
+        return cls(function, tuple((name, name) for name in names if name in GIVEN))
 
     @property
     def is_async(self) -> bool:
@@ -123,7 +121,7 @@ class CallableMigrator(Migrator):
         try:
             for call in self.calls:
                 if call.is_async:
-                    _in_own_loop(lambda call=call: _call_async(call, target))  # type: ignore[misc]
+                    _in_own_loop(functools.partial(_call_async, call, target))
                 else:
                     _call(call, target)
         except MigrationError:
