@@ -54,7 +54,11 @@ def only_template(dbname: str, label: str) -> Iterator[list[ForeignConnection]]:
     refused: list[ForeignConnection] = []
     with _state.lock:
         if not _state.building:
-            _install()
+            try:
+                _install()
+            except BaseException:
+                _uninstall()
+                raise
         _state.building[dbname] = label
         start = len(_state.refused)
     try:
@@ -64,10 +68,7 @@ def only_template(dbname: str, label: str) -> Iterator[list[ForeignConnection]]:
             refused.extend(error for error in _state.refused[start:] if error.label == label)
             del _state.building[dbname]
             if not _state.building:
-                for undo in reversed(_state.undo):
-                    undo()
-                _state.undo.clear()
-                _state.refused.clear()
+                _uninstall()
 
 
 def check(params: Mapping[str, Any], library: str) -> None:
@@ -153,6 +154,13 @@ def _patch(owner: Any, attribute: str, replacement: Any) -> None:
     original = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
     setattr(owner, attribute, replacement)
     _state.undo.append(lambda: setattr(owner, attribute, original))
+
+
+def _uninstall() -> None:
+    for undo in reversed(_state.undo):
+        undo()
+    _state.undo.clear()
+    _state.refused.clear()
 
 
 def _install() -> None:
