@@ -120,18 +120,25 @@ def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
 # -- the session's sandbox ---------------------------------------------------------------------------------
 def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) -> list[Migrator]:
     """A conftest's ``pytest_pgsandbox_migrate``/``_seed`` as a migrator hashed by its source files."""
-    from pgsandbox.template.python import CallableMigrator
+    from pgsandbox.template.python import Call, CallableMigrator
 
     hook = getattr(config.hook, name)
-    impls = hook.get_hookimpls()
+    impls = [i for i in hook.get_hookimpls() if not (i.hookwrapper or getattr(i, "wrapper", False))]
     if not impls:
         return []
     sources = sorted({Path(inspect.getfile(impl.function)) for impl in impls})
+    # in pluggy's order; each implementation gets what it names (conn, dsn, url, session), async ones too
+    calls = [Call.hook(impl.function, impl.argnames) for impl in reversed(impls)]
+    return [CallableMigrator(f"hook:{name}", calls, inputs, config.rootpath, sources)]
 
-    def run(conn: Any) -> None:
-        hook(conn=conn)
 
-    return [CallableMigrator(f"hook:{name}", run, inputs, config.rootpath, sources)]
+def hook_names(config: pytest.Config, name: str) -> list[str]:
+    """``hook pytest_pgsandbox_migrate (conftest.py)`` for the header, when a conftest implements it."""
+    files = set()
+    for impl in getattr(config.hook, name).get_hookimpls():
+        path = Path(inspect.getfile(impl.function))
+        files.add(str(path.relative_to(config.rootpath)) if path.is_relative_to(config.rootpath) else path.name)
+    return [f"hook {name} ({', '.join(sorted(files))})"] if files else []
 
 
 def _start(config: pytest.Config, progress: Callable[[str], None] | None = None) -> Sandbox:
@@ -397,10 +404,11 @@ def timeout_of(error: BaseException | None) -> str | None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     options = settings(config)
-    migrations = ", ".join(options.migrations) or "none in pg_migrations"
-    line = f"pgsandbox: isolation {options.isolation}; migrations: {migrations}"
-    if options.seed:
-        line += f"; seed: {', '.join(options.seed)}"
+    migrations = ", ".join([*options.migrations, *hook_names(config, "pytest_pgsandbox_migrate")])
+    line = f"pgsandbox: isolation {options.isolation}; migrations: {migrations or 'none in pg_migrations'}"
+    seed = [*options.seed, *hook_names(config, "pytest_pgsandbox_seed")]
+    if seed:
+        line += f"; seed: {', '.join(seed)}"
     return [line]
 
 

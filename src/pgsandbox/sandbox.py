@@ -441,6 +441,7 @@ class Sandbox:
                     keep=settings.templates_keep,
                     clone_clause=clone_clause(server, settings.clone_strategy),
                     progress=progress,
+                    root=root,
                 )
                 snapshot_hit = isinstance(server, LocalServer) and server.snapshot is not None
                 if progress:
@@ -449,7 +450,8 @@ class Sandbox:
                 built = [t for t in templates if not t.hit]
                 if isinstance(server, LocalServer) and built:
                     started = time.perf_counter()
-                    server.save_snapshot(chain.final_key, replace=settings.rebuild)
+                    stale = any(t.stale for t in templates)  # the snapshot holds the stale template
+                    server.save_snapshot(chain.final_key, replace=settings.rebuild or stale)
                     for info in templates:  # the restart dropped the session's locks
                         hold_in_use(server, info.name)
                     if progress:
@@ -964,4 +966,8 @@ def describe_template(info: TemplateInfo, snapshot_hit: bool) -> str:
     if info.hit:
         where = "from the cached cluster" if snapshot_hit else "already on the server"
         return f"{info.layer} template {info.short_hash} ({labels}): cache hit, {where}, nothing to migrate"
-    return f"{info.layer} template {info.short_hash} ({labels}): cache miss, built in {info.seconds:.2f} s"
+    why = f"{', '.join(info.stale)} changed since the last build" if info.stale else "cache miss"
+    line = f"{info.layer} template {info.short_hash} ({labels}): {why}, built in {info.seconds:.2f} s"
+    if info.watched:
+        line += f"; it read {', '.join(info.watched)}, not in pg_migrations_inputs: watched, a change rebuilds it"
+    return line

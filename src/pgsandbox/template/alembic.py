@@ -25,6 +25,8 @@ def _alembic_missing() -> MigrationError:
 
 
 class AlembicMigrator(Migrator):
+    runs_app_code = True  # env.py decides where it connects
+
     def __init__(self, path: Path, root: Path) -> None:
         self.path = path
         self.root = root
@@ -56,7 +58,8 @@ class AlembicMigrator(Migrator):
             config.attributes["pgsandbox_url"] = url
         return config
 
-    def inputs(self) -> Iterable[tuple[str, bytes]]:
+    def _files(self) -> tuple[Path, list[Path], Path | None]:
+        """The script directory, its files (env.py, the template, the revisions) and alembic.ini."""
         config = self.config()
         from alembic.script import ScriptDirectory
 
@@ -67,10 +70,31 @@ class AlembicMigrator(Migrator):
         }
         for location in script.version_locations:
             files.update(p for p in Path(location).rglob("*.py") if "__pycache__" not in p.parts)
-        pairs = file_inputs(sorted(files), base)
-        if config.config_file_name:
-            pairs.append(("alembic.ini", Path(config.config_file_name).read_bytes()))
+        ini = Path(config.config_file_name) if config.config_file_name else None
+        return base, sorted(files), ini
+
+    def inputs(self) -> Iterable[tuple[str, bytes]]:
+        base, files, ini = self._files()
+        pairs = file_inputs(files, base)
+        if ini is not None:
+            pairs.append(("alembic.ini", ini.read_bytes()))
         return pairs
+
+    def input_paths(self) -> list[Path]:
+        _, files, ini = self._files()
+        return [*files, *([ini] if ini else [])]
+
+    def unchanged(self, target: Target) -> None:
+        # `alembic upgrade head` creates its version table in the database it migrates, even with no revision
+        raise MigrationError(
+            f"{self.label}: `alembic upgrade head` finished, but the template {target.dbname} is unchanged: no "
+            "alembic_version table, nothing created. Its env.py most likely ignored the URL pgsandbox gave it "
+            '(sqlalchemy.url, config.attributes["pgsandbox_url"]) and migrated the database your app\'s settings '
+            "name instead.",
+            'let pgsandbox\'s URL win in env.py: url = config.attributes.get("pgsandbox_url", <your setting>), '
+            'then build the engine from url (README, "Alembic with an async env.py"); and check the database '
+            "your settings name: these migrations may have run there.",
+        )
 
     def migrate(self, target: Target) -> None:
         from alembic import command

@@ -34,6 +34,9 @@ class Migrator(ABC):
     """One step of a template build. ``inputs()`` must cover everything that changes what ``migrate()`` does."""
 
     label: str
+    # runs the app's own code, which may connect wherever it likes: the build then checks that it changed
+    # the template (see :meth:`unchanged`)
+    runs_app_code = False
 
     @abstractmethod
     def inputs(self) -> Iterable[tuple[str, bytes]]:
@@ -42,6 +45,15 @@ class Migrator(ABC):
     @abstractmethod
     def migrate(self, target: Target) -> None:
         """Apply this step to the target database. Raise :class:`MigrationError` with a useful message."""
+
+    def input_paths(self) -> list[Path]:
+        """The files ``inputs()`` hashes, where it hashes files: a build reading them is no news."""
+        return []
+
+    def unchanged(self, target: Target) -> None:
+        """Called when this step (``runs_app_code``) created, altered, inserted, updated and deleted nothing
+        in the template: raise :class:`MigrationError` when that cannot be right, or warn."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"

@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -25,6 +26,7 @@ import pgsandbox
 from pgsandbox.errors import ConfigError
 from pgsandbox.server import roles
 from pgsandbox.server.base import Progress, Server, lock_id, terminate_connections
+from pgsandbox.template import guard, reads
 from pgsandbox.template.base import Migrator, Target, fingerprint
 from pgsandbox.urls import sqlalchemy_url
 
@@ -49,6 +51,8 @@ class TemplateInfo:
     hit: bool = False
     seconds: float = 0.0
     labels: tuple[str, ...] = ()
+    stale: tuple[str, ...] = ()  # files the previous build read that changed since: why it was rebuilt
+    watched: tuple[str, ...] = ()  # files this build read beyond its inputs: a change to them rebuilds it
 
     @property
     def short_hash(self) -> str:
@@ -95,8 +99,12 @@ def ensure_templates(
     keep: int = 3,
     clone_clause: sql.Composable = NO_CLAUSE,
     progress: Progress | None = None,
+    root: Path | None = None,
 ) -> list[TemplateInfo]:
-    """Make sure every layer's template exists on ``server``; build the missing ones (and those after them)."""
+    """Make sure every layer's template exists on ``server``; build the missing ones (and those after them).
+
+    A ready template whose build read a file that changed since (see ``reads.py``) is rebuilt; ``root``
+    is what the recorded paths are relative to."""
     hand_over = roles.can_manage_roles(server.admin)
     traits = _server_traits(server, hand_over)
     infos: list[TemplateInfo] = []
@@ -105,10 +113,14 @@ def ensure_templates(
     for layer, key in zip(chain.layers, chain.keys, strict=True):
         info = TemplateInfo(layer.kind, template_name(key, traits), key, labels=tuple(m.label for m in layer.migrators))
         hold_in_use(server, info.name)
-        if not rebuild_from_here and _state(server, info.name) == "ready":
+        ready = not rebuild_from_here and _state(server, info.name) == "ready"
+        if ready:
+            info.stale = tuple(reads.changed(_recorded_reads(server, info.name), root))
+        if ready and not info.stale:
             info.hit = True
         else:
-            built = _build(server, layer, info, parent, project, rebuild_from_here, clone_clause, progress, hand_over)
+            force = rebuild_from_here or bool(info.stale)
+            built = _build(server, layer, info, parent, project, force, clone_clause, progress, hand_over, root)
             rebuild_from_here = rebuild_from_here or built  # a rebuilt parent means its children are stale
             if built and keep:
                 prune(server, project, layer.kind, keep)
@@ -154,6 +166,7 @@ def _build(
     clone_clause: sql.Composable,
     progress: Progress | None,
     hand_over: bool,
+    root: Path | None = None,
 ) -> bool:
     """Build the template unless another session did while we waited; True when this session built it."""
     with _build_lock(server, info, progress):
@@ -165,22 +178,34 @@ def _build(
             _require_unused(server, info)
             drop_template(server, info.name)
         if progress:
-            progress(f"building the {info.layer} template {info.short_hash} ({', '.join(info.labels)})")
+            why = f": {', '.join(info.stale)} changed since it was built" if info.stale else ""
+            progress(f"building the {info.layer} template {info.short_hash} ({', '.join(info.labels)}){why}")
         started = time.perf_counter()
         name = sql.Identifier(info.name)
         server.admin.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(name, sql.Identifier(parent)) + clone_clause
         )
         try:
-            comment = json.dumps(
-                {"project": project, "layer": layer.kind, "created": time.time(), "labels": list(info.labels)}
-            )
-            server.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(name, sql.Literal(comment)))
+            meta: dict[str, Any] = {
+                "project": project,
+                "layer": layer.kind,
+                "created": time.time(),
+                "labels": list(info.labels),
+            }
+            server.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(name, sql.Literal(json.dumps(meta))))
             target = Target(
                 info.name, server.dsn_for(info.name), sqlalchemy_url({**server.params, "dbname": info.name})
             )
+            opened: set[str] = set()
             for migrator in layer.migrators:
-                migrator.migrate(target)
+                _migrate(server, migrator, target, opened)
+            files = reads.watched(opened, [p for m in layer.migrators for p in m.input_paths()])
+            if files:
+                meta["reads"] = reads.record(files, root)
+                info.watched = tuple(meta["reads"])
+                server.admin.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(name, sql.Literal(json.dumps(meta)))
+                )
             with server.connect(info.name, autocommit=True) as conn:
                 if hand_over:
                     roles.ensure_owner(server.admin)
@@ -198,6 +223,73 @@ def _build(
             raise
         info.seconds = time.perf_counter() - started
         return True
+
+
+def _migrate(server: Server, migrator: Migrator, target: Target, opened: set[str]) -> None:
+    """One step, with connections elsewhere refused and the files it reads recorded; a step running the app's
+    code must change something in the template (else it most likely migrated another database)."""
+    if not migrator.runs_app_code:  # sql:, sqlalchemy: connect to the template only and read only their inputs
+        migrator.migrate(target)
+        return
+    since = _next_xid(server)
+    refused: list[guard.ForeignConnection] = []
+    try:
+        with reads.recording() as read, guard.only_template(target.dbname, migrator.label) as refused:
+            migrator.migrate(target)
+        opened |= read
+    except Exception as error:
+        if refused and refused[0] is not error:  # the refusal, whatever a library or the migrator made of it
+            raise refused[0] from None
+        raise
+    if refused:  # the migration caught the refusal and went on: it still tried to change another database
+        raise refused[0]
+    if not _changed_since(server, target.dbname, since):
+        migrator.unchanged(target)
+
+
+def _next_xid(server: Server) -> int:
+    """The first transaction id not yet assigned on the server: what a step writes carries one at least as new."""
+    row = server.admin.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _changed_since(server: Server, dbname: str, xid: int) -> bool:
+    """Whether a transaction since ``xid`` wrote to ``dbname``'s catalogs (DDL, grants, comments) or to a row
+    of its tables (data): every new tuple version carries its writer's transaction id (``xmin``), a deleted
+    one its deleter's (``xmax``); ``age()`` compares them with ``xid`` across 32-bit wraparound. The catalogs
+    of a template being built are small (a few ms); tables are read only when the catalogs did not change
+    (a seed), and ``EXISTS`` stops at the first new row."""
+    since = sql.Literal(str(xid % 2**32))
+    new = sql.SQL("age(xmin) <= age({0}::xid) OR (xmax <> '0'::xid AND age(xmax) <= age({0}::xid))").format(since)
+    with server.connect(dbname, autocommit=True) as conn:
+        catalogs = conn.execute(
+            "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace "
+            "AND c.relkind = 'r' AND NOT c.relisshared"
+        ).fetchall()
+        tables = conn.execute(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+            "AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_(catalog$|toast|temp_)'"
+        ).fetchall()
+        for group in (catalogs, tables):
+            if not group:
+                continue
+            exists = [sql.SQL("EXISTS (SELECT FROM {} WHERE {})").format(sql.SQL(table), new) for (table,) in group]
+            row = conn.execute(sql.SQL("SELECT ") + sql.SQL(" OR ").join(exists)).fetchone()
+            if row and row[0]:
+                return True
+    return False
+
+
+def _recorded_reads(server: Server, name: str) -> dict[str, str]:
+    row = server.admin.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", [name]
+    ).fetchone()
+    try:
+        recorded = json.loads(row[0] or "{}").get("reads") if row else None
+    except (ValueError, AttributeError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def warm_relcache(server: Server, name: str) -> None:
@@ -224,6 +316,13 @@ def _require_unused(server: Server, info: TemplateInfo) -> None:
         "AND pid <> pg_backend_pid() AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 1",
         [key >> 32, key & 0xFFFFFFFF],
     ).fetchone()
+    if row and row[0] and info.stale:
+        raise ConfigError(
+            f"cannot rebuild the {info.layer} template {info.name}: its build read {', '.join(info.stale)}, which "
+            f"changed since, and {row[0]} other session(s) are using it.",
+            "list the file(s) in pg_migrations_inputs: then each version gets a template of its own (sessions on a "
+            "shared server may differ); or let the other sessions finish and run again.",
+        )
     if row and row[0]:
         raise ConfigError(
             f"cannot rebuild the {info.layer} template {info.name}: {row[0]} other session(s) are using it.",

@@ -193,6 +193,9 @@ class SqlDirMigrator(Migrator):
     def inputs(self) -> Iterable[tuple[str, bytes]]:
         return file_inputs(self.files(), self.directory)
 
+    def input_paths(self) -> list[Path]:
+        return self.files()
+
     def migrate(self, target: Target) -> None:
         with target.connect(autocommit=True) as conn:
             for path in self.files():

@@ -140,6 +140,8 @@ def _is_library(module_name: str) -> bool:
 
 
 class SqlAlchemyMigrator(CallableMigrator):
+    runs_app_code = False  # create_all on the URL it is given; empty metadata is no mistake of where
+
     def __init__(self, spec: str, inputs: Iterable[str], root: Path) -> None:
         self.metadata, self.registries = load_metadata(spec, root)
         self.module_name = spec.partition(":")[0]
