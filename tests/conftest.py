@@ -106,6 +106,3 @@ def shared_dsn(shared: LocalServer) -> str:
     assert shared.tcp is not None
     return f"postgresql://postgres:{shared.params['password']}@127.0.0.1:{shared.tcp[1]}/postgres"
 
-
-# small projects of a class of real code, copied into pytester's directory by the tests that run them
-collect_ignore = ["projects"]
