@@ -105,4 +105,3 @@ def shared_dsn(shared: LocalServer) -> str:
     """The shared server's superuser URL (password included: pgsandbox redacts it in every message)."""
     assert shared.tcp is not None
     return f"postgresql://postgres:{shared.params['password']}@127.0.0.1:{shared.tcp[1]}/postgres"
-
