@@ -327,6 +327,7 @@ class Sandbox:
         self.progress = progress
         self.attached = attached  # another process's sandbox (xdist's controller) owns server and templates
         self.template = templates[-1].name if templates else "template0"
+        server.handed_over = bool(templates) and templates[-1].handed_over
         self.clone_clause = clone_clause(server, settings.clone_strategy)
         self._transaction: TransactionIsolation | None = None
         self._pool: ClonePool | None = None
@@ -445,16 +446,17 @@ class Sandbox:
                     "pgsandbox cannot give them a least-privilege role of their own"
                 )
             return
-        roles.ensure_owner(admin)
         name = self.server.database_name("tests")
         try:
-            self.server.login = roles.create_login(
-                admin,
-                name,
-                createdb=self.settings.role == "createdb",
-                label=self.server.run_label,
-                settings=self.timeouts,
-            )
+            with roles.changing_roles(admin):
+                roles.ensure_owner(admin)
+                self.server.login = roles.create_login(
+                    admin,
+                    name,
+                    createdb=self.settings.role == "createdb",
+                    label=self.server.run_label,
+                    settings=self.timeouts,
+                )
         except psycopg.errors.InsufficientPrivilege as error:
             if self.progress:
                 user = self.server.params.get("user")
@@ -469,7 +471,8 @@ class Sandbox:
             "local": isinstance(self.server, LocalServer),
             "statement_log": self.server.statement_log.describe() if self.server.statement_log else None,
             "templates": [
-                {"layer": t.layer, "name": t.name, "key": t.key, "labels": list(t.labels)} for t in self.templates
+                {"layer": t.layer, "name": t.name, "key": t.key, "labels": list(t.labels), "handed_over": t.handed_over}
+                for t in self.templates
             ],
         }
 
@@ -485,7 +488,9 @@ class Sandbox:
         server = ExternalServer.attach(description["dsn"], "the xdist controller's server", statement_log)
         start_seconds = time.perf_counter() - started
         templates = [
-            TemplateInfo(t["layer"], t["name"], t["key"], hit=True, labels=tuple(t["labels"]))
+            TemplateInfo(
+                t["layer"], t["name"], t["key"], hit=True, labels=tuple(t["labels"]), handed_over=t["handed_over"]
+            )
             for t in description["templates"]
         ]
         if description["local"] and settings.clone_strategy == "auto":
@@ -830,11 +835,9 @@ class Sandbox:
                 release(self.server, self.templates)
             for name in self._kept:
                 self.server.forget_database(name)
-                if self.server.login is not None:  # its owner, the tests' role, is dropped below
-                    with contextlib.suppress(psycopg.Error):
-                        self.server.admin.execute(
-                            sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(name))
-                        )
+                if self.server.login is not None:  # it owns the database and its objects, and is dropped below
+                    with contextlib.suppress(psycopg.Error), self.server.connect(name, autocommit=True) as conn:
+                        roles.give_back(conn, self.server.login)
         finally:
             if local and self._kept:
                 assert isinstance(self.server, LocalServer)

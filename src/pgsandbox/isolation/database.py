@@ -124,9 +124,17 @@ class ClonePool:
                         with self._cond:
                             self.timings[strategy].append(time.perf_counter() - started)
                     try:
-                        test_conn: psycopg.Connection[Any] | None = psycopg.connect(self.server.login_dsn_for(name))
+                        test_conn: psycopg.Connection[Any] | None = psycopg.connect(
+                            self.server.login_dsn_for(name), autocommit=True
+                        )
                     except psycopg.Error:
                         test_conn = None
+                    if test_conn is not None:
+                        self.server.take_over(test_conn)
+                        test_conn.autocommit = False
+                    elif self.server.handed_over:  # the test connects later: its role owns the objects all the same
+                        with psycopg.connect(self.server.login_dsn_for(name), autocommit=True) as owner:
+                            self.server.take_over(owner)
                     with self._cond:
                         self._pending -= 1
                         self._ready.append(Clone(name, test_conn))
