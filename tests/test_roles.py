@@ -274,17 +274,46 @@ OWNERSHIP_TESTS = """
 """
 
 
-@pytest.mark.parametrize("role", ["own", "createdb", "admin"])
+@pytest.mark.parametrize(
+    ("role", "server"), [("own", "local"), ("own", "external"), ("createdb", "external"), ("admin", "local")]
+)
 def test_what_tests_create_has_the_owner_of_what_migrations_created(
-    pytester: pytest.Pytester, shared_dsn: str, role: str
+    pytester: pytest.Pytester, shared_dsn: str, role: str, server: str
 ) -> None:
+    """Migrated objects and the test's own have one owner, the role the tests connect as, in every pg_role mode,
+    on pgsandbox's own server and on an existing one, in both isolation modes, under pytest-xdist."""
     pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n')
     (pytester.path / "migrations").mkdir()
     (pytester.path / "migrations/1.sql").write_text(OWNERSHIP_SCHEMA)
     for isolation in ("transaction", "database"):
         tests = textwrap.dedent(OWNERSHIP_TESTS).replace("ISOLATION", repr(isolation))
         (pytester.path / f"test_{isolation}.py").write_text(tests)
-    result = pytester.runpytest_subprocess(
-        f"--pg-dsn={shared_dsn}", f"--pg-role={role}", "-n", "4", "-p", "no:randomly"
-    )
+    where = [f"--pg-dsn={shared_dsn}"] if server == "external" else []
+    result = pytester.runpytest_subprocess(*where, f"--pg-role={role}", "-n", "4", "-p", "no:randomly")
     result.assert_outcomes(passed=16)
+
+
+@pytest.mark.parametrize("isolation", ["transaction", "database"])
+def test_a_kept_database_is_given_to_the_admin_and_the_tests_role_is_dropped(
+    tmp_path: Path, shared: LocalServer, shared_dsn: str, isolation: str
+) -> None:
+    """Everything in a test database belongs to the session's role (the template's objects and the test's own):
+    a database kept for a failed test is given to the admin, so that the role can be dropped at the end."""
+    with sandbox(tmp_path, shared_dsn, isolation=isolation) as box:
+        assert box.server.login is not None
+        user = box.server.login.user
+        db = box.open()
+        db.execute("create table notes (user_id integer references users (id))")
+        box.close(db, keep=True)
+        (kept,) = box.kept
+    try:
+        assert shared.admin.execute("select 1 from pg_roles where rolname = %s", [user]).fetchone() is None
+        with shared.connect(kept) as conn:
+            owners = conn.execute(
+                "select distinct pg_get_userbyid(relowner) from pg_class where relname in ('users', 'notes')"
+            ).fetchall()
+            assert owners == [("postgres",)]
+            dba = conn.execute("select pg_get_userbyid(datdba) from pg_database where datname = current_database()")
+            assert dba.fetchone() == ("postgres",)
+    finally:
+        shared.admin.execute(f'drop database if exists "{kept}"')

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.redact import register_secret
+from pgsandbox.server.statements import INTERNAL
 
 OWNER = "pgsandbox_owner"
 
@@ -137,7 +138,8 @@ def take_over(conn: psycopg.Connection[Any]) -> None:
     connect as, a member of ``pgsandbox_owner``): make that role the owner of what ``pgsandbox_owner`` owns
     there. Only this database's objects move (``pgsandbox_owner`` owns no database or tablespace), so sessions
     running it at once in their own databases do not meet."""
-    conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(OWNER)))
+    # on the test's connection: marked as pgsandbox's own, so that it stays out of the test's statements
+    conn.execute(sql.SQL(INTERNAL + "REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(OWNER)))
 
 
 def give_back(conn: psycopg.Connection[Any], login: Login) -> None:
