@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from pgsandbox import LocalServer, Sandbox, Settings
+from pgsandbox.server import roles
 from pgsandbox.server.roles import OWNER
 
 SCHEMA = "create table users (id serial primary key, name text not null);\ninsert into users (name) values ('ada');\n"
@@ -152,6 +153,8 @@ def test_an_admin_with_createrole_but_not_superuser(tmp_path: Path, shared: Loca
     from pgsandbox.template.cache import drop_template
 
     password = "ci-" + os.urandom(8).hex()
+    with roles.changing_roles(shared.admin):
+        roles.ensure_owner(shared.admin)  # another admin's, whatever ran before on this server
     shared.admin.execute(f"create role ci_admin login createdb createrole password '{scram_verifier(password)}'")
     dsn = make_conninfo(shared_dsn, user="ci_admin", password=password)
     try:
@@ -173,6 +176,7 @@ def test_an_admin_with_createrole_but_not_superuser(tmp_path: Path, shared: Loca
             db.execute("insert into users (name) values ('bob')")
             db.execute("alter table users add column email text")
             assert db.fetchval("select count(*) from users") == 2
+            db.execute("create sequence user_numbers owned by users.id")  # one owner: the tests' role
     finally:
         owned = shared.admin.execute(
             "select datname from pg_database where datdba = (select oid from pg_roles where rolname = 'ci_admin')"
