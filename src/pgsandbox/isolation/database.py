@@ -45,11 +45,14 @@ class ClonePool:
         strategies: Sequence[str],
         depth: int = DEPTH,
         makers: int = MAKERS,
+        owned: bool = False,
     ) -> None:
         """``strategies``: CREATE DATABASE strategies to use; with several, the first clones try each and
-        the fastest is kept (what wins depends on the server's storage and load)."""
+        the fastest is kept (what wins depends on the server's storage and load). ``owned``: the template's
+        objects already belong to the tests' role (else each clone gives them to it: server.take_over)."""
         self.server = server
         self.template = template
+        self.owned = owned
         self.strategies = list(strategies)
         self.timings: dict[str, list[float]] = {strategy: [] for strategy in self.strategies}
         self.created = 0  # databases, for the session report
@@ -78,11 +81,7 @@ class ClonePool:
             while not self._ready and self._error is None:
                 self._cond.wait()
             if self._error is not None and not self._ready:
-                raise PgSandboxError(
-                    f"pgsandbox could not clone the template {self.template}: "
-                    f"{type(self._error).__name__}: {self._error}",
-                    "check the server's log; if the template was dropped by hand, run again (it is rebuilt).",
-                ) from self._error
+                raise clone_failed(self.template, self._error) from self._error
             clone = self._ready.popleft()
             self._cond.notify_all()
         return clone
@@ -124,9 +123,18 @@ class ClonePool:
                         with self._cond:
                             self.timings[strategy].append(time.perf_counter() - started)
                     try:
-                        test_conn: psycopg.Connection[Any] | None = psycopg.connect(self.server.login_dsn_for(name))
+                        test_conn: psycopg.Connection[Any] | None = psycopg.connect(
+                            self.server.login_dsn_for(name), autocommit=True
+                        )
                     except psycopg.Error:
                         test_conn = None
+                    if test_conn is not None:
+                        if not self.owned:
+                            self.server.take_over(test_conn)
+                        test_conn.autocommit = False
+                    elif self.server.handed_over and not self.owned:  # the test connects later: the same owner
+                        with psycopg.connect(self.server.login_dsn_for(name), autocommit=True) as owner:
+                            self.server.take_over(owner)
                     with self._cond:
                         self._pending -= 1
                         self._ready.append(Clone(name, test_conn))
@@ -180,6 +188,13 @@ class ClonePool:
                     self.server.admin.execute(
                         sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                     )
+
+
+def clone_failed(template: str, error: BaseException) -> PgSandboxError:
+    return PgSandboxError(
+        f"pgsandbox could not clone the template {template}: {type(error).__name__}: {error}",
+        "check the server's log; if the template was dropped by hand, run again (it is rebuilt).",
+    )
 
 
 def pick_strategy(timings: dict[str, list[float]]) -> str | None:

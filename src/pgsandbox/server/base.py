@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.errors import ConfigError
 from pgsandbox.redact import redact
-from pgsandbox.server.roles import Login
+from pgsandbox.server.roles import Login, take_over
 from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
 
 Progress = Callable[[str], None]
@@ -123,6 +123,9 @@ class Server(ABC):
         self._counter = 0
         # the role tests connect as (roles.py); None: the admin's, as with pg_role = admin
         self.login: Login | None = None
+        # whether the templates' objects were handed over to pgsandbox_owner (roles.py): each database made
+        # for the tests then gives them to the role the tests connect as (see take_over)
+        self.handed_over = False
         self.started = time.time()
         self.counts = {"created": 0, "dropped": 0}  # databases, for the session report
         # the local server's log of every statement (statements.py); pgsandbox's own connections stay out of it
@@ -258,6 +261,12 @@ class Server(ABC):
         # one round trip: only its owner (and superusers) may connect, and it says which run made it
         revoke = sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC; ").format(sql.Identifier(full))
         return [query, revoke + label]
+
+    def take_over(self, conn: psycopg.Connection[Any]) -> None:
+        """On a database just cloned for the tests (``conn``: the role they connect as, on it): make that role
+        the owner of the template's objects, so that what the tests create has the same owner."""
+        if self.handed_over:
+            take_over(conn)
 
     def database_name(self, name: str | None = None) -> str:
         """The full name ``create_database(name)`` would use."""

@@ -2,6 +2,10 @@
 
 - ``pgsandbox_owner`` (NOLOGIN, one per server) owns what the migrations created in a template: after a layer
   is migrated (as the admin), its objects are handed over to it.
+- Each database made for the tests from a template gives those objects to the role the tests connect as
+  (:func:`take_over`), so that what a test creates has the same owner as what the migrations created:
+  PostgreSQL requires it of a sequence ``OWNED BY`` a column, and the owner's rights are what triggers,
+  foreign keys, views and policies run with.
 - Each session (each xdist worker) creates ``<prefix>tests``: LOGIN with a random password, NOSUPERUSER,
   NOCREATEROLE, NOCREATEDB unless asked, member of ``pgsandbox_owner`` (so it has the owner's rights on the
   app's tables in the databases it may connect to). Its databases are created by the admin with it as their
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.redact import register_secret
+from pgsandbox.server.statements import INTERNAL
 
 OWNER = "pgsandbox_owner"
 
@@ -126,6 +131,36 @@ def hand_over(conn: psycopg.Connection[Any]) -> int:
         grant = sql.SQL("GRANT EXECUTE ON FUNCTION pg_stat_force_next_flush() TO {}")
         conn.execute(grant.format(sql.Identifier(OWNER)))
     return len(statements)
+
+
+def take_over(conn: psycopg.Connection[Any]) -> None:
+    """In a database just cloned from a template whose objects were handed over (``conn``: the role the tests
+    connect as, a member of ``pgsandbox_owner``): make that role the owner of what ``pgsandbox_owner`` owns
+    there. Only this database's objects move (``pgsandbox_owner`` owns no database or tablespace), so sessions
+    running it at once in their own databases do not meet."""
+    # on the test's connection: marked as pgsandbox's own, so that it stays out of the test's statements
+    conn.execute(sql.SQL(INTERNAL + "REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(OWNER)))
+
+
+def give_back(conn: psycopg.Connection[Any], login: Login) -> None:
+    """In a database kept after its session (``conn``: the admin, on it): give what the session's role owns
+    there, the database included, to the admin, so that the role can be dropped."""
+    conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(login.user)))
+
+
+@contextlib.contextmanager
+def changing_roles(admin: psycopg.Connection[Any]) -> Iterator[None]:
+    """Serialise the sessions of a server (xdist workers, runs) while they create or join roles: two sessions
+    updating the same membership of ``pgsandbox_owner`` at once make one fail with "tuple concurrently
+    updated"."""
+    from pgsandbox.server.base import lock_id
+
+    key = lock_id(OWNER, "roles")
+    admin.execute("SELECT pg_advisory_lock(%s)", [key])
+    try:
+        yield
+    finally:
+        admin.execute("SELECT pg_advisory_unlock(%s)", [key])
 
 
 def create_login(

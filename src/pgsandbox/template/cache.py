@@ -53,6 +53,7 @@ class TemplateInfo:
     labels: tuple[str, ...] = ()
     stale: tuple[str, ...] = ()  # files the previous build read that changed since: why it was rebuilt
     watched: tuple[str, ...] = ()  # files this build read beyond its inputs: a change to them rebuilds it
+    handed_over: bool = False  # its objects belong to pgsandbox_owner (roles.py), not to the admin
 
     @property
     def short_hash(self) -> str:
@@ -111,7 +112,13 @@ def ensure_templates(
     parent = "template0"
     rebuild_from_here = rebuild
     for layer, key in zip(chain.layers, chain.keys, strict=True):
-        info = TemplateInfo(layer.kind, template_name(key, traits), key, labels=tuple(m.label for m in layer.migrators))
+        info = TemplateInfo(
+            layer.kind,
+            template_name(key, traits),
+            key,
+            labels=tuple(m.label for m in layer.migrators),
+            handed_over=hand_over,
+        )
         hold_in_use(server, info.name)
         ready = not rebuild_from_here and _state(server, info.name) == "ready"
         if ready:
@@ -208,7 +215,8 @@ def _build(
                 )
             with server.connect(info.name, autocommit=True) as conn:
                 if hand_over:
-                    roles.ensure_owner(server.admin)
+                    with roles.changing_roles(server.admin):
+                        roles.ensure_owner(server.admin)
                     roles.hand_over(conn)
                 # frozen rows and fresh statistics, once, instead of hint-bit writes and guesses in every clone
                 conn.execute("VACUUM (FREEZE, ANALYZE)")
