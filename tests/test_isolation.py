@@ -152,6 +152,66 @@ def test_a_second_connection_that_commits_is_reported(project: pytest.Pytester, 
     )
 
 
+# An app that installs its own database objects through a connection of its own (as job queues and reporting
+# modules do): a function, a schema, a view, committed outside the test's transaction.
+APP_OBJECTS = """
+    import psycopg
+
+    OBJECTS = {
+        "function": "create function public.total_users() returns bigint language sql as 'select count(*) from users'",
+        "schema": "create schema reporting",
+        "view": "create view public.user_names as select name from users",
+    }
+
+    def install(dsn, kind):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(OBJECTS[kind])
+
+    def assert_clean(pg):
+        assert pg.fetchval("select count(*) from pg_proc where proname = 'total_users'") == 0
+        assert pg.fetchval("select count(*) from pg_namespace where nspname = 'reporting'") == 0
+        assert pg.fetchval("select count(*) from pg_class where relname = 'user_names'") == 0
+
+    def test_1_installs_a_function(pg):
+        install(pg.dsn, "function")
+
+    def test_2_clean(pg):
+        assert_clean(pg)
+
+    def test_3_installs_a_schema(pg):
+        install(pg.dsn, "schema")
+
+    def test_4_clean(pg):
+        assert_clean(pg)
+
+    def test_5_installs_a_view(pg):
+        install(pg.dsn, "view")
+
+    def test_6_clean(pg):
+        assert_clean(pg)
+"""
+
+
+def test_objects_a_second_connection_commits_are_reported_and_removed(
+    project: pytest.Pytester, shared_dsn: str
+) -> None:
+    result = run(project, shared_dsn, APP_OBJECTS)
+    result.assert_outcomes(passed=6, errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_1_installs_a_function*",
+            "*test_1_installs_a_function committed outside its transaction*another connection to the session "
+            "database committed.",
+            "*Changed: function public.total_users() (created).",
+            "*pgsandbox cloned the session database again from the template: the next test starts clean.",
+            "*ERROR at teardown of test_3_installs_a_schema*",
+            "*Changed: schema reporting (created).",
+            "*ERROR at teardown of test_5_installs_a_view*",
+            "*Changed: view public.user_names (created).",
+        ]
+    )
+
+
 def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
     project: pytest.Pytester, shared_dsn: str
 ) -> None:

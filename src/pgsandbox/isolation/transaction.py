@@ -170,6 +170,73 @@ def contents(conn: psycopg.Connection[Any]) -> Contents:
     return Contents(rows, int(relations[0]) if relations else 0)
 
 
+# What else a commit can leave in a database: the objects of its catalogs (a function, a schema, a view, a
+# trigger, a policy, a grant...), compared by identity between the session database and a fresh clone. Only user
+# objects (oid >= FirstNormalObjectId), not those PostgreSQL made as part of another (a dependency of type
+# internal: a table's row type, a view's rule, a range's constructors) or of an extension (which is named), and
+# not the temporary schemas a connection leaves behind nor what is in them (``temp``).
+_OBJECT_CATALOGS: tuple[tuple[str, str], ...] = (
+    # (pg_user_mapping is not here: only superusers may read it)
+    ("pg_namespace", "t.oid NOT IN (SELECT oid FROM temp)"),
+    ("pg_class", "relnamespace NOT IN (SELECT oid FROM temp)"),
+    ("pg_proc", "pronamespace NOT IN (SELECT oid FROM temp)"),
+    ("pg_type", "typnamespace NOT IN (SELECT oid FROM temp)"),
+    ("pg_constraint", "connamespace NOT IN (SELECT oid FROM temp)"),
+    ("pg_collation", "collnamespace NOT IN (SELECT oid FROM temp)"),
+    *(
+        (catalog, "true")
+        for catalog in (
+            *("pg_trigger", "pg_policy", "pg_rewrite", "pg_attrdef", "pg_event_trigger", "pg_operator"),
+            *("pg_opclass", "pg_opfamily", "pg_cast", "pg_conversion", "pg_ts_config", "pg_ts_dict"),
+            *("pg_ts_parser", "pg_ts_template", "pg_extension", "pg_publication", "pg_statistic_ext"),
+            *("pg_default_acl", "pg_foreign_data_wrapper", "pg_foreign_server"),
+            *("pg_language", "pg_am", "pg_transform", "pg_largeobject_metadata"),
+        )
+    ),
+)
+_CLASS_OF = {"pg_largeobject_metadata": "pg_largeobject"}  # the class pg_identify_object knows them by
+_OBJECTS = (
+    INTERNAL
+    + "WITH temp AS (SELECT oid FROM pg_namespace WHERE nspname LIKE 'pg\\_temp\\_%' OR nspname LIKE 'pg\\_toast%') "
+    "SELECT o.type, o.identity, s.xid FROM ("
+    + " UNION ALL ".join(
+        f"SELECT '{_CLASS_OF.get(catalog, catalog)}'::regclass::oid AS classid, t.oid AS objid, "
+        f"t.xmin::text::bigint AS xid FROM {catalog} t WHERE t.oid >= 16384 AND {condition}"
+        for catalog, condition in _OBJECT_CATALOGS
+    )
+    + ") s, LATERAL pg_identify_object(s.classid, s.objid, 0) o "
+    "WHERE NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = s.classid AND d.objid = s.objid "
+    "AND d.deptype IN ('i', 'e'))"
+)
+MAX_NAMED = 30  # objects named in a message; the rest are counted
+
+
+def catalog_objects(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], int]:
+    """The database's user objects by (type, identity), with the transaction that last wrote each one's catalog
+    row (autocommit connection). Only run when an escape is suspected: 4 ms for 50 tables (550 objects)."""
+    return {(str(kind), str(identity)): int(xid) for kind, identity, xid in conn.execute(_OBJECTS).fetchall()}
+
+
+def object_changes(
+    now: dict[tuple[str, str], int], then: dict[tuple[str, str], int], since_xid: int, tables: set[str]
+) -> list[str]:
+    """Objects created, dropped or changed (a catalog row written by a transaction from ``since_xid`` on) in
+    ``now`` compared with ``then``, but the ``tables`` whose rows are already described."""
+    since = since_xid % (1 << 32)
+    found = []
+    for key in sorted(set(now) | set(then)):
+        kind, identity = key
+        if (key not in then or key not in now) and kind == "table" and identity in tables:
+            continue  # its rows say so
+        if key not in then:
+            found.append(f"{kind} {identity} (created)")
+        elif key not in now:
+            found.append(f"{kind} {identity} (dropped)")
+        elif now[key] >= since:
+            found.append(f"{kind} {identity} (altered)")
+    return found
+
+
 def app_name(test_id: str, suffix: str = "") -> str:
     """``application_name`` is limited to 63 bytes of printable ASCII (the server rewrites anything else):
     keep the end of a long test id, which names the test, and all of ``suffix``, so that the statement log
@@ -451,13 +518,16 @@ class TransactionIsolation:
         self.parked.clear()
 
     def _changes(self, fresh: str, since_xid: int) -> list[str]:
-        """What differs between the session database and ``fresh``, a clone of the template."""
+        """What differs between the session database and ``fresh``, a clone of the template: rows, and catalog
+        objects (functions, schemas, views...)."""
         assert self.conn is not None
         with self.server.connect(fresh, autocommit=True) as pristine:
             then = contents(pristine)
+            objects_then = catalog_objects(pristine)
         self.conn.autocommit = True
         try:
             now = contents(self.conn)
+            objects_now = catalog_objects(self.conn)
         finally:
             self.conn.autocommit = False
         changes = []
@@ -472,8 +542,11 @@ class TransactionIsolation:
                 if after != before or written:
                     delta = f"{after - before:+d} rows" if after != before else "same row count"
                     changes.append(f"{table} ({delta}, {written} rows written)")
+        changes += object_changes(objects_now, objects_then, since_xid, set(now.rows) | set(then.rows))
         if not changes and now.relations != then.relations:
             changes.append(f"the schema ({now.relations - then.relations:+d} relations)")
+        if len(changes) > MAX_NAMED:
+            changes[MAX_NAMED:] = [f"and {len(changes) - MAX_NAMED} more"]
         return changes
 
     def _written(self, table: str, since_xid: int) -> int:
