@@ -50,7 +50,15 @@ from pgsandbox.isolation.transaction import (
 from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.server.cache import cache_root
-from pgsandbox.server.statements import INTERNAL, Position, Scope, Statement, StatementLog, StatementLogError
+from pgsandbox.server.statements import (
+    INTERNAL,
+    Position,
+    Scope,
+    Statement,
+    StatementLog,
+    StatementLogError,
+    log_time,
+)
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
@@ -98,6 +106,7 @@ class Database:
     drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
     _transaction: TransactionIsolation | None = field(default=None, repr=False)
     log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
+    started: float = field(default_factory=time.time, repr=False)  # when it was opened (epoch seconds)
     # the server's databases, roles and tablespaces when the test could first create some (server_objects.py)
     server_objects: ServerObjects | None = field(default=None, repr=False)
     # the data factories (pg.insert): the template's catalog, given by the sandbox, and the test's seed
@@ -110,7 +119,9 @@ class Database:
         """What in the statement log is this test's: its connections' names, and its database when it is
         the test's own."""
         names = frozenset((app_name(self.test_id), app_name(self.test_id, ADMIN_SUFFIX)))
-        return Scope(names, self.name if self.isolation == "database" else None)
+        if self.isolation == "database":
+            return Scope(names, self.name)
+        return Scope(names, shared=self.name, since=log_time(self.started))
 
     @property
     def dsn(self) -> str:

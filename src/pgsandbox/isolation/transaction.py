@@ -19,7 +19,7 @@ from psycopg import pq, sql
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.server.base import Server, Session, connections_to, terminate_connections
-from pgsandbox.server.statements import INTERNAL
+from pgsandbox.server.statements import INTERNAL, OURS_PREFIX
 
 LEFTOVER_WAIT_SECONDS = 0.2
 # After the rollback, in the same round trip: how many backends are on the session database (more than
@@ -270,7 +270,10 @@ class TransactionIsolation:
 
     def _connect(self) -> None:
         assert self.dbname
-        self.conn = SandboxConnection.connect(self.server.login_dsn_for(self.dbname), autocommit=True)
+        # named, so that what it runs between tests is not taken for the app's statements (Scope.shared)
+        self.conn = SandboxConnection.connect(
+            self.server.login_dsn_for(self.dbname), autocommit=True, application_name=OURS_PREFIX
+        )
         if self.server.version[0] >= 15:
             # count this connection in pg_stat_database now, so that the counter moves only for others (the
             # tests' role may call the function where a template granted it; elsewhere the count comes later)
