@@ -800,6 +800,21 @@ def test_objects_created_on_the_server_are_found_and_dropped(project: pytest.Pyt
     )
 
 
+def test_what_a_statement_makes_on_the_server() -> None:
+    """How a test's statements name the server objects they make (under xdist, the test's are those)."""
+    from pgsandbox.isolation.server_objects import made_by
+
+    assert made_by("create role app_reader") == {("role", "app_reader")}
+    assert made_by('CREATE USER "Mixed""Case" WITH LOGIN') == {("role", 'Mixed"Case')}
+    assert made_by("CREATE DATABASE Scratch; create tablespace ts location '/x'") == {
+        ("database", "scratch"),
+        ("tablespace", "ts"),
+    }
+    assert made_by("alter group old rename to new_group") == {("role", "new_group")}
+    assert made_by("do $$ begin create role inside_do; end $$") == {("role", "inside_do")}
+    assert made_by("select 'nothing made'") == set()
+
+
 def test_objects_created_on_a_shared_server_are_left_to_the_user(
     project: pytest.Pytester, shared_dsn: str, shared: LocalServer
 ) -> None:

@@ -33,7 +33,14 @@ from pgsandbox.data.rows import run as run_steps
 from pgsandbox.data.rows import run_async as run_steps_async
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool
-from pgsandbox.isolation.server_objects import OUTSIDE, ServerObjects, created_since, server_objects
+from pgsandbox.isolation.server_objects import (
+    OUTSIDE,
+    ServerObjects,
+    created_since,
+    made_by_test,
+    outside_finding,
+    server_objects,
+)
 from pgsandbox.isolation.transaction import (
     LEFT_OPEN,
     PREPARED,
@@ -570,9 +577,7 @@ class Sandbox:
 
     def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         started = time.perf_counter()
-        outside: list[str] = []
-        if db.server_objects is not None:
-            outside = created_since(self.server.admin, db.server_objects, db.test_id, drop=self.throwaway_server)
+        outside = self._outside(db) if db.server_objects is not None else []
         try:
             findings = outside + self._close(db, keep, next_test_id)
         except IsolationError as error:
@@ -587,6 +592,19 @@ class Sandbox:
         for finding in findings:
             self._found(finding.kind if isinstance(finding, Finding) else LEFT_OPEN)
         return findings
+
+    def _outside(self, db: Database) -> list[str]:
+        """Databases, roles and tablespaces the test created on the server (server_objects.py)."""
+        assert db.server_objects is not None
+        new = created_since(self.server.admin, db.server_objects)
+        if new and self.attached:
+            # an xdist worker: the others create objects at the same time; the test's are those it made
+            log = self.server.statement_log
+            if log is None or db.log_start is None:
+                return []  # nothing says whose they are: not this test's to report, nor to drop
+            entries, _, _ = log.collect(db.log_start, self.server.admin)
+            new = made_by_test(new, entries, db.scope)
+        return outside_finding(self.server.admin, new, db.test_id, drop=self.throwaway_server)
 
     def _found(self, kind: str) -> None:
         self._findings[kind] = self._findings.get(kind, 0) + 1

@@ -350,6 +350,17 @@ def server_messages(directory: Path) -> str:
     return "\n".join(lines)
 
 
+def ran(entry: Entry) -> str | None:
+    """The SQL of a statement that ran to its end (a duration line), but pgsandbox's own; None for anything
+    else (a failed statement, a lock wait...)."""
+    if entry.severity != "LOG":
+        return None
+    match = _DURATION.match(entry.message)
+    if match is None or match[2] in ("parse", "bind") or match[3].startswith(INTERNAL):
+        return None
+    return match[3]
+
+
 def statements(entries: Iterable[Entry], scope: Scope) -> list[Statement]:
     """The test's statements in the order they ran: parse, bind and execute of one statement are one, with
     their durations added; pgsandbox's own statements are left out."""
