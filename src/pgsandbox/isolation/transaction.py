@@ -198,41 +198,63 @@ _CLASS_OF = {"pg_largeobject_metadata": "pg_largeobject"}  # the class pg_identi
 _OBJECTS = (
     INTERNAL
     + "WITH temp AS (SELECT oid FROM pg_namespace WHERE nspname LIKE 'pg\\_temp\\_%' OR nspname LIKE 'pg\\_toast%') "
-    "SELECT o.type, o.identity, s.xid FROM ("
+    "SELECT o.type, o.identity, s.xid, p.type, p.identity FROM ("
     + " UNION ALL ".join(
         f"SELECT '{_CLASS_OF.get(catalog, catalog)}'::regclass::oid AS classid, t.oid AS objid, "
         f"t.xmin::text::bigint AS xid FROM {catalog} t WHERE t.oid >= 16384 AND {condition}"
         for catalog, condition in _OBJECT_CATALOGS
     )
-    + ") s, LATERAL pg_identify_object(s.classid, s.objid, 0) o "
+    + ") s CROSS JOIN LATERAL pg_identify_object(s.classid, s.objid, 0) o "
+    # the object it goes with (an index or a sequence with its table, a default with its column's table)
+    "LEFT JOIN LATERAL (SELECT * FROM pg_depend d, pg_identify_object(d.refclassid, d.refobjid, 0) "
+    "WHERE d.classid = s.classid AND d.objid = s.objid AND d.deptype = 'a' LIMIT 1) p ON true "
     "WHERE NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = s.classid AND d.objid = s.objid "
     "AND d.deptype IN ('i', 'e'))"
 )
 MAX_NAMED = 30  # objects named in a message; the rest are counted
 
 
-def catalog_objects(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], int]:
-    """The database's user objects by (type, identity), with the transaction that last wrote each one's catalog
-    row (autocommit connection). Only run when an escape is suspected: 4 ms for 50 tables (550 objects)."""
-    return {(str(kind), str(identity)): int(xid) for kind, identity, xid in conn.execute(_OBJECTS).fetchall()}
+ObjectKey = tuple[str, str]  # (type, identity), as pg_identify_object gives them
+
+
+@dataclass(frozen=True)
+class CatalogObject:
+    xid: int  # the transaction that last wrote its catalog row
+    part_of: ObjectKey | None  # the object it goes with (an index with its table...)
+
+
+def catalog_objects(conn: psycopg.Connection[Any]) -> dict[ObjectKey, CatalogObject]:
+    """The database's user objects (autocommit connection). Only run when an escape is suspected: 4 ms for 50
+    tables (550 objects)."""
+    return {
+        (str(kind), str(identity)): CatalogObject(int(xid), (str(of_kind), str(of)) if of_kind else None)
+        for kind, identity, xid, of_kind, of in conn.execute(_OBJECTS).fetchall()
+    }
 
 
 def object_changes(
-    now: dict[tuple[str, str], int], then: dict[tuple[str, str], int], since_xid: int, tables: set[str]
+    now: dict[ObjectKey, CatalogObject], then: dict[ObjectKey, CatalogObject], since_xid: int, tables: set[str]
 ) -> list[str]:
-    """Objects created, dropped or changed (a catalog row written by a transaction from ``since_xid`` on) in
-    ``now`` compared with ``then``, but the ``tables`` whose rows are already described."""
+    """Objects created, dropped or altered (a catalog row written by a transaction from ``since_xid`` on) in
+    ``now`` compared with ``then``; not those created or dropped with the object they go with, nor the
+    ``tables`` whose rows already say so."""
     since = since_xid % (1 << 32)
+    came = set(now) - set(then)
+    went = set(then) - set(now)
     found = []
     for key in sorted(set(now) | set(then)):
         kind, identity = key
-        if (key not in then or key not in now) and kind == "table" and identity in tables:
-            continue  # its rows say so
-        if key not in then:
+        if key in came or key in went:
+            part_of = (now.get(key) or then[key]).part_of
+            if (kind == "table" and identity in tables) or (
+                part_of is not None and (part_of in came or part_of in went)
+            ):
+                continue
+        if key in came:
             found.append(f"{kind} {identity} (created)")
-        elif key not in now:
+        elif key in went:
             found.append(f"{kind} {identity} (dropped)")
-        elif now[key] >= since:
+        elif now[key].xid >= since:
             found.append(f"{kind} {identity} (altered)")
     return found
 
