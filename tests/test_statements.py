@@ -379,3 +379,24 @@ def test_the_sql_of_the_apps_own_connections_in_transaction_isolation(project: p
     assert "ms select count(*) from users where name like 'payment%'" in named and "insert" not in named, named
     mine = section(result, "pgsandbox: SQL of call", "test_3_sees_none_of_the_others")
     assert mine.splitlines()[1].endswith("ms select 'mine'") and "users" not in mine, mine
+
+
+def test_the_session_database_is_the_tests_only_while_it_runs() -> None:
+    """Transaction isolation: on the session database, the statements of connections pgsandbox did not name are
+    the test's from its start on (a line the logging collector wrote late, of the test before, is not)."""
+    from pgsandbox.server.statements import Entry, log_time
+
+    scope = Scope(frozenset(["pgsandbox t2"]), shared="session", since=log_time(1_700_000_000.25))
+    assert scope.since == "2023-11-14 22:13:20.250 UTC"
+
+    def entry(app: str, timestamp: str, dbname: str = "session") -> Entry:
+        return Entry(pid=1, severity="LOG", message="", application_name=app, dbname=dbname, timestamp=timestamp)
+
+    assert entry("pgsandbox t2", "2023-11-14 22:13:20.100 UTC", "postgres") in scope  # named: anywhere, any time
+    assert entry("", "2023-11-14 22:13:20.250 UTC") in scope
+    assert entry("billing-worker", "2023-11-14 22:13:21.000 UTC") in scope
+    assert entry("", "2023-11-14 22:13:20.249 UTC") not in scope  # before the test began
+    assert entry("pgsandbox t1", "2023-11-14 22:13:21.000 UTC") not in scope  # another test's connection
+    assert entry("pgsandbox", "2023-11-14 22:13:21.000 UTC") not in scope  # pgsandbox's own
+    assert entry("", "2023-11-14 22:13:21.000 UTC", "postgres") not in scope  # another database
+    assert entry("", "2023-11-14 23:13:20.000 CET") in scope  # log_timezone changed by the user: the log's order

@@ -602,7 +602,10 @@ class Sandbox:
             log = self.server.statement_log
             if log is None or db.log_start is None:
                 return []  # nothing says whose they are: not this test's to report, nor to drop
-            entries, _, _ = log.collect(db.log_start, self.server.admin)
+            try:
+                entries, _, _ = log.collect(db.log_start, self.server.admin)
+            except StatementLogError:
+                return []
             new = made_by_test(new, entries, db.scope)
         return outside_finding(self.server.admin, new, db.test_id, drop=self.throwaway_server)
 
