@@ -212,6 +212,58 @@ def test_objects_a_second_connection_commits_are_reported_and_removed(
     )
 
 
+# pg_admin commits whatever it runs; a table under forced row-level security whose policy needs a setting the
+# app sets per request (a multi-tenant schema): counting its rows as the tests' role would fail.
+ADMIN_WRITES = """
+    import psycopg
+
+    def test_1_admin_makes_a_table_and_a_user(pg_admin):
+        pg_admin.execute("create table audit (id int)")  # owned by the admin: the tests' role may not read it
+        pg_admin.execute("insert into audit values (1)")
+        pg_admin.execute("insert into users (name) values ('by the admin')")
+
+    def test_2_admin_turns_on_row_level_security(pg_admin):
+        pg_admin.execute("alter table users enable row level security")
+
+    def test_3_clean(pg):
+        assert pg.fetchval("select count(*) from pg_class where relname = 'audit'") == 0
+        assert pg.fetchval("select relrowsecurity from pg_class where relname = 'users'") is False
+        assert pg.fetchval("select count(*) from users") == 2
+
+    def test_4_admin_only_reads(pg_admin, pg):
+        assert pg_admin.execute("select count(*) from users").fetchone() == (2,)
+
+    def test_5_the_app_writes_beside_a_tenant_table(pg):
+        with psycopg.connect(pg.dsn, autocommit=True) as app:
+            app.execute("set app.tenant = 'acme'")
+            app.execute("insert into notes (tenant, body) values ('acme', 'escaped')")
+"""
+TENANT_NOTES = """
+create table notes (tenant text not null, body text);
+alter table notes enable row level security;
+alter table notes force row level security;
+create policy by_tenant on notes using (tenant = current_setting('app.tenant'));
+"""
+
+
+def test_what_pg_admin_commits_in_transaction_isolation_is_reported(project: pytest.Pytester, shared_dsn: str) -> None:
+    (project.path / "migrations/2.sql").write_text(TENANT_NOTES)
+    result = run(project, shared_dsn, ADMIN_WRITES)
+    result.assert_outcomes(passed=5, errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_1_admin_makes_a_table_and_a_user*",
+            "*test_1_admin_makes_a_table_and_a_user committed outside its transaction, so its writes escaped the "
+            "rollback: its pg_admin connection, outside the test's transaction, committed.",
+            "*Changed: public.audit (created, 1 rows), public.users (+1 rows, 1 rows written).",
+            "*ERROR at teardown of test_2_admin_turns_on_row_level_security*",
+            "*Changed: table public.users (altered).",
+            "*ERROR at teardown of test_5_the_app_writes_beside_a_tenant_table*",
+            "*Changed: public.notes (+1 rows, 1 rows written).",
+        ]
+    )
+
+
 def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
     project: pytest.Pytester, shared_dsn: str
 ) -> None:

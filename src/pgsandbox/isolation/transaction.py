@@ -67,6 +67,7 @@ class Guests:
     pids: set[int] = field(default_factory=set)
     connects: int = 0  # each one moves the database's session counter
     escaped: list[str] = field(default_factory=list)  # those whose transaction a COMMIT replaced
+    committing: list[str] = field(default_factory=list)  # those outside any transaction of the test (pg_admin)
 
     def joined(self, pid: int, connected: bool = True) -> None:
         self.pids.add(pid)
@@ -145,14 +146,17 @@ class IsolationError(PgSandboxError):
 
 @dataclass(frozen=True)
 class Contents:
-    """Rows per table and the number of relations: enough to say what a test changed."""
+    """Rows per table, those written from a transaction id on, and the number of relations: enough to say what a
+    test changed."""
 
     rows: dict[str, int] = field(default_factory=dict)
     relations: int = 0
+    written: dict[str, int] = field(default_factory=dict)
 
 
-def contents(conn: psycopg.Connection[Any]) -> Contents:
-    """Count the rows of every table (autocommit connection). Only run when an escape is suspected."""
+def contents(conn: psycopg.Connection[Any], since_xid: int = 0) -> Contents:
+    """Count the rows of every table, and those inserted or updated by transactions from ``since_xid`` on, in one
+    scan per table (autocommit connection). Only run when an escape is suspected."""
     tables = conn.execute(
         "SELECT format('%I.%I', n.nspname, c.relname) "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -160,14 +164,20 @@ def contents(conn: psycopg.Connection[Any]) -> Contents:
         "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1"
     ).fetchall()
     rows: dict[str, int] = {}
+    written: dict[str, int] = {}
+    since = sql.Literal(since_xid % (1 << 32))
     for start in range(0, len(tables), 200):
         chunk = [t[0] for t in tables[start : start + 200]]
         query = sql.SQL(" UNION ALL ").join(
-            sql.SQL("SELECT {}, count(*) FROM {}").format(sql.Literal(name), sql.SQL(name)) for name in chunk
+            sql.SQL("SELECT {}, count(*), count(*) FILTER (WHERE xmin::text::bigint >= {}) FROM {}").format(
+                sql.Literal(name), since, sql.SQL(name)
+            )
+            for name in chunk
         )
-        rows.update({name: count for name, count in conn.execute(query).fetchall()})
+        for name, count, new in conn.execute(query).fetchall():
+            rows[name], written[name] = count, new
     relations = conn.execute("SELECT count(*) FROM pg_class").fetchone()
-    return Contents(rows, int(relations[0]) if relations else 0)
+    return Contents(rows, int(relations[0]) if relations else 0, written)
 
 
 # What else a commit can leave in a database: the objects of its catalogs (a function, a schema, a view, a
@@ -391,6 +401,8 @@ class TransactionIsolation:
             return []
         started_xmax = self._snapshot_xmax  # the next transaction id when this test began
         own_escape, suspects, sessions = self._rollback(conn, next_test_id)
+        # an autocommit guest (pg_admin) may have written only if some transaction took an id meanwhile
+        committed = guests.committing if self._snapshot_xmax > started_xmax else []
         expected_sessions = None if self.sessions is None else self.sessions + guests.connects
         more_sessions = sessions is not None and expected_sessions is not None and sessions > expected_sessions
         if conn.broken or conn.closed:
@@ -399,7 +411,7 @@ class TransactionIsolation:
         else:
             # a guest's session may reach the statistics only when its backend exits: count it now
             self.sessions = expected_sessions
-        if suspects or own_escape or guests.escaped or more_sessions:
+        if suspects or own_escape or guests.escaped or committed or more_sessions:
             self._unprepare()  # the checks below need the connection outside a transaction
         assert self.dbname
         findings: list[str] = self._release_held(test_id) if any(self._held) else []
@@ -415,7 +427,7 @@ class TransactionIsolation:
             )
             terminate_connections(self.server.admin, self.dbname, ours)
         other_sessions = bool(others) or more_sessions
-        if not (own_escape or guests.escaped or other_sessions):
+        if not (own_escape or guests.escaped or committed or other_sessions):
             return findings
         # Something may have escaped: compare with a fresh clone of the template, which replaces the
         # session database if anything did.
@@ -432,6 +444,7 @@ class TransactionIsolation:
             f"the transaction of its {label} connection was ended by a COMMIT (or END) statement"
             for label in guests.escaped
         )
+        causes.extend(f"its {label} connection, outside the test's transaction, committed" for label in committed)
         if other_sessions:
             causes.append("another connection to the session database committed")
         self._switch_to(fresh)
@@ -544,17 +557,16 @@ class TransactionIsolation:
 
     def _changes(self, fresh: str, since_xid: int) -> list[str]:
         """What differs between the session database and ``fresh``, a clone of the template: rows, and catalog
-        objects (functions, schemas, views...)."""
-        assert self.conn is not None
+        objects (functions, schemas, views...). Both are read as the admin, who may read what an escaped
+        commit made (a table pg_admin created) and whom row-level security does not hide rows from."""
+        assert self.dbname
         with self.server.connect(fresh, autocommit=True) as pristine:
             then = contents(pristine)
             objects_then = catalog_objects(pristine)
-        self.conn.autocommit = True
-        try:
-            now = contents(self.conn)
-            objects_now = catalog_objects(self.conn)
-        finally:
-            self.conn.autocommit = False
+        # named: its end (the database may be dropped as it exits) is not the test's in the statement log
+        with self.server.connect(self.dbname, autocommit=True, application_name=OURS_PREFIX) as current:
+            now = contents(current, since_xid)
+            objects_now = catalog_objects(current)
         changes = []
         for table in sorted(set(now.rows) | set(then.rows)):
             before, after = then.rows.get(table), now.rows.get(table)
@@ -563,7 +575,7 @@ class TransactionIsolation:
             elif after is None:
                 changes.append(f"{table} (dropped)")
             else:
-                written = self._written(table, since_xid)
+                written = now.written[table]
                 if after != before or written:
                     delta = f"{after - before:+d} rows" if after != before else "same row count"
                     changes.append(f"{table} ({delta}, {written} rows written)")
@@ -573,19 +585,6 @@ class TransactionIsolation:
         if len(changes) > MAX_NAMED:
             changes[MAX_NAMED:] = [f"and {len(changes) - MAX_NAMED} more"]
         return changes
-
-    def _written(self, table: str, since_xid: int) -> int:
-        """Rows inserted or updated by transactions that began after the test started."""
-        assert self.conn is not None
-        self.conn.autocommit = True
-        try:
-            row = self.conn.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE xmin::text::bigint >= %s").format(sql.SQL(table)),
-                [since_xid % (1 << 32)],
-            ).fetchone()
-        finally:
-            self.conn.autocommit = False
-        return int(row[0]) if row else 0
 
     def _keep(self, conn: SandboxConnection, keep_as: str) -> None:
         """Commit the failed test's work and keep the database under ``keep_as``; start a fresh one."""
