@@ -147,10 +147,15 @@ ROLES = """
     def role_exists(pg, name):
         return pg.fetchval("select count(*) from pg_roles where rolname = %s", [name]) == 1
 
+    def use_role(pg, name):
+        # a query on pg_roles first: SET ROLE alone may not yet see a role another connection just committed
+        assert role_exists(pg, name)
+        pg.execute(f"set role {name}")
+
     def test_a_long_user_of_its_role(pg, pg_admin):
         until(lambda: role_exists(pg, "reader_b"), "the other worker's test to make its role")
         pg_admin.execute("create role reader_a")
-        pg.execute("set role reader_a")
+        use_role(pg, "reader_a")
         until(lambda: not role_exists(pg, "reader_b"), "the other worker's test to end")
         assert role_exists(pg, "reader_a"), "the other worker's teardown dropped this test's role"
         assert pg.fetchval("select current_user") == "reader_a"
@@ -158,7 +163,7 @@ ROLES = """
     def test_b_short_user_of_its_role(pg):
         with psycopg.connect(pg.dsn, autocommit=True) as app:  # the app's own connection
             app.execute("create role reader_b")
-        pg.execute("set role reader_b")
+        use_role(pg, "reader_b")
         until(lambda: role_exists(pg, "reader_a"), "the other worker's test to make its role")
         assert pg.fetchval("select current_user") == "reader_b"
 """
