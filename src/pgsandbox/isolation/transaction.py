@@ -234,6 +234,8 @@ ObjectKey = tuple[str, str]  # (type, identity), as pg_identify_object gives the
 
 @dataclass(frozen=True)
 class Described:
+    """An object of the catalogs, named."""
+
     key: ObjectKey
     made_with_another: bool  # PostgreSQL made it as part of another object, or it is an extension's
     part_of: ObjectKey | None  # the object it goes with (an index with its table...)
@@ -246,6 +248,7 @@ def catalog_rows(conn: psycopg.Connection[Any]) -> dict[CatalogRow, int]:
 
 
 def describe(conn: psycopg.Connection[Any], rows: list[CatalogRow]) -> list[Described]:
+    """What the objects of ``rows`` are (in ``conn``'s database), in one query."""
     if not rows:
         return []
     found = conn.execute(_DESCRIBE, [[r[0] for r in rows], [r[1] for r in rows]]).fetchall()

@@ -458,6 +458,7 @@ def lock_waits(found: list[Statement]) -> list[str]:
 
 
 def _whose(application_name: str) -> str:
+    """A connection's legend: its application_name, and whether pgsandbox opened it."""
     if application_name.startswith(OURS_PREFIX):
         return application_name
     return f"{application_name or 'no application_name'}: a connection the test or its app opened itself"
@@ -465,7 +466,7 @@ def _whose(application_name: str) -> str:
 
 def report(found: list[Statement], limit: int = 50, max_sql: int = 1000, complete: bool = True) -> str:
     """The statements as a report section: the last ``limit`` of them, each shortened to ``max_sql``
-    characters, one connection label per backend when there are several."""
+    characters, one connection label per backend when there are several or one is not pgsandbox's."""
     if not found:
         return "no statements were logged for this test" + ("" if complete else " (its log was rotated away)")
     pids = list(dict.fromkeys(s.pid for s in found))
