@@ -242,8 +242,9 @@ class Described:
 
 
 def catalog_rows(conn: psycopg.Connection[Any]) -> dict[CatalogRow, int]:
-    """The database's user objects, with the transaction that last wrote each one's catalog row (autocommit
-    connection). Only run when an escape is suspected."""
+    """The database's user objects, with the transaction that last wrote each one's catalog row (its raw
+    ``xmin``, which freezing keeps: the same in every clone of a template). Only run when an escape is
+    suspected (autocommit connection)."""
     return {(int(classid), int(objid)): int(xid) for classid, objid, xid in conn.execute(_OBJECT_ROWS).fetchall()}
 
 
@@ -258,17 +259,14 @@ def describe(conn: psycopg.Connection[Any], rows: list[CatalogRow]) -> list[Desc
     ]
 
 
-def object_changes(
-    now: psycopg.Connection[Any], then: psycopg.Connection[Any], since_xid: int, tables: set[str]
-) -> list[str]:
-    """Objects created, dropped or altered (a catalog row written by a transaction from ``since_xid`` on) in
-    ``now``'s database compared with ``then``'s (a fresh clone); not those created or dropped with the object
+def object_changes(now: psycopg.Connection[Any], then: psycopg.Connection[Any], tables: set[str]) -> list[str]:
+    """Objects created, dropped or altered (its catalog row written again: another ``xmin`` than the template's)
+    in ``now``'s database compared with ``then``'s (a fresh clone); not those created or dropped with the object
     they go with, nor the ``tables`` whose rows already say so. About 10 ms for 50 tables (550 objects)."""
-    since = since_xid % (1 << 32)
     rows_now, rows_then = catalog_rows(now), catalog_rows(then)
     came = [row for row in rows_now if row not in rows_then]
     went = [row for row in rows_then if row not in rows_now]
-    altered = [row for row, xid in rows_now.items() if row in rows_then and xid >= since]
+    altered = [row for row, xid in rows_now.items() if row in rows_then and xid != rows_then[row]]
     created = {d.key: d for d in describe(now, came) if not d.made_with_another}
     dropped = {d.key: d for d in describe(then, went) if not d.made_with_another}
     changed = {d.key for d in describe(now, altered) if not d.made_with_another}
@@ -585,7 +583,7 @@ class TransactionIsolation:
         ):
             then = contents(pristine)
             now = contents(current, since_xid)
-            objects = object_changes(current, pristine, since_xid, set(now.rows) | set(then.rows))
+            objects = object_changes(current, pristine, set(now.rows) | set(then.rows))
         changes = []
         for table in sorted(set(now.rows) | set(then.rows)):
             before, after = then.rows.get(table), now.rows.get(table)
