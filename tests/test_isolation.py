@@ -152,6 +152,118 @@ def test_a_second_connection_that_commits_is_reported(project: pytest.Pytester, 
     )
 
 
+# An app that installs its own database objects through a connection of its own (as job queues and reporting
+# modules do): a function, a schema, a view, committed outside the test's transaction.
+APP_OBJECTS = """
+    import psycopg
+
+    OBJECTS = {
+        "function": "create function public.total_users() returns bigint language sql as 'select count(*) from users'",
+        "schema": "create schema reporting",
+        "view": "create view public.user_names as select name from users",
+    }
+
+    def install(dsn, kind):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(OBJECTS[kind])
+
+    def assert_clean(pg):
+        assert pg.fetchval("select count(*) from pg_proc where proname = 'total_users'") == 0
+        assert pg.fetchval("select count(*) from pg_namespace where nspname = 'reporting'") == 0
+        assert pg.fetchval("select count(*) from pg_class where relname = 'user_names'") == 0
+
+    def test_1_installs_a_function(pg):
+        install(pg.dsn, "function")
+
+    def test_2_clean(pg):
+        assert_clean(pg)
+
+    def test_3_installs_a_schema(pg):
+        install(pg.dsn, "schema")
+
+    def test_4_clean(pg):
+        assert_clean(pg)
+
+    def test_5_installs_a_view(pg):
+        install(pg.dsn, "view")
+
+    def test_6_clean(pg):
+        assert_clean(pg)
+"""
+
+
+def test_objects_a_second_connection_commits_are_reported_and_removed(
+    project: pytest.Pytester, shared_dsn: str
+) -> None:
+    result = run(project, shared_dsn, APP_OBJECTS)
+    result.assert_outcomes(passed=6, errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_1_installs_a_function*",
+            "*test_1_installs_a_function committed outside its transaction*another connection to the session "
+            "database committed.",
+            "*Changed: function public.total_users() (created).",
+            "*pgsandbox cloned the session database again from the template: the next test starts clean.",
+            "*ERROR at teardown of test_3_installs_a_schema*",
+            "*Changed: schema reporting (created).",
+            "*ERROR at teardown of test_5_installs_a_view*",
+            "*Changed: view public.user_names (created).",
+        ]
+    )
+
+
+# pg_admin commits whatever it runs; a table under forced row-level security whose policy needs a setting the
+# app sets per request (a multi-tenant schema): counting its rows as the tests' role would fail.
+ADMIN_WRITES = """
+    import psycopg
+
+    def test_1_admin_makes_a_table_and_a_user(pg_admin):
+        pg_admin.execute("create table audit (id int)")  # owned by the admin: the tests' role may not read it
+        pg_admin.execute("insert into audit values (1)")
+        pg_admin.execute("insert into users (name) values ('by the admin')")
+
+    def test_2_admin_turns_on_row_level_security(pg_admin):
+        pg_admin.execute("alter table users enable row level security")
+
+    def test_3_clean(pg):
+        assert pg.fetchval("select count(*) from pg_class where relname = 'audit'") == 0
+        assert pg.fetchval("select relrowsecurity from pg_class where relname = 'users'") is False
+        assert pg.fetchval("select count(*) from users") == 2
+
+    def test_4_admin_only_reads(pg_admin, pg):
+        assert pg_admin.execute("select count(*) from users").fetchone() == (2,)
+
+    def test_5_the_app_writes_beside_a_tenant_table(pg):
+        with psycopg.connect(pg.dsn, autocommit=True) as app:
+            app.execute("set app.tenant = 'acme'")
+            app.execute("insert into notes (tenant, body) values ('acme', 'escaped')")
+"""
+TENANT_NOTES = """
+create table notes (tenant text not null, body text);
+alter table notes enable row level security;
+alter table notes force row level security;
+create policy by_tenant on notes using (tenant = current_setting('app.tenant'));
+"""
+
+
+def test_what_pg_admin_commits_in_transaction_isolation_is_reported(project: pytest.Pytester, shared_dsn: str) -> None:
+    (project.path / "migrations/2.sql").write_text(TENANT_NOTES)
+    result = run(project, shared_dsn, ADMIN_WRITES)
+    result.assert_outcomes(passed=5, errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_1_admin_makes_a_table_and_a_user*",
+            "*test_1_admin_makes_a_table_and_a_user committed outside its transaction, so its writes escaped the "
+            "rollback: its pg_admin connection, outside the test's transaction, committed.",
+            "*Changed: public.audit (created, 1 rows), public.users (+1 rows, 1 rows written).",
+            "*ERROR at teardown of test_2_admin_turns_on_row_level_security*",
+            "*Changed: table public.users (altered).",
+            "*ERROR at teardown of test_5_the_app_writes_beside_a_tenant_table*",
+            "*Changed: public.notes (+1 rows, 1 rows written).",
+        ]
+    )
+
+
 def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
     project: pytest.Pytester, shared_dsn: str
 ) -> None:
@@ -738,6 +850,21 @@ def test_objects_created_on_the_server_are_found_and_dropped(project: pytest.Pyt
             "findings: objects created outside the test's database 3",
         ]
     )
+
+
+def test_what_a_statement_makes_on_the_server() -> None:
+    """How a test's statements name the server objects they make (under xdist, the test's are those)."""
+    from pgsandbox.isolation.server_objects import made_by
+
+    assert made_by("create role app_reader") == {("role", "app_reader")}
+    assert made_by('CREATE USER "Mixed""Case" WITH LOGIN') == {("role", 'Mixed"Case')}
+    assert made_by("CREATE DATABASE Scratch; create tablespace ts location '/x'") == {
+        ("database", "scratch"),
+        ("tablespace", "ts"),
+    }
+    assert made_by("alter group old rename to new_group") == {("role", "new_group")}
+    assert made_by("do $$ begin create role inside_do; end $$") == {("role", "inside_do")}
+    assert made_by("select 'nothing made'") == set()
 
 
 def test_objects_created_on_a_shared_server_are_left_to_the_user(

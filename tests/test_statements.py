@@ -78,7 +78,8 @@ def test_a_failed_test_shows_the_sql_it_ran(project: pytest.Pytester) -> None:
     assert "pgsandbox */" not in output  # pgsandbox's own statements are not the test's
 
     own = section(result, "pgsandbox: SQL of call", "test_3_its_own_connections")
-    assert "c1 = backend" in own and "(no application_name)" in own and "(pgsandbox test_sql.py::test_3" in own
+    assert "c1 = backend" in own and "(pgsandbox test_sql.py::test_3" in own
+    assert "(no application_name: a connection the test or its app opened itself)" in own
     assert "ms select count(*) from users" in own
     assert "failed select 1 / 0" in own and "ERROR 22012: division by zero" in own
 
@@ -341,3 +342,61 @@ def test_a_failure_and_a_teardown_error_show_the_sql_once(project: pytest.Pytest
     output = result.stdout.str()
     assert output.count("pgsandbox: SQL of") == 1 and "ms select 'shown once'" in output
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_fails_and_leaves_a_connection*"])
+
+
+# The app's own connections in transaction isolation: a payment recorded on a connection of its own (committed,
+# so the guard reports it), a worker that names its connection; neither name is one pgsandbox gave.
+APP_CONNECTIONS = """
+    import psycopg
+
+    def record_payment(dsn, amount):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("insert into users (name) values (%s)", [f"payment {amount}"])
+
+    def test_1_the_app_commits_on_its_own(pg):
+        record_payment(pg.dsn, 42)
+
+    def test_2_the_app_names_its_connection(pg):
+        with psycopg.connect(pg.dsn, application_name="billing-worker") as conn:
+            conn.execute("select count(*) from users where name like 'payment%'")
+        assert False
+
+    def test_3_sees_none_of_the_others(pg):
+        pg.execute("select 'mine'")
+        assert False
+"""
+
+
+def test_the_sql_of_the_apps_own_connections_in_transaction_isolation(project: pytest.Pytester) -> None:
+    result = run(project, APP_CONNECTIONS)
+    result.assert_outcomes(passed=1, failed=2, errors=1)
+    escaped = section(result, "pgsandbox: SQL of teardown", "test_1_the_app_commits_on_its_own")
+    assert "no statements were logged" not in escaped, escaped
+    assert re.search(r"c1 = backend \d+ \(no application_name: a connection the test or its app opened", escaped)
+    assert "ms insert into users (name) values ($1)" in escaped and "$1 = 'payment 42'" in escaped, escaped
+    named = section(result, "pgsandbox: SQL of call", "test_2_the_app_names_its_connection")
+    assert "(billing-worker: a connection the test or its app opened itself)" in named, named
+    assert "ms select count(*) from users where name like 'payment%'" in named and "insert" not in named, named
+    mine = section(result, "pgsandbox: SQL of call", "test_3_sees_none_of_the_others")
+    assert mine.splitlines()[1].endswith("ms select 'mine'") and "users" not in mine, mine
+
+
+def test_the_session_database_is_the_tests_only_while_it_runs() -> None:
+    """Transaction isolation: on the session database, the statements of connections pgsandbox did not name are
+    the test's from its start on (a line the logging collector wrote late, of the test before, is not)."""
+    from pgsandbox.server.statements import Entry, log_time
+
+    scope = Scope(frozenset(["pgsandbox t2"]), shared="session", since=log_time(1_700_000_000.25))
+    assert scope.since == "2023-11-14 22:13:20.250 UTC"
+
+    def entry(app: str, timestamp: str, dbname: str = "session") -> Entry:
+        return Entry(pid=1, severity="LOG", message="", application_name=app, dbname=dbname, timestamp=timestamp)
+
+    assert entry("pgsandbox t2", "2023-11-14 22:13:20.100 UTC", "postgres") in scope  # named: anywhere, any time
+    assert entry("", "2023-11-14 22:13:20.250 UTC") in scope
+    assert entry("billing-worker", "2023-11-14 22:13:21.000 UTC") in scope
+    assert entry("", "2023-11-14 22:13:20.249 UTC") not in scope  # before the test began
+    assert entry("pgsandbox t1", "2023-11-14 22:13:21.000 UTC") not in scope  # another test's connection
+    assert entry("pgsandbox", "2023-11-14 22:13:21.000 UTC") not in scope  # pgsandbox's own
+    assert entry("", "2023-11-14 22:13:21.000 UTC", "postgres") not in scope  # another database
+    assert entry("", "2023-11-14 23:13:20.000 CET") in scope  # log_timezone changed by the user: the log's order

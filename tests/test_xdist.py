@@ -127,3 +127,60 @@ def test_a_broken_migration_under_xdist_is_reported_by_the_workers(pytester: pyt
     result.stdout.fnmatch_lines(
         ["*pgsandbox: migration migrations/2.sql failed at line 1, column 13:*", '*relation "nosuch" does not exist*']
     )
+
+
+# Two tests on two workers, each making a role and using it (pg_role = admin: the same user for both), in an order
+# the tests force with polls: b makes its role while a waits; a makes its own and waits until b's teardown has
+# dropped b's role; b ends meanwhile. Each role is the test's that made it: b's teardown must not name or drop a's.
+ROLES = """
+    import os
+    import time
+
+    import psycopg
+
+    def until(check, what):
+        deadline = time.monotonic() + 60
+        while not check():
+            assert time.monotonic() < deadline, f"waited 60 s for {what}"
+            time.sleep(0.01)
+
+    def role_exists(pg, name):
+        return pg.fetchval("select count(*) from pg_roles where rolname = %s", [name]) == 1
+
+    def use_role(pg, name):
+        # a query on pg_roles first: SET ROLE alone may not yet see a role another connection just committed
+        assert role_exists(pg, name)
+        pg.execute(f"set role {name}")
+
+    def test_a_long_user_of_its_role(pg, pg_admin):
+        until(lambda: role_exists(pg, "reader_b"), "the other worker's test to make its role")
+        pg_admin.execute("create role reader_a")
+        use_role(pg, "reader_a")
+        until(lambda: not role_exists(pg, "reader_b"), "the other worker's test to end")
+        assert role_exists(pg, "reader_a"), "the other worker's teardown dropped this test's role"
+        assert pg.fetchval("select current_user") == "reader_a"
+
+    def test_b_short_user_of_its_role(pg):
+        with psycopg.connect(pg.dsn, autocommit=True) as app:  # the app's own connection
+            app.execute("create role reader_b")
+        use_role(pg, "reader_b")
+        until(lambda: role_exists(pg, "reader_a"), "the other worker's test to make its role")
+        assert pg.fetchval("select current_user") == "reader_b"
+"""
+
+
+def test_roles_made_on_two_workers_are_each_their_tests(pytester: pytest.Pytester) -> None:
+    project(pytester, count=0)
+    (pytester.path / "test_a.py").unlink()
+    (pytester.path / "test_b.py").unlink()
+    (pytester.path / "test_roles.py").write_text(textwrap.dedent(ROLES))
+    result = pytester.runpytest("-n", "2", "--pg-role=admin", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_roles.py::test_a_long_user_of_its_role created role 'reader_a' on the server, outside its "
+            "database*pgsandbox dropped them.*",
+            "*test_roles.py::test_b_short_user_of_its_role created role 'reader_b' on the server, outside its "
+            "database*pgsandbox dropped them.*",
+        ]
+    )

@@ -34,7 +34,14 @@ from pgsandbox.data.rows import run as run_steps
 from pgsandbox.data.rows import run_async as run_steps_async
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.database import Clone, ClonePool, clone_failed
-from pgsandbox.isolation.server_objects import OUTSIDE, ServerObjects, created_since, server_objects
+from pgsandbox.isolation.server_objects import (
+    OUTSIDE,
+    ServerObjects,
+    created_since,
+    made_by_test,
+    outside_finding,
+    server_objects,
+)
 from pgsandbox.isolation.transaction import (
     LEFT_OPEN,
     PREPARED,
@@ -51,7 +58,15 @@ from pgsandbox.isolation.transaction import (
 from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.server.cache import cache_root
-from pgsandbox.server.statements import INTERNAL, Position, Scope, Statement, StatementLog, StatementLogError
+from pgsandbox.server.statements import (
+    INTERNAL,
+    Position,
+    Scope,
+    Statement,
+    StatementLog,
+    StatementLogError,
+    log_time,
+)
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
@@ -134,6 +149,7 @@ class Database(ConnectionForms):
     drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
     _transaction: TransactionIsolation | None = field(default=None, repr=False)
     log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
+    started: float = field(default_factory=time.time, repr=False)  # when it was opened (epoch seconds)
     # the server's databases, roles and tablespaces when the test could first create some (server_objects.py)
     server_objects: ServerObjects | None = field(default=None, repr=False)
     # the data factories (pg.insert): the template's catalog, given by the sandbox, and the test's seed
@@ -146,7 +162,9 @@ class Database(ConnectionForms):
         """What in the statement log is this test's: its connections' names, and its database when it is
         the test's own."""
         names = frozenset((app_name(self.test_id), app_name(self.test_id, ADMIN_SUFFIX)))
-        return Scope(names, self.name if self.isolation == "database" else None)
+        if self.isolation == "database":
+            return Scope(names, self.name)
+        return Scope(names, shared=self.name, since=log_time(self.started))
 
     @property
     def dsn(self) -> str:
@@ -288,6 +306,8 @@ class Database(ConnectionForms):
             self.server_objects = server_objects(self.server.admin)
         conn = self.server.connect(self.name, logged=True, **kwargs)
         self.joined(conn.info.backend_pid)
+        if "pg_admin" not in self.guests.committing:  # what it commits escapes a transaction-isolation test
+            self.guests.committing.append("pg_admin")
         self._opened.append(conn)
         return conn
 
@@ -658,9 +678,7 @@ class Sandbox:
 
     def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         started = time.perf_counter()
-        outside: list[str] = []
-        if db.server_objects is not None:
-            outside = created_since(self.server.admin, db.server_objects, db.test_id, drop=self.throwaway_server)
+        outside = self._outside(db) if db.server_objects is not None else []
         try:
             findings = outside + self._close(db, keep, next_test_id)
         except IsolationError as error:
@@ -675,6 +693,22 @@ class Sandbox:
         for finding in findings:
             self._found(finding.kind if isinstance(finding, Finding) else LEFT_OPEN)
         return findings
+
+    def _outside(self, db: Database) -> list[str]:
+        """Databases, roles and tablespaces the test created on the server (server_objects.py)."""
+        assert db.server_objects is not None
+        new = created_since(self.server.admin, db.server_objects)
+        if new and self.attached:
+            # an xdist worker: the others create objects at the same time; the test's are those it made
+            log = self.server.statement_log
+            if log is None or db.log_start is None:
+                return []  # nothing says whose they are: not this test's to report, nor to drop
+            try:
+                entries, _, _ = log.collect(db.log_start, self.server.admin)
+            except StatementLogError:
+                return []
+            new = made_by_test(new, entries, db.scope)
+        return outside_finding(self.server.admin, new, db.test_id, drop=self.throwaway_server)
 
     def _found(self, kind: str) -> None:
         self._findings[kind] = self._findings.get(kind, 0) + 1

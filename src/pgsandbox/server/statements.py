@@ -79,6 +79,7 @@ def server_settings(directory: Path, log_format: str) -> dict[str, str]:
         "log_parameter_max_length": str(PARAMETER_MAX_LENGTH),
         "log_parameter_max_length_on_error": str(PARAMETER_MAX_LENGTH),
         "log_lock_waits": "on",
+        "log_timezone": "UTC",  # timestamps comparable with the test's start (Scope.since)
         # a wait longer than this is logged with the process holding the lock (and deadlocks are found then)
         "deadlock_timeout": "100ms",
     }
@@ -106,15 +107,38 @@ class Position:
     offset: int
 
 
+OURS_PREFIX = "pgsandbox"  # starts the application_name of every connection pgsandbox opens on a test's database
+
+
+def log_time(epoch: float) -> str:
+    """``epoch`` as the log writes its timestamps (``log_timezone`` = UTC, milliseconds), rounded down."""
+    whole = int(epoch * 1000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole // 1000)) + f".{whole % 1000:03d} UTC"
+
+
 @dataclass(frozen=True)
 class Scope:
-    """What belongs to one test: connections named after it, and everything in its own database."""
+    """What belongs to one test: connections named after it, and everything in its own database.
+
+    ``shared``: the session database of transaction isolation, which the test has to itself only while it
+    runs (from ``since``, a :func:`log_time`). The app's own connections to it (``pg.dsn``), which carry no
+    application_name pgsandbox gave, are the test's there and then."""
 
     names: frozenset[str]
     dbname: str | None = None  # a database only this test uses (database isolation)
+    shared: str | None = None
+    since: str = ""
 
     def __contains__(self, entry: Entry) -> bool:
-        return entry.application_name in self.names or (self.dbname is not None and entry.dbname == self.dbname)
+        if entry.application_name in self.names or (self.dbname is not None and entry.dbname == self.dbname):
+            return True
+        return (
+            self.shared is not None
+            and entry.dbname == self.shared
+            and not entry.application_name.startswith(OURS_PREFIX)
+            # a timestamp in another zone (log_timezone set by pg_server_settings): the log's order decides
+            and (not entry.timestamp.endswith(" UTC") or entry.timestamp >= self.since)
+        )
 
 
 @dataclass
@@ -326,6 +350,17 @@ def server_messages(directory: Path) -> str:
     return "\n".join(lines)
 
 
+def ran(entry: Entry) -> str | None:
+    """The SQL of a statement that ran to its end (a duration line), but pgsandbox's own; None for anything
+    else (a failed statement, a lock wait...)."""
+    if entry.severity != "LOG":
+        return None
+    match = _DURATION.match(entry.message)
+    if match is None or match[2] in ("parse", "bind") or match[3].startswith(INTERNAL):
+        return None
+    return match[3]
+
+
 def statements(entries: Iterable[Entry], scope: Scope) -> list[Statement]:
     """The test's statements in the order they ran: parse, bind and execute of one statement are one, with
     their durations added; pgsandbox's own statements are left out."""
@@ -422,13 +457,21 @@ def lock_waits(found: list[Statement]) -> list[str]:
     return told
 
 
+def _whose(application_name: str) -> str:
+    """A connection's legend: its application_name, and whether pgsandbox opened it."""
+    if application_name.startswith(OURS_PREFIX):
+        return application_name
+    return f"{application_name or 'no application_name'}: a connection the test or its app opened itself"
+
+
 def report(found: list[Statement], limit: int = 50, max_sql: int = 1000, complete: bool = True) -> str:
     """The statements as a report section: the last ``limit`` of them, each shortened to ``max_sql``
-    characters, one connection label per backend when there are several."""
+    characters, one connection label per backend when there are several or one is not pgsandbox's."""
     if not found:
         return "no statements were logged for this test" + ("" if complete else " (its log was rotated away)")
     pids = list(dict.fromkeys(s.pid for s in found))
-    labels = {pid: f"c{index + 1} " for index, pid in enumerate(pids)} if len(pids) > 1 else {}
+    foreign = any(not s.application_name.startswith(OURS_PREFIX) for s in found)
+    labels = {pid: f"c{index + 1} " for index, pid in enumerate(pids)} if len(pids) > 1 or foreign else {}
     total = sum(s.duration_ms or 0.0 for s in found)
     errors = sum(1 for s in found if s.error)
     lines = [
@@ -439,7 +482,7 @@ def report(found: list[Statement], limit: int = 50, max_sql: int = 1000, complet
     ]
     if labels:
         by_pid = {s.pid: s.application_name for s in found}
-        lines += [f"  {labels[pid]}= backend {pid} ({by_pid[pid] or 'no application_name'})" for pid in pids]
+        lines += [f"  {labels[pid]}= backend {pid} ({_whose(by_pid[pid])})" for pid in pids]
     for statement in found[-limit:]:
         if statement.error:
             head = f"{'failed':>10} "
