@@ -406,6 +406,7 @@ class Sandbox:
         self.clone_clause = clone_clause(server, settings.clone_strategy)
         self._transaction: TransactionIsolation | None = None
         self._pool: ClonePool | None = None
+        self._owned: str | None = None  # the session's copy of the template that its role owns (_test_template)
         self._kept: list[str] = []
         self._kept_counter = 0
         self._pgpass: Path | None = None
@@ -596,7 +597,7 @@ class Sandbox:
         """The tests' role and a database of this session's own, for session-scoped code (see
         :class:`SessionLogin`); the database is cloned from the template on the first call."""
         if self._login is None:
-            name = self.server.create_database(LOGIN_DATABASE, template=self.template, clause=self.clone_clause)
+            name = self.server.create_database(LOGIN_DATABASE, template=self._test_template(), clause=self.clone_clause)
             self._login = SessionLogin(self.server, name)
         return self._login
 
@@ -617,7 +618,7 @@ class Sandbox:
         first = (self._transaction if chosen == "transaction" else self._pool) is None
         if chosen == "transaction":
             if self._transaction is None:
-                self._transaction = TransactionIsolation(self.server, self.template, self.clone_clause)
+                self._transaction = TransactionIsolation(self.server, self._test_template(), self.clone_clause)
             conn = self._transaction.begin(test_id)
             assert self._transaction.dbname
             db = Database(
@@ -631,10 +632,7 @@ class Sandbox:
         else:
             if self._pool is None:
                 strategies = clone_strategies(self.server, self.settings)
-                if self.server.handed_over:
-                    self._pool = ClonePool(self.server, self._owned_template(), strategies, owned=True)
-                else:
-                    self._pool = ClonePool(self.server, self.template, strategies)
+                self._pool = ClonePool(self.server, self._test_template(), strategies)
             clone: Clone = self._pool.acquire()
             db = Database("database", clone.name, test_id, self.server, _connection=clone.conn)
             if clone.conn is not None:
@@ -656,10 +654,19 @@ class Sandbox:
             self.progress(f"cloned {what} from the template in {seconds:.2f} s ({chosen} isolation)")
         return db
 
+    def _test_template(self) -> str:
+        """What both isolations clone: the template, or, when its objects were handed over to pgsandbox_owner,
+        a copy of it whose objects this session's role already owns (roles.take_over). The take-over (30 ms
+        with 100 tables) is then paid once per session rather than by every clone, and every clone has the same
+        catalog rows as the next, which the escape check compares. Nobody connects to it: a database being
+        copied must be idle."""
+        if not self.server.handed_over:
+            return self.template
+        if self._owned is None:
+            self._owned = self._owned_template()
+        return self._owned
+
     def _owned_template(self) -> str:
-        """What ``database`` isolation clones: a copy of the template whose objects this session's role already
-        owns (roles.take_over), so that the take-over (30 ms with 100 tables) is paid once per session rather
-        than by every clone. Nobody connects to it: a database being copied must be idle."""
         try:
             name = self.server.create_database("owned", template=self.template, clause=self.clone_clause)
         except psycopg.Error as error:

@@ -45,14 +45,12 @@ class ClonePool:
         strategies: Sequence[str],
         depth: int = DEPTH,
         makers: int = MAKERS,
-        owned: bool = False,
     ) -> None:
         """``strategies``: CREATE DATABASE strategies to use; with several, the first clones try each and
-        the fastest is kept (what wins depends on the server's storage and load). ``owned``: the template's
-        objects already belong to the tests' role (else each clone gives them to it: server.take_over)."""
+        the fastest is kept (what wins depends on the server's storage and load). ``template``'s objects
+        already belong to the tests' role (Sandbox._test_template)."""
         self.server = server
         self.template = template
-        self.owned = owned
         self.strategies = list(strategies)
         self.timings: dict[str, list[float]] = {strategy: [] for strategy in self.strategies}
         self.created = 0  # databases, for the session report
@@ -123,18 +121,9 @@ class ClonePool:
                         with self._cond:
                             self.timings[strategy].append(time.perf_counter() - started)
                     try:
-                        test_conn: psycopg.Connection[Any] | None = psycopg.connect(
-                            self.server.login_dsn_for(name), autocommit=True
-                        )
+                        test_conn: psycopg.Connection[Any] | None = psycopg.connect(self.server.login_dsn_for(name))
                     except psycopg.Error:
                         test_conn = None
-                    if test_conn is not None:
-                        if not self.owned:
-                            self.server.take_over(test_conn)
-                        test_conn.autocommit = False
-                    elif self.server.handed_over and not self.owned:  # the test connects later: the same owner
-                        with psycopg.connect(self.server.login_dsn_for(name), autocommit=True) as owner:
-                            self.server.take_over(owner)
                     with self._cond:
                         self._pending -= 1
                         self._ready.append(Clone(name, test_conn))

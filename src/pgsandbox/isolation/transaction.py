@@ -322,7 +322,6 @@ class TransactionIsolation:
         self.conn = SandboxConnection.connect(
             self.server.login_dsn_for(self.dbname), autocommit=True, application_name=OURS_PREFIX
         )
-        self.server.take_over(self.conn)
         if self.server.version[0] >= 15:
             # count this connection in pg_stat_database now, so that the counter moves only for others (the
             # tests' role may call the function where a template granted it; elsewhere the count comes later)
