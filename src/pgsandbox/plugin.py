@@ -165,7 +165,7 @@ def _start(config: pytest.Config, progress: Callable[[str], None] | None = None)
     root = config.rootpath
     migrations = load_migrators(options.migrations, options.migrations_inputs, root)
     migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
-    seed = load_migrators(options.seed, options.migrations_inputs, root)
+    seed = load_migrators(options.seed, options.migrations_inputs, root, "pg_seed")
     seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
     return Sandbox.start(
         options,

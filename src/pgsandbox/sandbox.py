@@ -443,7 +443,7 @@ class Sandbox:
         if migrations is None:
             migrations = load_migrators(settings.migrations, settings.migrations_inputs, root)
         if seed is None:
-            seed = load_migrators(settings.seed, settings.migrations_inputs, root)
+            seed = load_migrators(settings.seed, settings.migrations_inputs, root, "pg_seed")
         layers = [Layer(kind, tuple(ms)) for kind, ms in (("migrations", migrations), ("seed", seed)) if ms]
         chain = Chain(tuple(layers)) if layers else None
         snapshots = [] if settings.rebuild or chain is None else list(reversed(chain.keys))
