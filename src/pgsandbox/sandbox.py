@@ -812,12 +812,11 @@ class Sandbox:
         return self._pgpass
 
     def psql_command(self, dbname: str) -> str:
+        from pgsandbox.binaries import working_psql
+
         params = self.server.params
-        psql = "psql"
-        if isinstance(self.server, LocalServer):
-            candidate = self.server.installation.bindir / "psql"
-            if candidate.exists():
-                psql = str(candidate)
+        bindir = self.server.installation.bindir if isinstance(self.server, LocalServer) else None
+        psql = working_psql(bindir) or "psql"  # none that runs here: the user's own, once installed
         target = (
             " ".join(f"{key}={params[key]}" for key in ("host", "port", "user") if params.get(key))
             + f" dbname={dbname}"

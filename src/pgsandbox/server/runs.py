@@ -67,9 +67,7 @@ def check_runtime_base(base: Path, account: Account, source: str) -> Path:
         in_the_way = [p for p in [base / f"pgsandbox-{os.geteuid()}", base, *base.parents] if p.is_file()]
         if in_the_way:
             reason = f"{in_the_way[-1]} is a file, not a directory"
-        raise ServerStartError(
-            f"the local server cannot keep its data in {base} ({source}): {reason}.", fix
-        ) from None
+        raise ServerStartError(f"the local server cannot keep its data in {base} ({source}): {reason}.", fix) from None
     if not can_reach(parent, account):
         if not existed:
             with contextlib.suppress(OSError):

@@ -129,9 +129,7 @@ def ensure_templates(
         else:
             force = rebuild_from_here or bool(info.stale)
             with naming_setting(SETTING_OF_LAYER.get(layer.kind, "pg_migrations")):
-                built = _build(
-                    server, layer, info, parent, project, force, clone_clause, progress, hand_over, root
-                )
+                built = _build(server, layer, info, parent, project, force, clone_clause, progress, hand_over, root)
             rebuild_from_here = rebuild_from_here or built  # a rebuilt parent means its children are stale
             if built and keep:
                 prune(server, project, layer.kind, keep)
