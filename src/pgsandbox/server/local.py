@@ -167,7 +167,8 @@ class LocalServer(Server):
             shutil.rmtree(run.path, ignore_errors=True)
             if build_lock:
                 build_lock.release()
-            if isinstance(error, (OSError, shutil.Error)) and runs.is_out_of_space(error):
+            # the cluster's copy (cp, copytree listing every file) or initdb (which works there too) ran out
+            if isinstance(error, (OSError, shutil.Error, ServerStartError)) and runs.is_out_of_space(error):
                 raise _out_of_space(base, settings.source_of("runtime_dir")) from None
             raise
         server.snapshots = snapshot_dir
