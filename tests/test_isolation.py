@@ -394,7 +394,7 @@ def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: s
     result.stdout.fnmatch_lines(
         [
             "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed, async_driver, guard*",
-            "*isolation 'schema' is not one of transaction, database.*",
+            "*@pytest.mark.pg(isolation='schema') is not one of transaction, database.*",
         ]
     )
     project.makepyfile(test_it="def test_x(pg): pass")

@@ -97,26 +97,23 @@ class AlembicMigrator(Migrator):
             "your settings name: these migrations may have run there.",
         )
 
-    def _where(self, error: BaseException) -> str:
+    def _where(self, error: BaseException) -> list[str]:
         """The lines of the project's own files (env.py, the revisions) the error passed through, innermost
         last: the fixture shows the message alone, without a traceback."""
         try:
             base = self._files()[0].resolve()
         except Exception:  # the script directory itself is broken: the error says why
-            return ""
+            return []
         frames = [
             frame
             for frame in traceback.extract_tb(error.__traceback__)
             if Path(frame.filename).resolve().is_relative_to(base)
         ]
-        if not frames:
-            return ""
-        lines = [
-            f"    {Path(frame.filename).resolve().relative_to(base)}, line {frame.lineno}, in {frame.name}"
+        return [
+            f"{Path(frame.filename).resolve().relative_to(base)}, line {frame.lineno}, in {frame.name}"
             + (f": {frame.line.strip()}" if frame.line else "")
             for frame in frames[-3:]
         ]
-        return " in\n" + "\n".join(lines) + "\n"
 
     def migrate(self, target: Target) -> None:
         from alembic import command
@@ -136,8 +133,10 @@ class AlembicMigrator(Migrator):
         except Exception as error:
             where = self._where(error)
             raise MigrationError(
-                f"{self.label}: `alembic upgrade head` failed{where}: {type(error).__name__}: {error}",
-                "fix the failing revision (or env.py) and run again; the template was not kept.",
+                f"{self.label}: `alembic upgrade head` failed: {type(error).__name__}: {error}"
+                + "".join(f"\n  at {place}" for place in where),
+                f"fix {where[-1].split(', in ')[0] if where else 'the failing revision (or env.py)'} and run again; "
+                "the template was not kept.",
             ) from error
         finally:
             for logger, was in disabled.items():
