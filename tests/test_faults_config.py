@@ -222,6 +222,10 @@ def test_migrations_inputs_glob_that_matches_nothing_warns(project: pytest.Pytes
         ]
     )
     assert "'data/*.csv' matches" not in result.stdout.str()
+    strict = project.runpytest("-W", "error::pgsandbox.errors.PgSandboxWarning", "--pg-migrations-inputs=dta/*.csv")
+    clean(strict)
+    assert strict.ret == pytest.ExitCode.USAGE_ERROR
+    strict.stderr.fnmatch_lines(["*pgsandbox: pg_migrations_inputs: 'dta/*.csv' matches no file under *"])
 
 
 # -- the pg marker ------------------------------------------------------------------------------------------

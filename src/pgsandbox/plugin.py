@@ -93,13 +93,14 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as error:
         raise pytest.UsageError(f"pgsandbox: {error}") from None
     for pattern in unmatched_inputs(config.stash[SETTINGS_KEY], config.rootpath):
-        config.issue_config_time_warning(
-            PgSandboxWarning(
-                f"pg_migrations_inputs: {pattern!r} matches no file under {config.rootpath}, so no file of it is in "
-                "the template's hash. Fix the glob (relative to the rootdir) if it is meant to match something."
-            ),
-            stacklevel=2,
+        warning = PgSandboxWarning(
+            f"pg_migrations_inputs: {pattern!r} matches no file under {config.rootpath}, so no file of it is in "
+            "the template's hash. Fix the glob (relative to the rootdir) if it is meant to match something."
         )
+        try:
+            config.issue_config_time_warning(warning, stacklevel=2)
+        except PgSandboxWarning:  # -W error: a usage error, not pytest's INTERNALERROR
+            raise pytest.UsageError(f"pgsandbox: {warning}") from None
     chars = config.option.reportchars or ""
     if config.stash[SETTINGS_KEY].show_sql and not {"P", "A"} & set(chars):
         config.option.reportchars = chars + "P"  # a passed test's report sections are shown with -rP
