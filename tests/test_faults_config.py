@@ -270,11 +270,15 @@ def test_every_marker_value_is_checked_by_its_options_parser(project: pytest.Pyt
         @pytest.mark.pg(keep_failed="yes", isolation=" database ", guard="warn")
         def test_good_values(pg_conn):
             pass
+
+        @pytest.mark.pg(isolation=None)  # not set here: the command line's
+        def test_none_leaves_the_option_to_the_command_line(pg):
+            assert pg.isolation == "transaction"
         """
     )
     result = project.runpytest("-p", "no:randomly")
     output = clean(result)
-    result.assert_outcomes(passed=1, errors=3)
+    result.assert_outcomes(passed=2, errors=3)
     result.stdout.fnmatch_lines(
         [
             "pgsandbox: @pytest.mark.pg(keep_failed='yes please'): expected true or false.",

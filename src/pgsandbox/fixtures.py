@@ -370,7 +370,8 @@ def marker_options(node: pytest.Item) -> dict[str, Any]:
             f"it takes {', '.join(MARKER_OPTIONS)}.",
             pytrace=False,
         )
-    return {name: marker_value(name, value) for name, value in marker.kwargs.items()}
+    # None: not set here (a parametrized marker may leave an option to the command line)
+    return {name: marker_value(name, value) for name, value in marker.kwargs.items() if value is not None}
 
 
 def marker_value(name: str, value: Any) -> Any:

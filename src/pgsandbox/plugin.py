@@ -89,10 +89,12 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         from pgsandbox.checks import check_startup, unmatched_inputs
 
-        check_startup(config.stash[SETTINGS_KEY], config.invocation_params.dir)
+        worker = hasattr(config, "workerinput")  # an xdist worker: its controller checked and warned already
+        if not worker:
+            check_startup(config.stash[SETTINGS_KEY], config.invocation_params.dir)
     except ConfigError as error:
         raise pytest.UsageError(f"pgsandbox: {error}") from None
-    for pattern in unmatched_inputs(config.stash[SETTINGS_KEY], config.rootpath):
+    for pattern in [] if worker else unmatched_inputs(config.stash[SETTINGS_KEY], config.rootpath):
         warning = PgSandboxWarning(
             f"pg_migrations_inputs: {pattern!r} matches no file under {config.rootpath}, so no file of it is in "
             "the template's hash. Fix the glob (relative to the rootdir) if it is meant to match something."
