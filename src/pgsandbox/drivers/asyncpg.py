@@ -51,7 +51,9 @@ def connect_kwargs(db: Database) -> dict[str, Any]:
         "host": params.get("host") or None,
         "port": int(params["port"]) if params.get("port") else None,
         "user": params.get("user"),
-        "password": params.get("password") or None,
+        # asyncpg reads the passfile itself, into its connection parameters (a namedtuple in its frames, which
+        # the report's redaction masks: asyncpg's protocol takes nothing but an exact str as a password)
+        "passfile": params.get("passfile") or None,
         "database": db.name,
         "server_settings": {"application_name": db.application_name},
     }
