@@ -305,3 +305,52 @@ def test_an_existing_server_run_leaves_no_secret_on_disk(
     assert "1 passed" in output, output
     passfile = Path((out / "passfile.txt").read_text())
     assert passfile.parent.name.startswith("run-") and not passfile.parent.exists()  # it went with the run
+
+
+PGPASSWORD_SET = """
+import psycopg
+import pytest
+
+
+def test_pg(pg):
+    assert pg.fetchval("select 1") == 1
+
+
+def test_own_connection_on_the_dsn(pg):
+    with psycopg.connect(pg.dsn) as conn:
+        assert conn.execute("select current_user").fetchone() == (pg.info.user,)
+
+
+def test_psycopg2(pg_psycopg2):
+    with pg_psycopg2.cursor() as cursor:
+        cursor.execute("select 1")
+
+
+async def test_asyncpg(pg_asyncpg):
+    assert await pg_asyncpg.fetchval("select 1") == 1
+
+
+@pytest.mark.pg(isolation="database")
+def test_engine_in_database_isolation(pg_engine):
+    with pg_engine.connect() as conn:
+        assert conn.exec_driver_sql("select 1").scalar() == 1
+
+
+@pytest.mark.pg(isolation="database", async_driver="asyncpg")
+async def test_async_engine_on_asyncpg_in_database_isolation(pg_async_engine):
+    async with pg_async_engine.connect() as conn:
+        assert (await conn.exec_driver_sql("select 1")).scalar() == 1
+"""
+
+
+@pytest.mark.parametrize("server", ["local", "existing"])
+def test_a_pgpassword_in_the_environment_does_not_beat_the_passfile(
+    project: pytest.Pytester, tmp_path: Path, shared_dsn: str, server: str
+) -> None:
+    """libpq and asyncpg take PGPASSWORD before a passfile: pgsandbox's DSNs say ``password=''`` (libpq then reads
+    the passfile) and its asyncpg connections get the password from the passfile themselves."""
+    out = tmp_path / "out"
+    setup_project(project, PGPASSWORD_SET, out)
+    args = [f"--pg-dsn={shared_dsn}"] if server == "existing" else []
+    output = run_project(project, out, *args, env={"PGPASSWORD": "not-the-password"})
+    assert "6 passed" in output, output

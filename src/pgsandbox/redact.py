@@ -34,7 +34,8 @@ def register_secret(secret: str) -> None:
 
 def redact(text: str) -> str:
     """Return ``text`` with passwords in DSNs, URLs and known secrets replaced by ``***``."""
-    text = _KEYWORD.sub(lambda m: m.group(1) + MASK, text)
+    # an empty password (``password=''``, next to ``passfile=``) hides nothing
+    text = _KEYWORD.sub(lambda m: m.group(0) if m.group(2) == "''" else m.group(1) + MASK, text)
     text = _URL_USERINFO.sub(lambda m: m.group(1) + MASK + m.group(3), text)
     for secret in _secrets:
         text = text.replace(secret, MASK)

@@ -15,7 +15,7 @@ from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
 from pgsandbox.redact import Secret, redact
 from pgsandbox.server import runs
 from pgsandbox.server.base import Server, new_run_id
-from pgsandbox.server.passfile import FILE_NAME, Passfile
+from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.roles import drop_login
 from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
 
@@ -75,7 +75,7 @@ class ExternalServer(Server):
             given = params.pop("password", None)
             if given:
                 passfile.add(str(params.get("user") or "*"), str(given), port=str(params.get("port") or "*"))
-                dsn = make_conninfo("", **{**params, "passfile": str(passfile.path)})
+                dsn = make_conninfo("", **{**params, "password": NO_PASSWORD, "passfile": str(passfile.path)})
                 admin_dsn = admin_dsn and _without_password(admin_dsn, passfile.path)
             del given
             if "connect_timeout" not in params:
@@ -92,8 +92,8 @@ class ExternalServer(Server):
                 passfile.add(admin.info.user, Secret(admin.info.password), port=str(params.get("port") or "*"))
             passfile.remove("*")  # the DSN named no user: now the admin's line names it (before the tests' role's)
             origin = params.get("passfile")
-            dsn = make_conninfo(dsn, passfile=str(passfile.path))
-            admin_dsn = admin_dsn and make_conninfo(admin_dsn, passfile=str(passfile.path))
+            dsn = make_conninfo(dsn, password=NO_PASSWORD, passfile=str(passfile.path))
+            admin_dsn = admin_dsn and make_conninfo(admin_dsn, password=NO_PASSWORD, passfile=str(passfile.path))
             _check(admin)
             server = cls(dsn, admin.info.server_version, run_id, admin_dsn, passfile=passfile)
             server._admin_user = admin.info.user
@@ -144,8 +144,7 @@ class ExternalServer(Server):
 
 def _without_password(conninfo: str, passfile: Path) -> str:
     params = conninfo_to_dict(conninfo)
-    params.pop("password", None)
-    return make_conninfo("", **{**params, "passfile": str(passfile)})
+    return make_conninfo("", **{**params, "password": NO_PASSWORD, "passfile": str(passfile)})
 
 
 def _connect(dsn: str, source: str, quiet: bool = False) -> psycopg.Connection[Any]:

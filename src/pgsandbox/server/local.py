@@ -28,7 +28,7 @@ from pgsandbox.errors import ServerStartError
 from pgsandbox.redact import Secret, redact
 from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
-from pgsandbox.server.passfile import FILE_NAME, Passfile
+from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.settings import Settings, listens_on_tcp
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
@@ -204,7 +204,12 @@ class LocalServer(Server):
         # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
         # get the TCP address, which code that parses host and port out of a URL understands
         admin_conninfo = make_conninfo(
-            host=str(run.socket_dir), port=port, user=cache.SUPERUSER, dbname="postgres", passfile=str(passfile.path)
+            host=str(run.socket_dir),
+            port=port,
+            user=cache.SUPERUSER,
+            dbname="postgres",
+            password=NO_PASSWORD,
+            passfile=str(passfile.path),
         )
         conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
         try:

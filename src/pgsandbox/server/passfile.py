@@ -17,6 +17,9 @@ from pathlib import Path
 from pgsandbox.redact import Secret, register_secret
 
 FILE_NAME = "pgpass"
+# in a DSN next to ``passfile=``: libpq takes PGPASSWORD, when the environment has it, before any passfile; an
+# explicitly empty password does not count as one, and keeps PGPASSWORD out, so the passfile is read
+NO_PASSWORD = ""
 
 
 def _escape(value: str) -> str:
