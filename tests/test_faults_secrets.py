@@ -354,3 +354,42 @@ def test_a_pgpassword_in_the_environment_does_not_beat_the_passfile(
     args = [f"--pg-dsn={shared_dsn}"] if server == "existing" else []
     output = run_project(project, out, *args, env={"PGPASSWORD": "not-the-password"})
     assert "6 passed" in output, output
+
+
+def test_no_form_parameter_or_description_holds_a_password(
+    tmp_path: Path, shared: LocalServer, shared_dsn: str
+) -> None:
+    """What pgsandbox hands out, or keeps where a traceback shows it, names the passfile instead."""
+    from pgsandbox import Sandbox, Settings
+
+    settings = Settings(dsn=shared_dsn)
+    with Sandbox.start(settings, root=tmp_path) as sandbox:
+        login = sandbox.session_login()
+        with sandbox.database("transaction") as db:
+            secrets = [str(shared.reveal_password()), str(db.reveal_password())]
+            assert secrets[1] != secrets[0] and len(secrets[1]) >= 24  # the tests' own role
+            handed = [
+                db.dsn,
+                db.database_url,
+                db.url(),
+                db.url("asyncpg"),
+                repr(db.env),
+                repr(db.params),
+                login.dsn,
+                login.database_url,
+                repr(login.params),
+                json.dumps(sandbox.describe()),  # what xdist's workers get
+                sandbox.server.dsn,
+                sandbox.server.admin_dsn,
+                repr(sandbox.server),
+                repr(settings),
+                repr(db.reveal_password()),
+            ]
+            for text in handed:
+                assert "passfile" in text.lower() or "***" in text or text == repr(settings), text
+                for secret in secrets:
+                    assert secret not in text, text
+            passfile = Path(db.passfile)
+            assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
+            assert stat.S_IMODE(passfile.parent.stat().st_mode) == 0o700
+    assert not passfile.parent.exists()  # the run's secrets went with it
