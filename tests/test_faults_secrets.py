@@ -289,9 +289,14 @@ def test_keep_failed_on_an_existing_server_keeps_its_passfile_with_the_run_until
         assert conn.execute("select count(*) from users where name = 'evidence'").fetchone() == (1,)
     # a later run leaves it (it is kept), reap --include-kept drops the database and removes the file
     assert run.path not in {leftover.run.path for leftover in runs.find_leftovers(runs.search_bases())}
-    from pgsandbox.cli import main
+    # what `pgsandbox reap --include-kept` does, for this run only (other tests' runs share the server)
+    from pgsandbox.server import reaper
 
-    assert main(["reap", "--dsn", shared_dsn, "--include-kept"]) == 0
+    (dead,) = [found for found in reaper.runs_on(shared.admin).values() if f"run-{found.run_id}" == run.path.name]
+    assert dead.kept == [kept]
+    reaper.reap(shared.admin, [dead])
+    assert run.path.exists()  # without --include-kept the kept database, and its passfile, stay
+    reaper.reap(shared.admin, [dead], include_kept=True)
     assert not run.path.exists()
     assert not shared.admin.execute("select 1 from pg_database where datname = %s", [kept]).fetchall()
 

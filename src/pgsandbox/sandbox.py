@@ -557,7 +557,8 @@ class Sandbox:
     # -- shared with other processes (pytest-xdist workers) -------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What another process on this machine needs to work on this sandbox's server and templates
-        (plain data, for xdist's worker input). It holds the admin password: never print it."""
+        (plain data, for xdist's worker input). It holds no password: its DSNs name the run's passfile (0600),
+        which a worker on this machine reads."""
         return {
             "dsn": self.server.dsn,
             "admin_dsn": self.server.admin_dsn,
