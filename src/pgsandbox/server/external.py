@@ -74,7 +74,7 @@ class ExternalServer(Server):
             # the file instead (passfile.py)
             given = params.pop("password", None)
             if given:
-                passfile.add(str(params.get("user") or "*"), str(given), port=str(params.get("port") or "*"))
+                passfile.add(str(params.get("user") or "*"), str(given), port=_passfile_port(params))
                 dsn = make_conninfo("", **{**params, "password": NO_PASSWORD, "passfile": str(passfile.path)})
                 admin_dsn = admin_dsn and _without_password(admin_dsn, passfile.path)
             del given
@@ -89,7 +89,7 @@ class ExternalServer(Server):
             # a password that came from elsewhere (PGPASSWORD, ~/.pgpass, the passfile the DSN named: an xdist
             # controller's) joins this run's passfile, which every DSN of the run names from now on
             if admin.info.password:
-                passfile.add(admin.info.user, Secret(admin.info.password), port=str(params.get("port") or "*"))
+                passfile.add(admin.info.user, Secret(admin.info.password), port=_passfile_port(params))
             passfile.remove("*")  # the DSN named no user: now the admin's line names it (before the tests' role's)
             origin = params.get("passfile")
             dsn = make_conninfo(dsn, password=NO_PASSWORD, passfile=str(passfile.path))
@@ -140,6 +140,12 @@ class ExternalServer(Server):
             if self.secrets is not None:
                 shutil.rmtree(self.secrets.path, ignore_errors=True)
                 self.secrets = None
+
+
+def _passfile_port(params: dict[str, Any]) -> str:
+    """The port a passfile line names: the DSN's, or any when it names none or several (a multi-host DSN)."""
+    port = str(params.get("port") or "*")
+    return "*" if "," in port else port
 
 
 def _without_password(conninfo: str, passfile: Path) -> str:
