@@ -104,4 +104,4 @@ def shared() -> Iterator[LocalServer]:
 def shared_dsn(shared: LocalServer) -> str:
     """The shared server's superuser URL (password included: pgsandbox redacts it in every message)."""
     assert shared.tcp is not None
-    return f"postgresql://postgres:{shared.params['password']}@127.0.0.1:{shared.tcp[1]}/postgres"
+    return f"postgresql://postgres:{shared.reveal_password()}@127.0.0.1:{shared.tcp[1]}/postgres"

@@ -419,10 +419,10 @@ def test_pg_fixture_connection_details(project: pytest.Pytester, shared_dsn: str
                 assert conn.execute(sqlalchemy.text("select count(*) from users")).scalar() == 2
             engine.dispose()
             assert pg.url("asyncpg").startswith("postgresql+asyncpg://")
-            assert set(pg.env) >= {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}
+            assert set(pg.env) >= {"PGHOST", "PGPORT", "PGUSER", "PGPASSFILE", "PGDATABASE"}
             assert pg.env["PGDATABASE"] == pg.name == pg.info.dbname
             assert pg.info.host == "127.0.0.1" and pg.info.user.endswith("_tests")  # the tests' own role
-            assert "password" not in repr(pg).lower() and pg.env["PGPASSWORD"] not in repr(pg)
+            assert "password" not in repr(pg).lower() and pg.reveal_password() not in repr(pg)
             assert pg.execute("insert into users (name) values ('x'), ('y')") == 2
             assert pg.fetchone("select name from users where name = %s", ["x"]) == {"name": "x"}
         """,
@@ -473,7 +473,7 @@ def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: Loc
     kept = {match.group(1) for command in commands if (match := re.search(r"dbname=(\S+)'", command))}
     try:
         result.assert_outcomes(passed=1, failed=2)
-        assert str(shared.params["password"]) not in result.stdout.str()
+        assert str(shared.reveal_password()) not in result.stdout.str()
         result.stdout.fnmatch_lines(
             ["*- pgsandbox: kept database -*", "*the database of this test is kept as *failed1*"]
         )

@@ -67,8 +67,8 @@ def test_data_on_tmpfs_private_directories(start_local: StartLocal) -> None:
 
 def test_random_password_per_run_and_scram_everywhere(start_local: StartLocal) -> None:
     first, second = start_local(), start_local()
-    assert first.params["password"] != second.params["password"]
-    assert len(first.params["password"]) >= 32
+    assert first.reveal_password() != second.reveal_password()
+    assert len(first.reveal_password() or "") >= 32
     hba = [
         line.split()
         for line in (first.run.data / "pg_hba.conf").read_text().splitlines()
@@ -81,7 +81,7 @@ def test_random_password_per_run_and_scram_everywhere(start_local: StartLocal) -
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(first.dsn_for("postgres") + " password=wrong")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-        psycopg.connect(first.dsn_for("postgres") + f" password={second.params['password']}")
+        psycopg.connect(first.dsn_for("postgres") + f" password={second.reveal_password()}")
 
 
 def test_tcp_loopback_by_default_for_clients_socket_for_the_admin(start_local: StartLocal) -> None:

@@ -45,7 +45,7 @@ def tables_in(server: LocalServer, dbname: str) -> list[str]:
 
 def url_of(server: LocalServer, dbname: str, driver: str = "postgresql+psycopg") -> str:
     assert server.tcp is not None
-    return f"{driver}://postgres:{server.params['password']}@127.0.0.1:{server.tcp[1]}/{dbname}"
+    return f"{driver}://postgres:{server.reveal_password()}@127.0.0.1:{server.tcp[1]}/{dbname}"
 
 
 # -- 1 and 2: an env.py that migrates the database the app's settings name ---------------------------------------
@@ -69,7 +69,7 @@ def test_an_env_py_that_ignores_pgsandbox_url_is_stopped_and_the_real_database_u
             '*What to do: *in env.py, url = config.attributes.get("pgsandbox_url", <your setting>)*',
         ]
     )
-    assert str(shared.params["password"]) not in result.stdout.str()
+    assert str(shared.reveal_password()) not in result.stdout.str()
     assert "cache miss, built in" not in result.stdout.str()
     assert tables_in(shared, real_database) == []  # not even alembic_version
 
@@ -182,7 +182,7 @@ def test_during_a_build_every_library_reaches_only_the_template(
         assert f"python:app.db:migrate tried to connect to database '{real_database}' on 127.0.0.1:" in message
         assert f"while pgsandbox was building the template {template}" in message
         assert "What to do: make the migration connect where pgsandbox points it" in message
-        assert str(shared.params["password"]) not in message
+        assert str(shared.reveal_password()) not in message
         assert refused == [caught.value]
         connect_with(library, url_of(shared, real_database, "postgresql"))  # after the build: anything goes
     finally:

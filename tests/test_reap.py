@@ -137,7 +137,7 @@ def test_pgsandbox_reap_lists_then_drops(
     assert cli(["reap", f"--dsn={shared_dsn}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"would reap run {killed_run.run_id}" in out and all(name in out for name in left)
-    assert shared.params["password"] not in out
+    assert str(shared.reveal_password()) not in out
     assert existing(shared, left) == set(left)
     assert cli(["reap", f"--dsn={shared_dsn}"]) == 0
     assert f"reap run {killed_run.run_id}" in capsys.readouterr().out

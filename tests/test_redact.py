@@ -26,3 +26,15 @@ def test_redact_dsns_and_urls(text: str, expected: str) -> None:
 def test_registered_secrets_are_masked_anywhere() -> None:
     register_secret("Zq9-very-secret-token")
     assert redact("the server said: Zq9-very-secret-token is wrong") == "the server said: *** is wrong"
+
+
+def test_an_empty_password_next_to_a_passfile_is_not_masked() -> None:
+    assert redact("host=x password='' passfile=/run/pgpass") == "host=x password='' passfile=/run/pgpass"
+
+
+def test_a_secret_is_text_with_a_masked_repr() -> None:
+    from pgsandbox.redact import Secret
+
+    secret = Secret("Zq9-another-secret")
+    assert secret == "Zq9-another-secret" and f"{secret}" == "Zq9-another-secret"
+    assert repr(secret) == "'***'" and "Zq9" not in repr({"password": secret}) and "Zq9" not in repr([secret])

@@ -42,7 +42,7 @@ FAILING = """
     def test_2_fails(pg, pg_conn, ada):
         pg_conn.execute("update users set name = %s where id = %s", ["ada2", ada])
         pg_conn.commit()
-        pg.fetchval("select %s::text", [pg.params["password"]])
+        pg.fetchval("select %s::text", [pg.reveal_password()])
         pg.execute("alter role current_user password '" + "hunter2" + "-secret'")
         pg.execute("insert into users (name) values (%s)", ["bob"])
 

@@ -48,7 +48,7 @@ def pg_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
 def pg_server(pg_sandbox: Sandbox) -> Server:
     """The session's PostgreSQL server: a local throwaway one, or the configured external one.
 
-    ``pg_server.version``, ``.dsn`` (admin, password included: never print it; ``.dsn_redacted``),
+    ``pg_server.version``, ``.dsn`` (admin; its password is in the passfile it names; ``.reveal_password()``),
     ``.connect(dbname=None)``, ``.create_database(name=None, template=None)``, ``.drop_database(name)``.
     """
     return pg_sandbox.server

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning, causes, sqlstate
+from pgsandbox.redact import redact
 from pgsandbox.settings import OPTIONS, Settings
 
 if TYPE_CHECKING:
@@ -308,9 +309,37 @@ def next_transaction_test(item: pytest.Item, sandbox: Sandbox) -> str | None:
     return nextitem.nodeid if isolation == "transaction" else None
 
 
+def redact_report(report: pytest.TestReport) -> None:
+    """The second line of defence (the first: no DSN, URL or parameter pgsandbox hands out holds a password):
+    a known secret that reached a report anyway, through a library's frame (asyncpg reads a passfile into its
+    connection parameters) or the test's own print, is masked before the terminal, junitxml or any other
+    plugin sees it."""
+    report.sections = [(title, redact(content)) for title, content in report.sections]
+    if isinstance(report.longrepr, str):
+        report.longrepr = redact(report.longrepr)
+    elif report.longrepr is not None and not isinstance(report.longrepr, tuple):
+        _redact_repr(report.longrepr, 0)
+
+
+def _redact_repr(node: Any, depth: int) -> Any:
+    """Mask secrets in the strings of pytest's failure representation (entries, locals, arguments, messages)."""
+    if isinstance(node, str):
+        return redact(node)
+    if isinstance(node, list):
+        node[:] = [_redact_repr(item, depth + 1) for item in node]
+        return node
+    if isinstance(node, tuple):
+        return tuple(_redact_repr(item, depth + 1) for item in node)
+    if depth < 12 and type(node).__module__.startswith("_pytest.") and hasattr(node, "__dict__"):
+        for name, value in list(vars(node).items()):
+            object.__setattr__(node, name, _redact_repr(value, depth + 1))
+    return node
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
+    redact_report(report)
     sandbox = item.config.stash.get(SANDBOX_KEY, None)
     db = item.stash.get(LOG_KEY, None)
     if db is None or sandbox is None or sandbox.stopped:  # the last test's teardown comes after the session's
@@ -377,8 +406,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 "pgsandbox: kept database",
                 f"the database of this test is kept as {name}; open it with:\n"
                 f"    {sandbox.psql_command(name)}\n"
-                "(the password is in that pgpass file, readable only by you; `pgsandbox clean` removes a kept "
-                "local server)",
+                "(the password is in that passfile, readable only by you, which goes with the kept database: "
+                "`pgsandbox clean` stops a kept local server and removes both; on an existing server, "
+                "`pgsandbox reap --include-kept` drops the database and removes the file)",
             )
         )
     return report

@@ -16,15 +16,26 @@ _KEYWORD = re.compile(r"""(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&;]+)""", re.
 _URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
 
 
+class Secret(str):
+    """A password as text: a ``str`` in every way but ``repr()``, which is masked, so that a frame's locals
+    (``--showlocals``), a namedtuple or a dict holding it show ``'***'``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(MASK)
+
+
 def register_secret(secret: str) -> None:
     """Mask ``secret`` in everything :func:`redact` sees from now on."""
     if len(secret) >= 4:
-        _secrets.add(secret)
+        _secrets.add(str.__str__(secret))
 
 
 def redact(text: str) -> str:
     """Return ``text`` with passwords in DSNs, URLs and known secrets replaced by ``***``."""
-    text = _KEYWORD.sub(lambda m: m.group(1) + MASK, text)
+    # an empty password (``password=''``, next to ``passfile=``) hides nothing
+    text = _KEYWORD.sub(lambda m: m.group(0) if m.group(2) == "''" else m.group(1) + MASK, text)
     text = _URL_USERINFO.sub(lambda m: m.group(1) + MASK + m.group(3), text)
     for secret in _secrets:
         text = text.replace(secret, MASK)

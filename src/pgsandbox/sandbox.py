@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,8 @@ from pgsandbox.isolation.transaction import (
     left_open,
     rollback_prepared,
 )
-from pgsandbox.server import LocalServer, Server, reaper, roles, start_server
+from pgsandbox.redact import Secret
+from pgsandbox.server import ExternalServer, LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.server.cache import cache_root
 from pgsandbox.server.statements import (
@@ -168,8 +168,11 @@ class Database(ConnectionForms):
 
     @property
     def dsn(self) -> str:
-        """libpq connection string of the tests' role, password included: give it to clients, do not print it."""
+        """libpq connection string of the tests' role; its password is in the passfile it names."""
         return self.server.login_dsn_for(self.name)
+
+    def reveal_password(self) -> Secret | None:
+        return self.server.login_password()
 
     @property
     def info(self) -> ConnectionInfo:
@@ -294,7 +297,7 @@ class Database(ConnectionForms):
     # -- for driver adapters: connections of other client libraries ------------------------------------
     @property
     def params(self) -> dict[str, Any]:
-        """Connection parameters of the tests' role (libpq keywords: host, port, user, password, dbname...)."""
+        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
         return {**self.server.login_params, "dbname": self.name}
 
     def connect_admin(self, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -370,8 +373,11 @@ class SessionLogin(ConnectionForms):
 
     @property
     def params(self) -> dict[str, Any]:
-        """Connection parameters of the tests' role (libpq keywords: host, port, user, password, dbname...)."""
+        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
         return {**self.server.login_params, "dbname": self.dbname}
+
+    def reveal_password(self) -> Secret | None:
+        return self.server.login_password()
 
     @property
     def user(self) -> str:
@@ -409,7 +415,6 @@ class Sandbox:
         self._owned: str | None = None  # the session's copy of the template that its role owns (_test_template)
         self._kept: list[str] = []
         self._kept_counter = 0
-        self._pgpass: Path | None = None
         self._stopped = False
         self.start_seconds = 0.0  # the server's start (or attach), for the session report
         self._tests: dict[str, int] = {}
@@ -535,7 +540,7 @@ class Sandbox:
         try:
             with roles.changing_roles(admin):
                 roles.ensure_owner(admin)
-                self.server.login = roles.create_login(
+                login = roles.create_login(
                     admin,
                     name,
                     createdb=self.settings.role == "createdb",
@@ -546,11 +551,14 @@ class Sandbox:
             if self.progress:
                 user = self.server.params.get("user")
                 self.progress(f"tests connect as {user}: creating their own role was refused: {error}")
+            return
+        self.server.log_in(login)
 
     # -- shared with other processes (pytest-xdist workers) -------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What another process on this machine needs to work on this sandbox's server and templates
-        (plain data, for xdist's worker input). It holds the admin password: never print it."""
+        (plain data, for xdist's worker input). It holds no password: its DSNs name the run's passfile (0600),
+        which a worker on this machine reads."""
         return {
             "dsn": self.server.dsn,
             "admin_dsn": self.server.admin_dsn,
@@ -566,8 +574,6 @@ class Sandbox:
     def attach(cls, description: dict[str, Any], settings: Settings, progress: Progress | None = None) -> Sandbox:
         """A sandbox on the server and templates another process's :meth:`describe` gave: it creates (and
         drops) only its own databases, under a prefix of its own."""
-        from pgsandbox.server import ExternalServer
-
         started = time.perf_counter()
         log = description.get("statement_log")
         statement_log = StatementLog(Path(log["directory"]), log["format"]) if log else None
@@ -796,21 +802,6 @@ class Sandbox:
             self.close(db)
 
     # -- keep-failed ----------------------------------------------------------------------------------
-    def pgpass(self) -> Path:
-        """A pgpass file (0600) for the kept databases, in the run directory: psql without a password in sight."""
-        if self._pgpass is None:
-            params = self.server.params
-            if isinstance(self.server, LocalServer):
-                path = self.server.run.path / "pgpass"
-            else:
-                path = Path(tempfile.mkdtemp(prefix="pgsandbox-pgpass-")) / "pgpass"
-            fields = [str(params.get("port") or 5432), str(params["user"]), str(params.get("password") or "")]
-            escaped = [value.replace("\\", "\\\\").replace(":", "\\:") for value in fields]
-            path.write_text(f"*:{escaped[0]}:*:{escaped[1]}:{escaped[2]}\n")
-            path.chmod(0o600)
-            self._pgpass = path
-        return self._pgpass
-
     def psql_command(self, dbname: str) -> str:
         from pgsandbox.binaries import working_psql
 
@@ -821,7 +812,7 @@ class Sandbox:
             " ".join(f"{key}={params[key]}" for key in ("host", "port", "user") if params.get(key))
             + f" dbname={dbname}"
         )
-        return f"PGPASSFILE={self.pgpass()} {psql} '{target}'"
+        return f"PGPASSFILE={self.server.kept_passfile} {psql} '{target}'"
 
     def _catalog(self, db: Database) -> Catalog:
         """The template's catalog, for the data factories: read once, through a connection of our own to the
@@ -977,6 +968,8 @@ class Sandbox:
                 assert isinstance(self.server, LocalServer)
                 self.server.detach()
             else:
+                if self._kept and isinstance(self.server, ExternalServer):
+                    self.server.keep_secrets()  # the kept databases' psql command names its passfile
                 self.server.stop()
 
     def __enter__(self) -> Sandbox:

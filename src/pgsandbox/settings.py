@@ -302,7 +302,7 @@ class Settings:
     """Resolved options. Build one directly, with :meth:`from_sources`, or with :meth:`from_env`."""
 
     server: ServerKind = "auto"
-    dsn: str | None = None
+    dsn: str | None = field(default=None, repr=False)  # may hold the server's password: not in a traceback's locals
     bin: Path | None = None
     version: str | None = None
     extensions: tuple[str, ...] = ()

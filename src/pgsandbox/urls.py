@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from pgsandbox.redact import Secret
+
 DRIVERS = {
     "psycopg": "postgresql+psycopg",
     "psycopg2": "postgresql+psycopg2",
@@ -36,8 +38,13 @@ def sqlalchemy_url(params: Mapping[str, Any], driver: str = "psycopg") -> str:
     for key in ("sslmode", "sslrootcert", "sslcert", "sslkey"):
         if params.get(key):
             query["ssl" if driver == "asyncpg" and key == "sslmode" else key] = str(params[key])
+    parts = [urlencode(query)] if query else []
+    if params.get("passfile"):
+        # its "/" as they are: Alembic's configparser reads "%2F" as an interpolation, while libpq, asyncpg and
+        # SQLAlchemy read "?passfile=/path" as it is
+        parts.append("passfile=" + quote(str(params["passfile"]), safe="/"))
     dbname = quote(str(params.get("dbname") or ""), safe="")
-    return f"{scheme}://{netloc}/{dbname}" + ("?" + urlencode(query) if query else "")
+    return f"{scheme}://{netloc}/{dbname}" + ("?" + "&".join(parts) if parts else "")
 
 
 LIBPQ_ENV = {
@@ -59,18 +66,31 @@ def libpq_env(params: Mapping[str, Any]) -> dict[str, str]:
 class ConnectionForms:
     """One database's connection parameters (:attr:`params`, libpq keywords) in the form each client takes:
 
-    - :attr:`dsn`: ``host=... port=... user=... password=... dbname=...`` (libpq, psycopg, psycopg2);
-    - :attr:`database_url`: ``postgresql://user:password@host:port/dbname`` (what an app's ``DATABASE_URL``
+    - :attr:`dsn`: ``host=... port=... user=... dbname=... passfile=...`` (libpq, psycopg, psycopg2);
+    - :attr:`database_url`: ``postgresql://user@host:port/dbname?passfile=...`` (what an app's ``DATABASE_URL``
       holds: libpq, psycopg, psycopg2, asyncpg, ``urlparse``);
-    - :meth:`url`: SQLAlchemy's ``postgresql+DRIVER://...`` (``create_engine``, Alembic's ``sqlalchemy.url``);
-    - :attr:`env`: ``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGPASSWORD``, ``PGDATABASE`` (psql, subprocesses).
+    - :meth:`url`: SQLAlchemy's ``postgresql+DRIVER://...?passfile=...`` (``create_engine``, Alembic's
+      ``sqlalchemy.url``);
+    - :attr:`env`: ``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGDATABASE``, ``PGPASSFILE`` (psql, subprocesses).
 
-    Each carries the password: hand it to clients, do not print it.
+    None holds the password: each names the run's passfile (0600), which every one of these clients reads, so
+    printing one shows no secret. :meth:`reveal_password` gives it as text, for a client that reads no passfile.
     """
 
     @property
     def params(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def reveal_password(self) -> Secret | None:
+        """The password as text (``repr()`` shows ``'***'``), for a client that reads no passfile; None when
+        the role needs none. Do not print it."""
+        raise NotImplementedError
+
+    @property
+    def passfile(self) -> str:
+        """The run's passfile, which every form names: for an app that takes the password out of a URL's
+        user-info (``urlparse(url).password``), set ``PGPASSFILE`` to it (:attr:`env` does)."""
+        return str(self.params.get("passfile") or "")
 
     @property
     def dsn(self) -> str:
@@ -80,7 +100,7 @@ class ConnectionForms:
 
     @property
     def database_url(self) -> str:
-        """``postgresql://user:password@host:port/dbname``: libpq's URL, which asyncpg takes too (unlike
+        """``postgresql://user@host:port/dbname?passfile=...``: libpq's URL, which asyncpg takes too (unlike
         :attr:`dsn`). The same as ``url("postgresql")``."""
         return sqlalchemy_url(self.params, "postgresql")
 
@@ -91,5 +111,5 @@ class ConnectionForms:
 
     @property
     def env(self) -> dict[str, str]:
-        """libpq environment variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE) for subprocesses."""
+        """libpq environment variables (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSFILE) for subprocesses."""
         return libpq_env(self.params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 from pgsandbox.drivers import closer, require
@@ -51,13 +52,21 @@ def connect_kwargs(db: Database) -> dict[str, Any]:
         "host": params.get("host") or None,
         "port": int(params["port"]) if params.get("port") else None,
         "user": params.get("user"),
-        "password": params.get("password") or None,
+        # asyncpg would take PGPASSWORD, when set, before a passfile: the password is read from the run's
+        # passfile when asyncpg asks for it. It then holds it in its connection parameters (a namedtuple in its
+        # frames, which the report's redaction masks: its protocol takes nothing but an exact str)
+        "password": functools.partial(read_password, db),
         "database": db.name,
         "server_settings": {"application_name": db.application_name},
     }
     if params.get("sslmode"):
         kwargs["ssl"] = params["sslmode"]
     return kwargs
+
+
+def read_password(db: Database) -> str | None:
+    secret = db.reveal_password()
+    return None if secret is None else str.__str__(secret)
 
 
 async def connect(db: Database) -> Any:

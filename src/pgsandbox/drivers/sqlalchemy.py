@@ -11,6 +11,7 @@ savepoint, and sessions follow SQLAlchemy's recipe for joining an external trans
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -145,7 +146,8 @@ def session_class(spec: str | type | None, source: str, asynchronous: bool = Fal
 def engine(db: Database) -> Engine:
     """The test's engine. In ``transaction`` isolation one engine per session connection, made once."""
     if db.isolation == "database":
-        made = create_engine(db.url("psycopg"), connect_args={"application_name": db.application_name})
+        # password "": libpq reads the URL's passfile even when PGPASSWORD is set (server/passfile.py)
+        made = create_engine(db.url("psycopg"), connect_args={"application_name": db.application_name, "password": ""})
         _record_pids(made, db, lambda c: c.info.backend_pid)
         return made
     conn: Any = db.connection
@@ -212,10 +214,18 @@ async def async_engine(db: Database, driver: str, connection: Any | None) -> Asy
     url = db.url(driver)
     if connection is None:
         if driver == "asyncpg":
-            made = create_async_engine(url, connect_args={"server_settings": {"application_name": db.application_name}})
+            from pgsandbox.drivers import asyncpg as adapter
+
+            made = create_async_engine(
+                url,
+                connect_args={
+                    "server_settings": {"application_name": db.application_name},
+                    "password": functools.partial(adapter.read_password, db),
+                },
+            )
             _record_pids(made.sync_engine, db, lambda c: c.driver_connection.get_server_pid())
         else:
-            made = create_async_engine(url, connect_args={"application_name": db.application_name})
+            made = create_async_engine(url, connect_args={"application_name": db.application_name, "password": ""})
             _record_pids(made.sync_engine, db, lambda c: c.driver_connection.info.backend_pid)
         return made
 

@@ -12,6 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +21,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.errors import ConfigError
-from pgsandbox.redact import redact
+from pgsandbox.redact import Secret, redact
+from pgsandbox.server.passfile import Passfile
 from pgsandbox.server.roles import Login, take_over
 from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
 
@@ -104,17 +106,28 @@ def lock_id(name: str, purpose: str) -> int:
 class Server(ABC):
     """A running PostgreSQL server that pgsandbox may create databases on.
 
-    ``dsn`` carries the password so that any client can connect; ``repr()`` and every message
-    pgsandbox prints show it redacted.
+    ``dsn`` names the run's passfile (passfile.py), which holds the passwords: no DSN, URL or parameter
+    pgsandbox hands out holds one. :meth:`reveal_password` gives a password as text, for the rare client that
+    reads no passfile.
     """
 
     kind: str
 
-    def __init__(self, conninfo: str, version_num: int, run_id: str, admin_conninfo: str | None = None) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        version_num: int,
+        run_id: str,
+        admin_conninfo: str | None = None,
+        *,
+        passfile: Passfile,
+    ) -> None:
+        # both name ``passfile`` and hold no password (passfile.py)
         self._conninfo = conninfo
         # pgsandbox's own connections as the admin: a local server's Unix socket (a connect costs less than
         # over TCP loopback, see bench/connect.py); what clients get (dsn, params) is ``conninfo``
         self._admin_conninfo = admin_conninfo or conninfo
+        self.passfile = passfile
         self.version_num = version_num
         self.run_id = run_id
         self.prefix = f"pgsandbox_{run_id}_"
@@ -145,13 +158,36 @@ class Server(ABC):
 
     @property
     def params(self) -> dict[str, Any]:
-        """The connection parameters of the admin DSN (host, port, user, password, dbname...)."""
+        """The connection parameters of the admin DSN (host, port, user, dbname, passfile...)."""
         return conninfo_to_dict(self._conninfo)
 
     @property
     def dsn(self) -> str:
-        """Admin DSN, password included: hand it to clients, never print it (use :attr:`dsn_redacted`)."""
+        """Admin DSN: its password is in the passfile it names (``passfile=``), not in the DSN."""
         return self._conninfo
+
+    @property
+    def user(self) -> str:
+        """The admin role (the one :attr:`dsn` names, or the one libpq's defaults gave)."""
+        return str(self.params.get("user") or self._admin_user)
+
+    _admin_user = ""  # the admin's name when the DSN names none (ExternalServer.attach)
+
+    @property
+    def kept_passfile(self) -> Path:
+        """The passfile that lives as long as this run's kept databases (the psql command of one names it)."""
+        return self.passfile.path
+
+    def reveal_password(self) -> Secret | None:
+        """The admin's password as text, for a client that reads no passfile (``repr()`` shows ``'***'``);
+        None when it needs none."""
+        return self.passfile.password(self.user)
+
+    def login_password(self) -> Secret | None:
+        """The password of the role tests connect as (:attr:`login`, or the admin)."""
+        if self.login is None:
+            return self.reveal_password()
+        return self.login.password
 
     @property
     def dsn_redacted(self) -> str:
@@ -170,15 +206,20 @@ class Server(ABC):
         """The DSN tests use: the login role's (:attr:`login`), or the admin's when there is none."""
         if self.login is None:
             return self.dsn_for(dbname)
-        return make_conninfo(self._conninfo, dbname=dbname, user=self.login.user, password=self.login.password)
+        return make_conninfo(self._conninfo, dbname=dbname, user=self.login.user)
 
     @property
     def login_params(self) -> dict[str, Any]:
         """The connection parameters tests use (see :meth:`login_dsn_for`), without a database name."""
         params = self.params
         if self.login is not None:
-            params.update(user=self.login.user, password=self.login.password)
+            params.update(user=self.login.user)
         return params
+
+    def log_in(self, login: Login) -> None:
+        """Tests connect as ``login`` from now on; its password goes to the passfile."""
+        self.passfile.add(login.user, login.password)
+        self.login = login
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} PostgreSQL {self.version_string} {self.dsn_redacted}>"

@@ -27,7 +27,7 @@ from filelock import BaseFileLock, FileLock, Timeout
 
 from pgsandbox.binaries import Installation
 from pgsandbox.errors import PgSandboxWarning, ServerStartError
-from pgsandbox.redact import redact, register_secret
+from pgsandbox.redact import Secret, redact, register_secret
 from pgsandbox.server.base import Progress
 from pgsandbox.server.osuser import Account
 
@@ -126,7 +126,7 @@ def cluster_source(
             writer.start()
             _writers.append(writer)
             return
-    password = (target / "password").read_text().strip()
+    password = Secret((target / "password").read_text().strip())
     register_secret(password)
     yield CachedCluster(target / "data", password)
 
@@ -140,7 +140,7 @@ def _initdb(
     progress: Progress | None,
 ) -> tuple[Path, str]:
     started = time.perf_counter()
-    password = secrets.token_urlsafe(24)
+    password = Secret(secrets.token_urlsafe(24))
     register_secret(password)
     work = Path(tempfile.mkdtemp(prefix="initdb-", dir=scratch))
     pwfile = work / "pwfile"
@@ -233,7 +233,7 @@ def snapshot_source(directory: Path, keys: list[str]) -> Iterator[tuple[str, Cac
         with FileLock(str(target) + ".lock"):
             if not (target / "ready").exists():
                 continue
-            password = (target / "password").read_text().strip()
+            password = Secret((target / "password").read_text().strip())
             register_secret(password)
             with contextlib.suppress(OSError):
                 os.utime(target / "ready")  # pruning keeps the recently used

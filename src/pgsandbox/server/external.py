@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -11,8 +13,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import MIN_VERSION
 from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
-from pgsandbox.redact import redact, register_secret
+from pgsandbox.redact import Secret, redact
+from pgsandbox.server import runs
 from pgsandbox.server.base import Server, new_run_id
+from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.roles import drop_login
 from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
 
@@ -63,26 +67,68 @@ class ExternalServer(Server):
                 f"{source} is not a valid connection string: {error}.",
                 "use a URL (postgresql://user@host:5432/dbname) or key=value pairs (host=... dbname=...).",
             ) from None
-        if params.get("password"):
-            register_secret(str(params["password"]))
         _check_port(str(params.get("port") or ""), source)
-        if "connect_timeout" not in params:
-            dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
-            admin_dsn = admin_dsn and make_conninfo(admin_dsn, connect_timeout=CONNECT_TIMEOUT)
-        admin = _connect(admin_dsn or dsn, source, quiet=statement_log is not None)
+        run_id = new_run_id()
+        secrets = runs.create_secrets_dir(run_id)
         try:
-            password = admin.info.password
-            if password:
-                register_secret(password)
+            passfile = Passfile(secrets.path / FILE_NAME)
+            # the DSN's password moves to the run's passfile: the DSNs this run builds and connects with name
+            # the file instead (passfile.py)
+            given = params.pop("password", None)
+            if given:
+                passfile.add(str(params.get("user") or "*"), str(given), port=_passfile_port(params))
+                dsn = make_conninfo("", **{**params, "password": NO_PASSWORD, "passfile": str(passfile.path)})
+                admin_dsn = admin_dsn and _without_password(admin_dsn, passfile.path)
+            del given
+            if "connect_timeout" not in params:
+                dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
+                admin_dsn = admin_dsn and make_conninfo(admin_dsn, connect_timeout=CONNECT_TIMEOUT)
+            admin = _connect(admin_dsn or dsn, source, quiet=statement_log is not None)
+        except BaseException:
+            shutil.rmtree(secrets.path, ignore_errors=True)
+            raise
+        try:
+            # a password that came from elsewhere (PGPASSWORD, ~/.pgpass, the passfile the DSN named: an xdist
+            # controller's) joins this run's passfile, which every DSN of the run names from now on
+            if admin.info.password:
+                passfile.add(admin.info.user, Secret(admin.info.password), port=_passfile_port(params))
+            passfile.remove("*")  # the DSN named no user: now the admin's line names it (before the tests' role's)
+            origin = params.get("passfile")
+            dsn = make_conninfo(dsn, password=NO_PASSWORD, passfile=str(passfile.path))
+            admin_dsn = admin_dsn and make_conninfo(admin_dsn, password=NO_PASSWORD, passfile=str(passfile.path))
             _check(admin)
-            server = cls(dsn, admin.info.server_version, new_run_id(), admin_dsn)
+            server = cls(dsn, admin.info.server_version, run_id, admin_dsn, passfile=passfile)
+            server._admin_user = admin.info.user
+            server.secrets = secrets
+            server.origin_passfile = Path(str(origin)) if origin else None
             server.statement_log = statement_log
         except BaseException:
             admin.close()
+            shutil.rmtree(secrets.path, ignore_errors=True)
             raise
         server._admin = admin
         server._hold_run_lock(admin)
         return server
+
+    secrets: runs.RunDir | None = None  # the run's directory, holding its passfile
+    origin_passfile: Path | None = None  # the passfile the attached DSN named (an xdist controller's)
+
+    @property
+    def kept_passfile(self) -> Path:
+        """The passfile a kept database's psql command names: the xdist controller's, which lives as long as
+        its run, else this run's."""
+        return self.origin_passfile or self.passfile.path
+
+    def keep_secrets(self) -> None:
+        """Databases of this run are kept: its passfile stays (for the admin only) until ``pgsandbox clean`` or
+        ``pgsandbox reap --include-kept``. An xdist worker's kept databases name the controller's passfile."""
+        if self.origin_passfile is not None:
+            return
+        if self.login is not None:
+            self.passfile.remove(self.login.user)
+        if self.secrets is not None:
+            runs.mark_kept(self.secrets)
+            self.secrets = None
 
     def stop(self) -> None:
         """Drop every database this run created (and only those), then the role its tests used."""
@@ -93,6 +139,20 @@ class ExternalServer(Server):
                 drop_login(self.admin, self.login)
         finally:
             self._close_admin()
+            if self.secrets is not None:
+                shutil.rmtree(self.secrets.path, ignore_errors=True)
+                self.secrets = None
+
+
+def _passfile_port(params: dict[str, Any]) -> str:
+    """The port a passfile line names: the DSN's, or any when it names none or several (a multi-host DSN)."""
+    port = str(params.get("port") or "*")
+    return "*" if "," in port else port
+
+
+def _without_password(conninfo: str, passfile: Path) -> str:
+    params = conninfo_to_dict(conninfo)
+    return make_conninfo("", **{**params, "password": NO_PASSWORD, "passfile": str(passfile)})
 
 
 def _check_port(port: str, source: str) -> None:

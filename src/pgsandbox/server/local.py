@@ -21,13 +21,14 @@ from typing import IO, Any
 import psycopg
 from filelock import BaseFileLock
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
 from pgsandbox.errors import ServerStartError
-from pgsandbox.redact import redact, register_secret
+from pgsandbox.redact import Secret, redact
 from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
+from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.settings import Settings, listens_on_tcp
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
@@ -82,8 +83,9 @@ class LocalServer(Server):
         snapshots: Path,
         snapshot: str | None,
         admin_conninfo: str | None = None,
+        passfile: Passfile,
     ) -> None:
-        super().__init__(conninfo, version_num, run_id, admin_conninfo)
+        super().__init__(conninfo, version_num, run_id, admin_conninfo, passfile=passfile)
         self.installation = installation
         self.account = account
         self.snapshots = snapshots
@@ -197,21 +199,29 @@ class LocalServer(Server):
             account.chown(log_dir)
             log_settings = statements.server_settings(log_dir, log_format)
         process, tcp = _start_listening(settings, installation, account, run, log_settings)
-        password = secrets.token_urlsafe(32)
-        register_secret(password)
+        # the password the run gives its superuser lives in the run's passfile only (passfile.py); any port
+        # and host: the file is the run's own, and a restart may move the server to another port
+        passfile = Passfile(run.path / FILE_NAME)
+        passfile.add(cache.SUPERUSER, secrets.token_urlsafe(32))
         quiet: dict[str, Any] = {"options": statements.QUIET_OPTIONS} if log_format else {}
         port = SOCKET_PORT if tcp is None else tcp[1]
         # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
         # get the TCP address, which code that parses host and port out of a URL understands
         admin_conninfo = make_conninfo(
-            host=str(run.socket_dir), port=port, user=cache.SUPERUSER, password=password, dbname="postgres"
+            host=str(run.socket_dir),
+            port=port,
+            user=cache.SUPERUSER,
+            dbname="postgres",
+            password=NO_PASSWORD,
+            passfile=str(passfile.path),
         )
         conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
         try:
-            admin = psycopg.connect(make_conninfo(admin_conninfo, password=cached_password), autocommit=True, **quiet)
+            admin = _connect_with(admin_conninfo, Secret(cached_password), run, autocommit=True, **quiet)
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(cache.SUPERUSER), sql.Literal(scram_verifier(password))
+                    sql.Identifier(cache.SUPERUSER),
+                    sql.Literal(scram_verifier(passfile.password(cache.SUPERUSER) or "")),
                 )
             )
             version_num = admin.info.server_version
@@ -230,6 +240,7 @@ class LocalServer(Server):
             snapshots=Path(),
             snapshot=None,
             admin_conninfo=admin_conninfo,
+            passfile=passfile,
         )
         server._start_settings = (settings, log_settings)
         server._admin = admin
@@ -251,7 +262,7 @@ class LocalServer(Server):
         cache.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
         target = cache.store_snapshot_in_background(
-            staging, self.snapshots, key, str(self.params["password"]), replace, lock
+            staging, self.snapshots, key, self._superuser_password(), replace, lock
         )
         settings, log_settings = self._start_settings
         try:
@@ -268,6 +279,11 @@ class LocalServer(Server):
             self._admin_conninfo = make_conninfo(self._admin_conninfo, port=tcp[1])  # the socket file's name
         self.snapshot = key
         return target
+
+    def _superuser_password(self) -> Secret:
+        password = self.passfile.password(cache.SUPERUSER)
+        assert password is not None  # written by _launch
+        return password
 
     def _release_build_lock(self) -> None:
         if self._build_lock is not None:
@@ -304,6 +320,17 @@ class LocalServer(Server):
             shutil.rmtree(self.run.path, ignore_errors=True)
         self._release_build_lock()
         cache.wait_for_cache_writes()
+
+
+def _connect_with(conninfo: str, password: Secret, run: runs.RunDir, **kwargs: Any) -> psycopg.Connection[Any]:
+    """One connection with a password the run's passfile does not hold (the cached cluster's, replaced at once):
+    a passfile of its own for that connect, in the run directory, so that no conninfo in a frame holds it."""
+    once = Passfile(run.path / f"{FILE_NAME}.cached")
+    try:
+        once.add(str(conninfo_to_dict(conninfo)["user"]), password)
+        return psycopg.connect(make_conninfo(conninfo, passfile=str(once.path)), **kwargs)
+    finally:
+        once.path.unlink(missing_ok=True)
 
 
 def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:

@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.server.base import lock_id, terminate_connections
+from pgsandbox.server.runs import remove_run_dirs, search_bases
 
 RUN_NAME = re.compile(r"^pgsandbox_([0-9a-f]{8})_")
 
@@ -123,6 +124,8 @@ def reap(
                 with contextlib.suppress(psycopg.Error):
                     admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
                     done.append(name)
+        if not run.kept or include_kept:  # its secrets (passfile.py) go with the last of its databases
+            remove_run_dirs(run.run_id, search_bases())
         if say and done:
             say(f"reaped what {run.describe(time.time())} left behind: {', '.join(done)}")
         dropped += done

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsandbox.redact import register_secret
+from pgsandbox.redact import Secret, register_secret
 from pgsandbox.server.statements import INTERNAL
 
 OWNER = "pgsandbox_owner"
@@ -33,10 +33,10 @@ OWNER = "pgsandbox_owner"
 
 @dataclass(frozen=True)
 class Login:
-    """The role tests connect as; ``repr()`` hides the password."""
+    """The role tests connect as; ``repr()`` hides the password, which is masked text itself."""
 
     user: str
-    password: str = field(repr=False)
+    password: Secret = field(repr=False)
 
 
 def can_manage_roles(admin: psycopg.Connection[Any]) -> bool:
@@ -175,7 +175,7 @@ def create_login(
     every connection of every client library the tests use gets them."""
     from pgsandbox.server.local import scram_verifier
 
-    password = secrets.token_urlsafe(24)
+    password = Secret(secrets.token_urlsafe(24))
     register_secret(password)
     admin.execute(
         sql.SQL(

@@ -120,6 +120,29 @@ def create_run_dir(base: Path, run_id: str, account: Account) -> RunDir:
     return run
 
 
+def create_secrets_dir(run_id: str, base: Path | None = None) -> RunDir:
+    """A run directory holding only the run's secrets (its passfile): a run on someone else's server. Like a
+    local server's, it goes with the run, is a leftover once its owner is killed, and is kept with the run's
+    kept databases (``mark_kept``) until ``pgsandbox clean`` or ``pgsandbox reap --include-kept``."""
+    path = runtime_parent(base or default_runtime_base()) / f"run-{run_id}"
+    path.mkdir(mode=0o700)
+    run = RunDir(path)
+    me = psutil.Process()
+    run.owner_file.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    return run
+
+
+def remove_run_dirs(run_id: str, bases: list[Path]) -> list[Path]:
+    """Remove run ``run_id``'s directories (what ``pgsandbox reap`` dropped the databases of): its secrets."""
+    removed = []
+    for base in bases:
+        path = base / f"pgsandbox-{os.geteuid()}" / f"run-{run_id}"
+        if path.is_dir() and not _postmaster_serving(RunDir(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def mark_kept(run: RunDir) -> None:
     """The run's server outlives its owner on purpose (``--pg-keep-failed``)."""
     owner = json.loads(run.owner_file.read_text())

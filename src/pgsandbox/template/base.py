@@ -44,7 +44,7 @@ class Target:
 
     dbname: str
     dsn: str = field(repr=False)
-    url: str = field(repr=False)  # SQLAlchemy URL (postgresql+psycopg://...), password included
+    url: str = field(repr=False)  # SQLAlchemy URL (postgresql+psycopg://...?passfile=...)
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, **kwargs)

@@ -13,8 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def worker(pg_login) -> Iterator[subprocess.Popen]:
-    """The job worker, one process for the whole session, configured as in production: by DATABASE_URL."""
-    env = {**os.environ, "DATABASE_URL": pg_login.database_url, "PYTHONPATH": str(ROOT)}
+    """The job worker, one process for the whole session, configured as in production: by DATABASE_URL (the
+    password it would hold there is in the passfile PGPASSFILE names, which libpq reads when the app's own
+    connect passes none)."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": pg_login.database_url,
+        "PGPASSFILE": pg_login.passfile,
+        "PYTHONPATH": str(ROOT),
+    }
     process = subprocess.Popen([sys.executable, "-m", "urlapp.worker"], env=env, cwd=ROOT)
     yield process
     process.terminate()

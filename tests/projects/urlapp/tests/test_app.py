@@ -19,6 +19,7 @@ def test_the_settings_take_host_and_port_from_the_url(pg, monkeypatch):
 @pytest.mark.pg(isolation="database")
 def test_the_app_waits_for_its_port_then_writes_with_its_own_connection(pg, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", pg.database_url)
+    monkeypatch.setenv("PGPASSFILE", pg.passfile)  # the app takes the password out of the URL: there is none
     settings = Settings.from_env()
     db.wait_for_database(settings, timeout=5)
     note = db.add_note(settings, "hello")
