@@ -168,8 +168,9 @@ def main() -> int:
     times = sorted(float(str(r["seconds"])) for r in results)
     median = times[len(times) // 2] if times else 0.0
     print(
-        f"\n{len(results)} cold -n {args.workers} runs ({args.parallel} at a time): {len(results) - len(failed)} passed, "
-        f"{len(failed)} failed; median {median:.2f} s, max {max(times, default=0):.2f} s"
+        f"\n{len(results)} cold -n {args.workers} runs ({args.parallel} at a time): "
+        f"{len(results) - len(failed)} passed, {len(failed)} failed; "
+        f"median {median:.2f} s, max {max(times, default=0):.2f} s"
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

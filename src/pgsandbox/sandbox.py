@@ -32,7 +32,7 @@ from pgsandbox.data.connections import async_executor, executor
 from pgsandbox.data.rows import Rows
 from pgsandbox.data.rows import run as run_steps
 from pgsandbox.data.rows import run_async as run_steps_async
-from pgsandbox.errors import ConfigError
+from pgsandbox.errors import ConfigError, PgSandboxError, causes
 from pgsandbox.isolation.database import Clone, ClonePool, clone_failed
 from pgsandbox.isolation.server_objects import (
     OUTSIDE,
@@ -120,7 +120,20 @@ LEFTOVER_WAIT_SECONDS = 0.2
 ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
 SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
-__all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox", "SessionLogin"]
+__all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox", "ServerGone", "SessionLogin"]
+GONE_PROBE_SECONDS = 3  # connect_timeout of the probe that tells a server that went away from a failed query
+
+
+class ServerGone(PgSandboxError):
+    """The server went away during the run (a killed postmaster, a stopped or unreachable external server). The
+    first test that meets it gets the whole story; the tests after it get one line pointing there."""
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) is a lost or refused connection, rather than a failed statement."""
+    return any(isinstance(cause, (psycopg.OperationalError, psycopg.InterfaceError)) for cause in causes(error))
+
+
 LOGIN_DATABASE = "login"  # the database SessionLogin names: <prefix>login
 
 
@@ -420,6 +433,8 @@ class Sandbox:
         self.throwaway_server = isinstance(server, LocalServer)
         self._catalogs: Path | None = None  # where the data factories' catalogs are cached
         self._login: SessionLogin | None = None
+        self.gone: ServerGone | None = None  # the server went away: said once, in full (gone_at: by which test)
+        self.gone_at = ""
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -607,7 +622,76 @@ class Sandbox:
 
     # -- per test -------------------------------------------------------------------------------------
     def open(self, isolation: str | None = None, test_id: str = "") -> Database:
-        """A database for one test; give it back with :meth:`close`."""
+        """A database for one test; give it back with :meth:`close`. Raises :class:`ServerGone` when the server
+        went away: in full the first time, in one line after that."""
+        self._check_not_gone()
+        try:
+            return self._open(isolation, test_id)
+        except (psycopg.Error, PgSandboxError) as error:
+            gone = self._gone(error, test_id)
+            if gone is None:
+                raise
+            raise gone from None
+
+    def _check_not_gone(self) -> None:
+        if self.gone is not None:
+            raise ServerGone(
+                f"the PostgreSQL server went away earlier in this run (see the first error, at {self.gone_at}).", ""
+            )
+
+    def _gone(self, error: BaseException, test_id: str) -> ServerGone | None:
+        """When ``error`` is a lost connection and the server is indeed gone: the one full message about it."""
+        if isinstance(error, ServerGone):
+            return error
+        if not connection_lost(error):
+            return None
+        found = self._why_gone()
+        if found is None:
+            return None
+        what, tail = found
+        local = isinstance(self.server, LocalServer) or self.throwaway_server
+        self.gone_at = test_id
+        self.gone = ServerGone(
+            f"{what}; {test_id} met it.\n  The server's log ends with:\n{tail}"
+            if tail
+            else f"{what}; {test_id} met it.",
+            (
+                "a local server stops only when something kills it (kill -9, the out-of-memory killer, a full "
+                "disk or /dev/shm): look at its log above, then run again."
+                if local
+                else "check that the server is running and reachable (a restart, a failover, a network or proxy cut), "
+                "then run again; a later run's reaper drops what this one created there (pg_reap_grace)."
+            )
+            + " Every later test that needs a database errors at once, pointing here.",
+        )
+        return self.gone
+
+    def _why_gone(self) -> tuple[str, str] | None:
+        """(what happened, the end of the server's log when it is on this machine), or None when the server
+        still answers."""
+        server = self.server
+        tail = ""
+        if isinstance(server, LocalServer):
+            code = server.exited
+            if code is not None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                return (
+                    f"the local PostgreSQL server (pid {server.pid}) exited during the run ({how})",
+                    server.log_tail(),
+                )
+        try:
+            with server.connect(connect_timeout=GONE_PROBE_SECONDS):
+                return None
+        except psycopg.OperationalError as probe:
+            reason = str(probe).strip().splitlines()[0] if str(probe).strip() else type(probe).__name__
+        if self.throwaway_server and server.statement_log is not None:  # an xdist worker: the controller's server
+            from pgsandbox.server import runs
+            from pgsandbox.server.local import log_tail
+
+            tail = log_tail(runs.RunDir(server.statement_log.directory.parent))
+        return f"the PostgreSQL server at {describe_server(server)} stopped answering during the run ({reason})", tail
+
+    def _open(self, isolation: str | None = None, test_id: str = "") -> Database:
         chosen = isolation or self.settings.isolation
         if chosen not in ISOLATIONS:
             raise ConfigError(
@@ -684,6 +768,26 @@ class Sandbox:
         return self.server.database_name(f"failed{number or self._kept_counter + 1}")
 
     def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
+        """End a test (see :meth:`_close`); raises :class:`ServerGone` in full when it finds the server gone."""
+        if self.gone is not None:
+            self._forget(db)
+            return []
+        try:
+            return self._close_checked(db, keep, next_test_id)
+        except (psycopg.Error, PgSandboxError) as error:
+            gone = self._gone(error, db.test_id)
+            if gone is None:
+                raise
+            self._forget(db)
+            raise gone from None
+
+    def _forget(self, db: Database) -> None:
+        """Close what a test opened on a server that is gone, without asking it anything."""
+        for conn in [*db._opened, *([db._connection] if db._connection is not None else [])]:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def _close_checked(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         started = time.perf_counter()
         outside = self._outside(db) if db.server_objects is not None else []
         try:
@@ -962,23 +1066,49 @@ class Sandbox:
         self._stopped = True
         local = isinstance(self.server, LocalServer)
         try:
-            if self._pool is not None:
-                self._pool.close(drop_all=not local)
-            if self._transaction is not None:
-                self._transaction.close()
-            if not self.attached:
-                release(self.server, self.templates)
-            for name in self._kept:
-                self.server.forget_database(name)
-                if self.server.login is not None:  # it owns the database and its objects, and is dropped below
-                    with contextlib.suppress(psycopg.Error), self.server.connect(name, autocommit=True) as conn:
-                        roles.give_back(conn, self.server.login)
+            if self.gone is None:
+                try:
+                    self._stop_on_server(local)
+                except (psycopg.Error, PgSandboxError) as error:
+                    gone = self._gone(error, "the end of the session")
+                    if gone is None:
+                        raise
+                    if self.progress:  # no test met it: say it here, once
+                        self.progress(str(gone))
         finally:
-            if local and self._kept:
+            if self.gone is not None:
+                self._leave_gone_server()
+            elif local and self._kept:
                 assert isinstance(self.server, LocalServer)
                 self.server.detach()
             else:
                 self.server.stop()
+
+    def _stop_on_server(self, local: bool) -> None:
+        if self._pool is not None:
+            self._pool.close(drop_all=not local)
+        if self._transaction is not None:
+            self._transaction.close()
+        if not self.attached:
+            release(self.server, self.templates)
+        for name in self._kept:
+            self.server.forget_database(name)
+            if self.server.login is not None:  # it owns the database and its objects, and is dropped below
+                with contextlib.suppress(psycopg.Error), self.server.connect(name, autocommit=True) as conn:
+                    roles.give_back(conn, self.server.login)
+
+    def _leave_gone_server(self) -> None:
+        """Stop what runs here without asking the server anything: the clone pool's threads, the connections;
+        a local server's directory (and any process of it still exiting) is removed."""
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.close(drop_all=False)
+        if self._transaction is not None:
+            self._transaction._close_parked_quietly()
+        if isinstance(self.server, LocalServer):
+            self.server.stop()
+        else:
+            self.server._close_admin()
 
     def __enter__(self) -> Sandbox:
         return self

@@ -566,6 +566,14 @@ class TransactionIsolation:
             with contextlib.suppress(psycopg.Error):
                 self.server.admin.execute("SELECT pg_terminate_backend(%s)", [parked.pid])
 
+    def _close_parked_quietly(self) -> None:
+        """The server is gone: close the clients' ends, and ask it nothing."""
+        for parked in self.parked.values():
+            with contextlib.suppress(Exception):
+                parked.close()
+        self.parked.clear()
+        self._close()
+
     def _close_parked(self) -> None:
         for parked in self.parked.values():
             self._discard(parked)

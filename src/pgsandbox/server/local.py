@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -277,6 +278,17 @@ class LocalServer(Server):
                 self.process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 _kill(self.process)
+        else:
+            _reap_orphans(self.run)
+
+    @property
+    def exited(self) -> int | None:
+        """The postmaster's exit status when it is gone (negative: the signal that killed it), else None."""
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the server's log (its own output and the logging collector's messages), indented."""
+        return log_tail(self.run, lines)
 
     def detach(self) -> None:
         """Leave the server running after this process exits (kept databases of failed tests); it is
@@ -495,6 +507,42 @@ def _wait_for_collector(run: runs.RunDir) -> None:
     while time.monotonic() < deadline and _processes_in(run.data):
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+def log_tail(run: runs.RunDir, lines: int = 15) -> str:
+    """The end of a run's server log, once a dead postmaster's logging collector has written its last words."""
+    _wait_for_collector(run)
+    return _tail(_read_log(run), lines)
+
+
+def _reap_orphans(run: runs.RunDir) -> None:
+    """A postmaster that died on its own (``kill -9``, the OOM killer) leaves its children to notice and exit,
+    and its shared memory segment behind: wait for the first (bounded; then SIGKILL), remove the second."""
+    _wait_for_collector(run)
+    for pid in _pids_in(run.data):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        # postmaster.pid, line 7: the System V shared memory key and id (nobody is attached any more)
+        shmid = (run.data / "postmaster.pid").read_text().splitlines()[6].split()[1]
+    except (OSError, IndexError):
+        return
+    ipcrm = shutil.which("ipcrm")
+    if ipcrm and shmid.isdigit():
+        subprocess.run([ipcrm, "-m", shmid], capture_output=True)
+
+
+def _pids_in(directory: Path) -> list[int]:
+    """Live processes whose working directory is ``directory`` (Linux; elsewhere none are known)."""
+    target = str(directory.resolve())
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd) == target:
+                found.append(int(cwd.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _processes_in(directory: Path) -> bool:

@@ -1,0 +1,144 @@
+"""Faults while the tests run (issue 14): the server goes away, a test drops the session database or the template,
+a test changes the server's logging. Each gives one message saying what happened and what to do, the tests after
+it a short line, and leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import StartLocal
+from pgsandbox import LocalServer
+
+FIRST = "the local PostgreSQL server (pid"
+SHORT = "pgsandbox: the PostgreSQL server went away earlier in this run (see the first error, at "
+
+LATER_TESTS = """
+
+def test_3_needs_a_database(pg_conn):
+    pg_conn.execute("select 1")
+
+
+def test_4_needs_one_too(pg):
+    pg.execute("select 1")
+
+
+def test_5_needs_none():
+    assert True
+"""
+
+
+def processes_under(directory: Path) -> list[int]:
+    """Processes working in ``directory`` or below it (a postgres works in its data directory)."""
+    prefix = str(directory.resolve())
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            target = os.readlink(cwd)
+        except OSError:
+            continue
+        if target == prefix or target.startswith(prefix + "/"):
+            found.append(int(cwd.parent.name))
+    return found
+
+
+def report_of(output: str, name: str) -> str:
+    """The part of pytest's output about the error (or failure) of test ``name``."""
+    start = output.find(f"at teardown of {name}")
+    if start < 0:
+        start = output.find(f"at setup of {name}")
+    assert start >= 0, output
+    end = output.find("_____ ", start + 1)
+    return output[start : end if end > 0 else len(output)]
+
+
+@pytest.fixture
+def runtime() -> Iterator[Path]:
+    """A runtime directory of the run's own (its server's account, root's or not, can traverse it)."""
+    path = Path(tempfile.mkdtemp(prefix="pgsandbox-faults-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_killed_postmaster_is_said_once_and_later_tests_get_one_line(project: pytest.Pytester, runtime: Path) -> None:
+    project.makepyfile(
+        test_kill="""
+import os, signal, time
+
+
+def test_1_works(pg_conn):
+    pg_conn.execute("insert into users (name) values ('cy')")
+
+
+def test_2_kills_the_server(pg_conn, pg_server):
+    backend = pg_conn.info.backend_pid
+    os.kill(pg_server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # its backends notice the postmaster's death and exit
+        try:
+            os.kill(backend, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+"""
+        + LATER_TESTS
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly", f"--pg-runtime-dir={runtime}")
+    output = result.stdout.str().split("short test summary info")[0]
+    result.assert_outcomes(passed=3, errors=3)
+    first = report_of(output, "test_2_kills_the_server")
+    assert FIRST in first and "exited during the run (killed by signal 9)" in first
+    assert "test_kill.py::test_2_kills_the_server met it" in first
+    assert "The server's log ends with:" in first  # the postmaster's last words, when it had any
+    assert "What to do: a local server stops only when something kills it" in first
+    assert "Every later test that needs a database errors at once, pointing here." in first
+    assert output.count(FIRST) == 1
+    for name in ("test_3_needs_a_database", "test_4_needs_one_too"):
+        later = report_of(output, name)
+        assert SHORT + "test_kill.py::test_2_kills_the_server)." in later
+        assert "Traceback" not in later and "psycopg" not in later
+    assert "Traceback" not in output and "OperationalError" not in output
+    assert not processes_under(runtime)
+    assert not list(runtime.glob("pgsandbox-*/run-*"))
+
+
+def test_an_external_server_stopped_mid_run_is_said_once(project: pytest.Pytester, start_local: StartLocal) -> None:
+    server: LocalServer = start_local(listen="127.0.0.1")
+    assert server.tcp is not None
+    dsn = f"postgresql://postgres:{server.params['password']}@127.0.0.1:{server.tcp[1]}/postgres"
+    project.makepyfile(
+        test_stop=f"""
+import os, signal, time
+from pathlib import Path
+
+
+def test_1_works(pg_conn):
+    pg_conn.execute("insert into users (name) values ('cy')")
+
+
+def test_2_stops_the_server(pg_conn):
+    os.kill({server.pid}, signal.SIGINT)  # pg_ctl stop -m fast
+    deadline = time.monotonic() + 15
+    while Path({str(server.run.data / "postmaster.pid")!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+        + LATER_TESTS
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly", f"--pg-dsn={dsn}")
+    output = result.stdout.str().split("short test summary info")[0]
+    result.assert_outcomes(passed=3, errors=3)
+    first = report_of(output, "test_2_stops_the_server")
+    assert f"the PostgreSQL server at 127.0.0.1:{server.tcp[1]} stopped answering during the run (connection" in first
+    assert "What to do: check that the server is running and reachable" in first
+    assert output.count("stopped answering during the run") == 1
+    for name in ("test_3_needs_a_database", "test_4_needs_one_too"):
+        assert SHORT + "test_stop.py::test_2_stops_the_server)." in report_of(output, name)
+    assert "Traceback" not in output and "OperationalError" not in output
+    assert str(server.params["password"]) not in output
+    assert not processes_under(server.run.data)
