@@ -4,6 +4,7 @@ it a short line, and leaves nothing running."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import StartLocal
 from pgsandbox import LocalServer
+from pgsandbox.server import runs
 
 FIRST = "the local PostgreSQL server (pid"
 SHORT = "pgsandbox: the PostgreSQL server went away earlier in this run (see the first error, at "
@@ -142,3 +144,137 @@ def test_2_stops_the_server(pg_conn):
     assert "Traceback" not in output and "OperationalError" not in output
     assert str(server.params["password"]) not in output
     assert not processes_under(server.run.data)
+
+
+def test_a_dropped_session_database_is_cloned_again_and_said(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_drop="""
+from psycopg import sql
+
+
+def test_1_writes(pg_conn):
+    pg_conn.execute("insert into users (name) values ('cy')")
+
+
+def test_2_drops_the_session_database(pg, pg_server):
+    # what a framework's own test teardown does, through a maintenance connection
+    with pg_server.connect(autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(pg.name)))
+
+
+def test_3_starts_clean(pg_conn):
+    assert pg_conn.execute("select count(*) from users").fetchone() == (2,)
+
+
+def test_4_too(pg):
+    assert pg.fetchval("select count(*) from users") == 2
+"""
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly")
+    output = result.stdout.str().split("short test summary info")[0]
+    result.assert_outcomes(passed=4, errors=1)
+    error = report_of(output, "test_2_drops_the_session_database")
+    assert "the session database pgsandbox_" in error
+    assert "was dropped during test_drop.py::test_2_drops_the_session_database" in error
+    assert "pgsandbox cloned a new one from the template" in error
+    assert "What to do: leave the session database to pgsandbox" in error
+    assert "isolation='database'" in error
+    assert "Traceback" not in output and "OperationalError" not in output
+
+
+def test_a_dropped_template_gets_the_clone_message_in_transaction_isolation(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_template="""
+from psycopg import sql
+
+
+def test_1_drops_the_template(pg_server, pg_sandbox):
+    name = sql.Identifier(pg_sandbox.template)
+    with pg_server.connect(autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(name))
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(name))
+
+
+def test_2_needs_a_database(pg_conn):
+    pg_conn.execute("select 1")
+
+
+def test_3_too(pg):
+    pg.execute("select 1")
+"""
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly", "--pg-role=admin")
+    output = result.stdout.str().split("short test summary info")[0]
+    result.assert_outcomes(passed=1, errors=2)
+    for name in ("test_2_needs_a_database", "test_3_too"):
+        error = report_of(output, name)
+        assert "could not clone the template pgsandbox_tpl_" in error and "does not exist" in error
+        assert "What to do: check the server's log; if the template was dropped by hand, run again" in error
+    assert "Traceback" not in output
+
+
+def test_a_test_that_changes_the_servers_logging_does_not_cost_later_failures_their_sql(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(
+        test_logging="""
+def test_1_sends_the_log_elsewhere(pg_admin):
+    pg_admin.execute("ALTER SYSTEM SET log_destination = 'stderr'")
+    pg_admin.execute("SELECT pg_reload_conf()")
+
+
+def test_2_fails(pg_conn):
+    pg_conn.execute("select 42 as the_answer")
+    assert False
+"""
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly")
+    output = result.stdout.str()
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    error = report_of(output, "test_1_sends_the_log_elsewhere")
+    assert "changed the server's logging with ALTER SYSTEM (log_destination)" in error
+    assert "pgsandbox reset it (ALTER SYSTEM RESET, pg_reload_conf())" in error
+    assert "use pg_server_settings" in error
+    assert "select 42 as the_answer" in output.split("pgsandbox: SQL of call")[1]  # the later failure's SQL
+
+
+def test_a_statement_log_changed_behind_pgsandboxs_back_says_why_the_sql_is_missing(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(
+        test_logging="""
+def test_1_sends_the_log_elsewhere(pg_sandbox):
+    conf = pg_sandbox.server.run.data / "pgsandbox.conf"  # not ALTER SYSTEM: nothing to reset
+    conf.write_text(conf.read_text() + "log_destination = 'stderr'\\n")
+    with pg_sandbox.server.connect(autocommit=True) as conn:
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def test_2_fails(pg_conn):
+    assert False
+"""
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*pgsandbox: SQL*",
+            "pgsandbox: the server no longer logs statements where pgsandbox reads them (log_destination = stderr)*",
+            "  What to do: leave the server's logging settings alone in tests*",
+        ]
+    )
+
+
+def test_a_live_run_is_not_reaped_when_the_clock_moves(start_local: StartLocal) -> None:
+    """psutil's create_time() adds the boot time, which the kernel derives from the clock on each read: after a
+    clock step every process's start time moves by a second or more. Another run's leftover reaper then took a
+    live run for a dead one and stopped its server (xdist workers: "Connection refused")."""
+    server = start_local()
+    owner = json.loads(server.run.owner_file.read_text())
+    owner["started"] += 1.0  # what psutil.create_time() says of the owner once the clock stepped by 1 s
+    server.run.owner_file.write_text(json.dumps(owner))
+    assert server.run.path not in [leftover.run.path for leftover in runs.find_leftovers(runs.search_bases())]
+    start_local()  # another run starting now reaps leftovers
+    assert server.exited is None
+    with server.connect() as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

@@ -315,7 +315,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         try:
             found, _, complete = sandbox.sql_of(db)
         except StatementLogError as unavailable:
-            if show_sql:
+            if show_sql or sandbox.server.statement_log is not None:  # a log that should have answered: say why
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
         except psycopg.Error as unreadable:
             from pgsandbox.sandbox import connection_lost

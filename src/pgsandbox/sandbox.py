@@ -67,6 +67,7 @@ from pgsandbox.server.statements import (
     StatementLogError,
     log_time,
 )
+from pgsandbox.server.statements import server_settings as statement_log_settings
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
@@ -121,6 +122,8 @@ ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
 SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
 __all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox", "ServerGone", "SessionLogin"]
+LOGGING_CHANGED = "server logging changed"
+LOG_SETTINGS = frozenset(statement_log_settings(Path(), "jsonlog"))  # what the statement log needs
 GONE_PROBE_SECONDS = 3  # connect_timeout of the probe that tells a server that went away from a failed query
 
 
@@ -781,6 +784,45 @@ class Sandbox:
             self._forget(db)
             raise gone from None
 
+    def _may_change_logging(self, db: Database) -> bool:
+        """Whether ``db``'s test could have changed the statement log's settings (ALTER SYSTEM needs a
+        superuser: pg_admin, or tests that connect as the admin) on a server whose log pgsandbox reads."""
+        return (
+            self.throwaway_server
+            and self.server.statement_log is not None
+            and ("pg_admin" in db.guests.committing or self.server.login is None)
+        )
+
+    def _restore_logging(self, test_id: str) -> list[str]:
+        """Put back the logging settings the statement log needs if a test changed them with ALTER SYSTEM
+        (``log_destination = stderr`` and a reload would silently take the SQL section from every later
+        failure): ALTER SYSTEM RESET them and reload. One query when nothing changed (a few ms: it reads the
+        configuration files), only after tests that could have."""
+        admin = self.server.admin
+        names = sorted(LOG_SETTINGS)
+        changed = [
+            str(name)
+            for (name,) in admin.execute(
+                "SELECT DISTINCT name FROM pg_file_settings WHERE sourcefile LIKE '%%/postgresql.auto.conf' "
+                "AND name = ANY(%s) ORDER BY 1",
+                [names],
+            ).fetchall()
+        ]
+        if not changed:
+            return []
+        for name in changed:
+            admin.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+        admin.execute("SELECT pg_reload_conf()")
+        return [
+            Finding.of(
+                LOGGING_CHANGED,
+                f"{test_id} changed the server's logging with ALTER SYSTEM ({', '.join(changed)}), which pgsandbox's "
+                "statement log needs (the SQL of failed tests, pg_queries); pgsandbox reset it (ALTER SYSTEM RESET, "
+                "pg_reload_conf()). To run the local server with other settings, use pg_server_settings "
+                "(--pg-server-settings name=value) rather than a test.",
+            )
+        ]
+
     def _forget(self, db: Database) -> None:
         """Close what a test opened on a server that is gone, without asking it anything."""
         for conn in [*db._opened, *([db._connection] if db._connection is not None else [])]:
@@ -790,6 +832,8 @@ class Sandbox:
     def _close_checked(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         started = time.perf_counter()
         outside = self._outside(db) if db.server_objects is not None else []
+        if self._may_change_logging(db):
+            outside += self._restore_logging(db.test_id)
         try:
             findings = outside + self._close(db, keep, next_test_id)
         except IsolationError as error:
