@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,3 +280,57 @@ def test_a_live_run_is_not_reaped_when_the_clock_moves(start_local: StartLocal) 
     assert server.exited is None
     with server.connect() as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_an_xdist_worker_says_the_controllers_server_stopped_rather_than_check_your_dsn(tmp_path: Path) -> None:
+    from pgsandbox import Sandbox, Settings, xdist
+    from pgsandbox.errors import PgSandboxError
+
+    with Sandbox.start(Settings(server="local"), root=tmp_path) as sandbox:
+        server = sandbox.server
+        assert isinstance(server, LocalServer)
+        (tmp_path / "sandbox.json").write_text(json.dumps(sandbox.describe()))
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        with pytest.raises(PgSandboxError) as caught:
+            xdist.attach({"path": str(tmp_path / "sandbox.json")}, Settings())
+    message = str(caught.value)
+    assert message.startswith("the xdist controller's local PostgreSQL server is no longer running, so this worker")
+    assert "The server's log ends with:" in message
+    assert "What to do: a local server stops only when something kills it" in message
+    assert "check that the server is running and that the host and port" not in message  # not a DSN to fix
+    assert not processes_under(server.run.path.parent / server.run.path.name)
+
+
+def test_a_server_killed_under_xdist_is_said_once_per_worker(project: pytest.Pytester, runtime: Path) -> None:
+    project.makepyfile(
+        test_kill="""
+import os, signal, time
+import pytest
+
+
+def test_0_kills_the_server(pg_conn, pg_sandbox):
+    data = pg_sandbox.server.statement_log.directory.parent / "data"  # the controller's run directory
+    os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+    backend = pg_conn.info.backend_pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(backend, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_later(pg_conn, i):
+    pg_conn.execute("select 1")
+"""
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly", "-n", "2", f"--pg-runtime-dir={runtime}")
+    output = result.stdout.str().split("short test summary info")[0]
+    full = output.count("stopped answering during the run")
+    assert 1 <= full <= 2, output  # once per worker that met it
+    assert output.count(SHORT) + full >= 8
+    assert "Traceback" not in output and "OperationalError" not in output
+    assert not processes_under(runtime)

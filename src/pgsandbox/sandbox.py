@@ -573,6 +573,8 @@ class Sandbox:
             "dsn": self.server.dsn,
             "admin_dsn": self.server.admin_dsn,
             "local": isinstance(self.server, LocalServer),
+            # a worker that cannot reach the server says whether it is still running, and how its log ends
+            "run_dir": str(self.server.run.path) if isinstance(self.server, LocalServer) else None,
             "statement_log": self.server.statement_log.describe() if self.server.statement_log else None,
             "templates": [
                 {"layer": t.layer, "name": t.name, "key": t.key, "labels": list(t.labels), "handed_over": t.handed_over}

@@ -192,6 +192,11 @@ def stop_postmaster(pid: int, timeout: float = 10.0) -> None:
         pass
 
 
+def postmaster_serving(run: RunDir) -> int | None:
+    """The pid of the postmaster serving ``run``'s data directory, if one is running."""
+    return _postmaster_serving(run)
+
+
 def reap(leftover: Leftover) -> None:
     if leftover.postmaster:
         stop_postmaster(leftover.postmaster)
