@@ -470,9 +470,10 @@ def _on_tmpfs(path: Path) -> bool:
     best, kind = "", ""
     for line in mounts:
         fields = line.split()
-        if len(fields) >= 3 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/")):
-            if len(fields[1]) > len(best):
-                best, kind = fields[1], fields[2]
+        if len(fields) < 3 or len(fields[1]) <= len(best):
+            continue
+        if target == fields[1] or target.startswith(fields[1].rstrip("/") + "/"):
+            best, kind = fields[1], fields[2]
     return kind == "tmpfs"
 
 
