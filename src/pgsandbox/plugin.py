@@ -344,6 +344,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     db = item.stash.get(LOG_KEY, None)
     if db is None or sandbox is None or sandbox.stopped:  # the last test's teardown comes after the session's
         return report
+    if sandbox.gone is not None:  # no log to read; the first test that met it says so in full
+        return report
     show_sql = settings(item.config).show_sql and report.when == "call"
     found: list[Statement] | None = None
     shown = item.stash.get(SQL_SHOWN_KEY, False)  # a teardown error after a failure: the SQL is there already
@@ -356,10 +358,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         try:
             found, _, complete = sandbox.sql_of(db)
         except StatementLogError as unavailable:
-            if show_sql:
+            if show_sql or sandbox.server.statement_log is not None:  # a log that should have answered: say why
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
         except psycopg.Error as unreadable:
-            report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
+            from pgsandbox.sandbox import connection_lost
+
+            if not connection_lost(unreadable):  # else the server is gone: the teardown says so, in full
+                report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
         if found is not None:
             report.sections.append((f"pgsandbox: SQL of {report.when}", sql_section(found, complete)))
     if report.failed and db._rows is not None and db._rows.made:

@@ -31,7 +31,7 @@ from pgsandbox.data.connections import async_executor, executor
 from pgsandbox.data.rows import Rows
 from pgsandbox.data.rows import run as run_steps
 from pgsandbox.data.rows import run_async as run_steps_async
-from pgsandbox.errors import ConfigError
+from pgsandbox.errors import ConfigError, PgSandboxError, causes
 from pgsandbox.isolation.database import Clone, ClonePool, clone_failed
 from pgsandbox.isolation.server_objects import (
     OUTSIDE,
@@ -67,6 +67,7 @@ from pgsandbox.server.statements import (
     StatementLogError,
     log_time,
 )
+from pgsandbox.server.statements import server_settings as statement_log_settings
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
@@ -120,7 +121,22 @@ LEFTOVER_WAIT_SECONDS = 0.2
 ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
 SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
-__all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox", "SessionLogin"]
+__all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox", "ServerGone", "SessionLogin"]
+LOGGING_CHANGED = "server logging changed"
+LOG_SETTINGS = frozenset(statement_log_settings(Path(), "jsonlog"))  # what the statement log needs
+GONE_PROBE_SECONDS = 3  # connect_timeout of the probe that tells a server that went away from a failed query
+
+
+class ServerGone(PgSandboxError):
+    """The server went away during the run (a killed postmaster, a stopped or unreachable external server). The
+    first test that meets it gets the whole story; the tests after it get one line pointing there."""
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) is a lost or refused connection, rather than a failed statement."""
+    return any(isinstance(cause, (psycopg.OperationalError, psycopg.InterfaceError)) for cause in causes(error))
+
+
 LOGIN_DATABASE = "login"  # the database SessionLogin names: <prefix>login
 
 
@@ -425,6 +441,9 @@ class Sandbox:
         self.throwaway_server = isinstance(server, LocalServer)
         self._catalogs: Path | None = None  # where the data factories' catalogs are cached
         self._login: SessionLogin | None = None
+        self.gone: ServerGone | None = None  # the server went away: said once, in full (gone_at: by which test)
+        self._auto_conf_stamp: tuple[int, int, int] | None = None  # postgresql.auto.conf when last read
+        self.gone_at = ""
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -563,6 +582,8 @@ class Sandbox:
             "dsn": self.server.dsn,
             "admin_dsn": self.server.admin_dsn,
             "local": isinstance(self.server, LocalServer),
+            # a worker that cannot reach the server says whether it is still running, and how its log ends
+            "run_dir": str(self.server.run.path) if isinstance(self.server, LocalServer) else None,
             "statement_log": self.server.statement_log.describe() if self.server.statement_log else None,
             "templates": [
                 {"layer": t.layer, "name": t.name, "key": t.key, "labels": list(t.labels), "handed_over": t.handed_over}
@@ -613,7 +634,76 @@ class Sandbox:
 
     # -- per test -------------------------------------------------------------------------------------
     def open(self, isolation: str | None = None, test_id: str = "") -> Database:
-        """A database for one test; give it back with :meth:`close`."""
+        """A database for one test; give it back with :meth:`close`. Raises :class:`ServerGone` when the server
+        went away: in full the first time, in one line after that."""
+        self._check_not_gone()
+        try:
+            return self._open(isolation, test_id)
+        except (psycopg.Error, PgSandboxError) as error:
+            gone = self._gone(error, test_id)
+            if gone is None:
+                raise
+            raise gone from None
+
+    def _check_not_gone(self) -> None:
+        if self.gone is not None:
+            raise ServerGone(
+                f"the PostgreSQL server went away earlier in this run (see the first error, at {self.gone_at}).", ""
+            )
+
+    def _gone(self, error: BaseException, test_id: str) -> ServerGone | None:
+        """When ``error`` is a lost connection and the server is indeed gone: the one full message about it."""
+        if isinstance(error, ServerGone):
+            return error
+        if not connection_lost(error):
+            return None
+        found = self._why_gone()
+        if found is None:
+            return None
+        what, tail = found
+        local = isinstance(self.server, LocalServer) or self.throwaway_server
+        self.gone_at = test_id
+        self.gone = ServerGone(
+            f"{what}; {test_id} met it.\n  The server's log ends with:\n{tail}"
+            if tail
+            else f"{what}; {test_id} met it.",
+            (
+                "a local server stops only when something kills it (kill -9, the out-of-memory killer, a full "
+                "disk or /dev/shm): look at its log above, then run again."
+                if local
+                else "check that the server is running and reachable (a restart, a failover, a network or proxy cut), "
+                "then run again; a later run's reaper drops what this one created there (pg_reap_grace)."
+            )
+            + " Every later test that needs a database errors at once, pointing here.",
+        )
+        return self.gone
+
+    def _why_gone(self) -> tuple[str, str] | None:
+        """(what happened, the end of the server's log when it is on this machine), or None when the server
+        still answers."""
+        server = self.server
+        tail = ""
+        if isinstance(server, LocalServer):
+            code = server.exited
+            if code is not None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                return (
+                    f"the local PostgreSQL server (pid {server.pid}) exited during the run ({how})",
+                    server.log_tail(),
+                )
+        try:
+            with server.connect(connect_timeout=GONE_PROBE_SECONDS):
+                return None
+        except psycopg.OperationalError as probe:
+            reason = str(probe).strip().splitlines()[0] if str(probe).strip() else type(probe).__name__
+        if self.throwaway_server and server.statement_log is not None:  # an xdist worker: the controller's server
+            from pgsandbox.server import runs
+            from pgsandbox.server.local import log_tail
+
+            tail = log_tail(runs.RunDir(server.statement_log.directory.parent))
+        return f"the PostgreSQL server at {describe_server(server)} stopped answering during the run ({reason})", tail
+
+    def _open(self, isolation: str | None = None, test_id: str = "") -> Database:
         chosen = isolation or self.settings.isolation
         if chosen not in ISOLATIONS:
             raise ConfigError(
@@ -690,8 +780,78 @@ class Sandbox:
         return self.server.database_name(f"failed{number or self._kept_counter + 1}")
 
     def close(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
+        """End a test (see :meth:`_close`); raises :class:`ServerGone` in full when it finds the server gone."""
+        if self.gone is not None:
+            self._forget(db)
+            return []
+        try:
+            return self._close_checked(db, keep, next_test_id)
+        except (psycopg.Error, PgSandboxError) as error:
+            gone = self._gone(error, db.test_id)
+            if gone is None:
+                raise
+            self._forget(db)
+            raise gone from None
+
+    def _may_change_logging(self, db: Database) -> bool:
+        """Whether ``db``'s test could have changed the statement log's settings (ALTER SYSTEM needs a
+        superuser: pg_admin, or tests that connect as the admin) on a server whose log pgsandbox reads."""
+        return (
+            self.throwaway_server
+            and self.server.statement_log is not None
+            and ("pg_admin" in db.guests.committing or self.server.login is None)
+        )
+
+    def _restore_logging(self, test_id: str) -> list[str]:
+        """Put back the logging settings the statement log needs if a test changed them with ALTER SYSTEM
+        (``log_destination = stderr`` and a reload would silently take the SQL section from every later
+        failure): ALTER SYSTEM RESET them and reload. One query when nothing changed (a few ms: it reads the
+        configuration files), only after tests that could have."""
+        assert self.server.statement_log is not None
+        # ALTER SYSTEM rewrites postgresql.auto.conf: a stat (microseconds) instead of a query (0.8 ms) per test
+        auto_conf = self.server.statement_log.directory.parent / "data" / "postgresql.auto.conf"
+        with contextlib.suppress(OSError):
+            stat = auto_conf.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            if stamp == self._auto_conf_stamp:
+                return []
+            self._auto_conf_stamp = stamp
+        admin = self.server.admin
+        names = sorted(LOG_SETTINGS)
+        changed = [
+            str(name)
+            for (name,) in admin.execute(
+                "SELECT DISTINCT name FROM pg_file_settings WHERE sourcefile LIKE '%%/postgresql.auto.conf' "
+                "AND name = ANY(%s) ORDER BY 1",
+                [names],
+            ).fetchall()
+        ]
+        if not changed:
+            return []
+        for name in changed:
+            admin.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+        admin.execute("SELECT pg_reload_conf()")
+        return [
+            Finding.of(
+                LOGGING_CHANGED,
+                f"{test_id} changed the server's logging with ALTER SYSTEM ({', '.join(changed)}), which pgsandbox's "
+                "statement log needs (the SQL of failed tests, pg_queries); pgsandbox reset it (ALTER SYSTEM RESET, "
+                "pg_reload_conf()). To run the local server with other settings, use pg_server_settings "
+                "(--pg-server-settings name=value) rather than a test.",
+            )
+        ]
+
+    def _forget(self, db: Database) -> None:
+        """Close what a test opened on a server that is gone, without asking it anything."""
+        for conn in [*db._opened, *([db._connection] if db._connection is not None else [])]:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def _close_checked(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         started = time.perf_counter()
         outside = self._outside(db) if db.server_objects is not None else []
+        if self._may_change_logging(db):
+            outside += self._restore_logging(db.test_id)
         try:
             findings = outside + self._close(db, keep, next_test_id)
         except IsolationError as error:
@@ -952,25 +1112,51 @@ class Sandbox:
         self._stopped = True
         local = isinstance(self.server, LocalServer)
         try:
-            if self._pool is not None:
-                self._pool.close(drop_all=not local)
-            if self._transaction is not None:
-                self._transaction.close()
-            if not self.attached:
-                release(self.server, self.templates)
-            for name in self._kept:
-                self.server.forget_database(name)
-                if self.server.login is not None:  # it owns the database and its objects, and is dropped below
-                    with contextlib.suppress(psycopg.Error), self.server.connect(name, autocommit=True) as conn:
-                        roles.give_back(conn, self.server.login)
+            if self.gone is None:
+                try:
+                    self._stop_on_server(local)
+                except (psycopg.Error, PgSandboxError) as error:
+                    gone = self._gone(error, "the end of the session")
+                    if gone is None:
+                        raise
+                    if self.progress:  # no test met it: say it here, once
+                        self.progress(str(gone))
         finally:
-            if local and self._kept:
+            if self.gone is not None:
+                self._leave_gone_server()
+            elif local and self._kept:
                 assert isinstance(self.server, LocalServer)
                 self.server.detach()
             else:
                 if self._kept and isinstance(self.server, ExternalServer):
                     self.server.keep_secrets()  # the kept databases' psql command names its passfile
                 self.server.stop()
+
+    def _stop_on_server(self, local: bool) -> None:
+        if self._pool is not None:
+            self._pool.close(drop_all=not local)
+        if self._transaction is not None:
+            self._transaction.close()
+        if not self.attached:
+            release(self.server, self.templates)
+        for name in self._kept:
+            self.server.forget_database(name)
+            if self.server.login is not None:  # it owns the database and its objects, and is dropped below
+                with contextlib.suppress(psycopg.Error), self.server.connect(name, autocommit=True) as conn:
+                    roles.give_back(conn, self.server.login)
+
+    def _leave_gone_server(self) -> None:
+        """Stop what runs here without asking the server anything: the clone pool's threads, the connections;
+        a local server's directory (and any process of it still exiting) is removed."""
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.close(drop_all=False)
+        if self._transaction is not None:
+            self._transaction._close_parked_quietly()
+        if isinstance(self.server, LocalServer):
+            self.server.stop()
+        else:
+            self.server._close_admin()
 
     def __enter__(self) -> Sandbox:
         return self

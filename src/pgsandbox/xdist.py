@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pgsandbox.errors import PgSandboxError
+from pgsandbox.errors import ConnectError, PgSandboxError
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Sandbox
@@ -95,4 +95,30 @@ def attach(worker_input: dict[str, Any], settings: Settings) -> Sandbox:
     description = json.loads(path.read_text())
     if "error" in description:
         raise PgSandboxError(description["error"])
-    return Sandbox.attach(description, settings)
+    try:
+        return Sandbox.attach(description, settings)
+    except ConnectError as error:
+        stopped = controller_server_stopped(description, error)
+        if stopped is None:
+            raise
+        raise stopped from None
+
+
+def controller_server_stopped(description: dict[str, Any], error: ConnectError) -> PgSandboxError | None:
+    """Why a worker cannot reach the controller's local server, when it is because that server is not running
+    any more: said with the end of its log, rather than as a connection string to check."""
+    from pgsandbox.server import runs
+    from pgsandbox.server.local import log_tail
+
+    if not description.get("run_dir"):
+        return None
+    run = runs.RunDir(Path(description["run_dir"]))
+    if runs.postmaster_serving(run) is not None:
+        return None  # it runs: the connection failed for another reason, which the error says
+    tail = log_tail(run) if run.path.exists() else "    (its run directory is gone too)"
+    return PgSandboxError(
+        f"the xdist controller's local PostgreSQL server is no longer running, so this worker cannot use it "
+        f"({error.what}).\n  The server's log ends with:\n{tail}",
+        "a local server stops only when something kills it (kill -9, the out-of-memory killer, a full disk or "
+        "/dev/shm): look at its log above, then run again.",
+    )

@@ -18,6 +18,7 @@ from psycopg import pq, sql
 
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
+from pgsandbox.isolation.database import clone_failed
 from pgsandbox.server.base import Server, Session, connections_to, terminate_connections
 from pgsandbox.server.statements import INTERNAL, OURS_PREFIX
 
@@ -313,7 +314,10 @@ class TransactionIsolation:
 
     # -- the session database ------------------------------------------------------------------------
     def _create_database(self) -> None:
-        self.dbname = self.server.create_database("session", template=self.template, clause=self.clone_clause)
+        try:
+            self.dbname = self.server.create_database("session", template=self.template, clause=self.clone_clause)
+        except psycopg.errors.InvalidCatalogName as error:  # the template was dropped (by a test?)
+            raise clone_failed(self.template, error) from None
         self._connect()
 
     def _connect(self) -> None:
@@ -345,7 +349,33 @@ class TransactionIsolation:
 
     def _fresh_clone(self) -> str:
         self._restores += 1
-        return self.server.create_database(f"session{self._restores}", template=self.template, clause=self.clone_clause)
+        try:
+            return self.server.create_database(
+                f"session{self._restores}", template=self.template, clause=self.clone_clause
+            )
+        except psycopg.errors.InvalidCatalogName as error:  # the template was dropped (by a test?)
+            raise clone_failed(self.template, error) from None
+
+    def _exists(self) -> bool:
+        row = self.server.admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [self.dbname]).fetchone()
+        return row is not None
+
+    def _replace_dropped(self, test_id: str) -> None:
+        """Someone dropped the session database during ``test_id``: clone a new one, and say so."""
+        dropped = self.dbname
+        assert dropped
+        self._close_parked()
+        self._close()
+        self.server.forget_database(dropped)
+        self.dbname = self._fresh_clone()
+        self._connect()
+        raise IsolationError(
+            f"the session database {dropped} was dropped during {test_id} (DROP DATABASE through another "
+            "connection, such as pg_server.connect() or a framework's own teardown); pgsandbox cloned a new one "
+            f"from the template ({self.dbname}): the next test starts clean.",
+            "leave the session database to pgsandbox; a test that drops its database needs one of its own: "
+            "@pytest.mark.pg(isolation='database').",
+        )
 
     def _switch_to(self, fresh: str) -> None:
         """Use ``fresh`` (a new clone of the template) as the session database from now on."""
@@ -416,7 +446,12 @@ class TransactionIsolation:
             self._keep(conn, keep_as)
             return []
         started_xmax = self._snapshot_xmax  # the next transaction id when this test began
-        own_escape, suspects, sessions = self._rollback(conn, next_test_id)
+        try:
+            own_escape, suspects, sessions = self._rollback(conn, next_test_id)
+        except psycopg.OperationalError:  # the connection was cut (terminated, its database dropped): as broken
+            own_escape, suspects, sessions = True, True, None
+        if (conn.broken or conn.closed) and not self._exists():
+            self._replace_dropped(test_id)
         # an autocommit guest (pg_admin) may have written only if some transaction took an id meanwhile
         committed = guests.committing if self._snapshot_xmax > started_xmax else []
         expected_sessions = None if self.sessions is None else self.sessions + guests.connects
@@ -565,6 +600,14 @@ class TransactionIsolation:
             # its client cannot say goodbye: end the server side, or it would count as a leak
             with contextlib.suppress(psycopg.Error):
                 self.server.admin.execute("SELECT pg_terminate_backend(%s)", [parked.pid])
+
+    def _close_parked_quietly(self) -> None:
+        """The server is gone: close the clients' ends, and ask it nothing."""
+        for parked in self.parked.values():
+            with contextlib.suppress(Exception):
+                parked.close()
+        self.parked.clear()
+        self._close()
 
     def _close_parked(self) -> None:
         for parked in self.parked.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -297,6 +298,17 @@ class LocalServer(Server):
                 self.process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 _kill(self.process)
+        else:
+            _reap_orphans(self.run)
+
+    @property
+    def exited(self) -> int | None:
+        """The postmaster's exit status when it is gone (negative: the signal that killed it), else None."""
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the server's log (its own output and the logging collector's messages), indented."""
+        return log_tail(self.run, lines)
 
     def detach(self) -> None:
         """Leave the server running after this process exits (kept databases of failed tests); it is
@@ -470,6 +482,10 @@ def _write_config(
     log_settings: dict[str, str],
 ) -> None:
     values = {**TEST_SETTINGS, **log_settings}
+    if _on_tmpfs(run.path):
+        # dynamic shared memory as files in the data directory (tmpfs: the same memory as posix's /dev/shm),
+        # so that a postmaster killed with -9 leaves none of its segments behind once the run directory goes
+        values["dynamic_shared_memory_type"] = "mmap"
     if installation.major >= 16:
         values["scram_iterations"] = str(SCRAM_ITERATIONS)
     values["unix_socket_directories"] = str(run.socket_dir)
@@ -485,6 +501,23 @@ def _write_config(
     if "include_if_exists = 'pgsandbox.conf'" not in text:
         main.write_text(text + "\ninclude_if_exists = 'pgsandbox.conf'\n")
     account.chown(conf)
+
+
+def _on_tmpfs(path: Path) -> bool:
+    """Whether ``path`` is on a RAM-backed file system (Linux: the longest mount point above it is tmpfs)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    target = str(path.resolve())
+    best, kind = "", ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3 or len(fields[1]) <= len(best):
+            continue
+        if target == fields[1] or target.startswith(fields[1].rstrip("/") + "/"):
+            best, kind = fields[1], fields[2]
+    return kind == "tmpfs"
 
 
 def _spawn(installation: Installation, account: osuser.Account, run: runs.RunDir) -> subprocess.Popen[bytes]:
@@ -538,6 +571,42 @@ def _wait_for_collector(run: runs.RunDir) -> None:
     while time.monotonic() < deadline and _processes_in(run.data):
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+def log_tail(run: runs.RunDir, lines: int = 15) -> str:
+    """The end of a run's server log, once a dead postmaster's logging collector has written its last words."""
+    _wait_for_collector(run)
+    return _tail(_read_log(run), lines)
+
+
+def _reap_orphans(run: runs.RunDir) -> None:
+    """A postmaster that died on its own (``kill -9``, the OOM killer) leaves its children to notice and exit,
+    and its shared memory segment behind: wait for the first (bounded; then SIGKILL), remove the second."""
+    _wait_for_collector(run)
+    for pid in _pids_in(run.data):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        # postmaster.pid, line 7: the System V shared memory key and id (nobody is attached any more)
+        shmid = (run.data / "postmaster.pid").read_text().splitlines()[6].split()[1]
+    except (OSError, IndexError):
+        return
+    ipcrm = shutil.which("ipcrm")
+    if ipcrm and shmid.isdigit():
+        subprocess.run([ipcrm, "-m", shmid], capture_output=True)
+
+
+def _pids_in(directory: Path) -> list[int]:
+    """Live processes whose working directory is ``directory`` (Linux; elsewhere none are known)."""
+    target = str(directory.resolve())
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd) == target:
+                found.append(int(cwd.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _processes_in(directory: Path) -> bool:

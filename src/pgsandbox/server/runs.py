@@ -26,6 +26,7 @@ from pgsandbox.server.osuser import Account, can_reach
 
 MIN_SHM_FREE = 512 * 1024 * 1024
 STARTING_GRACE_SECONDS = 60.0
+CLOCK_TOLERANCE_SECONDS = 2.0  # without /proc: a start time on the wall clock, which a clock step moves
 
 
 def default_runtime_base() -> Path:
@@ -113,7 +114,8 @@ def create_run_dir(base: Path, run_id: str, account: Account) -> RunDir:
     path.mkdir(mode=0o700)
     run = RunDir(path)
     me = psutil.Process()
-    run.owner_file.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    owner = {"pid": me.pid, "started": me.create_time(), "ticks": start_ticks(me.pid)}
+    run.owner_file.write_text(json.dumps(owner))
     run.socket_dir.mkdir(mode=0o700)
     run.log.touch(mode=0o600)
     account.chown(run.path)
@@ -206,12 +208,30 @@ def _owner_alive(run: RunDir) -> bool:
     except (OSError, ValueError):
         return True
     try:
-        started = psutil.Process(int(owner["pid"])).create_time()
-        return bool(abs(started - float(owner["started"])) < 1.0)
+        pid = int(owner["pid"])
+        if owner.get("ticks") is not None and Path("/proc").is_dir():
+            return start_ticks(pid) == int(owner["ticks"])
+        started = psutil.Process(pid).create_time()
+        return bool(abs(started - float(owner["started"])) < CLOCK_TOLERANCE_SECONDS)
     except psutil.NoSuchProcess:
         return False
     except (psutil.Error, KeyError, TypeError, ValueError):
         return True
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux: /proc/<pid>/stat, field 22); None when
+    there is no such process (or no /proc). Unlike a start time on the wall clock, it never moves: psutil's
+    ``create_time()`` adds the boot time, which the kernel derives from the clock on every read, so a clock
+    step (NTP, a VM's time sync) moves every process's start by a second or more, and a live run looked dead
+    to another run's leftover reaper, which stopped its server (seen as "Connection refused" in every xdist
+    worker)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces and parentheses
+    return int(fields[19])
 
 
 def _postmaster_serving(run: RunDir) -> int | None:
@@ -236,6 +256,11 @@ def stop_postmaster(pid: int, timeout: float = 10.0) -> None:
             straggler.kill()
     except psutil.NoSuchProcess:
         pass
+
+
+def postmaster_serving(run: RunDir) -> int | None:
+    """The pid of the postmaster serving ``run``'s data directory, if one is running."""
+    return _postmaster_serving(run)
 
 
 def reap(leftover: Leftover) -> None:

@@ -298,12 +298,31 @@ class StatementLog:
                 entries = [e for e in self._parse(chunks[: index + 1]) if token not in e.message]
                 return entries, Position(name, start + end), complete
             if time.monotonic() > deadline:
+                changed = self._changed_settings(conn)
+                if changed:
+                    raise StatementLogError(
+                        f"the server no longer logs statements where pgsandbox reads them ({changed}): something "
+                        "changed its logging during the run (ALTER SYSTEM and pg_reload_conf()?).",
+                        "leave the server's logging settings alone in tests (pgsandbox resets them after a test "
+                        "that changed them with ALTER SYSTEM through pg_admin); set others with pg_server_settings.",
+                    )
                 raise StatementLogError(
                     f"the server's statement log in {self.directory} did not show a mark within {SYNC_TIMEOUT:.0f} s.",
                     "the machine may be overloaded; pg_sql_log = off turns the statement log off.",
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    def _changed_settings(self, conn: psycopg.Connection[Any]) -> str:
+        """The logging settings that differ from what this log needs (``name = value``), if any."""
+        expected = {"log_destination": self.format, "logging_collector": "on", "log_directory": str(self.directory)}
+        try:
+            rows = conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", [list(expected)]
+            ).fetchall()
+        except psycopg.Error:
+            return ""
+        return ", ".join(f"{name} = {setting}" for name, setting in rows if setting != expected[name])
 
     def _read_from(self, since: Position) -> tuple[list[tuple[str, int, bytes]], bool]:
         chunks = []
