@@ -73,7 +73,8 @@ def test_doctor_lists_and_clean_stops_leftovers(capsys: pytest.CaptureFixture[st
     postmaster, run_dir = start_orphan()
     assert cli_main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert f"{run_dir} (server pid {postmaster} still running)  (pgsandbox clean stops it)" in out
+    assert f"{run_dir} (server pid {postmaster} still running), " in out
+    assert f"(`pgsandbox clean {run_dir.name.removeprefix('run-')}` stops it)" in out
     assert cli_main(["clean", "--keep-cache"]) == 0
     assert f"stopped and removed {run_dir}" in capsys.readouterr().out
     assert gone(postmaster) and not run_dir.exists()

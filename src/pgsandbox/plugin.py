@@ -424,7 +424,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(f"  {command}")
     sandbox = config.stash.get(SANDBOX_KEY, None)
     if sandbox is not None and sandbox.server.kind == "local":
-        terminalreporter.write_line("The local server keeps running for them; `pgsandbox clean` stops it.")
+        terminalreporter.write_line(
+            f"The local server keeps running for them; `pgsandbox clean {sandbox.server.run_id}` stops it."
+        )
     else:
         terminalreporter.write_line("Drop them when done (they start with the run's prefix).")
 

@@ -29,6 +29,7 @@ from pgsandbox.errors import PgSandboxWarning, ServerStartError
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server.base import Progress
 from pgsandbox.server.osuser import Account
+from pgsandbox.staging import make_staging_dir, tree_size
 
 LAYOUT = 1  # bump when the cached cluster's shape changes
 SUPERUSER = "postgres"
@@ -141,7 +142,7 @@ def _initdb(
     started = time.perf_counter()
     password = secrets.token_urlsafe(24)
     register_secret(password)
-    work = Path(tempfile.mkdtemp(prefix="initdb-", dir=scratch))
+    work = make_staging_dir(scratch, "initdb")
     pwfile = work / "pwfile"
     pwfile.write_text(password + "\n")
     pwfile.chmod(0o600)
@@ -176,7 +177,7 @@ def _initdb(
 
 
 def _store(work: Path, target: Path, password: str, lock: FileLock) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    staging = make_staging_dir(target.parent, ".build")
     try:
         copy_tree(work / "data", staging / "data")
         (staging / "password").write_text(password + "\n")
@@ -269,7 +270,7 @@ def store_snapshot(data: Path, directory: Path, key: str, password: str, replace
     """Copy a stopped cluster's data directory into the snapshot cache; keep the newest few."""
     target = directory / key[:32]
     directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
+    staging = make_staging_dir(directory, ".build")
     try:
         copy_tree(data, staging / "data")
         (staging / "password").write_text(password + "\n")
@@ -311,9 +312,4 @@ def copy_tree(source: Path, destination: Path) -> None:
 
 
 def cache_size(root: Path) -> int:
-    total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(directory, name)).st_size
-    return total
+    return tree_size(root)

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +22,14 @@ from filelock import BaseFileLock
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from pgsandbox import staging
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
 from pgsandbox.errors import ServerStartError
 from pgsandbox.redact import redact, register_secret
 from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
 from pgsandbox.settings import Settings, listens_on_tcp
+from pgsandbox.staging import make_staging_dir
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
 START_TIMEOUT = 60.0
@@ -52,7 +53,9 @@ TEST_SETTINGS: dict[str, str] = {
     "password_encryption": "scram-sha-256",
     "logging_collector": "off",
     "log_min_messages": "warning",
-    "dynamic_shared_memory_type": "posix" if os.name == "posix" else "windows",
+    # dynamic shared memory segments as files in the data directory (pg_dynshmem), not /dev/shm/PostgreSQL.*:
+    # a server killed with kill -9 cannot remove its segments, and the run's directory goes with them
+    "dynamic_shared_memory_type": "mmap",
 }
 
 HBA = """\
@@ -142,6 +145,10 @@ class LocalServer(Server):
             runs.reap(leftover)
             if progress:
                 progress(f"stopped a server left behind by a killed run: {leftover.describe()}")
+        for abandoned in runs.find_abandoned(runs.search_bases(settings.runtime_dir), root):
+            staging.remove(abandoned)
+            if progress:
+                progress(f"removed {abandoned.describe()}")
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
         snapshot_dir = cache.snapshot_dir(root, installation, settings.initdb_args)
@@ -243,7 +250,7 @@ class LocalServer(Server):
         """
         self._close_admin()
         self._shutdown()
-        staging = Path(tempfile.mkdtemp(prefix=f"snapshot-{self.run_id}-", dir=self.run.path.parent))
+        staging = make_staging_dir(self.run.path.parent, "snapshot")
         cache.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
         target = cache.store_snapshot_in_background(

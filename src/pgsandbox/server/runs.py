@@ -19,7 +19,9 @@ from pathlib import Path
 
 import psutil
 
-from pgsandbox.server.osuser import Account
+from pgsandbox import staging
+from pgsandbox.binaries import archives
+from pgsandbox.server.osuser import ROOT_SHARED_CACHE, Account
 
 MIN_SHM_FREE = 512 * 1024 * 1024
 STARTING_GRACE_SECONDS = 60.0
@@ -126,6 +128,36 @@ def find_leftovers(bases: list[Path], include_kept: bool = False) -> list[Leftov
                 continue
             leftovers.append(Leftover(run, _postmaster_serving(run)))
     return leftovers
+
+
+def staging_parents(bases: list[Path], cache_root: Path | None) -> list[Path]:
+    """Where half-written directories can be: the runtime directories (initdb, snapshots copied aside) and the
+    cache's (clusters and snapshots being stored, binaries being unpacked or copied for the server's user)."""
+    parents = [base / f"pgsandbox-{os.geteuid()}" for base in bases]
+    if cache_root is not None:
+        parents += [cache_root / "initdb", archives.unpacked_root(cache_root), cache_root / "binaries"]
+        parents += sorted(path for path in (cache_root / "snapshots").glob("*") if path.is_dir())
+    if os.geteuid() == 0:
+        parents.append(ROOT_SHARED_CACHE / "binaries")
+    return parents
+
+
+def find_abandoned(bases: list[Path], cache_root: Path | None) -> list[staging.Abandoned]:
+    """Half-written directories (initdb, snapshot, cache writes, unpacking) whose owner was killed."""
+    return staging.find_abandoned(staging_parents(bases, cache_root))
+
+
+def run_size(run: RunDir) -> int:
+    return staging.tree_size(run.path)
+
+
+def live_run(bases: list[Path], run_id: str) -> bool:
+    """Whether run ``run_id`` of this user has a directory whose owner still runs."""
+    for base in bases:
+        path = base / f"pgsandbox-{os.geteuid()}" / f"run-{run_id}"
+        if path.is_dir() and _owner_alive(RunDir(path)):
+            return True
+    return False
 
 
 def _owner_alive(run: RunDir) -> bool:

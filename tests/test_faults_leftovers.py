@@ -1,0 +1,278 @@
+"""Nothing left behind: half-written directories of killed runs, dynamic shared memory, the cache's size, and
+`pgsandbox clean` naming what it stops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import StartLocal
+from pgsandbox.cli import main as cli_main
+from pgsandbox.server import runs
+from test_leftovers import gone, start_orphan
+
+POLL_TIMEOUT = 60.0
+
+
+@pytest.fixture
+def private_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runtime directory of the test's own (short: a socket path has at most 107 bytes), so that servers other
+    tests start at the same moment (pytest -n) do not reap what this test looks at."""
+    path = Path(tempfile.mkdtemp(prefix="pgsb-"))
+    path.chmod(0o755)  # as root, the server's own account goes through it
+    monkeypatch.setenv("PGSANDBOX_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def private_cache(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> Iterator[Path]:
+    """An empty cache of the test's own (``cache_dir`` stays the suite's)."""
+    path = Path(tempfile.mkdtemp(prefix="pgsb-cache-"))
+    path.chmod(0o755)
+    monkeypatch.setenv("PGSANDBOX_CACHE", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def poll(find: object, what: str) -> Path:
+    """The first path ``find()`` returns, polled (no fixed sleep)."""
+    assert callable(find)
+    deadline = time.monotonic() + POLL_TIMEOUT
+    delay = 0.001
+    while time.monotonic() < deadline:
+        found = find()
+        if found:
+            return Path(found[0])
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    raise AssertionError(f"{what} did not appear within {POLL_TIMEOUT} s")
+
+
+def spawn(script: str) -> subprocess.Popen[str]:
+    """A python process in a process group of its own: SIGKILL to the group also ends its initdb."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_group(process: subprocess.Popen[str]) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    # initdb's own children (postgres --boot / --single) are in the group too: wait until none is left
+    deadline = time.monotonic() + POLL_TIMEOUT
+    while time.monotonic() < deadline:
+        if not any(_in_group(p, process.pid) for p in psutil.process_iter()):
+            return
+        time.sleep(0.01)
+    raise AssertionError("the killed process group did not exit")
+
+
+def _in_group(process: psutil.Process, pgid: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE
+    except (OSError, psutil.Error):
+        return False
+
+
+def parent_of_runs(runtime: Path) -> Path:
+    return runtime / f"pgsandbox-{os.geteuid()}"
+
+
+START = """
+    from pgsandbox import LocalServer, Settings
+    LocalServer.start(Settings.from_env())
+"""
+
+
+def test_killed_at_initdb_on_a_cold_cache(
+    private_runtime: Path, private_cache: Path, start_local: StartLocal, capsys: pytest.CaptureFixture[str]
+) -> None:
+    owner = spawn(START)
+    initdb = poll(lambda: list(parent_of_runs(private_runtime).glob("initdb-*/data/base")), "initdb's cluster")
+    kill_group(owner)
+    work = initdb.parent.parent
+    assert work.is_dir()  # what the kill leaves
+
+    assert cli_main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "Half-written directories of killed runs: \n" in out
+    assert f"  {work} (" in out and " MB; the next run or pgsandbox clean removes it)" in out
+
+    lines: list[str] = []
+    start_local(lines.append, runtime_dir=private_runtime, cache=private_cache)
+    assert not work.exists()
+    assert any(line.startswith(f"removed {work} (") and "half-written by a killed run" in line for line in lines)
+
+
+SNAPSHOT = """
+    import sys, threading
+    from pgsandbox import LocalServer, Settings
+    from pgsandbox.server import cache
+
+    copy = cache.copy_tree
+
+    def copy_then_hang(source, destination):
+        copy(source, destination)
+        if destination.parent.name.startswith(".build-"):
+            print("writing the snapshot", flush=True)
+            threading.Event().wait()  # killed here, as if the cache's disk were slow
+
+    cache.copy_tree = copy_then_hang
+    server = LocalServer.start(Settings.from_env())
+    print(server.pid, server.run.path, flush=True)
+    server.save_snapshot("f" * 64)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.usefixtures("machine_wide_servers")
+def test_killed_while_the_snapshot_is_written(
+    private_runtime: Path,
+    private_cache: Path,
+    cache_dir: Path,
+    start_local: StartLocal,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    start_local().stop()  # the suite's cache has the initdb cluster: copy it, so this run starts warm
+    shutil.copytree(cache_dir / "initdb", private_cache / "initdb", symlinks=True)
+    owner = spawn(SNAPSHOT)
+    assert owner.stdout is not None
+    postmaster = int(owner.stdout.readline().split()[0])
+    assert owner.stdout.readline() == "writing the snapshot\n"
+    kill_group(owner)
+    snapshot = poll(lambda: list(parent_of_runs(private_runtime).glob("snapshot-*")), "the snapshot copied aside")
+    build = poll(lambda: list(private_cache.glob("snapshots/*/.build-*")), "the snapshot being stored")
+
+    assert cli_main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for path in (snapshot, build):
+        assert f"  {path} (" in out
+    assert cli_main(["clean", "--keep-cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {snapshot} (" in out and f"removed {build} (" in out
+    assert not snapshot.exists() and not build.exists()
+    assert gone(postmaster)
+    assert private_cache.is_dir()  # --keep-cache
+
+
+def test_live_runs_half_written_directories_are_left_alone(private_runtime: Path, start_local: StartLocal) -> None:
+    from pgsandbox.staging import make_staging_dir
+
+    parent = runs.runtime_parent(private_runtime)
+    mine = make_staging_dir(parent, "initdb")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    reused = parent / f"initdb-{os.getpid()}.12345-abc"  # this pid, another start time: a reused pid
+    theirs = parent / f"initdb-{dead.pid}.{int(time.time())}-abc"
+    unmarked = parent / "snapshot-0123abcd-xyz"  # named before owners were marked, and recent
+    for path in (reused, theirs, unmarked):
+        path.mkdir()
+    start_local(runtime_dir=private_runtime)
+    assert mine.exists() and unmarked.exists()
+    assert not reused.exists() and not theirs.exists()
+
+
+# -- dynamic shared memory ------------------------------------------------------------------------------------
+
+
+def _mapped_shm() -> set[str]:
+    """The /dev/shm files some live process maps."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        mapped.update(line.split()[-1] for line in text.splitlines() if "/dev/shm/PostgreSQL." in line)
+    return mapped
+
+
+DSM_ORPHAN = """
+    import sys
+    import psycopg
+    from pgsandbox import LocalServer, Settings
+    server = LocalServer.start(Settings.from_env())
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute("set debug_parallel_query = on")  # a parallel worker, so a DSM segment per query
+        conn.execute("create table t as select g from generate_series(1, 100000) g")
+        conn.execute("set max_parallel_maintenance_workers = 2")
+        conn.execute("create index on t (g)")
+        assert conn.execute("select count(*) from t").fetchone()[0] == 100000
+    print(server.pid, server.run.path, flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
+def test_a_killed_server_leaves_no_dynamic_shared_memory(private_runtime: Path, start_local: StartLocal) -> None:
+    before = {str(path) for path in Path("/dev/shm").glob("PostgreSQL.*")}
+    owner = spawn(DSM_ORPHAN)
+    assert owner.stdout is not None
+    postmaster_text, run_dir = owner.stdout.readline().split()
+    postmaster = int(postmaster_text)
+    segments = list((Path(run_dir) / "data" / "pg_dynshmem").glob("mmap.*"))
+    assert segments  # the control segment lives in the run's data directory
+    kill_group(owner)
+    os.killpg(postmaster, signal.SIGKILL)  # the server too, with its backends: nothing can clean up
+    while not gone(postmaster):
+        time.sleep(0.01)
+    start_local(runtime_dir=private_runtime)  # reaps the dead run
+    assert not Path(run_dir).exists()
+    left = {str(path) for path in Path("/dev/shm").glob("PostgreSQL.*")} - before
+    assert left <= _mapped_shm(), f"segments of no live process: {sorted(left - _mapped_shm())}"
+
+
+# -- pgsandbox clean: --dry-run, RUN_ID -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("machine_wide_servers", "private_runtime")
+def test_clean_dry_run_and_one_run(capsys: pytest.CaptureFixture[str]) -> None:
+    first, first_dir = start_orphan()
+    runs.mark_kept(runs.RunDir(first_dir))  # as --pg-keep-failed does: the next start leaves it running
+    second, second_dir = start_orphan()
+    cache = Path(os.environ["PGSANDBOX_CACHE"])
+
+    assert cli_main(["clean", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would stop and remove {first_dir} (server pid {first} still running), " in out
+    assert f"would stop and remove {second_dir} (" in out
+    assert f"would remove cache {cache} (" in out
+    assert not gone(first) and not gone(second) and first_dir.exists() and cache.exists()
+
+    first_id = first_dir.name.removeprefix("run-")
+    assert cli_main(["clean", first_id]) == 0
+    assert f"stopped and removed {first_dir} (" in capsys.readouterr().out
+    assert gone(first) and not first_dir.exists()
+    assert not gone(second) and second_dir.exists() and cache.exists()  # the other run and the cache stay
+
+    assert cli_main(["clean", "nosuchrun"]) == 2
+    err = capsys.readouterr().err
+    assert "no leftover or kept run nosuchrun of this user" in err
+    assert "`pgsandbox doctor` lists the runs clean can stop; nothing was stopped." in err
+    assert not gone(second)
+    assert cli_main(["clean", "--keep-cache", second_dir.name]) == 0  # run-<id> works too
+    assert gone(second) and not second_dir.exists()
+
+
+def test_clean_refuses_a_live_run(start_local: StartLocal, capsys: pytest.CaptureFixture[str]) -> None:
+    server = start_local()
+    assert cli_main(["clean", server.run_id]) == 2
+    err = capsys.readouterr().err
+    assert f"({server.run_id} still running: its pytest process stops it)" in err
+    assert server.process.poll() is None and server.run.path.exists()
