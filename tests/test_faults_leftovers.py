@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -276,3 +277,62 @@ def test_clean_refuses_a_live_run(start_local: StartLocal, capsys: pytest.Captur
     err = capsys.readouterr().err
     assert f"({server.run_id} still running: its pytest process stops it)" in err
     assert server.process.poll() is None and server.run.path.exists()
+
+
+# -- the cache's size bound -------------------------------------------------------------------------------------
+
+
+def _cluster(path: Path, megabytes: int, used: float) -> Path:
+    (path / "data").mkdir(parents=True)
+    (path / "data" / "base").write_bytes(b"\0" * (megabytes * 10**6))
+    (path / "ready").touch()
+    os.utime(path / "ready", (used, used))
+    return path
+
+
+def test_pruning_keeps_the_newest_and_what_a_run_copies(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from pgsandbox.server import cache
+
+    now = time.time()
+    snapshots = tmp_path / "snapshots" / "0123456789abcdef"
+    copied, old, newest = (_cluster(snapshots / name, 1, now - age) for name, age in (("a", 300), ("b", 200), ("c", 0)))
+    initdb = _cluster(tmp_path / "initdb" / "0123456789abcdef", 1, now - 400)
+    with FileLock(str(copied) + ".lock"):  # a run copies it (snapshot_source holds this lock)
+        pruned = cache.prune_cache(tmp_path, max_size=2_500_000)
+    assert [entry.path for entry in pruned] == [old]
+    assert copied.exists() and newest.exists() and initdb.exists() and not old.exists()
+    assert cache.prune_cache(tmp_path, max_size=0) == []  # no bound
+    assert [entry.path for entry in cache.prune_cache(tmp_path, max_size=1)] == [copied]
+
+
+@pytest.mark.usefixtures("private_runtime")
+def test_a_bounded_cache_keeps_the_newest_snapshot(
+    project: pytest.Pytester, private_cache: Path, cache_dir: Path, start_local: StartLocal
+) -> None:
+    start_local().stop()  # a warm initdb cluster to copy: the runs below build only templates
+    shutil.copytree(cache_dir / "initdb", private_cache / "initdb", symlinks=True)
+    project.makepyfile("def test_users(pg):\n    assert pg.fetchval('select count(*) from users') == 2\n")
+    for version in (1, 2, 3):  # each migration change stores another snapshot
+        (project.path / "migrations" / f"{version + 1}.sql").write_text(f"create table t{version} (id int);\n")
+        result = project.runpytest("--pg-cache-max-size=1MB", "--pg-report=json", "-p", "no:randomly")
+        result.assert_outcomes(passed=1)
+    stored = sorted(path.parent for path in private_cache.glob("snapshots/*/*/ready"))
+    assert len(stored) == 1  # the newest; without a bound, three are kept
+    result.stdout.fnmatch_lines([f"cache: {private_cache}, * MB; bound 1 MB (pg_cache_max_size)"])
+    report = json.loads((project.path / "pgsandbox-report.json").read_text())
+    assert report["cache"]["path"] == str(private_cache) and report["cache"]["max_bytes"] == 10**6
+    assert report["cache"]["bytes"] > 10**6  # over the bound: the newest snapshot and initdb cluster stay
+
+
+def test_cache_max_size_values(pytester: pytest.Pytester) -> None:
+    from pgsandbox.settings import BY_NAME
+
+    parse = BY_NAME["cache_max_size"].parse
+    assert [parse(v) for v in ("1GB", "500 MB", "1.5g", "2048", "0", "none")] == [10**9, 500 * 10**6, 1.5e9, 2048, 0, 0]
+    pytester.makepyfile("def test_one(pg):\n    pass\n")
+    result = pytester.runpytest("--pg-cache-max-size=lots")
+    result.stderr.fnmatch_lines(
+        ["*--pg-cache-max-size: bad value 'lots': expected a size such as 500MB, 2GB or 1.5G (0 or none: no bound)*"]
+    )

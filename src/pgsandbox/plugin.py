@@ -464,4 +464,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"databases: {databases['created']} created, {databases['dropped']} dropped, {databases['kept']} kept")
     findings = report["findings"]
     lines.append("findings: " + (", ".join(f"{kind} {count}" for kind, count in sorted(findings.items())) or "none"))
+    cache = report.get("cache")
+    if cache:
+        bound = f"bound {cache['max_bytes'] / 1e6:.0f} MB (pg_cache_max_size)" if cache["max_bytes"] else "no bound"
+        lines.append(f"cache: {cache['path']}, {cache['bytes'] / 1e6:.1f} MB; {bound}")
     return lines

@@ -160,7 +160,13 @@ class LocalServer(Server):
                     password = found[1].password
             if not found:
                 with cache.cluster_source(
-                    installation, account, root, runs.runtime_parent(base), settings.initdb_args, progress
+                    installation,
+                    account,
+                    root,
+                    runs.runtime_parent(base),
+                    settings.initdb_args,
+                    progress,
+                    settings.cache_max_size,
                 ) as cluster:
                     cache.copy_tree(cluster.data, run.data)
                 password = cluster.password
@@ -253,10 +259,10 @@ class LocalServer(Server):
         staging = make_staging_dir(self.run.path.parent, "snapshot")
         cache.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
-        target = cache.store_snapshot_in_background(
-            staging, self.snapshots, key, str(self.params["password"]), replace, lock
-        )
         settings, log_settings = self._start_settings
+        target = cache.store_snapshot_in_background(
+            staging, self.snapshots, key, str(self.params["password"]), replace, lock, settings.cache_max_size
+        )
         try:
             # while it was down, another process may have taken its port: then it moves to another one
             self.process, tcp = _start_listening(
