@@ -27,17 +27,6 @@ POLL_TIMEOUT = 60.0
 
 
 @pytest.fixture
-def private_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A runtime directory of the test's own (short: a socket path has at most 107 bytes), so that servers other
-    tests start at the same moment (pytest -n) do not reap what this test looks at."""
-    path = Path(tempfile.mkdtemp(prefix="pgsb-"))
-    path.chmod(0o755)  # as root, the server's own account goes through it
-    monkeypatch.setenv("PGSANDBOX_RUNTIME_DIR", str(path))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def private_cache(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> Iterator[Path]:
     """An empty cache of the test's own (``cache_dir`` stays the suite's)."""
     path = Path(tempfile.mkdtemp(prefix="pgsb-cache-"))
@@ -336,3 +325,41 @@ def test_cache_max_size_values(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(
         ["*--pg-cache-max-size: bad value 'lots': expected a size such as 500MB, 2GB or 1.5G (0 or none: no bound)*"]
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user's runs: only root sees them")
+@pytest.mark.usefixtures("machine_wide_servers")
+def test_clean_leaves_other_users_runs_unless_all_users(
+    private_runtime: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    theirs = private_runtime / "pgsandbox-4242" / "run-theirs01"  # a kept server of OS user 4242, long gone
+    theirs.mkdir(parents=True)
+    (theirs / "owner.json").write_text(json.dumps({"pid": dead.pid, "started": 0.0, "kept": True}))
+    for args in (["clean", "--keep-cache", "--dry-run"], ["clean", "--keep-cache"]):
+        assert cli_main(args) == 0
+        assert str(theirs) not in capsys.readouterr().out
+    assert theirs.exists()
+    assert cli_main(["clean", "--keep-cache", "--all-users"]) == 0
+    assert f"stopped and removed {theirs} (no server running)" in capsys.readouterr().out
+    assert not theirs.exists()
+
+
+AS_NOBODY = """
+    import os, pwd, sys
+    from pgsandbox.cli import main
+    nobody = pwd.getpwnam("nobody")  # imported as root (the virtualenv may be under /root), then no longer root
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    sys.exit(main(["clean", "--all-users"]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the CLI as another user")
+def test_clean_all_users_needs_root() -> None:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(AS_NOBODY)], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 2, out.stderr
+    assert "clean --all-users stops other users' servers, which only root may do; nothing was stopped." in out.stderr
+    assert "Run it as root (sudo pgsandbox clean --all-users)" in out.stderr

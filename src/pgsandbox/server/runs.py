@@ -115,13 +115,22 @@ def search_bases(configured: Path | None = None) -> list[Path]:
     return unique
 
 
-def find_leftovers(bases: list[Path], include_kept: bool = False) -> list[Leftover]:
-    """Run directories whose owner is gone; servers kept for failed tests only with ``include_kept``."""
+def find_leftovers(bases: list[Path], include_kept: bool = False, all_users: bool = False) -> list[Leftover]:
+    """Run directories whose owner is gone; servers kept for failed tests only with ``include_kept``. Only this
+    OS user's (``pgsandbox-<uid>``) unless ``all_users``."""
     leftovers = []
     for base in bases:
-        parent = base / f"pgsandbox-{os.geteuid()}"
-        if not parent.is_dir():
-            continue
+        parents = [base / f"pgsandbox-{os.geteuid()}"]
+        if all_users:
+            parents = sorted(path for path in base.glob("pgsandbox-*") if path.name[10:].isdigit())
+        for parent in parents:
+            leftovers += _leftovers_in(parent, include_kept)
+    return leftovers
+
+
+def _leftovers_in(parent: Path, include_kept: bool) -> list[Leftover]:
+    leftovers = []
+    if parent.is_dir():
         for path in sorted(parent.glob("run-*")):
             run = RunDir(path)
             if _owner_alive(run) or (is_kept(run) and not include_kept):
