@@ -101,6 +101,7 @@ def test_killed_at_initdb_on_a_cold_cache(
 
     assert cli_main(["doctor"]) == 0
     out = capsys.readouterr().out
+    assert f"Cache: {private_cache} (" in out and " MB; bound 1000 MB from the default of pg_cache_max_size)" in out
     assert "Half-written directories of killed runs: \n" in out
     assert f"  {work} (" in out and " MB; the next run or pgsandbox clean removes it)" in out
 

@@ -59,7 +59,10 @@ def doctor(settings: Settings) -> int:
         status = 0 if wants_external(settings) else 1
     root = settings.cache or cache.default_cache_root()
     size = cache.cache_size(root) if root.exists() else 0
-    print(f"Cache: {root} ({size / 1e6:.1f} MB)")
+    bound = settings.cache_max_size
+    limit = f"bound {bound / 1e6:.0f} MB" if bound else "no bound"
+    source = settings.sources.get("cache_max_size", "the default of pg_cache_max_size")
+    print(f"Cache: {root} ({size / 1e6:.1f} MB; {limit} from {source})")
     snapshots = sorted((root / "snapshots").glob("*/*/ready")) if root.exists() else []
     line = f"  clusters with built templates (local servers start from them): {len(snapshots)}"
     if snapshots:
