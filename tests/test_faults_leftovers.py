@@ -182,16 +182,10 @@ def test_live_runs_half_written_directories_are_left_alone(private_runtime: Path
 # -- dynamic shared memory ------------------------------------------------------------------------------------
 
 
-def _mapped_shm() -> set[str]:
-    """The /dev/shm files some live process maps."""
-    mapped: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            text = maps.read_text()
-        except OSError:
-            continue
-        mapped.update(line.split()[-1] for line in text.splitlines() if "/dev/shm/PostgreSQL." in line)
-    return mapped
+def _shared_memory_files(pid: int) -> list[str]:
+    """The files process ``pid`` maps as shared memory: /dev/shm segments and pg_dynshmem files."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return [line.split()[-1] for line in lines if "/dev/shm/PostgreSQL." in line or "/pg_dynshmem/" in line]
 
 
 DSM_ORPHAN = """
@@ -212,21 +206,22 @@ DSM_ORPHAN = """
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
 def test_a_killed_server_leaves_no_dynamic_shared_memory(private_runtime: Path, start_local: StartLocal) -> None:
-    before = {str(path) for path in Path("/dev/shm").glob("PostgreSQL.*")}
     owner = spawn(DSM_ORPHAN)
     assert owner.stdout is not None
     postmaster_text, run_dir = owner.stdout.readline().split()
     postmaster = int(postmaster_text)
-    segments = list((Path(run_dir) / "data" / "pg_dynshmem").glob("mmap.*"))
-    assert segments  # the control segment lives in the run's data directory
-    kill_group(owner)
-    os.killpg(postmaster, signal.SIGKILL)  # the server too, with its backends: nothing can clean up
+    try:
+        mapped = _shared_memory_files(postmaster)
+    finally:
+        kill_group(owner)
+        os.killpg(postmaster, signal.SIGKILL)  # the server too, with its backends: nothing can clean up
+    # the control segment: a file in the run's data directory, nothing in /dev/shm (which other runs share)
+    assert mapped and all(path.startswith(f"{run_dir}/data/pg_dynshmem/mmap.") for path in mapped), mapped
     while not gone(postmaster):
         time.sleep(0.01)
     start_local(runtime_dir=private_runtime)  # reaps the dead run
-    assert not Path(run_dir).exists()
-    left = {str(path) for path in Path("/dev/shm").glob("PostgreSQL.*")} - before
-    assert left <= _mapped_shm(), f"segments of no live process: {sorted(left - _mapped_shm())}"
+    assert not Path(run_dir).exists()  # and the segments with it
+    assert not [path for path in mapped if Path(path).exists()]
 
 
 # -- pgsandbox clean: --dry-run, RUN_ID -------------------------------------------------------------------------
