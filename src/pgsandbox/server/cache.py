@@ -106,35 +106,37 @@ def cluster_source(
         # a writer of this process may hold the lock: wait for it (filelock 4 refuses, rather than waits for, a
         # lock another instance acquired in this thread)
         wait_for_cache_writes()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(target) + ".lock", thread_local=False)
-        lock.acquire()
-        if (target / "ready").exists():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # held while the caller copies a cached cluster, so that pruning (prune_cache) leaves it alone, and while
+    # a new one is made and stored, so that concurrent runs wait for it instead of running initdb too
+    lock = FileLock(str(target) + ".lock", thread_local=False)
+    lock.acquire()
+    if (target / "ready").exists():
+        try:
+            password = (target / "password").read_text().strip()
+            register_secret(password)
+            with contextlib.suppress(OSError):
+                os.utime(target / "ready")  # pruning keeps the recently used
+            yield CachedCluster(target / "data", password)
+        finally:
             lock.release()
-        else:
-            try:
-                work, password = _initdb(installation, account, scratch, args, target, progress)
-            except BaseException:
-                lock.release()
-                raise
-            try:
-                yield CachedCluster(work / "data", password)
-            except BaseException:
-                lock.release()
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-            writer = threading.Thread(
-                target=_store, args=(work, target, password, lock, max_size), name="pgsandbox-cache-writer"
-            )
-            writer.start()
-            _writers.append(writer)
-            return
-    with FileLock(str(target) + ".lock"):  # pruning (prune_cache) leaves a cluster alone while it is copied
-        password = (target / "password").read_text().strip()
-        register_secret(password)
-        with contextlib.suppress(OSError):
-            os.utime(target / "ready")  # pruning keeps the recently used
-        yield CachedCluster(target / "data", password)
+        return
+    try:
+        work, password = _initdb(installation, account, scratch, args, target, progress)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        yield CachedCluster(work / "data", password)
+    except BaseException:
+        lock.release()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    writer = threading.Thread(
+        target=_store, args=(work, target, password, lock, max_size), name="pgsandbox-cache-writer"
+    )
+    writer.start()
+    _writers.append(writer)
 
 
 def _initdb(
