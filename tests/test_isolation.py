@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pgsandbox import LocalServer
+from pgsandbox.binaries import working_psql
 from pgsandbox.server import runs
 
 
@@ -301,7 +301,7 @@ def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
 
 
 def test_database_isolation_any_client_and_commits(project: pytest.Pytester, shared_dsn: str) -> None:
-    psql = shutil.which("psql")
+    psql = working_psql()  # Debian's /usr/bin/psql wrapper fails without a postgresql-client package
     result = run(
         project,
         shared_dsn,
@@ -394,7 +394,7 @@ def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: s
     result.stdout.fnmatch_lines(
         [
             "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed, async_driver, guard*",
-            "*isolation 'schema' is not one of transaction, database.*",
+            "*@pytest.mark.pg(isolation='schema') is not one of transaction, database.*",
         ]
     )
     project.makepyfile(test_it="def test_x(pg): pass")
@@ -478,7 +478,7 @@ def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: Loc
             ["*- pgsandbox: kept database -*", "*the database of this test is kept as *failed1*"]
         )
         assert len(commands) == 4 and len(kept) == 2  # two in the failure sections, the same two in the summary
-        if shutil.which("psql") is None and "/" not in commands[0].split(" ")[1]:
+        if working_psql() is None:
             pytest.skip("no psql here to open the kept database with")
         first, second = commands[0], commands[1]
         assert (
@@ -505,7 +505,7 @@ def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest
     ]
     assert kept and all(leftover.postmaster for leftover in kept)
     assert not [leftover for leftover in runs.find_leftovers(runs.search_bases()) if runs.is_kept(leftover.run)]
-    if "/" in command.split(" ")[1]:
+    if working_psql() is not None:
         assert run_psql(command, "select count(*) from users where name = 'evidence2'") == "1"
     from pgsandbox.cli import main
 

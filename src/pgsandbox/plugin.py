@@ -87,8 +87,22 @@ def pytest_configure(config: pytest.Config) -> None:
             env=os.environ,
             ini={o.name: config.getini(o.ini) for o in OPTIONS},
         )
+        from pgsandbox.checks import check_startup, unmatched_inputs
+
+        worker = hasattr(config, "workerinput")  # an xdist worker: its controller checked and warned already
+        if not worker:
+            check_startup(config.stash[SETTINGS_KEY], config.invocation_params.dir)
     except ConfigError as error:
         raise pytest.UsageError(f"pgsandbox: {error}") from None
+    for pattern in [] if worker else unmatched_inputs(config.stash[SETTINGS_KEY], config.rootpath):
+        warning = PgSandboxWarning(
+            f"pg_migrations_inputs: {pattern!r} matches no file under {config.rootpath}, so no file of it is in "
+            "the template's hash. Fix the glob (relative to the rootdir) if it is meant to match something."
+        )
+        try:
+            config.issue_config_time_warning(warning, stacklevel=2)
+        except PgSandboxWarning:  # -W error: a usage error, not pytest's INTERNALERROR
+            raise pytest.UsageError(f"pgsandbox: {warning}") from None
     chars = config.option.reportchars or ""
     if config.stash[SETTINGS_KEY].show_sql and not {"P", "A"} & set(chars):
         config.option.reportchars = chars + "P"  # a passed test's report sections are shown with -rP
@@ -154,7 +168,7 @@ def _start(config: pytest.Config, progress: Callable[[str], None] | None = None)
     root = config.rootpath
     migrations = load_migrators(options.migrations, options.migrations_inputs, root)
     migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
-    seed = load_migrators(options.seed, options.migrations_inputs, root)
+    seed = load_migrators(options.seed, options.migrations_inputs, root, "pg_seed")
     seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
     return Sandbox.start(
         options,
@@ -433,19 +447,25 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 def write_report(terminalreporter: Any, config: pytest.Config, report: dict[str, Any]) -> None:
     """The session report: a terminal section (quiet under -q), and a JSON file with ``--pg-report=json``."""
+    from pgsandbox.checks import report_path
+
     choice = settings(config).report
-    if choice.startswith("json"):
-        path = (
-            Path(choice[5:]) if choice.startswith("json:") else config.invocation_params.dir / "pgsandbox-report.json"
-        )
-        path.write_text(json.dumps(report, indent=2) + "\n")
+    path = report_path(settings(config), config.invocation_params.dir)
+    written = ""
+    if path is not None:
+        try:  # checked at start-up; the directory may have gone since
+            path.write_text(json.dumps(report, indent=2) + "\n")
+            written = f"report written to {path}"
+        except OSError as error:
+            written = f"pgsandbox could not write the report to {path}: {error.strerror}; fix {choice!r}."
+            terminalreporter.write_line(written, yellow=True)
     if choice == "off" or config.get_verbosity() < 0:
         return
     terminalreporter.section("pgsandbox")
     for line in report_lines(report):
         terminalreporter.write_line(line)
-    if choice.startswith("json"):
-        terminalreporter.write_line(f"report written to {path}")
+    if written:
+        terminalreporter.write_line(written)
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:

@@ -443,7 +443,7 @@ class Sandbox:
         if migrations is None:
             migrations = load_migrators(settings.migrations, settings.migrations_inputs, root)
         if seed is None:
-            seed = load_migrators(settings.seed, settings.migrations_inputs, root)
+            seed = load_migrators(settings.seed, settings.migrations_inputs, root, "pg_seed")
         layers = [Layer(kind, tuple(ms)) for kind, ms in (("migrations", migrations), ("seed", seed)) if ms]
         chain = Chain(tuple(layers)) if layers else None
         snapshots = [] if settings.rebuild or chain is None else list(reversed(chain.keys))
@@ -812,12 +812,11 @@ class Sandbox:
         return self._pgpass
 
     def psql_command(self, dbname: str) -> str:
+        from pgsandbox.binaries import working_psql
+
         params = self.server.params
-        psql = "psql"
-        if isinstance(self.server, LocalServer):
-            candidate = self.server.installation.bindir / "psql"
-            if candidate.exists():
-                psql = str(candidate)
+        bindir = self.server.installation.bindir if isinstance(self.server, LocalServer) else None
+        psql = working_psql(bindir) or "psql"  # none that runs here: the user's own, once installed
         target = (
             " ".join(f"{key}={params[key]}" for key in ("host", "port", "user") if params.get(key))
             + f" dbname={dbname}"

@@ -407,3 +407,26 @@ def missing_extension_advice(name: str, library: str | None, used: Installation,
             "; ".join(i.describe() for i in working) + "."
         )
     return what, f"{how_to_get(str(used.major))}; then set {setting}."
+
+
+@cache
+def working_psql(preferred: Path | None = None) -> str | None:
+    """A psql that runs, for the commands pgsandbox prints: ``preferred`` (the local server's installation's),
+    the one on PATH, then those of the installations pgsandbox knows. Debian's ``/usr/bin/psql`` is a wrapper
+    that fails ("You must install at least one postgresql-client-<version> package") when the client package
+    is gone, so each is tried with ``--version``."""
+    candidates = [preferred / "psql"] if preferred else []
+    on_path = shutil.which("psql")
+    if on_path:
+        candidates.append(Path(on_path))
+    candidates += [bindir / "psql" for bindir, _ in candidate_dirs()]
+    for psql in candidates:
+        if not (psql.is_file() and os.access(psql, os.X_OK)):
+            continue
+        try:
+            out = subprocess.run([str(psql), "--version"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and "psql" in out.stdout:
+            return str(psql)
+    return None

@@ -7,6 +7,7 @@ lives beside it (0600); every run replaces it with a fresh random one before any
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -371,6 +372,8 @@ def copy_tree(source: Path, destination: Path) -> None:
         if out.returncode == 0:
             return
         shutil.rmtree(destination, ignore_errors=True)
+        if "No space left on device" in out.stderr:  # copytree would list every file that did not fit
+            raise OSError(errno.ENOSPC, "No space left on device", str(destination))
     shutil.copytree(source, destination, symlinks=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -64,6 +65,7 @@ class ExternalServer(Server):
             ) from None
         if params.get("password"):
             register_secret(str(params["password"]))
+        _check_port(str(params.get("port") or ""), source)
         if "connect_timeout" not in params:
             dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
             admin_dsn = admin_dsn and make_conninfo(admin_dsn, connect_timeout=CONNECT_TIMEOUT)
@@ -91,6 +93,20 @@ class ExternalServer(Server):
                 drop_login(self.admin, self.login)
         finally:
             self._close_admin()
+
+
+def _check_port(port: str, source: str) -> None:
+    """libpq reports a port that is not a number as a failure to resolve the host: say what it is."""
+    where = source
+    if not port:
+        port, where = os.environ.get("PGPORT", ""), "PGPORT"
+    for entry in port.split(","):
+        if entry.strip() and not (entry.strip().isdigit() and 1 <= int(entry) <= 65535):
+            raise ConnectError(
+                f"the port {entry.strip()!r} in {where} is not a port number.",
+                f"give a port from 1 to 65535 in {where} (postgresql://user@host:5432/dbname), or leave it out "
+                "for 5432.",
+            )
 
 
 def _connect(dsn: str, source: str, quiet: bool = False) -> psycopg.Connection[Any]:

@@ -141,6 +141,7 @@ class LocalServer(Server):
         account = osuser.server_account(progress)
         installation = osuser.reachable_installation(installation, account, root, progress)
         base = settings.runtime_dir or runs.default_runtime_base()
+        runs.check_runtime_base(base, account, settings.source_of("runtime_dir"))
         for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir)):
             runs.reap(leftover)
             if progress:
@@ -175,10 +176,13 @@ class LocalServer(Server):
             (run.data / "pg_hba.conf").write_text(HBA)
             account.chown(run.data / "pg_hba.conf")
             server = cls._launch(settings, installation, account, run, run_id, password)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(run.path, ignore_errors=True)
             if build_lock:
                 build_lock.release()
+            # the cluster's copy (cp, copytree listing every file) or initdb (which works there too) ran out
+            if isinstance(error, (OSError, shutil.Error, ServerStartError)) and runs.is_out_of_space(error):
+                raise _out_of_space(base, settings.source_of("runtime_dir")) from None
             raise
         server.snapshots = snapshot_dir
         server.snapshot = found[0] if found else None
@@ -332,6 +336,18 @@ def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
     return (
         f"SCRAM-SHA-256${iterations}:{encode(salt).decode()}"
         f"${encode(stored_key).decode()}:{encode(server_key).decode()}"
+    )
+
+
+def _out_of_space(base: Path, source: str) -> ServerStartError:
+    try:
+        free = f"{shutil.disk_usage(base).free // 2**20} MB free"
+    except OSError:
+        free = "too little room"
+    return ServerStartError(
+        f"the local server's data does not fit in {base} ({source}): it has {free}, and a server needs about "
+        "40 MB to start, more for its templates and each test's clone.",
+        "free space there, or " + runs.RUNTIME_FIX,
     )
 
 

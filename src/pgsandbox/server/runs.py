@@ -8,6 +8,8 @@ removes the directory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -21,7 +23,8 @@ import psutil
 
 from pgsandbox import staging
 from pgsandbox.binaries import archives
-from pgsandbox.server.osuser import ROOT_SHARED_CACHE, Account
+from pgsandbox.errors import ServerStartError
+from pgsandbox.server.osuser import ROOT_SHARED_CACHE, Account, can_reach
 
 MIN_SHM_FREE = 512 * 1024 * 1024
 STARTING_GRACE_SECONDS = 60.0
@@ -44,6 +47,46 @@ def runtime_parent(base: Path) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     parent.chmod(0o755 if os.geteuid() == 0 else 0o700)
     return parent
+
+
+RUNTIME_FIX = (
+    "set pg_runtime_dir to a writable directory with room (512 MB or more), or unset it (the default is /dev/shm "
+    "when it has room, else the temporary directory)."
+)
+
+
+def check_runtime_base(base: Path, account: Account, source: str) -> Path:
+    """``runtime_parent(base)``, or :class:`ServerStartError` saying why the server cannot keep its data
+    there: not a directory, not writable, or not enterable by the server's OS account (as root)."""
+    fix = RUNTIME_FIX
+    existed = (base / f"pgsandbox-{os.geteuid()}").is_dir()
+    try:
+        parent = runtime_parent(base)
+        probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=parent))
+        probe.rmdir()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        in_the_way = [p for p in [base / f"pgsandbox-{os.geteuid()}", base, *base.parents] if p.is_file()]
+        if in_the_way:
+            reason = f"{in_the_way[-1]} is a file, not a directory"
+        raise ServerStartError(f"the local server cannot keep its data in {base} ({source}): {reason}.", fix) from None
+    if not can_reach(parent, account):
+        if not existed:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        blocker = next((p for p in [*reversed(parent.parents), parent] if not can_reach(p, account)), parent)
+        mode = oct(blocker.stat().st_mode & 0o777)[2:] if blocker.exists() else "?"
+        raise ServerStartError(
+            f"the local server runs as the OS user {account.name!r} (PostgreSQL refuses to run as root), which "
+            f"cannot enter {blocker} (mode {mode}), on the way to its data in {base} ({source}).",
+            f"let every user enter it (chmod o+x {blocker}; `mktemp -d` makes 0700 directories), or {fix}",
+        )
+    return parent
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """``cp``/``shutil.copytree`` failing for want of room (``shutil.Error`` lists each file)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)[:2000]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pgsandbox.template.base import MigrationError, Migrator, Target
+from pgsandbox.template.base import MigrationError, Migrator, Target, naming_setting
 from pgsandbox.template.cache import Chain, Layer, TemplateInfo, ensure_templates, release
 
 __all__ = [
@@ -21,9 +21,17 @@ __all__ = [
 ]
 
 
-def load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> list[Migrator]:
+def load_migrators(
+    specs: Sequence[str], inputs: Sequence[str], root: Path, setting: str = "pg_migrations"
+) -> list[Migrator]:
     """``sql:DIR`` (or a directory), ``alembic:PATH``, ``python:module:function``, ``sqlalchemy:module:metadata``
-    → migrators, in order."""
+    → migrators, in order. ``setting``: where the specs come from (``pg_seed`` takes the same forms), for
+    messages."""
+    with naming_setting(setting):
+        return _load_migrators(specs, inputs, root)
+
+
+def _load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> list[Migrator]:
     from pgsandbox.template.alembic import AlembicMigrator
     from pgsandbox.template.python import PythonMigrator
     from pgsandbox.template.sql import SqlDirMigrator

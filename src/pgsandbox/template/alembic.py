@@ -7,6 +7,7 @@ The template's URL is given to Alembic as ``sqlalchemy.url`` (SQLAlchemy's psyco
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +97,24 @@ class AlembicMigrator(Migrator):
             "your settings name: these migrations may have run there.",
         )
 
+    def _where(self, error: BaseException) -> list[str]:
+        """The lines of the project's own files (env.py, the revisions) the error passed through, innermost
+        last: the fixture shows the message alone, without a traceback."""
+        try:
+            base = self._files()[0].resolve()
+        except Exception:  # the script directory itself is broken: the error says why
+            return []
+        frames = [
+            frame
+            for frame in traceback.extract_tb(error.__traceback__)
+            if Path(frame.filename).resolve().is_relative_to(base)
+        ]
+        return [
+            f"{Path(frame.filename).resolve().relative_to(base)}, line {frame.lineno}, in {frame.name}"
+            + (f": {frame.line.strip()}" if frame.line else "")
+            for frame in frames[-3:]
+        ]
+
     def migrate(self, target: Target) -> None:
         from alembic import command
 
@@ -112,9 +131,12 @@ class AlembicMigrator(Migrator):
         except MigrationError:
             raise
         except Exception as error:
+            where = self._where(error)
             raise MigrationError(
-                f"{self.label}: `alembic upgrade head` failed: {type(error).__name__}: {error}",
-                "fix the failing revision (the traceback above names it) and run again; the template was not kept.",
+                f"{self.label}: `alembic upgrade head` failed: {type(error).__name__}: {error}"
+                + "".join(f"\n  at {place}" for place in where),
+                f"fix {where[-1].split(', in ')[0] if where else 'the failing revision (or env.py)'} and run again; "
+                "the template was not kept.",
             ) from error
         finally:
             for logger, was in disabled.items():

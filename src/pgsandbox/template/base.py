@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,24 @@ from pgsandbox.errors import PgSandboxError
 
 class MigrationError(PgSandboxError):
     """A migration failed; the message names the file, the statement and PostgreSQL's error."""
+
+
+SETTING_OF_LAYER = {"migrations": "pg_migrations", "seed": "pg_seed"}
+_PG_MIGRATIONS = re.compile(r"\bpg_migrations\b(?!_)")
+
+
+@contextlib.contextmanager
+def naming_setting(setting: str) -> Iterator[None]:
+    """Errors of a migrator say ``pg_migrations``; one of ``pg_seed`` (the same forms) must name ``pg_seed``,
+    where its entry is."""
+    try:
+        yield
+    except PgSandboxError as error:
+        if setting != "pg_migrations":
+            error.what = _PG_MIGRATIONS.sub(setting, error.what)
+            error.fix = _PG_MIGRATIONS.sub(setting, error.fix)
+            error.args = (error.what + (f"\n  What to do: {error.fix}" if error.fix else ""),)
+        raise
 
 
 @dataclass(frozen=True)

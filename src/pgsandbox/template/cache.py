@@ -27,7 +27,7 @@ from pgsandbox.errors import ConfigError
 from pgsandbox.server import roles
 from pgsandbox.server.base import Progress, Server, lock_id, terminate_connections
 from pgsandbox.template import guard, reads
-from pgsandbox.template.base import Migrator, Target, fingerprint
+from pgsandbox.template.base import SETTING_OF_LAYER, Migrator, Target, fingerprint, naming_setting
 from pgsandbox.urls import sqlalchemy_url
 
 PREFIX = "pgsandbox_tpl_"
@@ -70,7 +70,8 @@ class Chain:
     def __post_init__(self) -> None:
         keys, parent = [], f"layout {LAYOUT}; pgsandbox {pgsandbox.__version__}"
         for layer in self.layers:
-            parent = fingerprint(layer.migrators, layer.kind, parent)
+            with naming_setting(SETTING_OF_LAYER.get(layer.kind, "pg_migrations")):
+                parent = fingerprint(layer.migrators, layer.kind, parent)
             keys.append(parent)
         self.keys = tuple(keys)
 
@@ -127,7 +128,8 @@ def ensure_templates(
             info.hit = True
         else:
             force = rebuild_from_here or bool(info.stale)
-            built = _build(server, layer, info, parent, project, force, clone_clause, progress, hand_over, root)
+            with naming_setting(SETTING_OF_LAYER.get(layer.kind, "pg_migrations")):
+                built = _build(server, layer, info, parent, project, force, clone_clause, progress, hand_over, root)
             rebuild_from_here = rebuild_from_here or built  # a rebuilt parent means its children are stale
             if built and keep:
                 prune(server, project, layer.kind, keep)
