@@ -71,6 +71,17 @@ def machine_wide_servers() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def private_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runtime directory of the test's own (short: a socket path has at most 107 bytes): the servers other
+    tests start at the same moment (pytest -n) reap leftovers in the default ones, not here."""
+    path = Path(tempfile.mkdtemp(prefix="pgsb-"))
+    path.chmod(0o755)  # as root, the server's own account goes through it
+    monkeypatch.setenv("PGSANDBOX_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 StartLocal = Callable[..., LocalServer]
 
 

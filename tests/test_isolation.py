@@ -496,7 +496,7 @@ def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest
     # in a subprocess: the run must end for its server to be a kept leftover
     result = project.runpytest_subprocess("--pg-keep-failed", "-k", "test_2")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*The local server keeps running for them; `pgsandbox clean` stops it."])
+    result.stdout.fnmatch_lines(["*The local server keeps running for them; `pgsandbox clean *` stops it."])
     (command,) = set(psql_commands(result.stdout.str()))
     kept = [
         leftover

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -28,17 +25,6 @@ ORPHAN = textwrap.dedent(
     sys.stdin.read()
     """
 )
-
-
-@pytest.fixture
-def private_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A runtime directory of the test's own (short: a socket path has at most 107 bytes): the servers other
-    tests start at the same moment (pytest -n) reap leftovers in the default ones, not here."""
-    path = Path(tempfile.mkdtemp(prefix="pgsb-"))
-    path.chmod(0o755)  # as root, the server's own account goes through it
-    monkeypatch.setenv("PGSANDBOX_RUNTIME_DIR", str(path))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def start_orphan() -> tuple[int, Path]:
@@ -73,7 +59,8 @@ def test_doctor_lists_and_clean_stops_leftovers(capsys: pytest.CaptureFixture[st
     postmaster, run_dir = start_orphan()
     assert cli_main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert f"{run_dir} (server pid {postmaster} still running)  (pgsandbox clean stops it)" in out
+    assert f"{run_dir} (server pid {postmaster} still running), " in out
+    assert f"(`pgsandbox clean {run_dir.name.removeprefix('run-')}` stops it)" in out
     assert cli_main(["clean", "--keep-cache"]) == 0
     assert f"stopped and removed {run_dir}" in capsys.readouterr().out
     assert gone(postmaster) and not run_dir.exists()

@@ -105,7 +105,7 @@ def test_keep_failed_under_xdist(pytester: pytest.Pytester) -> None:
             "*ms insert into items (name) values ('evidence')",
             "*pgsandbox: kept databases of failed tests*",
             "*PGPASSFILE=* '*dbname=pgsandbox_*_failed1'",
-            "The local server keeps running for them; `pgsandbox clean` stops it.",
+            "The local server keeps running for them; `pgsandbox clean *` stops it.",
         ]
     )
     kept = [

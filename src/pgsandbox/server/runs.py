@@ -21,8 +21,10 @@ from pathlib import Path
 
 import psutil
 
+from pgsandbox import staging
+from pgsandbox.binaries import archives
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server.osuser import Account, can_reach
+from pgsandbox.server.osuser import ROOT_SHARED_CACHE, Account, can_reach
 
 MIN_SHM_FREE = 512 * 1024 * 1024
 STARTING_GRACE_SECONDS = 60.0
@@ -181,19 +183,58 @@ def search_bases(configured: Path | None = None) -> list[Path]:
     return unique
 
 
-def find_leftovers(bases: list[Path], include_kept: bool = False) -> list[Leftover]:
-    """Run directories whose owner is gone; servers kept for failed tests only with ``include_kept``."""
+def find_leftovers(bases: list[Path], include_kept: bool = False, all_users: bool = False) -> list[Leftover]:
+    """Run directories whose owner is gone; servers kept for failed tests only with ``include_kept``. Only this
+    OS user's (``pgsandbox-<uid>``) unless ``all_users``."""
     leftovers = []
     for base in bases:
-        parent = base / f"pgsandbox-{os.geteuid()}"
-        if not parent.is_dir():
-            continue
+        parents = [base / f"pgsandbox-{os.geteuid()}"]
+        if all_users:
+            parents = sorted(path for path in base.glob("pgsandbox-*") if path.name[10:].isdigit())
+        for parent in parents:
+            leftovers += _leftovers_in(parent, include_kept)
+    return leftovers
+
+
+def _leftovers_in(parent: Path, include_kept: bool) -> list[Leftover]:
+    leftovers = []
+    if parent.is_dir():
         for path in sorted(parent.glob("run-*")):
             run = RunDir(path)
             if _owner_alive(run) or (is_kept(run) and not include_kept):
                 continue
             leftovers.append(Leftover(run, _postmaster_serving(run)))
     return leftovers
+
+
+def staging_parents(bases: list[Path], cache_root: Path | None) -> list[Path]:
+    """Where half-written directories can be: the runtime directories (initdb, snapshots copied aside) and the
+    cache's (clusters and snapshots being stored, binaries being unpacked or copied for the server's user)."""
+    parents = [base / f"pgsandbox-{os.geteuid()}" for base in bases]
+    if cache_root is not None:
+        parents += [cache_root / "initdb", archives.unpacked_root(cache_root), cache_root / "binaries"]
+        parents += sorted(path for path in (cache_root / "snapshots").glob("*") if path.is_dir())
+    if os.geteuid() == 0:
+        parents.append(ROOT_SHARED_CACHE / "binaries")
+    return parents
+
+
+def find_abandoned(bases: list[Path], cache_root: Path | None) -> list[staging.Abandoned]:
+    """Half-written directories (initdb, snapshot, cache writes, unpacking) whose owner was killed."""
+    return staging.find_abandoned(staging_parents(bases, cache_root))
+
+
+def run_size(run: RunDir) -> int:
+    return staging.tree_size(run.path)
+
+
+def live_run(bases: list[Path], run_id: str) -> bool:
+    """Whether run ``run_id`` of this user has a directory whose owner still runs."""
+    for base in bases:
+        path = base / f"pgsandbox-{os.geteuid()}" / f"run-{run_id}"
+        if path.is_dir() and _owner_alive(RunDir(path)):
+            return True
+    return False
 
 
 def _owner_alive(run: RunDir) -> bool:
