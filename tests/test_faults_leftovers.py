@@ -204,8 +204,18 @@ DSM_ORPHAN = """
 """
 
 
+@pytest.fixture
+def tmpfs_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Like private_runtime, on tmpfs (the default runtime directory's kind, where the segments are files)."""
+    path = Path(tempfile.mkdtemp(prefix="pgsb-", dir="/dev/shm"))
+    path.chmod(0o755)
+    monkeypatch.setenv("PGSANDBOX_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
-def test_a_killed_server_leaves_no_dynamic_shared_memory(private_runtime: Path, start_local: StartLocal) -> None:
+def test_a_killed_server_leaves_no_dynamic_shared_memory(tmpfs_runtime: Path, start_local: StartLocal) -> None:
     owner = spawn(DSM_ORPHAN)
     assert owner.stdout is not None
     postmaster_text, run_dir = owner.stdout.readline().split()
@@ -219,7 +229,7 @@ def test_a_killed_server_leaves_no_dynamic_shared_memory(private_runtime: Path, 
     assert mapped and all(path.startswith(f"{run_dir}/data/pg_dynshmem/mmap.") for path in mapped), mapped
     while not gone(postmaster):
         time.sleep(0.01)
-    start_local(runtime_dir=private_runtime)  # reaps the dead run
+    start_local(runtime_dir=tmpfs_runtime)  # reaps the dead run
     assert not Path(run_dir).exists()  # and the segments with it
     assert not [path for path in mapped if Path(path).exists()]
 
