@@ -55,6 +55,10 @@ TEST_SETTINGS: dict[str, str] = {
     "password_encryption": "scram-sha-256",
     "logging_collector": "off",
     "log_min_messages": "warning",
+    # dynamic shared memory as files in the data directory (pg_dynshmem), not /dev/shm/PostgreSQL.*: a server
+    # killed with kill -9 cannot remove its segments, and the run's directory takes the files with it (on tmpfs,
+    # the default, the same memory as /dev/shm; on disk, pages the kernel may write back: bench/dsm.py)
+    "dynamic_shared_memory_type": "mmap",
 }
 
 HBA = """\
@@ -492,10 +496,6 @@ def _write_config(
     log_settings: dict[str, str],
 ) -> None:
     values = {**TEST_SETTINGS, **log_settings}
-    if _on_tmpfs(run.path):
-        # dynamic shared memory as files in the data directory (tmpfs: the same memory as posix's /dev/shm),
-        # so that a postmaster killed with -9 leaves none of its segments behind once the run directory goes
-        values["dynamic_shared_memory_type"] = "mmap"
     if installation.major >= 16:
         values["scram_iterations"] = str(SCRAM_ITERATIONS)
     values["unix_socket_directories"] = str(run.socket_dir)
@@ -511,23 +511,6 @@ def _write_config(
     if "include_if_exists = 'pgsandbox.conf'" not in text:
         main.write_text(text + "\ninclude_if_exists = 'pgsandbox.conf'\n")
     account.chown(conf)
-
-
-def _on_tmpfs(path: Path) -> bool:
-    """Whether ``path`` is on a RAM-backed file system (Linux: the longest mount point above it is tmpfs)."""
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return False
-    target = str(path.resolve())
-    best, kind = "", ""
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3 or len(fields[1]) <= len(best):
-            continue
-        if target == fields[1] or target.startswith(fields[1].rstrip("/") + "/"):
-            best, kind = fields[1], fields[2]
-    return kind == "tmpfs"
 
 
 def _spawn(installation: Installation, account: osuser.Account, run: runs.RunDir) -> subprocess.Popen[bytes]:
