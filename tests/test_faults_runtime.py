@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import StartLocal
@@ -267,14 +268,16 @@ def test_2_fails(pg_conn):
     )
 
 
-def test_a_live_run_is_not_reaped_when_the_clock_moves(start_local: StartLocal) -> None:
+def test_a_live_run_is_not_reaped_when_the_clock_moves(
+    start_local: StartLocal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """psutil's create_time() adds the boot time, which the kernel derives from the clock on each read: after a
     clock step every process's start time moves by a second or more. Another run's leftover reaper then took a
     live run for a dead one and stopped its server (xdist workers: "Connection refused")."""
     server = start_local()
-    owner = json.loads(server.run.owner_file.read_text())
-    owner["started"] += 1.0  # what psutil.create_time() says of the owner once the clock stepped by 1 s
-    server.run.owner_file.write_text(json.dumps(owner))
+    read = psutil.Process.create_time
+    # what psutil says of every process once the clock stepped by 1.5 s
+    monkeypatch.setattr(psutil.Process, "create_time", lambda process: read(process) + 1.5)
     assert server.run.path not in [leftover.run.path for leftover in runs.find_leftovers(runs.search_bases())]
     start_local()  # another run starting now reaps leftovers
     assert server.exited is None

@@ -27,9 +27,48 @@ UNMARKED_AGE_SECONDS = 24 * 3600.0
 _NAME = re.compile(r"^(?P<kind>initdb|snapshot|\.build|\.copy|\.unpack)-(?:(?P<pid>\d+)\.(?P<started>\d+)-)?")
 
 
+CLOCK_TOLERANCE_SECONDS = 2.0  # without /proc: a start time on the wall clock, which a clock step moves
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in a unit that does not move while it runs: clock ticks since boot (Linux:
+    /proc/<pid>/stat, field 22), else whole seconds of psutil's ``create_time()``; None when there is no such
+    process. psutil's ``create_time()`` adds the boot time, which the kernel derives from the clock on every
+    read, so a clock step (NTP, a VM's time sync) moves every process's start by a second or more: a live run
+    looked dead to another run's leftover reaper, which stopped its server (seen as "Connection refused" in
+    every xdist worker)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None  # a machine with /proc that has no such process
+    except OSError:
+        pass
+    else:
+        fields = stat[stat.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces and parentheses
+        return int(fields[19])
+    try:
+        return int(psutil.Process(pid).create_time())
+    except psutil.NoSuchProcess:
+        return None
+
+
+def is_running(pid: int, started: int) -> bool:
+    """Whether process ``pid`` is the one that started at ``started`` (:func:`process_start`), not a later
+    process that reused its pid. True when that cannot be told (no permission)."""
+    try:
+        now = process_start(pid)
+    except psutil.Error:
+        return True
+    if now is None:
+        return False
+    tolerance = 0 if Path("/proc/self/stat").exists() else CLOCK_TOLERANCE_SECONDS
+    return abs(now - started) <= tolerance
+
+
 def owner_tag() -> str:
-    me = psutil.Process()
-    return f"{me.pid}.{int(me.create_time())}"
+    pid = os.getpid()
+    return f"{pid}.{process_start(pid)}"
 
 
 def make_staging_dir(parent: Path, kind: str) -> Path:
@@ -59,13 +98,7 @@ def owner_alive(path: Path, now: float | None = None) -> bool:
             return (now or time.time()) - path.stat().st_mtime < UNMARKED_AGE_SECONDS
         except OSError:
             return True
-    try:
-        started = psutil.Process(int(match["pid"])).create_time()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
-    return abs(int(started) - int(match["started"])) <= 1
+    return is_running(int(match["pid"]), int(match["started"]))
 
 
 def find_abandoned(parents: list[Path]) -> list[Abandoned]:

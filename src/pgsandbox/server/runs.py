@@ -28,7 +28,6 @@ from pgsandbox.server.osuser import ROOT_SHARED_CACHE, Account, can_reach
 
 MIN_SHM_FREE = 512 * 1024 * 1024
 STARTING_GRACE_SECONDS = 60.0
-CLOCK_TOLERANCE_SECONDS = 2.0  # without /proc: a start time on the wall clock, which a clock step moves
 
 
 def default_runtime_base() -> Path:
@@ -115,9 +114,7 @@ def create_run_dir(base: Path, run_id: str, account: Account) -> RunDir:
     path = runtime_parent(base) / f"run-{run_id}"
     path.mkdir(mode=0o700)
     run = RunDir(path)
-    me = psutil.Process()
-    owner = {"pid": me.pid, "started": me.create_time(), "ticks": start_ticks(me.pid)}
-    run.owner_file.write_text(json.dumps(owner))
+    _write_owner(run)
     run.socket_dir.mkdir(mode=0o700)
     run.log.touch(mode=0o600)
     account.chown(run.path)
@@ -131,9 +128,14 @@ def create_secrets_dir(run_id: str, base: Path | None = None) -> RunDir:
     path = runtime_parent(base or default_runtime_base()) / f"run-{run_id}"
     path.mkdir(mode=0o700)
     run = RunDir(path)
-    me = psutil.Process()
-    run.owner_file.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    _write_owner(run)
     return run
+
+
+def _write_owner(run: RunDir) -> None:
+    """owner.json: this process, told from a later one with its pid by its start (staging.process_start)."""
+    pid = os.getpid()
+    run.owner_file.write_text(json.dumps({"pid": pid, "start": staging.process_start(pid)}))
 
 
 def remove_run_dirs(run_id: str, bases: list[Path]) -> list[Path]:
@@ -250,29 +252,14 @@ def _owner_alive(run: RunDir) -> bool:
         return True
     try:
         pid = int(owner["pid"])
-        if owner.get("ticks") is not None and Path("/proc").is_dir():
-            return start_ticks(pid) == int(owner["ticks"])
-        started = psutil.Process(pid).create_time()
-        return bool(abs(started - float(owner["started"])) < CLOCK_TOLERANCE_SECONDS)
+        if owner.get("start") is None:  # written by an older pgsandbox: a start on the wall clock
+            started = psutil.Process(pid).create_time()
+            return abs(started - float(owner["started"])) < staging.CLOCK_TOLERANCE_SECONDS
+        return staging.is_running(pid, int(owner["start"]))
     except psutil.NoSuchProcess:
         return False
     except (psutil.Error, KeyError, TypeError, ValueError):
         return True
-
-
-def start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux: /proc/<pid>/stat, field 22); None when
-    there is no such process (or no /proc). Unlike a start time on the wall clock, it never moves: psutil's
-    ``create_time()`` adds the boot time, which the kernel derives from the clock on every read, so a clock
-    step (NTP, a VM's time sync) moves every process's start by a second or more, and a live run looked dead
-    to another run's leftover reaper, which stopped its server (seen as "Connection refused" in every xdist
-    worker)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces and parentheses
-    return int(fields[19])
 
 
 def _postmaster_serving(run: RunDir) -> int | None:
