@@ -34,7 +34,7 @@ ONE_RUN = """
 import statistics, sys, time
 from pathlib import Path
 from pgsandbox import Sandbox, Settings
-from pgsandbox.queries import Queries
+from pgsandbox.sandbox.queries import Queries
 variant, bindir, tests, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 log = variant.split("+")[0]
 settings = Settings(bin=Path(bindir), migrations=("sql:migrations",), server="local", sql_log=log)

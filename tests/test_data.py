@@ -306,7 +306,7 @@ DECLARED = """
     import pytest
 
     from pgsandbox.data import Factory, lazy, sequence, sub
-    from pgsandbox.factoryboy import TableFactory
+    from pgsandbox.drivers.factoryboy import TableFactory
 
     class Countries(Factory):
         table = "country"
@@ -390,14 +390,14 @@ def test_simple_checks_are_read() -> None:
 
 
 def test_table_factory_without_factory_boy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pgsandbox import factoryboy
+    from pgsandbox.drivers import factoryboy
     from pgsandbox.errors import MissingExtra
 
     monkeypatch.setitem(sys.modules, "factory", None)
     monkeypatch.setattr(factoryboy, "_made", [])
     with pytest.raises(MissingExtra) as caught:
         factoryboy.TableFactory  # noqa: B018
-    assert "pgsandbox.factoryboy.TableFactory needs factory_boy, which is not installed." in str(caught.value)
+    assert "pgsandbox.drivers.factoryboy.TableFactory needs factory_boy, which is not installed." in str(caught.value)
     assert "pip install 'pytest-pgsandbox[factoryboy]'" in str(caught.value)
 
 

@@ -285,7 +285,7 @@ def test_async_fixtures_without_pytest_asyncio_name_the_extra(
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     blocked = "import sys; sys.modules['pytest_asyncio'] = None; import pytest; sys.exit(pytest.main(sys.argv[1:]))"
     result = pytester.run(
-        sys.executable, "-c", blocked, "-p", "pgsandbox.plugin", f"--pg-dsn={shared_dsn}", "test_missing.py"
+        sys.executable, "-c", blocked, "-p", "pgsandbox.pytest.plugin", f"--pg-dsn={shared_dsn}", "test_missing.py"
     )
     result.assert_outcomes(errors=1)
     output = result.stdout.str()
@@ -406,7 +406,7 @@ FACTORIES = """
     from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
     from pgsandbox.errors import PgSandboxError
-    from pgsandbox.factoryboy import create, create_batch, session
+    from pgsandbox.drivers.factoryboy import create, create_batch, session
 
     class Base(DeclarativeBase):
         pass
@@ -471,7 +471,7 @@ FACTORIES = """
             AuthorFactory()
 
     async def test_7_sync_call_in_an_async_test(pg_async_session):
-        with pytest.raises(PgSandboxError, match="await pgsandbox.factoryboy.create"):
+        with pytest.raises(PgSandboxError, match="await pgsandbox.drivers.factoryboy.create"):
             AuthorFactory()
 """
 
@@ -558,7 +558,7 @@ def test_urls_of_a_socket_server_work_with_every_client(start_local: StartLocal)
     import sqlalchemy
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from pgsandbox.urls import sqlalchemy_url
+    from pgsandbox.common.urls import sqlalchemy_url
 
     server = start_local(listen="none")
     params = {**server.params, "dbname": "postgres"}

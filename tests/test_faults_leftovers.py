@@ -163,7 +163,7 @@ def test_killed_while_the_snapshot_is_written(
 
 
 def test_live_runs_half_written_directories_are_left_alone(private_runtime: Path, start_local: StartLocal) -> None:
-    from pgsandbox.staging import make_staging_dir
+    from pgsandbox.common.staging import make_staging_dir
 
     parent = runs.runtime_parent(private_runtime)
     mine = make_staging_dir(parent, "initdb")

@@ -38,7 +38,7 @@ import pytest
 
 if os.environ.get("SECRETS_UNMASKED"):
     # masking off: what is not printed must not be there in the first place
-    import pgsandbox.redact as redaction
+    import pgsandbox.common.redact as redaction
 
     class _Forgetful(set):
         def add(self, item):

@@ -6,7 +6,7 @@ import sys
 
 def test_loading_the_plugin_does_not_import_psycopg() -> None:
     """Every pytest run loads the plugin; only a run that uses the database pays for the driver."""
-    code = "import sys, pgsandbox.plugin; print('psycopg' in sys.modules)"
+    code = "import sys, pgsandbox.pytest.plugin; print('psycopg' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

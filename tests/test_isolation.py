@@ -516,7 +516,7 @@ def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest
 def test_a_template_dropped_during_the_run_is_reported(tmp_path: Path, shared: LocalServer, shared_dsn: str) -> None:
     from pgsandbox import Sandbox, Settings
     from pgsandbox.errors import PgSandboxError
-    from pgsandbox.template.cache import drop_template
+    from pgsandbox.template.builds import drop_template
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m/1.sql").write_text(f"create table t (x int) -- {tmp_path.name}")

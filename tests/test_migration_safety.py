@@ -490,9 +490,9 @@ def test_seed_through_the_apps_own_session(pytester: pytest.Pytester, shared_dsn
 def test_errors_of_async_and_session_migrations(
     pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from pgsandbox.common.urls import sqlalchemy_url
     from pgsandbox.template import MigrationError, Target
     from pgsandbox.template.python import CallableMigrator
-    from pgsandbox.urls import sqlalchemy_url
 
     write(
         pytester.path,

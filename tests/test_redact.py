@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgsandbox.redact import redact, register_secret
+from pgsandbox.common.redact import redact, register_secret
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_an_empty_password_next_to_a_passfile_is_not_masked() -> None:
 
 
 def test_a_secret_is_text_with_a_masked_repr() -> None:
-    from pgsandbox.redact import Secret
+    from pgsandbox.common.redact import Secret
 
     secret = Secret("Zq9-another-secret")
     assert secret == "Zq9-another-secret" and f"{secret}" == "Zq9-another-secret"

@@ -150,7 +150,7 @@ def test_an_admin_with_createrole_but_not_superuser(tmp_path: Path, shared: Loca
     from psycopg.conninfo import make_conninfo
 
     from pgsandbox.server.local import scram_verifier
-    from pgsandbox.template.cache import drop_template
+    from pgsandbox.template.builds import drop_template
 
     password = "ci-" + os.urandom(8).hex()
     with roles.changing_roles(shared.admin):

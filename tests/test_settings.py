@@ -83,7 +83,7 @@ def test_ini_options_reach_the_plugin(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\npg_version = 16\npg_server_settings =\n    work_mem=7MB\n")
     pytester.makepyfile(
         """
-        from pgsandbox.plugin import settings
+        from pgsandbox.pytest.plugin import settings
         def test_settings(request):
             s = settings(request.config)
             assert s.version == "16"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pgsandbox import LocalServer
+from pgsandbox.common.urls import sqlalchemy_url
 from pgsandbox.template.base import MigrationError, Target
 from pgsandbox.template.sql import SqlDirMigrator, natural_key, split_statements
-from pgsandbox.urls import sqlalchemy_url
 
 
 def texts(source: str) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from pgsandbox import LocalServer, Settings
 from pgsandbox.server.external import ExternalServer
-from pgsandbox.template.cache import list_templates
+from pgsandbox.template.builds import list_templates
 
 # Every build appends a line to BUILD_LOG: the number of lines is the number of times migrations ran.
 COUNTING_CONFTEST = """

@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pgsandbox import staging
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
+from pgsandbox.common import staging
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.server import cache, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target

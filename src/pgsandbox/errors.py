@@ -7,7 +7,7 @@ class PgSandboxError(Exception):
     """Base class: ``str(error)`` is the whole message, already free of passwords."""
 
     def __init__(self, what: str, fix: str = "") -> None:
-        from pgsandbox.redact import redact
+        from pgsandbox.common.redact import redact
 
         self.what = redact(what)
         self.fix = redact(fix)

@@ -2,11 +2,11 @@
 # (factory_boy's declarations have no annotations)
 """factory_boy factories for the bookshop's models, writing through the test's ``pg_session``.
 
-``pgsandbox.factoryboy.session`` hands each factory the running test's ``pg_session`` (so the test, or one of
+``pgsandbox.drivers.factoryboy.session`` hands each factory the running test's ``pg_session`` (so the test, or one of
 its fixtures, must use ``pg_session``). With ``sqlalchemy_session_persistence = "flush"`` the rows are sent
 to the database at once, inside the test's transaction: the code under test sees them, and they are rolled
 back with everything else. In async tests the same factories run inside ``pg_async_session``:
-``await pgsandbox.factoryboy.create(ProductFactory, stock=0)``.
+``await pgsandbox.drivers.factoryboy.create(ProductFactory, stock=0)``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from factory.alchemy import SQLAlchemyModelFactory
 from factory.declarations import SelfAttribute, Sequence, SubFactory
 from factory.faker import Faker
 
-from pgsandbox.factoryboy import session
+from pgsandbox.drivers.factoryboy import session
 from shop.models import Customer, Order, OrderLine, OrderStatus, Product
 
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from pgsandbox import Database
-from pgsandbox.queries import Queries
+from pgsandbox.sandbox.queries import Queries
 from shop import api
 from shop.models import Customer, Product
 from shop.tests.factories import CustomerFactory, OrderFactory, OrderLineFactory, ProductFactory

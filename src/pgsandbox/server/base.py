@@ -20,8 +20,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConfigError
-from pgsandbox.redact import Secret, redact
 from pgsandbox.server.passfile import Passfile
 from pgsandbox.server.roles import Login, take_over
 from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog

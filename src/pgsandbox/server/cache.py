@@ -26,11 +26,11 @@ import platformdirs
 from filelock import BaseFileLock, FileLock, Timeout
 
 from pgsandbox.binaries import Installation
+from pgsandbox.common.redact import Secret, redact, register_secret
+from pgsandbox.common.staging import make_staging_dir, tree_size
 from pgsandbox.errors import PgSandboxWarning, ServerStartError
-from pgsandbox.redact import Secret, redact, register_secret
 from pgsandbox.server.base import Progress
 from pgsandbox.server.osuser import Account
-from pgsandbox.staging import make_staging_dir, tree_size
 
 LAYOUT = 1  # bump when the cached cluster's shape changes
 SUPERUSER = "postgres"

@@ -12,8 +12,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import MIN_VERSION
+from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
-from pgsandbox.redact import Secret, redact
 from pgsandbox.server import runs
 from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile

@@ -23,15 +23,15 @@ from filelock import BaseFileLock
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgsandbox import staging
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
+from pgsandbox.common import staging
+from pgsandbox.common.redact import Secret, redact
+from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.redact import Secret, redact
 from pgsandbox.server import cache, osuser, runs, statements
 from pgsandbox.server.base import Progress, Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.settings import Settings, listens_on_tcp
-from pgsandbox.staging import make_staging_dir
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
 START_TIMEOUT = 60.0

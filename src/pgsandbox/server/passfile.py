@@ -14,7 +14,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from pgsandbox.redact import Secret, register_secret
+from pgsandbox.common.redact import Secret, register_secret
 
 FILE_NAME = "pgpass"
 # in a DSN next to ``passfile=``: libpq takes PGPASSWORD, when the environment has it, before any passfile; an

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsandbox.redact import Secret, register_secret
+from pgsandbox.common.redact import Secret, register_secret
 from pgsandbox.server.statements import INTERNAL
 
 OWNER = "pgsandbox_owner"

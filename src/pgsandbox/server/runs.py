@@ -21,8 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from pgsandbox import staging
 from pgsandbox.binaries import archives
+from pgsandbox.common import staging
 from pgsandbox.errors import ServerStartError
 from pgsandbox.server.osuser import ROOT_SHARED_CACHE, Account, can_reach
 

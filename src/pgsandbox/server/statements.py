@@ -31,8 +31,8 @@ from typing import Any
 
 import psycopg
 
+from pgsandbox.common.redact import redact
 from pgsandbox.errors import PgSandboxError
-from pgsandbox.redact import redact
 
 FORMATS = ("jsonlog", "csvlog")
 INTERNAL = "/* pgsandbox */ "  # starts what pgsandbox itself runs on a test's connection

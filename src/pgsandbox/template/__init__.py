@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pgsandbox.template.base import MigrationError, Migrator, Target, naming_setting
-from pgsandbox.template.cache import Chain, Layer, TemplateInfo, ensure_templates, release
+from pgsandbox.template.builds import Chain, Layer, TemplateInfo, ensure_templates, release
 
 __all__ = [
     "Chain",

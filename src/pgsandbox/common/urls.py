@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from pgsandbox.redact import Secret
+from pgsandbox.common.redact import Secret
 
 DRIVERS = {
     "psycopg": "postgresql+psycopg",

@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pgsandbox.common.redact import redact
 from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning, causes, sqlstate
-from pgsandbox.redact import redact
 from pgsandbox.settings import OPTIONS, Settings
 
 if TYPE_CHECKING:
+    from pgsandbox.pytest.xdist import SharedSandbox
     from pgsandbox.sandbox import Database, Sandbox
     from pgsandbox.server.statements import Statement
     from pgsandbox.template.base import Migrator
-    from pgsandbox.xdist import SharedSandbox
 
-pytest_plugins = ["pgsandbox.fixtures"]
+pytest_plugins = ["pgsandbox.pytest.fixtures"]
 
 __all__ = ["DATABASE_KEY", "KEEP_KEY", "SETTINGS_KEY", "PgSandboxWarning"]
 
@@ -45,7 +45,7 @@ WORKER_REPORTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
-    from pgsandbox import hookspecs
+    from pgsandbox.pytest import hookspecs
 
     pluginmanager.add_hookspecs(hookspecs)
 
@@ -88,7 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
             env=os.environ,
             ini={o.name: config.getini(o.ini) for o in OPTIONS},
         )
-        from pgsandbox.checks import check_startup, unmatched_inputs
+        from pgsandbox.pytest.checks import check_startup, unmatched_inputs
 
         worker = hasattr(config, "workerinput")  # an xdist worker: its controller checked and warned already
         if not worker:
@@ -163,7 +163,7 @@ def _start(config: pytest.Config, progress: Callable[[str], None] | None = None)
     options = settings(config)
     shared = getattr(config, "workerinput", {}).get(XDIST_INPUT)
     if shared is not None:  # an xdist worker: the controller starts the server and builds the templates
-        from pgsandbox import xdist
+        from pgsandbox.pytest import xdist
 
         return xdist.attach(shared, options)
     root = config.rootpath
@@ -235,7 +235,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if shared is not None:
         sandbox = shared.wait()
         if not isinstance(sandbox, PgSandboxError):
-            from pgsandbox.sandbox import merge_reports
+            from pgsandbox.sandbox.core import merge_reports
 
             workers: list[dict[str, Any]] = config.stash.get(WORKER_REPORTS_KEY, [])
             config.stash[REPORT_KEY] = merge_reports(sandbox.report(), workers)
@@ -247,7 +247,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_configure_node(node: Any) -> None:
     """On the xdist controller, as it sets up a worker: start the sandbox once (server, templates), and tell
     each worker where to find it; each creates its own role and databases on it."""
-    from pgsandbox.xdist import SharedSandbox
+    from pgsandbox.pytest.xdist import SharedSandbox
 
     config = node.config
     if config.option.collectonly:
@@ -361,7 +361,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             if show_sql or sandbox.server.statement_log is not None:  # a log that should have answered: say why
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
         except psycopg.Error as unreadable:
-            from pgsandbox.sandbox import connection_lost
+            from pgsandbox.sandbox.core import connection_lost
 
             if not connection_lost(unreadable):  # else the server is gone: the teardown says so, in full
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
@@ -377,7 +377,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         )
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
         return report
-    from pgsandbox.fixtures import marker_options
+    from pgsandbox.pytest.fixtures import marker_options
 
     error = call.excinfo.value if call.excinfo else None
     deadlock = deadlock_of(error)
@@ -482,7 +482,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 def write_report(terminalreporter: Any, config: pytest.Config, report: dict[str, Any]) -> None:
     """The session report: a terminal section (quiet under -q), and a JSON file with ``--pg-report=json``."""
-    from pgsandbox.checks import report_path
+    from pgsandbox.pytest.checks import report_path
 
     choice = settings(config).report
     path = report_path(settings(config), config.invocation_params.dir)

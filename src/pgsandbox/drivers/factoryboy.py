@@ -3,7 +3,7 @@
 Point a factory at the test's session once, in its ``Meta``::
 
     import factory
-    from pgsandbox.factoryboy import session
+    from pgsandbox.drivers.factoryboy import session
 
     class UserFactory(factory.alchemy.SQLAlchemyModelFactory):
         class Meta:
@@ -66,7 +66,7 @@ def session() -> Session:
         raise PgSandboxError(
             "a factory ran outside the async session: this test uses pg_async_session, whose session "
             "cannot flush from synchronous code.",
-            "create rows with `await pgsandbox.factoryboy.create(MyFactory, ...)` (or create_batch).",
+            "create rows with `await pgsandbox.drivers.factoryboy.create(MyFactory, ...)` (or create_batch).",
         )
     raise PgSandboxError(
         "a factory asked for the test's SQLAlchemy session, but this test has no pg_session.",
@@ -97,7 +97,7 @@ def using_async(async_session: AsyncSession) -> Iterator[None]:
 def _async_session() -> AsyncSession:
     if not _async_sessions:
         raise PgSandboxError(
-            "pgsandbox.factoryboy.create() needs the test's pg_async_session, and this test has none.",
+            "pgsandbox.drivers.factoryboy.create() needs the test's pg_async_session, and this test has none.",
             "request pg_async_session in the test (in a sync test, call the factory directly with pg_session).",
         )
     return _async_sessions[-1]
@@ -157,7 +157,7 @@ def _table_factory() -> Any:
         return _made[0]
     from pgsandbox.drivers import require
 
-    factory = require("factory", "factoryboy", "pgsandbox.factoryboy.TableFactory")
+    factory = require("factory", "factoryboy", "pgsandbox.drivers.factoryboy.TableFactory")
 
     class TableFactory(factory.Factory):  # type: ignore[misc, name-defined]
         """A factory_boy factory whose ``Meta.model`` is a table name; ``pg.insert`` fills what it leaves out."""

@@ -23,12 +23,12 @@ import psycopg
 from psycopg import sql
 
 import pgsandbox
+from pgsandbox.common.urls import sqlalchemy_url
 from pgsandbox.errors import ConfigError
 from pgsandbox.server import roles
 from pgsandbox.server.base import Progress, Server, lock_id, terminate_connections
 from pgsandbox.template import guard, reads
 from pgsandbox.template.base import SETTING_OF_LAYER, Migrator, Target, fingerprint, naming_setting
-from pgsandbox.urls import sqlalchemy_url
 
 PREFIX = "pgsandbox_tpl_"
 LAYOUT = "2"  # bump when templates built by older versions must not be reused (2: objects handed over)

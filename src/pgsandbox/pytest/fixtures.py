@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import Session
 
-    from pgsandbox.queries import Queries
     from pgsandbox.sandbox import Database, Sandbox, SessionLogin
+    from pgsandbox.sandbox.queries import Queries
     from pgsandbox.server import Server
 
 try:
@@ -35,7 +35,7 @@ MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver", "guard", "session_
 @pytest.fixture(scope="session")
 def pg_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """The session's server with its templates built: hands out each test's database."""
-    from pgsandbox import plugin
+    from pgsandbox.pytest import plugin
 
     sandbox = plugin.start_sandbox(request.config, request.session)
     try:
@@ -117,7 +117,7 @@ def pg_engine(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[E
 def pg_session(request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_engine: Engine) -> Iterator[Session]:
     """A SQLAlchemy ``Session`` on ``pg_engine``. In ``transaction`` isolation it is joined to the test's
     transaction (``join_transaction_mode="create_savepoint"``): ``session.commit()`` releases a savepoint."""
-    from pgsandbox import factoryboy
+    from pgsandbox.drivers import factoryboy
 
     driver = load_driver("sqlalchemy", "pg_session")
     db = sandbox_database(request, pg_sandbox)
@@ -135,7 +135,7 @@ def pg_queries(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Queries:
 
     ``with pg_queries() as ran:`` only records (``ran.count``, ``ran.sql``, ``print(ran)``). Transaction
     control is not counted. Needs the statement log of the local server (``pg_sql_log``, on by default)."""
-    from pgsandbox.queries import Queries
+    from pgsandbox.sandbox.queries import Queries
     from pgsandbox.server.statements import StatementLogError
 
     db = sandbox_database(request, pg_sandbox)
@@ -264,7 +264,7 @@ if pytest_asyncio is not None:
     ) -> AsyncIterator[AsyncSession]:
         """A SQLAlchemy ``AsyncSession`` on ``pg_async_engine``, joined to the test's transaction like
         ``pg_session``."""
-        from pgsandbox import factoryboy
+        from pgsandbox.drivers import factoryboy
 
         driver = load_driver("sqlalchemy", "pg_async_session")
         db = sandbox_database(request, pg_sandbox)
@@ -297,7 +297,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     """The test's :class:`Database`, shared by every pgsandbox fixture the test uses. The first fixture to
     ask opens it and closes it at its teardown, which comes after the others' (pytest tears down in
     reverse order). Fixtures call this instead of depending on ``pg``: one fixture less per test."""
-    from pgsandbox import plugin
+    from pgsandbox.pytest import plugin
 
     node = request.node
     db: Database | None = node.stash.get(plugin.DATABASE_KEY, None)
@@ -311,7 +311,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
         fail(error)
     node.stash[plugin.DATABASE_KEY] = db
     node.stash[plugin.LOG_KEY] = db
-    from pgsandbox import factoryboy
+    from pgsandbox.drivers import factoryboy
 
     factoryboy._databases.append(db)  # where TableFactory inserts
 
@@ -319,7 +319,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
         from pgsandbox.isolation.transaction import IsolationError
 
         del node.stash[plugin.DATABASE_KEY]
-        from pgsandbox import factoryboy
+        from pgsandbox.drivers import factoryboy
 
         factoryboy._databases.remove(db)
         try:

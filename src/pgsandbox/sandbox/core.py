@@ -1,12 +1,4 @@
-"""The sandbox: a server, its templates, and a database for each test. Usable without pytest::
-
-from pgsandbox import Sandbox, Settings
-
-with Sandbox.start(Settings(migrations=("sql:migrations",))) as sandbox:
-    with sandbox.database(isolation="transaction") as db:
-        db.execute("insert into users (name) values ('ada')")
-    # rolled back here
-"""
+"""Sandbox: start (migrators -> server -> templates), a database per test, keep-failed, the session report, stop."""
 
 from __future__ import annotations
 
@@ -14,28 +6,20 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import psycopg
-from psycopg import pq, sql
-from psycopg.rows import dict_row
+from psycopg import sql
 
 from pgsandbox.binaries import find_installations, missing_extension, missing_extension_advice
 from pgsandbox.data.catalog import Catalog, for_template
-from pgsandbox.data.catalog import read as read_catalog
-from pgsandbox.data.connections import async_executor, executor
-from pgsandbox.data.rows import Rows
-from pgsandbox.data.rows import run as run_steps
-from pgsandbox.data.rows import run_async as run_steps_async
 from pgsandbox.errors import ConfigError, PgSandboxError, causes
 from pgsandbox.isolation.database import Clone, ClonePool, clone_failed
 from pgsandbox.isolation.server_objects import (
     OUTSIDE,
-    ServerObjects,
     created_since,
     made_by_test,
     outside_finding,
@@ -45,37 +29,29 @@ from pgsandbox.isolation.transaction import (
     LEFT_OPEN,
     PREPARED,
     Finding,
-    Guests,
     IsolationError,
-    Parked,
     TransactionIsolation,
     app_name,
-    guest_begin,
     left_open,
     rollback_prepared,
 )
-from pgsandbox.redact import Secret
+from pgsandbox.sandbox.database import Database, SessionLogin
 from pgsandbox.server import ExternalServer, LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.base import Progress, connections_to, terminate_connections
 from pgsandbox.server.cache import cache_root, cache_size, default_cache_root, wait_for_cache_writes
 from pgsandbox.server.statements import (
     INTERNAL,
     Position,
-    Scope,
     Statement,
     StatementLog,
     StatementLogError,
-    log_time,
 )
 from pgsandbox.server.statements import server_settings as statement_log_settings
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator
-from pgsandbox.template.cache import hold_in_use, warm_relcache
-from pgsandbox.urls import ConnectionForms
-
-Isolation = Literal["transaction", "database"]
+from pgsandbox.template.builds import hold_in_use, warm_relcache
 
 
 def _require_extensions(server: Server, settings: Settings) -> None:
@@ -111,17 +87,10 @@ def _explain_missing_extension(error: MigrationError, server: Server, settings: 
     return MigrationError(f"{error.what}\n  {what}", fix)
 
 
-def _one_row(cursor: Any) -> dict[str, Any]:
-    row: dict[str, Any] = cursor.fetchone()
-    return row
-
-
-T = TypeVar("T")
 LEFTOVER_WAIT_SECONDS = 0.2
-ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
 SLOW_CLONE_SECONDS = 0.5  # a first clone slower than this gets a progress line (big templates)
 
-__all__ = ["ConnectionInfo", "Database", "IsolationError", "Sandbox", "ServerGone", "SessionLogin"]
+__all__ = ["Sandbox", "ServerGone"]
 LOGGING_CHANGED = "server logging changed"
 LOG_SETTINGS = frozenset(statement_log_settings(Path(), "jsonlog"))  # what the statement log needs
 GONE_PROBE_SECONDS = 3  # connect_timeout of the probe that tells a server that went away from a failed query
@@ -138,273 +107,6 @@ def connection_lost(error: BaseException) -> bool:
 
 
 LOGIN_DATABASE = "login"  # the database SessionLogin names: <prefix>login
-
-
-@dataclass(frozen=True)
-class ConnectionInfo:
-    host: str
-    port: int
-    dbname: str
-    user: str
-
-
-@dataclass
-class Database(ConnectionForms):
-    """A test's database: the ``pg`` fixture. Connect with :meth:`connect`, or hand :attr:`dsn`,
-    :attr:`database_url`, :meth:`url` or :attr:`env` to any client (see :class:`ConnectionForms`; in
-    ``transaction`` isolation only the connection from :meth:`connect` is rolled back)."""
-
-    isolation: Isolation
-    name: str
-    test_id: str
-    server: Server = field(repr=False)
-    _connection: psycopg.Connection[Any] | None = field(default=None, repr=False)
-    _opened: list[psycopg.Connection[Any]] = field(default_factory=list, repr=False)
-    keep: bool = False  # keep this database after the test (a failed test under keep-failed)
-    guests: Guests = field(default_factory=Guests, repr=False)
-    drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
-    _transaction: TransactionIsolation | None = field(default=None, repr=False)
-    log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
-    started: float = field(default_factory=time.time, repr=False)  # when it was opened (epoch seconds)
-    # the server's databases, roles and tablespaces when the test could first create some (server_objects.py)
-    server_objects: ServerObjects | None = field(default=None, repr=False)
-    # the data factories (pg.insert): the template's catalog, given by the sandbox, and the test's seed
-    catalog_source: Callable[[Database], Catalog] | None = field(default=None, repr=False)
-    data_seed: str = ""
-    _rows: Rows | None = field(default=None, repr=False)
-
-    @property
-    def scope(self) -> Scope:
-        """What in the statement log is this test's: its connections' names, and its database when it is
-        the test's own."""
-        names = frozenset((app_name(self.test_id), app_name(self.test_id, ADMIN_SUFFIX)))
-        if self.isolation == "database":
-            return Scope(names, self.name)
-        return Scope(names, shared=self.name, since=log_time(self.started))
-
-    @property
-    def dsn(self) -> str:
-        """libpq connection string of the tests' role; its password is in the passfile it names."""
-        return self.server.login_dsn_for(self.name)
-
-    def reveal_password(self) -> Secret | None:
-        return self.server.login_password()
-
-    @property
-    def info(self) -> ConnectionInfo:
-        params = self.params
-        return ConnectionInfo(
-            str(params.get("host", "")), int(params.get("port") or 5432), self.name, str(params["user"])
-        )
-
-    @property
-    def connection(self) -> psycopg.Connection[Any]:
-        """The test's main psycopg connection (in ``transaction`` isolation, the one that is rolled back)."""
-        if self.isolation == "transaction":
-            assert self._connection is not None  # never replaced: a new connection would escape the rollback
-            return self._connection
-        if self._connection is None or self._connection.closed:
-            self._connection = self._open()
-        return self._connection
-
-    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        """In ``transaction`` isolation, the test's connection; in ``database`` isolation, a new connection
-        (closed after the test if the test did not close it)."""
-        if self.isolation == "transaction":
-            if kwargs:
-                raise ConfigError(
-                    "in transaction isolation pg.connect() returns the test's one connection and takes no options.",
-                    "set options on the connection it returns, or use @pytest.mark.pg(isolation='database').",
-                )
-            return self.connection
-        return self._open(**kwargs)
-
-    def _open(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        kwargs.setdefault("application_name", app_name(self.test_id))
-        conn = psycopg.connect(self.dsn, **kwargs)
-        self._opened.append(conn)
-        return conn
-
-    def execute(self, query: Any, params: Any = None) -> int:
-        """Run one statement on :attr:`connection`; return the number of rows it affected."""
-        rowcount: int = self._run(query, params, lambda cursor: cursor.rowcount)
-        return rowcount
-
-    def fetch(self, query: Any, params: Any = None) -> list[dict[str, Any]]:
-        return self._run(query, params, lambda cursor: cursor.fetchall(), dict_row)
-
-    def fetchone(self, query: Any, params: Any = None) -> dict[str, Any] | None:
-        row: dict[str, Any] | None = self._run(query, params, lambda cursor: cursor.fetchone(), dict_row)
-        return row
-
-    def fetchval(self, query: Any, params: Any = None) -> Any:
-        row = self._run(query, params, lambda cursor: cursor.fetchone())
-        return row[0] if row else None
-
-    def _run(self, query: Any, params: Any, result: Callable[[Any], T], row_factory: Any = None) -> T:
-        """In ``database`` isolation a helper called outside a transaction commits, like autocommit: the
-        app's own connections see its rows, and no transaction is left holding locks."""
-        conn = self.connection
-        own_transaction = self.isolation == "database" and conn.info.transaction_status == pq.TransactionStatus.IDLE
-        try:
-            with conn.cursor(row_factory=row_factory) if row_factory else conn.cursor() as cursor:
-                cursor.execute(query, params)
-                value = result(cursor)
-        except BaseException:
-            if own_transaction and not conn.closed:
-                conn.rollback()
-            raise
-        if own_transaction:
-            conn.commit()
-        return value
-
-    # -- data factories ---------------------------------------------------------------------------------
-    @property
-    def rows(self) -> Rows:
-        """This test's data factory: the schema's catalog, the test's seed and counters (see :meth:`insert`)."""
-        if self._rows is None:
-            if self.catalog_source is None:
-                raise ConfigError("this database has no catalog for pg.insert (it was not opened by a Sandbox).", "")
-            shared = self.catalog_source(self)
-            own = Catalog(dict(shared.tables), dict(shared.types), shared.search_path)  # this test may add tables
-            self._rows = Rows(own, self.seed, read_table=lambda name: read_catalog(self._query_all, name))
-        return self._rows
-
-    @property
-    def seed(self) -> str:
-        """What decides the values pg.insert makes up: the test's id (and ``pg_data_seed`` when set)."""
-        return f"{self.data_seed}:{self.test_id}" if self.data_seed else self.test_id
-
-    def insert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]:
-        """Insert one row into ``table`` with ``values`` and return it (every column). Each required column not
-        given gets a valid value of its type (distinct in unique columns, the same on every run); each required
-        foreign key not given gets a parent row made the same way. ``using``: another connection (psycopg2, a
-        SQLAlchemy Session...); by default the test's (``pg.connection``)."""
-        steps = self.rows.insert_steps(table, values)
-        if using is not None:
-            return run_steps(steps, executor(using))
-        return run_steps(steps, lambda query, params: self._run(query, params, _one_row, dict_row))
-
-    def insert_many(self, table: str, count: int, /, *, using: Any = None, **values: Any) -> list[dict[str, Any]]:
-        """``count`` rows; a callable value is called with the row's index, a list or tuple gives one item per
-        row, anything else is the same for every row."""
-        return [self.insert(table, using=using, **Rows.row_values(values, index)) for index in range(count)]
-
-    async def ainsert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]:
-        """:meth:`insert` for async tests, on the test's async connection (``pg_asyncpg``, ``pg_aconn``, the
-        one under ``pg_async_session``) or ``using`` (an asyncpg or async psycopg connection, an AsyncSession)."""
-        conn = using if using is not None else self.drivers.get("asyncpg") or self.drivers.get("psycopg")
-        if conn is None:
-            raise ConfigError(
-                "await pg.ainsert() needs the test's async connection, and this test has none open.",
-                "use pg_asyncpg, pg_aconn or pg_async_session in the test, or pass using=<an async connection>.",
-            )
-        return await run_steps_async(self.rows.insert_steps(table, values), async_executor(conn))
-
-    async def ainsert_many(
-        self, table: str, count: int, /, *, using: Any = None, **values: Any
-    ) -> list[dict[str, Any]]:
-        return [await self.ainsert(table, using=using, **Rows.row_values(values, index)) for index in range(count)]
-
-    def _query_all(self, query: str, params: list[Any]) -> list[tuple[Any, ...]]:
-        rows: list[tuple[Any, ...]] = self._run(query, params, lambda cursor: cursor.fetchall())
-        return rows
-
-    # -- for driver adapters: connections of other client libraries ------------------------------------
-    @property
-    def params(self) -> dict[str, Any]:
-        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
-        return {**self.server.login_params, "dbname": self.name}
-
-    def connect_admin(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        """A new connection to this database as the admin (superuser on a local server), outside the test's
-        transaction: what it does is committed. Closed after the test if the test did not close it."""
-        kwargs.setdefault("application_name", app_name(self.test_id, ADMIN_SUFFIX))
-        kwargs.setdefault("autocommit", True)
-        if self.server_objects is None:  # the admin may create databases and roles: watch for them
-            self.server_objects = server_objects(self.server.admin)
-        conn = self.server.connect(self.name, logged=True, **kwargs)
-        self.joined(conn.info.backend_pid)
-        if "pg_admin" not in self.guests.committing:  # what it commits escapes a transaction-isolation test
-            self.guests.committing.append("pg_admin")
-        self._opened.append(conn)
-        return conn
-
-    @property
-    def application_name(self) -> str:
-        return app_name(self.test_id)
-
-    def joined(self, pid: int) -> None:
-        """A driver connected to this database for the test (backend ``pid``): it is not a leak."""
-        self.guests.joined(pid)
-
-    @property
-    def guest_begin(self) -> str:
-        """SQL a driver's connection runs in its new transaction (``transaction`` isolation): the savepoint
-        that its ``commit()``s move and whose loss at the end reveals a raw ``COMMIT``."""
-        return guest_begin(self.test_id)
-
-    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], bool], loop: Any = None) -> bool:
-        """Keep a rolled-back driver connection for the next test (``transaction`` isolation only); an async
-        one with its event ``loop``. False when it cannot be kept and the caller closes it."""
-        if self._transaction is None or self._transaction.dbname != self.name:
-            return False
-        self._transaction.park(driver, Parked(conn, pid, close, loop))
-        return True
-
-    def unpark(self, driver: str, loop: Any = None) -> Any | None:
-        """A connection of ``driver`` a previous test parked on this database (in this event ``loop``, for an
-        async one), now this test's guest."""
-        if self._transaction is None or self._transaction.dbname != self.name:
-            return None
-        parked = self._transaction.unpark(driver, loop)
-        if parked is None:
-            return None
-        self.guests.joined(parked.pid, connected=False)
-        return parked.conn
-
-    @property
-    def session_state(self) -> dict[str, Any] | None:
-        """Driver state that lives as long as the session database (``transaction`` isolation), else None."""
-        return self._transaction.state if self._transaction is not None else None
-
-    def guest_escaped(self, label: str) -> None:
-        """A driver found its transaction replaced by a raw COMMIT: the test's writes may have escaped."""
-        self.guests.escaped.append(label)
-
-    def __repr__(self) -> str:
-        return f"<Database {self.name} ({self.isolation}) for {self.test_id}>"
-
-
-class SessionLogin(ConnectionForms):
-    """The tests' role for what lives as long as the session (the ``pg_login`` fixture): session-scoped
-    fixtures, worker processes, a framework that makes its own test database. :attr:`dsn`,
-    :attr:`database_url`, :meth:`url` and :attr:`env` name :attr:`dbname`, a database of the session's own,
-    cloned from the template (migrated and seeded) when first asked for and owned by the tests' role. It is not
-    isolated: what is written there stays for the whole session, and the tests' own databases do not see it."""
-
-    def __init__(self, server: Server, dbname: str) -> None:
-        self.server = server
-        self.dbname = dbname
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
-        return {**self.server.login_params, "dbname": self.dbname}
-
-    def reveal_password(self) -> Secret | None:
-        return self.server.login_password()
-
-    @property
-    def user(self) -> str:
-        return str(self.params["user"])
-
-    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        """A new psycopg connection to :attr:`dbname` as the tests' role; the caller closes it."""
-        return psycopg.connect(self.dsn, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<SessionLogin {self.user} on {self.dbname}>"
 
 
 class Sandbox:
