@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -155,3 +156,57 @@ def test_the_session_report(pytester: pytest.Pytester, shared_dsn: str) -> None:
     assert "= pgsandbox =" not in off.stdout.str()
     bad = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--pg-report=xml")
     bad.stderr.fnmatch_lines(["*--pg-report: bad value 'xml': expected term (the default), json, json:PATH or off*"])
+
+
+GLUE = Path(__file__).parents[1] / "src/pgsandbox/pytest"
+
+
+def glue_imports() -> dict[str, set[str]]:
+    """Which modules of pgsandbox.pytest each one imports: at module level, in functions and under TYPE_CHECKING."""
+    modules = {f"pgsandbox.pytest.{path.stem}" for path in GLUE.glob("*.py")} - {"pgsandbox.pytest.__init__"}
+    graph: dict[str, set[str]] = {}
+    for module in modules:
+        tree = ast.parse((GLUE / f"{module.rsplit('.', 1)[1]}.py").read_text())
+        named: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                named.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                named.add(node.module)
+                named.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = named & modules
+    return graph
+
+
+def test_the_pytest_glue_has_no_import_cycle() -> None:
+    """The fixtures import the session's state, never the plugin; nothing in pgsandbox.pytest imports back."""
+    graph = glue_imports()
+    assert "pgsandbox.pytest.plugin" not in graph["pgsandbox.pytest.fixtures"]
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join([*path[path.index(module) :], module])}"
+        if module not in done:
+            for imported in sorted(graph[module]):
+                visit(imported, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_driver_fixtures_name_their_types() -> None:
+    """An IDE or mypy learns from the fixture what pg_psycopg2, pg_aconn and pg_asyncpg hand out."""
+    tree = ast.parse((GLUE / "fixtures.py").read_text())
+    returns = {
+        node.name: ast.unparse(node.returns)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("pg") and node.returns
+    }
+    assert returns["pg_psycopg2"] == "Iterator[psycopg2.extensions.connection]"
+    assert returns["pg_aconn"] == "AsyncIterator[psycopg.AsyncConnection[Any]]"
+    assert returns["pg_asyncpg"] == "AsyncIterator[asyncpg.Connection]"
+    untyped = [
+        name for name, annotation in returns.items() if annotation in ("Any", "Iterator[Any]", "AsyncIterator[Any]")
+    ]
+    assert not untyped

@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from pgsandbox.errors import PgSandboxError
+from pgsandbox.errors import PgSandboxError, PgSandboxWarning
+from pgsandbox.pytest import state
+from pgsandbox.pytest.markers import marker_options
 
 if TYPE_CHECKING:
+    import asyncpg
     import psycopg
+    import psycopg2.extensions
     from sqlalchemy import Engine
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import Session
@@ -29,19 +33,15 @@ try:
 except ImportError:  # the async fixtures then say which extra to install
     pytest_asyncio = None  # type: ignore[assignment]
 
-MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver", "guard", "session_class", "async_session_class")
-
 
 @pytest.fixture(scope="session")
 def pg_sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """The session's server with its templates built: hands out each test's database."""
-    from pgsandbox.pytest import plugin
-
-    sandbox = plugin.start_sandbox(request.config, request.session)
+    sandbox = state.session_sandbox(request.config, request.session)
     try:
         yield sandbox
     finally:
-        plugin.stop_sandbox(request.config, sandbox)
+        state.stop_sandbox(request.config, sandbox)
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,7 @@ def pg_admin(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> psycopg.Con
 
 
 @pytest.fixture
-def pg_psycopg2(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Any]:
+def pg_psycopg2(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[psycopg2.extensions.connection]:
     """A psycopg2 connection inside the test's isolation (extra ``[psycopg2]``): in ``transaction``
     isolation its own transaction on the session database, ``commit()`` moving a savepoint."""
     driver = load_driver("psycopg2", "pg_psycopg2")
@@ -222,14 +222,16 @@ def loop_outlives_test(config: pytest.Config) -> bool:
 if pytest_asyncio is not None:
 
     @pytest_asyncio.fixture
-    async def pg_aconn(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[Any]:
+    async def pg_aconn(
+        request: pytest.FixtureRequest, pg_sandbox: Sandbox
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A psycopg 3 ``AsyncConnection`` inside the test's isolation (needs pytest-asyncio)."""
         db = sandbox_database(request, pg_sandbox)
         async with async_connection(request, db, "psycopg") as conn:
             yield conn
 
     @pytest_asyncio.fixture
-    async def pg_asyncpg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[Any]:
+    async def pg_asyncpg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[asyncpg.Connection]:
         """An asyncpg connection inside the test's isolation (extra ``[asyncpg]``): its ``transaction()``
         blocks are savepoints inside the test's transaction."""
         load_driver("asyncpg", "pg_asyncpg")
@@ -297,10 +299,8 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     """The test's :class:`Database`, shared by every pgsandbox fixture the test uses. The first fixture to
     ask opens it and closes it at its teardown, which comes after the others' (pytest tears down in
     reverse order). Fixtures call this instead of depending on ``pg``: one fixture less per test."""
-    from pgsandbox.pytest import plugin
-
     node = request.node
-    db: Database | None = node.stash.get(plugin.DATABASE_KEY, None)
+    db: Database | None = node.stash.get(state.DATABASE_KEY, None)
     if db is not None:
         return db
     options = marker_options(node)
@@ -309,8 +309,8 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
         db = sandbox.open(options.get("isolation"), node.nodeid)
     except PgSandboxError as error:
         fail(error)
-    node.stash[plugin.DATABASE_KEY] = db
-    node.stash[plugin.LOG_KEY] = db
+    node.stash[state.DATABASE_KEY] = db
+    node.stash[state.LOG_KEY] = db
     from pgsandbox.drivers import factoryboy
 
     factoryboy._databases.append(db)  # where TableFactory inserts
@@ -318,15 +318,15 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     def close() -> None:
         from pgsandbox.isolation.transaction import IsolationError
 
-        del node.stash[plugin.DATABASE_KEY]
+        del node.stash[state.DATABASE_KEY]
         from pgsandbox.drivers import factoryboy
 
         factoryboy._databases.remove(db)
         try:
             findings: list[str] = sandbox.close(
                 db,
-                keep=node.stash.get(plugin.KEEP_KEY, False),
-                next_test_id=plugin.next_transaction_test(node, sandbox),
+                keep=node.stash.get(state.KEEP_KEY, False),
+                next_test_id=state.next_transaction_test(node, sandbox),
             )
         except IsolationError as error:  # the database was restored: what to say is the guard policy's
             findings = [str(error)]
@@ -337,7 +337,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
         if guard == "error":
             pytest.fail("pgsandbox: " + "\n".join(findings), pytrace=False)
         for finding in findings:
-            warnings.warn(plugin.PgSandboxWarning(finding), stacklevel=1)
+            warnings.warn(PgSandboxWarning(finding), stacklevel=1)
 
     request.addfinalizer(close)
     return db
@@ -351,49 +351,3 @@ def guard_policy(options: dict[str, Any], sandbox: Sandbox) -> str:
     if guard not in GUARDS:
         pytest.fail(f"pgsandbox: @pytest.mark.pg(guard={guard!r}) is not one of {', '.join(GUARDS)}.", pytrace=False)
     return guard
-
-
-def marker_options(node: pytest.Item) -> dict[str, Any]:
-    marker = node.get_closest_marker("pg")
-    if marker is None:
-        return {}
-    if marker.args:
-        pytest.fail(
-            f"pgsandbox: @pytest.mark.pg got {', '.join(map(repr, marker.args))} without a name; it takes keyword "
-            f"options only, such as @pytest.mark.pg(isolation='database'): {', '.join(MARKER_OPTIONS)}.",
-            pytrace=False,
-        )
-    unknown = sorted(set(marker.kwargs) - set(MARKER_OPTIONS))
-    if unknown:
-        pytest.fail(
-            f"pgsandbox: @pytest.mark.pg got unknown option(s) {', '.join(unknown)}; "
-            f"it takes {', '.join(MARKER_OPTIONS)}.",
-            pytrace=False,
-        )
-    # None: not set here (a parametrized marker may leave an option to the command line)
-    return {name: marker_value(name, value) for name, value in marker.kwargs.items() if value is not None}
-
-
-def marker_value(name: str, value: Any) -> Any:
-    """A marker keyword's value, checked by the parser of the option of the same name (a typo fails the test
-    that has it, instead of being taken as true or ignored until a fixture reads it)."""
-    from pgsandbox.settings import BY_NAME
-
-    option = BY_NAME[name]
-    where = f"@pytest.mark.pg({name}={value!r})"
-    takes = f"What to do: {name} takes: {option.help}."
-    if isinstance(value, bool) and option.kind == "flag":
-        return value
-    if isinstance(value, type) and name in ("session_class", "async_session_class"):
-        return value  # the class itself; the fixture checks what it is
-    if not isinstance(value, str):
-        expected = "True or False" if option.kind == "flag" else "a string"
-        pytest.fail(f"pgsandbox: {where}: expected {expected}.\n  {takes}", pytrace=False)
-    try:
-        return option.parse(value.strip())
-    except ValueError as error:
-        reason = str(error)
-    # outside the except block: the message alone, without "During handling of the above exception"
-    if reason.startswith("expected one of "):
-        pytest.fail(f"pgsandbox: {where} is not one of {reason[16:]}.\n  {takes}", pytrace=False)
-    pytest.fail(f"pgsandbox: {where}: {reason}.\n  {takes}", pytrace=False)

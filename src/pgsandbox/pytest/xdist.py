@@ -40,9 +40,10 @@ class SharedSandbox:
         self.lines: list[str] = []
         self.sandbox: Sandbox | None = None
         self.error: PgSandboxError | None = None
-        self._run(start)
+        self._start_and_publish(start)
 
-    def _run(self, start: Callable[[Callable[[str], None]], Sandbox]) -> None:
+    def _start_and_publish(self, start: Callable[[Callable[[str], None]], Sandbox]) -> None:
+        """Start the sandbox, and write its description (or the error) to the file the workers read."""
         payload: dict[str, Any]
         try:
             self.sandbox = start(self.lines.append)
@@ -62,7 +63,8 @@ class SharedSandbox:
     def worker_input(self) -> dict[str, str]:
         return {"path": str(self.path)}
 
-    def wait(self) -> Sandbox | PgSandboxError:
+    def outcome(self) -> Sandbox | PgSandboxError:
+        """The sandbox the controller started, or why it could not (it started in ``__init__``)."""
         if self.sandbox is not None:
             return self.sandbox
         assert self.error is not None
@@ -70,7 +72,7 @@ class SharedSandbox:
 
     def stop(self) -> None:
         try:
-            result = self.wait()
+            result = self.outcome()
             if not isinstance(result, PgSandboxError):
                 result.stop()
         finally:

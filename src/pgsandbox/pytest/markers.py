@@ -1,0 +1,55 @@
+"""The ``pg`` marker: per-test options, each checked by the parser of the option of the same name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver", "guard", "session_class", "async_session_class")
+
+
+def marker_options(node: pytest.Item) -> dict[str, Any]:
+    marker = node.get_closest_marker("pg")
+    if marker is None:
+        return {}
+    if marker.args:
+        pytest.fail(
+            f"pgsandbox: @pytest.mark.pg got {', '.join(map(repr, marker.args))} without a name; it takes keyword "
+            f"options only, such as @pytest.mark.pg(isolation='database'): {', '.join(MARKER_OPTIONS)}.",
+            pytrace=False,
+        )
+    unknown = sorted(set(marker.kwargs) - set(MARKER_OPTIONS))
+    if unknown:
+        pytest.fail(
+            f"pgsandbox: @pytest.mark.pg got unknown option(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(MARKER_OPTIONS)}.",
+            pytrace=False,
+        )
+    # None: not set here (a parametrized marker may leave an option to the command line)
+    return {name: marker_value(name, value) for name, value in marker.kwargs.items() if value is not None}
+
+
+def marker_value(name: str, value: Any) -> Any:
+    """A marker keyword's value, checked by the parser of the option of the same name (a typo fails the test
+    that has it, instead of being taken as true or ignored until a fixture reads it)."""
+    from pgsandbox.settings import BY_NAME
+
+    option = BY_NAME[name]
+    where = f"@pytest.mark.pg({name}={value!r})"
+    takes = f"What to do: {name} takes: {option.help}."
+    if isinstance(value, bool) and option.kind == "flag":
+        return value
+    if isinstance(value, type) and name in ("session_class", "async_session_class"):
+        return value  # the class itself; the fixture checks what it is
+    if not isinstance(value, str):
+        expected = "True or False" if option.kind == "flag" else "a string"
+        pytest.fail(f"pgsandbox: {where}: expected {expected}.\n  {takes}", pytrace=False)
+    try:
+        return option.parse(value.strip())
+    except ValueError as error:
+        reason = str(error)
+    # outside the except block: the message alone, without "During handling of the above exception"
+    if reason.startswith("expected one of "):
+        pytest.fail(f"pgsandbox: {where} is not one of {reason[16:]}.\n  {takes}", pytrace=False)
+    pytest.fail(f"pgsandbox: {where}: {reason}.\n  {takes}", pytrace=False)
