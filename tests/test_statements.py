@@ -11,6 +11,7 @@ import pytest
 from pgsandbox import LocalServer
 from pgsandbox.server import statements
 from pgsandbox.server.statements import Position, Scope, StatementLog
+from pgsandbox.server.tags import INTERNAL
 
 
 def run(project: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
@@ -269,7 +270,7 @@ def test_the_log_alone(start_local: object, tmp_path: Path) -> None:
     start = log.position()
     with psycopg.connect(server.dsn, application_name="pgsandbox mine") as mine:
         mine.execute("select %s::text as multi", ["line one\nline two"])
-        mine.execute(statements.INTERNAL + "select 'ours'")
+        mine.execute(INTERNAL + "select 'ours'")
     with psycopg.connect(server.dsn, application_name="pgsandbox theirs") as theirs:
         theirs.execute("select 'theirs'")
     entries, end, complete = log.collect(start, server.admin)

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.binaries import find_installations, missing_extension, missing_extension_advice
+from pgsandbox.common.progress import Progress
 from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.errors import ConfigError, PgSandboxError, causes
 from pgsandbox.isolation.database import Clone, ClonePool, clone_failed
@@ -37,10 +38,9 @@ from pgsandbox.isolation.transaction import (
 )
 from pgsandbox.sandbox.database import Database, SessionLogin
 from pgsandbox.server import ExternalServer, LocalServer, Server, reaper, roles, start_server
-from pgsandbox.server.base import Progress, connections_to, terminate_connections
+from pgsandbox.server.admin import connections_to, terminate_connections
 from pgsandbox.server.cache import cache_root, cache_size, default_cache_root, wait_for_cache_writes
 from pgsandbox.server.statements import (
-    INTERNAL,
     Position,
     Statement,
     StatementLog,
@@ -48,6 +48,7 @@ from pgsandbox.server.statements import (
 )
 from pgsandbox.server.statements import server_settings as statement_log_settings
 from pgsandbox.server.statements import statements as statements_in
+from pgsandbox.server.tags import INTERNAL
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator

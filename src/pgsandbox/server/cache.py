@@ -26,10 +26,10 @@ import platformdirs
 from filelock import BaseFileLock, FileLock, Timeout
 
 from pgsandbox.binaries import Installation
+from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact, register_secret
 from pgsandbox.common.staging import make_staging_dir, tree_size
 from pgsandbox.errors import PgSandboxWarning, ServerStartError
-from pgsandbox.server.base import Progress
 from pgsandbox.server.osuser import Account
 
 LAYOUT = 1  # bump when the cached cluster's shape changes

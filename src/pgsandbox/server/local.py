@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
-import hashlib
-import hmac
 import os
 import secrets
 import shutil
@@ -25,12 +22,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
+from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
 from pgsandbox.server import cache, osuser, runs, statements
-from pgsandbox.server.base import Progress, Server, new_run_id
+from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
+from pgsandbox.server.scram import SCRAM_ITERATIONS, scram_verifier
+from pgsandbox.server.tags import QUIET_OPTIONS
 from pgsandbox.settings import Settings, listens_on_tcp
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
@@ -40,8 +40,6 @@ STOP_TIMEOUT = 15.0
 PORT_ATTEMPTS = 5  # a free port picked by pgsandbox may be taken before the server binds it: pick again
 PORT_IN_USE = "already in use"  # EADDRINUSE in the server's log (English: initdb --locale=C)
 CANNOT_LISTEN = ("could not bind", "could not create any TCP/IP sockets")
-# A random 32-byte password needs no key stretching: the default 4096 iterations cost ~4 ms per connect.
-SCRAM_ITERATIONS = 16
 
 TEST_SETTINGS: dict[str, str] = {
     "fsync": "off",
@@ -218,7 +216,7 @@ class LocalServer(Server):
         # and host: the file is the run's own, and a restart may move the server to another port
         passfile = Passfile(run.path / FILE_NAME)
         passfile.add(cache.SUPERUSER, secrets.token_urlsafe(32))
-        quiet: dict[str, Any] = {"options": statements.QUIET_OPTIONS} if log_format else {}
+        quiet: dict[str, Any] = {"options": QUIET_OPTIONS} if log_format else {}
         port = SOCKET_PORT if tcp is None else tcp[1]
         # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
         # get the TCP address, which code that parses host and port out of a URL understands
@@ -357,26 +355,6 @@ def _connect_with(conninfo: str, password: Secret, run: runs.RunDir, **kwargs: A
         return psycopg.connect(make_conninfo(conninfo, passfile=str(once.path)), **kwargs)
     finally:
         once.path.unlink(missing_ok=True)
-
-
-def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
-    """A SCRAM-SHA-256 verifier as PostgreSQL stores it (RFC 5802, RFC 7677).
-
-    Computed here rather than by libpq, whose ``PQencryptPasswordConn`` uses 4096 iterations for servers
-    older than 16: the server uses whatever count the stored verifier has, so a local PostgreSQL 13-15
-    connects as fast as 16+ with ``scram_iterations`` (measured: 2 ms instead of 5 ms per connect). The
-    password is random ASCII, which SASLprep leaves as it is.
-    """
-    salt = secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    encode = base64.b64encode
-    return (
-        f"SCRAM-SHA-256${iterations}:{encode(salt).decode()}"
-        f"${encode(stored_key).decode()}:{encode(server_key).decode()}"
-    )
 
 
 def _out_of_space(base: Path, source: str) -> ServerStartError:

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsandbox.server.base import lock_id, terminate_connections
+from pgsandbox.server.admin import lock_id, terminate_connections
 from pgsandbox.server.runs import remove_run_dirs, search_bases
 
 RUN_NAME = re.compile(r"^pgsandbox_([0-9a-f]{8})_")

@@ -33,10 +33,9 @@ import psycopg
 
 from pgsandbox.common.redact import redact
 from pgsandbox.errors import PgSandboxError
+from pgsandbox.server.tags import INTERNAL, OURS_PREFIX
 
 FORMATS = ("jsonlog", "csvlog")
-INTERNAL = "/* pgsandbox */ "  # starts what pgsandbox itself runs on a test's connection
-QUIET_OPTIONS = "-c log_min_duration_statement=-1"  # pgsandbox's admin connections: not logged
 FILE_PREFIX = "statements-"
 ROTATION_SIZE_MB = 16
 FILES_KEPT = 4  # the newest files stay; older ones are removed: at most ~64 MB of log on the run's tmpfs
@@ -105,9 +104,6 @@ class Position:
 
     file: str
     offset: int
-
-
-OURS_PREFIX = "pgsandbox"  # starts the application_name of every connection pgsandbox opens on a test's database
 
 
 def log_time(epoch: float) -> str:
