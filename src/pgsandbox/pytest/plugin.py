@@ -353,7 +353,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         item.stash[SQL_SHOWN_KEY] = True
         import psycopg
 
-        from pgsandbox.server.statements import StatementLogError
+        from pgsandbox.server.statement_log import StatementLogError
 
         try:
             found, _, complete = sandbox.sql_of(db)

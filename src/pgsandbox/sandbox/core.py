@@ -40,13 +40,9 @@ from pgsandbox.sandbox.database import Database, SessionLogin
 from pgsandbox.server import ExternalServer, LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.admin import connections_to, terminate_connections
 from pgsandbox.server.cache import cache_root, cache_size, default_cache_root, wait_for_cache_writes
-from pgsandbox.server.statements import (
-    Position,
-    Statement,
-    StatementLog,
-    StatementLogError,
-)
-from pgsandbox.server.statements import server_settings as statement_log_settings
+from pgsandbox.server.statement_log import Position, StatementLog, StatementLogError
+from pgsandbox.server.statement_log import server_settings as statement_log_settings
+from pgsandbox.server.statements import Statement
 from pgsandbox.server.statements import statements as statements_in
 from pgsandbox.server.tags import INTERNAL
 from pgsandbox.settings import ISOLATIONS, Settings

@@ -22,7 +22,7 @@ from pgsandbox.errors import ConfigError
 from pgsandbox.server.admin import lock_id
 from pgsandbox.server.passfile import Passfile
 from pgsandbox.server.roles import Login, take_over
-from pgsandbox.server.statements import StatementLog
+from pgsandbox.server.statement_log import StatementLog
 from pgsandbox.server.tags import QUIET_OPTIONS
 
 MAX_IDENTIFIER = 63
@@ -71,7 +71,7 @@ class Server(ABC):
         self.handed_over = False
         self.started = time.time()
         self.counts = {"created": 0, "dropped": 0}  # databases, for the session report
-        # the local server's log of every statement (statements.py); pgsandbox's own connections stay out of it
+        # the local server's log of every statement (statement_log.py); pgsandbox's own connections stay out of it
         self.statement_log: StatementLog | None = None
         # settings of every database created for tests when they connect as the admin (no role to hold them)
         self.database_settings: dict[str, str] = {}

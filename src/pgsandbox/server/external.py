@@ -18,7 +18,7 @@ from pgsandbox.server import runs
 from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.roles import drop_login
-from pgsandbox.server.statements import StatementLog
+from pgsandbox.server.statement_log import StatementLog
 from pgsandbox.server.tags import QUIET_OPTIONS
 
 CONNECT_TIMEOUT = 10

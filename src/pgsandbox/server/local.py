@@ -26,7 +26,7 @@ from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import cache, osuser, runs, statements
+from pgsandbox.server import cache, osuser, runs, statement_log
 from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.scram import SCRAM_ITERATIONS, scram_verifier
@@ -204,13 +204,13 @@ class LocalServer(Server):
         run_id: str,
         cached_password: str,
     ) -> LocalServer:
-        log_format = statements.choose_format(settings.sql_log, installation.major)
+        log_format = statement_log.choose_format(settings.sql_log, installation.major)
         log_settings: dict[str, str] = {}
         if log_format:
             log_dir = run.path / "log"
             log_dir.mkdir(mode=0o700, exist_ok=True)
             account.chown(log_dir)
-            log_settings = statements.server_settings(log_dir, log_format)
+            log_settings = statement_log.server_settings(log_dir, log_format)
         process, tcp = _start_listening(settings, installation, account, run, log_settings)
         # the password the run gives its superuser lives in the run's passfile only (passfile.py); any port
         # and host: the file is the run's own, and a restart may move the server to another port
@@ -258,7 +258,7 @@ class LocalServer(Server):
         server._start_settings = (settings, log_settings)
         server._admin = admin
         if log_format:
-            server.statement_log = statements.StatementLog(run.path / "log", log_format)
+            server.statement_log = statement_log.StatementLog(run.path / "log", log_format)
         return server
 
     def save_snapshot(self, key: str, replace: bool = False) -> Path:
@@ -598,7 +598,7 @@ def _read_log(run: runs.RunDir) -> str:
         text = run.log.read_text(errors="replace")
     except OSError:
         text = ""
-    return redact(text + "\n" + statements.server_messages(run.path / "log"))
+    return redact(text + "\n" + statement_log.server_messages(run.path / "log"))
 
 
 def _tail(log: str, lines: int = 15) -> str:
