@@ -39,7 +39,7 @@ from pgsandbox.isolation.transaction import (
 from pgsandbox.sandbox.database import Database, SessionLogin
 from pgsandbox.server import ExternalServer, LocalServer, Server, reaper, roles, start_server
 from pgsandbox.server.admin import connections_to, terminate_connections
-from pgsandbox.server.cache import cache_root, cache_size, default_cache_root, wait_for_cache_writes
+from pgsandbox.server.clusters import cache_root, cache_size, default_cache_root, wait_for_cache_writes
 from pgsandbox.server.statement_log import Position, StatementLog, StatementLogError
 from pgsandbox.server.statement_log import server_settings as statement_log_settings
 from pgsandbox.server.statements import Statement
@@ -237,7 +237,7 @@ class Sandbox:
         if grace < 0:
             return []
         admin = self.server.admin
-        return reaper.reap(admin, reaper.stale_runs(admin, grace, self.server.run_id), say=self.progress)
+        return reaper.drop_dead_runs(admin, reaper.stale_runs(admin, grace, self.server.run_id), say=self.progress)
 
     def _log_in(self) -> None:
         """Create the role this session's tests connect as (``pg_role``), when the admin may create roles."""

@@ -26,7 +26,7 @@ from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import cache, osuser, runs, statement_log
+from pgsandbox.server import clusters, osuser, runs, statement_log
 from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.scram import SCRAM_ITERATIONS, scram_verifier
@@ -125,7 +125,7 @@ class LocalServer(Server):
                 "pgsandbox cannot run a local PostgreSQL server on this platform yet (Linux and macOS only).",
                 "use an existing server: --pg-dsn postgresql://user:password@host:5432/postgres (or PGSANDBOX_DSN).",
             )
-        root = cache.cache_root(settings.cache)
+        root = clusters.cache_root(settings.cache)
         search = find_installations(settings.bin, cache_root=root, say=progress)
         installation = select_installation(
             search, settings.version, settings.source_of("bin"), settings.extensions, settings.source_of("extensions")
@@ -145,7 +145,7 @@ class LocalServer(Server):
         base = settings.runtime_dir or runs.default_runtime_base()
         runs.check_runtime_base(base, account, settings.source_of("runtime_dir"))
         for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir)):
-            runs.reap(leftover)
+            runs.remove_leftover(leftover)
             if progress:
                 progress(f"stopped a server left behind by a killed run: {leftover.describe()}")
         for abandoned in runs.find_abandoned(runs.search_bases(settings.runtime_dir), root):
@@ -154,15 +154,15 @@ class LocalServer(Server):
                 progress(f"removed {abandoned.describe()}")
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
-        snapshot_dir = cache.snapshot_dir(root, installation, settings.initdb_args)
-        build_lock = cache.snapshot_build_lock(snapshot_dir, list(snapshots), progress)
+        snapshot_dir = clusters.snapshot_dir(root, installation, settings.initdb_args)
+        build_lock = clusters.snapshot_build_lock(snapshot_dir, list(snapshots), progress)
         try:
-            with cache.snapshot_source(snapshot_dir, list(snapshots)) as found:
+            with clusters.snapshot_source(snapshot_dir, list(snapshots)) as found:
                 if found:
-                    cache.copy_tree(found[1].data, run.data)
+                    clusters.copy_tree(found[1].data, run.data)
                     password = found[1].password
             if not found:
-                with cache.cluster_source(
+                with clusters.cluster_source(
                     installation,
                     account,
                     root,
@@ -171,7 +171,7 @@ class LocalServer(Server):
                     progress,
                     settings.cache_max_size,
                 ) as cluster:
-                    cache.copy_tree(cluster.data, run.data)
+                    clusters.copy_tree(cluster.data, run.data)
                 password = cluster.password
             account.chown(run.data)
             run.data.chmod(0o700)
@@ -215,7 +215,7 @@ class LocalServer(Server):
         # the password the run gives its superuser lives in the run's passfile only (passfile.py); any port
         # and host: the file is the run's own, and a restart may move the server to another port
         passfile = Passfile(run.path / FILE_NAME)
-        passfile.add(cache.SUPERUSER, secrets.token_urlsafe(32))
+        passfile.add(clusters.SUPERUSER, secrets.token_urlsafe(32))
         quiet: dict[str, Any] = {"options": QUIET_OPTIONS} if log_format else {}
         port = SOCKET_PORT if tcp is None else tcp[1]
         # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
@@ -223,7 +223,7 @@ class LocalServer(Server):
         admin_conninfo = make_conninfo(
             host=str(run.socket_dir),
             port=port,
-            user=cache.SUPERUSER,
+            user=clusters.SUPERUSER,
             dbname="postgres",
             password=NO_PASSWORD,
             passfile=str(passfile.path),
@@ -233,8 +233,8 @@ class LocalServer(Server):
             admin = _connect_with(admin_conninfo, Secret(cached_password), run, autocommit=True, **quiet)
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(cache.SUPERUSER),
-                    sql.Literal(scram_verifier(passfile.password(cache.SUPERUSER) or "")),
+                    sql.Identifier(clusters.SUPERUSER),
+                    sql.Literal(scram_verifier(passfile.password(clusters.SUPERUSER) or "")),
                 )
             )
             version_num = admin.info.server_version
@@ -272,10 +272,10 @@ class LocalServer(Server):
         self._close_admin()
         self._shutdown()
         staging = make_staging_dir(self.run.path.parent, "snapshot")
-        cache.copy_tree(self.run.data, staging / "data")
+        clusters.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
         settings, log_settings = self._start_settings
-        target = cache.store_snapshot_in_background(
+        target = clusters.store_snapshot_in_background(
             staging, self.snapshots, key, self._superuser_password(), replace, lock, settings.cache_max_size
         )
         try:
@@ -294,7 +294,7 @@ class LocalServer(Server):
         return target
 
     def _superuser_password(self) -> Secret:
-        password = self.passfile.password(cache.SUPERUSER)
+        password = self.passfile.password(clusters.SUPERUSER)
         assert password is not None  # written by _launch
         return password
 
@@ -343,7 +343,7 @@ class LocalServer(Server):
             self._shutdown()
             shutil.rmtree(self.run.path, ignore_errors=True)
         self._release_build_lock()
-        cache.wait_for_cache_writes()
+        clusters.wait_for_cache_writes()
 
 
 def _connect_with(conninfo: str, password: Secret, run: runs.RunDir, **kwargs: Any) -> psycopg.Connection[Any]:

@@ -104,7 +104,7 @@ def stale_runs(
     return sorted(stale, key=lambda run: run.run_id)
 
 
-def reap(
+def drop_dead_runs(
     admin: psycopg.Connection[Any],
     runs: list[Run],
     include_kept: bool = False,

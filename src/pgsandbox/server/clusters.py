@@ -1,4 +1,5 @@
-"""The cache directory and the initdb cache: initdb runs once per (binaries, initdb options).
+"""The clusters of the cache directory: initdb runs once per (binaries, initdb options); a snapshot is a stopped
+cluster holding built templates; the least recently used go beyond pg_cache_max_size.
 
 Each run copies the cached cluster instead of running initdb. The cached cluster's superuser password
 lives beside it (0600); every run replaces it with a fresh random one before anything else connects.
