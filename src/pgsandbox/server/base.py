@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgsandbox.binaries import Installation
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConfigError
 from pgsandbox.server.admin import lock_id
@@ -153,6 +154,71 @@ class Server(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} PostgreSQL {self.version_string} {self.dsn_redacted}>"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of :attr:`dsn`, for messages (libpq's defaults when it names none)."""
+        params = self.params
+        return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+
+    # -- what kind of server: ask these, not the class ------------------------------------------------
+    owns_cluster = False
+    """This process started the server (a local server): it alone uses it, may restart it (save_snapshot),
+    and stops it; nobody else's runs left anything on it."""
+
+    # the binaries the server runs from, when this process started it (None: someone else's server)
+    installation: Installation | None = None
+
+    @property
+    def throwaway(self) -> bool:
+        """A server of this run: this process's local server, or the one an xdist controller started for its
+        workers. Nobody else creates databases, roles or tablespaces on it."""
+        return self.owns_cluster
+
+    @property
+    def bindir(self) -> Path | None:
+        """Where the server's own programs are (psql of the same version), when pgsandbox started it."""
+        return self.installation.bindir if self.installation is not None else None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory (data, socket, log) of the server, when pgsandbox started it on this machine."""
+        return None
+
+    @property
+    def origin(self) -> str:
+        """What runs the server, for the session report."""
+        return f"PostgreSQL {self.version_string} on an existing server ({self.address})"
+
+    @property
+    def how_started(self) -> str:
+        """How this session got the server, for the session report."""
+        return "attached"
+
+    @property
+    def snapshot_hit(self) -> bool:
+        """The server started from a cached cluster that holds the templates already built (no migration ran)."""
+        return False
+
+    can_save_snapshot = False  # save_snapshot() keeps the cluster with its templates for the next run
+
+    def save_snapshot(self, key: str, replace: bool = False) -> Path:
+        """Keep the cluster, with the templates built in it, for the next run (see :attr:`can_save_snapshot`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save a snapshot of someone else's cluster")
+
+    @property
+    def exited(self) -> int | None:
+        """The server process's exit status when this process knows it ended (negative: the signal that killed
+        it); None while it runs, or when this process cannot tell."""
+        return None
+
+    def describe_exit(self) -> str | None:
+        """What happened to a server whose end this process saw (:attr:`exited`), else None."""
+        return None
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the server's log (indented), when it is on this machine; else empty."""
+        return ""
 
     # -- connections -------------------------------------------------------------------------------
     def connect(self, dbname: str | None = None, *, logged: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -292,6 +358,15 @@ class Server(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Release everything this object created or started. Safe to call twice."""
+
+    def stop_keeping_databases(self) -> None:
+        """Stop, but leave the databases :meth:`forget_database` took out of this object's hands usable after
+        this process (kept databases of failed tests) and what their psql command names."""
+        self.stop()
+
+    def abandon(self) -> None:
+        """The server went away: release what this process holds without asking the server anything."""
+        self._close_admin()
 
     def _close_admin(self) -> None:
         if self._admin is not None and not self._admin.closed:

@@ -71,6 +71,9 @@ class LocalServer(Server):
     """A private PostgreSQL server for one run; :meth:`stop` removes every trace of it."""
 
     kind = "local"
+    owns_cluster = True
+    can_save_snapshot = True
+    installation: Installation
 
     def __init__(
         self,
@@ -109,6 +112,22 @@ class LocalServer(Server):
     @property
     def log_path(self) -> Path:
         return self.run.log
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def origin(self) -> str:
+        return self.installation.describe()
+
+    @property
+    def how_started(self) -> str:
+        return "from the cached cluster" if self.snapshot is not None else "from the initdb cache"
+
+    @property
+    def snapshot_hit(self) -> bool:
+        return self.snapshot is not None
 
     @classmethod
     def start(
@@ -318,6 +337,13 @@ class LocalServer(Server):
         """The postmaster's exit status when it is gone (negative: the signal that killed it), else None."""
         return self.process.poll()
 
+    def describe_exit(self) -> str | None:
+        code = self.exited
+        if code is None:
+            return None
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        return f"the local PostgreSQL server (pid {self.pid}) exited during the run ({how})"
+
     def log_tail(self, lines: int = 15) -> str:
         """The end of the server's log (its own output and the logging collector's messages), indented."""
         return log_tail(self.run, lines)
@@ -330,6 +356,14 @@ class LocalServer(Server):
     def stop(self) -> None:
         """Fast shutdown, then remove the run directory. Safe to call twice."""
         self._end(keep_running=False)
+
+    def stop_keeping_databases(self) -> None:
+        """The server keeps running for the kept databases (:meth:`detach`)."""
+        self.detach()
+
+    def abandon(self) -> None:
+        """Its directory, and any of its processes still exiting, go."""
+        self.stop()
 
     def _end(self, keep_running: bool) -> None:
         if self._stopped:
