@@ -161,7 +161,9 @@ def test_what_an_existing_server_says_of_itself(other: LocalServer) -> None:
         assert worker.log_tail(50) == other.log_tail(50)
 
 
-def test_an_existing_server_kept_for_its_databases_and_abandoned(other: LocalServer) -> None:
+def test_an_existing_server_kept_for_its_databases_and_abandoned(
+    other: LocalServer, machine_wide_servers: None
+) -> None:
     from pgsandbox.server import runs
 
     server = ExternalServer.attach(url(other))
