@@ -184,3 +184,20 @@ def test_the_servers_own_messages_from_its_log_files(tmp_path: Path) -> None:
     assert said == ["ERROR", "WARNING", "LOG", "DETAIL", "LOG"] * 2  # csvlog first, then jsonlog
     assert "ERROR:  division by zero" in told[0] and "DETAIL:  Process holding the lock: " in told[3]
     assert server_messages(tmp_path / "none") == ""
+
+
+def test_the_log_format_for_a_server_version() -> None:
+    choose = statement_log.choose_format
+    assert [choose("auto", 15), choose("auto", 14), choose("csvlog", 17), choose("off", 17)] == [
+        "jsonlog",
+        "csvlog",
+        "csvlog",
+        None,
+    ]
+    with pytest.raises(statement_log.StatementLogError) as caught:
+        choose("jsonlog", 14)
+    assert caught.value.what == "pg_sql_log = jsonlog needs PostgreSQL 15 or newer; this server is 14."
+    assert caught.value.fix == "use pg_sql_log = auto (csvlog on this version) or csvlog."
+    settings = statement_log.server_settings(Path("/run/log"), "csvlog")
+    assert settings["log_destination"] == "csvlog" and settings["log_directory"] == "/run/log"
+    assert settings["log_min_duration_statement"] == "0" and settings["log_timezone"] == "UTC"
