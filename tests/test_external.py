@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,3 +140,47 @@ def test_bad_dsn_fails_the_test_with_the_message(pytester: pytest.Pytester) -> N
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*pgsandbox: --pg-dsn is not a valid connection string*"])
     assert "leaky" not in result.stdout.str()
+
+
+def test_what_an_existing_server_says_of_itself(other: LocalServer) -> None:
+    """What the sandbox asks a server instead of its class: someone else's, or (an xdist worker's) the local
+    server of the run, whose log it can read."""
+    assert other.tcp is not None
+    with ExternalServer.attach(url(other)) as server:
+        assert not (server.owns_cluster or server.throwaway or server.can_save_snapshot or server.snapshot_hit)
+        assert server.installation is None and server.bindir is None and server.run_dir is None
+        assert server.address == f"127.0.0.1:{other.tcp[1]}"
+        assert server.origin == f"PostgreSQL {other.version_string} on an existing server (127.0.0.1:{other.tcp[1]})"
+        assert server.how_started == "attached"
+        assert server.exited is None and server.describe_exit() is None and server.log_tail() == ""
+        with pytest.raises(NotImplementedError, match="cannot save a snapshot"):
+            server.save_snapshot("key")
+    with ExternalServer.attach(other.dsn, local_run=other.run_dir) as worker:
+        assert worker.throwaway and not worker.owns_cluster and worker.run_dir == other.run_dir
+        assert "database system is ready to accept connections" in worker.log_tail(50)
+        assert worker.log_tail(50) == other.log_tail(50)
+
+
+def test_an_existing_server_kept_for_its_databases_and_abandoned(
+    other: LocalServer, machine_wide_servers: None
+) -> None:
+    from pgsandbox.server import runs
+
+    server = ExternalServer.attach(url(other))
+    name = server.create_database("gone")
+    server.abandon()  # the server went away: nothing is asked of it
+    assert name in databases(other)
+    server.stop()
+    assert name not in databases(other)
+
+    server = ExternalServer.attach(url(other))
+    name = server.create_database("kept")
+    server.forget_database(name)
+    secrets = server.secrets
+    assert secrets is not None
+    server.stop_keeping_databases()
+    try:
+        assert name in databases(other) and runs.is_kept(secrets) and server.kept_passfile.exists()
+    finally:
+        other.admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        shutil.rmtree(secrets.path)

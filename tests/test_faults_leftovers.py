@@ -114,9 +114,9 @@ def test_killed_at_initdb_on_a_cold_cache(
 SNAPSHOT = """
     import sys, threading
     from pgsandbox import LocalServer, Settings
-    from pgsandbox.server import cache
+    from pgsandbox.server import clusters
 
-    copy = cache.copy_tree
+    copy = clusters.copy_tree
 
     def copy_then_hang(source, destination):
         copy(source, destination)
@@ -124,7 +124,7 @@ SNAPSHOT = """
             print("writing the snapshot", flush=True)
             threading.Event().wait()  # killed here, as if the cache's disk were slow
 
-    cache.copy_tree = copy_then_hang
+    clusters.copy_tree = copy_then_hang
     server = LocalServer.start(Settings.from_env())
     print(server.pid, server.run.path, flush=True)
     server.save_snapshot("f" * 64)
@@ -288,18 +288,18 @@ def _cluster(path: Path, megabytes: int, used: float) -> Path:
 def test_pruning_keeps_the_newest_and_what_a_run_copies(tmp_path: Path) -> None:
     from filelock import FileLock
 
-    from pgsandbox.server import cache
+    from pgsandbox.server import clusters
 
     now = time.time()
     snapshots = tmp_path / "snapshots" / "0123456789abcdef"
     copied, old, newest = (_cluster(snapshots / name, 1, now - age) for name, age in (("a", 300), ("b", 200), ("c", 0)))
     initdb = _cluster(tmp_path / "initdb" / "0123456789abcdef", 1, now - 400)
     with FileLock(str(copied) + ".lock"):  # a run copies it (snapshot_source holds this lock)
-        pruned = cache.prune_cache(tmp_path, max_size=2_500_000)
+        pruned = clusters.prune_cache(tmp_path, max_size=2_500_000)
     assert [entry.path for entry in pruned] == [old]
     assert copied.exists() and newest.exists() and initdb.exists() and not old.exists()
-    assert cache.prune_cache(tmp_path, max_size=0) == []  # no bound
-    assert [entry.path for entry in cache.prune_cache(tmp_path, max_size=1)] == [copied]
+    assert clusters.prune_cache(tmp_path, max_size=0) == []  # no bound
+    assert [entry.path for entry in clusters.prune_cache(tmp_path, max_size=1)] == [copied]
 
 
 @pytest.mark.usefixtures("private_runtime")

@@ -294,9 +294,9 @@ def test_keep_failed_on_an_existing_server_keeps_its_passfile_with_the_run_until
 
     (dead,) = [found for found in reaper.runs_on(shared.admin).values() if f"run-{found.run_id}" == run.path.name]
     assert dead.kept == [kept]
-    reaper.reap(shared.admin, [dead])
+    reaper.drop_dead_runs(shared.admin, [dead])
     assert run.path.exists()  # without --include-kept the kept database, and its passfile, stay
-    reaper.reap(shared.admin, [dead], include_kept=True)
+    reaper.drop_dead_runs(shared.admin, [dead], include_kept=True)
     assert not run.path.exists()
     assert not shared.admin.execute("select 1 from pg_database where datname = %s", [kept]).fetchall()
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -272,3 +273,52 @@ def test_a_second_server_on_a_cold_cache_waits_for_the_first_ones_cache_write(tm
     finally:
         first.stop()
     assert (tmp_path / "cache" / "initdb").is_dir()
+
+
+def test_what_a_local_server_says_of_itself(start_local: StartLocal, cache_dir: Path) -> None:
+    """What the sandbox asks a server instead of its class: one this process started, from the initdb cache or
+    from a snapshot of its templates; how it ended when something killed it, and its log."""
+    server = start_local()
+    assert server.owns_cluster and server.throwaway and server.can_save_snapshot
+    assert server.bindir == server.installation.bindir and (server.bindir / "psql").exists()
+    assert server.run_dir == server.run.path and (server.run_dir / "data").is_dir()
+    assert server.tcp is not None and server.address == f"127.0.0.1:{server.tcp[1]}"
+    assert server.origin == server.installation.describe() and server.origin.startswith("PostgreSQL ")
+    assert (server.how_started, server.snapshot_hit) == ("from the initdb cache", False)
+    assert server.exited is None and server.describe_exit() is None
+    server.save_snapshot("members")
+    again = LocalServer.start(Settings(cache=cache_dir), snapshots=["members"])
+    try:
+        assert (again.how_started, again.snapshot_hit) == ("from the cached cluster", True)
+    finally:
+        again.stop()
+    os.kill(server.pid, 9)
+    server.process.wait(10)
+    assert server.exited == -9
+    assert (
+        server.describe_exit()
+        == f"the local PostgreSQL server (pid {server.pid}) exited during the run (killed by signal 9)"
+    )
+    assert "database system is ready to accept connections" in server.log_tail(50)
+    run_dir = server.run_dir
+    server.abandon()
+    assert not run_dir.exists()
+
+
+def test_a_local_server_kept_for_its_databases_keeps_running(
+    start_local: StartLocal, machine_wide_servers: None
+) -> None:
+    from pgsandbox.server import runs
+
+    server = start_local()
+    name = server.create_database("kept")
+    server.forget_database(name)
+    server.stop_keeping_databases()
+    try:
+        assert server.exited is None and runs.is_kept(server.run)
+        with psycopg.connect(server.dsn_for(name)) as conn:
+            assert conn.execute("select current_database()").fetchone() == (name,)
+    finally:
+        runs.stop_postmaster(server.pid)
+        server.process.wait(10)
+        shutil.rmtree(server.run.path)

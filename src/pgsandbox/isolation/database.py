@@ -22,7 +22,8 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.errors import PgSandboxError
-from pgsandbox.server.base import Server, terminate_connections
+from pgsandbox.server.admin import terminate_connections
+from pgsandbox.server.base import Server
 
 DEPTH = 2  # clones made ahead: enough to hide a create (~16 ms) behind a test, without hoarding memory
 # Two CREATE DATABASE at once share their checkpoints: 13 ms per clone instead of 19 ms, measured here.

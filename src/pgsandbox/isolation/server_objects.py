@@ -21,7 +21,8 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.isolation.transaction import Finding
-from pgsandbox.server.statements import Entry, Scope, ran
+from pgsandbox.server.statement_log import Entry
+from pgsandbox.server.statements import Scope, ran
 
 OUTSIDE = "objects created outside the test's database"
 KINDS = {"database": "DATABASE", "role": "ROLE", "tablespace": "TABLESPACE"}

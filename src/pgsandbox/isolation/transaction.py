@@ -19,8 +19,9 @@ from psycopg import pq, sql
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.isolation.database import clone_failed
-from pgsandbox.server.base import Server, Session, connections_to, terminate_connections
-from pgsandbox.server.statements import INTERNAL, OURS_PREFIX
+from pgsandbox.server.admin import Session, connections_to, terminate_connections
+from pgsandbox.server.base import Server
+from pgsandbox.server.tags import INTERNAL, OURS_PREFIX
 
 LEFTOVER_WAIT_SECONDS = 0.2
 # After the rollback, in the same round trip: how many backends are on the session database (more than

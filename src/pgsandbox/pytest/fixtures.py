@@ -136,7 +136,7 @@ def pg_queries(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Queries:
     ``with pg_queries() as ran:`` only records (``ran.count``, ``ran.sql``, ``print(ran)``). Transaction
     control is not counted. Needs the statement log of the local server (``pg_sql_log``, on by default)."""
     from pgsandbox.sandbox.queries import Queries
-    from pgsandbox.server.statements import StatementLogError
+    from pgsandbox.server.statement_log import StatementLogError
 
     db = sandbox_database(request, pg_sandbox)
     if pg_sandbox.server.statement_log is None:

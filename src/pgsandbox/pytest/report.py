@@ -100,7 +100,7 @@ def add_sql(item: pytest.Item, report: pytest.TestReport, sandbox: Sandbox, db: 
     item.stash[SQL_SHOWN_KEY] = True
     import psycopg
 
-    from pgsandbox.server.statements import StatementLogError
+    from pgsandbox.server.statement_log import StatementLogError
 
     try:
         found, _, complete = sandbox.sql_of(db)

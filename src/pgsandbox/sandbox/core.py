@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.binaries import find_installations, missing_extension, missing_extension_advice
+from pgsandbox.common.progress import Progress
 from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.errors import ConfigError, PgSandboxError, causes
 from pgsandbox.isolation.database import Clone, ClonePool, clone_failed
@@ -37,17 +38,13 @@ from pgsandbox.isolation.transaction import (
 )
 from pgsandbox.sandbox.database import Database, SessionLogin
 from pgsandbox.server import ExternalServer, LocalServer, Server, reaper, roles, start_server
-from pgsandbox.server.base import Progress, connections_to, terminate_connections
-from pgsandbox.server.cache import cache_root, cache_size, default_cache_root, wait_for_cache_writes
-from pgsandbox.server.statements import (
-    INTERNAL,
-    Position,
-    Statement,
-    StatementLog,
-    StatementLogError,
-)
-from pgsandbox.server.statements import server_settings as statement_log_settings
+from pgsandbox.server.admin import connections_to, terminate_connections
+from pgsandbox.server.clusters import cache_root, cache_size, default_cache_root, wait_for_cache_writes
+from pgsandbox.server.statement_log import Position, StatementLog, StatementLogError
+from pgsandbox.server.statement_log import server_settings as statement_log_settings
+from pgsandbox.server.statements import Statement
 from pgsandbox.server.statements import statements as statements_in
+from pgsandbox.server.tags import INTERNAL
 from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator
@@ -240,7 +237,7 @@ class Sandbox:
         if grace < 0:
             return []
         admin = self.server.admin
-        return reaper.reap(admin, reaper.stale_runs(admin, grace, self.server.run_id), say=self.progress)
+        return reaper.drop_dead_runs(admin, reaper.stale_runs(admin, grace, self.server.run_id), say=self.progress)
 
     def _log_in(self) -> None:
         """Create the role this session's tests connect as (``pg_role``), when the admin may create roles."""

@@ -23,7 +23,8 @@ from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.server_objects import ServerObjects, server_objects
 from pgsandbox.isolation.transaction import Guests, Parked, TransactionIsolation, app_name, guest_begin
 from pgsandbox.server import Server
-from pgsandbox.server.statements import Position, Scope, log_time
+from pgsandbox.server.statement_log import Position, log_time
+from pgsandbox.server.statements import Scope
 
 Isolation = Literal["transaction", "database"]
 T = TypeVar("T")

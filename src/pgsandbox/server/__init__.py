@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pgsandbox.server.base import Progress, Server
+from pgsandbox.common.progress import Progress
+from pgsandbox.server.base import Server
 from pgsandbox.server.external import ExternalServer
 from pgsandbox.server.local import LocalServer
 from pgsandbox.settings import Settings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -10,8 +9,6 @@ import secrets
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,87 +17,21 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgsandbox.binaries import Installation
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConfigError
+from pgsandbox.server.admin import lock_id
 from pgsandbox.server.passfile import Passfile
 from pgsandbox.server.roles import Login, take_over
-from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
+from pgsandbox.server.statement_log import StatementLog
+from pgsandbox.server.tags import QUIET_OPTIONS
 
-Progress = Callable[[str], None]
 MAX_IDENTIFIER = 63
-
-
-@dataclass(frozen=True)
-class Session:
-    """A client connection to a database, as pg_stat_activity shows it."""
-
-    pid: int
-    application_name: str
-    state: str
-    query: str
-    transaction_seconds: float | None  # how long its transaction has been open; None: not in one
-
-    @property
-    def idle_in_transaction(self) -> bool:
-        return self.state.startswith("idle in transaction")
-
-    def __str__(self) -> str:
-        opened = "" if self.transaction_seconds is None else f" for {self.transaction_seconds:.1f} s"
-        return (
-            f"pid {self.pid}, application_name {self.application_name!r}, {self.state}{opened}, its last statement: "
-            f"{self.query!r}"
-        )
-
-
-def connections_to(
-    conn: psycopg.Connection[Any], dbname: str, exclude: Collection[int] = (), wait: float = 0.0
-) -> list[Session]:
-    """Client connections to ``dbname`` other than ``conn``'s and ``exclude``.
-
-    A connection its client closed a moment ago may still be exiting: with ``wait``, poll up to that many
-    seconds for such connections to go before reporting what is left.
-    """
-    deadline = time.monotonic() + wait
-    while True:
-        rows = conn.execute(
-            "SELECT pid, application_name, state, left(query, 200), "
-            "extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity "
-            "WHERE datname = %s AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
-            "AND NOT (pid = ANY(%s))",
-            [dbname, list(exclude)],
-        ).fetchall()
-        if not rows or time.monotonic() >= deadline:
-            return [Session(int(r[0]), str(r[1] or ""), str(r[2] or ""), str(r[3] or ""), r[4]) for r in rows]
-        time.sleep(0.002)
-
-
-def terminate_connections(
-    conn: psycopg.Connection[Any], dbname: str, exclude: Collection[int] = (), wait: float = 10.0
-) -> None:
-    """Terminate every connection to ``dbname`` but ``conn``'s and ``exclude``, and wait until they are gone
-    (``DROP DATABASE`` and ``CREATE DATABASE ... TEMPLATE`` otherwise wait or fail on exiting backends)."""
-    deadline = time.monotonic() + wait
-    delay = 0.001
-    while True:
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
-            [dbname, list(exclude)],
-        ).fetchone()
-        if not row or not row[0] or time.monotonic() >= deadline:
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
 
 
 def new_run_id() -> str:
     """Short, random and lower-case: part of every database name a run creates."""
     return secrets.token_hex(4)
-
-
-def lock_id(name: str, purpose: str) -> int:
-    """A bigint advisory lock key for (name, purpose): a template's build or use, a run's lifetime."""
-    return int.from_bytes(hashlib.sha256(f"pgsandbox:{purpose}:{name}".encode()).digest()[:8], "big", signed=True)
 
 
 class Server(ABC):
@@ -141,7 +72,7 @@ class Server(ABC):
         self.handed_over = False
         self.started = time.time()
         self.counts = {"created": 0, "dropped": 0}  # databases, for the session report
-        # the local server's log of every statement (statements.py); pgsandbox's own connections stay out of it
+        # the local server's log of every statement (statement_log.py); pgsandbox's own connections stay out of it
         self.statement_log: StatementLog | None = None
         # settings of every database created for tests when they connect as the admin (no role to hold them)
         self.database_settings: dict[str, str] = {}
@@ -223,6 +154,71 @@ class Server(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} PostgreSQL {self.version_string} {self.dsn_redacted}>"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of :attr:`dsn`, for messages (libpq's defaults when it names none)."""
+        params = self.params
+        return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+
+    # -- what kind of server: ask these, not the class ------------------------------------------------
+    owns_cluster = False
+    """This process started the server (a local server): it alone uses it, may restart it (save_snapshot),
+    and stops it; nobody else's runs left anything on it."""
+
+    # the binaries the server runs from, when this process started it (None: someone else's server)
+    installation: Installation | None = None
+
+    @property
+    def throwaway(self) -> bool:
+        """A server of this run: this process's local server, or the one an xdist controller started for its
+        workers. Nobody else creates databases, roles or tablespaces on it."""
+        return self.owns_cluster
+
+    @property
+    def bindir(self) -> Path | None:
+        """Where the server's own programs are (psql of the same version), when pgsandbox started it."""
+        return self.installation.bindir if self.installation is not None else None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory (data, socket, log) of the server, when pgsandbox started it on this machine."""
+        return None
+
+    @property
+    def origin(self) -> str:
+        """What runs the server, for the session report."""
+        return f"PostgreSQL {self.version_string} on an existing server ({self.address})"
+
+    @property
+    def how_started(self) -> str:
+        """How this session got the server, for the session report."""
+        return "attached"
+
+    @property
+    def snapshot_hit(self) -> bool:
+        """The server started from a cached cluster that holds the templates already built (no migration ran)."""
+        return False
+
+    can_save_snapshot = False  # save_snapshot() keeps the cluster with its templates for the next run
+
+    def save_snapshot(self, key: str, replace: bool = False) -> Path:
+        """Keep the cluster, with the templates built in it, for the next run (see :attr:`can_save_snapshot`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save a snapshot of someone else's cluster")
+
+    @property
+    def exited(self) -> int | None:
+        """The server process's exit status when this process knows it ended (negative: the signal that killed
+        it); None while it runs, or when this process cannot tell."""
+        return None
+
+    def describe_exit(self) -> str | None:
+        """What happened to a server whose end this process saw (:attr:`exited`), else None."""
+        return None
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the server's log (indented), when it is on this machine; else empty."""
+        return ""
 
     # -- connections -------------------------------------------------------------------------------
     def connect(self, dbname: str | None = None, *, logged: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -362,6 +358,15 @@ class Server(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Release everything this object created or started. Safe to call twice."""
+
+    def stop_keeping_databases(self) -> None:
+        """Stop, but leave the databases :meth:`forget_database` took out of this object's hands usable after
+        this process (kept databases of failed tests) and what their psql command names."""
+        self.stop()
+
+    def abandon(self) -> None:
+        """The server went away: release what this process holds without asking the server anything."""
+        self._close_admin()
 
     def _close_admin(self) -> None:
         if self._admin is not None and not self._admin.closed:

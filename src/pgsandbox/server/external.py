@@ -16,9 +16,11 @@ from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
 from pgsandbox.server import runs
 from pgsandbox.server.base import Server, new_run_id
+from pgsandbox.server.local import log_tail
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.roles import drop_login
-from pgsandbox.server.statements import QUIET_OPTIONS, StatementLog
+from pgsandbox.server.statement_log import StatementLog
+from pgsandbox.server.tags import QUIET_OPTIONS
 
 CONNECT_TIMEOUT = 10
 _UNREACHABLE = re.compile(
@@ -55,11 +57,13 @@ class ExternalServer(Server):
         source: str = "pg_dsn",
         statement_log: StatementLog | None = None,
         admin_dsn: str | None = None,
+        local_run: Path | None = None,
     ) -> ExternalServer:
         """Connect with ``dsn`` (a URL or key=value string; empty: the libpq ``PG*`` variables) and check
         that the server is new enough and the role may create databases. ``statement_log``: the log of a
         pgsandbox local server (an xdist worker's), which the admin's own statements stay out of;
-        ``admin_dsn``: the same role by another way for pgsandbox's own connections (that server's socket)."""
+        ``admin_dsn``: the same role by another way for pgsandbox's own connections (that server's socket);
+        ``local_run``: that server's run directory (its log), which makes it a :attr:`throwaway` server."""
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as error:
@@ -102,6 +106,7 @@ class ExternalServer(Server):
             server.secrets = secrets
             server.origin_passfile = Path(str(origin)) if origin else None
             server.statement_log = statement_log
+            server.local_run = local_run
         except BaseException:
             admin.close()
             shutil.rmtree(secrets.path, ignore_errors=True)
@@ -112,6 +117,19 @@ class ExternalServer(Server):
 
     secrets: runs.RunDir | None = None  # the run's directory, holding its passfile
     origin_passfile: Path | None = None  # the passfile the attached DSN named (an xdist controller's)
+    local_run: Path | None = None  # the run directory of the pgsandbox local server attached to (xdist workers)
+
+    @property
+    def throwaway(self) -> bool:
+        return self.local_run is not None
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.local_run
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the log of the pgsandbox local server attached to (an xdist controller's), else empty."""
+        return log_tail(runs.RunDir(self.local_run), lines) if self.local_run is not None else ""
 
     @property
     def kept_passfile(self) -> Path:
@@ -129,6 +147,11 @@ class ExternalServer(Server):
         if self.secrets is not None:
             runs.mark_kept(self.secrets)
             self.secrets = None
+
+    def stop_keeping_databases(self) -> None:
+        """The passfile their psql command names stays (:meth:`keep_secrets`); the rest goes (:meth:`stop`)."""
+        self.keep_secrets()
+        self.stop()
 
     def stop(self) -> None:
         """Drop every database this run created (and only those), then the role its tests used."""

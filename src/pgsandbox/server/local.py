@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
-import hashlib
-import hmac
 import os
 import secrets
 import shutil
@@ -25,12 +22,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
+from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import cache, osuser, runs, statements
-from pgsandbox.server.base import Progress, Server, new_run_id
+from pgsandbox.server import clusters, osuser, runs, statement_log
+from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
+from pgsandbox.server.scram import SCRAM_ITERATIONS, scram_verifier
+from pgsandbox.server.tags import QUIET_OPTIONS
 from pgsandbox.settings import Settings, listens_on_tcp
 
 SOCKET_PORT = 5432  # only names the socket file: the socket directory is private to the run
@@ -40,8 +40,6 @@ STOP_TIMEOUT = 15.0
 PORT_ATTEMPTS = 5  # a free port picked by pgsandbox may be taken before the server binds it: pick again
 PORT_IN_USE = "already in use"  # EADDRINUSE in the server's log (English: initdb --locale=C)
 CANNOT_LISTEN = ("could not bind", "could not create any TCP/IP sockets")
-# A random 32-byte password needs no key stretching: the default 4096 iterations cost ~4 ms per connect.
-SCRAM_ITERATIONS = 16
 
 TEST_SETTINGS: dict[str, str] = {
     "fsync": "off",
@@ -73,6 +71,9 @@ class LocalServer(Server):
     """A private PostgreSQL server for one run; :meth:`stop` removes every trace of it."""
 
     kind = "local"
+    owns_cluster = True
+    can_save_snapshot = True
+    installation: Installation
 
     def __init__(
         self,
@@ -112,6 +113,22 @@ class LocalServer(Server):
     def log_path(self) -> Path:
         return self.run.log
 
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def origin(self) -> str:
+        return self.installation.describe()
+
+    @property
+    def how_started(self) -> str:
+        return "from the cached cluster" if self.snapshot is not None else "from the initdb cache"
+
+    @property
+    def snapshot_hit(self) -> bool:
+        return self.snapshot is not None
+
     @classmethod
     def start(
         cls, settings: Settings | None = None, progress: Progress | None = None, snapshots: Sequence[str] = ()
@@ -127,7 +144,7 @@ class LocalServer(Server):
                 "pgsandbox cannot run a local PostgreSQL server on this platform yet (Linux and macOS only).",
                 "use an existing server: --pg-dsn postgresql://user:password@host:5432/postgres (or PGSANDBOX_DSN).",
             )
-        root = cache.cache_root(settings.cache)
+        root = clusters.cache_root(settings.cache)
         search = find_installations(settings.bin, cache_root=root, say=progress)
         installation = select_installation(
             search, settings.version, settings.source_of("bin"), settings.extensions, settings.source_of("extensions")
@@ -147,7 +164,7 @@ class LocalServer(Server):
         base = settings.runtime_dir or runs.default_runtime_base()
         runs.check_runtime_base(base, account, settings.source_of("runtime_dir"))
         for leftover in runs.find_leftovers(runs.search_bases(settings.runtime_dir)):
-            runs.reap(leftover)
+            runs.remove_leftover(leftover)
             if progress:
                 progress(f"stopped a server left behind by a killed run: {leftover.describe()}")
         for abandoned in runs.find_abandoned(runs.search_bases(settings.runtime_dir), root):
@@ -156,15 +173,15 @@ class LocalServer(Server):
                 progress(f"removed {abandoned.describe()}")
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
-        snapshot_dir = cache.snapshot_dir(root, installation, settings.initdb_args)
-        build_lock = cache.snapshot_build_lock(snapshot_dir, list(snapshots), progress)
+        snapshot_dir = clusters.snapshot_dir(root, installation, settings.initdb_args)
+        build_lock = clusters.snapshot_build_lock(snapshot_dir, list(snapshots), progress)
         try:
-            with cache.snapshot_source(snapshot_dir, list(snapshots)) as found:
+            with clusters.snapshot_source(snapshot_dir, list(snapshots)) as found:
                 if found:
-                    cache.copy_tree(found[1].data, run.data)
+                    clusters.copy_tree(found[1].data, run.data)
                     password = found[1].password
             if not found:
-                with cache.cluster_source(
+                with clusters.cluster_source(
                     installation,
                     account,
                     root,
@@ -173,7 +190,7 @@ class LocalServer(Server):
                     progress,
                     settings.cache_max_size,
                 ) as cluster:
-                    cache.copy_tree(cluster.data, run.data)
+                    clusters.copy_tree(cluster.data, run.data)
                 password = cluster.password
             account.chown(run.data)
             run.data.chmod(0o700)
@@ -206,26 +223,26 @@ class LocalServer(Server):
         run_id: str,
         cached_password: str,
     ) -> LocalServer:
-        log_format = statements.choose_format(settings.sql_log, installation.major)
+        log_format = statement_log.choose_format(settings.sql_log, installation.major)
         log_settings: dict[str, str] = {}
         if log_format:
             log_dir = run.path / "log"
             log_dir.mkdir(mode=0o700, exist_ok=True)
             account.chown(log_dir)
-            log_settings = statements.server_settings(log_dir, log_format)
+            log_settings = statement_log.server_settings(log_dir, log_format)
         process, tcp = _start_listening(settings, installation, account, run, log_settings)
         # the password the run gives its superuser lives in the run's passfile only (passfile.py); any port
         # and host: the file is the run's own, and a restart may move the server to another port
         passfile = Passfile(run.path / FILE_NAME)
-        passfile.add(cache.SUPERUSER, secrets.token_urlsafe(32))
-        quiet: dict[str, Any] = {"options": statements.QUIET_OPTIONS} if log_format else {}
+        passfile.add(clusters.SUPERUSER, secrets.token_urlsafe(32))
+        quiet: dict[str, Any] = {"options": QUIET_OPTIONS} if log_format else {}
         port = SOCKET_PORT if tcp is None else tcp[1]
         # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
         # get the TCP address, which code that parses host and port out of a URL understands
         admin_conninfo = make_conninfo(
             host=str(run.socket_dir),
             port=port,
-            user=cache.SUPERUSER,
+            user=clusters.SUPERUSER,
             dbname="postgres",
             password=NO_PASSWORD,
             passfile=str(passfile.path),
@@ -235,8 +252,8 @@ class LocalServer(Server):
             admin = _connect_with(admin_conninfo, Secret(cached_password), run, autocommit=True, **quiet)
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(cache.SUPERUSER),
-                    sql.Literal(scram_verifier(passfile.password(cache.SUPERUSER) or "")),
+                    sql.Identifier(clusters.SUPERUSER),
+                    sql.Literal(scram_verifier(passfile.password(clusters.SUPERUSER) or "")),
                 )
             )
             version_num = admin.info.server_version
@@ -260,7 +277,7 @@ class LocalServer(Server):
         server._start_settings = (settings, log_settings)
         server._admin = admin
         if log_format:
-            server.statement_log = statements.StatementLog(run.path / "log", log_format)
+            server.statement_log = statement_log.StatementLog(run.path / "log", log_format)
         return server
 
     def save_snapshot(self, key: str, replace: bool = False) -> Path:
@@ -274,10 +291,10 @@ class LocalServer(Server):
         self._close_admin()
         self._shutdown()
         staging = make_staging_dir(self.run.path.parent, "snapshot")
-        cache.copy_tree(self.run.data, staging / "data")
+        clusters.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
         settings, log_settings = self._start_settings
-        target = cache.store_snapshot_in_background(
+        target = clusters.store_snapshot_in_background(
             staging, self.snapshots, key, self._superuser_password(), replace, lock, settings.cache_max_size
         )
         try:
@@ -296,7 +313,7 @@ class LocalServer(Server):
         return target
 
     def _superuser_password(self) -> Secret:
-        password = self.passfile.password(cache.SUPERUSER)
+        password = self.passfile.password(clusters.SUPERUSER)
         assert password is not None  # written by _launch
         return password
 
@@ -320,6 +337,13 @@ class LocalServer(Server):
         """The postmaster's exit status when it is gone (negative: the signal that killed it), else None."""
         return self.process.poll()
 
+    def describe_exit(self) -> str | None:
+        code = self.exited
+        if code is None:
+            return None
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        return f"the local PostgreSQL server (pid {self.pid}) exited during the run ({how})"
+
     def log_tail(self, lines: int = 15) -> str:
         """The end of the server's log (its own output and the logging collector's messages), indented."""
         return log_tail(self.run, lines)
@@ -333,6 +357,14 @@ class LocalServer(Server):
         """Fast shutdown, then remove the run directory. Safe to call twice."""
         self._end(keep_running=False)
 
+    def stop_keeping_databases(self) -> None:
+        """The server keeps running for the kept databases (:meth:`detach`)."""
+        self.detach()
+
+    def abandon(self) -> None:
+        """Its directory, and any of its processes still exiting, go."""
+        self.stop()
+
     def _end(self, keep_running: bool) -> None:
         if self._stopped:
             return
@@ -345,7 +377,7 @@ class LocalServer(Server):
             self._shutdown()
             shutil.rmtree(self.run.path, ignore_errors=True)
         self._release_build_lock()
-        cache.wait_for_cache_writes()
+        clusters.wait_for_cache_writes()
 
 
 def _connect_with(conninfo: str, password: Secret, run: runs.RunDir, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -357,26 +389,6 @@ def _connect_with(conninfo: str, password: Secret, run: runs.RunDir, **kwargs: A
         return psycopg.connect(make_conninfo(conninfo, passfile=str(once.path)), **kwargs)
     finally:
         once.path.unlink(missing_ok=True)
-
-
-def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
-    """A SCRAM-SHA-256 verifier as PostgreSQL stores it (RFC 5802, RFC 7677).
-
-    Computed here rather than by libpq, whose ``PQencryptPasswordConn`` uses 4096 iterations for servers
-    older than 16: the server uses whatever count the stored verifier has, so a local PostgreSQL 13-15
-    connects as fast as 16+ with ``scram_iterations`` (measured: 2 ms instead of 5 ms per connect). The
-    password is random ASCII, which SASLprep leaves as it is.
-    """
-    salt = secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    encode = base64.b64encode
-    return (
-        f"SCRAM-SHA-256${iterations}:{encode(salt).decode()}"
-        f"${encode(stored_key).decode()}:{encode(server_key).decode()}"
-    )
 
 
 def _out_of_space(base: Path, source: str) -> ServerStartError:
@@ -620,7 +632,7 @@ def _read_log(run: runs.RunDir) -> str:
         text = run.log.read_text(errors="replace")
     except OSError:
         text = ""
-    return redact(text + "\n" + statements.server_messages(run.path / "log"))
+    return redact(text + "\n" + statement_log.server_messages(run.path / "log"))
 
 
 def _tail(log: str, lines: int = 15) -> str:

@@ -21,9 +21,9 @@ from typing import Any
 from filelock import FileLock
 
 from pgsandbox.binaries import Installation, check
+from pgsandbox.common.progress import Progress
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server.base import Progress
 
 if sys.platform != "win32":
     import pwd

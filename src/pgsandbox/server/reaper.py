@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsandbox.server.base import lock_id, terminate_connections
+from pgsandbox.server.admin import lock_id, terminate_connections
 from pgsandbox.server.runs import remove_run_dirs, search_bases
 
 RUN_NAME = re.compile(r"^pgsandbox_([0-9a-f]{8})_")
@@ -104,7 +104,7 @@ def stale_runs(
     return sorted(stale, key=lambda run: run.run_id)
 
 
-def reap(
+def drop_dead_runs(
     admin: psycopg.Connection[Any],
     runs: list[Run],
     include_kept: bool = False,

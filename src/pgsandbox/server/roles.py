@@ -26,7 +26,9 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox.common.redact import Secret, register_secret
-from pgsandbox.server.statements import INTERNAL
+from pgsandbox.server.admin import lock_id
+from pgsandbox.server.scram import scram_verifier
+from pgsandbox.server.tags import INTERNAL
 
 OWNER = "pgsandbox_owner"
 
@@ -153,8 +155,6 @@ def changing_roles(admin: psycopg.Connection[Any]) -> Iterator[None]:
     """Serialise the sessions of a server (xdist workers, runs) while they create or join roles: two sessions
     updating the same membership of ``pgsandbox_owner`` at once make one fail with "tuple concurrently
     updated"."""
-    from pgsandbox.server.base import lock_id
-
     key = lock_id(OWNER, "roles")
     admin.execute("SELECT pg_advisory_lock(%s)", [key])
     try:
@@ -173,8 +173,6 @@ def create_login(
     """A role for one session's tests (``CREATEDB`` only when asked); its password is random and reaches
     the server as a SCRAM verifier, never in clear. ``settings`` (timeouts) become the role's defaults, so that
     every connection of every client library the tests use gets them."""
-    from pgsandbox.server.local import scram_verifier
-
     password = Secret(secrets.token_urlsafe(24))
     register_secret(password)
     admin.execute(

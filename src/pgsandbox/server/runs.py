@@ -291,7 +291,8 @@ def postmaster_serving(run: RunDir) -> int | None:
     return _postmaster_serving(run)
 
 
-def reap(leftover: Leftover) -> None:
+def remove_leftover(leftover: Leftover) -> None:
+    """Stop the server a killed run left running (if any) and remove its directory."""
     if leftover.postmaster:
         stop_postmaster(leftover.postmaster)
     shutil.rmtree(leftover.run.path, ignore_errors=True)

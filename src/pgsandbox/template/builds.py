@@ -23,10 +23,12 @@ import psycopg
 from psycopg import sql
 
 from pgsandbox._version import __version__
+from pgsandbox.common.progress import Progress
 from pgsandbox.common.urls import sqlalchemy_url
 from pgsandbox.errors import ConfigError
 from pgsandbox.server import roles
-from pgsandbox.server.base import Progress, Server, lock_id, terminate_connections
+from pgsandbox.server.admin import lock_id, terminate_connections
+from pgsandbox.server.base import Server
 from pgsandbox.template import guard, reads
 from pgsandbox.template.base import SETTING_OF_LAYER, Migrator, Target, fingerprint, naming_setting
 

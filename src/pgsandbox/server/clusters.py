@@ -1,4 +1,5 @@
-"""The cache directory and the initdb cache: initdb runs once per (binaries, initdb options).
+"""The clusters of the cache directory: initdb runs once per (binaries, initdb options); a snapshot is a stopped
+cluster holding built templates; the least recently used go beyond pg_cache_max_size.
 
 Each run copies the cached cluster instead of running initdb. The cached cluster's superuser password
 lives beside it (0600); every run replaces it with a fresh random one before anything else connects.
@@ -26,10 +27,10 @@ import platformdirs
 from filelock import BaseFileLock, FileLock, Timeout
 
 from pgsandbox.binaries import Installation
+from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact, register_secret
 from pgsandbox.common.staging import make_staging_dir, tree_size
 from pgsandbox.errors import PgSandboxWarning, ServerStartError
-from pgsandbox.server.base import Progress
 from pgsandbox.server.osuser import Account
 
 LAYOUT = 1  # bump when the cached cluster's shape changes
