@@ -286,13 +286,14 @@ def test_a_live_run_is_not_reaped_when_the_clock_moves(
 
 
 def test_an_xdist_worker_says_the_controllers_server_stopped_rather_than_check_your_dsn(tmp_path: Path) -> None:
-    from pgsandbox import Sandbox, Settings, xdist
+    from pgsandbox import Sandbox, Settings
     from pgsandbox.errors import PgSandboxError
+    from pgsandbox.pytest import xdist
 
     with Sandbox.start(Settings(server="local"), root=tmp_path) as sandbox:
         server = sandbox.server
         assert isinstance(server, LocalServer)
-        (tmp_path / "sandbox.json").write_text(json.dumps(sandbox.describe()))
+        (tmp_path / "sandbox.json").write_text(json.dumps(sandbox.handoff()))
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         with pytest.raises(PgSandboxError) as caught:

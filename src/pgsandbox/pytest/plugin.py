@@ -210,14 +210,14 @@ def start_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
 
 
 def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
-    commands = [sandbox.psql_command(name) for name in sandbox.kept]
+    commands = [sandbox.kept.psql_command(name) for name in sandbox.kept]
     config.stash[KEPT_KEY] = commands
     config.stash[REPORT_KEY] = sandbox.report()
     workeroutput = getattr(config, "workeroutput", None)
     if workeroutput is not None:  # the controller reports them (and keeps its server running for kept ones)
         workeroutput[XDIST_REPORT] = config.stash[REPORT_KEY]
         if sandbox.kept:
-            workeroutput[XDIST_OUTPUT] = {"names": sandbox.kept, "commands": commands}
+            workeroutput[XDIST_OUTPUT] = {"names": sandbox.kept.names, "commands": commands}
     sandbox.stop()
 
 
@@ -235,7 +235,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if shared is not None:
         sandbox = shared.wait()
         if not isinstance(sandbox, PgSandboxError):
-            from pgsandbox.sandbox.core import merge_reports
+            from pgsandbox.sandbox.report import merge_reports
 
             workers: list[dict[str, Any]] = config.stash.get(WORKER_REPORTS_KEY, [])
             config.stash[REPORT_KEY] = merge_reports(sandbox.report(), workers)
@@ -290,7 +290,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     sandbox = shared.wait()
     if isinstance(sandbox, PgSandboxError):
         return
-    sandbox.adopt_kept(kept["names"])
+    sandbox.kept.adopt(kept["names"])
     node.config.stash[KEPT_KEY] = [*node.config.stash.get(KEPT_KEY, []), *kept["commands"]]
 
 
@@ -356,12 +356,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         from pgsandbox.server.statements import StatementLogError
 
         try:
-            found, _, complete = sandbox.sql_of(db)
+            found, _, complete = sandbox.diagnostics.sql_of(db)
         except StatementLogError as unavailable:
             if show_sql or sandbox.server.statement_log is not None:  # a log that should have answered: say why
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
         except psycopg.Error as unreadable:
-            from pgsandbox.sandbox.core import connection_lost
+            from pgsandbox.sandbox.gone import connection_lost
 
             if not connection_lost(unreadable):  # else the server is gone: the teardown says so, in full
                 report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
@@ -384,13 +384,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if deadlock is not None:
         # the server's log has each process's statement, which the client's error leaves out
         logged = next((s.detail for s in found or () if s.error.startswith("ERROR 40P01")), None)
-        report.sections.append(("pgsandbox: deadlock", sandbox.describe_deadlock(logged or deadlock)))
+        report.sections.append(("pgsandbox: deadlock", sandbox.diagnostics.describe_deadlock(logged or deadlock)))
     stopped = timeout_of(error)
     if stopped:
         from pgsandbox.server.statements import lock_waits
 
         waits = lock_waits(found or [])
-        holders = sandbox.lock_holders(db.name)
+        holders = sandbox.diagnostics.lock_holders(db.name)
         report.sections.append(
             (
                 f"pgsandbox: {stopped}",
@@ -405,12 +405,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if keep:
         item.stash[KEEP_KEY] = True
         db.keep = True  # driver fixtures commit instead of rolling back, for the kept database
-        name = db.name if db.isolation == "database" else sandbox.keep_name()
+        name = db.name if db.isolation == "database" else sandbox.kept.next_name()
         report.sections.append(
             (
                 "pgsandbox: kept database",
                 f"the database of this test is kept as {name}; open it with:\n"
-                f"    {sandbox.psql_command(name)}\n"
+                f"    {sandbox.kept.psql_command(name)}\n"
                 "(the password is in that passfile, readable only by you, which goes with the kept database: "
                 "`pgsandbox clean` stops a kept local server and removes both; on an existing server, "
                 "`pgsandbox reap --include-kept` drops the database and removes the file)",
