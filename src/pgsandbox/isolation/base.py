@@ -4,15 +4,11 @@ say what it left (findings.py), close."""
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import psycopg
 
 from pgsandbox.isolation.findings import Finding
-
-if TYPE_CHECKING:  # transaction.py implements this interface (and imports Begun from here)
-    from pgsandbox.isolation.transaction import Guests
-
 
 Mode = Literal["transaction", "database"]  # what the user names an isolation (pg_isolation, the pg marker)
 
@@ -23,6 +19,15 @@ class Begun(NamedTuple):
 
     dbname: str
     conn: psycopg.Connection[Any] | None
+
+
+class GuestConnections(Protocol):
+    """What an isolation reads of the connections a test's drivers opened (the pg handle's ``guests``)."""
+
+    pids: set[int]  # their backends: the test's, not leaks
+    connects: int  # how many connected (each one moves the database's session counter)
+    escaped: list[str]  # the drivers whose transaction a COMMIT replaced
+    committing: list[str]  # those outside any transaction of the test (pg_admin)
 
 
 class Isolation(Protocol):
@@ -40,7 +45,7 @@ class Isolation(Protocol):
         test_id: str,
         dbname: str,
         *,
-        guests: Guests,
+        guests: GuestConnections,
         ours: Collection[int] = (),
         keep_as: str | None = None,
         next_test_id: str | None = None,

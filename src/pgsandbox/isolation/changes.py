@@ -85,7 +85,7 @@ _OBJECT_ROWS = (
         for catalog, condition in _OBJECT_CATALOGS
     )
 )
-_DESCRIBE = (
+_IDENTIFY = (
     INTERNAL + "SELECT s.classid, s.objid, o.type, o.identity, "
     "EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = s.classid AND d.objid = s.objid "
     "AND d.deptype IN ('i', 'e')), p.type, p.identity "
@@ -118,11 +118,11 @@ def catalog_rows(conn: psycopg.Connection[Any]) -> dict[CatalogRow, int]:
     return {(int(classid), int(objid)): int(xid) for classid, objid, xid in conn.execute(_OBJECT_ROWS).fetchall()}
 
 
-def describe_objects(conn: psycopg.Connection[Any], rows: list[CatalogRow]) -> list[Described]:
+def identify_objects(conn: psycopg.Connection[Any], rows: list[CatalogRow]) -> list[Described]:
     """What the objects of ``rows`` are (in ``conn``'s database), in one query."""
     if not rows:
         return []
-    found = conn.execute(_DESCRIBE, [[r[0] for r in rows], [r[1] for r in rows]]).fetchall()
+    found = conn.execute(_IDENTIFY, [[r[0] for r in rows], [r[1] for r in rows]]).fetchall()
     return [
         Described((str(kind), str(identity)), bool(made_with), (str(of_kind), str(of)) if of_kind else None)
         for _, _, kind, identity, made_with, of_kind, of in found
@@ -137,9 +137,9 @@ def object_changes(now: psycopg.Connection[Any], then: psycopg.Connection[Any], 
     came = [row for row in rows_now if row not in rows_then]
     went = [row for row in rows_then if row not in rows_now]
     altered = [row for row, xid in rows_now.items() if row in rows_then and xid != rows_then[row]]
-    created = {d.key: d for d in describe_objects(now, came) if not d.made_with_another}
-    dropped = {d.key: d for d in describe_objects(then, went) if not d.made_with_another}
-    changed = {d.key for d in describe_objects(now, altered) if not d.made_with_another}
+    created = {d.key: d for d in identify_objects(now, came) if not d.made_with_another}
+    dropped = {d.key: d for d in identify_objects(then, went) if not d.made_with_another}
+    changed = {d.key for d in identify_objects(now, altered) if not d.made_with_another}
     changed |= set(created) & set(dropped)  # dropped and made again
     new_or_gone = set(created) | set(dropped)
     found = []

@@ -21,10 +21,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsandbox.isolation.base import Begun, Mode
+from pgsandbox.isolation.base import Begun, GuestConnections, Mode
 from pgsandbox.isolation.findings import OWN_DB, Finding, clone_failed
 from pgsandbox.isolation.leftovers import end_left_open, end_prepared
-from pgsandbox.isolation.transaction import Guests, app_name
+from pgsandbox.isolation.transaction import app_name
 from pgsandbox.server.base import Server, terminate_connections
 from pgsandbox.server.statements import INTERNAL
 
@@ -88,7 +88,7 @@ class DatabaseIsolation:
         test_id: str,
         dbname: str,
         *,
-        guests: Guests,
+        guests: GuestConnections,
         ours: Collection[int] = (),
         keep_as: str | None = None,
         next_test_id: str | None = None,

@@ -18,7 +18,7 @@ from psycopg import pq, sql
 
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation import findings
-from pgsandbox.isolation.base import Begun, Mode
+from pgsandbox.isolation.base import Begun, GuestConnections, Mode
 from pgsandbox.isolation.changes import what_changed
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.isolation.findings import SESSION_DB, TRANSACTION_ADVICE, Finding, clone_failed
@@ -231,7 +231,7 @@ class TransactionIsolation:
         test_id: str,
         dbname: str,
         *,
-        guests: Guests,
+        guests: GuestConnections,
         ours: Collection[int] = (),
         keep_as: str | None = None,
         next_test_id: str | None = None,
