@@ -12,7 +12,7 @@ bind, execute). Each variant runs in its own process, interleaved over the round
 - ``off``: ``pg_sql_log = off``, the server logs nothing (the raw PostgreSQL primitive: the same statements);
 - ``jsonlog`` and ``csvlog``: every statement logged, nothing read (a passing test);
 - ``jsonlog+read``: as a failing test, the test's SQL read back from the log after each test
-  (``Sandbox.sql_of``, what the failure report does).
+  (``Sandbox.diagnostics.sql_of``, what the failure report does).
 
 Printed: the median time of one test (its statements, its close and the next one's open), the ratio to ``off``,
 and the cost per statement; then the median cost of one ``pg_queries`` block (two marks) with nothing in it.
@@ -48,7 +48,7 @@ with Sandbox.start(settings, root=Path.cwd()) as box:
             conn.execute("SELECT id FROM t1 WHERE id = %s", [n])
         if variant.endswith("+read"):
             read = time.perf_counter()
-            found, _, _ = box.sql_of(db)
+            found, _, _ = box.diagnostics.sql_of(db)
             assert len([s for s in found if s.counted]) == count, [s.sql for s in found]
             reads.append(time.perf_counter() - read)
         box.close(db, next_test_id=f"t{{i + 1}}")

@@ -293,7 +293,7 @@ def test_an_xdist_worker_says_the_controllers_server_stopped_rather_than_check_y
     with Sandbox.start(Settings(server="local"), root=tmp_path) as sandbox:
         server = sandbox.server
         assert isinstance(server, LocalServer)
-        (tmp_path / "sandbox.json").write_text(json.dumps(sandbox.describe()))
+        (tmp_path / "sandbox.json").write_text(json.dumps(sandbox.handoff()))
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         with pytest.raises(PgSandboxError) as caught:

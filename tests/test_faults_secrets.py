@@ -383,7 +383,7 @@ def test_no_form_parameter_or_description_holds_a_password(
                 login.dsn,
                 login.database_url,
                 repr(login.params),
-                json.dumps(sandbox.describe()),  # what xdist's workers get
+                json.dumps(sandbox.handoff()),  # what xdist's workers get
                 sandbox.server.dsn,
                 sandbox.server.admin_dsn,
                 repr(sandbox.server),

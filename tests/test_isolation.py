@@ -9,6 +9,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pgsandbox import LocalServer
@@ -431,6 +432,7 @@ def test_pg_fixture_connection_details(project: pytest.Pytester, shared_dsn: str
 
 
 FAILING = """
+import psycopg
 import pytest
 
 def test_1_fails_in_a_transaction(pg_conn):
@@ -555,6 +557,39 @@ def test_the_fastest_strategy_wins_after_two_tries_each() -> None:
     assert pick_strategy({"FILE_COPY": [0.02, 0.03], "WAL_LOG": [0.06]}) == "WAL_LOG"
     assert pick_strategy({"FILE_COPY": [0.02, 0.03], "WAL_LOG": [0.06, 0.07]}) == "FILE_COPY"
     assert pick_strategy({"FILE_COPY": [0.2, 0.3, 0.25], "WAL_LOG": [0.06, 0.07]}) == "WAL_LOG"
+
+
+@pytest.mark.parametrize(("mode", "where"), [("transaction", "the session database"), ("database", "its database")])
+def test_both_isolations_end_a_connection_left_open_alike(
+    tmp_path: Path, shared_dsn: str, mode: str, where: str
+) -> None:
+    """One interface, one wording: each mode terminates what the test left open and says so in the same words
+    (and the transaction mode what it means there)."""
+    from pgsandbox import Sandbox, Settings
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/1.sql").write_text(f"create table t (x int) -- {tmp_path.name}")
+    with Sandbox.start(Settings(dsn=shared_dsn, migrations=("sql:m",)), root=tmp_path) as sandbox:
+        db = sandbox.open(mode, "t.py::test_leak")
+        leaked = psycopg.connect(db.dsn, application_name="leaky")
+        findings = sandbox.close(db)
+        with sandbox.database(mode, "t.py::test_next") as db:
+            assert db.fetchval("select count(*) from pg_stat_activity where application_name = 'leaky'") == 0
+        report = sandbox.report()
+    leaked.close()
+    (finding,) = findings
+    assert finding.startswith(f"t.py::test_leak left 1 connection(s) open to {where} (pid ")
+    assert ("In transaction mode only the connections pgsandbox gives" in finding) == (mode == "transaction")
+    assert report["findings"] == {"connections left open": 1}
+
+
+def test_a_local_server_clones_with_file_copy_and_an_existing_one_measures_both() -> None:
+    from pgsandbox.isolation.database import clone_strategies
+
+    assert clone_strategies((16, 4), "auto", local=True) == ["FILE_COPY"]
+    assert clone_strategies((16, 4), "auto", local=False) == ["FILE_COPY", "WAL_LOG"]
+    assert clone_strategies((16, 4), "wal_log", local=True) == ["WAL_LOG"]
+    assert clone_strategies((14, 9), "auto", local=False) == []  # no STRATEGY before PostgreSQL 15
 
 
 def test_clone_strategy_option(tmp_path: Path, shared_dsn: str) -> None:

@@ -111,7 +111,7 @@ def test_the_next_run_reaps_a_killed_run(
     # within the grace period (default 300 s) the next run leaves it alone
     project(tmp_path)
     with Sandbox.start(Settings(dsn=shared_dsn, migrations=("sql:migrations",)), root=tmp_path) as box:
-        assert box.reap() == []
+        assert box.drop_dead_runs() == []
         assert existing(shared, left) == set(left)
 
     lines: list[str] = []

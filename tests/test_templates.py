@@ -502,9 +502,9 @@ def shared_databases(dsn: str) -> list[str]:
 def test_a_slow_first_clone_says_so(
     pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pgsandbox.sandbox
+    import pgsandbox.sandbox.core
 
-    monkeypatch.setattr(pgsandbox.sandbox, "SLOW_CLONE_SECONDS", 0.0)  # every first clone counts as slow
+    monkeypatch.setattr(pgsandbox.sandbox.core, "SLOW_CLONE_SECONDS", 0.0)  # every first clone counts as slow
     write_project(
         pytester,
         'pg_migrations = ["sql:m"]\n',

@@ -20,11 +20,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsandbox.isolation.transaction import Finding
+from pgsandbox.isolation.findings import Finding, created_outside
 from pgsandbox.server.statement_log import Entry
 from pgsandbox.server.statements import Scope, ran
 
-OUTSIDE = "objects created outside the test's database"
 KINDS = {"database": "DATABASE", "role": "ROLE", "tablespace": "TABLESPACE"}
 
 _QUERY = (
@@ -77,7 +76,9 @@ def made_by_test(new: Iterable[tuple[str, str]], entries: Iterable[Entry], scope
     return [item for item in new if item in made]
 
 
-def outside_finding(admin: psycopg.Connection[Any], new: list[tuple[str, str]], test_id: str, drop: bool) -> list[str]:
+def outside_finding(
+    admin: psycopg.Connection[Any], new: list[tuple[str, str]], test_id: str, drop: bool
+) -> list[Finding]:
     """A finding naming ``new``, what the test created on the server; with ``drop`` (a local server of the run,
     where nothing else creates them) they are dropped, so that the next test starts clean."""
     if not new:
@@ -93,14 +94,7 @@ def outside_finding(admin: psycopg.Connection[Any], new: list[tuple[str, str]], 
         outcome = "pgsandbox dropped them" + (f", except {', '.join(failed)}" if failed else "")
     else:
         outcome = "pgsandbox left them on this shared server: drop them"
-    return [
-        Finding.of(
-            OUTSIDE,
-            f"{test_id} created {names} on the server, outside its database, where neither a rollback nor a "
-            f"dropped clone undoes it; {outcome}. Create such objects in a migration (template), or drop them "
-            "in the test's own teardown.",
-        )
-    ]
+    return [created_outside(test_id, names, outcome)]
 
 
 def _drop(admin: psycopg.Connection[Any], kind: str, name: str) -> None:

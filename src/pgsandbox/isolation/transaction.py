@@ -9,7 +9,7 @@ what changed and the session database is cloned again from the template, so the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +17,17 @@ import psycopg
 from psycopg import pq, sql
 
 from pgsandbox.errors import PgSandboxError
+from pgsandbox.isolation import findings
+from pgsandbox.isolation.base import Begun, GuestConnections, Mode
+from pgsandbox.isolation.changes import what_changed
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
-from pgsandbox.isolation.database import clone_failed
-from pgsandbox.server.admin import Session, connections_to, terminate_connections
+from pgsandbox.isolation.findings import SESSION_DB, TRANSACTION_ADVICE, Finding, clone_failed
+from pgsandbox.isolation.findings import IsolationError as IsolationError  # where callers have long found it
+from pgsandbox.isolation.leftovers import end_left_open, end_prepared
+from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.base import Server
 from pgsandbox.server.tags import INTERNAL, OURS_PREFIX
 
-LEFTOVER_WAIT_SECONDS = 0.2
 # After the rollback, in the same round trip: how many backends are on the session database (more than
 # this one: another connection is there), how many sessions it has had (PostgreSQL 15+: one more means
 # another connection came and went), and the next transaction id (rows with a newer xmin were written
@@ -41,24 +45,6 @@ CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, NULL::bigint, " +
 # The savepoint exists only in the test's own transaction: if a raw COMMIT (or END) replaced that
 # transaction, rolling back to it fails, and that failure is how an escape is noticed, for free.
 ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
-
-
-class Finding(str):
-    """A teardown finding: its message, and its ``kind`` for the session report."""
-
-    kind = "other"
-
-    @classmethod
-    def of(cls, kind: str, message: str) -> Finding:
-        finding = cls(message)
-        finding.kind = kind
-        return finding
-
-
-LEFT_OPEN = "connections left open"
-IDLE_IN_TRANSACTION = "sessions left idle in transaction"
-ADVISORY = "advisory locks left held"
-PREPARED = "prepared transactions left"
 
 
 @dataclass
@@ -87,48 +73,6 @@ class Parked:
     loop: Any = None
 
 
-def rollback_prepared(conn: psycopg.Connection[Any]) -> list[str]:
-    """Roll back the transactions prepared in ``conn``'s database (ROLLBACK PREPARED must run there, outside a
-    transaction); return their names."""
-    gids = [
-        row[0]
-        for row in conn.execute(
-            "SELECT gid FROM pg_prepared_xact() WHERE dbid = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-    ]
-    for gid in gids:
-        with contextlib.suppress(psycopg.Error):
-            conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
-    return gids
-
-
-def left_open(test_id: str, sessions: list[Session], where: str, advice: str = "") -> list[str]:
-    """Findings for connections a test left open on ``where`` (pgsandbox terminates them): those idle in a
-    transaction they never ended apart, as they also held locks and a snapshot."""
-    idle = [session for session in sessions if session.idle_in_transaction]
-    other = [session for session in sessions if not session.idle_in_transaction]
-    findings: list[str] = []
-    if idle:
-        findings.append(
-            Finding.of(
-                IDLE_IN_TRANSACTION,
-                f"{test_id} left {len(idle)} session(s) idle in transaction on {where} "
-                f"({'; '.join(map(str, idle))}): a transaction was begun and never committed or rolled back (its "
-                "locks and snapshot were held until then); pgsandbox terminated them." + advice,
-            )
-        )
-    if other:
-        findings.append(
-            Finding.of(
-                LEFT_OPEN,
-                f"{test_id} left {len(other)} connection(s) open to {where} ({'; '.join(map(str, other))}); "
-                "pgsandbox terminated them." + advice,
-            )
-        )
-    return findings
-
-
 def literal(text: str) -> str:
     """A string literal (standard_conforming_strings is on in every supported version)."""
     return "'" + text.replace("'", "''") + "'"
@@ -142,151 +86,6 @@ def guest_begin(test_id: str) -> str:
 GUEST_ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK"  # fails if a COMMIT replaced it
 
 
-class IsolationError(PgSandboxError):
-    """A test broke its isolation (a commit escaped the rollback); the database was restored."""
-
-
-@dataclass(frozen=True)
-class Contents:
-    """Rows per table, those written from a transaction id on, and the number of relations: enough to say what a
-    test changed."""
-
-    rows: dict[str, int] = field(default_factory=dict)
-    relations: int = 0
-    written: dict[str, int] = field(default_factory=dict)
-
-
-def contents(conn: psycopg.Connection[Any], since_xid: int = 0) -> Contents:
-    """Count the rows of every table, and those inserted or updated by transactions from ``since_xid`` on, in one
-    scan per table (autocommit connection). Only run when an escape is suspected."""
-    tables = conn.execute(
-        "SELECT format('%I.%I', n.nspname, c.relname) "
-        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-        "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1"
-    ).fetchall()
-    rows: dict[str, int] = {}
-    written: dict[str, int] = {}
-    since = sql.Literal(since_xid % (1 << 32))
-    for start in range(0, len(tables), 200):
-        chunk = [t[0] for t in tables[start : start + 200]]
-        query = sql.SQL(" UNION ALL ").join(
-            sql.SQL("SELECT {}, count(*), count(*) FILTER (WHERE xmin::text::bigint >= {}) FROM {}").format(
-                sql.Literal(name), since, sql.SQL(name)
-            )
-            for name in chunk
-        )
-        for name, count, new in conn.execute(query).fetchall():
-            rows[name], written[name] = count, new
-    relations = conn.execute("SELECT count(*) FROM pg_class").fetchone()
-    return Contents(rows, int(relations[0]) if relations else 0, written)
-
-
-# What else a commit can leave in a database: the objects of its catalogs (a function, a schema, a view, a
-# trigger, a policy, a grant...). A clone keeps the template's object ids, so the session database and a fresh
-# clone are compared by (catalog, oid), and only what differs is named. Only user objects (oid >=
-# FirstNormalObjectId), not those PostgreSQL made as part of another (a dependency of type internal: a table's
-# row type, a view's rule, a range's constructors) or of an extension (which is named), and not the temporary
-# schemas a connection leaves behind nor what is in them (``temp``).
-_OBJECT_CATALOGS: tuple[tuple[str, str], ...] = (
-    # (pg_user_mapping is not here: only superusers may read it)
-    ("pg_namespace", "t.oid NOT IN (SELECT oid FROM temp)"),
-    ("pg_class", "relnamespace NOT IN (SELECT oid FROM temp)"),
-    ("pg_proc", "pronamespace NOT IN (SELECT oid FROM temp)"),
-    ("pg_type", "typnamespace NOT IN (SELECT oid FROM temp)"),
-    ("pg_constraint", "connamespace NOT IN (SELECT oid FROM temp)"),
-    ("pg_collation", "collnamespace NOT IN (SELECT oid FROM temp)"),
-    *(
-        (catalog, "true")
-        for catalog in (
-            *("pg_trigger", "pg_policy", "pg_rewrite", "pg_attrdef", "pg_event_trigger", "pg_operator"),
-            *("pg_opclass", "pg_opfamily", "pg_cast", "pg_conversion", "pg_ts_config", "pg_ts_dict"),
-            *("pg_ts_parser", "pg_ts_template", "pg_extension", "pg_publication", "pg_statistic_ext"),
-            *("pg_default_acl", "pg_foreign_data_wrapper", "pg_foreign_server"),
-            *("pg_language", "pg_am", "pg_transform", "pg_largeobject_metadata"),
-        )
-    ),
-)
-_CLASS_OF = {"pg_largeobject_metadata": "pg_largeobject"}  # the class pg_identify_object knows them by
-_OBJECT_ROWS = (
-    INTERNAL
-    + "WITH temp AS (SELECT oid FROM pg_namespace WHERE nspname LIKE 'pg\\_temp\\_%' OR nspname LIKE 'pg\\_toast%') "
-    + " UNION ALL ".join(
-        f"SELECT '{_CLASS_OF.get(catalog, catalog)}'::regclass::oid, t.oid, t.xmin::text::bigint "
-        f"FROM {catalog} t WHERE t.oid >= 16384 AND {condition}"
-        for catalog, condition in _OBJECT_CATALOGS
-    )
-)
-_DESCRIBE = (
-    INTERNAL + "SELECT s.classid, s.objid, o.type, o.identity, "
-    "EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = s.classid AND d.objid = s.objid "
-    "AND d.deptype IN ('i', 'e')), p.type, p.identity "
-    "FROM unnest(%s::oid[], %s::oid[]) s(classid, objid) "
-    "CROSS JOIN LATERAL pg_identify_object(s.classid, s.objid, 0) o "
-    # the object it goes with (an index or a sequence with its table, a default with its column's table)
-    "LEFT JOIN LATERAL (SELECT r.type, r.identity "
-    "FROM pg_depend d, pg_identify_object(d.refclassid, d.refobjid, 0) r "
-    "WHERE d.classid = s.classid AND d.objid = s.objid AND d.deptype = 'a' LIMIT 1) p ON true"
-)
-MAX_NAMED = 30  # objects named in a message; the rest are counted
-
-CatalogRow = tuple[int, int]  # (catalog, oid)
-ObjectKey = tuple[str, str]  # (type, identity), as pg_identify_object gives them
-
-
-@dataclass(frozen=True)
-class Described:
-    """An object of the catalogs, named."""
-
-    key: ObjectKey
-    made_with_another: bool  # PostgreSQL made it as part of another object, or it is an extension's
-    part_of: ObjectKey | None  # the object it goes with (an index with its table...)
-
-
-def catalog_rows(conn: psycopg.Connection[Any]) -> dict[CatalogRow, int]:
-    """The database's user objects, with the transaction that last wrote each one's catalog row (its raw
-    ``xmin``, which freezing keeps: the same in every clone of a template). Only run when an escape is
-    suspected (autocommit connection)."""
-    return {(int(classid), int(objid)): int(xid) for classid, objid, xid in conn.execute(_OBJECT_ROWS).fetchall()}
-
-
-def describe(conn: psycopg.Connection[Any], rows: list[CatalogRow]) -> list[Described]:
-    """What the objects of ``rows`` are (in ``conn``'s database), in one query."""
-    if not rows:
-        return []
-    found = conn.execute(_DESCRIBE, [[r[0] for r in rows], [r[1] for r in rows]]).fetchall()
-    return [
-        Described((str(kind), str(identity)), bool(made_with), (str(of_kind), str(of)) if of_kind else None)
-        for _, _, kind, identity, made_with, of_kind, of in found
-    ]
-
-
-def object_changes(now: psycopg.Connection[Any], then: psycopg.Connection[Any], tables: set[str]) -> list[str]:
-    """Objects created, dropped or altered (its catalog row written again: another ``xmin`` than the template's)
-    in ``now``'s database compared with ``then``'s (a fresh clone); not those created or dropped with the object
-    they go with, nor the ``tables`` whose rows already say so. About 10 ms for 50 tables (550 objects)."""
-    rows_now, rows_then = catalog_rows(now), catalog_rows(then)
-    came = [row for row in rows_now if row not in rows_then]
-    went = [row for row in rows_then if row not in rows_now]
-    altered = [row for row, xid in rows_now.items() if row in rows_then and xid != rows_then[row]]
-    created = {d.key: d for d in describe(now, came) if not d.made_with_another}
-    dropped = {d.key: d for d in describe(then, went) if not d.made_with_another}
-    changed = {d.key for d in describe(now, altered) if not d.made_with_another}
-    changed |= set(created) & set(dropped)  # dropped and made again
-    new_or_gone = set(created) | set(dropped)
-    found = []
-    for key in sorted(new_or_gone | changed):
-        kind, identity = key
-        if key in changed:
-            found.append(f"{kind} {identity} (altered)")
-            continue
-        part_of = (created.get(key) or dropped[key]).part_of
-        if (kind == "table" and identity in tables) or (part_of is not None and part_of in new_or_gone):
-            continue  # its rows, or the object it goes with, say so
-        found.append(f"{kind} {identity} ({'created' if key in created else 'dropped'})")
-    return found
-
-
 def app_name(test_id: str, suffix: str = "") -> str:
     """``application_name`` is limited to 63 bytes of printable ASCII (the server rewrites anything else):
     keep the end of a long test id, which names the test, and all of ``suffix``, so that the statement log
@@ -296,6 +95,13 @@ def app_name(test_id: str, suffix: str = "") -> str:
 
 
 class TransactionIsolation:
+    """One session database for every test, each test in a transaction on one connection to it (an
+    :class:`~pgsandbox.isolation.base.Isolation`)."""
+
+    mode: Mode = "transaction"
+    first_clone = "the session database"
+    keeps_in_place = False  # a kept test's session database is renamed, and a new one cloned
+
     def __init__(self, server: Server, template: str, clone_clause: sql.Composable) -> None:
         self.server = server
         self.template = template
@@ -314,7 +120,7 @@ class TransactionIsolation:
         self._restores = 0
 
     # -- the session database ------------------------------------------------------------------------
-    def _create_database(self) -> None:
+    def _create_session_db(self) -> None:
         try:
             self.dbname = self.server.create_database("session", template=self.template, clause=self.clone_clause)
         except psycopg.errors.InvalidCatalogName as error:  # the template was dropped (by a test?)
@@ -370,13 +176,7 @@ class TransactionIsolation:
         self.server.forget_database(dropped)
         self.dbname = self._fresh_clone()
         self._connect()
-        raise IsolationError(
-            f"the session database {dropped} was dropped during {test_id} (DROP DATABASE through another "
-            "connection, such as pg_server.connect() or a framework's own teardown); pgsandbox cloned a new one "
-            f"from the template ({self.dbname}): the next test starts clean.",
-            "leave the session database to pgsandbox; a test that drops its database needs one of its own: "
-            "@pytest.mark.pg(isolation='database').",
-        )
+        raise findings.session_db_dropped(test_id, dropped, self.dbname)
 
     def _switch_to(self, fresh: str) -> None:
         """Use ``fresh`` (a new clone of the template) as the session database from now on."""
@@ -402,9 +202,9 @@ class TransactionIsolation:
         self.conn = None
 
     # -- per test --------------------------------------------------------------------------------------
-    def begin(self, test_id: str) -> SandboxConnection:
+    def begin(self, test_id: str) -> Begun:
         if self.dbname is None:
-            self._create_database()
+            self._create_session_db()
         elif self.conn is None or self.conn.closed or self.conn.broken:
             self._close()
             self._connect()
@@ -419,7 +219,8 @@ class TransactionIsolation:
             # psycopg sends BEGIN first: the connection is not in autocommit
             conn.execute(self._begin + self._app_name(test_id))
         conn._pgsandbox_active = True
-        return conn
+        assert self.dbname
+        return Begun(self.dbname, conn)
 
     def _app_name(self, test_id: str) -> bytes:
         assert self.conn is not None
@@ -429,10 +230,13 @@ class TransactionIsolation:
     def end(
         self,
         test_id: str,
+        dbname: str,
+        *,
+        guests: GuestConnections,
+        ours: Collection[int] = (),
         keep_as: str | None = None,
         next_test_id: str | None = None,
-        guests: Guests | None = None,
-    ) -> list[str]:
+    ) -> list[Finding]:
         """Roll the test back and check what escaped. Returns findings to warn about; raises
         :class:`IsolationError` (after restoring the database) when committed writes escaped.
 
@@ -440,9 +244,8 @@ class TransactionIsolation:
         is then opened in the same round trip as this rollback, and its :meth:`begin` costs none.
         ``guests``: the driver connections the test used, already rolled back (or committed, to keep)."""
         conn = self.conn
-        assert conn is not None and self.dbname
+        assert conn is not None and self.dbname  # ``dbname``: the session database when the test began
         conn._pgsandbox_active = False
-        guests = guests or Guests()
         if keep_as is not None:
             self._keep(conn, keep_as)
             return []
@@ -466,48 +269,28 @@ class TransactionIsolation:
         if suspects or own_escape or guests.escaped or committed or more_sessions:
             self._unprepare()  # the checks below need the connection outside a transaction
         assert self.dbname
-        findings: list[str] = self._release_held(test_id) if any(self._held) else []
-        ours = [*self._ours(), *guests.pids]
-        others = connections_to(self.server.admin, self.dbname, ours, LEFTOVER_WAIT_SECONDS) if suspects else []
-        if others:
-            findings += left_open(
-                test_id,
-                others,
-                "the session database",
-                " In transaction mode only the connections pgsandbox gives (pg, pg_conn, pg_session, "
-                "pg_asyncpg...) are rolled back: use those, or isolation='database'.",
-            )
-            terminate_connections(self.server.admin, self.dbname, ours)
-        other_sessions = bool(others) or more_sessions
+        found = self._release_held(test_id) if any(self._held) else []
+        ours = [*self._ours(), *guests.pids, *ours]
+        left_open = (
+            end_left_open(self.server.admin, self.dbname, test_id, ours, SESSION_DB, TRANSACTION_ADVICE, spare=ours)
+            if suspects
+            else []
+        )
+        found += left_open
+        other_sessions = bool(left_open) or more_sessions
         if not (own_escape or guests.escaped or committed or other_sessions):
-            return findings
+            return found
         # Something may have escaped: compare with a fresh clone of the template, which replaces the
         # session database if anything did.
         fresh = self._fresh_clone()
-        changes = self._changes(fresh, started_xmax)
+        changes = what_changed(self.server, self.dbname, fresh, started_xmax)
         if not changes:
             self.server.drop_database(fresh)
             self.sessions = self._sessions()
-            return findings
-        causes = []
-        if own_escape:
-            causes.append("its transaction was ended by a COMMIT (or END) statement run on the test's connection")
-        causes.extend(
-            f"the transaction of its {label} connection was ended by a COMMIT (or END) statement"
-            for label in guests.escaped
-        )
-        causes.extend(f"its {label} connection, outside the test's transaction, committed" for label in committed)
-        if other_sessions:
-            causes.append("another connection to the session database committed")
+            return found
         self._switch_to(fresh)
-        raise IsolationError(
-            f"{test_id} committed outside its transaction, so its writes escaped the rollback: "
-            + "; ".join(causes)
-            + ".\n  Changed: "
-            + ", ".join(changes)
-            + ".\n  pgsandbox cloned the session database again from the template: the next test starts clean.",
-            "call conn.commit() on the connection pgsandbox gave you (it becomes a savepoint) instead of running "
-            "COMMIT; for code that opens its own connections, use @pytest.mark.pg(isolation='database').",
+        raise findings.escaped(
+            test_id, changes, own=own_escape, guests=guests.escaped, committed=committed, others=other_sessions
         )
 
     def _rollback(self, conn: SandboxConnection, next_test_id: str | None) -> tuple[bool, bool, int | None]:
@@ -537,38 +320,25 @@ class TransactionIsolation:
         self._held = (int(row[3]), int(row[4]))
         return replaced, bool(row[0]), row[1]
 
-    def _release_held(self, test_id: str) -> list[str]:
+    def _release_held(self, test_id: str) -> list[Finding]:
         """Release what the rollback left (advisory locks, prepared transactions) and say so."""
         advisory, prepared = self._held
         self._held = (0, 0)
         conn = self.conn
         if conn is None or conn.closed or conn.broken:
             return []
-        findings: list[str] = []
+        found: list[Finding] = []
         if advisory:
             conn.execute(INTERNAL + "SELECT pg_advisory_unlock_all()")
-            findings.append(
-                Finding.of(
-                    ADVISORY,
-                    f"{test_id} left {advisory} advisory lock(s) held on its connection (pg_advisory_lock without "
-                    "pg_advisory_unlock; a rollback does not release session-level locks); pgsandbox released them.",
-                )
-            )
+            found.append(findings.advisory_left(test_id, advisory))
         if prepared:
             self._unprepare()
             conn.autocommit = True
             try:
-                gids = rollback_prepared(conn)
+                found += end_prepared(conn, test_id, SESSION_DB)
             finally:
                 conn.autocommit = False
-            findings.append(
-                Finding.of(
-                    PREPARED,
-                    f"{test_id} left {len(gids)} prepared transaction(s) ({', '.join(gids)}): PREPARE TRANSACTION "
-                    "outlives the test's rollback; pgsandbox rolled them back.",
-                )
-            )
-        return findings
+        return found
 
     def _check_query(self) -> str:
         return INTERNAL + self._check.replace("{ours}", str(1 + len(self.parked)))
@@ -602,7 +372,7 @@ class TransactionIsolation:
             with contextlib.suppress(psycopg.Error):
                 self.server.admin.execute("SELECT pg_terminate_backend(%s)", [parked.pid])
 
-    def _close_parked_quietly(self) -> None:
+    def close_quietly(self) -> None:
         """The server is gone: close the clients' ends, and ask it nothing."""
         for parked in self.parked.values():
             with contextlib.suppress(Exception):
@@ -614,38 +384,6 @@ class TransactionIsolation:
         for parked in self.parked.values():
             self._discard(parked)
         self.parked.clear()
-
-    def _changes(self, fresh: str, since_xid: int) -> list[str]:
-        """What differs between the session database and ``fresh``, a clone of the template: rows, and catalog
-        objects (functions, schemas, views...). Both are read as the admin, who may read what an escaped
-        commit made (a table pg_admin created) and whom row-level security does not hide rows from."""
-        assert self.dbname
-        # the second is named: its end (the database may be dropped as it exits) is not the test's in the log
-        with (
-            self.server.connect(fresh, autocommit=True) as pristine,
-            self.server.connect(self.dbname, autocommit=True, application_name=OURS_PREFIX) as current,
-        ):
-            then = contents(pristine)
-            now = contents(current, since_xid)
-            objects = object_changes(current, pristine, set(now.rows) | set(then.rows))
-        changes = []
-        for table in sorted(set(now.rows) | set(then.rows)):
-            before, after = then.rows.get(table), now.rows.get(table)
-            if before is None:
-                changes.append(f"{table} (created, {after} rows)")
-            elif after is None:
-                changes.append(f"{table} (dropped)")
-            else:
-                written = now.written[table]
-                if after != before or written:
-                    delta = f"{after - before:+d} rows" if after != before else "same row count"
-                    changes.append(f"{table} ({delta}, {written} rows written)")
-        changes += objects
-        if not changes and now.relations != then.relations:
-            changes.append(f"the schema ({now.relations - then.relations:+d} relations)")
-        if len(changes) > MAX_NAMED:
-            changes[MAX_NAMED:] = [f"and {len(changes) - MAX_NAMED} more"]
-        return changes
 
     def _keep(self, conn: SandboxConnection, keep_as: str) -> None:
         """Commit the failed test's work and keep the database under ``keep_as``; start a fresh one."""

@@ -141,7 +141,7 @@ def pg_queries(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Queries:
     db = sandbox_database(request, pg_sandbox)
     if pg_sandbox.server.statement_log is None:
         try:
-            pg_sandbox.sql_of(db)
+            pg_sandbox.diagnostics.sql_of(db)
         except StatementLogError as error:
             fail(error)
     return Queries(pg_sandbox, db)

@@ -200,5 +200,5 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     sandbox = shared.outcome()
     if isinstance(sandbox, PgSandboxError):
         return
-    sandbox.adopt_kept(kept["names"])
+    sandbox.kept.adopt(kept["names"])
     node.config.stash[KEPT_KEY] = [*node.config.stash.get(KEPT_KEY, []), *kept["commands"]]

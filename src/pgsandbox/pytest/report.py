@@ -82,7 +82,7 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
     if deadlock is not None:
         # the server's log has each process's statement, which the client's error leaves out
         logged = next((s.detail for s in found or () if s.error.startswith("ERROR 40P01")), None)
-        report.sections.append(("pgsandbox: deadlock", sandbox.describe_deadlock(logged or deadlock)))
+        report.sections.append(("pgsandbox: deadlock", sandbox.diagnostics.describe_deadlock(logged or deadlock)))
     stopped = timeout_of(error)
     if stopped:
         report.sections.append((f"pgsandbox: {stopped}", lock_section(sandbox, db, found)))
@@ -103,13 +103,13 @@ def add_sql(item: pytest.Item, report: pytest.TestReport, sandbox: Sandbox, db: 
     from pgsandbox.server.statement_log import StatementLogError
 
     try:
-        found, _, complete = sandbox.sql_of(db)
+        found, _, complete = sandbox.diagnostics.sql_of(db)
     except StatementLogError as unavailable:
         if show_sql or sandbox.server.statement_log is not None:  # a log that should have answered: say why
             report.sections.append(("pgsandbox: SQL", f"pgsandbox: {unavailable}"))
         return None
     except psycopg.Error as unreadable:
-        from pgsandbox.sandbox.core import connection_lost
+        from pgsandbox.sandbox.gone import connection_lost
 
         if not connection_lost(unreadable):  # else the server is gone: the teardown says so, in full
             report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
@@ -132,7 +132,7 @@ def lock_section(sandbox: Sandbox, db: Database, found: list[Statement] | None) 
     from pgsandbox.server.statements import lock_waits
 
     waits = lock_waits(found or [])
-    holders = sandbox.lock_holders(db.name)
+    holders = sandbox.diagnostics.lock_holders(db.name)
     return (
         ("".join(f"{wait}\n" for wait in waits) + "\n" if waits else "")
         + "sessions in a transaction on the test's database when it failed, with the locks they held (the "
@@ -146,10 +146,10 @@ def keep_database(item: pytest.Item, sandbox: Sandbox, db: Database) -> str:
     """Mark the failed test's database to be kept (its teardown keeps it), and say how to open it."""
     item.stash[KEEP_KEY] = True
     db.keep = True  # driver fixtures commit instead of rolling back, for the kept database
-    name = db.name if db.isolation == "database" else sandbox.keep_name()
+    name = db.name if db.isolation == "database" else sandbox.kept.next_name()
     return (
         f"the database of this test is kept as {name}; open it with:\n"
-        f"    {sandbox.psql_command(name)}\n"
+        f"    {sandbox.kept.psql_command(name)}\n"
         "(the password is in that passfile, readable only by you, which goes with the kept database: "
         "`pgsandbox clean` stops a kept local server and removes both; on an existing server, "
         "`pgsandbox reap --include-kept` drops the database and removes the file)"

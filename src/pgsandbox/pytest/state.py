@@ -127,14 +127,14 @@ def session_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
 def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
     """Stop the session's sandbox, keeping its report and kept databases for the summary (an xdist worker
     hands them to its controller)."""
-    commands = [sandbox.psql_command(name) for name in sandbox.kept]
+    commands = [sandbox.kept.psql_command(name) for name in sandbox.kept]
     config.stash[KEPT_KEY] = commands
     config.stash[REPORT_KEY] = sandbox.report()
     workeroutput = getattr(config, "workeroutput", None)
     if workeroutput is not None:  # the controller reports them (and keeps its server running for kept ones)
         workeroutput[XDIST_REPORT] = config.stash[REPORT_KEY]
         if sandbox.kept:
-            workeroutput[XDIST_KEPT] = {"names": sandbox.kept, "commands": commands}
+            workeroutput[XDIST_KEPT] = {"names": sandbox.kept.names, "commands": commands}
     sandbox.stop()
 
 
@@ -150,7 +150,7 @@ def stop_at_session_end(config: pytest.Config) -> None:
     if shared is not None:
         sandbox = shared.outcome()
         if not isinstance(sandbox, PgSandboxError):
-            from pgsandbox.sandbox.core import merge_reports
+            from pgsandbox.sandbox.report import merge_reports
 
             workers: list[dict[str, Any]] = config.stash.get(WORKER_REPORTS_KEY, [])
             config.stash[REPORT_KEY] = merge_reports(sandbox.report(), workers)

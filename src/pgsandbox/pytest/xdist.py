@@ -47,7 +47,7 @@ class SharedSandbox:
         payload: dict[str, Any]
         try:
             self.sandbox = start(self.lines.append)
-            payload = self.sandbox.describe()
+            payload = self.sandbox.handoff()
         except PgSandboxError as error:
             self.error = error
             payload = {"error": str(error)}

@@ -8,7 +8,8 @@ with Sandbox.start(Settings(migrations=("sql:migrations",))) as sandbox:
     # rolled back here
 """
 
-from pgsandbox.sandbox.core import Sandbox, ServerGone
+from pgsandbox.sandbox.core import Sandbox
 from pgsandbox.sandbox.database import ConnectionInfo, Database, SessionLogin
+from pgsandbox.sandbox.gone import ServerGone
 
 __all__ = ["ConnectionInfo", "Database", "Sandbox", "ServerGone", "SessionLogin"]

@@ -64,10 +64,10 @@ class Queries:
     @contextlib.contextmanager
     def __call__(self, count: int | None = None, *, at_most: int | None = None) -> Iterator[Recorded]:
         log = self._sandbox.server.statement_log
-        _, start, _ = self._sandbox.sql_of(self._db, log.position() if log else None)
+        _, start, _ = self._sandbox.diagnostics.sql_of(self._db, log.position() if log else None)
         recorded = Recorded()
         yield recorded
-        recorded.all, _, recorded.complete = self._sandbox.sql_of(self._db, start)
+        recorded.all, _, recorded.complete = self._sandbox.diagnostics.sql_of(self._db, start)
         expected = f"exactly {count}" if count is not None else f"at most {at_most}"
         if (count is not None and recorded.count != count) or (at_most is not None and recorded.count > at_most):
             raise AssertionError(
