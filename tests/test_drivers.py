@@ -981,3 +981,18 @@ def test_a_session_class_that_cannot_be_used_says_why_and_what_to_do(
             "*What to do: fix --pg-session-class; --pg-session-class takes: the Session class pg_session is made of*",
         ]
     )
+
+
+def test_table_factory_is_an_ordinary_class_of_its_module() -> None:
+    """One class, found by its name (pickle, type checkers and IDEs follow it), a factory_boy ``Factory``."""
+    import pickle
+
+    from factory.base import Factory
+
+    from pgsandbox.drivers import table_factory
+    from pgsandbox.drivers.factoryboy import TableFactory
+
+    assert TableFactory is table_factory.TableFactory
+    assert (TableFactory.__module__, TableFactory.__qualname__) == ("pgsandbox.drivers.table_factory", "TableFactory")
+    assert issubclass(TableFactory, Factory)
+    assert pickle.loads(pickle.dumps(TableFactory)) is TableFactory

@@ -22,3 +22,14 @@ def test_public_names_resolve_on_first_use() -> None:
         assert "has no attribute 'no_such_name'" in str(error)
     else:
         raise AssertionError("unknown names must raise AttributeError")
+
+
+def test_the_factory_boy_helpers_import_factory_boy_only_for_table_factory() -> None:
+    """pg and pg_session load pgsandbox.drivers.factoryboy in every test; factory_boy (with Faker) loads only
+    when a test module takes TableFactory."""
+    code = (
+        "import sys, pgsandbox.drivers.factoryboy as fb; before = 'factory' in sys.modules; fb.TableFactory; "
+        "print(before, 'factory' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False True"

@@ -45,9 +45,10 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
 
+    from pgsandbox.drivers.table_factory import TableFactory as TableFactory  # for type checkers: see __getattr__
     from pgsandbox.sandbox import Database
 
-__all__ = ["Row", "create", "create_batch", "database", "session"]  # and TableFactory, made on first use
+__all__ = ["Row", "create", "create_batch", "database", "session"]  # and TableFactory, imported on first use
 
 T = TypeVar("T")
 
@@ -145,33 +146,8 @@ def database() -> Database:
 
 def __getattr__(name: str) -> Any:
     if name == "TableFactory":
-        return _table_factory()
+        # its module imports factory_boy: loaded only here, when a test module asks for the class
+        from pgsandbox.drivers.table_factory import TableFactory
+
+        return TableFactory
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_made: list[Any] = []
-
-
-def _table_factory() -> Any:
-    if _made:
-        return _made[0]
-    from pgsandbox.drivers import require
-
-    factory = require("factory", "factoryboy", "pgsandbox.drivers.factoryboy.TableFactory")
-
-    class TableFactory(factory.Factory):  # type: ignore[misc, name-defined]
-        """A factory_boy factory whose ``Meta.model`` is a table name; ``pg.insert`` fills what it leaves out."""
-
-        class Meta:
-            abstract = True
-
-        @classmethod
-        def _create(cls, model_class: str, *args: Any, **kwargs: Any) -> Row:
-            return Row(database().insert(model_class, **kwargs))
-
-        @classmethod
-        def _build(cls, model_class: str, *args: Any, **kwargs: Any) -> Row:
-            return Row(kwargs)
-
-    _made.append(TableFactory)
-    return TableFactory
