@@ -9,7 +9,6 @@ what changed and the session database is cloned again from the template, so the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,8 @@ from psycopg import pq, sql
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.isolation.database import clone_failed
+from pgsandbox.isolation.guests import Guests, Parked, state_of
+from pgsandbox.isolation.guests import app_name as app_name  # re-exported: sandbox/core.py takes it from here
 from pgsandbox.server.base import Server, Session, connections_to, terminate_connections
 from pgsandbox.server.statements import INTERNAL, OURS_PREFIX
 
@@ -58,32 +59,6 @@ LEFT_OPEN = "connections left open"
 IDLE_IN_TRANSACTION = "sessions left idle in transaction"
 ADVISORY = "advisory locks left held"
 PREPARED = "prepared transactions left"
-
-
-@dataclass
-class Guests:
-    """Connections that driver fixtures (psycopg2, asyncpg, async psycopg...) opened on the session database
-    for one test, each in a transaction of its own that they rolled back: not "others" to warn about."""
-
-    pids: set[int] = field(default_factory=set)
-    connects: int = 0  # each one moves the database's session counter
-    escaped: list[str] = field(default_factory=list)  # those whose transaction a COMMIT replaced
-    committing: list[str] = field(default_factory=list)  # those outside any transaction of the test (pg_admin)
-
-    def joined(self, pid: int, connected: bool = True) -> None:
-        self.pids.add(pid)
-        self.connects += connected
-
-
-@dataclass
-class Parked:
-    """A driver's connection kept on the session database between tests (a connect costs ~4 ms). An async
-    one belongs to its event loop (``loop``) and can serve only tests that run in that loop."""
-
-    conn: Any
-    pid: int
-    close: Callable[[], bool]  # False: it could not be closed from here (its loop is gone or busy)
-    loop: Any = None
 
 
 def rollback_prepared(conn: psycopg.Connection[Any]) -> list[str]:
@@ -126,19 +101,6 @@ def left_open(test_id: str, sessions: list[Session], where: str, advice: str = "
             )
         )
     return findings
-
-
-def literal(text: str) -> str:
-    """A string literal (standard_conforming_strings is on in every supported version)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def guest_begin(test_id: str) -> str:
-    """What a driver's connection runs inside its new transaction: the savepoint its commits move."""
-    return f"{INTERNAL}SAVEPOINT {SAVEPOINT}; SET application_name = {literal(app_name(test_id))}"
-
-
-GUEST_ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK"  # fails if a COMMIT replaced it
 
 
 class IsolationError(PgSandboxError):
@@ -286,14 +248,6 @@ def object_changes(now: psycopg.Connection[Any], then: psycopg.Connection[Any], 
     return found
 
 
-def app_name(test_id: str, suffix: str = "") -> str:
-    """``application_name`` is limited to 63 bytes of printable ASCII (the server rewrites anything else):
-    keep the end of a long test id, which names the test, and all of ``suffix``, so that the statement log
-    can tell the test by it."""
-    name = "".join(c if " " <= c <= "~" else "?" for c in f"pgsandbox {test_id}{suffix}")
-    return name if len(name) <= 63 else "pgsandbox ..." + name[-(63 - len("pgsandbox ...")) :]
-
-
 class TransactionIsolation:
     def __init__(self, server: Server, template: str, clone_clause: sql.Composable) -> None:
         self.server = server
@@ -395,7 +349,7 @@ class TransactionIsolation:
     def _close(self) -> None:
         self._prepared = None
         if self.conn is not None:
-            self.conn._pgsandbox_active = False
+            state_of(self.conn).active = False
             with contextlib.suppress(psycopg.Error):
                 self.conn.close()
         self.conn = None
@@ -417,7 +371,7 @@ class TransactionIsolation:
                 conn.rollback()
             # psycopg sends BEGIN first: the connection is not in autocommit
             conn.execute(self._begin + self._app_name(test_id))
-        conn._pgsandbox_active = True
+        state_of(conn).active = True
         return conn
 
     def _app_name(self, test_id: str) -> bytes:
@@ -440,7 +394,7 @@ class TransactionIsolation:
         ``guests``: the driver connections the test used, already rolled back (or committed, to keep)."""
         conn = self.conn
         assert conn is not None and self.dbname
-        conn._pgsandbox_active = False
+        state_of(conn).active = False
         guests = guests or Guests()
         if keep_as is not None:
             self._keep(conn, keep_as)

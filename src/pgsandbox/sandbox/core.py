@@ -425,8 +425,8 @@ class Sandbox:
                 test_id,
                 self.server,
                 _connection=conn,
-                _transaction=self._transaction,
             )
+            db._test.parking = self._transaction
         else:
             if self._pool is None:
                 strategies = clone_strategies(self.server, self.settings)
@@ -438,12 +438,12 @@ class Sandbox:
                 clone.conn.execute(INTERNAL + "SELECT set_config('application_name', %s, false)", [app_name(test_id)])
                 clone.conn.autocommit = False
                 db._opened.append(clone.conn)
-        db.catalog_source = self._catalog
+        db._test.catalog_source = self._catalog
         db.data_seed = self.settings.data_seed
         if self.server.statement_log is not None:
             db.log_start = self.server.statement_log.position()
         if self.settings.role != "own" or self.server.login is None:  # its connections may create databases
-            db.server_objects = server_objects(self.server.admin)
+            db._test.server_objects = server_objects(self.server.admin)
         seconds = time.perf_counter() - started
         self._tests[chosen] = self._tests.get(chosen, 0) + 1
         self._setup_seconds += seconds
@@ -501,7 +501,7 @@ class Sandbox:
         return (
             self.throwaway_server
             and self.server.statement_log is not None
-            and ("pg_admin" in db.guests.committing or self.server.login is None)
+            and ("pg_admin" in db._test.guests.committing or self.server.login is None)
         )
 
     def _restore_logging(self, test_id: str) -> list[str]:
@@ -551,7 +551,7 @@ class Sandbox:
 
     def _close_checked(self, db: Database, keep: bool = False, next_test_id: str | None = None) -> list[str]:
         started = time.perf_counter()
-        outside = self._outside(db) if db.server_objects is not None else []
+        outside = self._outside(db) if db._test.server_objects is not None else []
         if self._may_change_logging(db):
             outside += self._restore_logging(db.test_id)
         try:
@@ -571,8 +571,8 @@ class Sandbox:
 
     def _outside(self, db: Database) -> list[str]:
         """Databases, roles and tablespaces the test created on the server (server_objects.py)."""
-        assert db.server_objects is not None
-        new = created_since(self.server.admin, db.server_objects)
+        assert db._test.server_objects is not None
+        new = created_since(self.server.admin, db._test.server_objects)
         if new and self.attached:
             # an xdist worker: the others create objects at the same time; the test's are those it made
             log = self.server.statement_log
@@ -605,12 +605,12 @@ class Sandbox:
             for conn in db._opened:  # admin connections (connect_admin); the test's own is not in the list
                 with contextlib.suppress(psycopg.Error):
                     conn.close()
-            findings = self._transaction.end(db.test_id, kept_as, next_test_id, db.guests)
+            findings = self._transaction.end(db.test_id, kept_as, next_test_id, db._test.guests)
             if kept_as:
                 self._label_kept(kept_as)
             return findings
         assert self._pool is not None
-        ours = set(db.guests.pids)
+        ours = set(db._test.guests.pids)
         for conn in db._opened:
             with contextlib.suppress(psycopg.Error):
                 if not conn.closed:
@@ -685,7 +685,7 @@ class Sandbox:
         def query(sql_text: str, params: list[Any]) -> list[tuple[Any, ...]]:
             if not opened:
                 opened.append(self.server.connect(db.name, autocommit=True))
-                db.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
+                db._test.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
             return opened[0].execute(sql_text, params).fetchall()
 
         if self._catalogs is None:  # cache_root() checks that the directory is writable: once per session
