@@ -23,7 +23,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pgsandbox.drivers import closer
 from pgsandbox.isolation.guests import guest_begin, let_go, state_of
 
 if TYPE_CHECKING:
@@ -163,14 +162,19 @@ async def _end_transaction(adapter: Adapter[C], db: Database, conn: C, park: boo
 def _closer(adapter: Adapter[C], conn: C, loop: asyncio.AbstractEventLoop | None) -> Callable[[], bool]:
     """How to close a parked connection later, from the sandbox's sync code."""
 
-    async def politely(conn: C) -> None:
-        await adapter.close(conn, ended=False)
-
-    if loop is None:
-
-        def now() -> bool:
-            run_sync(politely(conn))
+    def close() -> bool:
+        """In the connection's own loop when that loop is idle, else with :meth:`Adapter.abort`."""
+        if loop is None:
+            run_sync(adapter.close(conn, ended=False))
             return True
+        try:
+            asyncio.get_running_loop()
+            inside_a_loop = True
+        except RuntimeError:
+            inside_a_loop = False
+        if not inside_a_loop and not loop.is_closed() and not loop.is_running():
+            loop.run_until_complete(adapter.close(conn, ended=False))
+            return True
+        return adapter.abort(conn)
 
-        return now
-    return closer(loop, politely, adapter.abort, conn)
+    return close
