@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from pgsandbox.template.base import MigrationError, Migrator, Target
     from pgsandbox.template.guard import ForeignConnection
 
-__version__ = "0.1.0"
+from pgsandbox._version import __version__
 
 # Imported on first use: the pytest plugin loads this package in every pytest run, and psycopg alone
 # takes about 0.1 s to import, which a suite that never touches the database should not pay.

@@ -26,13 +26,24 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pgsandbox.errors import PgSandboxError
 
 if TYPE_CHECKING:
     from pgsandbox.data.catalog import Table
-    from pgsandbox.sandbox import Database
+    from pgsandbox.data.rows import Rows
+
+
+class Database(Protocol):
+    """What factories need of a test's database (the ``pg`` handle has it)."""
+
+    @property
+    def rows(self) -> Rows: ...
+
+    def insert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]: ...
+
+    async def ainsert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-import pgsandbox
+from pgsandbox._version import __version__
 from pgsandbox.common.urls import sqlalchemy_url
 from pgsandbox.errors import ConfigError
 from pgsandbox.server import roles
@@ -68,7 +68,7 @@ class Chain:
     keys: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        keys, parent = [], f"layout {LAYOUT}; pgsandbox {pgsandbox.__version__}"
+        keys, parent = [], f"layout {LAYOUT}; pgsandbox {__version__}"
         for layer in self.layers:
             with naming_setting(SETTING_OF_LAYER.get(layer.kind, "pg_migrations")):
                 parent = fingerprint(layer.migrators, layer.kind, parent)

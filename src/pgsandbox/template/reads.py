@@ -24,8 +24,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import pgsandbox
-
 # pgsandbox's own threads (cluster caches, clones) copy files while a build may run
 OWN_THREADS = ("pgsandbox-cache-writer", "pgsandbox-snapshot-writer", "pgsandbox-clone-")
 CODE_SUFFIXES = (".py", ".pyc", ".pyi", ".pth", ".so", ".pyd")
@@ -34,6 +32,9 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _recorders: list[tuple[set[str], set[str]]] = []  # (opened for reading, opened for writing) per build
 _hooked = False
 _lock = threading.Lock()
+
+
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # pgsandbox itself
 
 
 def _hook(event: str, args: tuple[Any, ...]) -> None:
@@ -70,7 +71,7 @@ def recording() -> Iterator[set[str]]:
 
 def ignored_roots() -> tuple[str, ...]:
     """Directories of Python itself, installed packages and pgsandbox (each ending with a separator)."""
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(pgsandbox.__file__)}
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, PACKAGE_DIR}
     roots.update(path for path in sysconfig.get_paths().values())
     with contextlib.suppress(AttributeError):
         roots.update(site.getsitepackages())
