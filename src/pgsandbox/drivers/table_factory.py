@@ -14,7 +14,7 @@ require("factory", "factoryboy", "pgsandbox.drivers.factoryboy.TableFactory")  #
 
 from factory.base import Factory  # noqa: E402  (factory's package does not re-export it for type checkers)
 
-from pgsandbox.drivers.factoryboy import Row, database  # noqa: E402
+from pgsandbox.drivers.running_test import Row, database  # noqa: E402
 
 
 class TableFactory(Factory[Row]):
