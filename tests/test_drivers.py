@@ -1063,3 +1063,20 @@ def test_the_pg_handle_shows_the_user_only_its_api(tmp_path: Path, shared_dsn: s
     users = {"connect", "connection", "execute", "fetch", "fetchone", "fetchval", "dsn", "url", "env", "params"}
     users |= {"info", "insert", "insert_many", "ainsert", "ainsert_many", "rows", "seed", "connect_admin"}
     assert users | {"name", "test_id", "isolation", "keep", "database_url"} <= public
+
+
+def test_a_synchronous_adapter_step_runs_without_an_event_loop_and_may_not_wait() -> None:
+    """psycopg2's steps are the protocol's coroutines run to their end at once; one that waits is a bug."""
+    import asyncio
+
+    from pgsandbox.drivers.guests import run_sync
+
+    async def at_once() -> int:
+        return 7
+
+    async def waits() -> None:
+        await asyncio.sleep(0)
+
+    assert run_sync(at_once()) == 7
+    with pytest.raises(RuntimeError, match="a synchronous adapter's step waited for something"):
+        run_sync(waits())
