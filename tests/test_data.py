@@ -394,7 +394,7 @@ def test_table_factory_without_factory_boy_names_the_extra(monkeypatch: pytest.M
     from pgsandbox.errors import MissingExtra
 
     monkeypatch.setitem(sys.modules, "factory", None)
-    monkeypatch.setattr(factoryboy, "_made", [])
+    monkeypatch.delitem(sys.modules, "pgsandbox.drivers.table_factory", raising=False)
     with pytest.raises(MissingExtra) as caught:
         factoryboy.TableFactory  # noqa: B018
     assert "pgsandbox.drivers.factoryboy.TableFactory needs factory_boy, which is not installed." in str(caught.value)

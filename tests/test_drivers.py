@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -981,3 +983,100 @@ def test_a_session_class_that_cannot_be_used_says_why_and_what_to_do(
             "*What to do: fix --pg-session-class; --pg-session-class takes: the Session class pg_session is made of*",
         ]
     )
+
+
+def test_table_factory_is_an_ordinary_class_of_its_module() -> None:
+    """One class, found by its name (pickle, type checkers and IDEs follow it), a factory_boy ``Factory``."""
+    import pickle
+
+    from factory.base import Factory
+
+    from pgsandbox.drivers import table_factory
+    from pgsandbox.drivers.factoryboy import TableFactory
+
+    assert TableFactory is table_factory.TableFactory
+    assert (TableFactory.__module__, TableFactory.__qualname__) == ("pgsandbox.drivers.table_factory", "TableFactory")
+    assert issubclass(TableFactory, Factory)
+    assert pickle.loads(pickle.dumps(TableFactory)) is TableFactory
+
+
+def _sandbox_with_items(tmp_path: Path, shared_dsn: str) -> Any:
+    from pgsandbox import Sandbox, Settings
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/1.sql").write_text(SCHEMA + f"-- {tmp_path.name}")
+    return Sandbox.start(Settings(dsn=shared_dsn, migrations=("sql:m",)), root=tmp_path)
+
+
+def test_driver_connections_carry_nothing_of_pgsandbox_and_are_let_go(tmp_path: Path, shared_dsn: str) -> None:
+    """The guest protocol keeps its state in a table of its own, not on the libraries' connection objects, and
+    that table keeps no connection alive: once the sandbox closed them, nothing holds them."""
+    import asyncio
+    import gc
+    import weakref
+
+    from pgsandbox.drivers import asyncpg as asyncpg_driver
+    from pgsandbox.drivers import psycopg2 as psycopg2_driver
+    from pgsandbox.drivers import psycopg_async
+    from pgsandbox.isolation.guests import is_active
+
+    def ours(conn: object) -> list[str]:
+        return [name for name in dir(conn) if "pgsandbox" in name]
+
+    seen: dict[str, list[weakref.ref[Any]]] = {}
+
+    async def two_tests(sandbox: Any) -> None:
+        for n in range(2):
+            with sandbox.database("transaction", f"test_{n}") as db:
+                conn = psycopg2_driver.connect(db)
+                assert is_active(conn) and not ours(conn)
+                with conn.cursor() as cursor:
+                    cursor.execute("insert into items (name) values ('psycopg2')")
+                conn.commit()  # a savepoint: the test still rolls it back
+                psycopg2_driver.close(db, conn)
+                assert not is_active(conn)
+                seen.setdefault("psycopg2", []).append(weakref.ref(conn))
+                for driver in (asyncpg_driver, psycopg_async):
+                    aconn = await driver.connect(db)
+                    assert is_active(aconn) and not ours(aconn)
+                    await aconn.execute("insert into items (name) values ('async')")
+                    await driver.close(db, aconn, park=n == 0)  # parked for the next test, then closed
+                    assert not is_active(aconn)
+                    seen.setdefault(driver.LABEL, []).append(weakref.ref(aconn))
+                assert db.fetchval(COUNT) == 0  # each guest's work was rolled back
+                del conn, aconn
+
+    with _sandbox_with_items(tmp_path, shared_dsn) as sandbox:
+        asyncio.run(two_tests(sandbox))
+    # the second test took the connection the first one parked
+    assert all(refs[0]() is refs[1]() for refs in seen.values())
+    gc.collect()
+    assert [label for label, refs in seen.items() if any(ref() is not None for ref in refs)] == []
+
+
+def test_the_pg_handle_shows_the_user_only_its_api(tmp_path: Path, shared_dsn: str) -> None:
+    """The drivers' and the sandbox's plumbing is not among the handle's public names."""
+    with _sandbox_with_items(tmp_path, shared_dsn) as sandbox, sandbox.database("transaction", "test_x") as db:
+        public = {name for name in dir(db) if not name.startswith("_")}
+    plumbing = {"joined", "guest_begin", "park", "unpark", "session_state", "guest_escaped", "guests", "drivers"}
+    assert not public & (plumbing | {"server_objects", "catalog_source"})
+    users = {"connect", "connection", "execute", "fetch", "fetchone", "fetchval", "dsn", "url", "env", "params"}
+    users |= {"info", "insert", "insert_many", "ainsert", "ainsert_many", "rows", "seed", "connect_admin"}
+    assert users | {"name", "test_id", "isolation", "keep", "database_url"} <= public
+
+
+def test_a_synchronous_adapter_step_runs_without_an_event_loop_and_may_not_wait() -> None:
+    """psycopg2's steps are the protocol's coroutines run to their end at once; one that waits is a bug."""
+    import asyncio
+
+    from pgsandbox.drivers.guests import run_sync
+
+    async def at_once() -> int:
+        return 7
+
+    async def waits() -> None:
+        await asyncio.sleep(0)
+
+    assert run_sync(at_once()) == 7
+    with pytest.raises(RuntimeError, match="a synchronous adapter's step waited for something"):
+        run_sync(waits())

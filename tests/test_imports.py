@@ -22,3 +22,44 @@ def test_public_names_resolve_on_first_use() -> None:
         assert "has no attribute 'no_such_name'" in str(error)
     else:
         raise AssertionError("unknown names must raise AttributeError")
+
+
+def test_the_factory_boy_helpers_import_factory_boy_only_for_table_factory() -> None:
+    """pg and pg_session load pgsandbox.drivers.factoryboy in every test; factory_boy (with Faker) loads only
+    when a test module takes TableFactory."""
+    code = (
+        "import sys, pgsandbox.drivers.factoryboy as fb; before = 'factory' in sys.modules; fb.TableFactory; "
+        "print(before, 'factory' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False True"
+
+
+def test_every_public_name_resolves_and_is_listed() -> None:
+    """What users annotate and catch comes from the package itself, each name from its module, lazily: listing
+    the names imports nothing."""
+    import pgsandbox
+
+    code = "import sys, pgsandbox; dir(pgsandbox); print('psycopg' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    for name in pgsandbox.__all__:
+        value = getattr(pgsandbox, name)
+        assert name in dir(pgsandbox)
+        if isinstance(value, type):
+            assert value.__name__ == name and value.__module__.startswith("pgsandbox.")
+    for name in ["Queries", "Recorded", "IsolationError", "PgSandboxWarning", "Migrator", "Target"]:
+        assert name in pgsandbox.__all__
+    for name in ["MigrationError", "ConnectionInfo", "ServerGone", "ConfigError", "MissingExtra"]:
+        assert name in pgsandbox.__all__
+    errors = [getattr(pgsandbox, name) for name in pgsandbox.__all__ if name.endswith(("Error", "Gone"))]
+    assert all(issubclass(error, pgsandbox.PgSandboxError) for error in errors)
+
+
+def test_binary_discovery_is_found_in_its_module_and_still_resolves_from_the_package() -> None:
+    import pgsandbox
+    from pgsandbox import binaries
+
+    for name in ["Installation", "find_installations", "select_installation"]:
+        assert name not in pgsandbox.__all__
+        assert getattr(pgsandbox, name) is getattr(binaries, name)

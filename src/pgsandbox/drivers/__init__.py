@@ -4,20 +4,16 @@
 the test's one connection; every other library gets a connection of its own to the session database, in a
 transaction of its own with the same savepoint protocol (commits move a savepoint; the end rolls back and a
 lost savepoint reveals a raw ``COMMIT``). ``database`` isolation: plain connections to the test's clone.
-An adapter is imported only when its fixture is used: a missing library costs nothing until asked for.
+An adapter is imported only when its fixture is used: a missing library costs nothing until asked for. The
+protocol they share is :mod:`pgsandbox.drivers.guests`; each library's module keeps only its own part.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-from collections.abc import Callable, Coroutine
 from types import ModuleType
-from typing import Any, TypeVar
 
 from pgsandbox.errors import MissingExtra
-
-T = TypeVar("T")
 
 PACKAGES = {"psycopg2": "psycopg2-binary", "pytest_asyncio": "pytest-asyncio", "factory": "factory_boy"}
 
@@ -38,26 +34,3 @@ def missing(module: str, extra: str, user: str) -> MissingExtra:
     )
     error.module, error.extra = module, extra
     return error
-
-
-def closer(
-    loop: asyncio.AbstractEventLoop,
-    close: Callable[[T], Coroutine[Any, Any, None]],
-    fallback: Callable[[T], bool],
-    conn: T,
-) -> Callable[[], bool]:
-    """How to close a parked async connection later, from sync code: in its own loop when that loop is
-    idle, else with ``fallback`` (no loop needed, returns whether the server was told goodbye)."""
-
-    def run() -> bool:
-        try:
-            asyncio.get_running_loop()
-            inside_a_loop = True
-        except RuntimeError:
-            inside_a_loop = False
-        if not inside_a_loop and not loop.is_closed() and not loop.is_running():
-            loop.run_until_complete(close(conn))
-            return True
-        return fallback(conn)
-
-    return run

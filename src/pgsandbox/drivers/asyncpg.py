@@ -8,12 +8,11 @@ SQLAlchemy fixtures share this connection.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 from typing import TYPE_CHECKING, Any
 
-from pgsandbox.drivers import closer, require
+from pgsandbox.drivers import guests, require
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database
@@ -23,27 +22,16 @@ require("asyncpg", "asyncpg", "pg_asyncpg")  # first: a missing library is named
 import asyncpg  # noqa: E402
 
 from pgsandbox.isolation.connection import SAVEPOINT  # noqa: E402
-from pgsandbox.isolation.transaction import GUEST_ROLLBACK  # noqa: E402
-
-LABEL = "asyncpg"
-ESCAPED = (asyncpg.exceptions.InvalidSavepointSpecificationError, asyncpg.exceptions.NoActiveSQLTransactionError)
+from pgsandbox.isolation.guests import GUEST_ROLLBACK, is_active, state_of  # noqa: E402
 
 
 class SandboxAsyncpgConnection(asyncpg.Connection):
     """``close()`` waits for the end of the test: the test's transaction must outlive the code under test."""
 
-    _pgsandbox_active = False
-    _pgsandbox_transaction: Any = None
-
     async def close(self, *, timeout: float | None = None) -> None:
-        if self._pgsandbox_active:
+        if is_active(self):
             return
         await super().close(timeout=timeout)
-
-
-def _ours(conn: Any) -> bool:
-    # not isinstance(): asyncpg's metaclass says every asyncpg connection is an instance of any subclass
-    return SandboxAsyncpgConnection in type(conn).__mro__
 
 
 def connect_kwargs(db: Database) -> dict[str, Any]:
@@ -69,66 +57,79 @@ def read_password(db: Database) -> str | None:
     return None if secret is None else str.__str__(secret)
 
 
-async def connect(db: Database) -> Any:
-    """In ``transaction`` isolation, the connection a previous test in this event loop left parked, if any."""
-    transaction = db.isolation == "transaction"
-    conn: Any = db.unpark(LABEL, asyncio.get_running_loop()) if transaction else None
-    if conn is None or conn.is_closed():
+class Asyncpg(guests.Adapter[Any]):
+    """asyncpg's part of the guest protocol. The test's transaction is asyncpg's own outermost one, so that
+    asyncpg (and SQLAlchemy's adapter on it) knows that a transaction is open."""
+
+    label = "asyncpg"
+    asynchronous = True
+    errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+    escaped = (asyncpg.exceptions.InvalidSavepointSpecificationError, asyncpg.exceptions.NoActiveSQLTransactionError)
+
+    async def connect(self, db: Database, transaction: bool) -> Any:
         kind = SandboxAsyncpgConnection if transaction else asyncpg.Connection
-        conn = await asyncpg.connect(**connect_kwargs(db), connection_class=kind)
-        db.joined(conn.get_server_pid())
-    if _ours(conn):
-        conn.__dict__.pop("_pgsandbox_adapter_transactions", None)  # what SQLAlchemy's checkouts put aside
+        return await asyncpg.connect(**connect_kwargs(db), connection_class=kind)
+
+    def ours(self, conn: Any) -> bool:
+        # not isinstance(): asyncpg's metaclass says every asyncpg connection is an instance of any subclass
+        return SandboxAsyncpgConnection in type(conn).__mro__
+
+    def is_closed(self, conn: Any) -> bool:
+        return bool(conn.is_closed())
+
+    def pid(self, conn: Any) -> int:
+        return int(conn.get_server_pid())
+
+    async def begin(self, conn: Any, statement: str) -> None:
         outer = conn.transaction()
         await outer.start()
-        await conn.execute(db.guest_begin)
-        conn._pgsandbox_transaction = outer
-        conn._pgsandbox_active = True
-    return conn
+        await conn.execute(statement)
+        state_of(conn).outer_transaction = outer
+
+    async def commit(self, conn: Any) -> None:
+        await conn.execute("COMMIT")
+
+    async def roll_back(self, conn: Any, reuse: bool) -> None:
+        if not reuse:  # one round trip: the connection is dropped next
+            await conn.execute(GUEST_ROLLBACK)
+            return
+        await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+        await self._end_outer(conn)
+
+    async def after_escape(self, conn: Any, reuse: bool) -> None:
+        if reuse:
+            await self._end_outer(conn)
+
+    async def _end_outer(self, conn: Any) -> None:
+        """asyncpg's own rollback of its outermost transaction: it learns that it is over."""
+        state = state_of(conn)
+        outer, state.outer_transaction = state.outer_transaction, None
+        await outer.rollback()
+
+    async def close(self, conn: Any, ended: bool) -> None:
+        if ended:  # nothing left to say to the server: do not wait for its goodbye (about 1 ms)
+            conn.terminate()
+            return
+        await asyncpg.Connection.close(conn, timeout=5)
+
+    def abort(self, conn: Any) -> bool:
+        """Drop the connection without its event loop; the server side is then ended by pgsandbox."""
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        return False
+
+
+ADAPTER = Asyncpg()
+LABEL = ADAPTER.label
+
+
+async def connect(db: Database) -> Any:
+    """In ``transaction`` isolation, the connection a previous test in this event loop left parked, if any."""
+    return await guests.connect(ADAPTER, db)
 
 
 async def close(db: Database, conn: Any, park: bool = False) -> None:
     """End the connection's part of the test: roll back (or commit, to keep the database); then close it, or
     ``park`` it for the next test in this event loop. A connection that cannot be closed cleanly (a
     cancelled query) is terminated."""
-    try:
-        if _ours(conn) and not conn.is_closed():
-            conn._pgsandbox_active = False
-            reusable = False
-            if db.keep:
-                await conn.execute("COMMIT")
-            elif park:
-                try:
-                    await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
-                    reusable = True
-                except ESCAPED:
-                    db.guest_escaped(LABEL)
-                # asyncpg's own rollback of its outermost transaction: it learns that it is over
-                await conn._pgsandbox_transaction.rollback()
-            else:
-                try:
-                    await conn.execute(GUEST_ROLLBACK)
-                except ESCAPED:
-                    db.guest_escaped(LABEL)
-            loop = asyncio.get_running_loop()
-            if reusable and db.park(LABEL, conn, conn.get_server_pid(), closer(loop, _close, _abort, conn), loop):
-                return
-            # nothing left to say to the server: do not wait for its goodbye (about 1 ms)
-            conn.terminate()
-            return
-        await _close(conn)
-    except BaseException as error:  # cancelled teardowns too: the connection must not outlive the test
-        _abort(conn)
-        if not isinstance(error, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)):
-            raise
-
-
-async def _close(conn: Any) -> None:
-    await asyncpg.Connection.close(conn, timeout=5)
-
-
-def _abort(conn: Any) -> bool:
-    """Drop the connection without its event loop; the server side is then ended by pgsandbox."""
-    with contextlib.suppress(Exception):
-        conn.terminate()
-    return False
+    await guests.close(ADAPTER, db, conn, park)

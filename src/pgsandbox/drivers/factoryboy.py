@@ -39,15 +39,17 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pgsandbox.drivers.running_test import Row, database
+from pgsandbox.drivers.running_test import _databases as _databases  # the fixtures register the test's database
 from pgsandbox.errors import PgSandboxError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
 
-    from pgsandbox.sandbox import Database
+    from pgsandbox.drivers.table_factory import TableFactory as TableFactory  # for type checkers: see __getattr__
 
-__all__ = ["Row", "create", "create_batch", "database", "session"]  # and TableFactory, made on first use
+__all__ = ["Row", "create", "create_batch", "database", "session"]  # and TableFactory, imported on first use
 
 T = TypeVar("T")
 
@@ -55,7 +57,6 @@ T = TypeVar("T")
 # a context variable set in a fixture's task would not be seen by the test's.
 _sessions: list[Session] = []
 _async_sessions: list[AsyncSession] = []
-_databases: list[Database] = []
 
 
 def session() -> Session:
@@ -123,55 +124,10 @@ async def create_batch(factory: Any, size: int, **kwargs: Any) -> list[Any]:
 
 
 # -- TableFactory: factory_boy on pg.insert ------------------------------------------------------------------
-class Row(dict[str, Any]):
-    """A row as a dict whose columns also read as attributes (for factory_boy's ``SelfAttribute``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def database() -> Database:
-    """The running test's database (``pg``): where ``TableFactory`` inserts."""
-    if not _databases:
-        raise PgSandboxError(
-            "a TableFactory ran, but this test has no database.",
-            "request pg (or another pgsandbox fixture) in the test or a fixture it uses.",
-        )
-    return _databases[-1]
-
-
 def __getattr__(name: str) -> Any:
     if name == "TableFactory":
-        return _table_factory()
+        # its module imports factory_boy: loaded only here, when a test module asks for the class
+        from pgsandbox.drivers.table_factory import TableFactory
+
+        return TableFactory
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_made: list[Any] = []
-
-
-def _table_factory() -> Any:
-    if _made:
-        return _made[0]
-    from pgsandbox.drivers import require
-
-    factory = require("factory", "factoryboy", "pgsandbox.drivers.factoryboy.TableFactory")
-
-    class TableFactory(factory.Factory):  # type: ignore[misc, name-defined]
-        """A factory_boy factory whose ``Meta.model`` is a table name; ``pg.insert`` fills what it leaves out."""
-
-        class Meta:
-            abstract = True
-
-        @classmethod
-        def _create(cls, model_class: str, *args: Any, **kwargs: Any) -> Row:
-            return Row(database().insert(model_class, **kwargs))
-
-        @classmethod
-        def _build(cls, model_class: str, *args: Any, **kwargs: Any) -> Row:
-            return Row(kwargs)
-
-    _made.append(TableFactory)
-    return TableFactory

@@ -2,75 +2,81 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import pq
 
-from pgsandbox.drivers import closer
+from pgsandbox.drivers import guests
 from pgsandbox.isolation.connection import SAVEPOINT, AsyncSandboxConnection
-from pgsandbox.isolation.transaction import GUEST_ROLLBACK
+from pgsandbox.isolation.guests import GUEST_ROLLBACK
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database
 
-LABEL = "async psycopg"
-ESCAPED = (psycopg.errors.InvalidSavepointSpecification, psycopg.errors.NoActiveSqlTransaction)
+Connection = psycopg.AsyncConnection[Any]
 
 
-async def connect(db: Database) -> psycopg.AsyncConnection[Any]:
-    """In ``transaction`` isolation, the connection a previous test in this event loop left parked, if any."""
-    transaction = db.isolation == "transaction"
-    conn: psycopg.AsyncConnection[Any] | None = None
-    if transaction:
-        conn = db.unpark(LABEL, asyncio.get_running_loop())
-    if conn is None or conn.closed:
+class AsyncPsycopg(guests.Adapter[Connection]):
+    """psycopg 3's async part of the guest protocol."""
+
+    label = "async psycopg"
+    asynchronous = True
+    errors = (psycopg.Error,)
+    escaped = (psycopg.errors.InvalidSavepointSpecification, psycopg.errors.NoActiveSqlTransaction)
+
+    async def connect(self, db: Database, transaction: bool) -> Connection:
         kind = AsyncSandboxConnection if transaction else psycopg.AsyncConnection
-        conn = await kind.connect(db.dsn, application_name=db.application_name)
-        db.joined(conn.info.backend_pid)
-    if isinstance(conn, AsyncSandboxConnection):
-        conn.reset_levels()
-        await conn.execute(db.guest_begin)  # psycopg sends BEGIN first
-        conn._pgsandbox_active = True
-    return conn
+        return await kind.connect(db.dsn, application_name=db.application_name)
+
+    def ours(self, conn: Connection) -> bool:
+        return isinstance(conn, AsyncSandboxConnection)
+
+    def is_closed(self, conn: Connection) -> bool:
+        return conn.closed
+
+    def pid(self, conn: Connection) -> int:
+        return conn.info.backend_pid
+
+    async def begin(self, conn: Connection, statement: str) -> None:
+        await conn.execute(statement)  # psycopg sends BEGIN first
+
+    async def commit(self, conn: Connection) -> None:
+        if conn.info.transaction_status == pq.TransactionStatus.INERROR:
+            await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+        await conn.commit()
+
+    async def roll_back(self, conn: Connection, reuse: bool) -> None:
+        await conn.execute(GUEST_ROLLBACK)
+
+    async def after_escape(self, conn: Connection, reuse: bool) -> None:
+        await conn.rollback()
+
+    def reset(self, conn: Connection) -> bool:
+        conn.row_factory = psycopg.rows.tuple_row
+        return True
+
+    async def close(self, conn: Connection, ended: bool) -> None:
+        with contextlib.suppress(psycopg.Error):
+            await psycopg.AsyncConnection.close(conn)
+
+    def abort(self, conn: Connection) -> bool:
+        """libpq's own goodbye, without the event loop."""
+        conn.pgconn.finish()
+        return True
 
 
-async def close(db: Database, conn: psycopg.AsyncConnection[Any], park: bool = False) -> None:
+ADAPTER = AsyncPsycopg()
+LABEL = ADAPTER.label
+
+
+async def connect(db: Database) -> Connection:
+    """In ``transaction`` isolation, the connection a previous test in this event loop left parked, if any."""
+    return await guests.connect(ADAPTER, db)
+
+
+async def close(db: Database, conn: Connection, park: bool = False) -> None:
     """End the connection's part of the test: roll back (or commit, to keep the database); then close it, or
     ``park`` it for the next test in this event loop."""
-    reusable = False
-    try:
-        if isinstance(conn, AsyncSandboxConnection) and not conn.closed:
-            conn._pgsandbox_active = False
-            if db.keep:
-                if conn.info.transaction_status == pq.TransactionStatus.INERROR:
-                    await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
-                await conn.commit()
-            else:
-                try:
-                    await conn.execute(GUEST_ROLLBACK)
-                    reusable = True
-                except ESCAPED:
-                    db.guest_escaped(LABEL)
-                    await conn.rollback()
-            # what the test set on the connection object (the server's SETs were rolled back)
-            conn.row_factory = psycopg.rows.tuple_row
-    except psycopg.Error:
-        reusable = False  # a broken connection: closing it ends its transaction on the server
-    loop = asyncio.get_running_loop()
-    if park and reusable and db.park(LABEL, conn, conn.info.backend_pid, closer(loop, _close, _finish, conn), loop):
-        return
-    await _close(conn)
-
-
-async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
-    with contextlib.suppress(psycopg.Error):
-        await psycopg.AsyncConnection.close(conn)
-
-
-def _finish(conn: psycopg.AsyncConnection[Any]) -> bool:
-    """Close without the event loop: libpq's own goodbye."""
-    conn.pgconn.finish()
-    return True
+    await guests.close(ADAPTER, db, conn, park)

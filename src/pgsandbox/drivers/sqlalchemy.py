@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from pgsandbox.drivers import require
 from pgsandbox.errors import ConfigError
+from pgsandbox.isolation.connection import AsyncSandboxConnection
+from pgsandbox.isolation.guests import state_of
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -44,7 +46,7 @@ def _record_pids(engine: Engine, db: Database, pid: Any) -> None:
     """Connections the engine opens are the test's own, not leaks to warn about."""
 
     def connected(dbapi_connection: Any, record: Any) -> None:
-        db.joined(pid(dbapi_connection))
+        db._test.joined(pid(dbapi_connection))
 
     event.listen(engine, "connect", connected)
 
@@ -55,11 +57,11 @@ def _levels(engine: Engine) -> None:
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-        own = not raw.__dict__.get("_pgsandbox_fixture_checkout", False)
+        own = not state_of(raw).fixture_checkout
         if hasattr(dbapi_connection, "_start_transaction"):
             # SQLAlchemy's asyncpg adapter keeps one asyncpg transaction per connection: put the current one
             # aside, so this checkout begins its own, nested (a savepoint), and rolls back only that
-            saved = raw.__dict__.setdefault("_pgsandbox_adapter_transactions", [])
+            saved = state_of(raw).adapter_transactions
             names = [name for name in _ADAPTER_TRANSACTION_STATE if hasattr(dbapi_connection, name)]
             saved.append((own, {name: getattr(dbapi_connection, name) for name in names}))
             if own:
@@ -75,7 +77,7 @@ def _levels(engine: Engine) -> None:
             return
         raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if hasattr(dbapi_connection, "_start_transaction"):
-            saved = raw.__dict__.get("_pgsandbox_adapter_transactions") or []
+            saved = state_of(raw).adapter_transactions
             if saved:
                 own, state = saved.pop()
                 if own:
@@ -94,11 +96,12 @@ def _levels(engine: Engine) -> None:
 def _fixture_checkout(conn: Any) -> Iterator[None]:
     """The session fixture's own checkout lasts the whole test and is never committed: no savepoint."""
     raw = conn.driver_connection if hasattr(conn, "driver_connection") else conn
-    raw.__dict__["_pgsandbox_fixture_checkout"] = True
+    state = state_of(raw)
+    state.fixture_checkout = True
     try:
         yield
     finally:
-        raw.__dict__["_pgsandbox_fixture_checkout"] = False
+        state.fixture_checkout = False
 
 
 def session_class(spec: str | type | None, source: str, asynchronous: bool = False) -> type:
@@ -151,21 +154,23 @@ def engine(db: Database) -> Engine:
         _record_pids(made, db, lambda c: c.info.backend_pid)
         return made
     conn: Any = db.connection
-    cached: Engine | None = conn.__dict__.get("_pgsandbox_engine")
-    if cached is None:
+    # one engine per session connection, kept as long as the session database (made again for a new connection)
+    state = db._test.session_state if db._test.session_state is not None else {}
+    made_for: tuple[Any, Engine] | None = state.get("engine psycopg")
+    if made_for is None or made_for[0] is not conn:
         # no reset on return: closing a SQLAlchemy Connection already rolls its own transaction back
         cached = create_engine(db.url("psycopg"), creator=lambda: conn, poolclass=StaticPool, pool_reset_on_return=None)
         # SQLAlchemy rolls back after reading the server's settings on its first connection: that rollback
         # would undo what the test's fixtures wrote so far
-        conn._pgsandbox_quiet_rollback = True
+        state_of(conn).quiet_rollback = True
         try:
             with cached.connect():
                 pass
         finally:
-            conn._pgsandbox_quiet_rollback = False
+            state_of(conn).quiet_rollback = False
         _levels(cached)
-        conn._pgsandbox_engine = cached
-    return cached
+        made_for = state["engine psycopg"] = (conn, cached)
+    return made_for[1]
 
 
 def dispose(db: Database, made: Engine) -> None:
@@ -231,7 +236,7 @@ async def async_engine(db: Database, driver: str, connection: Any | None) -> Asy
 
     # One engine per session and driver: its dialect reads the server's settings once (about 4 ms), and its
     # pool, emptied after each test, takes the test's connection from ``current``.
-    state = db.session_state if db.session_state is not None else {}
+    state = db._test.session_state if db._test.session_state is not None else {}
     key = f"async engine {driver}"
     if key in state:
         made, current = state[key]
@@ -243,24 +248,24 @@ async def async_engine(db: Database, driver: str, connection: Any | None) -> Asy
         return current[0]
 
     made = create_async_engine(url, async_creator=handed, poolclass=StaticPool, pool_reset_on_return=None)
-    quiet = hasattr(connection, "_pgsandbox_quiet_rollback")  # psycopg's: SQLAlchemy's first rollback is real
+    quiet = isinstance(connection, AsyncSandboxConnection)  # psycopg's: SQLAlchemy's first rollback is real
     if quiet:
-        connection._pgsandbox_quiet_rollback = True
+        state_of(connection).quiet_rollback = True
     try:
         async with made.connect():
             pass
     finally:
         if quiet:
-            connection._pgsandbox_quiet_rollback = False
+            state_of(connection).quiet_rollback = False
     _levels(made.sync_engine)
-    made.sync_engine.__dict__["_pgsandbox_current"] = current
+    state_of(made.sync_engine).current = current
     state[key] = (made, current)
     return made
 
 
 def current_connection(made: AsyncEngine) -> Any:
     """The test's connection an engine of :func:`async_engine` hands out (None in ``database`` isolation)."""
-    current = made.sync_engine.__dict__.get("_pgsandbox_current")
+    current = state_of(made.sync_engine).current
     return current[0] if current else None
 
 

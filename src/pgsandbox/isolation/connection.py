@@ -13,9 +13,10 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
+from pgsandbox.isolation.guests import SAVEPOINT as SAVEPOINT  # re-exported: where the isolation modes take it
+from pgsandbox.isolation.guests import is_active, state_of
 from pgsandbox.server.tags import INTERNAL
 
-SAVEPOINT = "pgsandbox_test"
 # what stands in for commit() and rollback() says so in the statement log
 COMMIT = f"/* commit() */ RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}"
 ROLLBACK = f"/* rollback() */ ROLLBACK TO SAVEPOINT {SAVEPOINT}"
@@ -35,7 +36,7 @@ IN_TRANSACTION_BLOCK = {
 def _savepoint(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
     """The savepoint that ``commit()``/``rollback()`` move: the test's, or the innermost level a client
     library opened on the shared connection (see :func:`_level`)."""
-    for name in reversed(conn.__dict__.get("_pgsandbox_levels") or ()):
+    for name in reversed(state_of(conn).levels):
         if name:
             return str(name)
     return SAVEPOINT
@@ -56,17 +57,17 @@ def _level(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], own: bo
     """A client library (a SQLAlchemy pool checkout) takes the shared connection: with ``own``, a savepoint
     of its own, so that its rollback undoes only its work, as on a connection of its own. Returns the
     statement to run."""
-    levels: list[str | None] = conn.__dict__.setdefault("_pgsandbox_levels", [])
-    name = f"pgsandbox_level{len(levels)}" if own and conn._pgsandbox_active else None  # type: ignore[union-attr]
+    levels = state_of(conn).levels
+    name = f"pgsandbox_level{len(levels)}" if own and is_active(conn) else None
     levels.append(name)
     return f"{INTERNAL}SAVEPOINT {name}" if name else None
 
 
 def _unlevel(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str | None:
     """The library gives the connection back (last taken, first given back): its savepoint goes."""
-    levels: list[str | None] = conn.__dict__.get("_pgsandbox_levels") or []
+    levels = state_of(conn).levels
     name = levels.pop() if levels else None
-    if not name or not conn._pgsandbox_active:  # type: ignore[union-attr]
+    if not name or not is_active(conn):
         return None
     if conn.info.transaction_status == pq.TransactionStatus.INERROR:
         return f"{INTERNAL}ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
@@ -74,19 +75,20 @@ def _unlevel(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> st
 
 
 class SandboxConnection(psycopg.Connection[Any]):
-    _pgsandbox_active = False
-    _pgsandbox_quiet_rollback = False  # while a client library sets itself up (its rollback would lose work)
+    """The test's own connection (``pg.connection``, ``pg_conn``), and what SQLAlchemy's sync engine runs on.
+    What pgsandbox keeps about it (inside a test or not, a library setting itself up, the libraries'
+    savepoints) is in the table of :func:`pgsandbox.isolation.guests.state_of`."""
 
     def commit(self) -> None:
-        if not self._pgsandbox_active:
+        if not is_active(self):
             return super().commit()
         self.execute(_savepoint_for(self, "commit"))
         return None
 
     def rollback(self) -> None:
-        if not self._pgsandbox_active:
+        if not is_active(self):
             return super().rollback()
-        if not self._pgsandbox_quiet_rollback:
+        if not state_of(self).quiet_rollback:
             self.execute(_savepoint_for(self, "rollback"))
         return None
 
@@ -96,12 +98,12 @@ class SandboxConnection(psycopg.Connection[Any]):
 
     @autocommit.setter
     def autocommit(self, value: bool) -> None:
-        if value and self._pgsandbox_active:
+        if value and is_active(self):
             raise psycopg.ProgrammingError(AUTOCOMMIT_REFUSED)
         psycopg.Connection.autocommit.fset(self, value)  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        if self._pgsandbox_active:
+        if is_active(self):
             return  # the session owns it: really closed when the session ends
         super().close()
 
@@ -116,33 +118,32 @@ class SandboxConnection(psycopg.Connection[Any]):
             self.execute(statement)
 
     def reset_levels(self) -> None:
-        self.__dict__["_pgsandbox_levels"] = []
+        state_of(self).levels.clear()
 
 
 class AsyncSandboxConnection(psycopg.AsyncConnection[Any]):
-    _pgsandbox_active = False
-    _pgsandbox_quiet_rollback = False
+    """A guest's async psycopg connection (``pg_aconn``), and what SQLAlchemy's async engine runs on."""
 
     async def commit(self) -> None:
-        if not self._pgsandbox_active:
+        if not is_active(self):
             return await super().commit()
         await self.execute(_savepoint_for(self, "commit"))
         return None
 
     async def rollback(self) -> None:
-        if not self._pgsandbox_active:
+        if not is_active(self):
             return await super().rollback()
-        if not self._pgsandbox_quiet_rollback:
+        if not state_of(self).quiet_rollback:
             await self.execute(_savepoint_for(self, "rollback"))
         return None
 
     async def set_autocommit(self, value: bool) -> None:
-        if value and self._pgsandbox_active:
+        if value and is_active(self):
             raise psycopg.ProgrammingError(AUTOCOMMIT_REFUSED)
         await super().set_autocommit(value)
 
     async def close(self) -> None:
-        if self._pgsandbox_active:
+        if is_active(self):
             return  # pgsandbox closes it at the end of the test
         await super().close()
 
@@ -157,4 +158,4 @@ class AsyncSandboxConnection(psycopg.AsyncConnection[Any]):
             await self.execute(statement)
 
     def reset_levels(self) -> None:
-        self.__dict__["_pgsandbox_levels"] = []
+        state_of(self).levels.clear()

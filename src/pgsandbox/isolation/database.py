@@ -23,8 +23,8 @@ from psycopg import sql
 
 from pgsandbox.isolation.base import Begun, GuestConnections, Mode
 from pgsandbox.isolation.findings import OWN_DB, Finding, clone_failed
+from pgsandbox.isolation.guests import app_name
 from pgsandbox.isolation.leftovers import end_left_open, end_prepared
-from pgsandbox.isolation.transaction import app_name
 from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.base import Server
 from pgsandbox.server.tags import INTERNAL

@@ -9,8 +9,7 @@ what changed and the session database is cloned again from the template, so the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any
 
 import psycopg
@@ -23,6 +22,8 @@ from pgsandbox.isolation.changes import what_changed
 from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
 from pgsandbox.isolation.findings import SESSION_DB, TRANSACTION_ADVICE, Finding, clone_failed
 from pgsandbox.isolation.findings import IsolationError as IsolationError  # where callers have long found it
+from pgsandbox.isolation.guests import Parked, state_of
+from pgsandbox.isolation.guests import app_name as app_name  # re-exported: callers have long found it here
 from pgsandbox.isolation.leftovers import end_left_open, end_prepared
 from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.base import Server
@@ -45,53 +46,6 @@ CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, NULL::bigint, " +
 # The savepoint exists only in the test's own transaction: if a raw COMMIT (or END) replaced that
 # transaction, rolling back to it fails, and that failure is how an escape is noticed, for free.
 ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
-
-
-@dataclass
-class Guests:
-    """Connections that driver fixtures (psycopg2, asyncpg, async psycopg...) opened on the session database
-    for one test, each in a transaction of its own that they rolled back: not "others" to warn about."""
-
-    pids: set[int] = field(default_factory=set)
-    connects: int = 0  # each one moves the database's session counter
-    escaped: list[str] = field(default_factory=list)  # those whose transaction a COMMIT replaced
-    committing: list[str] = field(default_factory=list)  # those outside any transaction of the test (pg_admin)
-
-    def joined(self, pid: int, connected: bool = True) -> None:
-        self.pids.add(pid)
-        self.connects += connected
-
-
-@dataclass
-class Parked:
-    """A driver's connection kept on the session database between tests (a connect costs ~4 ms). An async
-    one belongs to its event loop (``loop``) and can serve only tests that run in that loop."""
-
-    conn: Any
-    pid: int
-    close: Callable[[], bool]  # False: it could not be closed from here (its loop is gone or busy)
-    loop: Any = None
-
-
-def literal(text: str) -> str:
-    """A string literal (standard_conforming_strings is on in every supported version)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def guest_begin(test_id: str) -> str:
-    """What a driver's connection runs inside its new transaction: the savepoint its commits move."""
-    return f"{INTERNAL}SAVEPOINT {SAVEPOINT}; SET application_name = {literal(app_name(test_id))}"
-
-
-GUEST_ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK"  # fails if a COMMIT replaced it
-
-
-def app_name(test_id: str, suffix: str = "") -> str:
-    """``application_name`` is limited to 63 bytes of printable ASCII (the server rewrites anything else):
-    keep the end of a long test id, which names the test, and all of ``suffix``, so that the statement log
-    can tell the test by it."""
-    name = "".join(c if " " <= c <= "~" else "?" for c in f"pgsandbox {test_id}{suffix}")
-    return name if len(name) <= 63 else "pgsandbox ..." + name[-(63 - len("pgsandbox ...")) :]
 
 
 class TransactionIsolation:
@@ -196,7 +150,7 @@ class TransactionIsolation:
     def _close(self) -> None:
         self._prepared = None
         if self.conn is not None:
-            self.conn._pgsandbox_active = False
+            state_of(self.conn).active = False
             with contextlib.suppress(psycopg.Error):
                 self.conn.close()
         self.conn = None
@@ -218,7 +172,7 @@ class TransactionIsolation:
                 conn.rollback()
             # psycopg sends BEGIN first: the connection is not in autocommit
             conn.execute(self._begin + self._app_name(test_id))
-        conn._pgsandbox_active = True
+        state_of(conn).active = True
         assert self.dbname
         return Begun(self.dbname, conn)
 
@@ -245,7 +199,7 @@ class TransactionIsolation:
         ``guests``: the driver connections the test used, already rolled back (or committed, to keep)."""
         conn = self.conn
         assert conn is not None and self.dbname  # ``dbname``: the session database when the test began
-        conn._pgsandbox_active = False
+        state_of(conn).active = False
         if keep_as is not None:
             self._keep(conn, keep_as)
             return []

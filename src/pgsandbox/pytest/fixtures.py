@@ -196,17 +196,17 @@ async def async_connection(request: pytest.FixtureRequest, db: Database, driver:
     """The test's async connection of ``driver``, shared by ``pg_asyncpg``/``pg_aconn`` and the async
     SQLAlchemy fixtures; the fixture that opened it ends it (parked for the next test when the event loop
     outlives the test)."""
-    conn = db.drivers.get(driver)
+    conn = db._test.drivers.get(driver)
     if conn is not None:
         yield conn
         return
     module = load_driver("asyncpg" if driver == "asyncpg" else "psycopg_async")
     conn = await module.connect(db)
-    db.drivers[driver] = conn
+    db._test.drivers[driver] = conn
     try:
         yield conn
     finally:
-        del db.drivers[driver]
+        del db._test.drivers[driver]
         await module.close(db, conn, park=loop_outlives_test(request.config))
 
 

@@ -322,15 +322,14 @@ class Sandbox:
         isolation, first = self._isolation(chosen)
         begun = isolation.begin(test_id)
         transaction = self._transaction if isolation is self._transaction else None
-        db = Database(
-            isolation.mode, begun.dbname, test_id, self.server, _connection=begun.conn, _transaction=transaction
-        )
-        db.catalog_source = self._catalog
+        db = Database(isolation.mode, begun.dbname, test_id, self.server, _connection=begun.conn)
+        db._test.parking = transaction
+        db._test.catalog_source = self._catalog
         db.data_seed = self.settings.data_seed
         if self.server.statement_log is not None:
             db.log_start = self.server.statement_log.position()
         if self.settings.role != "own" or self.server.login is None:  # its connections may create databases
-            db.server_objects = server_objects(self.server.admin)
+            db._test.server_objects = server_objects(self.server.admin)
         seconds = time.perf_counter() - started
         self._counters.opened(chosen, seconds)
         if first and self.progress and seconds >= SLOW_CLONE_SECONDS:
@@ -434,7 +433,7 @@ class Sandbox:
                     ours.add(conn.info.backend_pid)
                 conn.close()
         found = isolation.end(
-            db.test_id, db.name, guests=db.guests, ours=ours, keep_as=kept_as, next_test_id=next_test_id
+            db.test_id, db.name, guests=db._test.guests, ours=ours, keep_as=kept_as, next_test_id=next_test_id
         )
         if kept_as:
             self.kept.label(kept_as)
@@ -458,7 +457,7 @@ class Sandbox:
         def query(sql_text: str, params: list[Any]) -> list[tuple[Any, ...]]:
             if not opened:
                 opened.append(self.server.connect(db.name, autocommit=True))
-                db.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
+                db._test.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
             return opened[0].execute(sql_text, params).fetchall()
 
         if self._catalogs is None:  # cache_root() checks that the directory is writable: once per session

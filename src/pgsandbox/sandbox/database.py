@@ -20,8 +20,9 @@ from pgsandbox.data.rows import Rows
 from pgsandbox.data.rows import run as run_steps
 from pgsandbox.data.rows import run_async as run_steps_async
 from pgsandbox.errors import ConfigError
+from pgsandbox.isolation.guests import Guests, Parked, app_name
 from pgsandbox.isolation.server_objects import ServerObjects, server_objects
-from pgsandbox.isolation.transaction import Guests, Parked, TransactionIsolation, app_name, guest_begin
+from pgsandbox.isolation.transaction import TransactionIsolation
 from pgsandbox.server import Server
 from pgsandbox.server.statement_log import Position, log_time
 from pgsandbox.server.statements import Scope
@@ -45,6 +46,57 @@ class ConnectionInfo:
 
 
 @dataclass
+class TestInternals:
+    """What the sandbox and the driver adapters keep for one test, behind its ``pg`` handle (``db._test``): the
+    guests that joined it, its drivers' connections, the parked connections of the session database, what the
+    sandbox watches for the test. None of it is the user's API."""
+
+    __test__ = False  # not a test class, whatever pytest makes of the name
+
+    dbname: str
+    guests: Guests = field(default_factory=Guests)
+    drivers: dict[str, Any] = field(default_factory=dict)  # the test's async connections, by driver
+    # transaction isolation: the session database's, where driver connections are parked between tests
+    parking: TransactionIsolation | None = None
+    # the server's databases, roles and tablespaces when the test could first create some (server_objects.py)
+    server_objects: ServerObjects | None = None
+    # the data factories (pg.insert): the template's catalog, given by the sandbox
+    catalog_source: Callable[[Database], Catalog] | None = None
+
+    def joined(self, pid: int) -> None:
+        """A driver connected to this database for the test (backend ``pid``): it is not a leak."""
+        self.guests.joined(pid)
+
+    def escaped(self, label: str) -> None:
+        """A driver found its transaction replaced by a raw COMMIT: the test's writes may have escaped."""
+        self.guests.escaped.append(label)
+
+    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], bool], loop: Any = None) -> bool:
+        """Keep a rolled-back driver connection for the next test (``transaction`` isolation only); an async
+        one with its event ``loop``. False when it cannot be kept and the caller closes it."""
+        if self.parking is None or self.parking.dbname != self.dbname:
+            return False
+        self.parking.park(driver, Parked(conn, pid, close, loop))
+        return True
+
+    def unpark(self, driver: str, loop: Any = None) -> Any | None:
+        """A connection of ``driver`` a previous test parked on this database (in this event ``loop``, for an
+        async one), now this test's guest."""
+        if self.parking is None or self.parking.dbname != self.dbname:
+            return None
+        parked = self.parking.unpark(driver, loop)
+        if parked is None:
+            return None
+        self.guests.joined(parked.pid, connected=False)
+        return parked.conn
+
+    @property
+    def session_state(self) -> dict[str, Any] | None:
+        """Driver state that lives as long as the session database (``transaction`` isolation), else None."""
+        return self.parking.state if self.parking is not None else None
+
+
+@dataclass
 class Database(ConnectionForms):
     """A test's database: the ``pg`` fixture. Connect with :meth:`connect`, or hand :attr:`dsn`,
     :attr:`database_url`, :meth:`url` or :attr:`env` to any client (see :class:`ConnectionForms`; in
@@ -57,17 +109,14 @@ class Database(ConnectionForms):
     _connection: psycopg.Connection[Any] | None = field(default=None, repr=False)
     _opened: list[psycopg.Connection[Any]] = field(default_factory=list, repr=False)
     keep: bool = False  # keep this database after the test (a failed test under keep-failed)
-    guests: Guests = field(default_factory=Guests, repr=False)
-    drivers: dict[str, Any] = field(default_factory=dict, repr=False)  # per-test driver state, by fixture
-    _transaction: TransactionIsolation | None = field(default=None, repr=False)
     log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
     started: float = field(default_factory=time.time, repr=False)  # when it was opened (epoch seconds)
-    # the server's databases, roles and tablespaces when the test could first create some (server_objects.py)
-    server_objects: ServerObjects | None = field(default=None, repr=False)
-    # the data factories (pg.insert): the template's catalog, given by the sandbox, and the test's seed
-    catalog_source: Callable[[Database], Catalog] | None = field(default=None, repr=False)
-    data_seed: str = ""
+    data_seed: str = ""  # the data factories' seed option (pg_data_seed)
     _rows: Rows | None = field(default=None, repr=False)
+    _test: TestInternals = field(init=False, repr=False)  # the sandbox's and the drivers' side of the test
+
+    def __post_init__(self) -> None:
+        self._test = TestInternals(self.name)
 
     @property
     def scope(self) -> Scope:
@@ -159,9 +208,9 @@ class Database(ConnectionForms):
     def rows(self) -> Rows:
         """This test's data factory: the schema's catalog, the test's seed and counters (see :meth:`insert`)."""
         if self._rows is None:
-            if self.catalog_source is None:
+            if self._test.catalog_source is None:
                 raise ConfigError("this database has no catalog for pg.insert (it was not opened by a Sandbox).", "")
-            shared = self.catalog_source(self)
+            shared = self._test.catalog_source(self)
             own = Catalog(dict(shared.tables), dict(shared.types), shared.search_path)  # this test may add tables
             self._rows = Rows(own, self.seed, read_table=lambda name: read_catalog(self._query_all, name))
         return self._rows
@@ -189,7 +238,8 @@ class Database(ConnectionForms):
     async def ainsert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]:
         """:meth:`insert` for async tests, on the test's async connection (``pg_asyncpg``, ``pg_aconn``, the
         one under ``pg_async_session``) or ``using`` (an asyncpg or async psycopg connection, an AsyncSession)."""
-        conn = using if using is not None else self.drivers.get("asyncpg") or self.drivers.get("psycopg")
+        drivers = self._test.drivers
+        conn = using if using is not None else drivers.get("asyncpg") or drivers.get("psycopg")
         if conn is None:
             raise ConfigError(
                 "await pg.ainsert() needs the test's async connection, and this test has none open.",
@@ -206,7 +256,7 @@ class Database(ConnectionForms):
         rows: list[tuple[Any, ...]] = self._run(query, params, lambda cursor: cursor.fetchall())
         return rows
 
-    # -- for driver adapters: connections of other client libraries ------------------------------------
+    # -- for other client libraries -------------------------------------------------------------------
     @property
     def params(self) -> dict[str, Any]:
         """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
@@ -217,56 +267,18 @@ class Database(ConnectionForms):
         transaction: what it does is committed. Closed after the test if the test did not close it."""
         kwargs.setdefault("application_name", app_name(self.test_id, ADMIN_SUFFIX))
         kwargs.setdefault("autocommit", True)
-        if self.server_objects is None:  # the admin may create databases and roles: watch for them
-            self.server_objects = server_objects(self.server.admin)
+        if self._test.server_objects is None:  # the admin may create databases and roles: watch for them
+            self._test.server_objects = server_objects(self.server.admin)
         conn = self.server.connect(self.name, logged=True, **kwargs)
-        self.joined(conn.info.backend_pid)
-        if "pg_admin" not in self.guests.committing:  # what it commits escapes a transaction-isolation test
-            self.guests.committing.append("pg_admin")
+        self._test.joined(conn.info.backend_pid)
+        if "pg_admin" not in self._test.guests.committing:  # what it commits escapes a transaction-isolation test
+            self._test.guests.committing.append("pg_admin")
         self._opened.append(conn)
         return conn
 
     @property
     def application_name(self) -> str:
         return app_name(self.test_id)
-
-    def joined(self, pid: int) -> None:
-        """A driver connected to this database for the test (backend ``pid``): it is not a leak."""
-        self.guests.joined(pid)
-
-    @property
-    def guest_begin(self) -> str:
-        """SQL a driver's connection runs in its new transaction (``transaction`` isolation): the savepoint
-        that its ``commit()``s move and whose loss at the end reveals a raw ``COMMIT``."""
-        return guest_begin(self.test_id)
-
-    def park(self, driver: str, conn: Any, pid: int, close: Callable[[], bool], loop: Any = None) -> bool:
-        """Keep a rolled-back driver connection for the next test (``transaction`` isolation only); an async
-        one with its event ``loop``. False when it cannot be kept and the caller closes it."""
-        if self._transaction is None or self._transaction.dbname != self.name:
-            return False
-        self._transaction.park(driver, Parked(conn, pid, close, loop))
-        return True
-
-    def unpark(self, driver: str, loop: Any = None) -> Any | None:
-        """A connection of ``driver`` a previous test parked on this database (in this event ``loop``, for an
-        async one), now this test's guest."""
-        if self._transaction is None or self._transaction.dbname != self.name:
-            return None
-        parked = self._transaction.unpark(driver, loop)
-        if parked is None:
-            return None
-        self.guests.joined(parked.pid, connected=False)
-        return parked.conn
-
-    @property
-    def session_state(self) -> dict[str, Any] | None:
-        """Driver state that lives as long as the session database (``transaction`` isolation), else None."""
-        return self._transaction.state if self._transaction is not None else None
-
-    def guest_escaped(self, label: str) -> None:
-        """A driver found its transaction replaced by a raw COMMIT: the test's writes may have escaped."""
-        self.guests.escaped.append(label)
 
     def __repr__(self) -> str:
         return f"<Database {self.name} ({self.isolation}) for {self.test_id}>"

@@ -32,15 +32,15 @@ class ServerGuards:
 
     def check(self, db: Database) -> list[Finding]:
         """What ``db``'s test did on the server, undone."""
-        found = self._outside(db) if db.server_objects is not None else []
+        found = self._outside(db) if db._test.server_objects is not None else []
         if self._may_change_logging(db):
             found += self._restore_logging(db.test_id)
         return found
 
     def _outside(self, db: Database) -> list[Finding]:
         """Databases, roles and tablespaces the test created on the server (server_objects.py)."""
-        assert db.server_objects is not None
-        new = created_since(self.server.admin, db.server_objects)
+        assert db._test.server_objects is not None
+        new = created_since(self.server.admin, db._test.server_objects)
         if new and self.attached:
             # an xdist worker: the others create objects at the same time; the test's are those it made
             log = self.server.statement_log
@@ -59,7 +59,7 @@ class ServerGuards:
         return (
             self.throwaway
             and self.server.statement_log is not None
-            and ("pg_admin" in db.guests.committing or self.server.login is None)
+            and ("pg_admin" in db._test.guests.committing or self.server.login is None)
         )
 
     def _restore_logging(self, test_id: str) -> list[Finding]:
