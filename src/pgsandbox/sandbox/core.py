@@ -325,9 +325,9 @@ class Sandbox:
         db = Database(isolation.mode, begun.dbname, test_id, self.server, _connection=begun.conn)
         db._test.parking = transaction
         db._test.catalog_source = self._catalog
-        db.data_seed = self.settings.data_seed
+        db._test.data_seed = self.settings.data_seed
         if self.server.statement_log is not None:
-            db.log_start = self.server.statement_log.position()
+            db._test.log_start = self.server.statement_log.position()
         if self.settings.role != "own" or self.server.login is None:  # its connections may create databases
             db._test.server_objects = server_objects(self.server.admin)
         seconds = time.perf_counter() - started

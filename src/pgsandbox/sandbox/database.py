@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -20,6 +20,7 @@ from pgsandbox.data.rows import Rows
 from pgsandbox.data.rows import run as run_steps
 from pgsandbox.data.rows import run_async as run_steps_async
 from pgsandbox.errors import ConfigError
+from pgsandbox.isolation.base import Mode
 from pgsandbox.isolation.guests import Guests, Parked, app_name
 from pgsandbox.isolation.server_objects import ServerObjects, server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
@@ -27,7 +28,6 @@ from pgsandbox.server import Server
 from pgsandbox.server.statement_log import Position, log_time
 from pgsandbox.server.statements import Scope
 
-Isolation = Literal["transaction", "database"]
 T = TypeVar("T")
 ADMIN_SUFFIX = " (admin)"  # in the application_name of pg_admin's connections
 
@@ -54,6 +54,8 @@ class TestInternals:
     __test__ = False  # not a test class, whatever pytest makes of the name
 
     dbname: str
+    test_id: str
+    isolation: Mode
     guests: Guests = field(default_factory=Guests)
     drivers: dict[str, Any] = field(default_factory=dict)  # the test's async connections, by driver
     # transaction isolation: the session database's, where driver connections are parked between tests
@@ -62,6 +64,18 @@ class TestInternals:
     server_objects: ServerObjects | None = None
     # the data factories (pg.insert): the template's catalog, given by the sandbox
     catalog_source: Callable[[Database], Catalog] | None = None
+    data_seed: str = ""  # the data factories' seed option (pg_data_seed)
+    log_start: Position | None = None  # where the statement log stood at the test's start
+    started: float = field(default_factory=time.time)  # when the test's database was opened (epoch seconds)
+
+    @property
+    def scope(self) -> Scope:
+        """What in the statement log is this test's: its connections' names, and its database when it is
+        the test's own."""
+        names = frozenset((app_name(self.test_id), app_name(self.test_id, ADMIN_SUFFIX)))
+        if self.isolation == "database":
+            return Scope(names, self.dbname)
+        return Scope(names, shared=self.dbname, since=log_time(self.started))
 
     def joined(self, pid: int) -> None:
         """A driver connected to this database for the test (backend ``pid``): it is not a leak."""
@@ -102,30 +116,18 @@ class Database(ConnectionForms):
     :attr:`database_url`, :meth:`url` or :attr:`env` to any client (see :class:`ConnectionForms`; in
     ``transaction`` isolation only the connection from :meth:`connect` is rolled back)."""
 
-    isolation: Isolation
+    isolation: Mode
     name: str
     test_id: str
     server: Server = field(repr=False)
     _connection: psycopg.Connection[Any] | None = field(default=None, repr=False)
     _opened: list[psycopg.Connection[Any]] = field(default_factory=list, repr=False)
     keep: bool = False  # keep this database after the test (a failed test under keep-failed)
-    log_start: Position | None = field(default=None, repr=False)  # where the statement log stood at its start
-    started: float = field(default_factory=time.time, repr=False)  # when it was opened (epoch seconds)
-    data_seed: str = ""  # the data factories' seed option (pg_data_seed)
     _rows: Rows | None = field(default=None, repr=False)
     _test: TestInternals = field(init=False, repr=False)  # the sandbox's and the drivers' side of the test
 
     def __post_init__(self) -> None:
-        self._test = TestInternals(self.name)
-
-    @property
-    def scope(self) -> Scope:
-        """What in the statement log is this test's: its connections' names, and its database when it is
-        the test's own."""
-        names = frozenset((app_name(self.test_id), app_name(self.test_id, ADMIN_SUFFIX)))
-        if self.isolation == "database":
-            return Scope(names, self.name)
-        return Scope(names, shared=self.name, since=log_time(self.started))
+        self._test = TestInternals(self.name, self.test_id, self.isolation)
 
     @property
     def dsn(self) -> str:
@@ -218,7 +220,8 @@ class Database(ConnectionForms):
     @property
     def seed(self) -> str:
         """What decides the values pg.insert makes up: the test's id (and ``pg_data_seed`` when set)."""
-        return f"{self.data_seed}:{self.test_id}" if self.data_seed else self.test_id
+        seed = self._test.data_seed
+        return f"{seed}:{self.test_id}" if seed else self.test_id
 
     def insert(self, table: str, /, *, using: Any = None, **values: Any) -> dict[str, Any]:
         """Insert one row into ``table`` with ``values`` and return it (every column). Each required column not

@@ -50,7 +50,7 @@ class Diagnostics:
         the server's statement log; where the log stands after them; whether the log was complete since then.
         Raises :class:`StatementLogError` when there is no statement log (an external server, pg_sql_log=off)."""
         log = self.server.statement_log
-        start = since or db.log_start
+        start = since or db._test.log_start
         if log is None or start is None:
             why = "pg_sql_log is off" if self.server.owns_cluster or log else "the server is external"
             raise StatementLogError(
@@ -59,7 +59,7 @@ class Diagnostics:
                 "and pg_server = external for these tests.",
             )
         entries, end, complete = log.collect(start, self.server.admin)
-        return statements_in(entries, db.scope), end, complete
+        return statements_in(entries, db._test.scope), end, complete
 
     def describe_deadlock(self, detail: str) -> str:
         """PostgreSQL's deadlock detail (each process, what it waited for and its statement), with the

@@ -44,13 +44,13 @@ class ServerGuards:
         if new and self.attached:
             # an xdist worker: the others create objects at the same time; the test's are those it made
             log = self.server.statement_log
-            if log is None or db.log_start is None:
+            if log is None or db._test.log_start is None:
                 return []  # nothing says whose they are: not this test's to report, nor to drop
             try:
-                entries, _, _ = log.collect(db.log_start, self.server.admin)
+                entries, _, _ = log.collect(db._test.log_start, self.server.admin)
             except StatementLogError:
                 return []
-            new = made_by_test(new, entries, db.scope)
+            new = made_by_test(new, entries, db._test.scope)
         return outside_finding(self.server.admin, new, db.test_id, drop=self.throwaway)
 
     def _may_change_logging(self, db: Database) -> bool:
