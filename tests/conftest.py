@@ -3,8 +3,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,43 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for path in _CACHE:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# The fast tier (`pytest -m "not slow"`) is the tests that start no PostgreSQL server and no process. A test
+# that does is marked `slow`; these checks fail one that is not, so that the tier stays fast as tests are added.
+SERVER_FIXTURES = frozenset({"pytester", "shared", "shared_dsn", "start_local"})
+PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec", "os.spawn", "os.system"})
+_started_by_a_fast_test: list[str] = []
+_fast_test_running = [False]
+
+
+def _record_processes(event: str, args: tuple[object, ...]) -> None:
+    if _fast_test_running[0] and event in PROCESS_EVENTS:
+        _started_by_a_fast_test.append(f"{event} {args[:2]!r}")
+
+
+sys.addaudithook(_record_processes)  # audit hooks see every process start, whichever library makes it
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _started_by_a_fast_test.clear()
+    _fast_test_running[0] = item.get_closest_marker("slow") is None
+    servers = sorted(SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if _fast_test_running[0] and servers:
+        pytest.fail(f"{item.nodeid} uses {', '.join(servers)} but is not marked slow: add @pytest.mark.slow")
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    try:
+        yield
+    finally:
+        _fast_test_running[0] = False
+    if _started_by_a_fast_test:
+        started = "; ".join(_started_by_a_fast_test)
+        _started_by_a_fast_test.clear()
+        pytest.fail(f"{item.nodeid} started a process ({started}) but is not marked slow: add @pytest.mark.slow")
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import pytest
 from conftest import StartLocal
 from pgsandbox import LocalServer
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 SCHEMA = "create table items (id serial primary key, name text not null);\n"
 
 COUNT = "select count(*) from items"

@@ -19,6 +19,8 @@ from conftest import StartLocal
 from pgsandbox import LocalServer
 from pgsandbox.server import runs
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 FIRST = "the local PostgreSQL server (pid"
 SHORT = "pgsandbox: the PostgreSQL server went away earlier in this run (see the first error, at "
 
@@ -286,8 +288,9 @@ def test_a_live_run_is_not_reaped_when_the_clock_moves(
 
 
 def test_an_xdist_worker_says_the_controllers_server_stopped_rather_than_check_your_dsn(tmp_path: Path) -> None:
-    from pgsandbox import Sandbox, Settings, xdist
+    from pgsandbox import Sandbox, Settings
     from pgsandbox.errors import PgSandboxError
+    from pgsandbox.pytest import xdist
 
     with Sandbox.start(Settings(server="local"), root=tmp_path) as sandbox:
         server = sandbox.server

@@ -14,6 +14,8 @@ from pgsandbox import LocalServer, Sandbox, Settings
 from pgsandbox.server import roles
 from pgsandbox.server.roles import OWNER
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 SCHEMA = "create table users (id serial primary key, name text not null);\ninsert into users (name) values ('ada');\n"
 
 PRIVILEGES = """

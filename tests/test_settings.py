@@ -72,6 +72,7 @@ def test_bad_values_name_the_source_and_the_fix(sources: dict[str, dict[str, obj
     assert "What to do: fix" in str(error.value)
 
 
+@pytest.mark.slow
 def test_bad_option_stops_pytest_with_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest("--pg-port=abc")
@@ -79,6 +80,7 @@ def test_bad_option_stops_pytest_with_a_usage_error(pytester: pytest.Pytester) -
     result.stderr.fnmatch_lines(["*pgsandbox: --pg-port: bad value 'abc': expected a port number*"])
 
 
+@pytest.mark.slow
 def test_ini_options_reach_the_plugin(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\npg_version = 16\npg_server_settings =\n    work_mem=7MB\n")
     pytester.makepyfile(

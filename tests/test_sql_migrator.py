@@ -72,6 +72,7 @@ def tables(target: Target) -> list[str]:
     return [row[0] for row in rows]
 
 
+@pytest.mark.slow
 def test_files_in_natural_order_and_statements_that_need_no_transaction(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "migrations"
     migrations.mkdir()
@@ -90,6 +91,7 @@ def test_files_in_natural_order_and_statements_that_need_no_transaction(tmp_path
         assert conn.execute("select indexname from pg_indexes where indexname = 'users_name'").fetchone()
 
 
+@pytest.mark.slow
 def test_a_file_with_its_own_transactions_runs_as_written(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "m"
     migrations.mkdir()
@@ -100,6 +102,7 @@ def test_a_file_with_its_own_transactions_runs_as_written(tmp_path: Path, target
     assert tables(target) == ["a"]
 
 
+@pytest.mark.slow
 def test_a_failing_statement_names_file_line_and_column(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "migrations"
     migrations.mkdir()
@@ -119,6 +122,7 @@ def test_a_failing_statement_names_file_line_and_column(tmp_path: Path, target: 
     assert tables(target) == ["fine"]
 
 
+@pytest.mark.slow
 def test_a_runtime_error_without_position_names_the_statement(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "m"
     migrations.mkdir()
@@ -143,6 +147,7 @@ def test_a_runtime_error_without_position_names_the_statement(tmp_path: Path, ta
         ("create table a (x int);\nbegin;\ninsert into a values (1);\n", "opened a transaction, line 2"),
     ],
 )
+@pytest.mark.slow
 def test_what_cannot_run_is_reported_clearly(tmp_path: Path, target: Target, sql: str, expected: str) -> None:
     migrations = tmp_path / "m"
     migrations.mkdir()
@@ -153,6 +158,7 @@ def test_what_cannot_run_is_reported_clearly(tmp_path: Path, target: Target, sql
     assert "What to do:" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_missing_or_empty_directory(tmp_path: Path, target: Target) -> None:
     with pytest.raises(MigrationError, match="does not exist") as caught:
         migrate(tmp_path / "nope", target)
