@@ -31,12 +31,32 @@ with contextlib.suppress(ImportError):
 _CACHE: list[str] = []
 
 
+# Installed pytest plugins that no project of the suite uses, left out of the pytest runs the tests start: each
+# new pytest process imports every installed plugin, and these cost 1.5 s or more of CPU at every start (faker's
+# data, and factory_boy pulling faker, dominate) in runpytest_subprocess, `python -m pytest` and xdist workers.
+# A run that uses one loads it back with `-p NAME`.
+UNUSED_PLUGINS = "-p no:pytest-factoryboy -p no:faker -p no:pytest_postgresql -p no:anyio"
+
+
+def _without_unused_plugins(addopts: str) -> str:
+    return addopts if UNUSED_PLUGINS in addopts else f"{addopts} {UNUSED_PLUGINS}".strip()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     """One initdb cache for the whole test run (and the pytest runs it starts), away from ~/.cache."""
     if "PGSANDBOX_CACHE" not in os.environ:
         _CACHE.append(tempfile.mkdtemp(prefix="pgsandbox-test-cache-"))
         os.environ["PGSANDBOX_CACHE"] = _CACHE[0]
+    os.environ["PYTEST_ADDOPTS"] = _without_unused_plugins(os.environ.get("PYTEST_ADDOPTS", ""))
+
+
+@pytest.fixture
+def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """pytester, whose runs (in-process and subprocess) leave the unused plugins out as well: pytester itself
+    clears PYTEST_ADDOPTS."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", UNUSED_PLUGINS)
+    return pytester
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

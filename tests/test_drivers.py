@@ -489,7 +489,13 @@ def test_factory_boy_factories_use_the_tests_session(
     )
     (pytester.path / "test_factories.py").write_text(textwrap.dedent(FACTORIES))
     result = pytester.runpytest(
-        f"--pg-dsn={shared_dsn}", f"--pg-isolation={isolation}", "-p", "no:randomly", "test_factories.py"
+        f"--pg-dsn={shared_dsn}",
+        f"--pg-isolation={isolation}",
+        "-p",
+        "no:randomly",
+        "-p",
+        "pytest-factoryboy",
+        "test_factories.py",
     )
     result.assert_outcomes(passed=7)
 
