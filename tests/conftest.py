@@ -15,6 +15,17 @@ from pgsandbox import LocalServer, Settings
 pytest_plugins = ["pytester"]
 collect_ignore = ["projects"]  # test projects, each run by a test of its own through pytester
 
+# PYTHONDONTWRITEBYTECODE (set in some CI and sandbox environments) also turns off pytest's cache of rewritten
+# modules, and pgsandbox's modules are rewritten (a pytest plugin's): each in-process pytester run, which forgets
+# the modules it imported, and each pytest process a test starts, parsed and rewrote them all again, about a
+# second of CPU per run. The suite and the processes it starts keep their bytecode in a directory of their own
+# instead, which leaves the source trees and the virtualenv as they are.
+if sys.dont_write_bytecode:
+    sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"pgsandbox-tests-pycache-{os.geteuid()}")
+    sys.dont_write_bytecode = False
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 # pytester's in-process runs forget the modules a run imported; SQLAlchemy breaks when imported a second
 # time in one process and C extensions (psycopg2, asyncpg) crash, so import them here, once, before any run.
 with contextlib.suppress(ImportError):
