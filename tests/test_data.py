@@ -153,6 +153,7 @@ EVERY_TYPE = """
 """
 
 
+@pytest.mark.slow
 def test_every_type_parents_unique_columns_and_both_isolations(
     project: pytest.Pytester, shared_dsn: str, cache_dir: Path
 ) -> None:
@@ -176,6 +177,7 @@ DETERMINISM = """
 """
 
 
+@pytest.mark.slow
 def test_the_same_test_makes_the_same_rows_on_every_run(
     project: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,6 +228,7 @@ ERRORS = """
 """
 
 
+@pytest.mark.slow
 def test_errors_say_what_could_not_be_filled_and_how_to_pass_it(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, ERRORS)
     result.assert_outcomes(passed=2, failed=7)
@@ -290,6 +293,7 @@ ASYNC_AND_OTHERS = """
 """
 
 
+@pytest.mark.slow
 def test_async_and_other_connections(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, ASYNC_AND_OTHERS)
     result.assert_outcomes(passed=3, failed=1)
@@ -361,6 +365,7 @@ DECLARED = """
 """
 
 
+@pytest.mark.slow
 def test_declared_factories_and_factory_boy(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, DECLARED)
     result.assert_outcomes(passed=3)
@@ -401,6 +406,7 @@ def test_table_factory_without_factory_boy_names_the_extra(monkeypatch: pytest.M
     assert "pip install 'pytest-pgsandbox[factoryboy]'" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_reading_the_catalog_is_not_taken_for_an_escape(
     project: pytest.Pytester, shared_dsn: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

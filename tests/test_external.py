@@ -41,6 +41,7 @@ def databases(server: LocalServer) -> set[str]:
     return {row[0] for row in server.admin.execute("select datname from pg_database")}
 
 
+@pytest.mark.slow
 def test_attach_creates_and_drops_only_its_own(other: LocalServer) -> None:
     before = databases(other)
     with ExternalServer.attach(url(other)) as server:
@@ -55,6 +56,7 @@ def test_attach_creates_and_drops_only_its_own(other: LocalServer) -> None:
     assert databases(other) == before
 
 
+@pytest.mark.slow
 def test_pytest_run_with_a_dsn(other: LocalServer, pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
@@ -68,6 +70,7 @@ def test_pytest_run_with_a_dsn(other: LocalServer, pytester: pytest.Pytester) ->
     assert databases(other) == before
 
 
+@pytest.mark.slow
 def test_libpq_variables_and_pgpass(
     other: LocalServer, pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,6 +112,7 @@ def test_unreachable_host() -> None:
     assert APP_PASSWORD not in message
 
 
+@pytest.mark.slow
 def test_wrong_password(other: LocalServer) -> None:
     with pytest.raises(ConnectError) as error:
         ExternalServer.attach(url(other, password="not-the-password"))
@@ -118,6 +122,7 @@ def test_wrong_password(other: LocalServer) -> None:
     assert "not-the-password" not in message
 
 
+@pytest.mark.slow
 def test_missing_createdb_privilege(other: LocalServer) -> None:
     with pytest.raises(PrivilegeError) as error:
         ExternalServer.attach(url(other, user="plain"))
@@ -126,6 +131,7 @@ def test_missing_createdb_privilege(other: LocalServer) -> None:
     assert "ALTER ROLE plain CREATEDB" in message
 
 
+@pytest.mark.slow
 def test_too_old_a_server(other: LocalServer) -> None:
     check_version(other.version_num)  # the real server is new enough
     with pytest.raises(UnsupportedVersion) as error:
@@ -134,6 +140,7 @@ def test_too_old_a_server(other: LocalServer) -> None:
     assert "upgrade the server" in str(error.value)
 
 
+@pytest.mark.slow
 def test_bad_dsn_fails_the_test_with_the_message(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(pg_server): pass")
     result = pytester.runpytest("--pg-dsn=host=x port=5432 password=leaky oops")

@@ -15,6 +15,8 @@ import pytest
 
 from pgsandbox.binaries import working_psql
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 PASSING = "def test_it(pg_conn):\n    assert pg_conn.execute('select count(*) from users').fetchone() == (2,)\n"
 
 

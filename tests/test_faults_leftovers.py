@@ -90,6 +90,7 @@ START = """
 """
 
 
+@pytest.mark.slow
 def test_killed_at_initdb_on_a_cold_cache(
     private_runtime: Path, private_cache: Path, start_local: StartLocal, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -133,6 +134,7 @@ SNAPSHOT = """
 
 
 @pytest.mark.usefixtures("machine_wide_servers")
+@pytest.mark.slow
 def test_killed_while_the_snapshot_is_written(
     private_runtime: Path,
     private_cache: Path,
@@ -162,6 +164,7 @@ def test_killed_while_the_snapshot_is_written(
     assert private_cache.is_dir()  # --keep-cache
 
 
+@pytest.mark.slow
 def test_live_runs_half_written_directories_are_left_alone(private_runtime: Path, start_local: StartLocal) -> None:
     from pgsandbox.common.staging import make_staging_dir
 
@@ -215,6 +218,7 @@ def tmpfs_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
+@pytest.mark.slow
 def test_a_killed_server_leaves_no_dynamic_shared_memory(tmpfs_runtime: Path, start_local: StartLocal) -> None:
     owner = spawn(DSM_ORPHAN)
     assert owner.stdout is not None
@@ -238,6 +242,7 @@ def test_a_killed_server_leaves_no_dynamic_shared_memory(tmpfs_runtime: Path, st
 
 
 @pytest.mark.usefixtures("machine_wide_servers", "private_runtime")
+@pytest.mark.slow
 def test_clean_dry_run_and_one_run(capsys: pytest.CaptureFixture[str]) -> None:
     first, first_dir = start_orphan()
     runs.mark_kept(runs.RunDir(first_dir))  # as --pg-keep-failed does: the next start leaves it running
@@ -266,6 +271,7 @@ def test_clean_dry_run_and_one_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert gone(second) and not second_dir.exists()
 
 
+@pytest.mark.slow
 def test_clean_refuses_a_live_run(start_local: StartLocal, capsys: pytest.CaptureFixture[str]) -> None:
     server = start_local()
     assert cli_main(["clean", server.run_id]) == 2
@@ -303,6 +309,7 @@ def test_pruning_keeps_the_newest_and_what_a_run_copies(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("private_runtime")
+@pytest.mark.slow
 def test_a_bounded_cache_keeps_the_newest_snapshot(
     project: pytest.Pytester, private_cache: Path, cache_dir: Path, start_local: StartLocal
 ) -> None:
@@ -321,6 +328,7 @@ def test_a_bounded_cache_keeps_the_newest_snapshot(
     assert report["cache"]["bytes"] > 10**6  # over the bound: the newest snapshot and initdb cluster stay
 
 
+@pytest.mark.slow
 def test_cache_max_size_values(pytester: pytest.Pytester) -> None:
     from pgsandbox.settings import BY_NAME
 
@@ -335,6 +343,7 @@ def test_cache_max_size_values(pytester: pytest.Pytester) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="another user's runs: only root sees them")
 @pytest.mark.usefixtures("machine_wide_servers")
+@pytest.mark.slow
 def test_clean_leaves_other_users_runs_unless_all_users(
     private_runtime: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -364,6 +373,7 @@ AS_NOBODY = """
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the CLI as another user")
+@pytest.mark.slow
 def test_clean_all_users_needs_root() -> None:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(AS_NOBODY)], capture_output=True, text=True, cwd="/")
     assert out.returncode == 2, out.stderr

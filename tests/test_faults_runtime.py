@@ -19,6 +19,8 @@ from conftest import StartLocal
 from pgsandbox import LocalServer
 from pgsandbox.server import runs
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 FIRST = "the local PostgreSQL server (pid"
 SHORT = "pgsandbox: the PostgreSQL server went away earlier in this run (see the first error, at "
 

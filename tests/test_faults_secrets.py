@@ -25,6 +25,8 @@ from conftest import StartLocal
 from pgsandbox import LocalServer
 from pgsandbox.server import runs
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 pytest.importorskip("asyncpg")
 pytest.importorskip("psycopg2")
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_loading_the_plugin_does_not_import_psycopg() -> None:
     """Every pytest run loads the plugin; only a run that uses the database pays for the driver."""
     code = "import sys, pgsandbox.pytest.plugin; print('psycopg' in sys.modules)"

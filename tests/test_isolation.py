@@ -22,6 +22,7 @@ def run(project: pytest.Pytester, shared_dsn: str, source: str, *args: str) -> p
     return project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", *args)
 
 
+@pytest.mark.slow
 def test_transaction_isolation_rolls_back_and_keeps_commits_inside(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(
         project,
@@ -97,6 +98,7 @@ def test_transaction_isolation_rolls_back_and_keeps_commits_inside(project: pyte
     result.assert_outcomes(passed=8)
 
 
+@pytest.mark.slow
 def test_a_raw_commit_is_reported_and_the_next_test_starts_clean(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(
         project,
@@ -123,6 +125,7 @@ def test_a_raw_commit_is_reported_and_the_next_test_starts_clean(project: pytest
     )
 
 
+@pytest.mark.slow
 def test_a_second_connection_that_commits_is_reported(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(
         project,
@@ -193,6 +196,7 @@ APP_OBJECTS = """
 """
 
 
+@pytest.mark.slow
 def test_objects_a_second_connection_commits_are_reported_and_removed(
     project: pytest.Pytester, shared_dsn: str
 ) -> None:
@@ -247,6 +251,7 @@ create policy by_tenant on notes using (tenant = current_setting('app.tenant'));
 """
 
 
+@pytest.mark.slow
 def test_what_pg_admin_commits_in_transaction_isolation_is_reported(project: pytest.Pytester, shared_dsn: str) -> None:
     (project.path / "migrations/2.sql").write_text(TENANT_NOTES)
     result = run(project, shared_dsn, ADMIN_WRITES)
@@ -265,6 +270,7 @@ def test_what_pg_admin_commits_in_transaction_isolation_is_reported(project: pyt
     )
 
 
+@pytest.mark.slow
 def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
     project: pytest.Pytester, shared_dsn: str
 ) -> None:
@@ -301,6 +307,7 @@ def test_a_connection_left_open_in_transaction_mode_is_terminated_and_warned(
     )
 
 
+@pytest.mark.slow
 def test_database_isolation_any_client_and_commits(project: pytest.Pytester, shared_dsn: str) -> None:
     psql = working_psql()  # Debian's /usr/bin/psql wrapper fails without a postgresql-client package
     result = run(
@@ -345,6 +352,7 @@ def test_database_isolation_any_client_and_commits(project: pytest.Pytester, sha
     result.assert_outcomes(passed=4)
 
 
+@pytest.mark.slow
 def test_database_isolation_terminates_and_reports_leaked_connections(
     project: pytest.Pytester, shared_dsn: str
 ) -> None:
@@ -375,6 +383,7 @@ def test_database_isolation_terminates_and_reports_leaked_connections(
     )
 
 
+@pytest.mark.slow
 def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(
         project,
@@ -403,6 +412,7 @@ def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: s
     usage.stderr.fnmatch_lines(["*--pg-isolation: bad value 'rows': expected one of transaction, database*"])
 
 
+@pytest.mark.slow
 def test_pg_fixture_connection_details(project: pytest.Pytester, shared_dsn: str) -> None:
     pytest.importorskip("sqlalchemy")
     result = run(
@@ -469,6 +479,7 @@ def run_psql(command: str, sql: str) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.slow
 def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: LocalServer, shared_dsn: str) -> None:
     result = run(project, shared_dsn, FAILING, "--pg-keep-failed")
     commands = psql_commands(result.stdout.str())
@@ -493,6 +504,7 @@ def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: Loc
 
 
 @pytest.mark.usefixtures("machine_wide_servers")
+@pytest.mark.slow
 def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest.Pytester) -> None:
     project.makepyfile(test_it=FAILING)
     # in a subprocess: the run must end for its server to be a kept leftover
@@ -515,6 +527,7 @@ def test_keep_failed_leaves_the_local_server_running_until_clean(project: pytest
     assert not runs.find_leftovers(runs.search_bases(), include_kept=True)
 
 
+@pytest.mark.slow
 def test_a_template_dropped_during_the_run_is_reported(tmp_path: Path, shared: LocalServer, shared_dsn: str) -> None:
     from pgsandbox import Sandbox, Settings
     from pgsandbox.errors import PgSandboxError
@@ -532,6 +545,7 @@ def test_a_template_dropped_during_the_run_is_reported(tmp_path: Path, shared: L
     assert "What to do: check the server's log" in message
 
 
+@pytest.mark.slow
 def test_clone_strategy_is_measured_on_a_server_pgsandbox_does_not_run(tmp_path: Path, shared_dsn: str) -> None:
     from pgsandbox import Sandbox, Settings
 
@@ -559,6 +573,7 @@ def test_the_fastest_strategy_wins_after_two_tries_each() -> None:
     assert pick_strategy({"FILE_COPY": [0.2, 0.3, 0.25], "WAL_LOG": [0.06, 0.07]}) == "WAL_LOG"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "where"), [("transaction", "the session database"), ("database", "its database")])
 def test_both_isolations_end_a_connection_left_open_alike(
     tmp_path: Path, shared_dsn: str, mode: str, where: str
@@ -592,6 +607,7 @@ def test_a_local_server_clones_with_file_copy_and_an_existing_one_measures_both(
     assert clone_strategies((14, 9), "auto", local=False) == []  # no STRATEGY before PostgreSQL 15
 
 
+@pytest.mark.slow
 def test_clone_strategy_option(tmp_path: Path, shared_dsn: str) -> None:
     from pgsandbox import Sandbox, Settings
 
@@ -604,6 +620,7 @@ def test_clone_strategy_option(tmp_path: Path, shared_dsn: str) -> None:
         assert set(sandbox.clone_timings) == {"WAL_LOG"}
 
 
+@pytest.mark.slow
 def test_each_test_gets_its_own_transaction_whatever_runs_between(project: pytest.Pytester, shared_dsn: str) -> None:
     """The next test's transaction is opened during the previous teardown when pytest says which test is
     next; tests in between (other isolation, skipped, no database) must not confuse it."""
@@ -668,6 +685,7 @@ HELD = """
 """
 
 
+@pytest.mark.slow
 def test_advisory_locks_and_prepared_transactions_are_released_and_reported(pytester: pytest.Pytester) -> None:
     pytester.makefile(
         ".toml",
@@ -716,6 +734,7 @@ GUARDED = """
 """
 
 
+@pytest.mark.slow
 def test_guard_policy_error_by_default_warn_or_off_by_marker(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, GUARDED, "-W", "always::pgsandbox.errors.PgSandboxWarning")
     result.assert_outcomes(passed=4, errors=2, warnings=1)
@@ -761,6 +780,7 @@ TIMEOUTS = """
 """
 
 
+@pytest.mark.slow
 def test_timeouts_and_who_held_the_lock(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, TIMEOUTS, "--pg-lock-timeout=200ms")
     result.assert_outcomes(passed=1, failed=2)
@@ -816,6 +836,7 @@ DEADLOCK = """
 """
 
 
+@pytest.mark.slow
 def test_a_deadlock_is_reported_with_both_statements(project: pytest.Pytester, shared_dsn: str) -> None:
     result = run(project, shared_dsn, DEADLOCK)
     result.assert_outcomes(failed=1)
@@ -866,6 +887,7 @@ SERVER_OBJECTS = """
 """
 
 
+@pytest.mark.slow
 def test_objects_created_on_the_server_are_found_and_dropped(project: pytest.Pytester) -> None:
     project.makepyfile(test_it=textwrap.dedent(SERVER_OBJECTS))
     result = project.runpytest("-p", "no:randomly", "--pg-role=createdb", "--pg-isolation=database")
@@ -902,6 +924,7 @@ def test_what_a_statement_makes_on_the_server() -> None:
     assert made_by("select 'nothing made'") == set()
 
 
+@pytest.mark.slow
 def test_objects_created_on_a_shared_server_are_left_to_the_user(
     project: pytest.Pytester, shared_dsn: str, shared: LocalServer
 ) -> None:
@@ -915,6 +938,7 @@ def test_objects_created_on_a_shared_server_are_left_to_the_user(
         shared.admin.execute("drop role if exists app_reader_of_a_test")
 
 
+@pytest.mark.slow
 def test_timeouts_hold_when_tests_connect_as_the_admin(project: pytest.Pytester, shared_dsn: str) -> None:
     source = """
         import pytest

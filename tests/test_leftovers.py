@@ -16,6 +16,8 @@ import pytest
 from conftest import StartLocal
 from pgsandbox.cli import main as cli_main
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 ORPHAN = textwrap.dedent(
     """
     import sys

@@ -15,6 +15,8 @@ from conftest import StartLocal
 from pgsandbox import LocalServer, Settings
 from pgsandbox.errors import ServerStartError
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 
 def test_start_connect_create_drop_stop(start_local: StartLocal) -> None:
     server = start_local()

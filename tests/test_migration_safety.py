@@ -17,6 +17,8 @@ import pytest
 
 from pgsandbox import LocalServer
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 PROJECTS = Path(__file__).parent / "projects"
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 SERVER_TEST = """
 import json, pathlib, os
 def test_server(pg_server):

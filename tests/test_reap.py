@@ -18,6 +18,8 @@ from pgsandbox import LocalServer, Sandbox, Settings
 from pgsandbox.cli import main as cli
 from pgsandbox.server import reaper
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 SCHEMA = "create table items (id serial primary key, name text);\n"
 
 # a run that is killed in the middle of its test, holding a session database and a database clone

@@ -14,6 +14,8 @@ from pgsandbox import LocalServer, Sandbox, Settings
 from pgsandbox.server import roles
 from pgsandbox.server.roles import OWNER
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 SCHEMA = "create table users (id serial primary key, name text not null);\ninsert into users (name) values ('ada');\n"
 
 PRIVILEGES = """
@@ -293,7 +295,7 @@ def test_what_tests_create_has_the_owner_of_what_migrations_created(
         tests = textwrap.dedent(OWNERSHIP_TESTS).replace("ISOLATION", repr(isolation))
         (pytester.path / f"test_{isolation}.py").write_text(tests)
     where = [f"--pg-dsn={shared_dsn}"] if server == "external" else []
-    result = pytester.runpytest_subprocess(*where, f"--pg-role={role}", "-n", "4", "-p", "no:randomly")
+    result = pytester.runpytest(*where, f"--pg-role={role}", "-n", "2", "-p", "no:randomly")
     result.assert_outcomes(passed=16)
 
 

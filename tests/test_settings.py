@@ -6,6 +6,7 @@ import pytest
 
 from pgsandbox import Settings
 from pgsandbox.errors import ConfigError
+from pgsandbox.settings import BY_NAME, OPTIONS
 
 
 def test_precedence_is_cli_then_env_then_ini_then_default() -> None:
@@ -72,6 +73,7 @@ def test_bad_values_name_the_source_and_the_fix(sources: dict[str, dict[str, obj
     assert "What to do: fix" in str(error.value)
 
 
+@pytest.mark.slow
 def test_bad_option_stops_pytest_with_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest("--pg-port=abc")
@@ -79,6 +81,7 @@ def test_bad_option_stops_pytest_with_a_usage_error(pytester: pytest.Pytester) -
     result.stderr.fnmatch_lines(["*pgsandbox: --pg-port: bad value 'abc': expected a port number*"])
 
 
+@pytest.mark.slow
 def test_ini_options_reach_the_plugin(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\npg_version = 16\npg_server_settings =\n    work_mem=7MB\n")
     pytester.makepyfile(
@@ -112,3 +115,108 @@ def test_migrations_isolation_and_flags() -> None:
         False,
         3,
     )
+
+
+# One good value of every option, as text (what the command line, the environment and an ini file give), and
+# what it becomes. A new option needs a row here: the test below fails until it has one.
+GOOD_VALUES: dict[str, tuple[str, object]] = {
+    "server": ("external", "external"),
+    "dsn": ("postgresql://app@db/app", "postgresql://app@db/app"),
+    "bin": ("/opt/pg/bin", Path("/opt/pg/bin")),
+    "version": ("16.4", "16.4"),
+    "extensions": ('uuid-ossp, "pgcrypto"', ("uuid-ossp", "pgcrypto")),
+    "listen": ("OFF", "none"),
+    "port": ("5433", 5433),
+    "server_settings": ("work_mem = 64MB;lc_messages='it''s'", (("work_mem", "64MB"), ("lc_messages", "it's"))),
+    "initdb_args": ("--data-checksums  -k", ("--data-checksums", "-k")),
+    "cache": ("/var/cache/pgsb", Path("/var/cache/pgsb")),
+    "cache_max_size": ("1.5G", 1_500_000_000),
+    "runtime_dir": ("/run/pgsb", Path("/run/pgsb")),
+    "migrations": ("sql:migrations;alembic:alembic.ini", ("sql:migrations", "alembic:alembic.ini")),
+    "migrations_inputs": ("data/*.csv", ("data/*.csv",)),
+    "seed": ("python:seed:run", ("python:seed:run",)),
+    "isolation": ("database", "database"),
+    "rebuild": ("yes", True),
+    "keep_failed": ("ON", True),
+    "clone_strategy": ("wal_log", "wal_log"),
+    "templates_keep": ("5", 5),
+    "role": ("admin", "admin"),
+    "reap_grace": ("never", -1.0),
+    "statement_timeout": ("30 s", "30s"),
+    "lock_timeout": ("500ms", "500ms"),
+    "idle_timeout": ("0", "0"),
+    "guard": ("warn", "warn"),
+    "data_seed": ("42", "42"),
+    "sql_log": ("csvlog", "csvlog"),
+    "show_sql": ("1", True),
+    "report": ("json:report.json", "json:report.json"),
+    "async_driver": ("psycopg", "psycopg"),
+    "session_class": ("sqlmodel:Session", "sqlmodel:Session"),
+    "async_session_class": ("sqlmodel.ext.asyncio.session:AsyncSession", "sqlmodel.ext.asyncio.session:AsyncSession"),
+}
+
+
+def test_every_option_is_read_from_the_environment_and_named_after_it() -> None:
+    assert sorted(GOOD_VALUES) == sorted(option.name for option in OPTIONS)
+    env = {BY_NAME[name].env: text for name, (text, _) in GOOD_VALUES.items()}
+    settings = Settings.from_sources(env=env)
+    assert {name: getattr(settings, name) for name in GOOD_VALUES} == {
+        name: parsed for name, (_, parsed) in GOOD_VALUES.items()
+    }
+    assert all(settings.source_of(option.name) == option.env for option in OPTIONS)
+    option = BY_NAME["keep_failed"]
+    assert (option.cli, option.env, option.ini) == ("--pg-keep-failed", "PGSANDBOX_KEEP_FAILED", "pg_keep_failed")
+
+
+@pytest.mark.parametrize("name", [option.name for option in OPTIONS if option.kind != "flag"])
+def test_every_option_is_read_alike_from_the_command_line_and_the_ini_file(name: str) -> None:
+    text, parsed = GOOD_VALUES[name]
+    option = BY_NAME[name]
+    # ini and command line give lists as lists (one line, or one --pg-x, per item); the environment splits text
+    items = [item for item in text.split(option.env_separator) if item.strip()]
+    raw: str | list[str] = items if option.kind == "list" else text
+    assert getattr(Settings.from_sources(cli={name: raw}, env={}), name) == parsed
+    assert getattr(Settings.from_sources(ini={name: raw}, env={}), name) == parsed
+
+
+def test_an_empty_or_unset_value_falls_through_to_the_next_source() -> None:
+    settings = Settings.from_sources(
+        cli={"version": "", "keep_failed": False, "migrations": []},
+        env={"PGSANDBOX_VERSION": "  ", "PGSANDBOX_KEEP_FAILED": "true", "PGSANDBOX_MIGRATIONS": ";"},
+        ini={"version": "15", "migrations": ["sql:m"]},
+    )
+    assert (settings.version, settings.source_of("version")) == ("15", "ini pg_version")
+    assert (settings.keep_failed, settings.source_of("keep_failed")) == (True, "PGSANDBOX_KEEP_FAILED")
+    assert (settings.migrations, settings.source_of("migrations")) == (("sql:m",), "ini pg_migrations")
+    assert Settings.from_sources(env={}).source_of("version") == "pg_version"  # the default: where to set it
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("extensions", "uuid ossp", "expected an extension name as in CREATE EXTENSION, such as uuid-ossp or pgcrypto"),
+        ("version", "16beta", "expected a PostgreSQL version such as 16 or 16.4"),
+        ("port", "-1", "expected a port number from 0 (pick a free one) to 65535"),
+        ("cache_max_size", "2 parsecs", "expected a size such as 500MB, 2GB or 1.5G (0 or none: no bound)"),
+        ("reap_grace", "-5", "expected a number of seconds (0: at once; -1 or never: never)"),
+        ("reap_grace", "soon", "expected a number of seconds (0: at once; -1 or never: never)"),
+        ("statement_timeout", "5 minutes", "expected a duration such as 500ms, 30s, 5min or 1h (0: no timeout)"),
+        ("report", "json:", "expected term (the default), json, json:PATH or off"),
+        ("session_class", "sqlmodel.Session", "expected module:Class, such as sqlmodel:Session"),
+        ("templates_keep", "three", "expected a whole number of at least 1"),
+        ("isolation", "schema", "expected one of transaction, database"),
+        ("role", "owner", "expected one of own, createdb, admin"),
+        ("guard", "fail", "expected one of error, warn, off"),
+        ("sql_log", "stderr", "expected one of auto, jsonlog, csvlog, off"),
+        ("async_driver", "aiopg", "expected one of asyncpg, psycopg"),
+        ("show_sql", "2", "expected true or false"),
+        ("server_settings", "=64MB", "'=64MB' is not of the form name=value (for example work_mem=64MB)"),
+    ],
+)
+def test_a_bad_value_of_each_kind_says_what_the_option_takes(name: str, value: str, expected: str) -> None:
+    option = BY_NAME[name]
+    with pytest.raises(ConfigError) as error:
+        Settings.from_sources(env={option.env: value})
+    message = str(error.value)
+    assert f"{option.env}: bad value {value.strip()!r}: {expected}." in message
+    assert f"What to do: fix {option.env}; {option.cli} takes: {option.help}." in message

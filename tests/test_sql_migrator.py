@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,18 @@ import pytest
 from pgsandbox import LocalServer
 from pgsandbox.common.urls import sqlalchemy_url
 from pgsandbox.template.base import MigrationError, Target
-from pgsandbox.template.sql import SqlDirMigrator, natural_key, split_statements
+from pgsandbox.template.sql import (
+    COMMIT_AFTER,
+    COPY_STDIN,
+    NO_TRANSACTION,
+    OUTSIDE_TEMPLATE,
+    TRANSACTION_CONTROL,
+    SqlDirMigrator,
+    _MetaCommand,
+    line_and_column,
+    natural_key,
+    split_statements,
+)
 
 
 def texts(source: str) -> list[str]:
@@ -44,6 +56,108 @@ def test_offsets_point_into_the_source() -> None:
     assert [source[s.offset : s.offset + 8] for s in statements] == ["select 1", "select 2"]
 
 
+@pytest.mark.parametrize(
+    ("source", "statements"),
+    [
+        pytest.param("select $1; select 2", ["select $1", "select 2"], id="a parameter is no dollar quote"),
+        pytest.param(
+            "create table t$1 (x int); select $a$;$a$; select 3",
+            ["create table t$1 (x int)", "select $a$;$a$", "select 3"],
+            id="a dollar inside a name is no dollar quote",
+        ),
+        pytest.param(
+            "select $a$ $$;$$ $b$ ; $a$; select 2",
+            ["select $a$ $$;$$ $b$ ; $a$", "select 2"],
+            id="a tagged dollar quote ends at its own tag only",
+        ),
+        pytest.param(
+            "do $do$ begin perform 1; end $do$;", ["do $do$ begin perform 1; end $do$"], id="a DO block is one"
+        ),
+        pytest.param("select 'a\\'; select 2", ["select 'a\\'", "select 2"], id="a backslash ends no plain string"),
+        pytest.param(
+            "select e'\\';'; select 2", ["select e'\\';'", "select 2"], id="a backslash escapes a quote in e''"
+        ),
+        pytest.param("select xe'a'; select 2", ["select xe'a'", "select 2"], id="a name ending in e is no E string"),
+        pytest.param('select "a""b;c"; select 2', ['select "a""b;c"', "select 2"], id="a doubled quote in a name"),
+        pytest.param("select 1 -- end; no newline", ["select 1 -- end; no newline"], id="a last comment"),
+        pytest.param("-- only a comment;\n;\n/* and; this */;", [], id="comment-only pieces are dropped"),
+        pytest.param(
+            "create procedure p() language sql BEGIN ATOMIC select case when true then 1 end; select 2; END; select 3",
+            [
+                "create procedure p() language sql BEGIN ATOMIC select case when true then 1 end; select 2; END",
+                "select 3",
+            ],
+            id="a CASE ... END inside BEGIN ATOMIC",
+        ),
+        pytest.param(
+            "begin; create table a (x int); commit;",
+            ["begin", "create table a (x int)", "commit"],
+            id="transaction control is a statement of its own",
+        ),
+        pytest.param("select 1 \\\\ 2;", ["select 1 \\\\ 2"], id="a backslash inside a line is no psql command"),
+        pytest.param("select 'unterminated; select 2", ["select 'unterminated; select 2"], id="an open string"),
+        pytest.param("select 1;   \n\n  select 2  ;", ["select 1", "select 2"], id="surrounding blanks are trimmed"),
+    ],
+)
+def test_split_statements(source: str, statements: list[str]) -> None:
+    assert texts(source) == statements
+
+
+@pytest.mark.parametrize(
+    ("source", "offset"),
+    [("select 1;\n\\i x.sql\nselect 2;", 10), ("copy a from stdin;\n1\n\\.\n", 21)],
+    ids=["include", "copy data"],
+)
+def test_a_psql_command_at_a_line_start_stops_the_split_where_it_is(source: str, offset: int) -> None:
+    with pytest.raises(_MetaCommand) as meta:
+        texts(source)
+    assert meta.value.offset == offset
+    assert line_and_column(source, offset)[1] == 1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matches", "does_not_match"),
+    [
+        (
+            NO_TRANSACTION,
+            [
+                "create index concurrently i on a (x)",
+                "CREATE UNIQUE INDEX CONCURRENTLY i on a(x)",
+                "drop index concurrently i",
+                "reindex table concurrently a",
+                "vacuum analyze a",
+                "alter system set work_mem = '8MB'",
+                "cluster",
+                "create subscription s connection '' publication p",
+            ],
+            ["create index i on a (x)", "cluster a using i", "select 'vacuum'"],
+        ),
+        (
+            OUTSIDE_TEMPLATE,
+            ["create database x", "alter tablespace t rename to u", "create role r", "CREATE USER u"],
+            ["create table database (x int)", "alter role r set x = 1", "create schema roles"],
+        ),
+        (
+            TRANSACTION_CONTROL,
+            ["begin", "BEGIN ISOLATION LEVEL SERIALIZABLE", "start transaction", "commit", "end", "rollback", "abort"],
+            ["rollback to savepoint s", "begin atomic", "beginning", "committed"],
+        ),
+        (
+            COMMIT_AFTER,
+            ["alter type mood add value 'x'", "ALTER TYPE s.mood ADD VALUE IF NOT EXISTS 'y'"],
+            ["alter type mood rename value 'a' to 'b'"],
+        ),
+        (COPY_STDIN, ["copy a from stdin", "COPY a (x) FROM STDIN WITH (FORMAT csv)"], ["copy a from '/tmp/x'"]),
+    ],
+    ids=["outside a transaction", "outside the template", "transaction control", "commit after", "copy from stdin"],
+)
+def test_what_each_statement_needs_is_read_from_its_first_words(
+    pattern: re.Pattern[str], matches: list[str], does_not_match: list[str]
+) -> None:
+    assert [text for text in matches if not pattern.match(text)] == []
+    assert [text for text in does_not_match if pattern.match(text)] == []
+
+
 def test_natural_order() -> None:
     names = ["10_y.sql", "2_x.sql", "1_a.sql", "001_b.sql", "V3__c.sql"]
     assert sorted(names, key=lambda n: natural_key(Path(n))) == [
@@ -72,6 +186,7 @@ def tables(target: Target) -> list[str]:
     return [row[0] for row in rows]
 
 
+@pytest.mark.slow
 def test_files_in_natural_order_and_statements_that_need_no_transaction(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "migrations"
     migrations.mkdir()
@@ -90,6 +205,7 @@ def test_files_in_natural_order_and_statements_that_need_no_transaction(tmp_path
         assert conn.execute("select indexname from pg_indexes where indexname = 'users_name'").fetchone()
 
 
+@pytest.mark.slow
 def test_a_file_with_its_own_transactions_runs_as_written(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "m"
     migrations.mkdir()
@@ -100,6 +216,7 @@ def test_a_file_with_its_own_transactions_runs_as_written(tmp_path: Path, target
     assert tables(target) == ["a"]
 
 
+@pytest.mark.slow
 def test_a_failing_statement_names_file_line_and_column(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "migrations"
     migrations.mkdir()
@@ -119,6 +236,7 @@ def test_a_failing_statement_names_file_line_and_column(tmp_path: Path, target: 
     assert tables(target) == ["fine"]
 
 
+@pytest.mark.slow
 def test_a_runtime_error_without_position_names_the_statement(tmp_path: Path, target: Target) -> None:
     migrations = tmp_path / "m"
     migrations.mkdir()
@@ -143,6 +261,7 @@ def test_a_runtime_error_without_position_names_the_statement(tmp_path: Path, ta
         ("create table a (x int);\nbegin;\ninsert into a values (1);\n", "opened a transaction, line 2"),
     ],
 )
+@pytest.mark.slow
 def test_what_cannot_run_is_reported_clearly(tmp_path: Path, target: Target, sql: str, expected: str) -> None:
     migrations = tmp_path / "m"
     migrations.mkdir()
@@ -153,6 +272,7 @@ def test_what_cannot_run_is_reported_clearly(tmp_path: Path, target: Target, sql
     assert "What to do:" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_missing_or_empty_directory(tmp_path: Path, target: Target) -> None:
     with pytest.raises(MigrationError, match="does not exist") as caught:
         migrate(tmp_path / "nope", target)

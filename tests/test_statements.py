@@ -56,6 +56,7 @@ FAILING = """
 """
 
 
+@pytest.mark.slow
 def test_a_failed_test_shows_the_sql_it_ran(project: pytest.Pytester) -> None:
     result = run(project, FAILING)
     result.assert_outcomes(passed=1, failed=2)
@@ -86,6 +87,7 @@ def test_a_failed_test_shows_the_sql_it_ran(project: pytest.Pytester) -> None:
     assert "failed select 1 / 0" in own and "ERROR 22012: division by zero" in own
 
 
+@pytest.mark.slow
 def test_show_sql_for_every_test_and_csvlog(project: pytest.Pytester) -> None:
     source = """
         def test_passes(pg):
@@ -100,6 +102,7 @@ def test_show_sql_for_every_test_and_csvlog(project: pytest.Pytester) -> None:
     bad.stderr.fnmatch_lines(["*--pg-sql-log: bad value 'xml': expected one of auto, jsonlog, csvlog, off*"])
 
 
+@pytest.mark.slow
 def test_long_sql_is_cut_to_a_readable_length(project: pytest.Pytester) -> None:
     """Also: a test id longer than an application_name (63 bytes) still finds its statements."""
     result = run(
@@ -119,6 +122,7 @@ def test_long_sql_is_cut_to_a_readable_length(project: pytest.Pytester) -> None:
     assert "… (2009 more characters)" in ran
 
 
+@pytest.mark.slow
 def test_sql_log_off_and_external_servers_have_none(project: pytest.Pytester, shared_dsn: str) -> None:
     source = """
         def test_fails(pg):
@@ -188,6 +192,7 @@ QUERIES = """
 """
 
 
+@pytest.mark.slow
 def test_pg_queries(project: pytest.Pytester) -> None:
     book = "create table book (id int primary key, author int references users);"
     (project.path / "migrations/2.sql").write_text(book)
@@ -217,6 +222,7 @@ def test_pg_queries(project: pytest.Pytester) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_deadlock_is_told_with_both_statements_from_the_log(project: pytest.Pytester) -> None:
     result = run(
         project,
@@ -259,6 +265,7 @@ def test_a_deadlock_is_told_with_both_statements_from_the_log(project: pytest.Py
     assert "ERROR 40P01: deadlock detected" in ran and "c2 = backend" in ran
 
 
+@pytest.mark.slow
 def test_the_log_alone(start_local: object, tmp_path: Path) -> None:
     """The statement log from a plain script: parse, bind and execute make one statement; what another test
     ran, pgsandbox's own statements and old rotated files are left out."""
@@ -297,6 +304,7 @@ def test_the_log_alone(start_local: object, tmp_path: Path) -> None:
     assert Position("", 0) == StatementLog(tmp_path, "jsonlog").position()
 
 
+@pytest.mark.slow
 def test_a_lock_timeout_names_the_blocker_even_once_it_is_gone(project: pytest.Pytester) -> None:
     result = run(
         project,
@@ -326,6 +334,7 @@ def test_a_lock_timeout_names_the_blocker_even_once_it_is_gone(project: pytest.P
     assert "none left" in told  # pg_stat_activity no longer has it
 
 
+@pytest.mark.slow
 def test_a_failure_and_a_teardown_error_show_the_sql_once(project: pytest.Pytester) -> None:
     result = run(
         project,
@@ -369,6 +378,7 @@ APP_CONNECTIONS = """
 """
 
 
+@pytest.mark.slow
 def test_the_sql_of_the_apps_own_connections_in_transaction_isolation(project: pytest.Pytester) -> None:
     result = run(project, APP_CONNECTIONS)
     result.assert_outcomes(passed=1, failed=2, errors=1)

@@ -48,6 +48,7 @@ def templates_of(server: LocalServer, project: str) -> list[dict[str, object]]:
     return [t for t in list_templates(server) if t.get("project") == project]
 
 
+@pytest.mark.slow
 def test_local_cache_hit_miss_and_rebuild(
     pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -87,6 +88,7 @@ def test_local_cache_hit_miss_and_rebuild(
     assert builds(tmp_path / "builds.log") == 3
 
 
+@pytest.mark.slow
 def test_external_server_keeps_templates_between_runs(
     pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,6 +115,7 @@ def test_external_server_keeps_templates_between_runs(
         shared.connect(str(template["name"]))
 
 
+@pytest.mark.slow
 def test_a_clone_fails_while_its_source_has_a_connection(shared: LocalServer) -> None:
     """Why templates refuse connections (measured here: PostgreSQL refuses, it does not wait)."""
     source = shared.create_database()
@@ -121,6 +124,7 @@ def test_a_clone_fails_while_its_source_has_a_connection(shared: LocalServer) ->
     shared.drop_database(source)
 
 
+@pytest.mark.slow
 def test_a_broken_migration_fails_the_session_once_and_leaves_nothing(
     pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,6 +218,7 @@ def run_two_builders(tmp_path: Path, extra_args: list[str], wait_line: str) -> l
     return texts
 
 
+@pytest.mark.slow
 def test_concurrent_builders_on_a_shared_server_build_once(shared_dsn: str, tmp_path: Path) -> None:
     """Two pytest processes start together: one builds, the other waits on the advisory lock and reuses it."""
     wait_line = "waiting for another session building the migrations template"
@@ -224,6 +229,7 @@ def test_concurrent_builders_on_a_shared_server_build_once(shared_dsn: str, tmp_
     assert "cache hit, already on the server" in waited[0]
 
 
+@pytest.mark.slow
 def test_concurrent_local_runs_build_once(tmp_path: Path) -> None:
     """Two runs with local servers: the second waits for the first's cluster snapshot and starts from it."""
     wait_line = "waiting for another run that is building the same templates"
@@ -234,6 +240,7 @@ def test_concurrent_local_runs_build_once(tmp_path: Path) -> None:
     assert "cache hit, from the cached cluster, nothing to migrate" in waited[0]
 
 
+@pytest.mark.slow
 def test_python_migrator_hashes_its_inputs(
     pytester: pytest.Pytester, shared_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -266,6 +273,7 @@ def test_python_migrator_hashes_its_inputs(
     assert builds(tmp_path / "builds.log") == 2
 
 
+@pytest.mark.slow
 def test_python_migrator_errors(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_project(
         pytester,
@@ -310,6 +318,7 @@ def downgrade():
 """
 
 
+@pytest.mark.slow
 def test_alembic_migrator(
     pytester: pytest.Pytester, shared_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -346,6 +355,7 @@ def test_alembic_migrator(
     result.stdout.fnmatch_lines(["*alembic:alembic.ini: `alembic upgrade head` failed: ProgrammingError*nosuch*"])
 
 
+@pytest.mark.slow
 def test_seed_layer_on_top_of_migrations(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_project(
         pytester,
@@ -368,6 +378,7 @@ def test_seed_layer_on_top_of_migrations(pytester: pytest.Pytester, shared_dsn: 
     second.stdout.fnmatch_lines(["*migrations template *: cache hit*", "*seed template *: cache miss*"])
 
 
+@pytest.mark.slow
 def test_seed_hook(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_project(
         pytester,
@@ -386,6 +397,7 @@ def test_seed_hook(pytester: pytest.Pytester, shared_dsn: str) -> None:
     result.stdout.fnmatch_lines(["*seed template *(hook:pytest_pgsandbox_seed): cache miss*"])
 
 
+@pytest.mark.slow
 def test_old_templates_are_pruned(pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str) -> None:
     write_project(
         pytester, 'pg_migrations = ["sql:m"]\npg_templates_keep = "2"\n', {"test_x.py": "def test_x(pg): pass"}
@@ -400,6 +412,7 @@ def test_old_templates_are_pruned(pytester: pytest.Pytester, shared: LocalServer
     assert names[3] - names[2] and not names[0] & names[3]  # the newest two survive
 
 
+@pytest.mark.slow
 def test_plain_api_without_pytest(tmp_path: Path, shared_dsn: str) -> None:
     from pgsandbox.sandbox import Sandbox
 
@@ -415,6 +428,7 @@ def test_plain_api_without_pytest(tmp_path: Path, shared_dsn: str) -> None:
                 assert db.fetchval("select count(*) from users") == 1
 
 
+@pytest.mark.slow
 def test_rebuild_refuses_a_template_another_session_uses(tmp_path: Path, shared_dsn: str) -> None:
     from pgsandbox.errors import ConfigError
     from pgsandbox.sandbox import Sandbox
@@ -449,6 +463,7 @@ def test_alembic_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "pip install 'pytest-pgsandbox[alembic]'" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_broken_migration_on_the_local_server_leaves_nothing_to_wait_for(pytester: pytest.Pytester) -> None:
     """The build lock is released and no snapshot is stored: the next run builds (and fails) again at once."""
     write_project(
@@ -469,6 +484,7 @@ def test_a_broken_migration_on_the_local_server_leaves_nothing_to_wait_for(pytes
     fixed.stdout.fnmatch_lines(["*cache miss, built in*"])
 
 
+@pytest.mark.slow
 def test_the_template_line_comes_before_the_first_test(pytester: pytest.Pytester, shared_dsn: str) -> None:
     write_project(
         pytester,
@@ -499,6 +515,7 @@ def shared_databases(dsn: str) -> list[str]:
         return [row[0] for row in conn.execute("select datname from pg_database where datname like 'pgsandbox\\_%'")]
 
 
+@pytest.mark.slow
 def test_a_slow_first_clone_says_so(
     pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

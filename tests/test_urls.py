@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 pytest.importorskip("alembic")
 pytest.importorskip("asyncpg")
 pytest.importorskip("psycopg2")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts a server or a process
+
 pytest.importorskip("xdist")
 
 SCHEMA = "create table items (id serial primary key, name text not null, worker text);\n"
