@@ -149,6 +149,7 @@ def test_bad_dsn_fails_the_test_with_the_message(pytester: pytest.Pytester) -> N
     assert "leaky" not in result.stdout.str()
 
 
+@pytest.mark.slow
 def test_what_an_existing_server_says_of_itself(other: LocalServer) -> None:
     """What the sandbox asks a server instead of its class: someone else's, or (an xdist worker's) the local
     server of the run, whose log it can read."""
@@ -168,6 +169,7 @@ def test_what_an_existing_server_says_of_itself(other: LocalServer) -> None:
         assert worker.log_tail(50) == other.log_tail(50)
 
 
+@pytest.mark.slow
 def test_an_existing_server_kept_for_its_databases_and_abandoned(
     other: LocalServer, machine_wide_servers: None
 ) -> None:

@@ -27,6 +27,7 @@ def test_public_names_resolve_on_first_use() -> None:
         raise AssertionError("unknown names must raise AttributeError")
 
 
+@pytest.mark.slow
 def test_the_factory_boy_helpers_import_factory_boy_only_for_table_factory() -> None:
     """pg and pg_session load pgsandbox.drivers.factoryboy in every test; factory_boy (with Faker) loads only
     when a test module takes TableFactory."""
@@ -38,6 +39,7 @@ def test_the_factory_boy_helpers_import_factory_boy_only_for_table_factory() -> 
     assert out.stdout.strip() == "False True"
 
 
+@pytest.mark.slow
 def test_every_public_name_resolves_and_is_listed() -> None:
     """What users annotate and catch comes from the package itself, each name from its module, lazily: listing
     the names imports nothing."""

@@ -163,40 +163,6 @@ def test_the_session_report(pytester: pytest.Pytester, shared_dsn: str) -> None:
 GLUE = Path(__file__).parents[1] / "src/pgsandbox/pytest"
 
 
-def glue_imports() -> dict[str, set[str]]:
-    """Which modules of pgsandbox.pytest each one imports: at module level, in functions and under TYPE_CHECKING."""
-    modules = {f"pgsandbox.pytest.{path.stem}" for path in GLUE.glob("*.py")} - {"pgsandbox.pytest.__init__"}
-    graph: dict[str, set[str]] = {}
-    for module in modules:
-        tree = ast.parse((GLUE / f"{module.rsplit('.', 1)[1]}.py").read_text())
-        named: set[str] = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                named.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                named.add(node.module)
-                named.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[module] = named & modules
-    return graph
-
-
-def test_the_pytest_glue_has_no_import_cycle() -> None:
-    """The fixtures import the session's state, never the plugin; nothing in pgsandbox.pytest imports back."""
-    graph = glue_imports()
-    assert "pgsandbox.pytest.plugin" not in graph["pgsandbox.pytest.fixtures"]
-    done: set[str] = set()
-
-    def visit(module: str, path: list[str]) -> None:
-        assert module not in path, f"import cycle: {' -> '.join([*path[path.index(module) :], module])}"
-        if module not in done:
-            for imported in sorted(graph[module]):
-                visit(imported, [*path, module])
-            done.add(module)
-
-    for module in sorted(graph):
-        visit(module, [])
-
-
 def test_the_driver_fixtures_name_their_types() -> None:
     """An IDE or mypy learns from the fixture what pg_psycopg2, pg_aconn and pg_asyncpg hand out."""
     tree = ast.parse((GLUE / "fixtures.py").read_text())

@@ -81,6 +81,8 @@ class SharedSandbox:
 
 def attach(worker_input: dict[str, Any], settings: Settings) -> Sandbox:
     """The worker's side: wait for the controller's sandbox, then attach to it."""
+    import psycopg
+
     from pgsandbox.sandbox import Sandbox
 
     path = Path(worker_input["path"])
@@ -99,14 +101,15 @@ def attach(worker_input: dict[str, Any], settings: Settings) -> Sandbox:
         raise PgSandboxError(description["error"])
     try:
         return Sandbox.attach(description, settings)
-    except ConnectError as error:
+    except (ConnectError, psycopg.OperationalError) as error:
+        # a server killed between the worker's connect and its role set-up fails a query, not the connect
         stopped = controller_server_stopped(description, error)
         if stopped is None:
             raise
         raise stopped from None
 
 
-def controller_server_stopped(description: dict[str, Any], error: ConnectError) -> PgSandboxError | None:
+def controller_server_stopped(description: dict[str, Any], error: Exception) -> PgSandboxError | None:
     """Why a worker cannot reach the controller's local server, when it is because that server is not running
     any more: said with the end of its log, rather than as a connection string to check."""
     from pgsandbox.server import runs
@@ -118,9 +121,14 @@ def controller_server_stopped(description: dict[str, Any], error: ConnectError) 
     if runs.postmaster_serving(run) is not None:
         return None  # it runs: the connection failed for another reason, which the error says
     tail = log_tail(run) if run.path.exists() else "    (its run directory is gone too)"
+    what = (
+        error.what
+        if isinstance(error, ConnectError)
+        else (str(error).strip().splitlines() or [type(error).__name__])[0]
+    )
     return PgSandboxError(
         f"the xdist controller's local PostgreSQL server is no longer running, so this worker cannot use it "
-        f"({error.what}).\n  The server's log ends with:\n{tail}",
+        f"({what}).\n  The server's log ends with:\n{tail}",
         "a local server stops only when something kills it (kill -9, the out-of-memory killer, a full disk or "
         "/dev/shm): look at its log above, then run again.",
     )
