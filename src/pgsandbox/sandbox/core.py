@@ -241,7 +241,7 @@ class Sandbox:
             "local": self.server.owns_cluster,
             # a worker that cannot reach the server says whether it is still running, and how its log ends
             "run_dir": str(run_dir) if run_dir is not None else None,
-            "statement_log": self.server.statement_log.describe() if self.server.statement_log else None,
+            "statement_log": self.server.statement_log.handoff() if self.server.statement_log else None,
             "templates": [
                 {"layer": t.layer, "name": t.name, "key": t.key, "labels": list(t.labels), "handed_over": t.handed_over}
                 for t in self.templates

@@ -579,8 +579,10 @@ def _wait_for_collector(run: runs.RunDir) -> None:
 
 
 def log_tail(run: runs.RunDir, lines: int = 15) -> str:
-    """The end of a run's server log, once a dead postmaster's logging collector has written its last words."""
-    _wait_for_collector(run)
+    """The end of a run's server log; when its postmaster is dead, once the logging collector has written its last
+    words (a running server's collector never exits: no waiting for it)."""
+    if runs.postmaster_serving(run) is None:
+        _wait_for_collector(run)
     return _tail(_read_log(run), lines)
 
 

@@ -153,7 +153,8 @@ class StatementLog:
     def __post_init__(self) -> None:
         self._suffix = ".json" if self.format == "jsonlog" else ".csv"
 
-    def describe(self) -> dict[str, str]:
+    def handoff(self) -> dict[str, str]:
+        """Where another process on this machine reads the same log (an xdist worker; ``Sandbox.handoff``)."""
         return {"directory": str(self.directory), "format": self.format}
 
     def _files(self) -> list[str]:
