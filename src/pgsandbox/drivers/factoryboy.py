@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pgsandbox.drivers.running_test import Row, database
-from pgsandbox.drivers.running_test import _databases as _databases  # the fixtures register the test's database
 from pgsandbox.errors import PgSandboxError
 
 if TYPE_CHECKING:

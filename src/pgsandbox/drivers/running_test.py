@@ -26,6 +26,15 @@ class Row(dict[str, Any]):
             raise AttributeError(name) from None
 
 
+def enter_test(db: Database) -> None:
+    """``db`` is the running test's database until :func:`leave_test` (the fixtures call both)."""
+    _databases.append(db)
+
+
+def leave_test(db: Database) -> None:
+    _databases.remove(db)
+
+
 def database() -> Database:
     """The running test's database (``pg``): where ``TableFactory`` inserts."""
     if not _databases:

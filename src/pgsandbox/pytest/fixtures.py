@@ -313,7 +313,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     node.stash[state.LOG_KEY] = db
     from pgsandbox.drivers import factoryboy
 
-    factoryboy._databases.append(db)  # where TableFactory inserts
+    factoryboy.enter_test(db)  # where TableFactory inserts
 
     def close() -> None:
         from pgsandbox.isolation.transaction import IsolationError
@@ -321,7 +321,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
         del node.stash[state.DATABASE_KEY]
         from pgsandbox.drivers import factoryboy
 
-        factoryboy._databases.remove(db)
+        factoryboy.leave_test(db)
         try:
             findings: list[str] = sandbox.close(
                 db,

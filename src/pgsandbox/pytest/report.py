@@ -67,11 +67,12 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
     if sandbox.gone is not None:  # no log to read; the first test that met it says so in full
         return
     found = add_sql(item, report, sandbox, db)
-    if report.failed and db._rows is not None and db._rows.made:
+    rows = db._test.rows
+    if report.failed and rows is not None and rows.made:
         report.sections.append(
             (
                 "pgsandbox: data",
-                f"pg.insert made {db._rows.made} row(s) of this test from the seed {db.seed!r}: the same seed makes "
+                f"pg.insert made {rows.made} row(s) of this test from the seed {db.seed!r}: the same seed makes "
                 "the same values on every run (pg_data_seed, set or not, is part of it).",
             )
         )

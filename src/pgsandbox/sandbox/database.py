@@ -65,6 +65,7 @@ class TestInternals:
     # the data factories (pg.insert): the template's catalog, given by the sandbox
     catalog_source: Callable[[Database], Catalog] | None = None
     data_seed: str = ""  # the data factories' seed option (pg_data_seed)
+    rows: Rows | None = None  # the test's data factory, once pg.insert or pg.rows made it
     log_start: Position | None = None  # where the statement log stood at the test's start
     started: float = field(default_factory=time.time)  # when the test's database was opened (epoch seconds)
 
@@ -123,7 +124,6 @@ class Database(ConnectionForms):
     _connection: psycopg.Connection[Any] | None = field(default=None, repr=False)
     _opened: list[psycopg.Connection[Any]] = field(default_factory=list, repr=False)
     keep: bool = False  # keep this database after the test (a failed test under keep-failed)
-    _rows: Rows | None = field(default=None, repr=False)
     _test: TestInternals = field(init=False, repr=False)  # the sandbox's and the drivers' side of the test
 
     def __post_init__(self) -> None:
@@ -209,13 +209,13 @@ class Database(ConnectionForms):
     @property
     def rows(self) -> Rows:
         """This test's data factory: the schema's catalog, the test's seed and counters (see :meth:`insert`)."""
-        if self._rows is None:
+        if self._test.rows is None:
             if self._test.catalog_source is None:
                 raise ConfigError("this database has no catalog for pg.insert (it was not opened by a Sandbox).", "")
             shared = self._test.catalog_source(self)
             own = Catalog(dict(shared.tables), dict(shared.types), shared.search_path)  # this test may add tables
-            self._rows = Rows(own, self.seed, read_table=lambda name: read_catalog(self._query_all, name))
-        return self._rows
+            self._test.rows = Rows(own, self.seed, read_table=lambda name: read_catalog(self._query_all, name))
+        return self._test.rows
 
     @property
     def seed(self) -> str:
