@@ -995,12 +995,16 @@ def test_a_session_class_that_cannot_be_used_says_why_and_what_to_do(
 
 def test_table_factory_is_an_ordinary_class_of_its_module() -> None:
     """One class, found by its name (pickle, type checkers and IDEs follow it), a factory_boy ``Factory``."""
+    import importlib
     import pickle
 
     from factory.base import Factory
 
-    from pgsandbox.drivers import table_factory
     from pgsandbox.drivers.factoryboy import TableFactory
+
+    # from sys.modules, as pickle finds it (pytester's in-process runs may leave an older module object bound on
+    # the package)
+    table_factory = importlib.import_module("pgsandbox.drivers.table_factory")
 
     assert TableFactory is table_factory.TableFactory
     assert (TableFactory.__module__, TableFactory.__qualname__) == ("pgsandbox.drivers.table_factory", "TableFactory")

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pgsandbox.drivers.running_test import Row, database
+from pgsandbox.drivers.running_test import enter_test as enter_test  # the fixtures register the test's database
+from pgsandbox.drivers.running_test import leave_test as leave_test
 from pgsandbox.errors import PgSandboxError
 
 if TYPE_CHECKING:
