@@ -21,7 +21,8 @@ that user cannot run this interpreter (a virtualenv under /root, say), every pyt
 too, runs a system interpreter of the same version with this environment's import path on PYTHONPATH,
 so that all cases pay the same interpreter start-up; failing that, pytest-postgresql is skipped.
 Every temporary directory is removed at the end and any server still running from them is stopped.
-Only the standard library is used (pytest, pgsandbox and pytest-postgresql run in subprocesses).
+Besides bench/harness.py, only pgsandbox's discovery of binaries runs in this process (pytest, pgsandbox and
+pytest-postgresql run in subprocesses).
 """
 
 from __future__ import annotations
