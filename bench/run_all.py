@@ -10,8 +10,10 @@ each other down; its whole output goes to a log file (``--logs``, or a temporary
 to the terminal too with ``--verbose``. At the end, one table of headline figures: session start-up warm and
 cold against pytest-postgresql and raw initdb + ``pg_ctl`` (startup.py); a 200-test suite's whole run and the
 per-test cost of transaction and database isolation against pytest-postgresql and a hand-written BEGIN/ROLLBACK
-(isolation.py); the teardown guards (guards.py), the statement log (sql_log.py) and ``pg.insert`` against
-hand-written INSERTs (factories.py). Every ratio compares figures measured in the same run of that benchmark.
+(isolation.py); the teardown guards (guards.py), the statement log (sql_log.py), ``pg.insert`` against
+hand-written INSERTs (factories.py), and connecting over TCP loopback against the Unix socket (connect.py). Every
+ratio compares figures measured in the same run of that benchmark. xdist.py, cold_xdist.py and dsm.py are not
+run here (minutes each, and their figures hold for their issue only): run them by hand.
 
 ``--quick`` uses fewer rounds and smaller counts (and leaves out pytest-postgresql with its data on disk, 1-2
 minutes a run): the figures are noisier than the full runs' but of the same kind, to tell in a few minutes whether
@@ -124,6 +126,23 @@ def factories_figures(document: Any) -> Figures:
     ]
 
 
+def connect_figures(document: Any) -> Figures:
+    return [
+        ("connect: connect + close over the Unix socket", get(document, "connect_ms", "socket"), "ms"),
+        ("connect: connect + close over TCP loopback", get(document, "connect_ms", "tcp"), "ms"),
+        (
+            "connect: transaction isolation test, pg_listen = none",
+            get(document, "transaction_isolation_ms", "none"),
+            "ms",
+        ),
+        (
+            "connect: transaction isolation test, TCP (default)",
+            get(document, "transaction_isolation_ms", "127.0.0.1"),
+            "ms",
+        ),
+    ]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     script: str
@@ -137,7 +156,7 @@ BENCHMARKS = {
     "isolation": Benchmark(
         "isolation.py",
         ("--runs", "1", "--cases", ",".join(ISOLATION_CASES)),
-        ("--runs", "3", "--cases", ",".join((*ISOLATION_CASES, "pytest-postgresql"))),
+        ("--runs", "3"),
         isolation_figures,
     ),
     "guards": Benchmark("guards.py", ("--tests", "300", "--rounds", "1"), (), guards_figures),
@@ -145,6 +164,12 @@ BENCHMARKS = {
         "sql_log.py", ("--tests", "150", "--rounds", "1"), ("--tests", "400", "--rounds", "5"), sql_log_figures
     ),
     "factories": Benchmark("factories.py", ("--rows", "300", "--rounds", "3"), (), factories_figures),
+    "connect": Benchmark(
+        "connect.py",
+        ("--connects", "100", "--queries", "1000", "--tests", "300", "--rounds", "1"),
+        ("--connects", "500", "--queries", "5000", "--rounds", "5"),
+        connect_figures,
+    ),
 }
 
 
