@@ -54,23 +54,22 @@ class BenchError(Exception):
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def bench_parser(doc: str | None, *, binaries: bool = True) -> argparse.ArgumentParser:
-    """A benchmark's parser: the module docstring's first paragraph, ``--json`` and, unless ``binaries`` is
-    False, ``--bin`` and ``--pg-version`` (read by :func:`chosen_bindir`)."""
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser: the module docstring's first paragraph, ``--bin`` and ``--pg-version`` (read by
+    :func:`chosen_bindir`), and ``--json``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
-    if binaries:
-        parser.add_argument(
-            "--bin",
-            type=Path,
-            metavar="DIR",
-            help="PostgreSQL bin directory for every case (default: $PGSANDBOX_BIN, else what pgsandbox itself "
-            "would choose: the newest installation it finds)",
-        )
-        parser.add_argument(
-            "--pg-version",
-            metavar="N",
-            help="choose among the installations pgsandbox finds by version (16, 15.4), as pg_version does",
-        )
+    parser.add_argument(
+        "--bin",
+        type=Path,
+        metavar="DIR",
+        help="PostgreSQL bin directory for every case (default: $PGSANDBOX_BIN, else what pgsandbox itself "
+        "would choose: the newest installation it finds)",
+    )
+    parser.add_argument(
+        "--pg-version",
+        metavar="N",
+        help="choose among the installations pgsandbox finds by version (16, 15.4), as pg_version does",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
     return parser
 
