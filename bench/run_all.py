@@ -152,7 +152,7 @@ class Benchmark:
 
 
 BENCHMARKS = {
-    "startup": Benchmark("startup.py", ("--runs", "2"), ("--runs", "5"), startup_figures),
+    "startup": Benchmark("startup.py", ("--runs", "3"), ("--runs", "5"), startup_figures),
     "isolation": Benchmark(
         "isolation.py",
         ("--runs", "1", "--cases", ",".join(ISOLATION_CASES)),
