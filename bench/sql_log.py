@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/sql_log.py [--bin DIR] [--tests N] [--statements N] [--rounds N]
+    python bench/sql_log.py [--bin DIR | --pg-version N] [--tests N] [--statements N] [--rounds N] [--json PATH]
 
 A sandbox on a local server (the reference 50-table schema) runs N transaction-isolation tests back to back
 through the plain API, as pytest does; each test runs S statements on its connection (a parameterised
@@ -21,14 +21,23 @@ and the cost per statement; then the median cost of one ``pg_queries`` block (tw
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from isolation import schema_sql
-from startup import REPO, bench_parser, chosen_bindir, clean_env, command_line
+from harness import (
+    BenchError,
+    bench_parser,
+    chosen_bindir,
+    command_line,
+    positive,
+    run_snippet,
+    sandbox_project,
+    schema_sql,
+    snippet_env,
+    write_json,
+)
 
 ONE_RUN = """
 import statistics, sys, time
@@ -75,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--statements", type=int, default=10, help="statements per test (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (default 3)")
     args = parser.parse_args(argv)
+    positive(parser, args, "tests", "statements", "rounds")
     bindir = chosen_bindir(args)
     if bindir is None:
         return 2
@@ -84,25 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = ["off", "jsonlog", "csvlog", "jsonlog+read"]
     results: dict[str, list[tuple[float, float, float]]] = {variant: [] for variant in variants}
     with tempfile.TemporaryDirectory(prefix="pgsandbox-sql-log-") as work:
-        root = Path(work)
-        (root / "migrations").mkdir()
-        (root / "migrations/1_schema.sql").write_text(schema)
-        env = {**clean_env(), "PYTHONPATH": str(REPO / "src"), "PGSANDBOX_CACHE": str(root / "cache")}
-        for _ in range(args.rounds):
-            for variant in variants:
-                command = [sys.executable, "-c", ONE_RUN.format(), variant, str(bindir)]
-                out = subprocess.run(
-                    [*command, str(args.tests), str(args.statements)],
-                    cwd=root,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                )
-                if out.returncode:
-                    print(out.stderr, file=sys.stderr)
-                    return 1
-                test, read, block = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
-                results[variant].append((test, read, block))
+        root = sandbox_project(Path(work), schema)
+        env = snippet_env(root / "cache")
+        try:
+            for _ in range(args.rounds):
+                for variant in variants:
+                    out = run_snippet(
+                        ONE_RUN.format(), [variant, str(bindir), str(args.tests), str(args.statements)], root, env
+                    )
+                    test, read, block = (float(v) for v in out.split())
+                    results[variant].append((test, read, block))
+        except BenchError as error:
+            print(error, file=sys.stderr)
+            return 1
     off = statistics.median(r[0] for r in results["off"])
     print("\nvariant        one test (ms)  ratio to off  per statement (ms)   runs")
     for variant, runs in results.items():
@@ -116,6 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     block = statistics.median(r[2] for r in results["jsonlog"])
     print(f"\n  reading a test's SQL back (a failed test's report): {read:.3f} ms")
     print(f"  one empty pg_queries block (two marks in the log): {block:.3f} ms")
+    tests = {variant: statistics.median(r[0] for r in runs) for variant, runs in results.items()}
+    write_json(
+        args.json,
+        {
+            "bindir": str(bindir),
+            "one_test_ms": tests,
+            "ratio_to_off": {variant: test / off for variant, test in tests.items()},
+            "read_back_ms": read,
+            "empty_queries_block_ms": block,
+        },
+    )
     return 0
 
 

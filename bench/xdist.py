@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/xdist.py [--runs N] [--json PATH] [--bin DIR] [--cpu-ms MS]
+    python bench/xdist.py [--runs N] [--json PATH] [--bin DIR | --pg-version N] [--cpu-ms MS]
 
 Every test burns about ``--cpu-ms`` (default 50) of CPU in Python, then inserts a row into one of the 50
 tables of the reference schema (``../shared/bench/schema50.sql``, or the same SQL generated) through
@@ -20,7 +20,6 @@ Target (issue 5): pgsandbox -n 2 at least 1.6x faster than -n 1 on this 2-core m
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -29,22 +28,28 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# bench/ is on sys.path when this file runs as a script: share startup.py's helpers
-from isolation import schema_sql
-from startup import (
+from harness import (
     REPO,
-    Runner,
+    TABLES,
     bench_parser,
     chosen_bindir,
     clean_env,
     command_line,
+    current_runner,
     machine_facts,
+    pgsandbox_env,
     pgsandbox_revision,
+    positive,
+    print_facts,
+    print_ratios,
+    run_together,
+    sandbox_project,
+    schema_sql,
     scratch,
+    write_json,
 )
 
 TESTS = 200
-TABLES = 50
 
 TEST_MODULE = """\
 import pytest
@@ -98,8 +103,7 @@ def write_project(root: Path, loops: int, database: bool, schema: str, split: bo
     ini = "[tool.pytest.ini_options]\n"
     if database:
         ini += 'pg_migrations = ["sql:migrations"]\n'
-        (root / "migrations").mkdir()
-        (root / "migrations/1_schema.sql").write_text(schema)
+        sandbox_project(root, schema)
     (root / "pyproject.toml").write_text(ini)
     fixture = "pg_conn, " if database else ""
     body = BODY.format(tables=TABLES) if database else ""
@@ -109,34 +113,19 @@ def write_project(root: Path, loops: int, database: bool, schema: str, split: bo
         (root / f"test_part{number}.py").write_text(source)
 
 
-def run(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> float:
-    """Start every command at once; seconds until the last one exits (each must pass)."""
-    started = time.perf_counter()
-    processes = [
-        subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for command in commands
-    ]
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    seconds = time.perf_counter() - started
-    for process, output in zip(processes, outputs, strict=True):
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(processes[0].args)} failed:\n{output[-3000:]}")  # type: ignore[arg-type]
-    return seconds
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=3, help="measured rounds (default 3)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--cpu-ms", type=float, default=50.0, help="CPU work per test in ms (default 50)")
     args = parser.parse_args(argv)
+    positive(parser, args, "runs")
     bindir = chosen_bindir(args)
     if bindir is None:
         return 2
     command = command_line()
     loops = calibrate(args.cpu_ms)
     schema, schema_origin = schema_sql()
-    runner = Runner("this user", sys.executable, ".".join(map(str, sys.version_info[:3])))
+    runner = current_runner()
     facts = {
         **machine_facts(bindir, runner, pgsandbox_revision()),
         "schema": f"{TABLES} tables: {schema_origin}",
@@ -149,10 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with scratch("pgsandbox-xdist-") as (work, data):
         env = {
             **clean_env(),
-            "PGSANDBOX_CACHE": str(work / "cache"),
-            "PGSANDBOX_RUNTIME_DIR": str(data),
-            "PGSANDBOX_SERVER": "local",
-            "PGSANDBOX_BIN": str(bindir),
+            **pgsandbox_env(bindir, runtime=data, cache=work / "cache"),
             "PYTHONPATH": str(REPO / "src"),
         }
         write_project(work / "empty", loops, False, schema, split=False)
@@ -170,11 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         }
         print(f"command: {command}")
-        for name, value in facts.items():
-            print(f"  {name + ':':<22} {value}")
+        print_facts(facts, 22)
         for round_number in range(args.runs + 1):
             for key, (cwd, commands) in plans.items():
-                seconds = run(commands, cwd, env)
+                seconds = run_together(commands, cwd, env)
                 if round_number:
                     times[key].append(seconds)
                 print(f"    {CASES[key]}: {seconds:.2f} s", flush=True)
@@ -190,12 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pgsandbox: -n 1 / two processes": medians["pgsandbox-n1"] / medians["pgsandbox-two"],
     }
     print()
-    for label, factor in speedups.items():
-        print(f"  {label + ':':<55} {factor:.2f}x")
+    print_ratios(speedups, 55)
     target = speedups["pgsandbox: -n 1 / -n 2"] >= 1.6
     print(f"\n  target: pgsandbox -n 2 at least 1.6x faster than -n 1: {'MET' if target else 'NOT MET'}")
-    if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "times": times, "speedups": speedups}, indent=2))
+    write_json(args.json, {"facts": facts, "times": times, "speedups": speedups})
     return 0
 
 
