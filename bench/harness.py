@@ -99,7 +99,7 @@ def chosen_bindir(args: argparse.Namespace) -> Path | None:
 
 def _fetched_root() -> Path:
     """Where ``pgsandbox fetch`` unpacks installations: pgsandbox's cache (not created here)."""
-    from pgsandbox.server.cache import default_cache_root
+    from pgsandbox.server.clusters import default_cache_root
 
     configured = os.environ.get("PGSANDBOX_CACHE")
     return Path(configured).expanduser() if configured else default_cache_root()

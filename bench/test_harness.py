@@ -15,6 +15,8 @@ from pathlib import Path
 import harness
 import pytest
 
+pytestmark = pytest.mark.slow  # the scripts run as processes (--help)
+
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = sorted(path for path in BENCH.glob("*.py") if path.name not in {"harness.py", Path(__file__).name})
 
