@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -503,21 +503,25 @@ class Sandbox:
         self._stopped = True
         try:
             if self.gone is None:
-                try:
-                    self._stop_on_server()
-                except (psycopg.Error, PgSandboxError) as error:
-                    gone = self._watch.meet(error, "the end of the session")
-                    if gone is None:
-                        raise
-                    if self.progress:  # no test met it: say it here, once
-                        self.progress(str(gone))
+                self._at_session_end(self._stop_on_server)
         finally:
+            if self.gone is None:
+                # the server can go away after the isolations closed too (an xdist worker's, when a test killed it)
+                self._at_session_end(self.server.stop_keeping_databases if self.kept else self.server.stop)
             if self.gone is not None:
                 self._leave_gone_server()
-            elif self.kept:
-                self.server.stop_keeping_databases()
-            else:
-                self.server.stop()
+
+    def _at_session_end(self, step: Callable[[], None]) -> None:
+        """Run a step of the session's end; a server found gone there is said once, as a progress line (no test
+        is left to report it), and the rest of the stop asks it nothing."""
+        try:
+            step()
+        except (psycopg.Error, PgSandboxError) as error:
+            gone = self._watch.meet(error, "the end of the session")
+            if gone is None:
+                raise
+            if self.progress:
+                self.progress(str(gone))
 
     def _stop_on_server(self) -> None:
         for isolation in self._isolations.values():
