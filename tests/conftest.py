@@ -57,7 +57,11 @@ def _without_unused_plugins(addopts: str) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     """One initdb cache for the whole test run (and the pytest runs it starts), away from ~/.cache."""
     if "PGSANDBOX_CACHE" not in os.environ:
-        _CACHE.append(tempfile.mkdtemp(prefix="pgsandbox-test-cache-"))
+        # on tmpfs when there is one: every server start copies a cluster out of the cache, and every template
+        # build writes one into it (about 40 MB, 1,300 files), which on disk cost the suite a fifth of its CPU
+        # in block I/O and copies
+        memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        _CACHE.append(tempfile.mkdtemp(prefix="pgsandbox-test-cache-", dir=memory))
         os.environ["PGSANDBOX_CACHE"] = _CACHE[0]
     os.environ["PYTEST_ADDOPTS"] = _without_unused_plugins(os.environ.get("PYTEST_ADDOPTS", ""))
 
@@ -68,6 +72,14 @@ def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pyte
     clears PYTEST_ADDOPTS."""
     monkeypatch.setenv("PYTEST_ADDOPTS", UNUSED_PLUGINS)
     return pytester
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker more than the cores. Most tests wait on processes they start (pytest runs, servers,
+    a cluster's copy), so two workers on two cores leave a core idle at times: measured on 2 cores, 94-96 s with
+    three workers against 108 s with two, and 107 s with four (BENCHMARKS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores + 1
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
