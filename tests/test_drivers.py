@@ -384,6 +384,7 @@ KEEP = """
 """
 
 
+@pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it
 def test_keep_failed_keeps_what_every_driver_wrote(
     pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str
 ) -> None:
@@ -713,6 +714,7 @@ SESSION_LOOP = """
 """
 
 
+@pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it
 def test_kept_async_connections_follow_a_restored_and_a_kept_database(
     pytester: pytest.Pytester, shared: LocalServer, shared_dsn: str
 ) -> None:

@@ -266,6 +266,7 @@ def test_no_password_when_the_existing_server_stops(
     assert_no_secret(everything(output, out, *logs), [password, *recorded(out)])
 
 
+@pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it
 def test_keep_failed_on_an_existing_server_keeps_its_passfile_with_the_run_until_reaped(
     project: pytest.Pytester, tmp_path: Path, shared: LocalServer, shared_dsn: str
 ) -> None:

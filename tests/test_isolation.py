@@ -480,6 +480,7 @@ def run_psql(command: str, sql: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it
 def test_keep_failed_on_an_external_server(project: pytest.Pytester, shared: LocalServer, shared_dsn: str) -> None:
     result = run(project, shared_dsn, FAILING, "--pg-keep-failed")
     commands = psql_commands(result.stdout.str())

@@ -5,7 +5,9 @@ A candidate counts only after ``postgres --version`` ran and ``initdb`` sits bes
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -136,8 +138,9 @@ def candidate_dirs(
             yield Path(found), "a system directory"
 
 
-def check(bindir: Path, source: str) -> Installation | str:
-    """Return the installation at ``bindir``, or why it is not usable."""
+def check(bindir: Path, source: str, known: Path | None = None) -> Installation | str:
+    """Return the installation at ``bindir``, or why it is not usable. ``known``: a file of the versions already
+    read (in the cache directory), so that a new process does not run every candidate again."""
     postgres = bindir / ("postgres.exe" if os.name == "nt" else "postgres")
     initdb = bindir / ("initdb.exe" if os.name == "nt" else "initdb")
     if not postgres.is_file():
@@ -145,7 +148,7 @@ def check(bindir: Path, source: str) -> Installation | str:
     if not initdb.is_file():
         return f"no initdb beside {postgres}"
     try:
-        out = subprocess.run([str(postgres), "--version"], capture_output=True, text=True, timeout=30)
+        out = _version_of(postgres, known)
     except (OSError, subprocess.SubprocessError) as error:
         return f"{postgres} --version failed: {error}"
     if out.returncode != 0:
@@ -157,6 +160,35 @@ def check(bindir: Path, source: str) -> Installation | str:
     if version < MIN_VERSION:
         return f"PostgreSQL {'.'.join(map(str, version))} is older than 13, the oldest pgsandbox supports"
     return Installation(version, bindir, source, out.stdout.strip())
+
+
+# `postgres --version` of each binary already run, by what identifies the file: every sandbox start checks every
+# candidate (a process each, about 10 ms), in this process (pytester runs, scripts that start many) and, through
+# a small file in the cache directory, in the next ones. A binary replaced or rebuilt is another file (device,
+# inode, size, modification time) and is run again.
+VERSIONS_FILE = "postgres-versions.json"
+_VERSIONS: dict[str, str] = {}
+
+
+def _version_of(postgres: Path, known: Path | None) -> subprocess.CompletedProcess[str]:
+    stat = postgres.stat()
+    key = f"{postgres.resolve()}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+    if key not in _VERSIONS and known is not None:
+        with contextlib.suppress(OSError, ValueError):
+            stored = json.loads(known.read_text())
+            _VERSIONS.update({str(k): str(v) for k, v in stored.items()})
+    if key in _VERSIONS:
+        return subprocess.CompletedProcess([str(postgres), "--version"], 0, _VERSIONS[key], "")
+    out = subprocess.run([str(postgres), "--version"], capture_output=True, text=True, timeout=30)
+    if out.returncode == 0:
+        _VERSIONS[key] = out.stdout
+        if known is not None:
+            with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run a process
+                known.parent.mkdir(parents=True, exist_ok=True)
+                staged = known.with_name(f"{known.name}.{os.getpid()}")
+                staged.write_text(json.dumps(_VERSIONS))
+                staged.replace(known)  # whole or not at all, whoever writes last
+    return out
 
 
 @dataclass(frozen=True)
@@ -189,7 +221,7 @@ def find_installations(
         if real in seen:
             continue
         seen.add(real)
-        result = check(bindir, source)
+        result = check(bindir, source, cache_root / VERSIONS_FILE if cache_root is not None else None)
         if isinstance(result, Installation):
             found.append(result)
         else:
