@@ -106,7 +106,7 @@ def test_4_after_the_drop(pg):
 """
 
 KILL = """
-import os, signal
+import os, signal, time
 
 import psutil
 import psycopg
@@ -117,7 +117,15 @@ def test_1_kills_the_server(pg):
     postmaster = psutil.Process(int(os.environ["KILL_PID"]))
     for process in [*postmaster.children(recursive=True), postmaster]:
         process.kill()
-    postmaster.wait(10)
+    # not wait(): the postmaster is the outer test's child, a zombie until that process reaps it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if postmaster.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
     pg.fetchval("select 1")
 
 
