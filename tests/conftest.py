@@ -148,8 +148,21 @@ def machine_wide_servers() -> Iterator[None]:
     one at a time, also across pytest-xdist workers."""
     from filelock import FileLock
 
+    from pgsandbox.server import runs
+
+    def secrets_dirs() -> set[Path]:
+        """Run directories that hold only a run's secrets (an existing server's), not a server's data."""
+        found = (base / f"pgsandbox-{os.geteuid()}" for base in runs.search_bases())
+        return {path for parent in found for path in parent.glob("run-*") if not (path / "data").exists()}
+
     with FileLock(os.path.join(tempfile.gettempdir(), f"pgsandbox-tests-kept-servers-{os.geteuid()}.lock")):
+        before = secrets_dirs()
         yield
+        # a run that kept databases on an existing server leaves its passfile for `pgsandbox clean` or `reap
+        # --include-kept`; an in-process run's owner (this worker) is alive, so nothing else would take it
+        for path in secrets_dirs() - before:
+            if runs.is_kept(runs.RunDir(path)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

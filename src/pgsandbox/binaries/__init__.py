@@ -168,12 +168,14 @@ def check(bindir: Path, source: str, known: Path | None = None) -> Installation 
 # inode, size, modification time) and is run again.
 VERSIONS_FILE = "postgres-versions.json"
 _VERSIONS: dict[str, str] = {}
+_READ: set[Path] = set()  # the files of versions this process has read
 
 
 def _version_of(postgres: Path, known: Path | None) -> subprocess.CompletedProcess[str]:
     stat = postgres.stat()
     key = f"{postgres.resolve()}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
-    if key not in _VERSIONS and known is not None:
+    if key not in _VERSIONS and known is not None and known not in _READ:
+        _READ.add(known)
         with contextlib.suppress(OSError, ValueError):
             stored = json.loads(known.read_text())
             _VERSIONS.update({str(k): str(v) for k, v in stored.items()})

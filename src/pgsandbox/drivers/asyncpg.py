@@ -21,8 +21,7 @@ require("asyncpg", "asyncpg", "pg_asyncpg")  # first: a missing library is named
 
 import asyncpg  # noqa: E402
 
-from pgsandbox.isolation.connection import SAVEPOINT  # noqa: E402
-from pgsandbox.isolation.guests import GUEST_ROLLBACK, is_active, state_of  # noqa: E402
+from pgsandbox.isolation.guests import GUEST_ROLLBACK, SAVEPOINT, is_active, state_of  # noqa: E402
 
 
 class SandboxAsyncpgConnection(asyncpg.Connection):

@@ -6,8 +6,8 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from pgsandbox.drivers import guests, require
-from pgsandbox.isolation.connection import AUTOCOMMIT_REFUSED, COMMIT, ROLLBACK, SAVEPOINT
-from pgsandbox.isolation.guests import is_active
+from pgsandbox.isolation.connection import AUTOCOMMIT_REFUSED, COMMIT, ROLLBACK
+from pgsandbox.isolation.guests import SAVEPOINT, is_active
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database

@@ -9,8 +9,8 @@ import psycopg
 from psycopg import pq
 
 from pgsandbox.drivers import guests
-from pgsandbox.isolation.connection import SAVEPOINT, AsyncSandboxConnection
-from pgsandbox.isolation.guests import GUEST_ROLLBACK
+from pgsandbox.isolation.connection import AsyncSandboxConnection
+from pgsandbox.isolation.guests import GUEST_ROLLBACK, SAVEPOINT
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database

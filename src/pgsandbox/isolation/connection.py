@@ -13,8 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from pgsandbox.isolation.guests import SAVEPOINT as SAVEPOINT  # re-exported: where the isolation modes take it
-from pgsandbox.isolation.guests import is_active, state_of
+from pgsandbox.isolation.guests import SAVEPOINT, is_active, state_of
 from pgsandbox.server.tags import INTERNAL
 
 # what stands in for commit() and rollback() says so in the statement log

@@ -19,11 +19,9 @@ from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation import findings
 from pgsandbox.isolation.base import Begun, GuestConnections, Mode
 from pgsandbox.isolation.changes import what_changed
-from pgsandbox.isolation.connection import SAVEPOINT, SandboxConnection
+from pgsandbox.isolation.connection import SandboxConnection
 from pgsandbox.isolation.findings import SESSION_DB, TRANSACTION_ADVICE, Finding, clone_failed
-from pgsandbox.isolation.findings import IsolationError as IsolationError  # where callers have long found it
-from pgsandbox.isolation.guests import Parked, state_of
-from pgsandbox.isolation.guests import app_name as app_name  # re-exported: callers have long found it here
+from pgsandbox.isolation.guests import SAVEPOINT, Parked, app_name, state_of
 from pgsandbox.isolation.leftovers import end_left_open, end_prepared
 from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.base import Server

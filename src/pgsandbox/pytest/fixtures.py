@@ -316,7 +316,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     factoryboy.enter_test(db)  # where TableFactory inserts
 
     def close() -> None:
-        from pgsandbox.isolation.transaction import IsolationError
+        from pgsandbox.isolation.findings import IsolationError
 
         del node.stash[state.DATABASE_KEY]
         from pgsandbox.drivers import factoryboy
