@@ -377,6 +377,7 @@ exit 1
 """
 
 
+@pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it
 def test_kept_database_command_uses_a_psql_that_runs(
     project: pytest.Pytester, shared_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

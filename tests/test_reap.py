@@ -147,6 +147,7 @@ def test_pgsandbox_reap_lists_then_drops(
     assert existing(shared, bystanders) == set(bystanders)
 
 
+@pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it
 def test_a_live_run_and_kept_databases_are_left_alone(tmp_path: Path, shared: LocalServer, shared_dsn: str) -> None:
     project(tmp_path)
     settings = Settings(dsn=shared_dsn, migrations=("sql:migrations",))

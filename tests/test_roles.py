@@ -300,6 +300,7 @@ def test_what_tests_create_has_the_owner_of_what_migrations_created(
 
 
 @pytest.mark.parametrize("isolation", ["transaction", "database"])
+@pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it
 def test_a_kept_database_is_given_to_the_admin_and_the_tests_role_is_dropped(
     tmp_path: Path, shared: LocalServer, shared_dsn: str, isolation: str
 ) -> None:
