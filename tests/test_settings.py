@@ -149,6 +149,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "data_seed": ("42", "42"),
     "sql_log": ("csvlog", "csvlog"),
     "show_sql": ("1", True),
+    "reset_sequences": ("true", True),
     "report": ("json:report.json", "json:report.json"),
     "async_driver": ("psycopg", "psycopg"),
     "session_class": ("sqlmodel:Session", "sqlmodel:Session"),

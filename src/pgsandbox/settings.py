@@ -308,6 +308,13 @@ OPTIONS: tuple[Option, ...] = (
         parse=_report,
     ),
     Option(
+        "reset_sequences",
+        "in transaction isolation, set back after each test the sequences it moved, so that ids start at the same "
+        "value in every test (sequences are not rolled back)",
+        kind="flag",
+        parse=_flag,
+    ),
+    Option(
         "async_driver",
         "driver of pg_async_engine/pg_async_session: asyncpg (default) or psycopg",
         parse=_choice(*ASYNC_DRIVERS),
@@ -362,6 +369,7 @@ class Settings:
     data_seed: str = ""
     sql_log: Literal["auto", "jsonlog", "csvlog", "off"] = "auto"
     show_sql: bool = False
+    reset_sequences: bool = False
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
     session_class: str | None = None
     async_session_class: str | None = None

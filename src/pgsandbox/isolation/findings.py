@@ -155,3 +155,47 @@ def clone_failed(template: str, error: BaseException) -> PgSandboxError:
         f"pgsandbox could not clone the template {template}: {type(error).__name__}: {error}",
         "check the server's log; if the template was dropped by hand, run again (it is rebuilt).",
     )
+
+
+# -- scoped data (pg_module, pg_class, pg_package, pg_session_data) ------------------------------------------
+SCOPED_FIXTURES = "pg_module, pg_class, pg_package or pg_session_data"
+
+
+def scope_lost(test_id: str, scope_id: str, reason: str) -> IsolationError:
+    """A test (or a scoped fixture) ended the transaction that held a scope's data: the tests left in that scope
+    would run without it."""
+    return IsolationError(
+        f"{test_id} cannot run inside the data of {scope_id}: it is gone, because {reason}. The data made once for "
+        "that scope lived in the session database's open transaction, which was ended.",
+        "keep the session database's transaction open: call conn.commit() on the connection pgsandbox gave you "
+        "(it becomes a savepoint) instead of running COMMIT or ROLLBACK, and give code that must really commit "
+        "@pytest.mark.pg(isolation='database') in a module without scoped data.",
+    )
+
+
+def database_in_scope(test_id: str, scope_id: str) -> IsolationError:
+    """A ``database`` isolation test inside a scope whose data lives in transaction isolation's session database."""
+    return IsolationError(
+        f"{test_id} asks for database isolation, but it runs inside the data that {scope_id} made once in "
+        "transaction isolation (the session database's open transaction), which a database clone would not have.",
+        f"run it in transaction isolation, or move it to a module (or class) that uses no {SCOPED_FIXTURES}.",
+    )
+
+
+def scoped_needs_transaction(fixture: str, scope_id: str, source: str) -> IsolationError:
+    """A scoped fixture where the tests use ``database`` isolation: refused (see the README)."""
+    return IsolationError(
+        f"{fixture} keeps the data of {scope_id} in transaction isolation (an outer savepoint, each test rolled "
+        f"back to it), but its tests use database isolation ({source}), where each test gets a fresh clone of the "
+        "template that would not have that data.",
+        "use transaction isolation for it (@pytest.mark.pg(isolation='transaction') on the module or class), or "
+        "make the data per test in a function-scoped fixture that uses pg.",
+    )
+
+
+def not_kept_in_scope(test_id: str, scope_id: str) -> Finding:
+    return Finding(
+        "failed databases not kept",
+        f"{test_id} failed, but its database was not kept (keep_failed): it ran inside the data of {scope_id}, "
+        "which keeping would commit and end for the scope's other tests. Run the test alone (-k) to keep it.",
+    )

@@ -4,12 +4,17 @@ One connection serves every test (a new one costs milliseconds, a BEGIN costs mi
 test pgsandbox checks that nothing escaped the rollback: a raw ``COMMIT`` on the test's connection, or
 another connection that wrote to the session database. When something did, the test is reported with
 what changed and the session database is cloned again from the template, so the next test starts clean.
+
+Scoped data (``pg_module``, ``pg_class``...): a scope opens a savepoint on that connection, in the same
+transaction, and the tests inside it run in a savepoint inside that one: each test is rolled back to the scope's
+data, and the scope's data is rolled back when the scope ends. Scopes nest (session > package > module > class).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -23,6 +28,7 @@ from pgsandbox.isolation.connection import SandboxConnection
 from pgsandbox.isolation.findings import SESSION_DB, TRANSACTION_ADVICE, Finding, clone_failed
 from pgsandbox.isolation.guests import SAVEPOINT, Parked, app_name, state_of
 from pgsandbox.isolation.leftovers import end_left_open, end_prepared
+from pgsandbox.isolation.sequences import SNAPSHOT, SequenceState, restore_sql, snapshot
 from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.base import Server
 from pgsandbox.server.tags import INTERNAL, OURS_PREFIX
@@ -44,6 +50,26 @@ CHECK_14 = "SELECT pg_stat_get_db_numbackends({oid}) - {ours}, NULL::bigint, " +
 # The savepoint exists only in the test's own transaction: if a raw COMMIT (or END) replaced that
 # transaction, rolling back to it fails, and that failure is how an escape is noticed, for free.
 ROLLBACK = f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}; ROLLBACK; "
+# Inside a scope the transaction stays open: the test's savepoint goes, the scope's data stays. The statistics
+# functions read a snapshot taken once per transaction, so it is cleared for the check to see the present.
+# The test's own commit() releases its savepoint into the level above (and makes a new one): inside a scope that
+# level is the scope's data, so the test runs under a savepoint of its own that commit() does not touch.
+IN_SCOPE = "pgsandbox_test_in_scope"
+SCOPED_ROLLBACK = (
+    f"{INTERNAL}ROLLBACK TO SAVEPOINT {IN_SCOPE}; RELEASE SAVEPOINT {IN_SCOPE}; SELECT pg_stat_clear_snapshot(); "
+)
+
+
+@dataclass
+class Scope:
+    """Data made once for a module, class, package or session (``scope_id``: its pytest node id), held by
+    ``savepoint`` in the session database's transaction."""
+
+    scope_id: str
+    savepoint: str
+    sequences: tuple[SequenceState, ...] | None  # pg_reset_sequences: their state when the scope opened
+    started_xmax: int  # the next transaction id when it opened: a row it committed by mistake is newer
+    lost: str = ""  # why its data is gone (the transaction that held it was ended), if it is
 
 
 class TransactionIsolation:
@@ -70,6 +96,9 @@ class TransactionIsolation:
         self.state: dict[str, Any] = {}  # what driver adapters keep for the session (SQLAlchemy engines)
         self._kept = 0
         self._restores = 0
+        self.scopes: list[Scope] = []  # open scopes, outermost first
+        self._test_sequences: tuple[SequenceState, ...] | None = None  # the running test's, with reset_sequences
+        self._sequences_now: tuple[SequenceState, ...] | None = None  # known current (restored, nothing ran since)
 
     # -- the session database ------------------------------------------------------------------------
     def _create_session_db(self) -> None:
@@ -81,6 +110,10 @@ class TransactionIsolation:
 
     def _connect(self) -> None:
         assert self.dbname
+        self._lose_scopes(
+            "the session database's connection was replaced (after an escape, a dropped database or a kept failed test)"
+        )
+        self._sequences_now = None
         # named, so that what it runs between tests is not taken for the app's statements (Scope.shared)
         self.conn = SandboxConnection.connect(
             self.server.login_dsn_for(self.dbname), autocommit=True, application_name=OURS_PREFIX
@@ -145,6 +178,10 @@ class TransactionIsolation:
             self.conn.rollback()
         self._prepared = None
 
+    def _lose_scopes(self, reason: str) -> None:
+        for scope in self.scopes:
+            scope.lost = scope.lost or reason
+
     def _close(self) -> None:
         self._prepared = None
         if self.conn is not None:
@@ -154,7 +191,8 @@ class TransactionIsolation:
         self.conn = None
 
     # -- per test --------------------------------------------------------------------------------------
-    def begin(self, test_id: str) -> Begun:
+    def begin(self, test_id: str, reset_sequences: bool = False) -> Begun:
+        """``reset_sequences``: set back, after the test, the sequences it moved (pg_reset_sequences)."""
         if self.dbname is None:
             self._create_session_db()
         elif self.conn is None or self.conn.closed or self.conn.broken:
@@ -162,17 +200,45 @@ class TransactionIsolation:
             self._connect()
         conn = self.conn
         assert conn is not None
+        self._check_scopes(test_id)
         conn.row_factory = psycopg.rows.tuple_row
         conn.reset_levels()
         prepared, self._prepared = self._prepared, None
-        if prepared != test_id or conn.info.transaction_status != pq.TransactionStatus.INTRANS:
+        known, self._sequences_now = self._sequences_now, None
+        self._test_sequences = None
+        if self.scopes:
+            if conn.info.transaction_status == pq.TransactionStatus.INERROR:  # a scoped fixture's failed statement
+                conn.execute(f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+            self._test_sequences = self._begin_in(conn, test_id, reset_sequences, f"SAVEPOINT {IN_SCOPE}; ")
+        elif prepared != test_id or conn.info.transaction_status != pq.TransactionStatus.INTRANS:
             if conn.info.transaction_status != pq.TransactionStatus.IDLE:
                 conn.rollback()
             # psycopg sends BEGIN first: the connection is not in autocommit
-            conn.execute(self._begin + self._app_name(test_id))
+            self._test_sequences = self._begin_in(conn, test_id, reset_sequences)
+        elif reset_sequences:  # opened ahead: the sequences are as the last test's restore left them, if it did
+            self._test_sequences = known if known is not None else snapshot(conn.execute(SNAPSHOT).fetchall())
         state_of(conn).active = True
         assert self.dbname
         return Begun(self.dbname, conn)
+
+    def _begin_in(
+        self, conn: SandboxConnection, test_id: str, reset_sequences: bool, first: str = ""
+    ) -> tuple[SequenceState, ...] | None:
+        """The test's savepoint (and application_name), with the sequences' state in the same round trip;
+        ``first``: a statement before them."""
+        query = first.encode() + self._begin + self._app_name(test_id)
+        if not reset_sequences:
+            conn.execute(query)
+            return None
+        cursor = conn.execute(query + b"; " + SNAPSHOT.encode())
+        for _ in range(2 + first.count(";")):
+            cursor.nextset()
+        return snapshot(cursor.fetchall())
+
+    def _check_scopes(self, test_id: str) -> None:
+        lost = next((scope for scope in self.scopes if scope.lost), None)
+        if lost is not None:
+            raise findings.scope_lost(test_id, lost.scope_id, lost.lost)
 
     def _app_name(self, test_id: str) -> bytes:
         assert self.conn is not None
@@ -202,10 +268,19 @@ class TransactionIsolation:
             self._keep(conn, keep_as)
             return []
         started_xmax = self._snapshot_xmax  # the next transaction id when this test began
+        scoped = bool(self.scopes)
+        if scoped:
+            next_test_id = None  # what runs between two tests of a scope may be a scoped fixture's setup
         try:
-            own_escape, suspects, sessions = self._rollback(conn, next_test_id)
+            own_escape, suspects, sessions = self._rollback(conn, next_test_id, scoped)
         except psycopg.OperationalError:  # the connection was cut (terminated, its database dropped): as broken
             own_escape, suspects, sessions = True, True, None
+        if scoped and own_escape:
+            self._lose_scopes(
+                f"{test_id} ended the transaction that held it (a COMMIT or ROLLBACK statement on the "
+                "test's connection, or the connection was cut)"
+            )
+        state_of(conn).active = any(not scope.lost for scope in self.scopes)  # scoped fixtures' commits stay inside
         if (conn.broken or conn.closed) and not self._exists():
             self._replace_dropped(test_id)
         # an autocommit guest (pg_admin) may have written only if some transaction took an id meanwhile
@@ -245,25 +320,35 @@ class TransactionIsolation:
             test_id, changes, own=own_escape, guests=guests.escaped, committed=committed, others=other_sessions
         )
 
-    def _rollback(self, conn: SandboxConnection, next_test_id: str | None) -> tuple[bool, bool, int | None]:
+    def _rollback(
+        self, conn: SandboxConnection, next_test_id: str | None, scoped: bool = False
+    ) -> tuple[bool, bool, int | None]:
         """Roll back, in one round trip in the common case. Returns whether the test's transaction had been
         replaced (a raw COMMIT or END), whether other connections are open to the database, and the
-        database's session counter (PostgreSQL 15+)."""
+        database's session counter (PostgreSQL 15+). ``scoped``: back to the scope's savepoint, not out of the
+        transaction."""
+        sequences, self._test_sequences = self._test_sequences, None
         if conn.closed or conn.broken:
             return True, True, self._sessions()
         replaced = False
-        query = (ROLLBACK + self._check_query()).encode()
+        restore = restore_sql(sequences) if sequences is not None else None
+        head = SCOPED_ROLLBACK if scoped else ROLLBACK
+        statements = head.count(";") + (restore is not None)
+        query = (head + (restore + "; " if restore else "") + self._check_query()).encode()
         if next_test_id is not None:
             query += b"; BEGIN; " + self._begin + self._app_name(next_test_id)
         try:
             cursor = conn.execute(query)
-            cursor.nextset()
-            cursor.nextset()
+            for _ in range(statements):
+                cursor.nextset()
             if next_test_id is not None:
                 self._prepared = next_test_id
+            self._sequences_now = sequences
         except psycopg.errors.InvalidSavepointSpecification:
             replaced = True
             conn.rollback()
+            if restore:
+                conn.execute(restore)
             cursor = conn.execute(self._check_query())
             conn.rollback()
         row = cursor.fetchone()
@@ -271,6 +356,82 @@ class TransactionIsolation:
         self._snapshot_xmax = int(row[2])
         self._held = (int(row[3]), int(row[4]))
         return replaced, bool(row[0]), row[1]
+
+    # -- scoped data -----------------------------------------------------------------------------------
+    def open_scope(self, scope_id: str, reset_sequences: bool = False) -> Begun:
+        """Open a scope inside the current one (or in a new transaction): what is written on the session
+        connection until :meth:`close_scope` is there for every test begun meanwhile. ``reset_sequences``: the
+        sequences are set back to their state of now when the scope closes."""
+        if self.dbname is None:
+            self._create_session_db()
+        elif self.conn is None or self.conn.closed or self.conn.broken:
+            self._close()
+            self._connect()
+        self._check_scopes(scope_id)
+        conn = self.conn
+        assert conn is not None and self.dbname
+        self._unprepare()
+        self._sequences_now = None
+        conn.row_factory = psycopg.rows.tuple_row
+        conn.reset_levels()
+        if conn.info.transaction_status == pq.TransactionStatus.INERROR:  # a scoped fixture's failed statement
+            conn.execute(f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+        savepoint = f"pgsandbox_scope{len(self.scopes)}"
+        # the scope's own pgsandbox_test savepoint is what its fixtures' commit() moves
+        query = f"{INTERNAL}SAVEPOINT {savepoint}; ".encode() + self._begin + self._app_name(scope_id)
+        sequences = None
+        if reset_sequences:
+            cursor = conn.execute(query + b"; " + SNAPSHOT.encode())
+            for _ in range(3):
+                cursor.nextset()
+            sequences = snapshot(cursor.fetchall())
+        else:
+            conn.execute(query)
+        self.scopes.append(Scope(scope_id, savepoint, sequences, self._snapshot_xmax))
+        state_of(conn).active = True
+        return Begun(self.dbname, conn)
+
+    def close_scope(self, scope_id: str) -> list[Finding]:
+        """Roll back what the scope ``scope_id`` made (and scopes inside it, if any were left open). Raises
+        :class:`IsolationError` (after restoring the session database) when its writes escaped."""
+        while self.scopes and self.scopes[-1].scope_id != scope_id:
+            self.scopes.pop()
+        if not self.scopes:
+            return []
+        scope = self.scopes.pop()
+        conn = self.conn
+        outermost = not self.scopes
+        if conn is None or conn.closed or conn.broken or scope.lost:
+            if outermost and conn is not None:
+                state_of(conn).active = False
+            return []
+        self._unprepare()
+        self._sequences_now = None
+        restore = restore_sql(scope.sequences) if scope.sequences is not None else None
+        query = f"{INTERNAL}ROLLBACK TO SAVEPOINT {scope.savepoint}; RELEASE SAVEPOINT {scope.savepoint}"
+        if outermost:
+            query += "; ROLLBACK"
+        if restore:
+            query += "; " + restore
+        try:
+            conn.execute(query.encode())
+        except psycopg.errors.InvalidSavepointSpecification:
+            # a scoped fixture ran COMMIT (or ROLLBACK): what it made may be committed in the session database
+            state_of(conn).active = False  # a real rollback, not one to the test's savepoint
+            conn.rollback()
+            if restore:
+                conn.execute(restore)
+            self._lose_scopes(f"{scope_id} ended the transaction that held it")
+            fresh = self._fresh_clone()
+            changes = what_changed(self.server, self.dbname or "", fresh, scope.started_xmax)
+            if changes:
+                self._switch_to(fresh)
+                raise findings.escaped(scope_id, changes, own=True) from None
+            self.server.drop_database(fresh)
+        finally:
+            if outermost and self.conn is not None:
+                state_of(self.conn).active = False
+        return []
 
     def _release_held(self, test_id: str) -> list[Finding]:
         """Release what the rollback left (advisory locks, prepared transactions) and say so."""

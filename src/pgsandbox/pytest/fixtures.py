@@ -65,6 +65,65 @@ def pg_login(pg_sandbox: Sandbox) -> SessionLogin:
         fail(error)
 
 
+def scoped_database(request: pytest.FixtureRequest, sandbox: Sandbox, fixture: str) -> Iterator[Database]:
+    """Data made once for the fixture's scope (``request.node``: a module, class, package or the session), in
+    transaction isolation: its tests are each rolled back to it, and it is rolled back after the scope."""
+    from pgsandbox.isolation.findings import IsolationError, scoped_needs_transaction
+
+    node = request.node
+    scope_id = node.nodeid or "the session"
+    options = marker_options(node)
+    if "isolation" in options:
+        isolation, source = options["isolation"], "@pytest.mark.pg(isolation=...)"
+    else:
+        isolation, source = sandbox.settings.isolation, sandbox.settings.source_of("isolation")
+    if isolation != "transaction":
+        fail(scoped_needs_transaction(fixture, scope_id, source))
+    try:
+        db = sandbox.open_scope(scope_id, reset_sequences=options.get("reset_sequences"))
+    except PgSandboxError as error:
+        fail(error)
+    try:
+        yield db
+    finally:
+        try:
+            found = sandbox.close_scope(db)
+        except IsolationError as error:
+            if guard_policy(options, sandbox) != "off":
+                fail(error)
+            found = []
+        except PgSandboxError as error:
+            fail(error)
+        for finding in found:
+            warnings.warn(PgSandboxWarning(finding), stacklevel=1)
+
+
+@pytest.fixture(scope="module")
+def pg_module(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
+    """Data made once for the module (like Django's ``setUpTestData``): a module-scoped fixture writes through
+    it (``execute()``, ``insert()``, ``connection``), every test of the module sees those rows and is rolled
+    back to them, and they are rolled back after the module. Transaction isolation only."""
+    yield from scoped_database(request, pg_sandbox, "pg_module")
+
+
+@pytest.fixture(scope="class")
+def pg_class(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
+    """``pg_module`` for a test class: rows made once for the class, each test rolled back to them."""
+    yield from scoped_database(request, pg_sandbox, "pg_class")
+
+
+@pytest.fixture(scope="package")
+def pg_package(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
+    """``pg_module`` for a package: rows made once for its modules, each test rolled back to them."""
+    yield from scoped_database(request, pg_sandbox, "pg_package")
+
+
+@pytest.fixture(scope="session")
+def pg_session_data(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
+    """``pg_module`` for the whole session: rows made once, each test rolled back to them."""
+    yield from scoped_database(request, pg_sandbox, "pg_session_data")
+
+
 @pytest.fixture
 def pg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Database:
     """This test's database, migrated and seeded: ``dsn``, ``url()``, ``info``, ``env``, ``connect()``,
@@ -306,7 +365,7 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     options = marker_options(node)
     guard = guard_policy(options, sandbox)
     try:
-        db = sandbox.open(options.get("isolation"), node.nodeid)
+        db = sandbox.open(options.get("isolation"), node.nodeid, reset_sequences=options.get("reset_sequences"))
     except PgSandboxError as error:
         fail(error)
     node.stash[state.DATABASE_KEY] = db

@@ -6,10 +6,18 @@ from typing import Any
 
 import pytest
 
-MARKER_OPTIONS = ("isolation", "keep_failed", "async_driver", "guard", "session_class", "async_session_class")
+MARKER_OPTIONS = (
+    "isolation",
+    "keep_failed",
+    "async_driver",
+    "guard",
+    "session_class",
+    "async_session_class",
+    "reset_sequences",
+)
 
 
-def marker_options(node: pytest.Item) -> dict[str, Any]:
+def marker_options(node: pytest.Item | pytest.Collector) -> dict[str, Any]:
     marker = node.get_closest_marker("pg")
     if marker is None:
         return {}

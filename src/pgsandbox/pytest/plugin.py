@@ -70,7 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "pg(isolation=..., keep_failed=..., async_driver=..., guard=..., session_class=..., "
-        "async_session_class=...): per-test pgsandbox options, for a test, "
+        "async_session_class=..., reset_sequences=...): per-test pgsandbox options, for a test, "
         "class or module "
         "(they take precedence over the command line)",
     )

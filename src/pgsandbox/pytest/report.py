@@ -4,6 +4,7 @@ deadlock, lock waits, kept database); per session, the terminal summary and the 
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -60,6 +61,9 @@ def _redact_repr(node: Any, depth: int) -> Any:
 def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
     """The sections of a test's report: the SQL it ran (when it failed, or with pg_show_sql), the seed of the rows
     ``pg.insert`` made; for a failed test, its deadlock, the locks behind a timeout and its kept database."""
+    advice = scope_mismatch_advice(call, report)
+    if advice:
+        report.sections.append(("pgsandbox: scoped fixtures", advice))
     sandbox = item.config.stash.get(SANDBOX_KEY, None)
     db = item.stash.get(LOG_KEY, None)
     if db is None or sandbox is None or sandbox.stopped:  # the last test's teardown comes after the session's
@@ -89,6 +93,30 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
         report.sections.append((f"pgsandbox: {stopped}", lock_section(sandbox, db, found)))
     if marker_options(item).get("keep_failed", settings(item.config).keep_failed):
         report.sections.append(("pgsandbox: kept database", keep_database(item, sandbox, db)))
+
+
+SCOPE_MISMATCH = re.compile(
+    r"ScopeMismatch: You tried to access the function scoped fixture (pg\w*) with a (\w+) scoped"
+)
+SCOPED_FIXTURE = {"module": "pg_module", "class": "pg_class", "package": "pg_package", "session": "pg_session_data"}
+
+
+def scope_mismatch_advice(call: pytest.CallInfo[None], report: pytest.TestReport) -> str | None:
+    """pytest's ScopeMismatch, when a wider fixture asked for a per-test pgsandbox fixture: what to use instead."""
+    if report.when != "setup" or not report.failed or call.excinfo is None:
+        return None
+    found = SCOPE_MISMATCH.search(str(call.excinfo.value))
+    if found is None:
+        return None
+    fixture, scope = found.groups()
+    scoped = SCOPED_FIXTURE.get(scope, "pg_module")
+    return (
+        f"pgsandbox: a {scope}-scoped fixture asked for {fixture}, which is one test's database (function scope).\n"
+        f"  What to do: for rows made once per {scope}, write them through {scoped} in that fixture "
+        f"(def fixture({scoped}): {scoped}.execute(...) or {scoped}.insert(...)): every test of the {scope} sees "
+        f"them and is rolled back to them (transaction isolation). For data outside the tests' rollback (a "
+        "framework's own database, worker processes), use pg_login."
+    )
 
 
 def add_sql(item: pytest.Item, report: pytest.TestReport, sandbox: Sandbox, db: Database) -> list[Statement] | None:

@@ -20,7 +20,14 @@ from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.errors import ConfigError, PgSandboxError
 from pgsandbox.isolation.base import Isolation
 from pgsandbox.isolation.database import DatabaseIsolation, clone_strategies
-from pgsandbox.isolation.findings import ESCAPED, Finding, IsolationError, clone_failed
+from pgsandbox.isolation.findings import (
+    ESCAPED,
+    Finding,
+    IsolationError,
+    clone_failed,
+    database_in_scope,
+    not_kept_in_scope,
+)
 from pgsandbox.isolation.server_objects import server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
 from pgsandbox.sandbox.database import Database, SessionLogin
@@ -299,28 +306,35 @@ class Sandbox:
     def gone_at(self) -> str:
         return self._watch.gone_at
 
-    def open(self, isolation: str | None = None, test_id: str = "") -> Database:
+    def open(self, isolation: str | None = None, test_id: str = "", *, reset_sequences: bool | None = None) -> Database:
         """A database for one test; give it back with :meth:`close`. Raises :class:`ServerGone` when the server
-        went away: in full the first time, in one line after that."""
+        went away: in full the first time, in one line after that. ``reset_sequences`` (default: the
+        ``reset_sequences`` setting): in transaction isolation, set back the sequences the test moved."""
         self._watch.check()
         try:
-            return self._open(isolation, test_id)
+            return self._open(isolation, test_id, reset_sequences)
         except (psycopg.Error, PgSandboxError) as error:
             gone = self._watch.meet(error, test_id)
             if gone is None:
                 raise
             raise gone from None
 
-    def _open(self, mode: str | None = None, test_id: str = "") -> Database:
+    def _open(self, mode: str | None = None, test_id: str = "", reset_sequences: bool | None = None) -> Database:
         chosen = mode or self.settings.isolation
         if chosen not in ISOLATIONS:
             raise ConfigError(
                 f"isolation {chosen!r} is not one of {', '.join(ISOLATIONS)}.",
                 "use isolation='transaction' (rolled back, fastest) or isolation='database' (a clone per test).",
             )
+        if chosen == "database" and self._transaction is not None and self._transaction.scopes:
+            raise database_in_scope(test_id, self._transaction.scopes[-1].scope_id)
         started = time.perf_counter()
         isolation, first = self._isolation(chosen)
-        begun = isolation.begin(test_id)
+        if isolation is self._transaction:
+            reset = self.settings.reset_sequences if reset_sequences is None else reset_sequences
+            begun = self._transaction.begin(test_id, reset_sequences=reset)
+        else:
+            begun = isolation.begin(test_id)
         transaction = self._transaction if isolation is self._transaction else None
         db = Database(isolation.mode, begun.dbname, test_id, self.server, _connection=begun.conn)
         db._test.parking = transaction
@@ -335,6 +349,43 @@ class Sandbox:
         if first and self.progress and seconds >= SLOW_CLONE_SECONDS:
             self.progress(f"cloned {isolation.first_clone} from the template in {seconds:.2f} s ({chosen} isolation)")
         return db
+
+    # -- scoped data ----------------------------------------------------------------------------------
+    def open_scope(self, scope_id: str, *, reset_sequences: bool | None = None) -> Database:
+        """Data made once for a scope (a module, class, package or the session: ``scope_id``), in transaction
+        isolation: what is written through the returned handle until :meth:`close_scope` is there for every test
+        opened meanwhile, and each test is rolled back to it. Scopes nest; close them innermost first."""
+        self._watch.check()
+        reset = self.settings.reset_sequences if reset_sequences is None else reset_sequences
+        try:
+            self._isolation("transaction")
+            assert self._transaction is not None
+            begun = self._transaction.open_scope(scope_id, reset_sequences=reset)
+        except (psycopg.Error, PgSandboxError) as error:
+            gone = self._watch.meet(error, scope_id)
+            if gone is None:
+                raise
+            raise gone from None
+        db = Database("transaction", begun.dbname, scope_id, self.server, _connection=begun.conn)
+        db._test.catalog_source = self._catalog
+        db._test.data_seed = self.settings.data_seed
+        return db
+
+    def close_scope(self, db: Database) -> list[str]:
+        """Roll back what the scope of ``db`` (from :meth:`open_scope`) made. Raises :class:`IsolationError` when
+        its writes escaped (the session database is then replaced)."""
+        if self.gone is not None or self._transaction is None:
+            return []
+        try:
+            return [finding.text for finding in self._transaction.close_scope(db.test_id)]
+        except IsolationError:
+            self._counters.found(ESCAPED)
+            raise
+        except (psycopg.Error, PgSandboxError) as error:
+            gone = self._watch.meet(error, db.test_id)
+            if gone is None:
+                raise
+            raise gone from None
 
     def _isolation(self, mode: str) -> tuple[Isolation, bool]:
         """The isolation of ``mode``, and whether it was made now (its first test)."""
@@ -424,7 +475,10 @@ class Sandbox:
         ``keep``: a failed test under keep-failed)."""
         isolation = self._isolations[db.isolation]
         kept_as = None
-        if keep or db.keep:
+        not_kept: list[Finding] = []
+        if (keep or db.keep) and isolation is self._transaction and self._transaction.scopes:
+            not_kept = [not_kept_in_scope(db.test_id, self._transaction.scopes[-1].scope_id)]
+        elif keep or db.keep:
             kept_as = self.kept.keep(db.name if isolation.keeps_in_place else None)
         ours: set[int] = set()  # what the test opened through pgsandbox: closed here, not leaks
         for conn in db._opened:
@@ -437,7 +491,7 @@ class Sandbox:
         )
         if kept_as:
             self.kept.label(kept_as)
-        return found
+        return not_kept + found
 
     @contextlib.contextmanager
     def database(self, isolation: str | None = None, test_id: str = "script") -> Iterator[Database]:
