@@ -9,7 +9,12 @@ import pytest
 
 from pgsandbox.isolation.sequences import SequenceState, restore_sql, snapshot
 
-THINGS = "create table things (id int generated always as identity primary key, name text);\n"
+# and enough tables that the planner reads pg_class whole when it looks for the sequences (a hash join)
+THINGS = (
+    "create table things (id int generated always as identity primary key, name text);\n"
+    "do $$ begin for i in 1..60 loop execute format('create table pad%s (id serial primary key)', i); end loop; "
+    "end $$;\n"
+)
 
 
 def write(project: pytest.Pytester, **modules: str) -> None:
@@ -113,12 +118,35 @@ WITHOUT_RESET = """
         assert first > 4  # the tests before moved the sequence, and nothing set it back
 """
 
+RESET_WITHOUT_SCOPE = """
+    import pytest
+
+    pytestmark = pytest.mark.pg(reset_sequences=True)
+    first = []
+
+    @pytest.mark.parametrize("run", [1, 2, 3])
+    def test_same_ids_in_every_test(pg, run):
+        ids = (
+            pg.fetchval("insert into users (name) values ('e') returning id"),
+            pg.fetchval("insert into things (name) values ('e') returning id"),
+        )
+        first.append(ids)
+        assert ids == first[0]
+"""
+
 
 @pytest.mark.slow
 def test_module_and_class_data_with_per_test_rollback(project: pytest.Pytester, shared_dsn: str) -> None:
-    write(project, test_a=APP_MODULE, test_b=NEXT_MODULE, test_c=SEQUENCES_MODULE, test_d=WITHOUT_RESET)
+    write(
+        project,
+        test_a=APP_MODULE,
+        test_b=NEXT_MODULE,
+        test_c=SEQUENCES_MODULE,
+        test_d=WITHOUT_RESET,
+        test_e=RESET_WITHOUT_SCOPE,
+    )
     result = project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly")
-    result.assert_outcomes(passed=12)
+    result.assert_outcomes(passed=15)
 
 
 @pytest.mark.slow
@@ -283,7 +311,7 @@ def test_xdist_builds_module_data_on_each_worker_that_runs_the_module(pytester: 
     """
     pytester.makepyfile(test_one=textwrap.dedent(module), test_two=textwrap.dedent(module))
     result = pytester.runpytest("-n", "2", f"--dist={dist}", "-p", "no:randomly")
-    result.assert_outcomes(passed=12)
+    result.assert_outcomes(passed=15)
     made = sorted(path.name.rsplit("-", 1)[0] for path in builds.iterdir())
     if dist == "loadfile":
         assert len(made) == 2 and {name.split("-")[0] for name in made} == {"test_one", "test_two"}
