@@ -260,29 +260,36 @@ def test_mistakes_are_explained(project: pytest.Pytester, shared_dsn: str) -> No
 
 
 @pytest.mark.slow
-def test_database_isolation_is_refused_with_advice(project: pytest.Pytester, shared_dsn: str) -> None:
+def test_database_isolation_clones_each_test_from_the_scope_database(project: pytest.Pytester, shared_dsn: str) -> None:
+    """The same app under database isolation: the module's rows go into a database of its own, each test gets a
+    clone of it (of the class's, inside the class); a transaction-isolation test inside it is told why not."""
     write(
         project,
-        test_a="""
+        test_a=APP_MODULE,
+        test_b=NEXT_MODULE,
+        test_c="""
             import pytest
 
             @pytest.fixture(scope="module")
             def rows(pg_module):
-                pass
+                pg_module.execute("insert into users (name) values ('m')")
 
-            def test_it(rows):
+            @pytest.mark.pg(isolation="transaction")
+            def test_transaction_inside(rows, pg):
                 pass
         """,
     )
-    result = project.runpytest(f"--pg-dsn={shared_dsn}", "--pg-isolation=database")
-    result.assert_outcomes(errors=1)
+    result = project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "--pg-isolation=database")
+    result.assert_outcomes(passed=7, errors=1)
     result.stdout.fnmatch_lines(
         [
-            "*pg_module keeps the data of test_a.py in transaction isolation*but its tests use database "
-            "isolation (--pg-isolation)*",
-            "*What to do: use transaction isolation for it*",
+            "*test_c.py::test_transaction_inside asks for transaction isolation, but it runs inside the data that "
+            "test_c.py made once in database isolation (a database of its own, which the session database does not "
+            "have).",
+            "*What to do: give it database isolation like its scope*",
         ]
     )
+    assert ", 0 kept" in result.stdout.str()
 
 
 @pytest.mark.slow
@@ -311,7 +318,7 @@ def test_xdist_builds_module_data_on_each_worker_that_runs_the_module(pytester: 
     """
     pytester.makepyfile(test_one=textwrap.dedent(module), test_two=textwrap.dedent(module))
     result = pytester.runpytest("-n", "2", f"--dist={dist}", "-p", "no:randomly")
-    result.assert_outcomes(passed=15)
+    result.assert_outcomes(passed=12)
     made = sorted(path.name.rsplit("-", 1)[0] for path in builds.iterdir())
     if dist == "loadfile":
         assert len(made) == 2 and {name.split("-")[0] for name in made} == {"test_one", "test_two"}

@@ -173,23 +173,19 @@ def scope_lost(test_id: str, scope_id: str, reason: str) -> IsolationError:
     )
 
 
-def database_in_scope(test_id: str, scope_id: str) -> IsolationError:
-    """A ``database`` isolation test inside a scope whose data lives in transaction isolation's session database."""
-    return IsolationError(
-        f"{test_id} asks for database isolation, but it runs inside the data that {scope_id} made once in "
-        "transaction isolation (the session database's open transaction), which a database clone would not have.",
-        f"run it in transaction isolation, or move it to a module (or class) that uses no {SCOPED_FIXTURES}.",
+def scope_of_other_mode(test_id: str, mode: str, scope_id: str) -> IsolationError:
+    """A test (or a scope) in one isolation inside scoped data made in the other, whose databases do not have it."""
+    other = "transaction" if mode == "database" else "database"
+    where = (
+        "the session database's open transaction, which a database clone would not have"
+        if other == "transaction"
+        else "a database of its own, which the session database does not have"
     )
-
-
-def scoped_needs_transaction(fixture: str, scope_id: str, source: str) -> IsolationError:
-    """A scoped fixture where the tests use ``database`` isolation: refused (see the README)."""
     return IsolationError(
-        f"{fixture} keeps the data of {scope_id} in transaction isolation (an outer savepoint, each test rolled "
-        f"back to it), but its tests use database isolation ({source}), where each test gets a fresh clone of the "
-        "template that would not have that data.",
-        "use transaction isolation for it (@pytest.mark.pg(isolation='transaction') on the module or class), or "
-        "make the data per test in a function-scoped fixture that uses pg.",
+        f"{test_id} asks for {mode} isolation, but it runs inside the data that {scope_id} made once in "
+        f"{other} isolation ({where}).",
+        f"give it {other} isolation like its scope (@pytest.mark.pg(isolation={other!r})), or move it to a module "
+        f"(or class) that uses no {SCOPED_FIXTURES}.",
     )
 
 

@@ -65,22 +65,18 @@ def pg_login(pg_sandbox: Sandbox) -> SessionLogin:
         fail(error)
 
 
-def scoped_database(request: pytest.FixtureRequest, sandbox: Sandbox, fixture: str) -> Iterator[Database]:
-    """Data made once for the fixture's scope (``request.node``: a module, class, package or the session), in
-    transaction isolation: its tests are each rolled back to it, and it is rolled back after the scope."""
-    from pgsandbox.isolation.findings import IsolationError, scoped_needs_transaction
+def scoped_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Iterator[Database]:
+    """Data made once for the fixture's scope (``request.node``: a module, class, package or the session), in the
+    isolation its marker (or the setting) names: each of its tests starts from it, and it goes after the scope."""
+    from pgsandbox.isolation.findings import IsolationError
 
     node = request.node
     scope_id = node.nodeid or "the session"
     options = marker_options(node)
-    if "isolation" in options:
-        isolation, source = options["isolation"], "@pytest.mark.pg(isolation=...)"
-    else:
-        isolation, source = sandbox.settings.isolation, sandbox.settings.source_of("isolation")
-    if isolation != "transaction":
-        fail(scoped_needs_transaction(fixture, scope_id, source))
     try:
-        db = sandbox.open_scope(scope_id, reset_sequences=options.get("reset_sequences"))
+        db = sandbox.open_scope(
+            scope_id, isolation=options.get("isolation"), reset_sequences=options.get("reset_sequences")
+        )
     except PgSandboxError as error:
         fail(error)
     try:
@@ -102,26 +98,27 @@ def scoped_database(request: pytest.FixtureRequest, sandbox: Sandbox, fixture: s
 def pg_module(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
     """Data made once for the module (like Django's ``setUpTestData``): a module-scoped fixture writes through
     it (``execute()``, ``insert()``, ``connection``), every test of the module sees those rows and is rolled
-    back to them, and they are rolled back after the module. Transaction isolation only."""
-    yield from scoped_database(request, pg_sandbox, "pg_module")
+    back to them, and they are rolled back after the module. In database isolation the rows go into a database of the
+    module's own, and each test gets a clone of it."""
+    yield from scoped_database(request, pg_sandbox)
 
 
 @pytest.fixture(scope="class")
 def pg_class(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
     """``pg_module`` for a test class: rows made once for the class, each test rolled back to them."""
-    yield from scoped_database(request, pg_sandbox, "pg_class")
+    yield from scoped_database(request, pg_sandbox)
 
 
 @pytest.fixture(scope="package")
 def pg_package(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
     """``pg_module`` for a package: rows made once for its modules, each test rolled back to them."""
-    yield from scoped_database(request, pg_sandbox, "pg_package")
+    yield from scoped_database(request, pg_sandbox)
 
 
 @pytest.fixture(scope="session")
 def pg_session_data(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator[Database]:
     """``pg_module`` for the whole session: rows made once, each test rolled back to them."""
-    yield from scoped_database(request, pg_sandbox, "pg_session_data")
+    yield from scoped_database(request, pg_sandbox)
 
 
 @pytest.fixture

@@ -18,16 +18,18 @@ from pgsandbox.binaries import find_installations, missing_extension, missing_ex
 from pgsandbox.common.progress import Progress
 from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.errors import ConfigError, PgSandboxError
-from pgsandbox.isolation.base import Isolation
+from pgsandbox.isolation.base import Begun, Isolation
 from pgsandbox.isolation.database import DatabaseIsolation, clone_strategies
 from pgsandbox.isolation.findings import (
     ESCAPED,
+    OWN_DB,
     Finding,
     IsolationError,
     clone_failed,
-    database_in_scope,
     not_kept_in_scope,
+    scope_of_other_mode,
 )
+from pgsandbox.isolation.leftovers import end_left_open
 from pgsandbox.isolation.server_objects import server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
 from pgsandbox.sandbox.database import Database, SessionLogin
@@ -118,6 +120,10 @@ class Sandbox:
         self._catalogs: Path | None = None  # where the data factories' catalogs are cached
         self._login: SessionLogin | None = None
         self._stopped = False
+        # database isolation's scoped data: each open scope's database, outermost first, and the tests' clones of it
+        self._clone_scopes: list[Database] = []
+        self._scoped_clones: set[str] = set()
+        self._scoped_counter = 0
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -326,18 +332,23 @@ class Sandbox:
                 f"isolation {chosen!r} is not one of {', '.join(ISOLATIONS)}.",
                 "use isolation='transaction' (rolled back, fastest) or isolation='database' (a clone per test).",
             )
-        if chosen == "database" and self._transaction is not None and self._transaction.scopes:
-            raise database_in_scope(test_id, self._transaction.scopes[-1].scope_id)
+        self._check_scope_mode(test_id, chosen)
         started = time.perf_counter()
-        isolation, first = self._isolation(chosen)
-        if isolation is self._transaction:
-            reset = self.settings.reset_sequences if reset_sequences is None else reset_sequences
-            begun = self._transaction.begin(test_id, reset_sequences=reset)
+        isolation: Isolation | None = None
+        first = False
+        if self._clone_scopes:  # database isolation inside scoped data: a clone of the scope's database, made now
+            begun = Begun(self._clone_of_scope(), None)
+            self._scoped_clones.add(begun.dbname)
         else:
-            begun = isolation.begin(test_id)
-        transaction = self._transaction if isolation is self._transaction else None
-        db = Database(isolation.mode, begun.dbname, test_id, self.server, _connection=begun.conn)
-        db._test.parking = transaction
+            isolation, first = self._isolation(chosen)
+            if isolation is self._transaction:
+                reset = self.settings.reset_sequences if reset_sequences is None else reset_sequences
+                begun = self._transaction.begin(test_id, reset_sequences=reset)
+            else:
+                begun = isolation.begin(test_id)
+        db = Database("database" if isolation is None else isolation.mode, begun.dbname, test_id, self.server)
+        db._connection = begun.conn
+        db._test.parking = self._transaction if isolation is not None and isolation is self._transaction else None
         db._test.catalog_source = self._catalog
         db._test.data_seed = self.settings.data_seed
         if self.server.statement_log is not None:
@@ -346,35 +357,87 @@ class Sandbox:
             db._test.server_objects = server_objects(self.server.admin)
         seconds = time.perf_counter() - started
         self._counters.opened(chosen, seconds)
-        if first and self.progress and seconds >= SLOW_CLONE_SECONDS:
+        if first and isolation is not None and self.progress and seconds >= SLOW_CLONE_SECONDS:
             self.progress(f"cloned {isolation.first_clone} from the template in {seconds:.2f} s ({chosen} isolation)")
         return db
 
     # -- scoped data ----------------------------------------------------------------------------------
-    def open_scope(self, scope_id: str, *, reset_sequences: bool | None = None) -> Database:
-        """Data made once for a scope (a module, class, package or the session: ``scope_id``), in transaction
-        isolation: what is written through the returned handle until :meth:`close_scope` is there for every test
-        opened meanwhile, and each test is rolled back to it. Scopes nest; close them innermost first."""
+    def open_scope(
+        self, scope_id: str, *, isolation: str | None = None, reset_sequences: bool | None = None
+    ) -> Database:
+        """Data made once for a scope (a module, class, package or the session: ``scope_id``): what is written
+        through the returned handle until :meth:`close_scope` is there for every test opened meanwhile in the
+        same isolation. In ``transaction`` isolation it is held by a savepoint and each test is rolled back to
+        it; in ``database`` isolation it goes into a database of the scope's own, which each test's database is
+        cloned from (its connections are closed first: a database being copied must be idle). Scopes nest;
+        close them innermost first."""
         self._watch.check()
+        mode = isolation or self.settings.isolation
+        self._check_scope_mode(scope_id, mode)
         reset = self.settings.reset_sequences if reset_sequences is None else reset_sequences
         try:
-            self._isolation("transaction")
-            assert self._transaction is not None
-            begun = self._transaction.open_scope(scope_id, reset_sequences=reset)
+            if mode == "database":
+                name = self._clone_of_scope("scope")
+                db = Database("database", name, scope_id, self.server)
+                self._clone_scopes.append(db)
+            else:
+                self._isolation("transaction")
+                assert self._transaction is not None
+                begun = self._transaction.open_scope(scope_id, reset_sequences=reset)
+                db = Database("transaction", begun.dbname, scope_id, self.server, _connection=begun.conn)
         except (psycopg.Error, PgSandboxError) as error:
             gone = self._watch.meet(error, scope_id)
             if gone is None:
                 raise
             raise gone from None
-        db = Database("transaction", begun.dbname, scope_id, self.server, _connection=begun.conn)
         db._test.catalog_source = self._catalog
         db._test.data_seed = self.settings.data_seed
         return db
 
+    def _check_scope_mode(self, test_id: str, mode: str) -> None:
+        """Scoped data lives in one isolation's databases: a test (or scope) of the other would not see it."""
+        if mode == "database" and self._transaction is not None and self._transaction.scopes:
+            raise scope_of_other_mode(test_id, mode, self._transaction.scopes[-1].scope_id)
+        if mode == "transaction" and self._clone_scopes:
+            raise scope_of_other_mode(test_id, mode, self._clone_scopes[-1].test_id)
+
+    def _clone_of_scope(self, kind: str = "t") -> str:
+        """A new database cloned from the innermost scope's database (or, for the outermost scope, the
+        template), which is made idle first."""
+        template = self._test_template()
+        if self._clone_scopes:
+            scope = self._clone_scopes[-1]
+            self._idle(scope)
+            template = scope.name
+        self._scoped_counter += 1
+        try:
+            return self.server.create_database(
+                f"{kind}_scoped{self._scoped_counter}", template=template, clause=self.clone_clause
+            )
+        except psycopg.errors.ObjectInUse as error:  # a connection came back while the copy started
+            raise clone_failed(template, error) from None
+
+    def _idle(self, scope: Database) -> None:
+        """Close the scope handle's connections and end any other connection to its database."""
+        for conn in [*scope._opened, *([scope._connection] if scope._connection is not None else [])]:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+        scope._opened.clear()
+        scope._connection = None
+        terminate_connections(self.server.admin, scope.name)
+
     def close_scope(self, db: Database) -> list[str]:
-        """Roll back what the scope of ``db`` (from :meth:`open_scope`) made. Raises :class:`IsolationError` when
-        its writes escaped (the session database is then replaced)."""
-        if self.gone is not None or self._transaction is None:
+        """Roll back (or drop) what the scope of ``db`` (from :meth:`open_scope`) made. Raises
+        :class:`IsolationError` when its writes escaped (the session database is then replaced)."""
+        if self.gone is not None:
+            return []
+        if db.isolation == "database":
+            if db in self._clone_scopes:
+                self._clone_scopes.remove(db)
+                self._idle(db)
+                self.server.drop_database(db.name)
+            return []
+        if self._transaction is None:
             return []
         try:
             return [finding.text for finding in self._transaction.close_scope(db.test_id)]
@@ -473,6 +536,14 @@ class Sandbox:
     def _end(self, db: Database, keep: bool, next_test_id: str | None) -> list[Finding]:
         """Hand the test's database back to the isolation that gave it (kept under a name of its own when
         ``keep``: a failed test under keep-failed)."""
+        ours: set[int] = set()  # what the test opened through pgsandbox: closed here, not leaks
+        for conn in db._opened:
+            with contextlib.suppress(psycopg.Error):
+                if not conn.closed:
+                    ours.add(conn.info.backend_pid)
+                conn.close()
+        if db.name in self._scoped_clones:
+            return self._end_scoped_clone(db, keep, ours)
         isolation = self._isolations[db.isolation]
         kept_as = None
         not_kept: list[Finding] = []
@@ -480,18 +551,27 @@ class Sandbox:
             not_kept = [not_kept_in_scope(db.test_id, self._transaction.scopes[-1].scope_id)]
         elif keep or db.keep:
             kept_as = self.kept.keep(db.name if isolation.keeps_in_place else None)
-        ours: set[int] = set()  # what the test opened through pgsandbox: closed here, not leaks
-        for conn in db._opened:
-            with contextlib.suppress(psycopg.Error):
-                if not conn.closed:
-                    ours.add(conn.info.backend_pid)
-                conn.close()
         found = isolation.end(
             db.test_id, db.name, guests=db._test.guests, ours=ours, keep_as=kept_as, next_test_id=next_test_id
         )
         if kept_as:
             self.kept.label(kept_as)
         return not_kept + found
+
+    def _end_scoped_clone(self, db: Database, keep: bool, ours: set[int]) -> list[Finding]:
+        """A test's clone of a scope's database: what it left open is ended and said; dropped, or kept."""
+        self._scoped_clones.discard(db.name)
+        if db._connection is not None and not db._connection.closed:
+            ours.add(db._connection.info.backend_pid)
+            with contextlib.suppress(psycopg.Error):
+                db._connection.close()
+        found = end_left_open(self.server.admin, db.name, db.test_id, ours, OWN_DB)
+        if keep or db.keep:
+            self.server.forget_database(self.kept.keep(db.name))
+            self.kept.label(db.name)
+        else:
+            self.server.drop_database(db.name)
+        return found
 
     @contextlib.contextmanager
     def database(self, isolation: str | None = None, test_id: str = "script") -> Iterator[Database]:
