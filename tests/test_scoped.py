@@ -134,6 +134,19 @@ RESET_WITHOUT_SCOPE = """
         assert ids == first[0]
 """
 
+OTHER_LIBRARY = """
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def rows(pg_module):
+        pg_module.execute("insert into users (name) values ('m')")
+
+    def test_psycopg2_does_not_see_the_module_rows(pg, rows, pg_psycopg2):
+        cursor = pg_psycopg2.cursor()
+        cursor.execute("select count(*) from users")
+        assert cursor.fetchone()[0] == 2 and pg.fetchval("select count(*) from users") == 3
+"""
+
 
 @pytest.mark.slow
 def test_module_and_class_data_with_per_test_rollback(project: pytest.Pytester, shared_dsn: str) -> None:
@@ -144,9 +157,16 @@ def test_module_and_class_data_with_per_test_rollback(project: pytest.Pytester, 
         test_c=SEQUENCES_MODULE,
         test_d=WITHOUT_RESET,
         test_e=RESET_WITHOUT_SCOPE,
+        test_f=OTHER_LIBRARY,
     )
     result = project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly")
-    result.assert_outcomes(passed=15)
+    result.assert_outcomes(passed=16)
+    result.stdout.fnmatch_lines(
+        [
+            "*PgSandboxWarning: pg_psycopg2 is a transaction of its own on the session "
+            "database: it does not see the rows that test_f.py made once*"
+        ]
+    )
 
 
 @pytest.mark.slow

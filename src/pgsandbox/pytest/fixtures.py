@@ -149,6 +149,7 @@ def pg_psycopg2(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Iterator
     isolation its own transaction on the session database, ``commit()`` moving a savepoint."""
     driver = load_driver("psycopg2", "pg_psycopg2")
     db = sandbox_database(request, pg_sandbox)
+    warn_outside_scope(pg_sandbox, db, "pg_psycopg2")
     conn = driver.connect(db)
     try:
         yield conn
@@ -257,6 +258,7 @@ async def async_connection(request: pytest.FixtureRequest, db: Database, driver:
         yield conn
         return
     module = load_driver("asyncpg" if driver == "asyncpg" else "psycopg_async")
+    warn_outside_scope(request.getfixturevalue("pg_sandbox"), db, f"the {driver} connection")
     conn = await module.connect(db)
     db._test.drivers[driver] = conn
     try:
@@ -397,6 +399,22 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
 
     request.addfinalizer(close)
     return db
+
+
+def warn_outside_scope(sandbox: Sandbox, db: Database, what: str) -> None:
+    """Another client library's connection in transaction isolation is a transaction of its own: it does not
+    see the rows a scoped fixture made in the test connection's transaction."""
+    scope = sandbox.transaction_scope if db.isolation == "transaction" else None
+    if scope is not None:
+        warnings.warn(
+            PgSandboxWarning(
+                f"{what} is a transaction of its own on the session database: it does not see the rows that "
+                f"{scope} made once (pg_module and the like), which live in the transaction of the test's psycopg "
+                "connection. Read them through pg, pg_conn, pg_engine or pg_session, or give the module "
+                "@pytest.mark.pg(isolation='database'), where they are committed in a database of its own."
+            ),
+            stacklevel=2,
+        )
 
 
 def guard_policy(options: dict[str, Any], sandbox: Sandbox) -> str:

@@ -394,6 +394,13 @@ class Sandbox:
         db._test.data_seed = self.settings.data_seed
         return db
 
+    @property
+    def transaction_scope(self) -> str | None:
+        """The innermost scope whose data lives in the session database's transaction, if one is open: a
+        connection of its own there (another client library's) does not see that data."""
+        scopes = self._transaction.scopes if self._transaction is not None else []
+        return scopes[-1].scope_id if scopes else None
+
     def _check_scope_mode(self, test_id: str, mode: str) -> None:
         """Scoped data lives in one isolation's databases: a test (or scope) of the other would not see it."""
         if mode == "database" and self._transaction is not None and self._transaction.scopes:
