@@ -261,8 +261,22 @@ def test_mistakes_are_explained(project: pytest.Pytester, shared_dsn: str) -> No
                 pass
         """,
         test_d=NEXT_MODULE,
+        test_e="""
+            import pytest
+
+            @pytest.fixture(scope="module")
+            def rows(pg_module):
+                pg_module.execute("insert into users (name) values ('m')")
+
+            def test_1_fails(pg, rows):
+                pg.execute("insert into users (name) values ('evidence')")
+                assert False
+
+            def test_2_still_has_the_module_rows(pg, rows):
+                assert pg.fetchval("select count(*) from users") == 3
+        """,
     )
-    result = project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly")
+    result = project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "--pg-keep-failed")
     out = result.stdout.str()
     # a module-scoped fixture that asked for pg
     assert "ScopeMismatch" in out and "a module-scoped fixture asked for pg, which is one test's database" in out
@@ -276,7 +290,10 @@ def test_mistakes_are_explained(project: pytest.Pytester, shared_dsn: str) -> No
     assert "test_2_commits_for_real ended the transaction that held it" in out
     # a scoped fixture's raw COMMIT: found when the module's data is rolled back
     assert "test_c.py committed outside its transaction" in out
-    result.assert_outcomes(passed=3, errors=5)
+    # keep-failed inside the module's data: not kept, said in the failure's report, and the module goes on
+    assert "test_e.py::test_1_fails failed, but its database was not kept (keep_failed): it ran inside the data" in out
+    assert ", 0 kept" in out
+    result.assert_outcomes(passed=4, failed=1, errors=5)
 
 
 @pytest.mark.slow

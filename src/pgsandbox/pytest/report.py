@@ -173,6 +173,11 @@ def lock_section(sandbox: Sandbox, db: Database, found: list[Statement] | None) 
 
 def keep_database(item: pytest.Item, sandbox: Sandbox, db: Database) -> str:
     """Mark the failed test's database to be kept (its teardown keeps it), and say how to open it."""
+    scope = sandbox.transaction_scope if db.isolation == "transaction" else None
+    if scope is not None:
+        from pgsandbox.isolation.findings import not_kept_in_scope
+
+        return not_kept_in_scope(item.nodeid, scope).text
     item.stash[KEEP_KEY] = True
     db.keep = True  # driver fixtures commit instead of rolling back, for the kept database
     name = db.name if db.isolation == "database" else sandbox.kept.next_name()
