@@ -4,7 +4,7 @@ test (a function-scoped fixture on pg), whole pytest process; and what pg_reset_
 Usage::
 
     python bench/scoped.py [--bin DIR | --pg-version N] [--modules N] [--tests N] [--rows N] [--rounds N]
-                           [--sequence-tests N] [--json PATH]
+                           [--sequence-tests N] [--part both|suite|sequences] [--json PATH]
 
 Part 1: a generated suite on the reference schema (50 tables): ``--modules`` modules of ``--tests`` tests, each
 test reading the rows a fixture made and writing one. The fixture inserts ``--rows`` rows into one table with
@@ -16,7 +16,8 @@ template), one after the other in each round; the median over rounds is printed.
 Part 2: a sandbox (the reference schema, 50 sequences) opens and closes ``--sequence-tests`` transaction-isolation
 databases back to back through the plain API, each test inserting one row (moving one sequence), as pytest
 does between two tests; the median of one close + open with pg_reset_sequences off and on, each in its own
-process, interleaved over the rounds.
+process, interleaved over the rounds; and the same inside data a scope made (``Sandbox.open_scope``, what
+``pg_module`` does), where each test's start reads the sequences (no transaction is opened ahead there).
 """
 
 from __future__ import annotations
@@ -94,9 +95,12 @@ from pathlib import Path
 from pgsandbox import Sandbox, Settings
 variant, bindir, tests = sys.argv[1], sys.argv[2], int(sys.argv[3])
 settings = Settings(bin=Path(bindir), migrations=("sql:migrations",), server="local",
-                    reset_sequences=variant == "on")
+                    reset_sequences=variant.endswith("on"))
 with Sandbox.start(settings, root=Path.cwd()) as box:
     times = []
+    scope = box.open_scope("module") if variant.startswith("scoped") else None
+    if scope is not None:
+        scope.execute("INSERT INTO t0 (name, value) VALUES ('module', 1)")
     db = box.open("transaction", "t0")
     for i in range(tests):
         db.execute("INSERT INTO t0 (name, value) VALUES ('one', 1)")
@@ -105,6 +109,8 @@ with Sandbox.start(settings, root=Path.cwd()) as box:
         db = box.open("transaction", f"t{i + 1}")
         times.append(time.perf_counter() - started)
     box.close(db)
+    if scope is not None:
+        box.close_scope(scope)
 print(statistics.median(times[tests // 10 :]) * 1000)
 """
 
@@ -127,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1000, help="rows the fixture inserts (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (default 3)")
     parser.add_argument("--sequence-tests", type=int, default=800, help="tests per sequences run (default 800)")
+    parser.add_argument("--part", choices=("both", "suite", "sequences"), default="both", help="what to measure")
     args = parser.parse_args(argv)
     positive(parser, args, "modules", "tests", "rows", "rounds", "sequence_tests")
     bindir = chosen_bindir(args)
@@ -137,14 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  PostgreSQL: {bindir}; schema: {origin}; load average {load_average()}")
     print(f"  suite: {args.modules} modules x {args.tests} tests, the fixture inserting {args.rows} rows")
     suites: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    sequences: dict[str, list[float]] = {"off": [], "on": []}
+    sequences: dict[str, list[float]] = {"off": [], "on": [], "scoped_off": [], "scoped_on": []}
     with scratch("pgsandbox-scoped-") as (work, data):
         env = {**clean_env(), **pgsandbox_env(bindir, runtime=data, cache=work / "cache")}
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *UNUSED_PLUGINS]
         paths = {v: write_suite(work, schema, v, args.modules, args.tests, args.rows) for v in VARIANTS}
         try:
             run_timed(command, paths["none"], env, PYTEST_TIMEOUT)  # builds the template into the cache
-            for _ in range(args.rounds):
+            for _ in range(args.rounds if args.part != "sequences" else 0):
                 for variant in VARIANTS:
                     out = run_timed(command, paths[variant], env, PYTEST_TIMEOUT)
                     if out.returncode != 0:
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     suites[variant].append(out.seconds)
             project = sandbox_project(work / "sequences", schema)
             snippet = snippet_env(work / "cache")
-            for _ in range(args.rounds):
+            for _ in range(args.rounds if args.part != "suite" else 0):
                 for variant in sequences:
                     line = run_snippet(
                         SEQUENCES_RUN, [variant, str(bindir), str(args.sequence_tests)], project, snippet
@@ -162,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(error, file=sys.stderr)
             return 1
         shown = shown_command(command, env)
-    medians = {variant: statistics.median(values) for variant, values in suites.items()}
+    medians = {variant: statistics.median(values) if values else 0.0 for variant, values in suites.items()}
     print(f"\nwhole pytest process, s (median of {args.rounds}; runs in brackets): {shown}")
     for variant, values in suites.items():
         print(f"  {variant:<9} {medians[variant]:6.2f}   [{', '.join(f'{v:.2f}' for v in values)}]")
@@ -172,11 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  the data costs {data_cost[variant]:.2f} s with {variant} ({count} builds)")
     ratio = medians["per_test"] / medians["module"] if medians["module"] else None
     print(f"  per test / module: {ratio:.2f}x the whole process" if ratio else "")
-    seq = {variant: statistics.median(values) for variant, values in sequences.items()}
+    seq = {variant: statistics.median(values) if values else 0.0 for variant, values in sequences.items()}
     print("\npg_reset_sequences: one close + open, ms (median over runs; runs in brackets)")
     for variant, values in sequences.items():
-        print(f"  {variant:<4} {seq[variant]:.3f}   [{', '.join(f'{v:.3f}' for v in values)}]")
+        print(f"  {variant:<10} {seq[variant]:.3f}   [{', '.join(f'{v:.3f}' for v in values)}]")
     print(f"  it costs {seq['on'] - seq['off']:.3f} ms per test (50 sequences)")
+    scoped_cost = seq["scoped_on"] - seq["scoped_off"]
+    print(f"  inside pg_module data (a read of the sequences at every start): {scoped_cost:.3f} ms")
     write_json(
         args.json,
         {
@@ -187,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sequence_ms": sequences,
             "sequence_medians_ms": seq,
             "reset_sequences_cost_ms": seq["on"] - seq["off"],
+            "reset_sequences_scoped_cost_ms": seq["scoped_on"] - seq["scoped_off"],
         },
     )
     return 0

@@ -203,6 +203,15 @@ def test_session_data_and_sequences_reset_to_the_scope(project: pytest.Pytester,
             @pytest.mark.parametrize("run", [1, 2])
             def test_b(pg, more, run):
                 assert pg.fetchval("insert into users (name) values ('b') returning id") == 6
+
+            @pytest.fixture(scope="module")
+            def later(pg_module):  # set up between two tests: it moves the sequence after the last restore
+                pg_module.execute("insert into users (name) values ('c1'), ('c2')")
+
+            class TestLater:
+                @pytest.mark.parametrize("run", [1, 2])
+                def test_after_the_class_rows(self, pg, more, later, run):
+                    assert pg.fetchval("insert into users (name) values ('b') returning id") == 8
         """,
         test_c="""
             def test_c(pg):
@@ -211,7 +220,7 @@ def test_session_data_and_sequences_reset_to_the_scope(project: pytest.Pytester,
         """,
     )
     result = project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "--pg-reset-sequences")
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=7)
 
 
 @pytest.mark.slow

@@ -78,6 +78,11 @@ class SandboxConnection(psycopg.Connection[Any]):
     What pgsandbox keeps about it (inside a test or not, a library setting itself up, the libraries'
     savepoints) is in the table of :func:`pgsandbox.isolation.guests.state_of`."""
 
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        # every statement goes through a cursor (execute() makes one): what ran between two tests is noticed
+        state_of(self).used = True
+        return super().cursor(*args, **kwargs)
+
     def commit(self) -> None:
         if not is_active(self):
             return super().commit()

@@ -88,6 +88,7 @@ class ConnectionState:
     adapter_transactions: list[tuple[bool, dict[str, Any]]] = field(default_factory=list)
     fixture_checkout: bool = False  # the session fixture's own checkout (it lasts the test: no savepoint)
     current: list[Any] | None = None  # an async engine's: the test's connection its pool hands out
+    used: bool = False  # a cursor was made on it (the session connection: since the last test's end)
 
 
 _STATES: weakref.WeakKeyDictionary[Any, ConnectionState] = weakref.WeakKeyDictionary()

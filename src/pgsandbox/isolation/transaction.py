@@ -204,19 +204,24 @@ class TransactionIsolation:
         conn.row_factory = psycopg.rows.tuple_row
         conn.reset_levels()
         prepared, self._prepared = self._prepared, None
-        known, self._sequences_now = self._sequences_now, None
-        self._test_sequences = None
+        # the sequences as the last test's restore left them, if nothing ran on the connection since (a scoped
+        # fixture set up between two tests may have moved them): no need to read them again
+        known = self._sequences_now if not state_of(conn).used else None
+        self._sequences_now = None
+        read = reset_sequences and known is None
+        sequences = None
         if self.scopes:
             if conn.info.transaction_status == pq.TransactionStatus.INERROR:  # a scoped fixture's failed statement
                 conn.execute(f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}")
-            self._test_sequences = self._begin_in(conn, test_id, reset_sequences, f"SAVEPOINT {IN_SCOPE}; ")
+            sequences = self._begin_in(conn, test_id, read, f"SAVEPOINT {IN_SCOPE}; ")
         elif prepared != test_id or conn.info.transaction_status != pq.TransactionStatus.INTRANS:
             if conn.info.transaction_status != pq.TransactionStatus.IDLE:
                 conn.rollback()
             # psycopg sends BEGIN first: the connection is not in autocommit
-            self._test_sequences = self._begin_in(conn, test_id, reset_sequences)
-        elif reset_sequences:  # opened ahead: the sequences are as the last test's restore left them, if it did
-            self._test_sequences = known if known is not None else snapshot(conn.execute(SNAPSHOT).fetchall())
+            sequences = self._begin_in(conn, test_id, read)
+        elif read:
+            sequences = snapshot(conn.execute(SNAPSHOT).fetchall())
+        self._test_sequences = (known or sequences) if reset_sequences else None
         state_of(conn).active = True
         assert self.dbname
         return Begun(self.dbname, conn)
@@ -344,6 +349,7 @@ class TransactionIsolation:
             if next_test_id is not None:
                 self._prepared = next_test_id
             self._sequences_now = sequences
+            state_of(conn).used = False
         except psycopg.errors.InvalidSavepointSpecification:
             replaced = True
             conn.rollback()
