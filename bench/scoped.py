@@ -15,13 +15,14 @@ template), one after the other in each round; the median over rounds is printed.
 
 Part 2: a sandbox (the reference schema, 50 sequences) opens and closes ``--sequence-tests`` transaction-isolation
 databases back to back through the plain API, each test inserting one row (moving one sequence), as pytest
-does between two tests; the median of one close + open with pg_reset_sequences off and on, each in its own
-process, interleaved over the rounds; and the same inside data a scope made (``Sandbox.open_scope``, what
-``pg_module`` does), where each test's start reads the sequences (no transaction is opened ahead there).
+does between two tests; the median of one close + open with pg_reset_sequences off and on (alternating blocks of
+20 tests in one process, so that both see the same load); and the same inside data a scope made
+(``Sandbox.open_scope``, what ``pg_module`` does), where no transaction is opened ahead.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import textwrap
@@ -89,29 +90,33 @@ MODULE = """
         pg.execute("INSERT INTO t1 (name, value) VALUES ('written', 1)")
 """
 
+# One process per variant (unscoped, scoped), the reset switched on and off in alternating blocks of tests, so that
+# both see the same machine load; the first two tests of a block (the switch) are left out.
 SEQUENCES_RUN = """
-import statistics, sys, time
+import json, statistics, sys, time
 from pathlib import Path
 from pgsandbox import Sandbox, Settings
 variant, bindir, tests = sys.argv[1], sys.argv[2], int(sys.argv[3])
-settings = Settings(bin=Path(bindir), migrations=("sql:migrations",), server="local",
-                    reset_sequences=variant.endswith("on"))
+BLOCK = 20
+settings = Settings(bin=Path(bindir), migrations=("sql:migrations",), server="local")
+times = {False: [], True: []}
 with Sandbox.start(settings, root=Path.cwd()) as box:
-    times = []
-    scope = box.open_scope("module") if variant.startswith("scoped") else None
+    scope = box.open_scope("module") if variant == "scoped" else None
     if scope is not None:
         scope.execute("INSERT INTO t0 (name, value) VALUES ('module', 1)")
     db = box.open("transaction", "t0")
     for i in range(tests):
+        reset = (i // BLOCK) % 2 == 1
         db.execute("INSERT INTO t0 (name, value) VALUES ('one', 1)")
         started = time.perf_counter()
         box.close(db, next_test_id=f"t{i + 1}")
-        db = box.open("transaction", f"t{i + 1}")
-        times.append(time.perf_counter() - started)
+        db = box.open("transaction", f"t{i + 1}", reset_sequences=reset)
+        if i % BLOCK >= 2:
+            times[reset].append(time.perf_counter() - started)
     box.close(db)
     if scope is not None:
         box.close_scope(scope)
-print(statistics.median(times[tests // 10 :]) * 1000)
+print(json.dumps([statistics.median(times[False]) * 1000, statistics.median(times[True]) * 1000]))
 """
 
 
@@ -160,11 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             project = sandbox_project(work / "sequences", schema)
             snippet = snippet_env(work / "cache")
             for _ in range(args.rounds if args.part != "suite" else 0):
-                for variant in sequences:
+                for variant in ("unscoped", "scoped"):
                     line = run_snippet(
                         SEQUENCES_RUN, [variant, str(bindir), str(args.sequence_tests)], project, snippet
                     )
-                    sequences[variant].append(float(line))
+                    off, on = json.loads(line)
+                    prefix = "scoped_" if variant == "scoped" else ""
+                    sequences[prefix + "off"].append(off)
+                    sequences[prefix + "on"].append(on)
         except BenchError as error:
             print(error, file=sys.stderr)
             return 1
