@@ -59,8 +59,8 @@ def seen(log: Path) -> list[dict[str, str]]:
     [
         ("2", "load", "transaction"),
         ("2", "load", "database"),
-        ("4", "loadscope", "transaction"),
-        ("4", "loadfile", "database"),
+        ("3", "loadscope", "transaction"),
+        ("3", "loadfile", "database"),
     ],
 )
 def test_one_server_one_template_and_isolated_workers(
