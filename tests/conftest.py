@@ -82,6 +82,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return cores + 1
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first, so that no worker of ``-n auto`` is left with one at the end while the others
+    idle: the tests that start pytest-xdist runs of their own (several processes each), then the other slow
+    tests, then the fast tier, which fills the gaps. Stable: the order within each group stays."""
+
+    def weight(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        starts_xdist = item.path.name == "test_xdist.py" or "xdist" in getattr(item, "originalname", item.name)
+        return 0 if starts_xdist else 1
+
+    items.sort(key=weight)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     for path in _CACHE:
         shutil.rmtree(path, ignore_errors=True)
