@@ -213,8 +213,9 @@ is_root = os.geteuid() == 0
 
 @pytest.fixture(scope="session")
 def shared() -> Iterator[LocalServer]:
-    """One server for tests that attach to an existing server (``--pg-dsn``): no start-up per pytest run."""
-    server = LocalServer.start(Settings(listen="127.0.0.1"))
+    """One server for tests that attach to an existing server (``--pg-dsn``): no start-up per pytest run. Runs
+    attached by a DSN do not read its statement log, so it writes none (measured: about 15% of its CPU)."""
+    server = LocalServer.start(Settings(listen="127.0.0.1", sql_log="off"))
     yield server
     server.stop()
 
