@@ -49,6 +49,11 @@ _CACHE: list[str] = []
 UNUSED_PLUGINS = "-p no:pytest-factoryboy -p no:faker -p no:pytest_postgresql -p no:anyio"
 
 
+# pytest-asyncio warns at the start of each run whose project leaves its loop scope unset, as the test projects
+# do (most projects do): the warning is theirs, not the suite's
+QUIET_ASYNCIO = "-W ignore::pytest.PytestDeprecationWarning:pytest_asyncio.plugin"
+
+
 def _without_unused_plugins(addopts: str) -> str:
     return addopts if UNUSED_PLUGINS in addopts else f"{addopts} {UNUSED_PLUGINS}".strip()
 
@@ -70,7 +75,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """pytester, whose runs (in-process and subprocess) leave the unused plugins out as well: pytester itself
     clears PYTEST_ADDOPTS."""
-    monkeypatch.setenv("PYTEST_ADDOPTS", UNUSED_PLUGINS)
+    monkeypatch.setenv("PYTEST_ADDOPTS", f"{UNUSED_PLUGINS} {QUIET_ASYNCIO}")
     return pytester
 
 

@@ -51,3 +51,15 @@ def test_clean_removes_the_cache(
     assert main(["clean"]) == 0
     assert f"removed cache {cache} (" in capsys.readouterr().out
     assert not cache.exists()
+
+
+def test_help_and_version_are_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from pgsandbox import __version__
+
+    for args in (["--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "pgsandbox doctor (what would be used and why)" in out and "``" not in out  # no reST markup
+    assert out.rstrip().endswith(f"pgsandbox {__version__}")

@@ -162,7 +162,7 @@ def test_the_report_labels_each_connection(read: object, data: bytes) -> None:
     found = statements(read(data), Scope(frozenset(["pgsandbox t1", "billing-worker"])))
     text = report(found)
     lines = text.splitlines()
-    assert lines[0].startswith("11 statement(s), ") and lines[0].endswith(" ms in all, 1 failed")
+    assert lines[0].startswith("11 statements, ") and lines[0].endswith(" ms in all, 1 failed")
     assert re.fullmatch(r"  c1 = backend \d+ \(pgsandbox t1\)", lines[1])
     assert re.fullmatch(
         r"  c2 = backend \d+ \(billing-worker: a connection the test or its app opened itself\)", lines[2]

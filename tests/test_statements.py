@@ -62,7 +62,7 @@ def test_a_failed_test_shows_the_sql_it_ran(project: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=2)
     ran = section(result, "pgsandbox: SQL of call", "test_2_fails")
     lines = [line.strip() for line in ran.splitlines()]
-    assert lines[0].startswith("6 statement(s), ") and lines[0].endswith("ms in all, 1 failed"), ran
+    assert lines[0].startswith("6 statements, ") and lines[0].endswith("ms in all, 1 failed"), ran
     assert lines[1].endswith("ms select id from users where name = $1"), ran  # the fixture's, at set-up
     assert lines[2] == "parameters: $1 = 'ada'"
     assert lines[3].endswith("ms update users set name = $1 where id = $2"), ran
@@ -117,7 +117,7 @@ def test_long_sql_is_cut_to_a_readable_length(project: pytest.Pytester) -> None:
     )
     result.assert_outcomes(failed=1)
     ran = section(result, "pgsandbox: SQL of call")
-    assert ran.splitlines()[0].startswith("61 statement(s), ") and "the first 11 are not shown" in ran, ran
+    assert ran.splitlines()[0].startswith("61 statements, ") and "the first 11 are not shown" in ran, ran
     assert "ms select 10\n" not in ran and "ms select 11\n" in ran and "ms select 59\n" in ran
     assert "… (2009 more characters)" in ran
 
@@ -212,12 +212,12 @@ def test_pg_queries(project: pytest.Pytester) -> None:
     result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(
         [
-            "*AssertionError: expected at most 2 statement(s), the block ran 4 (transaction control not counted):",
-            "E * 4 statement(s), * ms in all",
+            "*AssertionError: expected at most 2 statements, the block ran 4 (transaction control not counted):",
+            "E * 4 statements, * ms in all",
             "E * ms select author from book order by id",
             "E * ms select name from users where id = $1",
             "E * parameters: $1 = '1'",
-            "*AssertionError: expected exactly 1 statement(s), the block ran 4*",
+            "*AssertionError: expected exactly 1 statement, the block ran 4*",
         ]
     )
 

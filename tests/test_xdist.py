@@ -103,7 +103,7 @@ def test_keep_failed_under_xdist(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*- pgsandbox: SQL of call -*",
-            "1 statement(s), * ms in all",
+            "1 statement, * ms in all",
             "*ms insert into items (name) values ('evidence')",
             "*pgsandbox: kept databases of failed tests*",
             "*PGPASSFILE=* '*dbname=pgsandbox_*_failed1'",

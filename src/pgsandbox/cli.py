@@ -12,12 +12,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pgsandbox._version import __version__
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.server import clusters, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target
 from pgsandbox.settings import Settings
+
+DESCRIPTION = (  # argparse prints it as it is: no reST markup
+    "pgsandbox doctor (what would be used and why), pgsandbox fetch (a PostgreSQL version into the cache), "
+    "pgsandbox clean (caches and leftovers) and pgsandbox reap (what dead runs left on a shared server)."
+)
 
 
 def doctor(settings: Settings) -> int:
@@ -198,7 +204,8 @@ def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, inclu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pgsandbox", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pgsandbox", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"pgsandbox {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="show which PostgreSQL would be used and why, the cache, leftovers")
     clean_parser = commands.add_parser("clean", help="stop leftover servers of killed runs, remove caches")

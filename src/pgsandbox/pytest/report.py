@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pgsandbox.common.redact import redact
+from pgsandbox.common.words import counted
 from pgsandbox.errors import causes, sqlstate
 from pgsandbox.pytest.markers import marker_options
 from pgsandbox.pytest.state import (
@@ -72,8 +73,8 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
         report.sections.append(
             (
                 "pgsandbox: data",
-                f"pg.insert made {rows.made} row(s) of this test from the seed {db.seed!r}: the same seed makes "
-                "the same values on every run (pg_data_seed, set or not, is part of it).",
+                f"pg.insert made {counted(rows.made, 'row')} of this test from the seed {db.seed!r}: the same seed "
+                "makes the same values on every run (pg_data_seed, set or not, is part of it).",
             )
         )
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
@@ -186,6 +187,7 @@ def write_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Conf
     kept = config.stash.get(KEPT_KEY, [])
     if not kept:
         return
+    terminalreporter.ensure_newline()
     terminalreporter.section("pgsandbox: kept databases of failed tests")
     for command in kept:
         terminalreporter.write_line(f"  {command}")
@@ -214,6 +216,7 @@ def write_report(terminalreporter: pytest.TerminalReporter, config: pytest.Confi
             terminalreporter.write_line(written, yellow=True)
     if choice == "off" or config.get_verbosity() < 0:
         return
+    terminalreporter.ensure_newline()  # else the first write_line ends the last test's progress line: a blank line
     terminalreporter.section("pgsandbox")
     for line in report_lines(report):
         terminalreporter.write_line(line)
@@ -225,7 +228,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     server = report["server"]
     lines = [f"server: {server['origin']}; {server['start']} in {server['start_seconds']:.2f} s"]
     for template in report["templates"]:
-        result = "cache hit" if template["hit"] else f"cache miss, built in {template['build_seconds']:.2f} s"
+        why = template.get("why_built") or "cache miss"  # a worker's report of an older version has no reason
+        result = "cache hit" if template["hit"] else f"{why}, built in {template['build_seconds']:.2f} s"
         lines.append(f"{template['layer']} template {template['hash']} ({', '.join(template['labels'])}): {result}")
     tests = report["tests"]
     by_mode = ", ".join(f"{mode} {count}" for mode, count in sorted(tests.items()))

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from pgsandbox.common.words import counted
 from pgsandbox.server import statements
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class Recorded:
         return statements.report(self.all, limit=100, complete=self.complete)
 
     def __repr__(self) -> str:
-        return f"<Recorded {self.count} statement(s)>"
+        return f"<Recorded {counted(self.count, 'statement')}>"
 
 
 class Queries:
@@ -68,9 +69,9 @@ class Queries:
         recorded = Recorded()
         yield recorded
         recorded.all, _, recorded.complete = self._sandbox.diagnostics.sql_of(self._db, start)
-        expected = f"exactly {count}" if count is not None else f"at most {at_most}"
+        limit = count if count is not None else at_most or 0
+        expected = f"{'exactly' if count is not None else 'at most'} {counted(limit, 'statement')}"
         if (count is not None and recorded.count != count) or (at_most is not None and recorded.count > at_most):
             raise AssertionError(
-                f"expected {expected} statement(s), the block ran {recorded.count} (transaction control not "
-                f"counted):\n{recorded}"
+                f"expected {expected}, the block ran {recorded.count} (transaction control not counted):\n{recorded}"
             )

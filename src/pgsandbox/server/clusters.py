@@ -70,6 +70,7 @@ def cache_root(configured: Path | None = None) -> Path:
 class CachedCluster:
     data: Path
     password: str
+    fresh: bool = False  # initdb made it just now (it goes into the cache after)
 
 
 def initdb_key(installation: Installation, initdb_args: tuple[str, ...]) -> str:
@@ -128,7 +129,7 @@ def cluster_source(
         lock.release()
         raise
     try:
-        yield CachedCluster(work / "data", password)
+        yield CachedCluster(work / "data", password, fresh=True)
     except BaseException:
         lock.release()
         shutil.rmtree(work, ignore_errors=True)

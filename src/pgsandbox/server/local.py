@@ -96,6 +96,7 @@ class LocalServer(Server):
         self.account = account
         self.snapshots = snapshots
         self.snapshot = snapshot
+        self.fresh_cluster = False  # its cluster came from initdb in this start, not from the cache
         self._build_lock: BaseFileLock | None = None
         self.run = run
         self.process = process
@@ -123,7 +124,9 @@ class LocalServer(Server):
 
     @property
     def how_started(self) -> str:
-        return "from the cached cluster" if self.snapshot is not None else "from the initdb cache"
+        if self.snapshot is not None:
+            return "from the cached cluster"
+        return "after initdb" if self.fresh_cluster else "from the initdb cache"
 
     @property
     def snapshot_hit(self) -> bool:
@@ -179,7 +182,7 @@ class LocalServer(Server):
             with clusters.snapshot_source(snapshot_dir, list(snapshots)) as found:
                 if found:
                     clusters.copy_tree(found[1].data, run.data)
-                    password = found[1].password
+                    password, fresh = found[1].password, False
             if not found:
                 with clusters.cluster_source(
                     installation,
@@ -191,7 +194,7 @@ class LocalServer(Server):
                     settings.cache_max_size,
                 ) as cluster:
                     clusters.copy_tree(cluster.data, run.data)
-                password = cluster.password
+                password, fresh = cluster.password, cluster.fresh
             account.chown(run.data)
             run.data.chmod(0o700)
             (run.data / "pg_hba.conf").write_text(HBA)
@@ -207,6 +210,7 @@ class LocalServer(Server):
             raise
         server.snapshots = snapshot_dir
         server.snapshot = found[0] if found else None
+        server.fresh_cluster = fresh
         if build_lock and found and found[0] == snapshots[0]:
             build_lock.release()  # another run built it while this one waited
             build_lock = None

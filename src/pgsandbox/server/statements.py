@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pgsandbox.common.redact import redact
+from pgsandbox.common.words import counted
 from pgsandbox.server.statement_log import DURATION, Entry
 from pgsandbox.server.tags import INTERNAL, OURS_PREFIX
 
@@ -227,7 +228,7 @@ def report(found: list[Statement], limit: int = 50, max_sql: int = 1000, complet
     total = sum(s.duration_ms or 0.0 for s in found)
     errors = sum(1 for s in found if s.error)
     lines = [
-        f"{len(found)} statement(s), {total:.2f} ms in all"
+        f"{counted(len(found), 'statement')}, {total:.2f} ms in all"
         + (f", {errors} failed" if errors else "")
         + (f"; the first {len(found) - limit} are not shown" if len(found) > limit else "")
         + ("" if complete else "; the log before them was rotated away")
