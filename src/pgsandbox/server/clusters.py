@@ -26,7 +26,7 @@ from pathlib import Path
 import platformdirs
 from filelock import BaseFileLock, FileLock, Timeout
 
-from pgsandbox.binaries import Installation
+from pgsandbox.binaries import Installation, build_id
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact, register_secret
 from pgsandbox.common.staging import make_staging_dir, tree_size
@@ -73,8 +73,9 @@ class CachedCluster:
     fresh: bool = False  # initdb made it just now (it goes into the cache after)
 
 
-def initdb_key(installation: Installation, initdb_args: tuple[str, ...]) -> str:
-    material = json.dumps([LAYOUT, str(installation.bindir.resolve()), installation.version_text, list(initdb_args)])
+def initdb_key(installation: Installation, initdb_args: tuple[str, ...], root: Path) -> str:
+    """The build of the binaries (not where they are: binaries.build_id) and initdb's options."""
+    material = json.dumps([LAYOUT, build_id(installation, root), installation.version_text, list(initdb_args)])
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -104,7 +105,7 @@ def cluster_source(
     releases the lock: writing 30 MB to a disk cache would otherwise double a cold start.
     """
     args = (*DEFAULT_INITDB_ARGS, *initdb_args)
-    target = root / "initdb" / initdb_key(installation, args)
+    target = root / "initdb" / initdb_key(installation, args, root)
     # a writer of this process may hold the lock, even once "ready" is there (it releases the lock last): wait
     # for it (filelock 4 refuses, rather than waits for, a lock another instance acquired in this thread)
     wait_for_cache_writes()
@@ -211,7 +212,7 @@ SNAPSHOTS_KEPT = 3
 
 def snapshot_dir(root: Path, installation: Installation, initdb_args: tuple[str, ...]) -> Path:
     """Where clusters holding built templates are kept, per binaries and initdb options."""
-    return root / "snapshots" / initdb_key(installation, (*DEFAULT_INITDB_ARGS, *initdb_args))
+    return root / "snapshots" / initdb_key(installation, (*DEFAULT_INITDB_ARGS, *initdb_args), root)
 
 
 def snapshot_build_lock(directory: Path, keys: list[str], progress: Progress | None) -> FileLock | None:
