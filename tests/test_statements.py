@@ -182,6 +182,20 @@ QUERIES = """
                 await pg_asyncpg.execute("update users set name = name || '2'")
         assert ran.sql == ["select count(*) from users where name = $1", "update users set name = name || '2'"]
 
+    @pytest.mark.parametrize("isolation", ["transaction", "database"])
+    def test_an_engines_first_connect_is_not_counted(isolation, pg, pg_queries):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(pg.url())  # the app's own, connecting inside the block
+        with pg_queries(1) as ran:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("select count(*) from users")).scalar()
+        engine.dispose()
+        assert ran.sql == ["select count(*) from users"]
+        probes = [s.sql for s in ran.all if s.driver_setup]
+        assert probes[:2] == ["select pg_catalog.version()", "select current_schema()"]
+        assert "driver set-up statements (a client library's questions to a new connection)" in str(ran)
+
     def test_n_plus_one_fails(pg_queries, pg_conn, books):
         with pg_queries(at_most=2):
             authors_one_by_one(pg_conn)
@@ -209,7 +223,7 @@ def test_pg_queries(project: pytest.Pytester) -> None:
         )
     )
     result = run(project, QUERIES)
-    result.assert_outcomes(passed=3, failed=2)
+    result.assert_outcomes(passed=5, failed=2)
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: expected at most 2 statements, the block ran 4 (transaction control not counted):",
