@@ -227,3 +227,11 @@ def test_a_client_librarys_set_up_of_a_connection_is_not_counted_and_is_folded()
     assert lines[2] == "           +7 driver set-up statements (a client library's questions to a new connection)"
     assert lines[3].endswith("ms select count(*) from users") and len(lines) == 5
     assert not Statement("select current_schema()", 7, error="ERROR 42P01: oops").driver_setup  # a failure shows
+
+
+def test_pg_inserts_casts_show_as_plain_placeholders() -> None:
+    sent = (
+        'INSERT INTO "shop"."item" ("a", "b", "c") VALUES ($1, CAST(CAST($2 AS text) AS numeric(10,2)), '
+        "CAST(CAST($3 AS text) AS jsonb)) RETURNING *"
+    )
+    assert Statement(sent, 1).sql == 'INSERT INTO "shop"."item" ("a", "b", "c") VALUES ($1, $2, $3) RETURNING *'

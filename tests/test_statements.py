@@ -196,6 +196,11 @@ QUERIES = """
         assert probes[:2] == ["select pg_catalog.version()", "select current_schema()"]
         assert "driver set-up statements (a client library's questions to a new connection)" in str(ran)
 
+    def test_pg_insert_shows_its_placeholders(pg, pg_queries):
+        with pg_queries(1) as ran:
+            pg.insert("users")
+        assert ran.sql[0].startswith('INSERT INTO "public"."users" ("name") VALUES ($1)'), ran.sql
+
     def test_n_plus_one_fails(pg_queries, pg_conn, books):
         with pg_queries(at_most=2):
             authors_one_by_one(pg_conn)
@@ -223,7 +228,7 @@ def test_pg_queries(project: pytest.Pytester) -> None:
         )
     )
     result = run(project, QUERIES)
-    result.assert_outcomes(passed=5, failed=2)
+    result.assert_outcomes(passed=6, failed=2)
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: expected at most 2 statements, the block ran 4 (transaction control not counted):",
@@ -233,6 +238,13 @@ def test_pg_queries(project: pytest.Pytester) -> None:
             "E * parameters: $1 = '1'",
             "*AssertionError: expected exactly 1 statement, the block ran 4*",
         ]
+    )
+    output = result.stdout.str()
+    assert "queries.py" not in output and "contextlib" not in output  # the traceback ends at the test's `with`
+    # each failed block lists its statements once; the section has only the rest (the fixture's insert)
+    assert output.count("ms select author from book order by id") == 2
+    result.stdout.fnmatch_lines(
+        ["*- pgsandbox: SQL of call, besides the pg_queries block's (listed above) -*", "*ms insert into book values*"]
     )
 
 
