@@ -192,7 +192,9 @@ _BUILDS: dict[str, str] = {}
 
 
 def build_id(installation: Installation, cache_root: Path | None = None) -> str:
-    """A content hash of the installation's ``postgres`` executable (remembered in ``cache_root``)."""
+    """A content hash of the installation's ``postgres`` executable (remembered in ``cache_root``), and the names
+    and sizes of its extensions' files and libraries: a migration's result depends on those too (an extension
+    added, a library rebuilt), so installations that differ there do not share templates."""
     postgres = installation.tool("postgres")
     key = _file_key(postgres)
     known = cache_root / BUILDS_FILE if cache_root is not None else None
@@ -204,7 +206,26 @@ def build_id(installation: Installation, cache_root: Path | None = None) -> str:
                 digest.update(block)
         _BUILDS[key] = digest.hexdigest()[:32]
         _write_known(_BUILDS, known)
-    return _BUILDS[key]
+    listing = json.dumps(_extension_files(installation.bindir))
+    return hashlib.sha256(f"{_BUILDS[key]}\n{listing}".encode()).hexdigest()[:32]
+
+
+def _extension_files(bindir: Path) -> list[tuple[str, int]]:
+    """(name, size) of the files in the extension and library directories: a few hundred stat() calls."""
+    prefix = bindir.parent
+    extension = prefix / "share" / "extension"
+    directories = [extension if extension.is_dir() else extension_dir(bindir)]
+    directories += [prefix / "lib" / "postgresql", prefix / "lib"]
+    found = []
+    for directory in directories:
+        if directory is None:
+            continue
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        found.append((f"{directory.name}/{entry.name}", entry.stat().st_size))
+    return sorted(found)
 
 
 def _file_key(path: Path) -> str:

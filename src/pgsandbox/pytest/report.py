@@ -22,7 +22,6 @@ from pgsandbox.pytest.state import (
     SQL_SHOWN_KEY,
     settings,
 )
-from pgsandbox.server.tags import RECORDED
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database, Sandbox
@@ -69,6 +68,8 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
         return
     if sandbox.gone is not None:  # no log to read; the first test that met it says so in full
         return
+    from pgsandbox.server.tags import RECORDED  # here: loading the plugin imports no server module (psycopg)
+
     error = call.excinfo.value if call.excinfo else None
     found = add_sql(item, report, sandbox, db, listed=getattr(error, RECORDED, None))
     rows = db._test.rows
