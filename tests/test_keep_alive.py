@@ -18,11 +18,11 @@ import psycopg
 import pytest
 
 from conftest import StartLocal
+from pgsandbox.binaries import Installation
 from pgsandbox.cli import main as cli_main
 from pgsandbox.server import idle_watch, keepalive, runs
+from pgsandbox.settings import Settings
 from test_leftovers import gone
-
-pytestmark = pytest.mark.slow  # every test here starts a server
 
 POLL_TIMEOUT = 60.0
 
@@ -75,15 +75,21 @@ def test_record(pg_server, pg):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("machine_wide_servers")
 def test_the_next_run_attaches_with_fresh_credentials_doctor_lists_it_and_clean_stops_it(
-    pytester: pytest.Pytester, kept_alive_stopped: Path, capsys: pytest.CaptureFixture[str]
+    project: pytest.Pytester, kept_alive_stopped: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytester.makepyfile(test_run=RUN)
-    for _ in range(2):
-        pytester.runpytest("--pg-keep-alive=1h", "-p", "no:randomly").assert_outcomes(passed=1)
-    first, second = json.loads((pytester.path / "runs.json").read_text())
-    assert first["how"] == "from the initdb cache"
+    project.makepyfile(test_run=RUN)
+    results = [project.runpytest("--pg-keep-alive=1h", "-p", "no:randomly") for _ in range(2)]
+    for result in results:
+        result.assert_outcomes(passed=1)
+    # the template stays on the server from run to run (named by its input hash)
+    results[1].stdout.fnmatch_lines(
+        ["pgsandbox: attached to the server kept alive in *", "*cache hit, already on the server*"]
+    )
+    first, second = json.loads((project.path / "runs.json").read_text())
+    assert first["how"] in ("from the initdb cache", "from the cached cluster")
     assert second["how"] == "attached to the server an earlier run kept alive (pg_keep_alive)"
     assert (second["pid"], second["run"]) == (first["pid"], first["run"])
     # fresh credentials: the first run's databases and role are gone, its passwords no longer open anything
@@ -112,6 +118,7 @@ def test_the_next_run_attaches_with_fresh_credentials_doctor_lists_it_and_clean_
     poll(lambda: gone(watcher), "the watcher's end")
 
 
+@pytest.mark.slow
 def test_idle_time_stops_the_server_and_other_settings_start_another(
     start_local: StartLocal, kept_alive_stopped: Path
 ) -> None:
@@ -126,6 +133,7 @@ def test_idle_time_stops_the_server_and_other_settings_start_another(
     poll(lambda: gone(other.pid) and not other.run.path.exists(), "the other idle server's stop")
 
 
+@pytest.mark.slow
 def test_a_second_run_at_the_same_time_starts_its_own(start_local: StartLocal, kept_alive_stopped: Path) -> None:
     first = start_local(runtime_dir=kept_alive_stopped, keep_alive=60.0)
     second = start_local(
@@ -157,6 +165,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_attached_still_lets_the_server_expire(
     start_local: StartLocal, kept_alive_stopped: Path
 ) -> None:
@@ -177,3 +186,47 @@ def test_a_run_killed_while_attached_still_lets_the_server_expire(
     owner.wait()
     poll(lambda: gone(pid) and not run.exists(), "the stop of the server the killed run was attached to")
     assert not list(runs.find_leftovers([kept_alive_stopped]))
+
+
+def key_of(settings: Settings, bindir: str = "/opt/pg/18/bin", account: str = "me", cache: str = "/c") -> str:
+    installation = Installation((18, 1), Path(bindir), "PATH", "postgres (PostgreSQL) 18.1")
+    return keepalive.server_key(settings, installation, account, Path(cache), "jsonlog", ("--locale=C",), {"a": "1"})
+
+
+def test_only_what_the_server_was_started_with_decides_whether_a_run_may_attach() -> None:
+    base = key_of(Settings())
+    # what the run does with the server (the idle time itself, isolation, migrations, role) does not matter
+    same = Settings(keep_alive=5.0, isolation="database", migrations=("sql:m",), role="admin", version="18")
+    assert key_of(same) == base
+    different = [
+        key_of(Settings(server_settings=(("work_mem", "8MB"),))),
+        key_of(Settings(listen="none")),
+        key_of(Settings(port=5433)),
+        key_of(Settings(), bindir="/opt/pg/17/bin"),
+        key_of(Settings(), account="postgres"),
+        key_of(Settings(), cache="/other-cache"),
+    ]
+    assert base not in different and len(set(different)) == len(different)
+
+
+def test_the_previous_superuser_password_is_read_back_from_the_passfile(tmp_path: Path) -> None:
+    from pgsandbox.server.passfile import FILE_NAME, Passfile
+
+    passfile = Passfile(tmp_path / FILE_NAME)
+    passfile.add("pgsandbox_0123abcd_tests", "login-secret")
+    passfile.add("postgres", "a:b\\c")
+    assert keepalive.previous_superuser_password(runs.RunDir(tmp_path)) == "a:b\\c"
+    assert keepalive.previous_superuser_password(runs.RunDir(tmp_path / "gone")) is None
+
+
+def test_doctor_says_how_long_an_idle_server_has_left(tmp_path: Path) -> None:
+    run = runs.RunDir(tmp_path)
+    idle = keepalive.KeptAlive(run, "abc", 42, in_use=False, stops_in=3725.0)
+    assert idle.describe() == f"{tmp_path} (server pid 42, key abc, idle, stops in 1 h 2 min)"
+    busy = keepalive.KeptAlive(run, "abc", 42, in_use=True, stops_in=None)
+    assert busy.describe() == f"{tmp_path} (server pid 42, key abc, in use by a run now)"
+    assert (
+        keepalive.KeptAlive(run, "abc", None, False, 59.2)
+        .describe()
+        .endswith("no server running, key abc, idle, stops in 59 s)")
+    )

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,23 +106,38 @@ class Lease:
             self.fd = None
 
 
-def begin(run: runs.RunDir, key: str, idle: float, tcp: tuple[str, int] | None) -> Lease:
-    """Keep the server just started in ``run`` alive after this run, and start its watcher."""
+def begin(run: runs.RunDir, key: str, idle: float, tcp: tuple[str, int] | None, templates: Sequence[str]) -> Lease:
+    """Keep the server just started in ``run`` alive after this run, and start its watcher. ``templates``: the
+    input hash of the templates this run uses (a later run that wants them prefers this server)."""
     fd = idle_watch.try_lock(run.path)
     assert fd is not None, "a new run directory's lock is free"
-    state = {"key": key, "idle": idle, "idle_since": None, "tcp": list(tcp) if tcp else None, "attaches": 0}
+    state = {
+        "key": key,
+        "idle": idle,
+        "idle_since": None,
+        "tcp": list(tcp) if tcp else None,
+        "attaches": 0,
+        "templates": list(templates),
+    }
     idle_watch.write_state(run.path, state)
     lease = Lease(run, fd, key)
     _ensure_watcher(lease)
     return lease
 
 
-def find(bases: list[Path], key: str, idle: float) -> Lease | None:
-    """A kept-alive server for ``key`` that no run uses, taken for this run (its idle time set to ``idle``)."""
+def find(bases: list[Path], key: str, idle: float, templates: Sequence[str] = (), cached: bool = False) -> Lease | None:
+    """A kept-alive server for ``key`` that no run uses, taken for this run (its idle time set to ``idle``).
+    One whose runs used ``templates`` first; another only unless ``cached`` (the cache has a cluster with them,
+    which a new server starts from faster than a migration builds them)."""
+    matching = []
     for run in candidates(bases):
         state = idle_watch.read_state(run.path)
         if state is None or state.get("key") != key or runs.is_kept(run):
             continue
+        has_them = set(templates) <= set(state.get("templates", ()))
+        if has_them or not cached:
+            matching.append((not has_them, run))
+    for _, run in sorted(matching, key=lambda found: found[0]):
         fd = _lock(run)
         if fd is None:
             continue  # another run uses it
@@ -131,7 +146,13 @@ def find(bases: list[Path], key: str, idle: float) -> Lease | None:
             os.close(fd)
             continue
         runs.take_ownership(run)
-        state.update(idle=idle, idle_since=None, attaches=int(state.get("attaches", 0)) + 1)
+        known = list(state.get("templates", ()))
+        state.update(
+            idle=idle,
+            idle_since=None,
+            attaches=int(state.get("attaches", 0)) + 1,
+            templates=known + [key for key in templates if key not in known],
+        )
         idle_watch.write_state(run.path, state)
         lease = Lease(run, fd, key)
         _ensure_watcher(lease)

@@ -184,7 +184,7 @@ class LocalServer(Server):
             key = keepalive.server_key(
                 settings, installation, account.name, root, log_format, initdb_args, TEST_SETTINGS
             )
-            kept = cls._attach_kept(settings, installation, account, root, base, key, progress)
+            kept = cls._attach_kept(settings, installation, account, root, base, key, snapshots, progress)
             if kept is not None:
                 return kept
         run_id = new_run_id()
@@ -228,7 +228,7 @@ class LocalServer(Server):
             build_lock = None
         server._build_lock = build_lock
         if settings.keep_alive:
-            server.lease = keepalive.begin(run, key, settings.keep_alive, server.tcp)
+            server.lease = keepalive.begin(run, key, settings.keep_alive, server.tcp, snapshots[:1])
         return server
 
     @classmethod
@@ -240,12 +240,17 @@ class LocalServer(Server):
         root: Path,
         base: Path,
         key: str,
+        snapshots: Sequence[str],
         progress: Progress | None,
     ) -> LocalServer | None:
         """The server an earlier run kept alive for these binaries and settings (``pg_keep_alive``), if one is
-        idle; it gets a new superuser password and loses what earlier runs left on it."""
+        idle; it gets a new superuser password and loses what earlier runs left on it. One whose runs had other
+        templates is not taken when the cache has a cluster with this run's (``snapshots``): starting from that
+        costs less than a migration."""
         keepalive.sweep([base])
-        lease = keepalive.find([base], key, settings.keep_alive)
+        snapshot_dir = clusters.snapshot_dir(root, installation, settings.initdb_args)
+        cached = bool(snapshots) and (snapshot_dir / snapshots[0][:32] / "ready").exists()
+        lease = keepalive.find([base], key, settings.keep_alive, snapshots[:1], cached)
         if lease is None:
             return None
         try:
@@ -257,7 +262,7 @@ class LocalServer(Server):
                     f"stopped the server kept alive in {lease.run.path}, which failed to serve ({redact(str(error))})"
                 )
             return None
-        server.snapshots = clusters.snapshot_dir(root, installation, settings.initdb_args)
+        server.snapshots = snapshot_dir
         if progress:
             progress(f"attached to the server kept alive in {lease.run.path} (pg_keep_alive)")
         return server
