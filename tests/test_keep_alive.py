@@ -143,9 +143,17 @@ def test_a_second_run_at_the_same_time_starts_its_own(start_local: StartLocal, k
     first.stop()
     third = start_local(runtime_dir=kept_alive_stopped, keep_alive=60.0)
     assert third.attached_kept and third.pid == first.pid
-    # what the third run created goes at its end; the templates (not pgsandbox_<run>_...) stay
+    # what the third run created goes after its end (the watcher drops it); its role may not log in from its end
     name = third.create_database("scratch")
+    login, admin_dsn = third.login, third.admin_dsn
+    assert login is None  # a bare server: pgsandbox.Sandbox gives it a login role (the first test checks that)
     third.stop()
+
+    def left_behind() -> list[str]:
+        with psycopg.connect(admin_dsn) as conn:  # the superuser's password is the third run's until a run attaches
+            return [row[0] for row in conn.execute("select datname from pg_database where datname = %s", [name])]
+
+    poll(lambda: not left_behind(), "the watcher's drop of the third run's database")
     fourth = start_local(runtime_dir=kept_alive_stopped, keep_alive=60.0)
     assert fourth.pid == first.pid
     assert fourth.admin.execute("select count(*) from pg_database where datname = %s", [name]).fetchone() == (0,)

@@ -104,10 +104,9 @@ def cluster_source(
     """
     args = (*DEFAULT_INITDB_ARGS, *initdb_args)
     target = root / "initdb" / initdb_key(installation, args)
-    if not (target / "ready").exists():
-        # a writer of this process may hold the lock: wait for it (filelock 4 refuses, rather than waits for, a
-        # lock another instance acquired in this thread)
-        wait_for_cache_writes()
+    # a writer of this process may hold the lock, also for a moment after it wrote "ready": wait for it (filelock 4
+    # refuses, rather than waits for, a lock another instance acquired in this process)
+    wait_for_cache_writes()
     target.parent.mkdir(parents=True, exist_ok=True)
     # held while the caller copies a cached cluster, so that pruning (prune_cache) leaves it alone, and while
     # a new one is made and stored, so that concurrent runs wait for it instead of running initdb too

@@ -9,6 +9,10 @@ for that lock; once it has it, nobody is attached: the server has been idle sinc
 ``keepalive.json`` (written by a run that detached, or by the watcher itself when a run died attached). After
 ``idle`` seconds of that, the watcher stops the postmaster and removes the run directory, holding the lock, so
 that no run attaches meanwhile. Every change to ``keepalive.json`` is made under the lock.
+
+A run that ends leaves its databases and its (already ``NOLOGIN``) role in ``cleanup``: the watcher, which gets the
+lock at that moment, drops them with the installation's ``psql`` while the server is idle, so neither that run's
+exit nor the next run's start waits for ``DROP DATABASE``. Should that fail, the next run drops them (reaper.py).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +33,8 @@ from typing import Any
 STATE_FILE = "keepalive.json"
 LOCK_FILE = "keepalive.lock"
 STOP_TIMEOUT = 15.0
+CLEANUP_TIMEOUT = 120.0
+RUN_NAME = re.compile(r"pgsandbox_[0-9a-f]{8}_[a-z0-9_]*")  # what a run names its databases and role
 # wakes up at least this often (a check costs about 0.1 ms): a run that attached meanwhile is waited for, and a
 # directory `pgsandbox clean` removed ends the watcher
 LONGEST_NAP = 1.0
@@ -127,6 +135,10 @@ def check(run: Path, fd: int) -> float | None:
     if postmaster(run) is None:  # killed, or the machine's tmpfs kept a directory its server lost
         shutil.rmtree(run, ignore_errors=True)
         return None
+    if state.get("cleanup"):
+        drop_left_behind(run, state)
+        state["cleanup"] = []
+        write_state(run, state)
     now = time.time()
     if state.get("idle_since") is None:  # the last run died attached: idle from now
         state["idle_since"] = now
@@ -136,6 +148,40 @@ def check(run: Path, fd: int) -> float | None:
         stop_server(run)
         return None
     return left
+
+
+def drop_left_behind(run: Path, state: dict[str, Any]) -> bool:
+    """Drop the databases and roles of the runs that ended (``state["cleanup"]``: their prefixes and roles)
+    through ``psql``, as the superuser of the last run's passfile; False when that could not be done."""
+    lines = []
+    for item in state.get("cleanup", ()):
+        prefix, login = str(item.get("prefix", "")), item.get("login")
+        if RUN_NAME.fullmatch(prefix):
+            lines.append(
+                f"SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', datname) FROM pg_database "
+                f"WHERE starts_with(datname, '{prefix}') \\gexec"
+            )
+        if login and RUN_NAME.fullmatch(str(login)):
+            lines.append(f'DROP ROLE IF EXISTS "{login}";')
+    psql = state.get("psql")
+    if not lines or not psql:
+        return not lines
+    tcp = state.get("tcp")
+    env = {
+        "PGPASSFILE": str(run / "pgpass"),
+        "PGOPTIONS": str(state.get("options", "")),
+        "PGCONNECT_TIMEOUT": "10",
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+    command = [str(psql), "-X", "-q", "-h", str(run / "sock"), "-p", str(tcp[1] if tcp else state.get("port", 5432))]
+    command += ["-U", str(state.get("superuser", "postgres")), "-d", "postgres", "-f", "-"]
+    try:
+        done = subprocess.run(
+            command, input="\n".join(lines) + "\n", env=env, capture_output=True, text=True, timeout=CLEANUP_TIMEOUT
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0 and not done.stderr.strip()
 
 
 def watch(run: Path) -> None:

@@ -34,10 +34,12 @@ from pgsandbox.common.redact import Secret
 from pgsandbox.server import idle_watch, runs
 from pgsandbox.server.clusters import SUPERUSER
 from pgsandbox.server.passfile import FILE_NAME
+from pgsandbox.server.tags import QUIET_OPTIONS
 from pgsandbox.settings import Settings
 
 KEY_LAYOUT = 1  # bump when what a kept-alive server must share with a run changes
-LOCK_RETRY_SECONDS = 0.5  # the watcher (not a run) may hold the lock for a moment: wait that long for it
+# the watcher (not a run) may hold the lock for a moment, or while it drops what the last run left: wait that long
+LOCK_RETRY_SECONDS = 5.0
 
 
 def server_key(
@@ -76,15 +78,26 @@ class Lease:
     run: runs.RunDir
     fd: int | None
     key: str
+    _cleans_up: bool | None = None
 
     def state(self) -> dict[str, Any]:
         return idle_watch.read_state(self.run.path) or {}
 
-    def detach(self) -> None:
-        """The run is done with the server: it stays up for the idle time from now."""
+    @property
+    def watcher_cleans_up(self) -> bool:
+        """The watcher drops what a run leaves (it has ``psql``): the run need not wait for it."""
+        if self._cleans_up is None:
+            self._cleans_up = bool(self.state().get("psql"))
+        return self._cleans_up
+
+    def detach(self, prefix: str | None = None, login: str | None = None) -> None:
+        """The run is done with the server: it stays up for the idle time from now. ``prefix``, ``login``: the
+        run's databases and role, for the watcher to drop (idle_watch.drop_left_behind)."""
         state = self.state()
         if state:
             state["idle_since"] = time.time()
+            if prefix:
+                state["cleanup"] = [*state.get("cleanup", ()), {"prefix": prefix, "login": login}]
             idle_watch.write_state(self.run.path, state)
         self._unlock()
 
@@ -106,9 +119,18 @@ class Lease:
             self.fd = None
 
 
-def begin(run: runs.RunDir, key: str, idle: float, tcp: tuple[str, int] | None, templates: Sequence[str]) -> Lease:
+def begin(
+    run: runs.RunDir,
+    key: str,
+    idle: float,
+    tcp: tuple[str, int] | None,
+    templates: Sequence[str],
+    installation: Installation,
+    socket_port: int,
+) -> Lease:
     """Keep the server just started in ``run`` alive after this run, and start its watcher. ``templates``: the
     input hash of the templates this run uses (a later run that wants them prefers this server)."""
+    psql = installation.tool("psql")
     fd = idle_watch.try_lock(run.path)
     assert fd is not None, "a new run directory's lock is free"
     state = {
@@ -118,6 +140,11 @@ def begin(run: runs.RunDir, key: str, idle: float, tcp: tuple[str, int] | None, 
         "tcp": list(tcp) if tcp else None,
         "attaches": 0,
         "templates": list(templates),
+        # what the watcher needs to drop what runs leave behind (idle_watch.drop_left_behind)
+        "psql": str(psql) if psql.exists() else None,
+        "superuser": SUPERUSER,
+        "port": socket_port,
+        "options": QUIET_OPTIONS,
     }
     idle_watch.write_state(run.path, state)
     lease = Lease(run, fd, key)

@@ -126,6 +126,10 @@ class LocalServer(Server):
         return self.installation.describe()
 
     @property
+    def drops_databases_later(self) -> bool:
+        return self.lease is not None and self.lease.watcher_cleans_up
+
+    @property
     def how_started(self) -> str:
         if self.attached_kept:
             return "attached to the server an earlier run kept alive (pg_keep_alive)"
@@ -228,7 +232,9 @@ class LocalServer(Server):
             build_lock = None
         server._build_lock = build_lock
         if settings.keep_alive:
-            server.lease = keepalive.begin(run, key, settings.keep_alive, server.tcp, snapshots[:1])
+            server.lease = keepalive.begin(
+                run, key, settings.keep_alive, server.tcp, snapshots[:1], server.installation, SOCKET_PORT
+            )
         return server
 
     @classmethod
@@ -509,23 +515,33 @@ class LocalServer(Server):
         clusters.wait_for_cache_writes()
 
     def _leave_running(self) -> bool:
-        """pg_keep_alive: drop this run's databases and role, then leave the server to the next run (or to its
-        watcher, after the idle time). False when the server cannot be asked: it is then stopped."""
+        """pg_keep_alive: leave the server to the next run (or to its watcher, after the idle time) without this
+        run's credentials: its role may no longer log in at once, and its databases and role are dropped by the
+        watcher once this process lets go (else here). False when the server cannot be asked: it is then
+        stopped."""
+        assert self.lease is not None
+        deferred = self.lease.watcher_cleans_up
         try:
             admin = self.admin
-            rows = admin.execute(
-                "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", [self.prefix]
-            ).fetchall()
-            for (name,) in rows:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            if self.login is not None:
-                drop_login(admin, self.login)
+            if deferred:
+                if self.login is not None:
+                    admin.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(self.login.user)))
+            else:
+                rows = admin.execute(
+                    "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", [self.prefix]
+                ).fetchall()
+                for (name,) in rows:
+                    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                if self.login is not None:
+                    drop_login(admin, self.login)
         except psycopg.Error:
             return False
         finally:
             self._close_admin()
-        assert self.lease is not None
-        self.lease.detach()
+        if deferred:
+            self.lease.detach(self.prefix, self.login.user if self.login is not None else None)
+        else:
+            self.lease.detach()
         return True
 
 
