@@ -11,8 +11,10 @@ for that lock; once it has it, nobody is attached: the server has been idle sinc
 that no run attaches meanwhile. Every change to ``keepalive.json`` is made under the lock.
 
 A run that ends leaves its databases and its (already ``NOLOGIN``) role in ``cleanup``: the watcher, which gets the
-lock at that moment, drops them with the installation's ``psql`` while the server is idle, so neither that run's
-exit nor the next run's start waits for ``DROP DATABASE``. Should that fail, the next run drops them (reaper.py).
+lock at that moment, takes the list and lets go of the lock, then drops them with the installation's ``psql``, so
+neither that run's exit nor the next run's start waits for ``DROP DATABASE``. What it misses (a run attached and
+replaced the superuser's password meanwhile) the next run drops (reaper.py). The watcher holds the lock only for
+moments: a run that finds it taken by no live run (``holder``) waits for it.
 """
 
 from __future__ import annotations
@@ -126,9 +128,10 @@ def stop_server(run: Path) -> None:
     shutil.rmtree(run, ignore_errors=True)
 
 
-def check(run: Path, fd: int) -> float | None:
+def check(run: Path, fd: int) -> float | dict[str, Any] | None:
     """With the lock held (nobody attached): stop the server when it has been idle long enough; else the seconds
-    left (the watcher sleeps that long). None: it is gone, or no longer kept alive."""
+    left (the watcher sleeps that long), or what the runs left to drop (taken out of the record). None: it is
+    gone, or no longer kept alive."""
     state = read_state(run)
     if state is None:
         return None
@@ -136,9 +139,8 @@ def check(run: Path, fd: int) -> float | None:
         shutil.rmtree(run, ignore_errors=True)
         return None
     if state.get("cleanup"):
-        drop_left_behind(run, state)
-        state["cleanup"] = []
-        write_state(run, state)
+        write_state(run, {**state, "cleanup": []})
+        return state
     now = time.time()
     if state.get("idle_since") is None:  # the last run died attached: idle from now
         state["idle_since"] = now
@@ -198,6 +200,9 @@ def watch(run: Path) -> None:
             os.close(fd)
         if left is None:
             return
+        if isinstance(left, dict):
+            drop_left_behind(run, left)
+            continue
         time.sleep(min(left, LONGEST_NAP))
 
 

@@ -38,8 +38,7 @@ from pgsandbox.server.tags import QUIET_OPTIONS
 from pgsandbox.settings import Settings
 
 KEY_LAYOUT = 1  # bump when what a kept-alive server must share with a run changes
-# the watcher (not a run) may hold the lock for a moment, or while it drops what the last run left: wait that long
-LOCK_RETRY_SECONDS = 5.0
+LOCK_RETRY_SECONDS = 2.0  # the watcher, or a run that died, may hold the lock (for moments): wait that long
 
 
 def server_key(
@@ -96,6 +95,7 @@ class Lease:
         state = self.state()
         if state:
             state["idle_since"] = time.time()
+            state["holder"] = None
             if prefix:
                 state["cleanup"] = [*state.get("cleanup", ()), {"prefix": prefix, "login": login}]
             idle_watch.write_state(self.run.path, state)
@@ -139,6 +139,7 @@ def begin(
         "idle_since": None,
         "tcp": list(tcp) if tcp else None,
         "attaches": 0,
+        "holder": _this_process(),
         "templates": list(templates),
         # what the watcher needs to drop what runs leave behind (idle_watch.drop_left_behind)
         "psql": str(psql) if psql.exists() else None,
@@ -175,6 +176,7 @@ def find(bases: list[Path], key: str, idle: float, templates: Sequence[str] = ()
         runs.take_ownership(run)
         known = list(state.get("templates", ()))
         state.update(
+            holder=_this_process(),
             idle=idle,
             idle_since=None,
             attaches=int(state.get("attaches", 0)) + 1,
@@ -208,12 +210,24 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def _this_process() -> list[int | None]:
+    return [os.getpid(), staging.process_start(os.getpid())]
+
+
+def _held_by_a_live_run(run: runs.RunDir) -> bool:
+    holder = (idle_watch.read_state(run.path) or {}).get("holder")
+    if not holder:
+        return False
+    return staging.is_running(int(holder[0]), int(holder[1]))
+
+
 def _lock(run: runs.RunDir) -> int | None:
-    """The server's lock, unless a live run holds it; a moment's wait when only the watcher could."""
+    """The server's lock, unless a live run holds it; a moment's wait when only the watcher (or a run that just
+    died) could."""
     deadline = time.monotonic() + LOCK_RETRY_SECONDS
     while True:
         fd = idle_watch.try_lock(run.path)
-        if fd is not None or runs.owner_alive(run) or time.monotonic() > deadline:
+        if fd is not None or _held_by_a_live_run(run) or time.monotonic() > deadline:
             return fd
         time.sleep(0.005)
 
@@ -313,12 +327,8 @@ def _duration(seconds: float) -> str:
 
 
 def in_use_by_a_run(run: runs.RunDir) -> bool:
-    """Whether a run holds the server's lock (a moment's hold of the watcher's is not one)."""
-    fd = _lock(run)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
+    """Whether a live run holds the server (the watcher's moments with the lock do not count)."""
+    return _held_by_a_live_run(run)
 
 
 def kept_alive(bases: list[Path]) -> list[KeptAlive]:
