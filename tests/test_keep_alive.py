@@ -119,16 +119,20 @@ def test_the_next_run_attaches_with_fresh_credentials_doctor_lists_it_and_clean_
 
 
 @pytest.mark.slow
-def test_idle_time_stops_the_server_and_other_settings_start_another(
+def test_idle_time_stops_the_server_a_killed_watcher_is_replaced_and_other_settings_start_another(
     start_local: StartLocal, kept_alive_stopped: Path
 ) -> None:
     kept = start_local(runtime_dir=kept_alive_stopped, keep_alive=2.0)
     pid, run = kept.pid, kept.run.path
     kept.stop()
     assert not gone(pid) and run.is_dir()  # kept alive for 2 s
+    watcher = watcher_of(run)
+    os.kill(watcher, signal.SIGKILL)  # the machine's processes were killed, say: the next run gives it another
+    poll(lambda: gone(watcher), "the watcher's end")
     other = start_local(runtime_dir=kept_alive_stopped, keep_alive=2.0, server_settings=(("work_mem", "8MB"),))
     assert other.pid != pid and not other.attached_kept  # server settings differ: a server of its own
     other.stop()
+    # nothing but a watcher stops an idle server: the one the other run's start gave it
     poll(lambda: gone(pid) and not run.exists(), "the idle server's stop")
     poll(lambda: gone(other.pid) and not other.run.path.exists(), "the other idle server's stop")
 

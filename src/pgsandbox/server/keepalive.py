@@ -267,8 +267,7 @@ def _split_passfile_line(line: str) -> list[str]:
 def _ensure_watcher(lease: Lease) -> None:
     """Start the server's watcher unless the one it has still runs (call with the lock held)."""
     state = lease.state()
-    watcher = state.get("watcher")
-    if watcher and staging.is_running(int(watcher[0]), int(watcher[1])):
+    if _watcher_running(state):
         return
     process = subprocess.Popen(
         [sys.executable, "-I", "-S", idle_watch.__file__, str(lease.run.path)],
@@ -287,10 +286,20 @@ _detached: list[subprocess.Popen[bytes]] = []
 
 
 def _stop_watcher(run: runs.RunDir) -> None:
-    watcher = (idle_watch.read_state(run.path) or {}).get("watcher")
-    if watcher and staging.is_running(int(watcher[0]), int(watcher[1])):
+    state = idle_watch.read_state(run.path) or {}
+    if _watcher_running(state):
         with contextlib.suppress(OSError):
-            os.kill(int(watcher[0]), signal.SIGTERM)
+            os.kill(int(state["watcher"][0]), signal.SIGTERM)
+
+
+def _watcher_running(state: dict[str, Any]) -> bool:
+    """Whether the watcher the record names still runs (not a zombie its parent, a run still alive, has not
+    reaped, and not a later process with its pid)."""
+    watcher = state.get("watcher")
+    if not watcher:
+        return False
+    pid = int(watcher[0])
+    return idle_watch.alive(pid) and staging.is_running(pid, int(watcher[1]))
 
 
 # -- doctor, clean, the next run's sweep ------------------------------------------------------------------
