@@ -89,7 +89,7 @@ def test_the_next_run_attaches_with_fresh_credentials_doctor_lists_it_and_clean_
         ["pgsandbox: attached to the server kept alive in *", "*cache hit, already on the server*"]
     )
     first, second = json.loads((project.path / "runs.json").read_text())
-    assert first["how"] in ("from the initdb cache", "from the cached cluster")
+    assert first["how"] in ("after initdb", "from the initdb cache", "from the cached cluster")
     assert second["how"] == "attached to the server an earlier run kept alive (pg_keep_alive)"
     assert (second["pid"], second["run"]) == (first["pid"], first["run"])
     # fresh credentials: the first run's databases and role are gone, its passwords no longer open anything

@@ -79,6 +79,28 @@ def test_bad_option_stops_pytest_with_a_usage_error(pytester: pytest.Pytester) -
     result = pytester.runpytest("--pg-port=abc")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*pgsandbox: --pg-port: bad value 'abc': expected a port number*"])
+    pytester.makeini("[pytest]\npg_keep_failed = maybe\n")  # a flag: pytest itself reads it as a bool
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*pgsandbox: ini pg_keep_failed: bad value: invalid truth value 'maybe'; expected true or false.",
+            "*What to do: fix ini pg_keep_failed; --pg-keep-failed takes: keep the database of a failed test*",
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_flags_are_bools_in_the_help(pytester: pytest.Pytester) -> None:
+    """pytest's --help names each ini key's type: a flag is a bool, not a string."""
+    pytester.makeini("[pytest]\npg_show_sql = yes\n")
+    config = pytester.parseconfig()
+    assert config.getini("pg_show_sql") is True
+    assert {name: config._parser._inidict[f"pg_{name}"][1] for name in ("rebuild", "keep_failed", "show_sql")} == {
+        "rebuild": "bool",
+        "keep_failed": "bool",
+        "show_sql": "bool",
+    }
 
 
 @pytest.mark.slow

