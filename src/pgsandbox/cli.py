@@ -16,7 +16,7 @@ from pgsandbox._version import __version__
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
 from pgsandbox.errors import ConfigError, PgSandboxError
-from pgsandbox.server import clusters, osuser, runs, wants_external
+from pgsandbox.server import clusters, keepalive, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target
 from pgsandbox.settings import OPTIONS, Settings
 
@@ -126,6 +126,11 @@ def doctor(settings: Settings) -> int:
             f"  {leftover.describe()}, {runs.run_size(leftover.run) / 1e6:.1f} MB{kept} "
             f"(`pgsandbox clean {run_id}` stops it)"
         )
+    kept_alive = keepalive.kept_alive(runs.search_bases(settings.runtime_dir))
+    print("Servers kept alive for the next run (pg_keep_alive): " + ("none" if not kept_alive else ""))
+    for server in kept_alive:
+        run_id = server.run.path.name.removeprefix("run-")
+        print(f"  {server.describe()} (`pgsandbox clean {run_id}` stops it)")
     abandoned = runs.find_abandoned(runs.search_bases(settings.runtime_dir), root)
     print("Half-written directories of killed runs: " + ("none" if not abandoned else ""))
     for directory in abandoned:
@@ -169,9 +174,13 @@ def clean(
         return 2
     verb = "would stop and remove" if dry_run else "stopped and removed"
     leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True, all_users=all_users)
+    kept_alive = keepalive.kept_alive(runs.search_bases(settings.runtime_dir))
     if run_ids:
         wanted = {run_id.removeprefix("run-") for run_id in run_ids}
         found = {leftover.run.path.name.removeprefix("run-"): leftover for leftover in leftovers}
+        alive_ids = {server.run.path.name.removeprefix("run-") for server in kept_alive}
+        kept_alive = [server for server in kept_alive if server.run.path.name.removeprefix("run-") in wanted]
+        wanted -= alive_ids
         unknown = sorted(wanted - set(found))
         if unknown:
             live = [run_id for run_id in unknown if runs.live_run(runs.search_bases(settings.runtime_dir), run_id)]
@@ -188,6 +197,15 @@ def clean(
         if not dry_run:
             runs.remove_leftover(leftover)
         print(f"{verb} {leftover.describe()}, {size / 1e6:.1f} MB")
+    for server in kept_alive:
+        size = runs.run_size(server.run)
+        if server.in_use:
+            print(f"left {server.describe()}: a run uses it (its end leaves it idle; clean then stops it)")
+            continue
+        if not dry_run and not keepalive.stop(server.run):
+            print(f"left {server.describe()}: a run attached to it meanwhile")
+            continue
+        print(f"{verb} the kept-alive {server.describe()}, {size / 1e6:.1f} MB")
     if run_ids:
         return 0
     root = settings.cache or clusters.default_cache_root()
