@@ -10,6 +10,10 @@ once a ``select 1`` has come back). Cases:
 
 * pgsandbox cold: ``pg_server`` with an empty ``PGSANDBOX_CACHE`` each run (initdb included);
 * pgsandbox warm: ``pg_server`` with the cache filled by an earlier run;
+* pgsandbox warm and pgsandbox keep-alive, one database test (``pg``, a ``select 1``): the first starts a server
+  from the filled cache each run; the second runs with ``PGSANDBOX_KEEP_ALIVE=10min``, so each run attaches to
+  the server the warm-up round left running (its runtime directory is outside the one the harness sweeps after
+  each run; the server and its watcher are stopped at the end);
 * pytest-postgresql: its ``postgresql_proc`` session fixture, on the same PostgreSQL binaries;
 * raw initdb + ``pg_ctl start -w`` (then stop), no Python at all;
 * for context, pytest alone with no database, for each interpreter/user used.
@@ -35,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,6 +100,16 @@ def test_startup(pg_server):
     body = time.time()
     with pg_server.connect() as conn:
         conn.execute("select 1").fetchone()
+    _stamp(body, time.time())
+"""
+)
+
+TEST_PGSANDBOX_DATABASE = (
+    TEST_HEADER
+    + """
+def test_startup(pg):
+    body = time.time()
+    pg.fetchval("select 1")
     _stamp(body, time.time())
 """
 )
@@ -350,6 +365,12 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
     for case in cases.values():
         if case.error is not None:
             print(f"\nFAILED after {len(case.samples)} measured run(s): {case.label}\n{case.error}")
+    overhead = whole_process_overhead(cases)
+    if overhead:
+        print()
+        print("Whole-process overhead: 'pytest exit' minus that of pytest with no database (medians)")
+        for label, value in overhead.items():
+            print(f"  {label:<52} {value:.0f} ms")
     warm, cold = cases.get("pgsandbox-warm"), cases.get("pgsandbox-cold")
     competitor, raw = cases.get("pytest-postgresql"), cases.get("raw")
     ratios = {
@@ -371,9 +392,11 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
         )
     warm_ratio = ratios["pytest-postgresql / pgsandbox warm"]
     cold_ratio = ratios["pytest-postgresql / pgsandbox cold"]
+    attach = overhead.get(OVERHEAD_LABELS["pgsandbox-keepalive"])
     targets: dict[str, bool | None] = {
         "warm start >= 3x faster than pytest-postgresql": None if warm_ratio is None else warm_ratio >= 3.0,
         "cold start no slower than pytest-postgresql": None if cold_ratio is None else cold_ratio >= 1.0,
+        "keep-alive attach: whole-process overhead <= 40 ms (issue 16)": None if attach is None else attach <= 40,
     }
     print()
     print_targets(targets)
@@ -402,11 +425,32 @@ def report(bench: Bench, cases: dict[str, Case], facts: dict[str, str], command:
             },
             "ratios": ratios,
             "ratio_net_of_pytest": net,
+            "whole_process_overhead_ms": overhead,
             "targets": targets,
             "stragglers": bench.stragglers,
         }
         write_json(json_path, document)
     return 1 if failed else 0
+
+
+OVERHEAD_LABELS = {
+    "pgsandbox-warm-db": "pgsandbox warm, one database test",
+    "pgsandbox-keepalive": "pgsandbox keep-alive attach, one database test",
+}
+
+
+def whole_process_overhead(cases: dict[str, Case]) -> dict[str, float]:
+    """Each one-database-test case's median whole-process time (to pytest's exit) over bare pytest's."""
+    baseline = cases.get("baseline")
+    if baseline is None or not baseline.samples:
+        return {}
+    bare = statistics.median(sample.exit_ms for sample in baseline.samples)
+    found = {}
+    for key, label in OVERHEAD_LABELS.items():
+        case = cases.get(key)
+        if case is not None and case.samples:
+            found[label] = statistics.median(sample.exit_ms for sample in case.samples) - bare
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -430,11 +474,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bindir is None:
         return 2
     with scratch("pgsandbox-bench-") as (work, data):
-        return bench_main(args, bindir, work, data, command)
+        # the keep-alive case's server outlives each run: outside what the harness sweeps after every run
+        kept = Path(tempfile.mkdtemp(prefix="pgsandbox-bench-keepalive-", dir=data.parent))
+        kept.chmod(0o755)
+        try:
+            return bench_main(args, bindir, work, data, command, kept)
+        finally:
+            left = stop_stragglers([kept])
+            shutil.rmtree(kept, ignore_errors=True)
+            if left:
+                print(f"stopped the kept-alive server and its watcher: {'; '.join(left)}")
     return 130  # interrupted
 
 
-def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
+def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str, kept: Path) -> int:
     main_runner = current_runner()
     skipped: dict[str, str] = {}
     other: Runner | None = main_runner
@@ -507,6 +560,26 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
                 NO_PYTEST_POSTGRESQL,
                 warm_env,
                 suites / "warm",
+            )
+        )
+        items.append(
+            PytestCase(
+                add("pgsandbox-warm-db", "pgsandbox warm, one database test (pg)"),
+                main_runner,
+                TEST_PGSANDBOX_DATABASE,
+                NO_PYTEST_POSTGRESQL,
+                warm_env,
+                suites / "warm-db",
+            )
+        )
+        items.append(
+            PytestCase(
+                add("pgsandbox-keepalive", "pgsandbox keep-alive attach, one database test (pg)"),
+                main_runner,
+                TEST_PGSANDBOX_DATABASE,
+                NO_PYTEST_POSTGRESQL,
+                {**warm_env, "PGSANDBOX_RUNTIME_DIR": str(kept), "PGSANDBOX_KEEP_ALIVE": "10min"},
+                suites / "keepalive",
             )
         )
     if other is not None:

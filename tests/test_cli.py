@@ -25,6 +25,29 @@ def test_doctor_shows_binaries_choice_and_cache(
 
 
 @pytest.mark.slow
+def test_doctor_reads_the_configuration_pytest_reads(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pyproject.toml's [tool.pytest.ini_options], as pytest finds it from a subdirectory, under the
+    environment: the same settings as a pytest run started there."""
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\npg_version = "16"\npg_cache_max_size = "123MB"\n'
+    )
+    (tmp_path / "app").mkdir()
+    monkeypatch.chdir(tmp_path / "app")
+    monkeypatch.delenv("PGSANDBOX_CACHE_MAX_SIZE", raising=False)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Configuration: {tmp_path / 'pyproject.toml'} (as pytest reads it), then the environment")
+    assert "Would use for a local server: PostgreSQL 16." in out and "(pinned by ini pg_version=16)" in out
+    assert "; bound 123 MB from ini pg_cache_max_size)" in out
+    assert "  run by " in out
+    monkeypatch.setenv("PGSANDBOX_VERSION", "18")
+    assert main(["doctor"]) == 0
+    assert "(pinned by PGSANDBOX_VERSION=18)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_doctor_with_an_unsatisfiable_pin_fails(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,3 +74,15 @@ def test_clean_removes_the_cache(
     assert main(["clean"]) == 0
     assert f"removed cache {cache} (" in capsys.readouterr().out
     assert not cache.exists()
+
+
+def test_help_and_version_are_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from pgsandbox import __version__
+
+    for args in (["--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "pgsandbox doctor (what would be used and why)" in out and "``" not in out  # no reST markup
+    assert out.rstrip().endswith(f"pgsandbox {__version__}")

@@ -257,7 +257,7 @@ def test_errors_say_what_could_not_be_filled_and_how_to_pass_it(project: pytest.
         ]
     )
     result.stdout.fnmatch_lines(
-        ["*- pgsandbox: data -*", "pg.insert made * row(s) of this test from the seed 'test_rows.py::test_*'*"]
+        ["*- pgsandbox: data -*", "pg.insert made * row* of this test from the seed 'test_rows.py::test_*'*"]
     )
 
 

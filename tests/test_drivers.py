@@ -245,7 +245,7 @@ def test_a_raw_commit_on_a_driver_connection_is_reported_and_the_next_test_start
                 "COMMIT (or END) statement*",
             ]
         )
-    result.stdout.fnmatch_lines(["*Changed: public.items (+1 rows, 1 rows written)*"])
+    result.stdout.fnmatch_lines(["*Changed: public.items (+1 row, 1 row written)*"])
 
 
 MISSING = {

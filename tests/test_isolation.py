@@ -118,7 +118,7 @@ def test_a_raw_commit_is_reported_and_the_next_test_starts_clean(project: pytest
             "*ERROR at teardown of test_1_raw_commit*",
             "*test_it.py::test_1_raw_commit committed outside its transaction, so its writes escaped the rollback:"
             " its transaction was ended by a COMMIT (or END) statement run on the test's connection.",
-            "*Changed: public.users (+1 rows, 1 rows written).",
+            "*Changed: public.users (+1 row, 1 row written).",
             "*pgsandbox cloned the session database again from the template: the next test starts clean.",
             "*What to do: call conn.commit() on the connection pgsandbox gave you*",
         ]
@@ -151,7 +151,7 @@ def test_a_second_connection_that_commits_is_reported(project: pytest.Pytester, 
         [
             "*test_1_second_connection committed outside its transaction*another connection to the session "
             "database committed.",
-            "*Changed: public.users (-1 rows, 1 rows written).",
+            "*Changed: public.users (-1 row, 1 row written).",
         ]
     )
 
@@ -261,11 +261,11 @@ def test_what_pg_admin_commits_in_transaction_isolation_is_reported(project: pyt
             "*ERROR at teardown of test_1_admin_makes_a_table_and_a_user*",
             "*test_1_admin_makes_a_table_and_a_user committed outside its transaction, so its writes escaped the "
             "rollback: its pg_admin connection, outside the test's transaction, committed.",
-            "*Changed: public.audit (created, 1 rows), public.users (+1 rows, 1 rows written).",
+            "*Changed: public.audit (created, 1 row), public.users (+1 row, 1 row written).",
             "*ERROR at teardown of test_2_admin_turns_on_row_level_security*",
             "*Changed: table public.users (altered).",
             "*ERROR at teardown of test_5_the_app_writes_beside_a_tenant_table*",
-            "*Changed: public.notes (+1 rows, 1 rows written).",
+            "*Changed: public.notes (+1 row, 1 row written).",
         ]
     )
 

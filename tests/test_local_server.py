@@ -274,12 +274,14 @@ def test_a_second_server_on_a_cold_cache_waits_for_the_first_ones_cache_write(tm
         second.stop()
     finally:
         first.stop()
+    assert (first.how_started, second.how_started) == ("after initdb", "from the initdb cache")
     assert (tmp_path / "cache" / "initdb").is_dir()
 
 
 def test_what_a_local_server_says_of_itself(start_local: StartLocal, cache_dir: Path) -> None:
     """What the sandbox asks a server instead of its class: one this process started, from the initdb cache or
     from a snapshot of its templates; how it ended when something killed it, and its log."""
+    start_local().stop()  # the first start of the suite's cache runs initdb: "after initdb"
     server = start_local()
     assert server.owns_cluster and server.throwaway and server.can_save_snapshot
     assert server.bindir == server.installation.bindir and (server.bindir / "psql").exists()

@@ -147,6 +147,9 @@ def test_the_session_report(pytester: pytest.Pytester, shared_dsn: str) -> None:
             "report written to *pgsandbox-report.json",
         ]
     )
+    lines = result.stdout.lines
+    header = next(i for i, line in enumerate(lines) if "= pgsandbox =" in line)
+    assert lines[header + 1].startswith("server: ")  # no blank line under the header
     report = json.loads((pytester.path / "pgsandbox-report.json").read_text())
     assert report["tests"] == {"transaction": 2, "database": 1}
     assert report["findings"] == {"commits that escaped the rollback": 1, "connections left open": 1}

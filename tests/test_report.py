@@ -49,7 +49,14 @@ def test_the_report_counts_tests_by_mode_seconds_and_findings_by_kind() -> None:
         "start_seconds": 0.123,
     }
     assert report["templates"] == [
-        {"layer": "migrations", "hash": "0123456789ab", "labels": ["m"], "hit": False, "build_seconds": 1.235}
+        {
+            "layer": "migrations",
+            "hash": "0123456789ab",
+            "labels": ["m"],
+            "hit": False,
+            "why_built": "cache miss",
+            "build_seconds": 1.235,
+        }
     ]
     assert report["tests"] == {"transaction": 2, "database": 1}
     assert report["setup_seconds"] == 0.13 and report["teardown_seconds"] == 0.05
@@ -121,11 +128,11 @@ def test_prepared_transactions_are_said_the_same_way_in_both_modes() -> None:
 
 
 def test_an_escape_names_each_cause_and_what_changed() -> None:
-    error = escaped("t.py::test_x", ["public.users (+1 rows, 1 rows written)"], own=True, committed=["pg_admin"])
+    error = escaped("t.py::test_x", ["public.users (+1 row, 1 row written)"], own=True, committed=["pg_admin"])
     assert error.what == (
         "t.py::test_x committed outside its transaction, so its writes escaped the rollback: its transaction was "
         "ended by a COMMIT (or END) statement run on the test's connection; its pg_admin connection, outside the "
-        "test's transaction, committed.\n  Changed: public.users (+1 rows, 1 rows written).\n  pgsandbox cloned "
+        "test's transaction, committed.\n  Changed: public.users (+1 row, 1 row written).\n  pgsandbox cloned "
         "the session database again from the template: the next test starts clean."
     )
     assert "isolation='database'" in error.fix

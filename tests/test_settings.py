@@ -79,6 +79,28 @@ def test_bad_option_stops_pytest_with_a_usage_error(pytester: pytest.Pytester) -
     result = pytester.runpytest("--pg-port=abc")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*pgsandbox: --pg-port: bad value 'abc': expected a port number*"])
+    pytester.makeini("[pytest]\npg_keep_failed = maybe\n")  # a flag: pytest itself reads it as a bool
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*pgsandbox: ini pg_keep_failed: bad value: invalid truth value 'maybe'; expected true or false.",
+            "*What to do: fix ini pg_keep_failed; --pg-keep-failed takes: keep the database of a failed test*",
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_flags_are_bools_in_the_help(pytester: pytest.Pytester) -> None:
+    """pytest's --help names each ini key's type: a flag is a bool, not a string."""
+    pytester.makeini("[pytest]\npg_show_sql = yes\n")
+    config = pytester.parseconfig()
+    assert config.getini("pg_show_sql") is True
+    assert {name: config._parser._inidict[f"pg_{name}"][1] for name in ("rebuild", "keep_failed", "show_sql")} == {
+        "rebuild": "bool",
+        "keep_failed": "bool",
+        "show_sql": "bool",
+    }
 
 
 @pytest.mark.slow
@@ -138,6 +160,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "isolation": ("database", "database"),
     "rebuild": ("yes", True),
     "keep_failed": ("ON", True),
+    "keep_alive": ("10 min", 600.0),
     "clone_strategy": ("wal_log", "wal_log"),
     "templates_keep": ("5", 5),
     "role": ("admin", "admin"),
@@ -192,6 +215,9 @@ def test_an_empty_or_unset_value_falls_through_to_the_next_source() -> None:
     assert Settings.from_sources(env={}).source_of("version") == "pg_version"  # the default: where to set it
 
 
+KEEP_ALIVE = "expected a duration such as 30s, 10min or 1h (0 or off: the server stops with the run)"
+
+
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
@@ -202,6 +228,26 @@ def test_an_empty_or_unset_value_falls_through_to_the_next_source() -> None:
         ("reap_grace", "-5", "expected a number of seconds (0: at once; -1 or never: never)"),
         ("reap_grace", "soon", "expected a number of seconds (0: at once; -1 or never: never)"),
         ("statement_timeout", "5 minutes", "expected a duration such as 500ms, 30s, 5min or 1h (0: no timeout)"),
+        (
+            "keep_alive",
+            "10",
+            KEEP_ALIVE + "; a unit is needed: 10s or 10min?",
+        ),
+        (
+            "keep_alive",
+            "5 weeks",
+            KEEP_ALIVE + "; unknown unit 'weeks' (ms, s, min, h or d)",
+        ),
+        (
+            "keep_alive",
+            "-30s",
+            KEEP_ALIVE,
+        ),
+        (
+            "keep_alive",
+            "10ms",
+            KEEP_ALIVE + "; at least 1s",
+        ),
         ("report", "json:", "expected term (the default), json, json:PATH or off"),
         ("session_class", "sqlmodel.Session", "expected module:Class, such as sqlmodel:Session"),
         ("templates_keep", "three", "expected a whole number of at least 1"),
@@ -221,3 +267,12 @@ def test_a_bad_value_of_each_kind_says_what_the_option_takes(name: str, value: s
     message = str(error.value)
     assert f"{option.env}: bad value {value.strip()!r}: {expected}." in message
     assert f"What to do: fix {option.env}; {option.cli} takes: {option.help}." in message
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30.0), ("10min", 600.0), ("1.5h", 5400.0), ("1d", 86400.0), ("2 sec", 2.0), ("0", 0.0), ("OFF", 0.0)],
+)
+def test_keep_alive_takes_a_duration_with_a_unit_or_off(text: str, seconds: float) -> None:
+    assert Settings.from_sources(env={"PGSANDBOX_KEEP_ALIVE": text}).keep_alive == seconds
+    assert Settings().keep_alive == 0.0  # the default: the server stops with the run

@@ -17,7 +17,7 @@ import pytest
 
 from pgsandbox.server import statement_log
 from pgsandbox.server.statement_log import Entry, read_csvlog, read_jsonlog, server_messages
-from pgsandbox.server.statements import Scope, lock_waits, ran, report, statements
+from pgsandbox.server.statements import Scope, Statement, lock_waits, ran, report, statements
 
 CANNED = Path(__file__).parent / "statement_logs"
 CSV = (CANNED / "csvlog.csv").read_bytes()
@@ -162,7 +162,7 @@ def test_the_report_labels_each_connection(read: object, data: bytes) -> None:
     found = statements(read(data), Scope(frozenset(["pgsandbox t1", "billing-worker"])))
     text = report(found)
     lines = text.splitlines()
-    assert lines[0].startswith("11 statement(s), ") and lines[0].endswith(" ms in all, 1 failed")
+    assert lines[0].startswith("11 statements, ") and lines[0].endswith(" ms in all, 1 failed")
     assert re.fullmatch(r"  c1 = backend \d+ \(pgsandbox t1\)", lines[1])
     assert re.fullmatch(
         r"  c2 = backend \d+ \(billing-worker: a connection the test or its app opened itself\)", lines[2]
@@ -201,3 +201,37 @@ def test_the_log_format_for_a_server_version() -> None:
     settings = statement_log.server_settings(Path("/run/log"), "csvlog")
     assert settings["log_destination"] == "csvlog" and settings["log_directory"] == "/run/log"
     assert settings["log_min_duration_statement"] == "0" and settings["log_timezone"] == "UTC"
+
+
+def test_a_client_librarys_set_up_of_a_connection_is_not_counted_and_is_folded() -> None:
+    """SQLAlchemy's first-connect probes and the drivers' type lookups (as psycopg, psycopg2 and asyncpg send
+    them): a connection made inside a pg_queries block sends them, one made before does not."""
+    probes = [
+        "select pg_catalog.version()",
+        "select current_schema()",
+        "show transaction isolation level",
+        "show standard_conforming_strings",
+        "SELECT t.oid, typarray\nFROM pg_type t JOIN pg_namespace ns\n    ON typnamespace = ns.oid\n"
+        "WHERE typname = 'hstore';",
+        "SELECT\n    typname AS name, oid, typarray AS array_oid,\n    oid::regtype::text AS regtype",
+        "WITH RECURSIVE typeinfo_tree(\n    oid, ns, name, kind, basetype, elemtype, elemdelim,",
+    ]
+    name = "pgsandbox t.py::test_x"  # one connection of pgsandbox's: no connection labels
+    found = [Statement("BEGIN", 7, name, duration_ms=0.01)]
+    found += [Statement(sql, 7, name, duration_ms=0.1) for sql in probes]
+    found += [Statement("select count(*) from users", 7, name, 0.2), Statement("ROLLBACK", 7, name, 0.01)]
+    assert [s.sql for s in found if s.counted] == ["select count(*) from users"]
+    assert all(s.driver_setup for s in found[1:8]) and not found[8].driver_setup
+    lines = report(found).splitlines()
+    assert lines[1].endswith("ms BEGIN")
+    assert lines[2] == "           +7 driver set-up statements (a client library's questions to a new connection)"
+    assert lines[3].endswith("ms select count(*) from users") and len(lines) == 5
+    assert not Statement("select current_schema()", 7, error="ERROR 42P01: oops").driver_setup  # a failure shows
+
+
+def test_pg_inserts_casts_show_as_plain_placeholders() -> None:
+    sent = (
+        'INSERT INTO "shop"."item" ("a", "b", "c") VALUES ($1, CAST(CAST($2 AS text) AS numeric(10,2)), '
+        "CAST(CAST($3 AS text) AS jsonb)) RETURNING *"
+    )
+    assert Statement(sent, 1).sql == 'INSERT INTO "shop"."item" ("a", "b", "c") VALUES ($1, $2, $3) RETURNING *'

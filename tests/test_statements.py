@@ -62,7 +62,7 @@ def test_a_failed_test_shows_the_sql_it_ran(project: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=2)
     ran = section(result, "pgsandbox: SQL of call", "test_2_fails")
     lines = [line.strip() for line in ran.splitlines()]
-    assert lines[0].startswith("6 statement(s), ") and lines[0].endswith("ms in all, 1 failed"), ran
+    assert lines[0].startswith("6 statements, ") and lines[0].endswith("ms in all, 1 failed"), ran
     assert lines[1].endswith("ms select id from users where name = $1"), ran  # the fixture's, at set-up
     assert lines[2] == "parameters: $1 = 'ada'"
     assert lines[3].endswith("ms update users set name = $1 where id = $2"), ran
@@ -117,7 +117,7 @@ def test_long_sql_is_cut_to_a_readable_length(project: pytest.Pytester) -> None:
     )
     result.assert_outcomes(failed=1)
     ran = section(result, "pgsandbox: SQL of call")
-    assert ran.splitlines()[0].startswith("61 statement(s), ") and "the first 11 are not shown" in ran, ran
+    assert ran.splitlines()[0].startswith("61 statements, ") and "the first 11 are not shown" in ran, ran
     assert "ms select 10\n" not in ran and "ms select 11\n" in ran and "ms select 59\n" in ran
     assert "… (2009 more characters)" in ran
 
@@ -182,6 +182,25 @@ QUERIES = """
                 await pg_asyncpg.execute("update users set name = name || '2'")
         assert ran.sql == ["select count(*) from users where name = $1", "update users set name = name || '2'"]
 
+    @pytest.mark.parametrize("isolation", ["transaction", "database"])
+    def test_an_engines_first_connect_is_not_counted(isolation, pg, pg_queries):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(pg.url())  # the app's own, connecting inside the block
+        with pg_queries(1) as ran:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("select count(*) from users")).scalar()
+        engine.dispose()
+        assert ran.sql == ["select count(*) from users"]
+        probes = [s.sql for s in ran.all if s.driver_setup]
+        assert probes[:2] == ["select pg_catalog.version()", "select current_schema()"]
+        assert "driver set-up statements (a client library's questions to a new connection)" in str(ran)
+
+    def test_pg_insert_shows_its_placeholders(pg, pg_queries):
+        with pg_queries(1) as ran:
+            pg.insert("users")
+        assert ran.sql[0].startswith('INSERT INTO "public"."users" ("name") VALUES ($1)'), ran.sql
+
     def test_n_plus_one_fails(pg_queries, pg_conn, books):
         with pg_queries(at_most=2):
             authors_one_by_one(pg_conn)
@@ -209,16 +228,23 @@ def test_pg_queries(project: pytest.Pytester) -> None:
         )
     )
     result = run(project, QUERIES)
-    result.assert_outcomes(passed=3, failed=2)
+    result.assert_outcomes(passed=6, failed=2)
     result.stdout.fnmatch_lines(
         [
-            "*AssertionError: expected at most 2 statement(s), the block ran 4 (transaction control not counted):",
-            "E * 4 statement(s), * ms in all",
+            "*AssertionError: expected at most 2 statements, the block ran 4 (transaction control not counted):",
+            "E * 4 statements, * ms in all",
             "E * ms select author from book order by id",
             "E * ms select name from users where id = $1",
             "E * parameters: $1 = '1'",
-            "*AssertionError: expected exactly 1 statement(s), the block ran 4*",
+            "*AssertionError: expected exactly 1 statement, the block ran 4*",
         ]
+    )
+    output = result.stdout.str()
+    assert "queries.py" not in output and "contextlib" not in output  # the traceback ends at the test's `with`
+    # each failed block lists its statements once; the section has only the rest (the fixture's insert)
+    assert output.count("ms select author from book order by id") == 2
+    result.stdout.fnmatch_lines(
+        ["*- pgsandbox: SQL of call, besides the pg_queries block's (listed above) -*", "*ms insert into book values*"]
     )
 
 

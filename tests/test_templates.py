@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,9 +80,11 @@ def test_local_cache_hit_miss_and_rebuild(
     third.stdout.fnmatch_lines(["*cache miss, built in*"])
     assert builds(tmp_path / "builds.log") == 2
 
-    forced = pytester.runpytest("--pg-rebuild")
+    forced = pytester.runpytest("--pg-rebuild", "--pg-report=json")
     forced.assert_outcomes(passed=1)
-    forced.stdout.fnmatch_lines(["*cache miss, built in*"])
+    forced.stdout.fnmatch_lines(["*(sql:migrations, hook:*): rebuild forced (pg_rebuild), built in*"])
+    report = json.loads((pytester.path / "pgsandbox-report.json").read_text())
+    assert [t["why_built"] for t in report["templates"]] == ["rebuild forced (pg_rebuild)"]
     assert builds(tmp_path / "builds.log") == 3
     again = pytester.runpytest()
     again.stdout.fnmatch_lines(["*cache hit*"])

@@ -59,8 +59,8 @@ def seen(log: Path) -> list[dict[str, str]]:
     [
         ("2", "load", "transaction"),
         ("2", "load", "database"),
-        ("4", "loadscope", "transaction"),
-        ("4", "loadfile", "database"),
+        ("3", "loadscope", "transaction"),
+        ("3", "loadfile", "database"),
     ],
 )
 def test_one_server_one_template_and_isolated_workers(
@@ -103,7 +103,7 @@ def test_keep_failed_under_xdist(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*- pgsandbox: SQL of call -*",
-            "1 statement(s), * ms in all",
+            "1 statement, * ms in all",
             "*ms insert into items (name) values ('evidence')",
             "*pgsandbox: kept databases of failed tests*",
             "*PGPASSFILE=* '*dbname=pgsandbox_*_failed1'",

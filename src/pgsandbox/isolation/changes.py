@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsandbox.common.words import counted
 from pgsandbox.server.base import Server
 from pgsandbox.server.tags import INTERNAL, OURS_PREFIX
 
@@ -171,14 +172,14 @@ def what_changed(server: Server, current_db: str, fresh: str, since_xid: int) ->
     for table in sorted(set(now.rows) | set(then.rows)):
         before, after = then.rows.get(table), now.rows.get(table)
         if before is None:
-            found.append(f"{table} (created, {after} rows)")
+            found.append(f"{table} (created, {counted(after or 0, 'row')})")
         elif after is None:
             found.append(f"{table} (dropped)")
         else:
             written = now.written[table]
             if after != before or written:
-                delta = f"{after - before:+d} rows" if after != before else "same row count"
-                found.append(f"{table} ({delta}, {written} rows written)")
+                delta = counted(after - before, "row", signed=True) if after != before else "same row count"
+                found.append(f"{table} ({delta}, {counted(written, 'row')} written)")
     found += objects
     if not found and now.relations != then.relations:
         found.append(f"the schema ({now.relations - then.relations:+d} relations)")

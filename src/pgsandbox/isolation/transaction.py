@@ -524,7 +524,7 @@ class TransactionIsolation:
     def close(self) -> None:
         self._close_parked()
         self._close()
-        if self.dbname:
+        if self.dbname and not self.server.drops_databases_later:
             with contextlib.suppress(psycopg.Error, PgSandboxError):
                 self.server.drop_database(self.dbname)
         self.dbname = None

@@ -185,13 +185,16 @@ def pg_session(request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_engine: E
 
 @pytest.fixture
 def pg_queries(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> Queries:
-    """Count and list the statements a block runs, on every connection of the test::
+    """Count and list the statements a block runs, on every connection of the test: ``with pg_queries(2):``
+    fails, listing them, unless the block ran exactly 2 (``at_most=2``: at most 2); ``with pg_queries() as ran:``
+    only records (``ran.count``, ``ran.sql``, ``print(ran)``). Transaction control is not counted.
 
-        with pg_queries(2):  # fails listing them unless the block ran exactly 2 (at_most=2: at most 2)
+    For example::
+
+        with pg_queries(2):
             list_orders(session)
 
-    ``with pg_queries() as ran:`` only records (``ran.count``, ``ran.sql``, ``print(ran)``). Transaction
-    control is not counted. Needs the statement log of the local server (``pg_sql_log``, on by default)."""
+    Needs the statement log of the local server (``pg_sql_log``, on by default)."""
     from pgsandbox.sandbox.queries import Queries
     from pgsandbox.server.statement_log import StatementLogError
 

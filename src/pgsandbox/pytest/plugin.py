@@ -29,7 +29,7 @@ from pgsandbox.pytest.state import (
     XDIST_REPORT,
     settings,
 )
-from pgsandbox.settings import OPTIONS, Settings
+from pgsandbox.settings import BY_NAME, OPTIONS, Settings
 
 pytest_plugins = ["pgsandbox.pytest.fixtures"]
 
@@ -60,10 +60,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(
                 option.cli, action="store_true", dest=f"pg_{option.name}", default=None, help=option.help + env
             )
-            parser.addini(option.ini, option.help, default="")
+            # a bool to pytest too, for --help; unset stays None (the environment, a lower-precedence source
+            # than the command line only, may still set it)
+            parser.addini(option.ini, option.help, type="bool", default=None)
         else:
             group.addoption(option.cli, dest=f"pg_{option.name}", default=None, help=option.help + env)
             parser.addini(option.ini, option.help, default="")
+
+
+def ini_value(config: pytest.Config, name: str) -> Any:
+    """An ini key's value; pytest reads a flag's itself and says only "invalid truth value" of a bad one."""
+    option = BY_NAME[name]
+    try:
+        return config.getini(option.ini)
+    except (ValueError, pytest.UsageError) as error:
+        raise ConfigError(
+            f"ini {option.ini}: bad value: {error}; expected true or false.",
+            f"fix ini {option.ini}; {option.cli} takes: {option.help}.",
+        ) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,7 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SETTINGS_KEY] = Settings.from_sources(
             cli={o.name: config.getoption(f"pg_{o.name}") for o in OPTIONS},
             env=os.environ,
-            ini={o.name: config.getini(o.ini) for o in OPTIONS},
+            ini={o.name: ini_value(config, o.name) for o in OPTIONS},
         )
         from pgsandbox.pytest.checks import check_startup, unmatched_inputs
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pgsandbox.common.redact import redact
+from pgsandbox.common.words import counted
 from pgsandbox.errors import causes, sqlstate
 from pgsandbox.pytest.markers import marker_options
 from pgsandbox.pytest.state import (
@@ -25,6 +26,7 @@ from pgsandbox.pytest.state import (
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database, Sandbox
+    from pgsandbox.sandbox.queries import Recorded
     from pgsandbox.server.statements import Statement
 
 TIMEOUTS = {"55P03": "a statement waited too long for a lock", "57014": "a statement was stopped (a timeout)"}
@@ -70,19 +72,21 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
         return
     if sandbox.gone is not None:  # no log to read; the first test that met it says so in full
         return
-    found = add_sql(item, report, sandbox, db)
+    from pgsandbox.server.tags import RECORDED  # here: loading the plugin imports no server module (psycopg)
+
+    error = call.excinfo.value if call.excinfo else None
+    found = add_sql(item, report, sandbox, db, listed=getattr(error, RECORDED, None))
     rows = db._test.rows
     if report.failed and rows is not None and rows.made:
         report.sections.append(
             (
                 "pgsandbox: data",
-                f"pg.insert made {rows.made} row(s) of this test from the seed {db.seed!r}: the same seed makes "
-                "the same values on every run (pg_data_seed, set or not, is part of it).",
+                f"pg.insert made {counted(rows.made, 'row')} of this test from the seed {db.seed!r}: the same seed "
+                "makes the same values on every run (pg_data_seed, set or not, is part of it).",
             )
         )
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
         return
-    error = call.excinfo.value if call.excinfo else None
     deadlock = deadlock_of(error)
     if deadlock is not None:
         # the server's log has each process's statement, which the client's error leaves out
@@ -119,9 +123,12 @@ def scope_mismatch_advice(call: pytest.CallInfo[None], report: pytest.TestReport
     )
 
 
-def add_sql(item: pytest.Item, report: pytest.TestReport, sandbox: Sandbox, db: Database) -> list[Statement] | None:
+def add_sql(
+    item: pytest.Item, report: pytest.TestReport, sandbox: Sandbox, db: Database, listed: Recorded | None = None
+) -> list[Statement] | None:
     """The statements of the test from the server's log, as a section, when it failed or pg_show_sql asks;
-    ``None`` when they were not read."""
+    ``None`` when they were not read. ``listed``: a failed pg_queries block's, which its error lists already:
+    the section has only the others (none: no section)."""
     show_sql = settings(item.config).show_sql and report.when == "call"
     shown = item.stash.get(SQL_SHOWN_KEY, False)  # a teardown error after a failure: the SQL is there already
     if not ((report.failed and not shown) or show_sql):
@@ -143,7 +150,13 @@ def add_sql(item: pytest.Item, report: pytest.TestReport, sandbox: Sandbox, db: 
         if not connection_lost(unreadable):  # else the server is gone: the teardown says so, in full
             report.sections.append(("pgsandbox: SQL", f"pgsandbox could not read the statement log: {unreadable}"))
         return None
-    report.sections.append((f"pgsandbox: SQL of {report.when}", sql_section(found, complete)))
+    if listed is None:
+        report.sections.append((f"pgsandbox: SQL of {report.when}", sql_section(found, complete)))
+        return found
+    others = [statement for statement in found if statement not in listed.all]
+    if others:
+        title = f"pgsandbox: SQL of {report.when}, besides the pg_queries block's (listed above)"
+        report.sections.append((title, sql_section(others, complete)))
     return found
 
 
@@ -219,6 +232,7 @@ def write_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Conf
     kept = config.stash.get(KEPT_KEY, [])
     if not kept:
         return
+    terminalreporter.ensure_newline()
     terminalreporter.section("pgsandbox: kept databases of failed tests")
     for command in kept:
         terminalreporter.write_line(f"  {command}")
@@ -247,6 +261,7 @@ def write_report(terminalreporter: pytest.TerminalReporter, config: pytest.Confi
             terminalreporter.write_line(written, yellow=True)
     if choice == "off" or config.get_verbosity() < 0:
         return
+    terminalreporter.ensure_newline()  # else the first write_line ends the last test's progress line: a blank line
     terminalreporter.section("pgsandbox")
     for line in report_lines(report):
         terminalreporter.write_line(line)
@@ -258,7 +273,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     server = report["server"]
     lines = [f"server: {server['origin']}; {server['start']} in {server['start_seconds']:.2f} s"]
     for template in report["templates"]:
-        result = "cache hit" if template["hit"] else f"cache miss, built in {template['build_seconds']:.2f} s"
+        why = template.get("why_built") or "cache miss"  # a worker's report of an older version has no reason
+        result = "cache hit" if template["hit"] else f"{why}, built in {template['build_seconds']:.2f} s"
         lines.append(f"{template['layer']} template {template['hash']} ({', '.join(template['labels'])}): {result}")
     tests = report["tests"]
     by_mode = ", ".join(f"{mode} {count}" for mode, count in sorted(tests.items()))

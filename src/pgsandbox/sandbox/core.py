@@ -717,8 +717,7 @@ def describe_template(info: TemplateInfo, snapshot_hit: bool) -> str:
     if info.hit:
         where = "from the cached cluster" if snapshot_hit else "already on the server"
         return f"{info.layer} template {info.short_hash} ({labels}): cache hit, {where}, nothing to migrate"
-    why = f"{', '.join(info.stale)} changed since the last build" if info.stale else "cache miss"
-    line = f"{info.layer} template {info.short_hash} ({labels}): {why}, built in {info.seconds:.2f} s"
+    line = f"{info.layer} template {info.short_hash} ({labels}): {info.why_built}, built in {info.seconds:.2f} s"
     if info.watched:
         line += f"; it read {', '.join(info.watched)}, not in pg_migrations_inputs: watched, a change rebuilds it"
     return line

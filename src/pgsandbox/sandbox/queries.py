@@ -8,11 +8,12 @@ DEALLOCATE a client sends for its prepared statements.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pgsandbox.common.words import counted
 from pgsandbox.server import statements
+from pgsandbox.server.tags import RECORDED
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database, Sandbox
@@ -50,7 +51,7 @@ class Recorded:
         return statements.report(self.all, limit=100, complete=self.complete)
 
     def __repr__(self) -> str:
-        return f"<Recorded {self.count} statement(s)>"
+        return f"<Recorded {counted(self.count, 'statement')}>"
 
 
 class Queries:
@@ -61,16 +62,36 @@ class Queries:
         self._sandbox = sandbox
         self._db = db
 
-    @contextlib.contextmanager
-    def __call__(self, count: int | None = None, *, at_most: int | None = None) -> Iterator[Recorded]:
+    def __call__(self, count: int | None = None, *, at_most: int | None = None) -> Block:
+        return Block(self._sandbox, self._db, count, at_most)
+
+
+class Block:
+    """One ``with pg_queries(...):`` block. A class rather than a generator: a failed count's traceback ends in
+    the test's ``with`` line, not in pgsandbox's frames and contextlib's."""
+
+    def __init__(self, sandbox: Sandbox, db: Database, count: int | None, at_most: int | None) -> None:
+        self._sandbox, self._db, self._count, self._at_most = sandbox, db, count, at_most
+        self._recorded = Recorded()
+        self._start: Any = None
+
+    def __enter__(self) -> Recorded:
         log = self._sandbox.server.statement_log
-        _, start, _ = self._sandbox.diagnostics.sql_of(self._db, log.position() if log else None)
-        recorded = Recorded()
-        yield recorded
-        recorded.all, _, recorded.complete = self._sandbox.diagnostics.sql_of(self._db, start)
-        expected = f"exactly {count}" if count is not None else f"at most {at_most}"
+        _, self._start, _ = self._sandbox.diagnostics.sql_of(self._db, log.position() if log else None)
+        return self._recorded
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        __tracebackhide__ = True  # pytest leaves this frame out of a failure's traceback
+        if error is not None:
+            return  # the block's own failure is the one to see (and the server may be what failed)
+        recorded, count, at_most = self._recorded, self._count, self._at_most
+        recorded.all, _, recorded.complete = self._sandbox.diagnostics.sql_of(self._db, self._start)
+        limit = count if count is not None else at_most or 0
+        expected = f"{'exactly' if count is not None else 'at most'} {counted(limit, 'statement')}"
         if (count is not None and recorded.count != count) or (at_most is not None and recorded.count > at_most):
-            raise AssertionError(
-                f"expected {expected} statement(s), the block ran {recorded.count} (transaction control not "
-                f"counted):\n{recorded}"
+            # a plain AssertionError, as a failed assert is; what it lists goes with it (pytest/report.py)
+            failure = AssertionError(
+                f"expected {expected}, the block ran {recorded.count} (transaction control not counted):\n{recorded}"
             )
+            setattr(failure, RECORDED, recorded)
+            raise failure

@@ -61,6 +61,7 @@ def session_report(
                 "hash": info.short_hash,
                 "labels": list(info.labels),
                 "hit": info.hit,
+                "why_built": "" if info.hit else info.why_built,
                 "build_seconds": round(info.seconds, 3),
             }
             for info in templates

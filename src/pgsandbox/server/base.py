@@ -202,6 +202,12 @@ class Server(ABC):
 
     can_save_snapshot = False  # save_snapshot() keeps the cluster with its templates for the next run
 
+    @property
+    def drops_databases_later(self) -> bool:
+        """The run's databases are dropped after it without its waiting (pg_keep_alive's watcher): skip their
+        drops."""
+        return False
+
     def save_snapshot(self, key: str, replace: bool = False) -> Path:
         """Keep the cluster, with the templates built in it, for the next run (see :attr:`can_save_snapshot`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot save a snapshot of someone else's cluster")

@@ -26,7 +26,7 @@ from pathlib import Path
 import platformdirs
 from filelock import BaseFileLock, FileLock, Timeout
 
-from pgsandbox.binaries import Installation
+from pgsandbox.binaries import Installation, build_id
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact, register_secret
 from pgsandbox.common.staging import make_staging_dir, tree_size
@@ -70,10 +70,12 @@ def cache_root(configured: Path | None = None) -> Path:
 class CachedCluster:
     data: Path
     password: str
+    fresh: bool = False  # initdb made it just now (it goes into the cache after)
 
 
-def initdb_key(installation: Installation, initdb_args: tuple[str, ...]) -> str:
-    material = json.dumps([LAYOUT, str(installation.bindir.resolve()), installation.version_text, list(initdb_args)])
+def initdb_key(installation: Installation, initdb_args: tuple[str, ...], root: Path) -> str:
+    """The build of the binaries (not where they are: binaries.build_id) and initdb's options."""
+    material = json.dumps([LAYOUT, build_id(installation, root), installation.version_text, list(initdb_args)])
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -103,11 +105,10 @@ def cluster_source(
     releases the lock: writing 30 MB to a disk cache would otherwise double a cold start.
     """
     args = (*DEFAULT_INITDB_ARGS, *initdb_args)
-    target = root / "initdb" / initdb_key(installation, args)
-    if not (target / "ready").exists():
-        # a writer of this process may hold the lock: wait for it (filelock 4 refuses, rather than waits for, a
-        # lock another instance acquired in this thread)
-        wait_for_cache_writes()
+    target = root / "initdb" / initdb_key(installation, args, root)
+    # a writer of this process may hold the lock, even once "ready" is there (it releases the lock last): wait
+    # for it (filelock 4 refuses, rather than waits for, a lock another instance acquired in this thread)
+    wait_for_cache_writes()
     target.parent.mkdir(parents=True, exist_ok=True)
     # held while the caller copies a cached cluster, so that pruning (prune_cache) leaves it alone, and while
     # a new one is made and stored, so that concurrent runs wait for it instead of running initdb too
@@ -129,7 +130,7 @@ def cluster_source(
         lock.release()
         raise
     try:
-        yield CachedCluster(work / "data", password)
+        yield CachedCluster(work / "data", password, fresh=True)
     except BaseException:
         lock.release()
         shutil.rmtree(work, ignore_errors=True)
@@ -211,7 +212,7 @@ SNAPSHOTS_KEPT = 3
 
 def snapshot_dir(root: Path, installation: Installation, initdb_args: tuple[str, ...]) -> Path:
     """Where clusters holding built templates are kept, per binaries and initdb options."""
-    return root / "snapshots" / initdb_key(installation, (*DEFAULT_INITDB_ARGS, *initdb_args))
+    return root / "snapshots" / initdb_key(installation, (*DEFAULT_INITDB_ARGS, *initdb_args), root)
 
 
 def snapshot_build_lock(directory: Path, keys: list[str], progress: Progress | None) -> FileLock | None:

@@ -26,9 +26,10 @@ from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import clusters, osuser, runs, statement_log
+from pgsandbox.server import clusters, idle_watch, keepalive, osuser, reaper, runs, statement_log
 from pgsandbox.server.base import Server, new_run_id
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
+from pgsandbox.server.roles import drop_login
 from pgsandbox.server.scram import SCRAM_ITERATIONS, scram_verifier
 from pgsandbox.server.tags import QUIET_OPTIONS
 from pgsandbox.settings import Settings, listens_on_tcp
@@ -83,7 +84,7 @@ class LocalServer(Server):
         *,
         installation: Installation,
         run: runs.RunDir,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | keepalive.Postmaster,
         tcp: tuple[str, int] | None,
         account: osuser.Account,
         snapshots: Path,
@@ -96,6 +97,7 @@ class LocalServer(Server):
         self.account = account
         self.snapshots = snapshots
         self.snapshot = snapshot
+        self.fresh_cluster = False  # its cluster came from initdb in this start, not from the cache
         self._build_lock: BaseFileLock | None = None
         self.run = run
         self.process = process
@@ -103,6 +105,9 @@ class LocalServer(Server):
         # what a restart (save_snapshot) needs to start it again: its settings and the statement log's
         self._start_settings: tuple[Settings, dict[str, str]] = (Settings(), {})
         self._stopped = False
+        # pg_keep_alive: the server outlives this run (keepalive.py); attached: an earlier run started it
+        self.lease: keepalive.Lease | None = None
+        self.attached_kept = False
         atexit.register(self.stop)
 
     @property
@@ -122,8 +127,16 @@ class LocalServer(Server):
         return self.installation.describe()
 
     @property
+    def drops_databases_later(self) -> bool:
+        return self.lease is not None and self.lease.watcher_cleans_up
+
+    @property
     def how_started(self) -> str:
-        return "from the cached cluster" if self.snapshot is not None else "from the initdb cache"
+        if self.attached_kept:
+            return "attached to the server an earlier run kept alive (pg_keep_alive)"
+        if self.snapshot is not None:
+            return "from the cached cluster"
+        return "after initdb" if self.fresh_cluster else "from the initdb cache"
 
     @property
     def snapshot_hit(self) -> bool:
@@ -171,6 +184,16 @@ class LocalServer(Server):
             staging.remove(abandoned)
             if progress:
                 progress(f"removed {abandoned.describe()}")
+        key = ""
+        if settings.keep_alive:
+            log_format = statement_log.choose_format(settings.sql_log, installation.major)
+            initdb_args = (*clusters.DEFAULT_INITDB_ARGS, *settings.initdb_args)
+            key = keepalive.server_key(
+                settings, installation, account.name, root, log_format, initdb_args, TEST_SETTINGS
+            )
+            kept = cls._attach_kept(settings, installation, account, root, base, key, snapshots, progress)
+            if kept is not None:
+                return kept
         run_id = new_run_id()
         run = runs.create_run_dir(base, run_id, account)
         snapshot_dir = clusters.snapshot_dir(root, installation, settings.initdb_args)
@@ -179,7 +202,7 @@ class LocalServer(Server):
             with clusters.snapshot_source(snapshot_dir, list(snapshots)) as found:
                 if found:
                     clusters.copy_tree(found[1].data, run.data)
-                    password = found[1].password
+                    password, fresh = found[1].password, False
             if not found:
                 with clusters.cluster_source(
                     installation,
@@ -191,7 +214,7 @@ class LocalServer(Server):
                     settings.cache_max_size,
                 ) as cluster:
                     clusters.copy_tree(cluster.data, run.data)
-                password = cluster.password
+                password, fresh = cluster.password, cluster.fresh
             account.chown(run.data)
             run.data.chmod(0o700)
             (run.data / "pg_hba.conf").write_text(HBA)
@@ -207,10 +230,116 @@ class LocalServer(Server):
             raise
         server.snapshots = snapshot_dir
         server.snapshot = found[0] if found else None
+        server.fresh_cluster = fresh
         if build_lock and found and found[0] == snapshots[0]:
             build_lock.release()  # another run built it while this one waited
             build_lock = None
         server._build_lock = build_lock
+        if settings.keep_alive:
+            server.lease = keepalive.begin(
+                run, key, settings.keep_alive, server.tcp, snapshots[:1], server.installation, SOCKET_PORT
+            )
+        return server
+
+    @classmethod
+    def _attach_kept(
+        cls,
+        settings: Settings,
+        installation: Installation,
+        account: osuser.Account,
+        root: Path,
+        base: Path,
+        key: str,
+        snapshots: Sequence[str],
+        progress: Progress | None,
+    ) -> LocalServer | None:
+        """The server an earlier run kept alive for these binaries and settings (``pg_keep_alive``), if one is
+        idle; it gets a new superuser password and loses what earlier runs left on it. One whose runs had other
+        templates is not taken when the cache has a cluster with this run's (``snapshots``): starting from that
+        costs less than a migration."""
+        keepalive.sweep([base])
+        snapshot_dir = clusters.snapshot_dir(root, installation, settings.initdb_args)
+        cached = bool(snapshots) and (snapshot_dir / snapshots[0][:32] / "ready").exists()
+        lease = keepalive.find([base], key, settings.keep_alive, snapshots[:1], cached)
+        if lease is None:
+            return None
+        try:
+            server = cls._adopt(settings, installation, account, lease)
+        except (psycopg.Error, OSError, ServerStartError) as error:
+            keepalive.discard(lease)
+            if progress:
+                progress(
+                    f"stopped the server kept alive in {lease.run.path}, which failed to serve ({redact(str(error))})"
+                )
+            return None
+        server.snapshots = snapshot_dir
+        if progress:
+            progress(f"attached to the server kept alive in {lease.run.path} (pg_keep_alive)")
+        return server
+
+    @classmethod
+    def _adopt(
+        cls, settings: Settings, installation: Installation, account: osuser.Account, lease: keepalive.Lease
+    ) -> LocalServer:
+        run = lease.run
+        previous = keepalive.previous_superuser_password(run)
+        pid = idle_watch.postmaster(run.path)
+        if previous is None or pid is None:
+            raise ServerStartError(f"the kept-alive server in {run.path} has no superuser password or postmaster", "")
+        log_format = statement_log.choose_format(settings.sql_log, installation.major)
+        log_settings = statement_log.server_settings(run.path / "log", log_format) if log_format else {}
+        tcp = keepalive.tcp_of(lease)
+        # the previous run's passwords go: the superuser gets a new one, in this run's passfile only
+        passfile = Passfile(run.path / FILE_NAME)
+        passfile.add(clusters.SUPERUSER, secrets.token_urlsafe(32))
+        port = SOCKET_PORT if tcp is None else tcp[1]
+        admin_conninfo = make_conninfo(
+            host=str(run.socket_dir),
+            port=port,
+            user=clusters.SUPERUSER,
+            dbname="postgres",
+            password=NO_PASSWORD,
+            passfile=str(passfile.path),
+        )
+        conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
+        quiet: dict[str, Any] = {"options": QUIET_OPTIONS} if log_format else {}
+        admin = _connect_with(admin_conninfo, previous, run, autocommit=True, **quiet)
+        try:
+            admin.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(clusters.SUPERUSER),
+                    sql.Literal(scram_verifier(passfile.password(clusters.SUPERUSER) or "")),
+                )
+            )
+            if _altered_system(run):  # a test's ALTER SYSTEM does not outlive its run
+                admin.execute("ALTER SYSTEM RESET ALL")
+                admin.execute("SELECT pg_reload_conf()")
+            run_id = new_run_id()
+            # what a run killed before its end left: its databases and role (one query when there are none)
+            reaper.drop_dead_runs(admin, reaper.stale_runs(admin, 0, run_id))
+        except BaseException:
+            admin.close()
+            raise
+        server = cls(
+            conninfo,
+            admin.info.server_version,
+            run_id,
+            installation=installation,
+            run=run,
+            process=keepalive.Postmaster(pid),
+            tcp=tcp,
+            account=account,
+            snapshots=Path(),
+            snapshot=None,
+            admin_conninfo=admin_conninfo,
+            passfile=passfile,
+        )
+        server._start_settings = (settings, log_settings)
+        server._admin = admin
+        server.lease = lease
+        server.attached_kept = True
+        if log_format:
+            server.statement_log = statement_log.StatementLog(run.path / "log", log_format)
         return server
 
     @classmethod
@@ -306,6 +435,8 @@ class LocalServer(Server):
             self.stop()
             raise
         if tcp is not None and tcp != self.tcp:
+            if self.lease is not None:
+                self.lease.moved(tcp)
             self.tcp = tcp
             self._conninfo = make_conninfo(self._conninfo, port=tcp[1])
             self._admin_conninfo = make_conninfo(self._admin_conninfo, port=tcp[1])  # the socket file's name
@@ -341,6 +472,8 @@ class LocalServer(Server):
         code = self.exited
         if code is None:
             return None
+        if isinstance(self.process, keepalive.Postmaster):
+            return f"the local PostgreSQL server (pid {self.pid}, kept alive by an earlier run) exited during the run"
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         return f"the local PostgreSQL server (pid {self.pid}) exited during the run ({how})"
 
@@ -370,7 +503,13 @@ class LocalServer(Server):
             return
         self._stopped = True
         atexit.unregister(self.stop)
+        if self.lease is not None and not keep_running and self.process.poll() is None and self._leave_running():
+            self._release_build_lock()
+            clusters.wait_for_cache_writes()
+            return
         self._close_admin()
+        if self.lease is not None:  # kept for failed tests' databases, or gone: no longer kept alive
+            self.lease.forget()
         if keep_running:
             runs.mark_kept(self.run)
         else:
@@ -378,6 +517,45 @@ class LocalServer(Server):
             shutil.rmtree(self.run.path, ignore_errors=True)
         self._release_build_lock()
         clusters.wait_for_cache_writes()
+
+    def _leave_running(self) -> bool:
+        """pg_keep_alive: leave the server to the next run (or to its watcher, after the idle time) without this
+        run's credentials: its role may no longer log in at once, and its databases and role are dropped by the
+        watcher once this process lets go (else here). False when the server cannot be asked: it is then
+        stopped."""
+        assert self.lease is not None
+        deferred = self.lease.watcher_cleans_up
+        try:
+            admin = self.admin
+            if deferred:
+                if self.login is not None:
+                    admin.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(self.login.user)))
+            else:
+                rows = admin.execute(
+                    "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", [self.prefix]
+                ).fetchall()
+                for (name,) in rows:
+                    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                if self.login is not None:
+                    drop_login(admin, self.login)
+        except psycopg.Error:
+            return False
+        finally:
+            self._close_admin()
+        if deferred:
+            self.lease.detach(self.prefix, self.login.user if self.login is not None else None)
+        else:
+            self.lease.detach()
+        return True
+
+
+def _altered_system(run: runs.RunDir) -> bool:
+    """Whether postgresql.auto.conf holds a setting (ALTER SYSTEM)."""
+    try:
+        lines = (run.data / "postgresql.auto.conf").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.strip() and not line.lstrip().startswith("#") for line in lines)
 
 
 def _connect_with(conninfo: str, password: Secret, run: runs.RunDir, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -641,7 +819,7 @@ def _tail(log: str, lines: int = 15) -> str:
     return "\n".join("    " + line for line in log.strip().splitlines()[-lines:])
 
 
-def _kill(process: subprocess.Popen[bytes]) -> None:
+def _kill(process: subprocess.Popen[bytes] | keepalive.Postmaster) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGQUIT)
         try:

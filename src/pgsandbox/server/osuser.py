@@ -73,13 +73,31 @@ def server_account(progress: Progress | None = None) -> Account:
     """Who runs the server: us, unless we are root."""
     if os.geteuid() != 0:
         return current_account()
+    return server_account_if_exists() or _create_system_user("pgsandbox", progress)
+
+
+def server_account_if_exists() -> Account | None:
+    """As root: the account the server runs as when it exists already (else the first start creates one)."""
     for name in CANDIDATE_USERS:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
             continue
         return Account(entry.pw_uid, entry.pw_gid, name, switch=True)
-    return _create_system_user("pgsandbox", progress)
+    return None
+
+
+def describe_server_account() -> str:
+    """Who would run the server, for ``pgsandbox doctor``: nothing is created to find out."""
+    if os.geteuid() != 0:
+        return f"you ({current_account().name}): not root, so the server runs as this process's user"
+    for name in CANDIDATE_USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return f"OS user {name!r}: PostgreSQL refuses to run as root"
+    return "OS user 'pgsandbox', a system user the first start creates: PostgreSQL refuses to run as root"
 
 
 def _create_system_user(name: str, progress: Progress | None) -> Account:
@@ -156,13 +174,12 @@ def reachable_installation(
     installation: Installation, account: Account, cache_root: Path, progress: Progress | None = None
 ) -> Installation:
     """``installation`` if ``account`` can run it, else a copy of it in a cache that account can read."""
-    if can_reach(installation.tool("postgres"), account, os.R_OK | os.X_OK):
+    target = copy_target(installation, account, cache_root)
+    if target is None:
         return installation
-    shared = cache_root if can_reach(cache_root, account) else ROOT_SHARED_CACHE
+    shared = target.parent.parent
     prefix = installation.bindir.resolve().parent
     inner, libs = _layout(prefix)
-    key = hashlib.sha256(f"{prefix}\n{installation.version_text}".encode()).hexdigest()[:16]
-    target = shared / "binaries" / key
     ready = target / ".ready"
     if not ready.exists():
         for directory in (shared, target.parent):
@@ -185,6 +202,17 @@ def reachable_installation(
             f"remove {target} (pgsandbox clean) and run again.",
         )
     return copied
+
+
+def copy_target(installation: Installation, account: Account, cache_root: Path) -> Path | None:
+    """Where the binaries are copied for ``account`` (root runs the server as another user), or None when that
+    account can run them where they are."""
+    if can_reach(installation.tool("postgres"), account, os.R_OK | os.X_OK):
+        return None
+    shared = cache_root if can_reach(cache_root, account) else ROOT_SHARED_CACHE
+    prefix = installation.bindir.resolve().parent
+    key = hashlib.sha256(f"{prefix}\n{installation.version_text}".encode()).hexdigest()[:16]
+    return shared / "binaries" / key
 
 
 def _layout(prefix: Path) -> tuple[Path, Path | None]:

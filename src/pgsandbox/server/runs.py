@@ -132,6 +132,11 @@ def create_secrets_dir(run_id: str, base: Path | None = None) -> RunDir:
     return run
 
 
+def take_ownership(run: RunDir) -> None:
+    """This process owns the run directory from now on (a kept-alive server another run started)."""
+    _write_owner(run)
+
+
 def _write_owner(run: RunDir) -> None:
     """owner.json: this process, told from a later one with its pid by its start (staging.process_start)."""
     pid = os.getpid()
@@ -154,6 +159,14 @@ def mark_kept(run: RunDir) -> None:
     owner = json.loads(run.owner_file.read_text())
     owner["kept"] = True
     run.owner_file.write_text(json.dumps(owner))
+
+
+KEPT_ALIVE_FILE = "keepalive.json"  # written by keepalive.py (pg_keep_alive)
+
+
+def is_kept_alive(run: RunDir) -> bool:
+    """The run's server outlives it for ``pg_keep_alive`` (keepalive.py): a later run may attach to it."""
+    return (run.path / KEPT_ALIVE_FILE).exists()
 
 
 def is_kept(run: RunDir) -> bool:
@@ -203,6 +216,8 @@ def _leftovers_in(parent: Path, include_kept: bool) -> list[Leftover]:
     if parent.is_dir():
         for path in sorted(parent.glob("run-*")):
             run = RunDir(path)
+            if is_kept_alive(run):  # its watcher, `pgsandbox clean` and doctor see to it (keepalive.py)
+                continue
             if _owner_alive(run) or (is_kept(run) and not include_kept):
                 continue
             leftovers.append(Leftover(run, _postmaster_serving(run)))
@@ -237,6 +252,11 @@ def live_run(bases: list[Path], run_id: str) -> bool:
         if path.is_dir() and _owner_alive(RunDir(path)):
             return True
     return False
+
+
+def owner_alive(run: RunDir) -> bool:
+    """Whether the process that owns the run directory still runs."""
+    return _owner_alive(run)
 
 
 def _owner_alive(run: RunDir) -> bool:

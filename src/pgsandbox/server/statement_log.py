@@ -36,6 +36,7 @@ FILE_PREFIX = "statements-"
 ROTATION_SIZE_MB = 16
 FILES_KEPT = 4  # the newest files stay; older ones are removed: at most ~64 MB of log on the run's tmpfs
 SYNC_TIMEOUT = 5.0
+SETTINGS_CHECK_AFTER = 0.2  # seconds without the mark before the logging settings are checked once
 PARAMETER_MAX_LENGTH = 200  # bytes of each parameter value the server logs
 
 # the columns of csvlog, PostgreSQL 13+ (14 added leader_pid and query_id at the end)
@@ -195,7 +196,8 @@ class StatementLog:
             conn.execute(f"SELECT '{token}'")
         finally:
             conn.execute("SET log_min_duration_statement = -1")
-        deadline = time.monotonic() + SYNC_TIMEOUT
+        started = time.monotonic()
+        deadline, settings_checked = started + SYNC_TIMEOUT, False
         delay = 0.0005
         marker = token.encode()
         while True:
@@ -209,7 +211,10 @@ class StatementLog:
                 chunks[index] = (name, start, data[:end])
                 entries = [e for e in self._parse(chunks[: index + 1]) if token not in e.message]
                 return entries, Position(name, start + end), complete
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline or (not settings_checked and now - started > SETTINGS_CHECK_AFTER):
+                # a log that moved elsewhere never shows the mark: say so at once rather than after the timeout
+                settings_checked = True
                 changed = self._changed_settings(conn)
                 if changed:
                     raise StatementLogError(
@@ -218,6 +223,7 @@ class StatementLog:
                         "leave the server's logging settings alone in tests (pgsandbox resets them after a test "
                         "that changed them with ALTER SYSTEM through pg_admin); set others with pg_server_settings.",
                     )
+            if now > deadline:
                 raise StatementLogError(
                     f"the server's statement log in {self.directory} did not show a mark within {SYNC_TIMEOUT:.0f} s.",
                     "the machine may be overloaded; pg_sql_log = off turns the statement log off.",

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pgsandbox.common.redact import redact
+from pgsandbox.common.words import counted
 from pgsandbox.server.statement_log import DURATION, Entry
 from pgsandbox.server.tags import INTERNAL, OURS_PREFIX
 
@@ -24,6 +25,21 @@ _TRANSACTION_CONTROL = re.compile(
     re.IGNORECASE,
 )
 _HOUSEKEEPING = re.compile(r"\s*(DEALLOCATE|DISCARD)\b", re.IGNORECASE)  # a client's prepared statements
+# What client libraries ask a new connection before the app's first statement: SQLAlchemy's dialect
+# initialization (on psycopg, psycopg2 and asyncpg alike), the hstore type lookups of psycopg and psycopg2, and
+# asyncpg's type introspection. A connection made inside the block (database isolation, an app's own engine)
+# sends them where one made before it does not: counting them made pg_queries depend on the isolation.
+_DRIVER_SETUP = re.compile(
+    r"\s*(?:select pg_catalog\.version\(\)|select current_schema\(\)|show transaction isolation level"
+    r"|show standard_conforming_strings|SELECT t\.oid, typarray\b|SELECT\s+typname AS name, oid, typarray AS array_oid"
+    r"|WITH RECURSIVE typeinfo_tree\b|SELECT t\.oid, t\.typelem AS elemtype, t\.typtype AS kind\b)",
+    re.IGNORECASE,
+)
+
+
+# pg.insert sends its made-up values as text the server casts to the column's type (data/rows.py): shown as
+# the plain placeholder the test would write
+_AS_TEXT = re.compile(r"CAST\(CAST\((\$\d+) AS text\) AS (?:[^()]|\([^()]*\))+\)")
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,9 @@ class Statement:
     detail: str = ""
     event: str = ""
 
+    def __post_init__(self) -> None:
+        self.sql = _AS_TEXT.sub(r"\1", self.sql)
+
     @property
     def transaction_control(self) -> bool:
         """BEGIN, COMMIT, ROLLBACK, SAVEPOINT...: not counted by ``pg_queries`` (they differ between isolation
@@ -72,11 +91,18 @@ class Statement:
         return bool(_TRANSACTION_CONTROL.match(self.sql))
 
     @property
+    def driver_setup(self) -> bool:
+        """A client library's questions to a new connection (SQLAlchemy's version and settings probes, type
+        lookups): not the app's statements, not counted, folded into one line in reports."""
+        return not self.event and not self.error and bool(_DRIVER_SETUP.match(self.sql))
+
+    @property
     def counted(self) -> bool:
         """What ``pg_queries`` counts: not transaction control, not a client's DEALLOCATE of its prepared
-        statements, not what the server said about the session."""
+        statements or its set-up of a new connection, not what the server said about the session."""
         ran = bool(self.sql.strip()) and not self.event
-        return ran and not self.transaction_control and not _HOUSEKEEPING.match(self.sql)
+        housekeeping = _HOUSEKEEPING.match(self.sql) or self.driver_setup
+        return ran and not self.transaction_control and not housekeeping
 
     def describe(self, max_sql: int = 1000) -> str:
         if self.event:
@@ -227,7 +253,7 @@ def report(found: list[Statement], limit: int = 50, max_sql: int = 1000, complet
     total = sum(s.duration_ms or 0.0 for s in found)
     errors = sum(1 for s in found if s.error)
     lines = [
-        f"{len(found)} statement(s), {total:.2f} ms in all"
+        f"{counted(len(found), 'statement')}, {total:.2f} ms in all"
         + (f", {errors} failed" if errors else "")
         + (f"; the first {len(found) - limit} are not shown" if len(found) > limit else "")
         + ("" if complete else "; the log before them was rotated away")
@@ -235,7 +261,17 @@ def report(found: list[Statement], limit: int = 50, max_sql: int = 1000, complet
     if labels:
         by_pid = {s.pid: s.application_name for s in found}
         lines += [f"  {labels[pid]}= backend {pid} ({_whose(by_pid[pid])})" for pid in pids]
-    for statement in found[-limit:]:
+    setup = 0  # driver set-up statements in a row, told as one line
+    for statement in [*found[-limit:], None]:
+        if statement is not None and statement.driver_setup:
+            setup += 1
+            continue
+        if setup:
+            told = counted(setup, "driver set-up statement")
+            lines.append(f"{'':>10} +{told} (a client library's questions to a new connection)")
+            setup = 0
+        if statement is None:
+            break
         if statement.error:
             head = f"{'failed':>10} "
         elif statement.event:

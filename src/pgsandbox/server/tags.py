@@ -9,3 +9,4 @@ from __future__ import annotations
 INTERNAL = "/* pgsandbox */ "  # starts what pgsandbox itself runs on a test's connection
 QUIET_OPTIONS = "-c log_min_duration_statement=-1"  # pgsandbox's admin connections: not logged
 OURS_PREFIX = "pgsandbox"  # starts the application_name of every connection pgsandbox opens on a test's database
+RECORDED = "pgsandbox_recorded"  # on a failed pg_queries block's AssertionError: what it ran (its message lists it)

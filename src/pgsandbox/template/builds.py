@@ -56,6 +56,14 @@ class TemplateInfo:
     stale: tuple[str, ...] = ()  # files the previous build read that changed since: why it was rebuilt
     watched: tuple[str, ...] = ()  # files this build read beyond its inputs: a change to them rebuilds it
     handed_over: bool = False  # its objects belong to pgsandbox_owner (roles.py), not to the admin
+    forced_by: str = ""  # built although the cache had it: pg_rebuild, or the layer it is built on
+
+    @property
+    def why_built(self) -> str:
+        """Why it was built: what changed, a forced rebuild, or a cache miss."""
+        if self.stale:
+            return f"{', '.join(self.stale)} changed since the last build"
+        return self.forced_by or "cache miss"
 
     @property
     def short_hash(self) -> str:
@@ -114,6 +122,7 @@ def ensure_templates(
     infos: list[TemplateInfo] = []
     parent = "template0"
     rebuild_from_here = rebuild
+    forced_by = "rebuild forced (pg_rebuild)" if rebuild else ""
     for layer, key in zip(chain.layers, chain.keys, strict=True):
         info = TemplateInfo(
             layer.kind,
@@ -130,9 +139,13 @@ def ensure_templates(
             info.hit = True
         else:
             force = rebuild_from_here or bool(info.stale)
+            info.forced_by = forced_by if rebuild_from_here else ""
             with naming_setting(SETTING_OF_LAYER.get(layer.kind, "pg_migrations")):
                 built = _build(server, layer, info, parent, project, force, clone_clause, progress, hand_over, root)
-            rebuild_from_here = rebuild_from_here or built  # a rebuilt parent means its children are stale
+            if built and not rebuild:  # a rebuilt parent means its children are stale
+                rebuild_from_here = True
+                if info.stale or info.forced_by:  # else a new parent: its children are new too (their keys)
+                    forced_by = f"its {layer.kind} template was rebuilt"
             if built and keep:
                 prune(server, project, layer.kind, keep)
         infos.append(info)
