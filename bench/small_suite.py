@@ -28,6 +28,7 @@ are off in every case (not part of such a project); the rest of this environment
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -52,6 +53,7 @@ from harness import (
     full_command,
     load_average,
     machine_facts,
+    minus,
     pgsandbox_env,
     pgsandbox_revision,
     positive,
@@ -331,6 +333,25 @@ def auth(client):  # per test: the test's database is a clone of its own
 """
 )
 
+# Appended to every conftest: each test's phases, for where the time goes (the first setup holds the session's
+# start: pgsandbox's server and template, or the hand-written database and schema).
+RECORDER = """
+
+import json as _json
+import os as _os
+
+_PHASES = []
+
+
+def pytest_runtest_logreport(report):
+    _PHASES.append((report.nodeid, report.when, report.duration))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    with open(_os.environ["BENCH_DURATIONS_FILE"], "w") as out:
+        _json.dump(_PHASES, out)
+"""
+
 CASES = {
     "hand-written": "pre-started server, hand-written conftest (TRUNCATE per test, login per module)",
     "pgsandbox-transaction": "pgsandbox transaction (pg_engine override, login per test)",
@@ -349,6 +370,8 @@ class Case:
     args: list[str]
     env: dict[str, str]
     seconds: list[float] = field(default_factory=list)
+    first_setup: list[float] = field(default_factory=list)  # the session's start, inside the first test's setup
+    in_tests: list[float] = field(default_factory=list)  # every test's phases but the first setup
     error: str | None = None
     command: str = ""
 
@@ -356,6 +379,9 @@ class Case:
         if self.error is not None:
             return
         env = {**clean_env(), **self.runner.env, **self.env}
+        durations = self.suite / "durations.json"
+        env["BENCH_DURATIONS_FILE"] = str(durations)
+        durations.unlink(missing_ok=True)
         command = [self.runner.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *UNUSED, *self.args]
         self.command = (
             f"cd {shlex.quote(str(self.suite))} && {shown_command(command, env, ('PGSANDBOX_', 'DATABASE_'))}"
@@ -370,16 +396,20 @@ class Case:
             return
         if record:
             self.seconds.append(out.seconds)
+            phases = json.loads(durations.read_text())
+            self.first_setup.append(phases[0][2])
+            self.in_tests.append(sum(phase[2] for phase in phases[1:]))
 
-    def median(self) -> float | None:
-        return statistics.median(self.seconds) if self.seconds else None
+    def median(self, name: str = "seconds") -> float | None:
+        values: list[float] = getattr(self, name)
+        return statistics.median(values) if values else None
 
 
 def write_suite(runner: Runner, suite: Path, conftest: str, ini: str, migrations: bool) -> None:
     files = {
         suite / "pyproject.toml": "[tool.pytest.ini_options]\n" + ini,
         suite / "app.py": APP,
-        suite / "conftest.py": conftest,
+        suite / "conftest.py": conftest + RECORDER,
         suite / "test_items.py": TESTS_ITEMS,
         suite / "test_accounts.py": TESTS_ACCOUNTS,
         suite / ("migrations/1_schema.sql" if migrations else "schema.sql"): SCHEMA,
@@ -522,15 +552,24 @@ def report(args: argparse.Namespace, cases: list[Case], facts: dict[str, str], c
     print_facts(facts, 24)
     print()
     width = max(len(case.label) for case in cases) + 2
-    print(f"{'case (' + str(args.runs) + ' runs after 1 warm-up)':<{width}}{'median (s)':>11}{'min':>7}{'max':>7}")
+    print(
+        f"{'case (' + str(args.runs) + ' runs after 1 warm-up)':<{width}}{'median (s)':>11}{'min':>7}{'max':>7}"
+        f"{'1st setup':>11}{'in tests':>10}{'outside':>9}"
+    )
     for case in cases:
         if case.seconds:
+            whole, first, inside = case.median(), case.median("first_setup"), case.median("in_tests")
+            outside = minus(minus(whole, first), inside)
             print(
-                f"{case.label:<{width}}{fmt(case.median(), 2):>11}{fmt(min(case.seconds), 2):>7}"
-                f"{fmt(max(case.seconds), 2):>7}"
+                f"{case.label:<{width}}{fmt(whole, 2):>11}{fmt(min(case.seconds), 2):>7}"
+                f"{fmt(max(case.seconds), 2):>7}{fmt(first, 2):>11}{fmt(inside, 2):>10}{fmt(outside, 2):>9}"
             )
         else:
             print(f"{case.label:<{width}}  FAILED")
+    print(
+        "(seconds, medians over the runs; 1st setup: the first test's setup, where the session starts; in tests:"
+        " every other phase of every test;\n outside: the rest of the process: interpreter, imports, collection)"
+    )
     by_key = {case.key: case.median() for case in cases}
     base = by_key["hand-written"]
     ratios = {f"{key} / hand-written": divide(by_key[key], base) for key in CASES if key != "hand-written"}
@@ -549,7 +588,16 @@ def report(args: argparse.Namespace, cases: list[Case], facts: dict[str, str], c
             "runs": args.runs,
             "tests": TESTS,
             "facts": facts,
-            "cases": {case.key: {"label": case.label, "seconds": case.seconds, "error": case.error} for case in cases},
+            "cases": {
+                case.key: {
+                    "label": case.label,
+                    "seconds": case.seconds,
+                    "first_setup": case.first_setup,
+                    "in_tests": case.in_tests,
+                    "error": case.error,
+                }
+                for case in cases
+            },
             "medians": by_key,
             "ratios": ratios,
         },
