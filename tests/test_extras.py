@@ -4,6 +4,7 @@ packages' metadata, and the async fixtures under pytest-asyncio, anyio's plugin,
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import textwrap
 from functools import cache
@@ -283,3 +284,15 @@ def test_a_sync_sqlalchemy_project_gets_no_asyncio_plugin_from_the_extra(
     # the one warning is pytest's own about the project's dormant key
     result.assert_outcomes(passed=3, warnings=1)
     assert "Unknown config option: asyncio_mode" in output
+
+
+@pytest.mark.slow
+def test_loading_the_plugin_imports_no_async_test_plugin() -> None:
+    """pytest-asyncio (28 ms to import) and anyio are imported by their own plugins, when those load: a sync
+    project that turned pytest-asyncio off (-p no:asyncio) does not pay for it through pgsandbox."""
+    code = (
+        "import sys, pgsandbox.pytest.plugin, pgsandbox.pytest.fixtures; "
+        "print(sorted({'pytest_asyncio', 'anyio'} & sys.modules.keys()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
