@@ -53,7 +53,6 @@ from harness import (
     full_command,
     load_average,
     machine_facts,
-    minus,
     pgsandbox_env,
     pgsandbox_revision,
     positive,
@@ -333,24 +332,40 @@ def auth(client):  # per test: the test's database is a clone of its own
 """
 )
 
-# Appended to every conftest: each test's phases, for where the time goes (the first setup holds the session's
-# start: pgsandbox's server and template, or the hand-written database and schema).
+# Appended to every conftest: when the conftest was imported (pytest and its plugins loaded), when collection
+# ended, and each test's phases, for where the time goes.
 RECORDER = """
 
 import json as _json
 import os as _os
+import time as _time
 
-_PHASES = []
+_BENCH = {"conftest": _time.time(), "phases": []}
+
+
+def pytest_collection_finish(session):
+    _BENCH["collected"] = _time.time()
 
 
 def pytest_runtest_logreport(report):
-    _PHASES.append((report.nodeid, report.when, report.duration))
+    _BENCH["phases"].append((report.when, report.start, report.stop))
 
 
 def pytest_sessionfinish(session, exitstatus):
     with open(_os.environ["BENCH_DURATIONS_FILE"], "w") as out:
-        _json.dump(_PHASES, out)
+        _json.dump(_BENCH, out)
 """
+
+# The columns of the breakdown: seconds from the process's spawn to its exit, in order.
+STAGES = {
+    "plugins": "spawn to the conftest's import: the interpreter, pytest and every plugin",
+    "collection": "collecting: the test modules and what they import (the app, FastAPI, SQLAlchemy)",
+    "to 1st test": "collection's end to the first test's setup: pgsandbox starts its session here",
+    "1st setup": "the first test's setup: the hand-written conftest's database and schema, pgsandbox's first test",
+    "tests": "every other phase of every test",
+    "after": "the last test's end to the process's exit: pgsandbox stops its session",
+}
+
 
 CASES = {
     "hand-written": "pre-started server, hand-written conftest (TRUNCATE per test, login per module)",
@@ -370,8 +385,7 @@ class Case:
     args: list[str]
     env: dict[str, str]
     seconds: list[float] = field(default_factory=list)
-    first_setup: list[float] = field(default_factory=list)  # the session's start, inside the first test's setup
-    in_tests: list[float] = field(default_factory=list)  # every test's phases but the first setup
+    stages: dict[str, list[float]] = field(default_factory=lambda: {stage: [] for stage in STAGES})
     error: str | None = None
     command: str = ""
 
@@ -396,12 +410,22 @@ class Case:
             return
         if record:
             self.seconds.append(out.seconds)
-            phases = json.loads(durations.read_text())
-            self.first_setup.append(phases[0][2])
-            self.in_tests.append(sum(phase[2] for phase in phases[1:]))
+            recorded = json.loads(durations.read_text())
+            phases = recorded["phases"]
+            first_start, first_stop, last_stop = phases[0][1], phases[0][2], phases[-1][2]
+            times = {
+                "plugins": recorded["conftest"] - out.started,
+                "collection": recorded["collected"] - recorded["conftest"],
+                "to 1st test": first_start - recorded["collected"],
+                "1st setup": first_stop - first_start,
+                "tests": last_stop - first_stop,
+                "after": out.started + out.seconds - last_stop,
+            }
+            for stage, value in times.items():
+                self.stages[stage].append(value)
 
-    def median(self, name: str = "seconds") -> float | None:
-        values: list[float] = getattr(self, name)
+    def median(self, stage: str | None = None) -> float | None:
+        values = self.seconds if stage is None else self.stages[stage]
         return statistics.median(values) if values else None
 
 
@@ -554,22 +578,20 @@ def report(args: argparse.Namespace, cases: list[Case], facts: dict[str, str], c
     width = max(len(case.label) for case in cases) + 2
     print(
         f"{'case (' + str(args.runs) + ' runs after 1 warm-up)':<{width}}{'median (s)':>11}{'min':>7}{'max':>7}"
-        f"{'1st setup':>11}{'in tests':>10}{'outside':>9}"
+        + "".join(f"{stage:>13}" for stage in STAGES)
     )
     for case in cases:
         if case.seconds:
-            whole, first, inside = case.median(), case.median("first_setup"), case.median("in_tests")
-            outside = minus(minus(whole, first), inside)
             print(
-                f"{case.label:<{width}}{fmt(whole, 2):>11}{fmt(min(case.seconds), 2):>7}"
-                f"{fmt(max(case.seconds), 2):>7}{fmt(first, 2):>11}{fmt(inside, 2):>10}{fmt(outside, 2):>9}"
+                f"{case.label:<{width}}{fmt(case.median(), 2):>11}{fmt(min(case.seconds), 2):>7}"
+                f"{fmt(max(case.seconds), 2):>7}" + "".join(f"{fmt(case.median(stage), 2):>13}" for stage in STAGES)
             )
         else:
             print(f"{case.label:<{width}}  FAILED")
-    print(
-        "(seconds, medians over the runs; 1st setup: the first test's setup, where the session starts; in tests:"
-        " every other phase of every test;\n outside: the rest of the process: interpreter, imports, collection)"
-    )
+    print("(whole process: median, min, max over the runs; then each stage's median, in seconds:")
+    for stage, meaning in STAGES.items():
+        print(f"   {stage}: {meaning}")
+    print(")")
     by_key = {case.key: case.median() for case in cases}
     base = by_key["hand-written"]
     ratios = {f"{key} / hand-written": divide(by_key[key], base) for key in CASES if key != "hand-written"}
@@ -592,8 +614,7 @@ def report(args: argparse.Namespace, cases: list[Case], facts: dict[str, str], c
                 case.key: {
                     "label": case.label,
                     "seconds": case.seconds,
-                    "first_setup": case.first_setup,
-                    "in_tests": case.in_tests,
+                    "stages": case.stages,
                     "error": case.error,
                 }
                 for case in cases
