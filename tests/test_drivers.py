@@ -280,18 +280,43 @@ def test_a_fixture_without_its_library_names_the_extra(
     assert f"What to do: pip install 'pytest-pgsandbox[{extra}]'" in output
 
 
+ANYIO_ONLY = """\
+import pytest
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+@pytest.mark.anyio
+async def test_on_anyio(pg_aconn, pg_asyncpg):
+    await pg_asyncpg.execute("insert into items (name) values ('a')")
+    assert await pg_asyncpg.fetchval("select count(*) from items") == 1
+"""
+
+
 def test_async_fixtures_without_pytest_asyncio_name_the_extra(
     pytester: pytest.Pytester, shared_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     driver_project(pytester, ini="")
     (pytester.path / "test_missing.py").write_text("def test_it(pg_aconn):\n    pass\n")
-    # a fresh interpreter where pytest-asyncio cannot be imported, and only pgsandbox is loaded
+    # a project on anyio has no need of pytest-asyncio: the async fixtures run under anyio's plugin
+    (pytester.path / "test_anyio_only.py").write_text(ANYIO_ONLY)
+    # a fresh interpreter where pytest-asyncio cannot be imported, and only pgsandbox (and anyio's plugin) loaded
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     blocked = "import sys; sys.modules['pytest_asyncio'] = None; import pytest; sys.exit(pytest.main(sys.argv[1:]))"
     result = pytester.run(
-        sys.executable, "-c", blocked, "-p", "pgsandbox.pytest.plugin", f"--pg-dsn={shared_dsn}", "test_missing.py"
+        sys.executable,
+        "-c",
+        blocked,
+        "-p",
+        "pgsandbox.pytest.plugin",
+        "-p",
+        "anyio",
+        f"--pg-dsn={shared_dsn}",
+        "test_missing.py",
+        "test_anyio_only.py",
     )
-    result.assert_outcomes(errors=1)
+    result.assert_outcomes(passed=1, errors=1)
     output = result.stdout.str()
     assert "pgsandbox: pg_aconn is an async fixture and needs pytest-asyncio, which is not installed." in output
     assert "What to do: pip install 'pytest-pgsandbox[asyncio]'." in output

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import types
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
@@ -27,11 +29,6 @@ if TYPE_CHECKING:
     from pgsandbox.sandbox import Database, Sandbox, SessionLogin
     from pgsandbox.sandbox.queries import Queries
     from pgsandbox.server import Server
-
-try:
-    import pytest_asyncio
-except ImportError:  # the async fixtures then say which extra to install
-    pytest_asyncio = None  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")
@@ -268,92 +265,181 @@ async def async_connection(request: pytest.FixtureRequest, db: Database, driver:
         yield conn
     finally:
         del db._test.drivers[driver]
-        await module.close(db, conn, park=loop_outlives_test(request.config))
+        await module.close(db, conn, park=loop_outlives_test(request))
 
 
-def loop_outlives_test(config: pytest.Config) -> bool:
-    """Whether pytest-asyncio runs our (function-scoped) fixtures in a loop that serves more than one test."""
+def loop_outlives_test(request: pytest.FixtureRequest) -> bool:
+    """Whether pytest-asyncio runs our (function-scoped) fixtures in a loop that serves more than one test.
+    Under anyio's plugin the loop lasts as long as some async fixture holds it, which a test cannot know:
+    its connections are not kept."""
+    if async_runner(request) != "pytest-asyncio":
+        return False
     try:
-        scope = config.getini("asyncio_default_fixture_loop_scope")
+        scope = request.config.getini("asyncio_default_fixture_loop_scope")
     except ValueError:
         return False
     return scope in ("class", "module", "package", "session")
 
 
-if pytest_asyncio is not None:
+# The async fixtures run under pytest-asyncio or under anyio's pytest plugin, whichever runs the test, and
+# neither is imported unless a test uses them. They are plain async fixtures: anyio runs such a fixture when
+# the test uses its `anyio_backend` fixture; for pytest-asyncio (strict mode runs only the fixtures made with
+# `pytest_asyncio.fixture`), pytest_fixture_setup below hands it a twin made that way.
+ASYNC_FIXTURES: dict[str, Any] = {}  # name -> the async generator function
+_FOR_PYTEST_ASYNCIO: dict[str, Any] = {}  # name -> its twin marked by pytest_asyncio.fixture
+PLUGIN_MODULES = {"pytest-asyncio": "pytest_asyncio.plugin", "anyio": "anyio.pytest_plugin"}
 
-    @pytest_asyncio.fixture
-    async def pg_aconn(
-        request: pytest.FixtureRequest, pg_sandbox: Sandbox
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A psycopg 3 ``AsyncConnection`` inside the test's isolation (needs pytest-asyncio)."""
-        db = sandbox_database(request, pg_sandbox)
-        async with async_connection(request, db, "psycopg") as conn:
-            yield conn
 
-    @pytest_asyncio.fixture
-    async def pg_asyncpg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[asyncpg.Connection]:
-        """An asyncpg connection inside the test's isolation (extra ``[asyncpg]``): its ``transaction()``
-        blocks are savepoints inside the test's transaction."""
-        load_driver("asyncpg", "pg_asyncpg")
-        db = sandbox_database(request, pg_sandbox)
-        async with async_connection(request, db, "asyncpg") as conn:
-            yield conn
+def async_fixture(function: Any) -> Any:
+    ASYNC_FIXTURES[function.__name__] = function
+    return pytest.fixture(function)
 
-    @pytest_asyncio.fixture
-    async def pg_async_engine(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[AsyncEngine]:
-        """A SQLAlchemy ``AsyncEngine`` on the test's database; its driver is ``pg_async_driver`` (asyncpg
-        or psycopg). In ``transaction`` isolation its one connection is the test's ``pg_asyncpg``/``pg_aconn``."""
-        driver_name = async_driver_name(request, pg_sandbox)
-        driver = load_driver("sqlalchemy", "pg_async_engine")
+
+def plugin_loaded(config: pytest.Config, runner: str) -> bool:
+    """Whether ``runner``'s pytest plugin is registered (by entry point, ``-p`` or ``pytest_plugins``)."""
+    module = PLUGIN_MODULES[runner]
+    return any(getattr(plugin, "__name__", None) == module for plugin in config.pluginmanager.get_plugins())
+
+
+def async_runner(request: pytest.FixtureRequest) -> str | None:
+    """Which plugin runs this test's async fixtures: ``anyio`` (the test uses ``anyio_backend``, as
+    ``@pytest.mark.anyio`` makes it do), ``pytest-asyncio``, or None."""
+    if "anyio_backend" in request.fixturenames and plugin_loaded(request.config, "anyio"):
+        return "anyio"
+    if plugin_loaded(request.config, "pytest-asyncio"):
+        return "pytest-asyncio"
+    return None
+
+
+def for_pytest_asyncio(name: str) -> Any:
+    twin = _FOR_PYTEST_ASYNCIO.get(name)
+    if twin is None:
+        import pytest_asyncio
+
+        twin = copy_function(ASYNC_FIXTURES[name])
+        pytest_asyncio.fixture(twin)  # marks twin itself; the fixture it returns is not registered
+        _FOR_PYTEST_ASYNCIO[name] = twin
+    return twin
+
+
+def copy_function(function: Any) -> Any:
+    copy = types.FunctionType(
+        function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    copy.__qualname__, copy.__doc__, copy.__module__ = function.__qualname__, function.__doc__, function.__module__
+    return copy
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
+    """Before anyio's or pytest-asyncio's own hook: give an async fixture of ours to the plugin that runs the
+    test, or a stand-in that says what to do when none does. A user's fixture of the same name is left alone."""
+    name = fixturedef.argname
+    ours = ASYNC_FIXTURES.get(name)
+    if ours is None or fixturedef.func not in (ours, _FOR_PYTEST_ASYNCIO.get(name), _STAND_INS.get(name)):
+        return (yield)
+    runner = async_runner(request)
+    if runner == "anyio":
+        backend = request.getfixturevalue("anyio_backend")
+        backend_name = backend if isinstance(backend, str) else backend[0]
+        function = ours if backend_name == "asyncio" else stand_in(name, on_backend=str(backend_name))
+    elif runner == "pytest-asyncio":
+        function = for_pytest_asyncio(name)
+    else:
+        function = stand_in(name)
+    # Final in pytest's types, but replacing it is how anyio's and pytest-asyncio's own hooks work too. Left in
+    # place after the setup: pytest-asyncio checks, when the test runs, that its fixtures were marked for it.
+    fixturedef.func = function  # type: ignore[misc]
+    return (yield)
+
+
+_STAND_INS: dict[str, Any] = {}
+
+
+def stand_in(name: str, on_backend: str | None = None) -> Any:
+    """A sync fixture function that fails the test with what to do (kept per name so the hook knows it)."""
+    if on_backend is not None:
+        message = (
+            f"pgsandbox: {name} runs on asyncio (psycopg's AsyncConnection, asyncpg and SQLAlchemy's asyncio "
+            f"need it), and anyio runs this test on {on_backend}.\n"
+            '  What to do: run it on asyncio: a fixture `anyio_backend` that returns "asyncio" (in conftest.py), '
+            'or @pytest.mark.parametrize("anyio_backend", ["asyncio"]).'
+        )
+    elif importlib.util.find_spec("pytest_asyncio") is None:
+        message = (
+            f"pgsandbox: {name} is an async fixture and needs pytest-asyncio, which is not installed.\n"
+            "  What to do: pip install 'pytest-pgsandbox[asyncio]'. With anyio's pytest plugin instead, mark "
+            "the test @pytest.mark.anyio."
+        )
+    else:
+        message = (
+            f"pgsandbox: {name} is an async fixture, and no async test plugin runs this test: pytest-asyncio is "
+            "installed but not loaded (-p no:asyncio?), and the test does not use anyio's plugin.\n"
+            "  What to do: mark the test @pytest.mark.anyio (anyio's plugin runs it), or let pytest-asyncio load."
+        )
+
+    def fixture(**_: Any) -> None:
+        pytest.fail(message, pytrace=False)
+
+    fixture.__name__ = name
+    _STAND_INS[name] = fixture
+    return fixture
+
+
+@async_fixture
+async def pg_aconn(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A psycopg 3 ``AsyncConnection`` inside the test's isolation (run by pytest-asyncio or anyio's plugin)."""
+    db = sandbox_database(request, pg_sandbox)
+    async with async_connection(request, db, "psycopg") as conn:
+        yield conn
+
+
+@async_fixture
+async def pg_asyncpg(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[asyncpg.Connection]:
+    """An asyncpg connection inside the test's isolation (extra ``[asyncpg]``): its ``transaction()``
+    blocks are savepoints inside the test's transaction."""
+    load_driver("asyncpg", "pg_asyncpg")
+    db = sandbox_database(request, pg_sandbox)
+    async with async_connection(request, db, "asyncpg") as conn:
+        yield conn
+
+
+@async_fixture
+async def pg_async_engine(request: pytest.FixtureRequest, pg_sandbox: Sandbox) -> AsyncIterator[AsyncEngine]:
+    """A SQLAlchemy ``AsyncEngine`` on the test's database; its driver is ``pg_async_driver`` (asyncpg
+    or psycopg). In ``transaction`` isolation its one connection is the test's ``pg_asyncpg``/``pg_aconn``."""
+    driver_name = async_driver_name(request, pg_sandbox)
+    driver = load_driver("sqlalchemy", "pg_async_engine")
+    try:
+        driver.check_async_driver(driver_name)
+    except PgSandboxError as error:
+        fail(error)
+    db = sandbox_database(request, pg_sandbox)
+    async with contextlib.AsyncExitStack() as stack:
+        conn = None
+        if db.isolation == "transaction":
+            conn = await stack.enter_async_context(async_connection(request, db, driver_name))
+        engine = await driver.async_engine(db, driver_name, conn)
         try:
-            driver.check_async_driver(driver_name)
-        except PgSandboxError as error:
-            fail(error)
-        db = sandbox_database(request, pg_sandbox)
-        async with contextlib.AsyncExitStack() as stack:
-            conn = None
-            if db.isolation == "transaction":
-                conn = await stack.enter_async_context(async_connection(request, db, driver_name))
-            engine = await driver.async_engine(db, driver_name, conn)
-            try:
-                yield engine
-            finally:
-                await driver.async_dispose(db, engine)
+            yield engine
+        finally:
+            await driver.async_dispose(db, engine)
 
-    @pytest_asyncio.fixture
-    async def pg_async_session(
-        request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_async_engine: AsyncEngine
-    ) -> AsyncIterator[AsyncSession]:
-        """A SQLAlchemy ``AsyncSession`` on ``pg_async_engine``, joined to the test's transaction like
-        ``pg_session``."""
-        from pgsandbox.drivers import factoryboy
 
-        driver = load_driver("sqlalchemy", "pg_async_session")
-        db = sandbox_database(request, pg_sandbox)
-        made_of = session_class(request, pg_sandbox, driver, "async_session_class")
-        async with driver.async_session(db, pg_async_engine, made_of) as session:
-            with factoryboy.using_async(session):
-                yield session
+@async_fixture
+async def pg_async_session(
+    request: pytest.FixtureRequest, pg_sandbox: Sandbox, pg_async_engine: AsyncEngine
+) -> AsyncIterator[AsyncSession]:
+    """A SQLAlchemy ``AsyncSession`` on ``pg_async_engine``, joined to the test's transaction like
+    ``pg_session``."""
+    from pgsandbox.drivers import factoryboy
 
-else:
-
-    def _needs_pytest_asyncio(fixture: str, extra: str) -> Any:
-        def missing() -> None:
-            """Stands in for an async fixture when pytest-asyncio is missing: says which extra to install."""
-            pytest.fail(
-                f"pgsandbox: {fixture} is an async fixture and needs pytest-asyncio, which is not installed.\n"
-                f"  What to do: pip install 'pytest-pgsandbox[{extra}]'.",
-                pytrace=False,
-            )
-
-        missing.__name__ = fixture
-        return pytest.fixture(name=fixture)(missing)
-
-    pg_aconn = _needs_pytest_asyncio("pg_aconn", "asyncio")
-    pg_asyncpg = _needs_pytest_asyncio("pg_asyncpg", "asyncpg")
-    pg_async_engine = _needs_pytest_asyncio("pg_async_engine", "sqlalchemy,asyncpg")
-    pg_async_session = _needs_pytest_asyncio("pg_async_session", "sqlalchemy,asyncpg")
+    driver = load_driver("sqlalchemy", "pg_async_session")
+    db = sandbox_database(request, pg_sandbox)
+    made_of = session_class(request, pg_sandbox, driver, "async_session_class")
+    async with driver.async_session(db, pg_async_engine, made_of) as session:
+        with factoryboy.using_async(session):
+            yield session
 
 
 def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Database:
