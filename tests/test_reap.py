@@ -133,6 +133,7 @@ def test_pgsandbox_reap_lists_then_drops(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     left = [*killed_run.databases, *killed_run.roles]
+    own = shared.create_database()  # the server's own run is alive: its databases stay (other tests use them)
     assert cli(["reap", f"--dsn={shared_dsn}", "--grace=3600", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"leave run {killed_run.run_id}" in out
@@ -145,6 +146,8 @@ def test_pgsandbox_reap_lists_then_drops(
     assert f"reap run {killed_run.run_id}" in capsys.readouterr().out
     assert existing(shared, left) == set()
     assert existing(shared, bystanders) == set(bystanders)
+    assert existing(shared, [own]) == {own}
+    shared.drop_database(own)
 
 
 @pytest.mark.usefixtures("machine_wide_servers")  # its kept run: `pgsandbox clean` elsewhere would take it

@@ -336,6 +336,7 @@ class LocalServer(Server):
         )
         server._start_settings = (settings, log_settings)
         server._admin = admin
+        server._hold_run_lock(admin)  # what it creates is alive to a reaper (another run attached by its DSN)
         server.lease = lease
         server.attached_kept = True
         if log_format:
@@ -405,6 +406,7 @@ class LocalServer(Server):
         )
         server._start_settings = (settings, log_settings)
         server._admin = admin
+        server._hold_run_lock(admin)  # what it creates is alive to a reaper (another run attached by its DSN)
         if log_format:
             server.statement_log = statement_log.StatementLog(run.path / "log", log_format)
         return server
