@@ -357,6 +357,9 @@ def test_a_bounded_cache_keeps_the_newest_snapshot(
     # each entry's size was recorded as it was written: the report's count reads the records, and is exact
     assert all((path / ".size").is_file() for path in stored)
     assert report["cache"]["bytes"] == tree_size(private_cache)
+    # a snapshot keeps only the WAL segment of its last checkpoint (the rest is recycled space every start copied)
+    for wal in private_cache.glob("snapshots/*/*/data/pg_wal"):
+        assert len([path for path in wal.iterdir() if path.is_file()]) == 1
 
 
 @pytest.mark.slow

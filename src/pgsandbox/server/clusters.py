@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -184,12 +185,41 @@ def _initdb(
             + redact((out.stderr or out.stdout).strip()),
             "check pg_initdb_args, or pick other binaries with --pg-bin / --pg-version.",
         )
+    trim_wal(installation, work / "data")
     if progress:
         progress(
             f"initdb for PostgreSQL {installation.version_string} took {time.perf_counter() - started:.2f} s; "
             f"caching it in {target}"
         )
     return work, password
+
+
+WAL_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+
+
+def trim_wal(installation: Installation, data: Path) -> None:
+    """Remove the WAL segments of a cleanly stopped cluster that hold nothing it needs: every one but its last
+    checkpoint's (the others are old, or recycled for later writes). Every run copies the cluster: initdb leaves
+    7 segments of 1 MB, a fifth of the cluster's 30 MB. Nothing is removed when the cluster was not shut down
+    cleanly, or when pg_controldata is missing or says something else."""
+    try:
+        out = subprocess.run(
+            [str(installation.tool("pg_controldata")), "-D", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return
+    fields = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    state = fields.get("Database cluster state", "").strip()
+    keep = fields.get("Latest checkpoint's REDO WAL file", "").strip()
+    if out.returncode != 0 or state != "shut down" or not WAL_SEGMENT.match(keep):
+        return
+    for path in (data / "pg_wal").iterdir():
+        if WAL_SEGMENT.match(path.name) and path.name != keep and path.is_file():
+            path.unlink()
 
 
 def _store(work: Path, target: Path, password: str, lock: FileLock, max_size: int = 0) -> None:

@@ -290,6 +290,7 @@ class LocalServer(Server):
         """
         self._close_admin()
         self._shutdown()
+        clusters.trim_wal(self.installation, self.run.data)  # less to copy, here and at every start from it
         staging = make_staging_dir(self.run.path.parent, "snapshot")
         clusters.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
