@@ -56,12 +56,7 @@ def test_the_server_starts_while_pytest_collects_and_its_lines_come_after_collec
     assert gone(pid) and not Path(run_dir).exists()
     # the start's lines where they were when the sandbox started after the collection: before the first test
     result.stdout.fnmatch_lines(
-        [
-            "collected 2 items",
-            f"pgsandbox: removed {abandoned} (0.0 MB, half-written by a killed run)",
-            "test_a.py .*",
-            "test_b.py .*",
-        ]
+        ["collected 2 items", f"pgsandbox: removed {abandoned} (0.0 MB, half-written by a killed run)", "test_a.py *"]
     )
     assert not abandoned.exists()
 
