@@ -213,12 +213,13 @@ def start_in_background(session: pytest.Session) -> None:
     ):
         return
     try:
+        # everything the thread runs is imported here, in the main thread (see BackgroundStart)
         import pgsandbox.server
         from pgsandbox.template.builds import chain_of, snapshot_keys
 
         options = settings(config)
         snapshots = snapshot_keys(chain_of(*session_migrators(config)), options.rebuild)
-    except Exception:
+    except Exception:  # the start after collection meets the same error, and says it as it always did
         return
     config.stash[BACKGROUND_KEY] = BackgroundStart(options, snapshots)
     import pgsandbox.sandbox  # noqa: F401 - the rest of what a test needs, while the server starts
