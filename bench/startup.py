@@ -27,6 +27,15 @@ so that all cases pay the same interpreter start-up; failing that, pytest-postgr
 Every temporary directory is removed at the end and any server still running from them is stopped.
 Besides bench/harness.py, only pgsandbox's discovery of binaries runs in this process (pytest, pgsandbox and
 pytest-postgresql run in subprocesses).
+
+``--overhead`` (issue 16) measures instead what a database costs a whole run (``time pytest``): a project's
+1-database-test run (``def test_db(<fixture>): ...``) minus its 1-plain-test run (``def test_plain(): ...``), both
+with the same plugins, as medians of interleaved runs after one warm-up round, for pgsandbox (cache warm),
+pytest-postgresql (``postgresql``), and a hand-written conftest against a server already running (initdb and
+``pg_ctl start`` once, outside the timing, with the harness's commands; a psycopg connection per test, rolled
+back). Every pytest runs with Python's bytecode cache on (a ``PYTHONPYCACHEPREFIX`` of its own, filled by the
+warm-up round), as an installed project runs: ``PYTHONDONTWRITEBYTECODE``, set on some machines, would make every
+run compile pgsandbox's modules and pytest rewrite them again.
 """
 
 from __future__ import annotations
@@ -456,9 +465,263 @@ def whole_process_overhead(cases: dict[str, Case]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- main
 
 
+# ----------------------------------------------------------------------------------- whole-process overhead
+
+PLAIN_TEST = "def test_plain():\n    ...\n"
+HAND_WRITTEN_CONFTEST = """\
+import psycopg
+import pytest
+
+
+@pytest.fixture
+def db():
+    with psycopg.connect(host={sock!r}, dbname="postgres", user="postgres") as conn:
+        yield conn
+        conn.rollback()
+"""
+
+
+@dataclass
+class OverheadCase:
+    """One tool: a project whose 1-database-test run and 1-plain-test run are timed in turn."""
+
+    key: str
+    label: str
+    runner: Runner
+    fixture: str
+    args: list[str]
+    env: dict[str, str]
+    suite: Path
+    conftest: str = ""
+    plain: list[float] = field(default_factory=list)
+    db: list[float] = field(default_factory=list)
+    error: str | None = None
+    commands: list[str] = field(default_factory=list)
+
+    def prepare(self) -> None:
+        files = {
+            self.suite / "pytest.ini": "[pytest]\n",
+            self.suite / "test_plain.py": PLAIN_TEST,
+            self.suite / "test_db.py": f"def test_db({self.fixture}):\n    ...\n",
+        }
+        if self.conftest:
+            files[self.suite / "conftest.py"] = self.conftest
+        self.runner.write(files)
+
+    def run(self, test_file: str, pycache: Path) -> float:
+        env = {**clean_env(), **self.runner.env, **self.env, "PYTHONPYCACHEPREFIX": str(pycache)}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        command = [self.runner.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.args, test_file]
+        if len(self.commands) < 2:
+            self.commands.append(shown_command(command, env))
+        out = run_timed(command, self.suite, env, PYTEST_TIMEOUT, self.runner)
+        if out.returncode != 0:
+            raise BenchError(f"pytest exited {out.returncode}:\n{tail(out.output)}")
+        return out.seconds * 1000
+
+    def overhead(self) -> float | None:
+        if not self.plain or not self.db:
+            return None
+        return statistics.median(self.db) - statistics.median(self.plain)
+
+    def paired(self) -> float | None:
+        pairs = [db - plain for plain, db in zip(self.plain, self.db, strict=False)]
+        return statistics.median(pairs) if pairs else None
+
+
+OVERHEAD_TARGET_MS = 150.0  # issue 16: a warm pgsandbox start costs a run at most this much
+
+
+def overhead_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
+    main_runner = current_runner()
+    other: Runner | None = main_runner
+    raw_runner: Runner | None = main_runner
+    skipped: dict[str, str] = {}
+    note = ""
+    if os.geteuid() == 0:
+        other, raw_runner, note = unprivileged_runner(args.user, work / "home")
+        main_runner = same_interpreter(main_runner, other)
+    if importlib.util.find_spec("pytest_postgresql") is None:
+        other = None
+        note = "pytest-postgresql is not installed in this environment (pip install pytest-postgresql)"
+    if other is None:
+        skipped["pytest-postgresql"] = note
+    facts = {
+        **machine_facts(bindir, main_runner, pgsandbox_revision()),
+        "pgsandbox data (runtime dir)": f"{data} on {filesystem(data)}",
+        "pytest-postgresql data (basetemp)": f"{work} on {filesystem(work)} (its default: the temp dir)",
+        "bytecode": "cached (PYTHONPYCACHEPREFIX in the work directory, filled by the warm-up round)",
+    }
+    suites = work / "suites"
+    pycache = main_runner.own(work / "pycache")
+    pycache.chmod(0o777)  # every runner's interpreter writes its bytecode there
+    cases: list[OverheadCase] = [
+        OverheadCase(
+            "pgsandbox-warm",
+            "pgsandbox, cache warm (pg)",
+            main_runner,
+            "pg",
+            NO_PYTEST_POSTGRESQL,
+            pgsandbox_env(bindir, runtime=data, cache=work / "caches" / "warm"),
+            suites / "pgsandbox",
+        )
+    ]
+    if other is not None:
+        sock = other.own(work / "pp-sock")
+        cases.append(
+            OverheadCase(
+                "pytest-postgresql",
+                "pytest-postgresql (postgresql)",
+                other,
+                "postgresql",
+                pytest_postgresql_args(bindir, sock, other.own(work / "pp") / "basetemp"),
+                {},
+                suites / "pp",
+            )
+        )
+    server: list[str] = []
+    if raw_runner is None:
+        skipped["hand-written conftest"] = note
+    else:
+        base = raw_runner.own(work / "running")
+        sock = raw_runner.own(base / "sock")
+        initdb, start, stop = raw_server_commands(bindir, base / "data", sock, base / "server.log")
+        env = {**clean_env(), **{k: v for k, v in raw_runner.env.items() if k != "PYTHONPATH"}}
+        for step in (initdb, start):
+            out = subprocess.run(
+                step,
+                cwd=base,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=RAW_TIMEOUT,
+                **raw_runner.popen_kwargs(),
+            )
+            if out.returncode != 0:
+                print(f"{shlex.join(step)} failed:\n{tail(out.stdout + out.stderr)}", file=sys.stderr)
+                return 1
+        server = stop
+        facts["already running server"] = f"{shlex.join(initdb)}; {shlex.join(start)} (once, not timed)"
+        cases.append(
+            OverheadCase(
+                "hand-written",
+                "hand-written conftest, server already running (db)",
+                main_runner,
+                "db",
+                [*NO_PGSANDBOX, *NO_PYTEST_POSTGRESQL],
+                {},
+                suites / "hand",
+                HAND_WRITTEN_CONFTEST.format(sock=str(sock)),
+            )
+        )
+    for case in cases:
+        case.prepare()
+    print(f"command: {command}")
+    print(f"{len(cases)} cases x (plain, db), 1 warm-up round + {args.runs} measured rounds, interleaved ...")
+    try:
+        for round_number in range(args.runs + 1):
+            for case in cases:
+                if case.error is not None:
+                    continue
+                # the order within a pair alternates, so that neither run always follows the other tool's
+                order = ("plain", "db") if round_number % 2 else ("db", "plain")
+                try:
+                    for which in order:
+                        ms = case.run(f"test_{which}.py", pycache)
+                        if round_number > 0:
+                            (case.plain if which == "plain" else case.db).append(ms)
+                except (BenchError, OSError, subprocess.SubprocessError) as error:
+                    case.error = str(error)
+                    print(f"  {case.label}: FAILED\n{error}", file=sys.stderr)
+                finally:  # the already running server lives elsewhere (work / "running")
+                    for line in stop_stragglers([data, work / "pp"]):
+                        case.error = case.error or f"left running after its runs: {line}"
+            print(f"  round {round_number}/{args.runs} done" + (" (warm-up)" if round_number == 0 else ""), flush=True)
+    finally:
+        if server and raw_runner is not None:
+            subprocess.run(server, capture_output=True, timeout=RAW_TIMEOUT, **raw_runner.popen_kwargs())
+    return overhead_report(args, cases, facts, skipped, command)
+
+
+def overhead_report(
+    args: argparse.Namespace,
+    cases: list[OverheadCase],
+    facts: dict[str, str],
+    skipped: dict[str, str],
+    command: str,
+) -> int:
+    print()
+    print("Whole-process overhead of a database: `time pytest` of a 1-database-test run minus a 1-plain-test run")
+    print(f"command: {command}")
+    print_facts(facts, 34)
+    for key, reason in skipped.items():
+        print(f"  SKIPPED {key}: {reason}")
+    print()
+    width = max(len(case.label) for case in cases) + 2
+    print(f"{f'case (ms, medians of {args.runs} runs)':<{width}}{'plain':>8}{'db':>8}{'overhead':>10}{'paired':>8}")
+    for case in cases:
+        if case.error is not None and not case.db:
+            print(f"{case.label:<{width}}  FAILED (see below)")
+            continue
+        plain = statistics.median(case.plain) if case.plain else None
+        db = statistics.median(case.db) if case.db else None
+        print(f"{case.label:<{width}}{fmt(plain):>8}{fmt(db):>8}{fmt(case.overhead()):>10}{fmt(case.paired()):>8}")
+    print("(overhead: median db - median plain; paired: median of each round's db - plain)")
+    for case in cases:
+        if case.error is not None:
+            print(f"\nFAILED after {len(case.db)} measured run(s): {case.label}\n{case.error}")
+    by_key = {case.key: case for case in cases}
+    ours = by_key["pgsandbox-warm"].overhead()
+
+    def versus(key: str) -> float | None:
+        return divide(by_key[key].overhead(), ours) if key in by_key else None
+
+    ratios = {
+        "pytest-postgresql / pgsandbox warm": versus("pytest-postgresql"),
+        "hand-written, running server / pgsandbox warm": versus("hand-written"),
+    }
+    print()
+    print_ratios(ratios, 48)
+    targets: dict[str, bool | None] = {
+        f"pgsandbox warm overhead at most {OVERHEAD_TARGET_MS:.0f} ms": None
+        if ours is None
+        else ours <= OVERHEAD_TARGET_MS
+    }
+    print()
+    print_targets(targets)
+    if args.json is not None:
+        document = {
+            "command": command,
+            "runs": args.runs,
+            "facts": facts,
+            "skipped": skipped,
+            "cases": {
+                case.key: {
+                    "label": case.label,
+                    "plain_ms": case.plain,
+                    "db_ms": case.db,
+                    "overhead_ms": case.overhead(),
+                    "paired_ms": case.paired(),
+                    "error": case.error,
+                    "commands": case.commands,
+                }
+                for case in cases
+            },
+            "ratios": ratios,
+            "targets": targets,
+        }
+        write_json(args.json, document)
+    return 1 if any(case.error is not None for case in cases) else 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5, help="measured runs per case (default 5)")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="measure a database's whole-process overhead instead (1-database-test run minus 1-plain-test run)",
+    )
     parser.add_argument(
         "--user", default="postgres", help="as root: the unprivileged user that runs pytest-postgresql and raw pg_ctl"
     )
@@ -474,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bindir is None:
         return 2
     with scratch("pgsandbox-bench-") as (work, data):
+        if args.overhead:
+            return overhead_main(args, bindir, work, data, command)
         # the keep-alive case's server outlives each run: outside what the harness sweeps after every run
         kept = Path(tempfile.mkdtemp(prefix="pgsandbox-bench-keepalive-", dir=data.parent))
         kept.chmod(0o755)

@@ -308,11 +308,39 @@ def test_pruning_keeps_the_newest_and_what_a_run_copies(tmp_path: Path) -> None:
     assert [entry.path for entry in clusters.prune_cache(tmp_path, max_size=1)] == [copied]
 
 
+def test_the_cache_size_reads_the_record_of_each_finished_entry(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from pgsandbox.common.staging import SIZE_RECORD, tree_size, write_size_record
+    from pgsandbox.server import clusters
+
+    now = time.time()
+    recorded = _cluster(tmp_path / "snapshots" / "0123456789abcdef" / "a", 1, now)
+    write_size_record(recorded)  # as the cache writes each entry, before marking it ready
+    older = _cluster(tmp_path / "initdb" / "0123456789abcdef", 1, now)  # written before the records
+    busy = _cluster(tmp_path / "initdb" / "fedcba9876543210", 1, now)  # the same, while a run copies it
+    half = tmp_path / "initdb" / ".build-1.2-x"  # half-written: its record is not trusted before it is ready
+    (half / "data").mkdir(parents=True)
+    (half / "data" / "base").write_bytes(b"\0" * 1000)
+    (half / SIZE_RECORD).write_text("5\n")
+    (tmp_path / "postgres-versions.json").write_text("{}")
+    with FileLock(str(busy) + ".lock"):
+        assert clusters.cache_size(tmp_path) == tree_size(tmp_path)
+    assert (older / SIZE_RECORD).is_file() and not (busy / SIZE_RECORD).exists()  # recorded when not in use
+    assert clusters.cache_size(tmp_path) == tree_size(tmp_path)
+    assert (busy / SIZE_RECORD).is_file()
+    # an entry never changes once ready, so its files are not counted again: the record is what is read
+    (recorded / "data" / "base").write_bytes(b"")
+    assert clusters.cache_size(tmp_path) == tree_size(tmp_path) + 10**6
+
+
 @pytest.mark.usefixtures("private_runtime")
 @pytest.mark.slow
 def test_a_bounded_cache_keeps_the_newest_snapshot(
     project: pytest.Pytester, private_cache: Path, cache_dir: Path, start_local: StartLocal
 ) -> None:
+    from pgsandbox.common.staging import tree_size
+
     start_local().stop()  # a warm initdb cluster to copy: the runs below build only templates
     shutil.copytree(cache_dir / "initdb", private_cache / "initdb", symlinks=True)
     project.makepyfile("def test_users(pg):\n    assert pg.fetchval('select count(*) from users') == 2\n")
@@ -326,6 +354,12 @@ def test_a_bounded_cache_keeps_the_newest_snapshot(
     report = json.loads((project.path / "pgsandbox-report.json").read_text())
     assert report["cache"]["path"] == str(private_cache) and report["cache"]["max_bytes"] == 10**6
     assert report["cache"]["bytes"] > 10**6  # over the bound: the newest snapshot and initdb cluster stay
+    # each entry's size was recorded as it was written: the report's count reads the records, and is exact
+    assert all((path / ".size").is_file() for path in stored)
+    assert report["cache"]["bytes"] == tree_size(private_cache)
+    # a snapshot keeps only the WAL segment of its last checkpoint (the rest is recycled space every start copied)
+    for wal in private_cache.glob("snapshots/*/*/data/pg_wal"):
+        assert len([path for path in wal.iterdir() if path.is_file()]) == 1
 
 
 @pytest.mark.slow

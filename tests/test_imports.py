@@ -14,6 +14,21 @@ def test_loading_the_plugin_does_not_import_psycopg() -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
+def test_a_run_without_a_database_test_imports_neither_the_driver_nor_the_server(pytester: pytest.Pytester) -> None:
+    """The start-up checks (pg_migrations_inputs' globs among them) run in every pytest run; the template package
+    they once imported brought psycopg and the server along, about 0.2 s of every run, database or not."""
+    pytester.makepyfile(
+        "import sys\n"
+        "def test_plain():\n"
+        "    heavy = [m for m in ('psycopg', 'pgsandbox.server', 'pgsandbox.template') if m in sys.modules]\n"
+        "    assert heavy == []\n"
+    )
+    result = pytester.runpytest_subprocess("--pg-migrations-inputs=dta/*.csv", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*pg_migrations_inputs: 'dta/*.csv' matches no file under *"])
+
+
 def test_public_names_resolve_on_first_use() -> None:
     import pgsandbox
 

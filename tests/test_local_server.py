@@ -34,6 +34,20 @@ def test_start_connect_create_drop_stop(start_local: StartLocal) -> None:
     server.stop()  # twice is fine
 
 
+def test_the_cached_cluster_keeps_only_its_checkpoint_s_wal_segment(start_local: StartLocal, cache_dir: Path) -> None:
+    """initdb leaves 7 WAL segments of 1 MB, 6 of them recycled space that every start would copy."""
+    from pgsandbox.server.clusters import wait_for_cache_writes
+
+    server = start_local()
+    wait_for_cache_writes()
+    cached = list(cache_dir.glob("initdb/*/data/pg_wal"))
+    assert cached and all(len([p for p in wal.iterdir() if p.is_file()]) == 1 for wal in cached)
+    with server.connect() as conn:  # the server makes the segments it needs
+        conn.execute("create table t as select g, repeat('x', 100) as pad from generate_series(1, 30000) g")
+        assert conn.execute("select count(*) from t").fetchone() == (30000,)
+    assert len([p for p in (server.run.data / "pg_wal").iterdir() if p.is_file()]) > 1
+
+
 def test_test_settings_and_user_settings_apply(start_local: StartLocal) -> None:
     server = start_local(server_settings=(("work_mem", "7MB"), ("application_name", "it's mine")))
     show = {

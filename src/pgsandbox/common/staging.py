@@ -123,6 +123,38 @@ def remove(abandoned: Abandoned) -> None:
     shutil.rmtree(abandoned.path, ignore_errors=True)
 
 
+SIZE_RECORD = ".size"  # in a finished cache entry: its size in bytes, so that the cache's total walks no entry
+READY_MARKERS = ("ready", ".ready")  # what marks a finished cache entry (clusters, snapshots / installations)
+
+
+def write_size_record(entry: Path) -> int:
+    """Record the size of ``entry``, a cache entry that is complete and will not change again (written just before
+    it is marked ready). The record holds the bytes of everything in the entry but itself; returns the entry's
+    bytes with the record, as :func:`read_size_record` does."""
+    size = tree_size(entry) - _file_size(entry / SIZE_RECORD)
+    text = f"{size}\n"
+    partial = entry / f"{SIZE_RECORD}.{os.getpid()}"
+    partial.write_text(text)
+    os.replace(partial, entry / SIZE_RECORD)  # a count that reads it meanwhile sees all of it or nothing
+    return size + len(text.encode())
+
+
+def read_size_record(entry: Path) -> int | None:
+    """The bytes of ``entry`` with its record included, or None when it has no readable record."""
+    try:
+        text = (entry / SIZE_RECORD).read_text()
+        return int(text) + len(text.encode())
+    except (OSError, ValueError):
+        return None
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
 def tree_size(root: Path) -> int:
     """Bytes of the files under ``root`` (not following links)."""
     total = 0

@@ -72,6 +72,6 @@ def check_report_path(settings: Settings, invocation_dir: Path) -> None:
 def unmatched_inputs(settings: Settings, root: Path) -> list[str]:
     """The ``pg_migrations_inputs`` globs that match no file: most often a typo, which would leave the files
     meant out of the template's hash (a stale template when they change)."""
-    from pgsandbox.template.base import files_matching
+    from pgsandbox.common.files import files_matching  # not the template package: it imports psycopg and the server
 
     return [pattern for pattern in settings.migrations_inputs if not files_matching([pattern], root)]

@@ -134,6 +134,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [line]
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The first collected test that needs the sandbox starts its server, while pytest collects the rest."""
+    if "pg_sandbox" in getattr(item, "fixturenames", ()):
+        state.start_in_background(item.session)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the sandbox right after collection when a collected test needs it, so that its lines (server,
@@ -142,6 +148,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if any("pg_sandbox" in getattr(item, "fixturenames", ()) for item in session.items):
         state.start_early(session)
+    else:
+        state.discard_background_start(session.config)  # deselected after all
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own session teardown, where the fixture stops it normally

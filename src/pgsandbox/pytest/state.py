@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import queue
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +21,7 @@ from pgsandbox.settings import Settings
 if TYPE_CHECKING:
     from pgsandbox.pytest.xdist import SharedSandbox
     from pgsandbox.sandbox import Database, Sandbox
+    from pgsandbox.server import Server
     from pgsandbox.template.base import Migrator
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
@@ -29,6 +33,7 @@ KEEP_KEY = pytest.StashKey[bool]()
 SQL_SHOWN_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 EARLY_START_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()  # started after collection
+BACKGROUND_KEY: pytest.StashKey[BackgroundStart] = pytest.StashKey()  # the server, starting while pytest collects
 CONTROLLER_KEY: pytest.StashKey[SharedSandbox] = pytest.StashKey()
 REPORT_KEY = pytest.StashKey[dict[str, Any]]()
 WORKER_REPORTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
@@ -74,10 +79,25 @@ def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) ->
     return [CallableMigrator(f"hook:{name}", calls, inputs, config.rootpath, sources)]
 
 
-def start(config: pytest.Config, progress: Callable[[str], None] | None = None) -> Sandbox:
-    """Start the sandbox (server, templates), or on an xdist worker attach to the controller's."""
-    from pgsandbox.sandbox import Sandbox
+def session_migrators(config: pytest.Config) -> tuple[list[Migrator], list[Migrator]]:
+    """The session's migrations and seed: the options' and the conftests' hooks."""
     from pgsandbox.template import load_migrators
+
+    options = settings(config)
+    root = config.rootpath
+    migrations = load_migrators(options.migrations, options.migrations_inputs, root)
+    migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
+    seed = load_migrators(options.seed, options.migrations_inputs, root, "pg_seed")
+    seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
+    return migrations, seed
+
+
+def start(
+    config: pytest.Config, progress: Callable[[str], None] | None = None, background: BackgroundStart | None = None
+) -> Sandbox:
+    """Start the sandbox (server, templates), or on an xdist worker attach to the controller's. ``background``:
+    the server started while pytest collected, taken instead of starting one."""
+    from pgsandbox.sandbox import Sandbox
 
     options = settings(config)
     shared = getattr(config, "workerinput", {}).get(XDIST_INPUT)
@@ -86,27 +106,139 @@ def start(config: pytest.Config, progress: Callable[[str], None] | None = None) 
 
         return xdist.attach(shared, options)
     root = config.rootpath
-    migrations = load_migrators(options.migrations, options.migrations_inputs, root)
-    migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
-    seed = load_migrators(options.seed, options.migrations_inputs, root, "pg_seed")
-    seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
-    return Sandbox.start(
+    migrations, seed = session_migrators(config)
+    progress = progress or progress_writer(config)
+    sandbox = Sandbox.start(
         options,
         migrations=migrations,
         seed=seed,
         root=root,
         project=root.name,
-        progress=progress or progress_writer(config),
+        progress=progress,
+        server_start=None if background is None else lambda snapshots: background.server(snapshots, progress),
     )
+    if background is not None and background.seconds is not None:
+        sandbox.start_seconds = background.seconds  # the server's own start, not the wait for it
+    return sandbox
+
+
+class BackgroundStart:
+    """The session's server, started in a thread from the moment pytest collects a first test that needs it,
+    while pytest collects the rest and pgsandbox imports what the tests need; taken after collection, where the
+    sandbox starts (:func:`start_early`), which then builds the templates.
+
+    The thread starts the server only: migrations and imports stay in the main thread (CPython 3.11 can fail
+    with "SystemError: AST constructor recursion depth mismatch" when two threads parse Python at once; see
+    xdist.py), and everything the server's start runs is imported before the thread starts. Its progress lines
+    wait for the main thread, which prints them as the sandbox's start did; its error is raised there, so that
+    it reads as it did. Whatever it started is stopped at the session's end if no test took it."""
+
+    def __init__(self, options: Settings, snapshots: list[str]) -> None:
+        self.options = options
+        self.snapshots = snapshots
+        self.seconds: float | None = None
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._server: Server | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._run, name="pgsandbox-server-start")
+        self._thread.start()
+
+    def _run(self) -> None:
+        from pgsandbox.server import start_server  # imported by the main thread before this one started
+
+        started = time.perf_counter()
+        try:
+            self._server = start_server(self.options, self._lines.put, self.snapshots)
+            self.seconds = time.perf_counter() - started
+        except BaseException as error:  # raised again in the main thread, where the start is waited for
+            self._error = error
+        finally:
+            self._lines.put(None)
+
+    def _wait(self, progress: Callable[[str], None] | None) -> None:
+        """Until the thread is done, printing its progress lines as they come."""
+        while (line := self._lines.get()) is not None:
+            if progress is not None:
+                progress(line)
+        self._lines.put(None)  # for a later wait
+        self._thread.join()
+
+    def server(self, snapshots: list[str], progress: Callable[[str], None] | None) -> Server:
+        """The server, once started, for these snapshot keys; another one when they differ from the keys it was
+        started with (a conftest collected later added a migration hook)."""
+        from pgsandbox.server import start_server
+
+        self._wait(progress)  # interrupted (Ctrl-C), the server is not taken: the session's end stops it
+        self._taken = True
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        assert self._server is not None
+        if snapshots == self.snapshots:
+            return self._server
+        self._server.stop()
+        self.seconds = None
+        return start_server(self.options, progress, snapshots)
+
+    def discard(self) -> None:
+        """At the session's end, or when no collected test needs it: wait for the thread and stop its server."""
+        if self._taken:
+            return
+        self._taken = True
+        self._wait(None)
+        if self._server is not None:
+            self._server.stop()
+
+
+def may_deselect(config: pytest.Config) -> bool:
+    """Whether options may deselect the tests collected (-k, -m, --deselect, --lf, --sw): then a test that
+    needs the sandbox, once collected, may not run, and the sandbox waits for the end of the collection."""
+    option = config.option
+    names = ("keyword", "markexpr", "deselect", "lf", "stepwise", "stepwise_skip")
+    return any(getattr(option, name, None) for name in names)
+
+
+def start_in_background(session: pytest.Session) -> None:
+    """A collected test needs the sandbox: start its server now, in a thread, while pytest collects the rest.
+    Not on an xdist worker (it attaches to the controller's), nor when options may deselect the test; and when
+    preparing fails, the start after collection says why, as it did."""
+    config = session.config
+    if (
+        BACKGROUND_KEY in config.stash
+        or EARLY_START_KEY in config.stash
+        or config.option.collectonly
+        or hasattr(config, "workerinput")
+        or may_deselect(config)
+    ):
+        return
+    try:
+        # everything the thread runs is imported here, in the main thread (see BackgroundStart)
+        import pgsandbox.server
+        from pgsandbox.template.builds import chain_of, snapshot_keys
+
+        options = settings(config)
+        snapshots = snapshot_keys(chain_of(*session_migrators(config)), options.rebuild)
+    except Exception:  # the start after collection meets the same error, and says it as it always did
+        return
+    config.stash[BACKGROUND_KEY] = BackgroundStart(options, snapshots)
+    import pgsandbox.sandbox  # noqa: F401 - the rest of what a test needs, while the server starts
 
 
 def start_early(session: pytest.Session) -> None:
     """Start the sandbox right after collection; an error waits for the first test that needs the sandbox."""
     config = session.config
     try:
-        config.stash[EARLY_START_KEY] = start(config)
+        config.stash[EARLY_START_KEY] = start(config, background=config.stash.get(BACKGROUND_KEY, None))
     except PgSandboxError as error:
         config.stash[EARLY_START_KEY] = error
+
+
+def discard_background_start(config: pytest.Config) -> None:
+    """The server started while pytest collected, when no test took it."""
+    background = config.stash.get(BACKGROUND_KEY, None)
+    if background is not None:
+        background.discard()
 
 
 def session_sandbox(config: pytest.Config, session: pytest.Session) -> Sandbox:
@@ -140,7 +272,9 @@ def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
 
 def stop_at_session_end(config: pytest.Config) -> None:
     """At the session's end: a sandbox started after collection whose tests never ran (all skipped, or
-    interrupted); on an xdist controller, the sandbox the workers shared (they are all done)."""
+    interrupted), or a server started while pytest collected that none took; on an xdist controller, the sandbox
+    the workers shared (they are all done)."""
+    discard_background_start(config)
     early = config.stash.get(EARLY_START_KEY, None)
     if early is not None and not isinstance(early, PgSandboxError):
         if REPORT_KEY not in config.stash:  # the fixture did not stop it: no test used it

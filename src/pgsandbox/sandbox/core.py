@@ -43,9 +43,9 @@ from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.clusters import cache_root
 from pgsandbox.server.statement_log import StatementLog
 from pgsandbox.settings import ISOLATIONS, Settings
-from pgsandbox.template import Chain, Layer, TemplateInfo, ensure_templates, load_migrators, release
+from pgsandbox.template import Chain, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator
-from pgsandbox.template.builds import hold_in_use, warm_relcache
+from pgsandbox.template.builds import chain_of, hold_in_use, snapshot_keys, warm_relcache
 
 __all__ = ["Sandbox", "ServerGone"]
 
@@ -136,11 +136,14 @@ class Sandbox:
         root: Path | None = None,
         project: str | None = None,
         progress: Progress | None = None,
+        server_start: Callable[[list[str]], Server] | None = None,
     ) -> Sandbox:
         """Start (or attach to) the server and build the templates the cache does not have.
 
         ``migrations``/``seed`` default to those ``settings.migrations``/``settings.seed`` name, relative
-        to ``root`` (default: the current directory).
+        to ``root`` (default: the current directory). ``server_start``: the server for the snapshot keys (the
+        clusters holding built templates to start from, most complete first), instead of :func:`start_server`
+        (the pytest plugin's: the server it started while pytest collected).
         """
         settings = settings or Settings.from_env()
         root = (root or Path.cwd()).resolve()
@@ -148,11 +151,10 @@ class Sandbox:
             migrations = load_migrators(settings.migrations, settings.migrations_inputs, root)
         if seed is None:
             seed = load_migrators(settings.seed, settings.migrations_inputs, root, "pg_seed")
-        layers = [Layer(kind, tuple(ms)) for kind, ms in (("migrations", migrations), ("seed", seed)) if ms]
-        chain = Chain(tuple(layers)) if layers else None
-        snapshots = [] if settings.rebuild or chain is None else list(reversed(chain.keys))
+        chain = chain_of(migrations, seed)
+        snapshots = snapshot_keys(chain, settings.rebuild)
         started = time.perf_counter()
-        server = start_server(settings, progress, snapshots=snapshots)
+        server = start_server(settings, progress, snapshots) if server_start is None else server_start(snapshots)
         start_seconds = time.perf_counter() - started
         try:
             if settings.extensions and not server.owns_cluster:

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -29,7 +30,13 @@ from filelock import BaseFileLock, FileLock, Timeout
 from pgsandbox.binaries import Installation, build_id
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact, register_secret
-from pgsandbox.common.staging import make_staging_dir, tree_size
+from pgsandbox.common.staging import (
+    READY_MARKERS,
+    make_staging_dir,
+    read_size_record,
+    tree_size,
+    write_size_record,
+)
 from pgsandbox.errors import PgSandboxWarning, ServerStartError
 from pgsandbox.server.osuser import Account
 
@@ -179,6 +186,7 @@ def _initdb(
             + redact((out.stderr or out.stdout).strip()),
             "check pg_initdb_args, or pick other binaries with --pg-bin / --pg-version.",
         )
+    trim_wal(installation, work / "data")
     if progress:
         progress(
             f"initdb for PostgreSQL {installation.version_string} took {time.perf_counter() - started:.2f} s; "
@@ -187,12 +195,41 @@ def _initdb(
     return work, password
 
 
+WAL_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+
+
+def trim_wal(installation: Installation, data: Path) -> None:
+    """Remove the WAL segments of a cleanly stopped cluster that hold nothing it needs: every one but its last
+    checkpoint's (the others are old, or recycled for later writes). Every run copies the cluster: initdb leaves
+    7 segments of 1 MB, a fifth of the cluster's 30 MB. Nothing is removed when the cluster was not shut down
+    cleanly, or when pg_controldata is missing or says something else."""
+    try:
+        out = subprocess.run(
+            [str(installation.tool("pg_controldata")), "-D", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return
+    fields = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    state = fields.get("Database cluster state", "").strip()
+    keep = fields.get("Latest checkpoint's REDO WAL file", "").strip()
+    if out.returncode != 0 or state != "shut down" or not WAL_SEGMENT.match(keep):
+        return
+    for path in (data / "pg_wal").iterdir():
+        if WAL_SEGMENT.match(path.name) and path.name != keep and path.is_file():
+            path.unlink()
+
+
 def _store(work: Path, target: Path, password: str, lock: FileLock, max_size: int = 0) -> None:
     staging = make_staging_dir(target.parent, ".build")
     try:
         copy_tree(work / "data", staging / "data")
         (staging / "password").write_text(password + "\n")
         (staging / "password").chmod(0o600)
+        write_size_record(staging)
         staging.chmod(0o700)
         if target.exists():
             shutil.rmtree(target)
@@ -296,6 +333,7 @@ def store_snapshot(
         copy_tree(data, staging / "data")
         (staging / "password").write_text(password + "\n")
         (staging / "password").chmod(0o600)
+        write_size_record(staging)
         staging.chmod(0o700)
         with FileLock(str(target) + ".lock"):
             if replace or not (target / "ready").exists():
@@ -355,7 +393,7 @@ def prune_cache(root: Path, max_size: int) -> list[Pruned]:
         except Timeout:
             continue  # a run copies it right now
         try:
-            size = tree_size(path)
+            size = entry_size(path)
             shutil.rmtree(path, ignore_errors=True)
         finally:
             lock.release()
@@ -380,4 +418,48 @@ def copy_tree(source: Path, destination: Path) -> None:
 
 
 def cache_size(root: Path) -> int:
-    return tree_size(root)
+    """Bytes in the cache. A finished entry (a cluster, a snapshot, installed binaries) is counted by the size
+    recorded when it was written (it never changes after); the rest (locks, catalogs, half-written entries) file
+    by file. Walking every file of a large cache took about 0.2 s, at the end of every run."""
+    total = 0
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError:
+            continue
+        if any(entry.name in READY_MARKERS for entry in entries):
+            total += entry_size(directory)
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir():
+                    if not entry.is_symlink():  # as os.walk: a link to a directory is neither walked nor counted
+                        pending.append(Path(entry.path))
+                else:
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def entry_size(entry: Path) -> int:
+    """The bytes of a finished cache entry: its size record, else (an entry written before the records) its files
+    counted one by one, and then recorded, under the entry's lock, so that the next count reads the record."""
+    recorded = read_size_record(entry)
+    if recorded is not None:
+        return recorded
+    lock = FileLock(str(entry) + ".lock", thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except OSError:  # Timeout: a run copies, stores or prunes it right now
+        return tree_size(entry)
+    try:
+        if not any((entry / marker).exists() for marker in READY_MARKERS):
+            return tree_size(entry)  # pruned or being replaced meanwhile
+        try:
+            return write_size_record(entry)
+        except OSError:  # a cache this user may read but not write
+            return tree_size(entry)
+    finally:
+        lock.release()

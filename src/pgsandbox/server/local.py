@@ -421,6 +421,7 @@ class LocalServer(Server):
         """
         self._close_admin()
         self._shutdown()
+        clusters.trim_wal(self.installation, self.run.data)  # less to copy, here and at every start from it
         staging = make_staging_dir(self.run.path.parent, "snapshot")
         clusters.copy_tree(self.run.data, staging / "data")
         lock, self._build_lock = self._build_lock, None  # the writer releases it once the cache is complete
@@ -455,9 +456,11 @@ class LocalServer(Server):
             self._build_lock.release()
             self._build_lock = None
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, immediate: bool = False) -> None:
+        """Fast shutdown (a checkpoint: the cluster is consistent, as a snapshot needs), or, for a cluster about
+        to be deleted, immediate shutdown: no checkpoint, about 10 ms less at the end of every run."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # fast shutdown: the data is throwaway
+            self.process.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
             try:
                 self.process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -489,7 +492,7 @@ class LocalServer(Server):
         self._end(keep_running=True)
 
     def stop(self) -> None:
-        """Fast shutdown, then remove the run directory. Safe to call twice."""
+        """Immediate shutdown, then remove the run directory. Safe to call twice."""
         self._end(keep_running=False)
 
     def stop_keeping_databases(self) -> None:
@@ -515,7 +518,7 @@ class LocalServer(Server):
         if keep_running:
             runs.mark_kept(self.run)
         else:
-            self._shutdown()
+            self._shutdown(immediate=True)  # its data goes with the run directory
             shutil.rmtree(self.run.path, ignore_errors=True)
         self._release_build_lock()
         clusters.wait_for_cache_writes()

@@ -22,7 +22,7 @@ from filelock import FileLock
 
 from pgsandbox.binaries import Installation, check
 from pgsandbox.common.progress import Progress
-from pgsandbox.common.staging import make_staging_dir
+from pgsandbox.common.staging import make_staging_dir, write_size_record
 from pgsandbox.errors import ServerStartError
 
 if sys.platform != "win32":
@@ -249,6 +249,7 @@ def _copy_installation(prefix: Path, target: Path, installation: Installation, i
                     mode = os.stat(path).st_mode
                     executable = name in dirs or mode & stat.S_IXUSR
                     os.chmod(path, mode | (0o755 if executable else 0o644))
+        write_size_record(staging)  # the cache's size is counted without walking it (clusters.cache_size)
         staging.chmod(0o755)
         if target.exists():
             shutil.rmtree(target)

@@ -91,24 +91,6 @@ def fingerprint(migrators: Iterable[Migrator], *extra: str) -> str:
     return digest.hexdigest()
 
 
-def files_matching(patterns: Iterable[str], root: Path) -> list[Path]:
-    """Files matched by glob patterns relative to ``root`` (absolute patterns too), sorted, de-duplicated."""
-    found: set[Path] = set()
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_absolute():
-            anchor, relative = Path(path.anchor), str(path.relative_to(path.anchor))
-        else:
-            anchor, relative = root, pattern
-        if any(char in relative for char in "*?["):
-            found.update(p for p in anchor.glob(relative) if p.is_file())
-        elif (anchor / relative).is_file():
-            found.add(anchor / relative)
-        elif (anchor / relative).is_dir():
-            found.update(p for p in (anchor / relative).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    return sorted(found)
-
-
 def file_inputs(files: Iterable[Path], root: Path) -> list[tuple[str, bytes]]:
     """(relative name, bytes) for each file: renaming a file changes the hash, moving the project does not."""
     pairs = []

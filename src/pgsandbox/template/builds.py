@@ -90,6 +90,17 @@ class Chain:
         return self.keys[-1]
 
 
+def chain_of(migrations: Sequence[Migrator], seed: Sequence[Migrator]) -> Chain | None:
+    """The layers of a session's templates (migrations, then seed; None when there is neither)."""
+    layers = [Layer(kind, tuple(ms)) for kind, ms in (("migrations", migrations), ("seed", seed)) if ms]
+    return Chain(tuple(layers)) if layers else None
+
+
+def snapshot_keys(chain: Chain | None, rebuild: bool) -> list[str]:
+    """The cached clusters a local server may start from, most complete first (none when rebuilding)."""
+    return [] if rebuild or chain is None else list(reversed(chain.keys))
+
+
 def _server_traits(server: Server, hand_over: bool) -> str:
     row = server.admin.execute(
         "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database WHERE datname = 'template0'"

@@ -29,8 +29,9 @@ from typing import Any
 
 import psycopg
 
+from pgsandbox.common.files import files_matching
 from pgsandbox.errors import PgSandboxWarning
-from pgsandbox.template.base import MigrationError, Migrator, Target, file_inputs, files_matching
+from pgsandbox.template.base import MigrationError, Migrator, Target, file_inputs
 from pgsandbox.template.reads import ignored_roots
 
 GIVEN = ("conn", "dsn", "url", "session")

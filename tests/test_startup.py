@@ -1,0 +1,111 @@
+"""The session's start: the server starts in a thread from the first collected test that needs it, while pytest
+collects the rest (pytest/state.py, BackgroundStart); what it prints, its errors and its end read as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_leftovers import gone
+
+# a test module collected after the database test: it waits (at import, so during the collection) for the server
+# the first module's test needs, and notes its postmaster's pid
+WAIT_FOR_THE_SERVER = """\
+import json, os, pathlib, time
+
+def _postmaster():
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid_file in pathlib.Path(os.environ["PGSANDBOX_RUNTIME_DIR"]).rglob("postmaster.pid"):
+            lines = pid_file.read_text().splitlines()
+            if len(lines) >= 8 and lines[7].strip() == "ready":
+                return int(lines[0]), str(pid_file.parent.parent)
+        time.sleep(0.01)
+    return None
+
+FOUND = _postmaster()
+pathlib.Path("during_collection.json").write_text(json.dumps(FOUND))
+"""
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.slow
+def test_the_server_starts_while_pytest_collects_and_its_lines_come_after_collection(
+    pytester: pytest.Pytester, private_runtime: Path
+) -> None:
+    # a directory a killed run left half-written: the server's start removes it and says so (a progress line)
+    abandoned = private_runtime / f"pgsandbox-{os.geteuid()}" / f"initdb-{dead_pid()}.1-x"
+    abandoned.mkdir(parents=True)
+    pytester.makepyfile(
+        test_a="def test_db(pg):\n    assert pg.fetchval('select 1') == 1\n",
+        test_b=WAIT_FOR_THE_SERVER + "\ndef test_plain():\n    assert FOUND is not None\n",
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    pid, run_dir = json.loads((pytester.path / "during_collection.json").read_text())
+    assert gone(pid) and not Path(run_dir).exists()
+    # the start's lines where they were when the sandbox started after the collection: before the first test
+    result.stdout.fnmatch_lines(
+        ["collected 2 items", f"pgsandbox: removed {abandoned} (0.0 MB, half-written by a killed run)", "test_a.py *"]
+    )
+    assert not abandoned.exists()
+
+
+@pytest.mark.slow
+def test_a_server_that_fails_to_start_in_the_background_says_so_at_the_first_test(
+    pytester: pytest.Pytester, private_runtime: Path
+) -> None:
+    pytester.makepyfile(
+        test_a="def test_one(pg):\n    pass\n\ndef test_two(pg):\n    pass\n",
+        test_b="def test_plain():\n    pass\n",
+    )
+    result = pytester.runpytest("--pg-server-settings=no_such_setting=1", "-p", "no:randomly")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*pgsandbox: the local PostgreSQL server exited while starting (exit 1). Its log (*) ends with:",
+            '*unrecognized configuration parameter "no_such_setting"*',
+            "*fix the setting the log names (pg_server_settings?), or run `pgsandbox doctor`.*",
+            "*Interrupted: pgsandbox could not set up the database*",
+        ]
+    )
+    assert list(private_runtime.rglob("postmaster.pid")) == []
+    assert not any(private_runtime.glob("pgsandbox-*/run-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("end", ["exit", "deselected"])
+def test_a_server_started_during_collection_that_no_test_takes_is_stopped(
+    pytester: pytest.Pytester, private_runtime: Path, end: str
+) -> None:
+    """pytest.exit() during the collection (as Ctrl-C), or a plugin that deselects the database tests after it:
+    nothing is left running."""
+    stop = 'import pytest\npytest.exit("stopped")\n' if end == "exit" else ""
+    pytester.makepyfile(
+        test_a="def test_db(pg):\n    pass\n",
+        test_b=WAIT_FOR_THE_SERVER + stop + "\ndef test_plain():\n    pass\n",
+    )
+    pytester.makeconftest(
+        "def pytest_collection_modifyitems(config, items):\n"
+        "    items[:] = [item for item in items if 'pg' not in item.fixturenames]\n"
+    )
+    result = pytester.runpytest_inprocess("-p", "no:randomly", no_reraise_ctrlc=True)
+    if end == "exit":
+        assert result.ret == pytest.ExitCode.INTERRUPTED
+    else:
+        result.assert_outcomes(passed=1)
+    found = json.loads((pytester.path / "during_collection.json").read_text())
+    assert found is not None  # it did start
+    pid, run_dir = found
+    assert gone(pid) and not Path(run_dir).exists()
+    assert "= pgsandbox =" not in result.stdout.str()  # no report of a sandbox no test used
