@@ -43,6 +43,23 @@ def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["@pytest.mark.pg(isolation=..., keep_failed=..., async_driver=..., guard=...*):*"])
 
 
+def test_listing_sessions_start_nothing_and_say_nothing(pytester: pytest.Pytester) -> None:
+    """--fixtures, --fixtures-per-test and --collect-only collect a database test but run none: no server, no
+    report; the line saying what the databases are made of comes only with a session that makes them."""
+    pytester.makepyfile(test_db="def test_db(pg):\n    pass\n", test_plain="def test_plain():\n    pass\n")
+    for args in (["--fixtures"], ["--fixtures-per-test"], ["--collect-only"]):
+        result = pytester.runpytest(*args)
+        assert result.ret == 0, args
+        output = result.stdout.str()
+        assert "= pgsandbox =" not in output and "pgsandbox: isolation" not in output, args
+    plain = pytester.runpytest("test_plain.py")
+    plain.assert_outcomes(passed=1)
+    assert "pgsandbox: isolation" not in plain.stdout.str()
+    both = pytester.runpytest()
+    both.assert_outcomes(passed=2)
+    both.stdout.fnmatch_lines(["pgsandbox: isolation transaction; migrations: none in pg_migrations", "*= pgsandbox *"])
+
+
 def test_help_lists_options_with_env_and_ini(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(

@@ -4,10 +4,8 @@ without pytest."""
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Generator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,25 +113,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.reportchars = chars + "P"  # a passed test's report sections are shown with -rP
 
 
-def hook_names(config: pytest.Config, name: str) -> list[str]:
-    """``hook pytest_pgsandbox_migrate (conftest.py)`` for the header, when a conftest implements it."""
-    files = set()
-    for impl in getattr(config.hook, name).get_hookimpls():
-        path = Path(inspect.getfile(impl.function))
-        files.add(str(path.relative_to(config.rootpath)) if path.is_relative_to(config.rootpath) else path.name)
-    return [f"hook {name} ({', '.join(sorted(files))})"] if files else []
-
-
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    options = settings(config)
-    migrations = ", ".join([*options.migrations, *hook_names(config, "pytest_pgsandbox_migrate")])
-    line = f"pgsandbox: isolation {options.isolation}; migrations: {migrations or 'none in pg_migrations'}"
-    seed = [*options.seed, *hook_names(config, "pytest_pgsandbox_seed")]
-    if seed:
-        line += f"; seed: {', '.join(seed)}"
-    return [line]
-
-
 def pytest_itemcollected(item: pytest.Item) -> None:
     """The first collected test that needs the sandbox starts its server, while pytest collects the rest."""
     if "pg_sandbox" in getattr(item, "fixturenames", ()):
@@ -144,7 +123,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the sandbox right after collection when a collected test needs it, so that its lines (server,
     templates: hit or miss, build time) come with the session's header, before the first test."""
-    if session.config.option.collectonly:
+    if state.runs_no_tests(session.config):
         return
     if any("pg_sandbox" in getattr(item, "fixturenames", ()) for item in session.items):
         state.start_early(session)
@@ -182,7 +161,7 @@ def pytest_configure_node(node: Any) -> None:
     from pgsandbox.pytest.xdist import SharedSandbox
 
     config = node.config
-    if config.option.collectonly:
+    if state.runs_no_tests(config):
         return  # --collect-only: the workers run nothing that needs a database
     shared = config.stash.get(CONTROLLER_KEY, None)
     if shared is None:

@@ -108,6 +108,8 @@ def start(
     root = config.rootpath
     migrations, seed = session_migrators(config)
     progress = progress or progress_writer(config)
+    if progress:
+        progress(session_line(config))
     sandbox = Sandbox.start(
         options,
         migrations=migrations,
@@ -199,6 +201,32 @@ def may_deselect(config: pytest.Config) -> bool:
     return any(getattr(option, name, None) for name in names)
 
 
+def runs_no_tests(config: pytest.Config) -> bool:
+    """A session that collects but runs nothing: --collect-only, --fixtures, --fixtures-per-test. It starts no
+    server (and so prints no report)."""
+    option = config.option
+    return any(getattr(option, name, False) for name in ("collectonly", "showfixtures", "show_fixtures_per_test"))
+
+
+def hook_names(config: pytest.Config, name: str) -> list[str]:
+    """``hook pytest_pgsandbox_migrate (conftest.py)``, when a conftest implements it."""
+    files = set()
+    for impl in getattr(config.hook, name).get_hookimpls():
+        path = Path(inspect.getfile(impl.function))
+        files.add(str(path.relative_to(config.rootpath)) if path.is_relative_to(config.rootpath) else path.name)
+    return [f"hook {name} ({', '.join(sorted(files))})"] if files else []
+
+
+def session_line(config: pytest.Config) -> str:
+    """What the session's databases are made of, said when the sandbox starts (a session without a database
+    test does not say it)."""
+    options = settings(config)
+    migrations = ", ".join([*options.migrations, *hook_names(config, "pytest_pgsandbox_migrate")])
+    line = f"isolation {options.isolation}; migrations: {migrations or 'none in pg_migrations'}"
+    seed = [*options.seed, *hook_names(config, "pytest_pgsandbox_seed")]
+    return line + (f"; seed: {', '.join(seed)}" if seed else "")
+
+
 def start_in_background(session: pytest.Session) -> None:
     """A collected test needs the sandbox: start its server now, in a thread, while pytest collects the rest.
     Not on an xdist worker (it attaches to the controller's), nor when options may deselect the test; and when
@@ -207,7 +235,7 @@ def start_in_background(session: pytest.Session) -> None:
     if (
         BACKGROUND_KEY in config.stash
         or EARLY_START_KEY in config.stash
-        or config.option.collectonly
+        or runs_no_tests(config)
         or hasattr(config, "workerinput")
         or may_deselect(config)
     ):
