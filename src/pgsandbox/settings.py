@@ -313,6 +313,12 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*ASYNC_DRIVERS),
     ),
     Option(
+        "django",
+        "with pytest-django: auto (every PostgreSQL alias of DATABASES on the sandbox, migrate into the template) "
+        "or off (pytest-django makes its own test databases)",
+        parse=_choice("auto", "off"),
+    ),
+    Option(
         "session_class",
         "the Session class pg_session is made of, module:Class, such as sqlmodel:Session (default: "
         "SQLAlchemy's sqlalchemy.orm:Session)",
@@ -363,6 +369,7 @@ class Settings:
     sql_log: Literal["auto", "jsonlog", "csvlog", "off"] = "auto"
     show_sql: bool = False
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
+    django: Literal["auto", "off"] = "auto"
     session_class: str | None = None
     async_session_class: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

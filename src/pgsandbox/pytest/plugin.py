@@ -110,6 +110,9 @@ def pytest_configure(config: pytest.Config) -> None:
             config.issue_config_time_warning(warning, stacklevel=2)
         except PgSandboxWarning:  # -W error: a usage error, not pytest's INTERNALERROR
             raise pytest.UsageError(f"pgsandbox: {warning}") from None
+    from pgsandbox.pytest import django
+
+    django.start(config)  # pytest-django's database fixtures on the sandbox, when it runs
     chars = config.option.reportchars or ""
     if config.stash[SETTINGS_KEY].show_sql and not {"P", "A"} & set(chars):
         config.option.reportchars = chars + "P"  # a passed test's report sections are shown with -rP
@@ -126,7 +129,8 @@ def hook_names(config: pytest.Config, name: str) -> list[str]:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     options = settings(config)
-    migrations = ", ".join([*options.migrations, *hook_names(config, "pytest_pgsandbox_migrate")])
+    extra = [m.label for m in config.stash.get(state.EXTRA_MIGRATIONS_KEY, [])]  # django: (pytest/django.py)
+    migrations = ", ".join([*extra, *options.migrations, *hook_names(config, "pytest_pgsandbox_migrate")])
     line = f"pgsandbox: isolation {options.isolation}; migrations: {migrations or 'none in pg_migrations'}"
     seed = [*options.seed, *hook_names(config, "pytest_pgsandbox_seed")]
     if seed:

@@ -32,6 +32,7 @@ EARLY_START_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()  
 CONTROLLER_KEY: pytest.StashKey[SharedSandbox] = pytest.StashKey()
 REPORT_KEY = pytest.StashKey[dict[str, Any]]()
 WORKER_REPORTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
+EXTRA_MIGRATIONS_KEY: pytest.StashKey[list[Migrator]] = pytest.StashKey()  # first in the migrations (django.py)
 XDIST_INPUT = "pgsandbox"  # the controller's sandbox, in each worker's workerinput
 XDIST_KEPT = "pgsandbox_kept"  # a worker's kept databases, in its workeroutput
 XDIST_REPORT = "pgsandbox_report"  # a worker's session report, in its workeroutput
@@ -86,7 +87,8 @@ def start(config: pytest.Config, progress: Callable[[str], None] | None = None) 
 
         return xdist.attach(shared, options)
     root = config.rootpath
-    migrations = load_migrators(options.migrations, options.migrations_inputs, root)
+    migrations = [*config.stash.get(EXTRA_MIGRATIONS_KEY, [])]
+    migrations += load_migrators(options.migrations, options.migrations_inputs, root)
     migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
     seed = load_migrators(options.seed, options.migrations_inputs, root, "pg_seed")
     seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
