@@ -76,8 +76,12 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     assert "findings: none" in output
     assert "prod-secret" not in output
 
-    # xdist: one server, a database per worker, the template from the cache
+    # xdist: one server, a database per worker; the template from the cache, also for the project elsewhere
+    shutil.copytree(EXAMPLE, pytester.path / "elsewhere", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(pytester.path / "elsewhere")
     second = pytester.runpytest_subprocess("-p", "no:randomly", "-n", "2")
+    monkeypatch.chdir(pytester.path)
+    shutil.rmtree(pytester.path / "elsewhere")  # its tests package would shadow this one's
     second.assert_outcomes(passed=10)
     assert "cache hit, from the cached cluster, nothing to migrate" in second.stdout.str()
     assert "tests: 10 (database 2, transaction 8)" in second.stdout.str()
@@ -98,7 +102,9 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     assert "findings: commits that escaped the rollback 1" in output
 
     # the opt-out: pytest-django makes its own test database where the settings say
-    off = pytester.runpytest_subprocess("-p", "no:randomly", "--pg-django=off", "-k", "seeded_genres")
+    off = pytester.runpytest_subprocess(
+        "-p", "no:randomly", "--pg-django=off", "tests/test_catalog.py", "-k", "seeded_genres"
+    )
     off.assert_outcomes(errors=1)
     assert "db.invalid" in off.stdout.str()
     assert "prod-secret" not in off.stdout.str()

@@ -181,7 +181,8 @@ class DjangoMigrator(Migrator):
         schema = {name: schema_value(getattr(settings, name, None)) for name in _SCHEMA_SETTINGS}
         schema["ENGINES"] = sorted({str(entry.get("ENGINE")) for entry in settings.DATABASES.values()})
         pairs = [("django", django.get_version().encode()), ("settings", json.dumps(schema, sort_keys=True).encode())]
-        return pairs + file_inputs(files, self.root)
+        # by the names the hash sees (relative to the rootdir): the project's place on disk must not reorder them
+        return pairs + sorted(file_inputs(files, self.root))
 
     def migrate(self, target: Target) -> None:
         setup_django(self.settings_module)
