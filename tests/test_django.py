@@ -35,6 +35,14 @@ def test_commit_escapes():
 
 
 @pytest.mark.django_db
+def test_the_projects_driver_as_the_sessions_role():
+    assert connection.Database.__name__ == "psycopg2"  # pg_django = psycopg2, though psycopg 3 is installed
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        assert cursor.fetchone() == (False,)
+
+
+@pytest.mark.django_db
 def test_after_the_escape_the_database_is_clean():
     assert not Author.objects.filter(name="Escaped").exists()
     assert Genre.objects.filter(name="Drama").exists()  # the changed data migration's
@@ -71,6 +79,7 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     first.assert_outcomes(passed=10)
     output = first.stdout.str()
     assert "migrations: django:" in output
+    assert "Django's databases on the sandbox, driver psycopg" in output
     assert "migrations template" in output and "(django:): cache miss, built" in output
     assert "tests: 10 (database 2, transaction 8)" in output  # transaction=True: a clone each
     assert "findings: none" in output
@@ -91,14 +100,15 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     data_migration = pytester.path / "catalog/migrations/0003_seed_genres.py"
     data_migration.write_text(data_migration.read_text().replace('"Science"]', '"Science", "Drama"]'))
     (pytester.path / "tests/test_more.py").write_text(MORE_TESTS)
-    third = pytester.runpytest_subprocess("-p", "no:randomly", "tests/test_more.py")
-    third.assert_outcomes(passed=2, failed=1, errors=1)
+    third = pytester.runpytest_subprocess("-p", "no:randomly", "--pg-django=psycopg2", "tests/test_more.py")
+    third.assert_outcomes(passed=3, failed=1, errors=1)
     output = third.stdout.str()
     assert "(django:): cache miss, built" in output
     assert "SQL of call" in output
     assert """INSERT INTO "catalog_author" ("name") VALUES ('Octavia Butler')""" in output
     assert """FROM "catalog_genre" WHERE "catalog_genre"."name" = 'Horror'""" in output
-    assert "Django's 'default' connection" in output
+    assert "driver psycopg2" in output
+    assert "the transaction of its Django 'default' connection was ended by a COMMIT" in output
     assert "findings: commits that escaped the rollback 1" in output
 
     # the opt-out: pytest-django makes its own test database where the settings say

@@ -314,9 +314,10 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "django",
-        "with pytest-django: auto (every PostgreSQL alias of DATABASES on the sandbox, migrate into the template) "
-        "or off (pytest-django makes its own test databases)",
-        parse=_choice("auto", "off"),
+        "with pytest-django: auto (every PostgreSQL alias of DATABASES on the sandbox, migrate into the template; "
+        "Django's driver: psycopg2 when it is installed and only pgsandbox requires psycopg 3), psycopg or "
+        "psycopg2 (the same, with that driver), or off (pytest-django makes its own test databases)",
+        parse=_choice("auto", "psycopg", "psycopg2", "off"),
     ),
     Option(
         "session_class",
@@ -369,7 +370,7 @@ class Settings:
     sql_log: Literal["auto", "jsonlog", "csvlog", "off"] = "auto"
     show_sql: bool = False
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
-    django: Literal["auto", "off"] = "auto"
+    django: Literal["auto", "psycopg", "psycopg2", "off"] = "auto"
     session_class: str | None = None
     async_session_class: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

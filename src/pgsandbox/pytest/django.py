@@ -19,6 +19,7 @@ same name wins; a conftest's still wins over both):
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,48 @@ if TYPE_CHECKING:
     from pgsandbox.sandbox import Sandbox
 
 PLUGIN_NAME = "pgsandbox-django"
+
+
+def choose_driver(early_config: pytest.Config) -> None:
+    """Before pytest-django sets Django up (``django.setup()`` may load the PostgreSQL backend): load it with the
+    project's driver (``pg_django``: auto, psycopg or psycopg2), when pytest-django runs with a settings
+    module."""
+    import os
+
+    from pgsandbox.settings import BY_NAME, Settings
+    from pgsandbox.template.django import project_driver, use_driver
+
+    if not early_config.pluginmanager.hasplugin("django"):
+        return
+    known = early_config.known_args_namespace
+    try:
+        named = getattr(known, "ds", None) or os.environ.get("DJANGO_SETTINGS_MODULE")
+        named = named or early_config.getini("DJANGO_SETTINGS_MODULE")
+        ini = early_config.getini(BY_NAME["django"].ini)
+    except ValueError:
+        return
+    if not named or importlib.util.find_spec("django") is None:
+        return
+    try:
+        options = Settings.from_sources(cli={"django": getattr(known, "pg_django", None)}, ini={"django": ini})
+    except PgSandboxError:
+        return  # said in full by pytest_configure
+    if options.django == "off":
+        return
+    driver = project_driver() if options.django == "auto" else options.django
+    try:
+        use_driver(driver, options.source_of("django"))
+    except PgSandboxError as error:
+        raise pytest.UsageError(f"pgsandbox: {error}") from None
+
+
+def header(config: pytest.Config) -> list[str]:
+    """What the report header says of Django, when pgsandbox runs it."""
+    if not config.pluginmanager.has_plugin(PLUGIN_NAME):
+        return []
+    from pgsandbox.template.django import driver_of_django
+
+    return [f"pgsandbox: Django's databases on the sandbox, driver {driver_of_django()} (pg_django)"]
 
 
 def configure(config: pytest.Config) -> None:
@@ -188,7 +231,7 @@ def _roll_back_to_savepoint(db: Any, alias: str) -> None:
         with raw.cursor() as cursor:
             cursor.execute(f"{INTERNAL}ROLLBACK TO SAVEPOINT {SAVEPOINT}")
     except Exception:
-        db._test.escaped(f"Django's {alias!r} connection")
+        db._test.escaped(f"Django {alias!r}")
         raw.rollback()
 
 

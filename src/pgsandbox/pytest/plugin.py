@@ -68,6 +68,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(option.ini, option.help, default="")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None, None, None]:
+    """Before pytest-django sets Django up: its PostgreSQL backend loads with the project's driver."""
+    from pgsandbox.pytest import django
+
+    django.choose_driver(early_config)
+    return (yield)
+
+
 def ini_value(config: pytest.Config, name: str) -> Any:
     """An ini key's value; pytest reads a flag's itself and says only "invalid truth value" of a bad one."""
     option = BY_NAME[name]
@@ -135,7 +144,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     seed = [*options.seed, *hook_names(config, "pytest_pgsandbox_seed")]
     if seed:
         line += f"; seed: {', '.join(seed)}"
-    return [line]
+    from pgsandbox.pytest import django
+
+    return [line, *django.header(config)]
 
 
 @pytest.hookimpl(trylast=True)

@@ -11,15 +11,19 @@ to one database, for the build and for the tests.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
+from pgsandbox.errors import ConfigError
 from pgsandbox.template.base import MigrationError, Migrator, Target, file_inputs
 
 # libpq's own keys in a project's OPTIONS name its production server (sslmode=require, a service, a passfile):
@@ -80,6 +84,66 @@ def setup_django(settings_module: str = "") -> None:
                 f"django.setup() failed: {type(error).__name__}: {error}",
                 "fix the settings module (DJANGO_SETTINGS_MODULE) so that `manage.py check` passes.",
             ) from error
+
+
+def project_driver() -> str:
+    """The driver Django would use in production: psycopg2 when it is installed and psycopg 3 is there only
+    because pgsandbox requires it (no other installed distribution requires it unconditionally), else psycopg 3,
+    Django's own preference."""
+    if importlib.util.find_spec("psycopg2") is None:
+        return "psycopg"
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name in ("pytest-pgsandbox", "psycopg", "psycopg-binary", "psycopg-c", "psycopg-pool"):
+            continue
+        for line in dist.requires or []:
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                continue
+            conditional = requirement.marker is not None and "extra" in str(requirement.marker)
+            if requirement.name.lower() in ("psycopg", "psycopg-binary", "psycopg-c") and not conditional:
+                return "psycopg"
+    return "psycopg2"
+
+
+def use_driver(driver: str, source: str) -> None:
+    """Make Django's PostgreSQL backend load with ``driver``: it takes psycopg 3 whenever it can import it, and
+    pgsandbox brings psycopg 3; for psycopg2, the backend is imported while ``import psycopg`` fails."""
+    if driver != "psycopg2":
+        return
+    if importlib.util.find_spec("psycopg2") is None:
+        raise ConfigError(
+            f"{source} = psycopg2, but psycopg2 is not installed.",
+            "pip install psycopg2-binary (or psycopg2), or set it to psycopg.",
+        )
+    loaded = sys.modules.get("django.db.backends.postgresql.psycopg_any")
+    if loaded is not None:
+        if getattr(loaded, "is_psycopg3", False):
+            raise ConfigError(
+                f"{source} asks for psycopg2, but Django's PostgreSQL backend was already loaded with psycopg 3 "
+                "before pgsandbox could choose (something imported it while pytest started).",
+                "set it to psycopg, or find what imports django.db.backends.postgresql that early.",
+            )
+        return
+    saved = sys.modules.get("psycopg")
+    sys.modules["psycopg"] = None  # type: ignore[assignment]  # None: `import psycopg` raises ImportError
+    try:
+        importlib.import_module("django.db.backends.postgresql.base")
+    finally:
+        if saved is None:
+            del sys.modules["psycopg"]
+        else:
+            sys.modules["psycopg"] = saved
+
+
+def driver_of_django() -> str:
+    """The driver Django's PostgreSQL backend loaded with."""
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return "psycopg" if is_psycopg3 else "psycopg2"
 
 
 def postgres_aliases() -> list[str]:
