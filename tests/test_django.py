@@ -76,12 +76,12 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     # zero set-up: every alias (DATABASE_URL's default, the replica copied from it) on the sandbox; the
     # migrations run once, into the template
     first = pytester.runpytest_subprocess("-p", "no:randomly")
-    first.assert_outcomes(passed=10)
+    first.assert_outcomes(passed=11)
     output = first.stdout.str()
     assert "migrations: django:" in output
     assert "Django's databases on the sandbox, driver psycopg" in output
     assert "migrations template" in output and "(django:): cache miss, built" in output
-    assert "tests: 10 (database 2, transaction 8)" in output  # transaction=True: a clone each
+    assert "tests: 11 (database 2, transaction 9)" in output  # transaction=True: a clone each
     assert "findings: none" in output
     assert "prod-secret" not in output
 
@@ -91,9 +91,9 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     second = pytester.runpytest_subprocess("-p", "no:randomly", "-n", "2")
     monkeypatch.chdir(pytester.path)
     shutil.rmtree(pytester.path / "elsewhere")  # its tests package would shadow this one's
-    second.assert_outcomes(passed=10)
+    second.assert_outcomes(passed=11)
     assert "cache hit, from the cached cluster, nothing to migrate" in second.stdout.str()
-    assert "tests: 10 (database 2, transaction 8)" in second.stdout.str()
+    assert "tests: 11 (database 2, transaction 9)" in second.stdout.str()
 
     # a changed migration rebuilds the template; a failed test shows its SQL; a COMMIT that escapes Django's
     # rollback is found, and the next test starts clean

@@ -1,3 +1,4 @@
+from django.contrib.postgres.indexes import GinIndex
 from django.db import models
 from django.db.models import F, Q
 
@@ -29,6 +30,8 @@ class Book(models.Model):
             models.CheckConstraint(condition=Q(copies__gte=0), name="book_copies_not_negative"),
             models.CheckConstraint(condition=Q(on_loan__lte=F("copies")), name="book_on_loan_within_copies"),
         ]
+        # title searches (icontains) use it: pg_trgm, created by migration 0004
+        indexes = [GinIndex(name="book_title_trigram", fields=["title"], opclasses=["gin_trgm_ops"])]
 
     def __str__(self) -> str:
         return self.title

@@ -8,6 +8,8 @@ from catalog.models import Book, Event
 
 def book_list(request: HttpRequest) -> JsonResponse:
     books = Book.objects.select_related("author", "genre").order_by("title")
+    if request.GET.get("q"):
+        books = books.filter(title__icontains=request.GET["q"])
     return JsonResponse(
         {
             "books": [

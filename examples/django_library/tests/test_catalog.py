@@ -39,6 +39,12 @@ def test_view_lists_books(client, book, django_assert_num_queries):
     assert response.json()["books"] == [{"title": "Dune", "author": "Frank Herbert", "genre": None, "available": 2}]
 
 
+def test_view_searches_titles(client, book):
+    Book.objects.create(title="Children of Dune", author=book.author)
+    titles = [b["title"] for b in client.get("/books/", {"q": "child"}).json()["books"]]
+    assert titles == ["Children of Dune"]
+
+
 def test_borrowing_until_no_copy_is_left(client, book):
     assert client.post(f"/books/{book.pk}/borrow/").status_code == 200
     assert client.post(f"/books/{book.pk}/borrow/").status_code == 200
