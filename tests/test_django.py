@@ -5,6 +5,7 @@ failed test, the escape guard, the opt-out. Django's settings are process-wide, 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,11 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     shutil.copytree(EXAMPLE, pytester.path / "elsewhere", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(pytester.path / "elsewhere")
     second = pytester.runpytest_subprocess("-p", "no:randomly", "-n", "2")
+    # Django's own runner (TEST_RUNNER in the example's settings): the same server and template cache
+    runner = pytester.run(sys.executable, "manage.py", "test")
+    assert runner.ret == 0, runner.stderr.str()
+    assert "cache hit, from the cached cluster, nothing to migrate" in runner.stderr.str()
+    assert "Ran 5 tests" in runner.stderr.str() and "OK" in runner.stderr.str()
     monkeypatch.chdir(pytester.path)
     shutil.rmtree(pytester.path / "elsewhere")  # its tests package would shadow this one's
     second.assert_outcomes(passed=11)

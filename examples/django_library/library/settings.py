@@ -58,3 +58,6 @@ def _database(url: str) -> dict:
 DATABASES = {"default": _database(os.environ.get("DATABASE_URL", "postgresql://library@db.internal:5432/library"))}
 # reports read from a replica: at import time a copy of the default's settings
 DATABASES["replica"] = {**DATABASES["default"], "OPTIONS": dict(DATABASES["default"]["OPTIONS"])}
+
+# `python manage.py test` on pgsandbox too: its server, the template cache, the session's role
+TEST_RUNNER = "pgsandbox.drivers.django.DiscoverRunner"
