@@ -36,6 +36,13 @@ def test_commit_escapes():
 
 
 @pytest.mark.django_db
+def test_pg_queries_sees_what_django_runs(pg_queries, django_assert_num_queries):
+    with pg_queries(2), django_assert_num_queries(2):
+        Author.objects.create(name="Counted")
+        assert Author.objects.filter(name="Counted").count() == 1
+
+
+@pytest.mark.django_db
 def test_the_projects_driver_as_the_sessions_role():
     assert connection.Database.__name__ == "psycopg2"  # pg_django = psycopg2, though psycopg 3 is installed
     with connection.cursor() as cursor:
@@ -47,6 +54,16 @@ def test_the_projects_driver_as_the_sessions_role():
 def test_after_the_escape_the_database_is_clean():
     assert not Author.objects.filter(name="Escaped").exists()
     assert Genre.objects.filter(name="Drama").exists()  # the changed data migration's
+"""
+
+
+BROKEN_MIGRATION = """
+from django.db import migrations
+
+
+class Migration(migrations.Migration):
+    dependencies = [("catalog", "0004_trigram_search")]
+    operations = [migrations.RunSQL("CREATE TABLEX oops (id int)")]
 """
 
 
@@ -107,7 +124,7 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     data_migration.write_text(data_migration.read_text().replace('"Science"]', '"Science", "Drama"]'))
     (pytester.path / "tests/test_more.py").write_text(MORE_TESTS)
     third = pytester.runpytest_subprocess("-p", "no:randomly", "--pg-django=psycopg2", "tests/test_more.py")
-    third.assert_outcomes(passed=3, failed=1, errors=1)
+    third.assert_outcomes(passed=4, failed=1, errors=1)
     output = third.stdout.str()
     assert "(django:): cache miss, built" in output
     assert "SQL of call" in output
@@ -116,6 +133,15 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     assert "driver psycopg2" in output
     assert "the transaction of its Django 'default' connection was ended by a COMMIT" in output
     assert "findings: commits that escaped the rollback 1" in output
+
+    # a migration that fails: the message names it and PostgreSQL's error
+    (pytester.path / "catalog/migrations/0005_broken.py").write_text(BROKEN_MIGRATION)
+    broken = pytester.runpytest_subprocess("-p", "no:randomly", "tests/test_catalog.py", "-k", "seeded_genres")
+    broken.assert_outcomes(errors=1)
+    broken.stdout.fnmatch_lines(
+        ["*django:: `manage.py migrate` failed in catalog.0005_broken: ProgrammingError: *syntax error*"]
+    )
+    (pytester.path / "catalog/migrations/0005_broken.py").unlink()
 
     # the opt-out: pytest-django makes its own test database where the settings say
     off = pytester.runpytest_subprocess(

@@ -271,12 +271,14 @@ class DjangoMigrator(Migrator):
                 "migrate", database=DEFAULT_DB_ALIAS, interactive=False, run_syncdb=True, verbosity=1, stdout=output
             )
         except Exception as error:
-            done = [line.strip() for line in output.getvalue().splitlines() if line.strip().endswith("OK")]
-            last = f" after {done[-1].removesuffix('OK').strip()}" if done else ""
+            # migrate says "  Applying app.0002_x..." and then "OK" on the same line once it is done
+            applying = [line.strip() for line in output.getvalue().splitlines() if "Applying " in line]
+            failed = applying[-1] if applying and not applying[-1].endswith("OK") else ""
+            where = f" in {failed.removeprefix('Applying ').removesuffix('...')}" if failed else ""
             raise MigrationError(
-                f"{self.label}: `manage.py migrate` failed{last}: {type(error).__name__}: {error}",
-                "fix the failing migration (the next one after the last that applied) and run again; "
-                "the template was not kept.",
+                f"{self.label}: `manage.py migrate` failed{where}: {type(error).__name__}: {error}".rstrip(),
+                f"fix {'that migration' if where else 'the failing migration'} and run again (`manage.py migrate` "
+                "on an empty database shows the same); the template was not kept.",
             ) from error
         finally:
             settings.MIGRATION_MODULES = saved_modules
