@@ -21,21 +21,17 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pgsandbox.errors import PgSandboxError
-from pgsandbox.isolation.guests import SAVEPOINT
 from pgsandbox.pytest import state
 from pgsandbox.pytest.fixtures import fail, sandbox_database
-from pgsandbox.server.tags import INTERNAL
-from pgsandbox.template.base import Migrator, Target
-from pgsandbox.template.django import DjangoMigrator
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Sandbox
+    from pgsandbox.template.base import Migrator
 
 PLUGIN_NAME = "pgsandbox-django"
 
@@ -102,23 +98,25 @@ def configure(config: pytest.Config) -> None:
     config.pluginmanager.register(sys.modules[__name__], PLUGIN_NAME)
     if not any(spec.startswith("django:") for spec in state.settings(config).migrations):
         use_migrations = not config.getoption("nomigrations", False)
-        migrator: Migrator = UnblockedMigrator("", config.rootpath, use_migrations, config)
-        config.stash[state.EXTRA_MIGRATIONS_KEY] = [migrator]
+        config.stash[state.EXTRA_MIGRATIONS_KEY] = [unblocked_migrator(config, use_migrations)]
 
 
-class UnblockedMigrator(DjangoMigrator):
-    """pytest-django blocks database access outside ``django_db`` tests: the template's build is not one."""
+def unblocked_migrator(config: pytest.Config, use_migrations: bool) -> Migrator:
+    """The ``django:`` migrator, run with database access allowed: pytest-django blocks it outside ``django_db``
+    tests, and the template's build is not one. (Made here, not at import: the template layer imports psycopg,
+    which a run without Django need not pay for.)"""
+    from pgsandbox.template.base import Target
+    from pgsandbox.template.django import DjangoMigrator
 
-    def __init__(self, settings_module: str, root: Path, use_migrations: bool, config: pytest.Config) -> None:
-        super().__init__(settings_module, root, use_migrations)
-        self.config = config
+    class UnblockedMigrator(DjangoMigrator):
+        def migrate(self, target: Target) -> None:
+            from pytest_django.plugin import blocking_manager_key
 
-    def migrate(self, target: Target) -> None:
-        from pytest_django.plugin import blocking_manager_key
+            blocker = config.stash.get(blocking_manager_key, None)
+            with blocker.unblock() if blocker is not None else contextlib.nullcontext():
+                super().migrate(target)
 
-        blocker = self.config.stash.get(blocking_manager_key, None)
-        with blocker.unblock() if blocker is not None else contextlib.nullcontext():
-            super().migrate(target)
+    return UnblockedMigrator("", config.rootpath, use_migrations)
 
 
 def _backend_pid(connection: Any) -> int:
@@ -196,6 +194,9 @@ def _django_db_helper(
     elif dropped:
         PgSandboxDjangoTestCase._fixture_teardown = lambda self: None
 
+    from pgsandbox.isolation.guests import SAVEPOINT
+    from pgsandbox.server.tags import INTERNAL
+
     marked: list[str] = []  # aliases whose transaction holds pgsandbox's savepoint
     with django_db_blocker.unblock():  # for the test too, as pytest-django's
         restore = point_aliases(db.params, aliases, {"application_name": db.application_name})
@@ -225,6 +226,9 @@ def _django_db_helper(
 def _roll_back_to_savepoint(db: Any, alias: str) -> None:
     """The savepoint is gone when a ``COMMIT`` replaced Django's transaction: the test's writes escaped."""
     from django.db import connections
+
+    from pgsandbox.isolation.guests import SAVEPOINT
+    from pgsandbox.server.tags import INTERNAL
 
     raw = connections[alias].connection
     try:
