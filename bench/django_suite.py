@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     elif cache == "warm":
                         run_env["PGSANDBOX_CACHE"] = str(warm_cache)
                     result = run_timed(command, project, run_env, 600)
-                    if result.returncode != 0 or "210 passed" not in result.output:
+                    if result.returncode != 0 or "211 passed" not in result.output:
                         print(result.output[-3000:], file=sys.stderr)
                         return 1
                     seconds[name].append(result.seconds)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     width = max(map(len, seconds))
-    print(f"210 tests (200 + 10 of the example's), median of {args.runs} runs, whole pytest process:")
+    print(f"211 tests (200 + 11 of the example's), median of {args.runs} runs, whole pytest process:")
     for name, values in seconds.items():
         print(f"  {name:<{width}}  {fmt(statistics.median(values), 2)} s  ({', '.join(fmt(v, 2) for v in values)})")
     write_json(args.json, {name: values for name, values in seconds.items()})

@@ -94,12 +94,12 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     # zero set-up: every alias (DATABASE_URL's default, the replica copied from it) on the sandbox; the
     # migrations run once, into the template
     first = pytester.runpytest_subprocess("-p", "no:randomly")
-    first.assert_outcomes(passed=11)
+    first.assert_outcomes(passed=12)
     output = first.stdout.str()
     assert "migrations: django:" in output
     assert "Django's databases on the sandbox, driver psycopg" in output
     assert "migrations template" in output and "(django:): cache miss, built" in output
-    assert "tests: 11 (database 2, transaction 9)" in output  # transaction=True: a clone each
+    assert "tests: 12 (database 3, transaction 9)" in output  # transaction=True: a clone each
     assert "findings: none" in output
     assert "prod-secret" not in output
 
@@ -114,9 +114,9 @@ def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: py
     assert "Ran 5 tests" in runner.stderr.str() and "OK" in runner.stderr.str()
     monkeypatch.chdir(pytester.path)
     shutil.rmtree(pytester.path / "elsewhere")  # its tests package would shadow this one's
-    second.assert_outcomes(passed=11)
+    second.assert_outcomes(passed=12)
     assert "cache hit, from the cached cluster, nothing to migrate" in second.stdout.str()
-    assert "tests: 11 (database 2, transaction 9)" in second.stdout.str()
+    assert "tests: 12 (database 3, transaction 9)" in second.stdout.str()
 
     # a changed migration rebuilds the template; a failed test shows its SQL; a COMMIT that escapes Django's
     # rollback is found, and the next test starts clean

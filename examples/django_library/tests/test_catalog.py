@@ -1,5 +1,8 @@
 """The library's tests, as pytest-django users write them: no conftest, nothing of pgsandbox's."""
 
+import json
+import urllib.request
+
 import pytest
 from catalog.models import Author, Book, Event, Genre
 from django.db import IntegrityError, connection, transaction
@@ -71,6 +74,12 @@ def test_transactional_tests_start_from_the_template_too():
     # the data migration's rows are there: a flush would have removed them
     assert Genre.objects.count() == 4
     assert not Author.objects.exists()
+
+
+def test_live_server_serves_the_tests_rows(live_server):
+    Book.objects.create(title="Kindred", author=Author.objects.create(name="Octavia Butler"))
+    with urllib.request.urlopen(live_server.url + "/books/") as response:
+        assert [book["title"] for book in json.load(response)["books"]] == ["Kindred"]
 
 
 @pytest.mark.django_db(databases=["default", "replica"])
