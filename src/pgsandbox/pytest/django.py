@@ -43,7 +43,6 @@ def choose_driver(early_config: pytest.Config) -> None:
     import os
 
     from pgsandbox.settings import BY_NAME, Settings
-    from pgsandbox.template.django import project_driver, use_driver
 
     if not early_config.pluginmanager.hasplugin("django"):
         return
@@ -62,6 +61,8 @@ def choose_driver(early_config: pytest.Config) -> None:
         return  # said in full by pytest_configure
     if options.django == "off":
         return
+    from pgsandbox.template.django import project_driver, use_driver
+
     driver = project_driver() if options.django == "auto" else options.django
     try:
         use_driver(driver, options.source_of("django"))
