@@ -195,16 +195,24 @@ def _django_db_helper(
     elif dropped:
         PgSandboxDjangoTestCase._fixture_teardown = lambda self: None
 
-    from pgsandbox.isolation.guests import SAVEPOINT
+    from pgsandbox.isolation.guests import SAVEPOINT, literal
     from pgsandbox.server.tags import INTERNAL
 
     marked: list[str] = []  # aliases whose transaction holds pgsandbox's savepoint
+    # transaction isolation: Django's connections to the session database serve the next test too (a connect
+    # and Django's set-up of it cost more than the test itself), parked like the drivers' between tests
+    reused = [alias for alias in used if _unpark(db, alias)]
+    parked: list[str] = []
     with django_db_blocker.unblock():  # for the test too, as pytest-django's
-        restore = point_aliases(db.params, aliases, {"application_name": db.application_name})
+        restore = point_aliases(db.params, aliases, {"application_name": db.application_name}, keep=reused)
         try:
             for alias in used:  # now, not in the test: a backend that comes later looks like a leak
-                connections[alias].ensure_connection()
-                db._test.joined(_backend_pid(connections[alias]))
+                if alias in reused:
+                    with connections[alias].connection.cursor() as cursor:
+                        cursor.execute(f"{INTERNAL}SET application_name = {literal(db.application_name)}")
+                else:
+                    connections[alias].ensure_connection()
+                    db._test.joined(_backend_pid(connections[alias]))
             PgSandboxDjangoTestCase.setUpClass()
             test_case = PgSandboxDjangoTestCase(methodName="__init__")
             if not getattr(PgSandboxDjangoTestCase, "_pre_setup_ran_eagerly", False):
@@ -215,16 +223,44 @@ def _django_db_helper(
                         cursor.execute(f"{INTERNAL}SAVEPOINT {SAVEPOINT}")
                     marked.append(alias)
             yield
-            for alias in marked:
-                _roll_back_to_savepoint(db, alias)
+            escaped = [alias for alias in marked if not _roll_back_to_savepoint(db, alias)]
             test_case._post_teardown()
             PgSandboxDjangoTestCase.tearDownClass()
             PgSandboxDjangoTestCase.doClassCleanups()
+            if db.isolation == "transaction":
+                parked = [alias for alias in used if alias not in escaped and _park(db, alias)]
         finally:
-            restore()  # closes Django's connections before pgsandbox ends the test
+            restore(keep=parked)  # closes the others before pgsandbox ends the test
 
 
-def _roll_back_to_savepoint(db: Any, alias: str) -> None:
+def _unpark(db: Any, alias: str) -> bool:
+    """Whether Django's connection of ``alias``, parked by the previous test, serves this one."""
+    from django.db import connections
+
+    raw = db._test.unpark(f"django {alias}")
+    return raw is not None and connections[alias].connection is raw
+
+
+def _park(db: Any, alias: str) -> bool:
+    """Keep Django's connection of ``alias`` open for the next test, when it is idle and healthy."""
+    from django.db import connections
+
+    connection = connections[alias]
+    raw = connection.connection
+    if raw is None or connection.in_atomic_block or not connection.get_autocommit() or not connection.is_usable():
+        return False
+
+    def close() -> bool:
+        if connections[alias].connection is raw:
+            connections[alias].close()
+        else:
+            raw.close()
+        return True
+
+    return bool(db._test.park(f"django {alias}", raw, _backend_pid(connection), close))
+
+
+def _roll_back_to_savepoint(db: Any, alias: str) -> bool:
     """The savepoint is gone when a ``COMMIT`` replaced Django's transaction: the test's writes escaped."""
     from django.db import connections
 
@@ -238,6 +274,8 @@ def _roll_back_to_savepoint(db: Any, alias: str) -> None:
     except Exception:
         db._test.escaped(f"Django {alias!r}")
         raw.rollback()
+        return False
+    return True
 
 
 def start(config: pytest.Config) -> None:

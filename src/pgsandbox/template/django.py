@@ -17,7 +17,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +169,23 @@ def django_settings(params: Mapping[str, Any], options: Mapping[str, Any]) -> di
 
 
 def point_aliases(
-    params: Mapping[str, Any], aliases: Iterable[str], options: Mapping[str, Any] | None = None
-) -> Callable[[], None]:
-    """Send each alias to the database ``params`` name (its connection closed: the next query connects
-    there); ``options``: more OPTIONS (application_name). Returns what puts the settings back."""
+    params: Mapping[str, Any],
+    aliases: Iterable[str],
+    options: Mapping[str, Any] | None = None,
+    keep: Collection[str] = (),
+) -> Callable[..., None]:
+    """Send each alias to the database ``params`` name (its connection closed, unless the alias is in ``keep``:
+    the next query connects there); ``options``: more OPTIONS (application_name). Returns what puts the settings
+    back (closing the connections but those of the aliases it is given to keep)."""
     from django.db import connections
 
+    aliases = list(aliases)
     saved: list[tuple[dict[str, Any], dict[str, Any]]] = []
     seen: set[int] = set()
     for alias in aliases:
         connection = connections[alias]
-        connection.close()
+        if alias not in keep:
+            connection.close()
         entry = connection.settings_dict
         if id(entry) in seen:  # an alias that is the same dict as another (DATABASES["b"] = DATABASES["a"])
             continue
@@ -190,9 +196,10 @@ def point_aliases(
         test = entry.setdefault("TEST", {})
         test["NAME"] = entry["NAME"]
 
-    def restore() -> None:
+    def restore(keep: Collection[str] = ()) -> None:
         for alias in aliases:
-            connections[alias].close()
+            if alias not in keep:
+                connections[alias].close()
         for entry, values in saved:
             entry.update(values)
 
