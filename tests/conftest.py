@@ -46,7 +46,7 @@ _CACHE: list[str] = []
 # new pytest process imports every installed plugin, and these cost 1.5 s or more of CPU at every start (faker's
 # data, and factory_boy pulling faker, dominate) in runpytest_subprocess, `python -m pytest` and xdist workers.
 # A run that uses one loads it back with `-p NAME`.
-UNUSED_PLUGINS = "-p no:pytest-factoryboy -p no:faker -p no:pytest_postgresql -p no:anyio"
+UNUSED_PLUGINS = "-p no:pytest-factoryboy -p no:faker -p no:pytest_postgresql -p no:anyio -p no:django"
 
 
 # pytest-asyncio warns at the start of each run whose project leaves its loop scope unset, as the test projects

@@ -64,6 +64,7 @@ def test_lists_and_paths_are_parsed() -> None:
             "ini pg_templates_keep: bad value '0': expected a whole number of at least 1",
         ),
         ({"cli": {"clone_strategy": "reflink"}}, "expected one of auto, file_copy, wal_log"),
+        ({"ini": {"django": "on"}}, "ini pg_django: bad value 'on': expected one of auto, psycopg, psycopg2, off"),
     ],
 )
 def test_bad_values_name_the_source_and_the_fix(sources: dict[str, dict[str, object]], expected: str) -> None:
@@ -177,6 +178,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "async_driver": ("psycopg", "psycopg"),
     "session_class": ("sqlmodel:Session", "sqlmodel:Session"),
     "async_session_class": ("sqlmodel.ext.asyncio.session:AsyncSession", "sqlmodel.ext.asyncio.session:AsyncSession"),
+    "django": ("psycopg2", "psycopg2"),
 }
 
 

@@ -350,6 +350,13 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*ASYNC_DRIVERS),
     ),
     Option(
+        "django",
+        "with pytest-django: auto (every PostgreSQL alias of DATABASES on the sandbox, migrate into the template; "
+        "Django's driver: psycopg2 when it is installed and only pgsandbox requires psycopg 3), psycopg or "
+        "psycopg2 (the same, with that driver), or off (pytest-django makes its own test databases)",
+        parse=_choice("auto", "psycopg", "psycopg2", "off"),
+    ),
+    Option(
         "session_class",
         "the Session class pg_session is made of, module:Class, such as sqlmodel:Session (default: "
         "SQLAlchemy's sqlalchemy.orm:Session)",
@@ -402,6 +409,7 @@ class Settings:
     show_sql: bool = False
     reset_sequences: bool = False
     async_driver: Literal["asyncpg", "psycopg"] = "asyncpg"
+    django: Literal["auto", "psycopg", "psycopg2", "off"] = "auto"
     session_class: str | None = None
     async_session_class: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

@@ -442,10 +442,11 @@ async def pg_async_session(
             yield session
 
 
-def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Database:
+def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox, isolation: str | None = None) -> Database:
     """The test's :class:`Database`, shared by every pgsandbox fixture the test uses. The first fixture to
     ask opens it and closes it at its teardown, which comes after the others' (pytest tears down in
-    reverse order). Fixtures call this instead of depending on ``pg``: one fixture less per test."""
+    reverse order). Fixtures call this instead of depending on ``pg``: one fixture less per test. ``isolation``:
+    what the test needs whatever the marker says (a Django ``transaction=True`` test: ``database``)."""
     node = request.node
     db: Database | None = node.stash.get(state.DATABASE_KEY, None)
     if db is not None:
@@ -453,7 +454,9 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox) -> Databa
     options = marker_options(node)
     guard = guard_policy(options, sandbox)
     try:
-        db = sandbox.open(options.get("isolation"), node.nodeid, reset_sequences=options.get("reset_sequences"))
+        db = sandbox.open(
+            isolation or options.get("isolation"), node.nodeid, reset_sequences=options.get("reset_sequences")
+        )
     except PgSandboxError as error:
         fail(error)
     node.stash[state.DATABASE_KEY] = db

@@ -66,6 +66,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(option.ini, option.help, default="")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None, None, None]:
+    """Before pytest-django sets Django up: its PostgreSQL backend loads with the project's driver."""
+    from pgsandbox.pytest import django
+
+    django.choose_driver(early_config)
+    return (yield)
+
+
 def ini_value(config: pytest.Config, name: str) -> Any:
     """An ini key's value; pytest reads a flag's itself and says only "invalid truth value" of a bad one."""
     option = BY_NAME[name]
@@ -108,6 +117,9 @@ def pytest_configure(config: pytest.Config) -> None:
             config.issue_config_time_warning(warning, stacklevel=2)
         except PgSandboxWarning:  # -W error: a usage error, not pytest's INTERNALERROR
             raise pytest.UsageError(f"pgsandbox: {warning}") from None
+    from pgsandbox.pytest import django
+
+    django.start(config)  # pytest-django's database fixtures on the sandbox, when it runs
     chars = config.option.reportchars or ""
     if config.stash[SETTINGS_KEY].show_sql and not {"P", "A"} & set(chars):
         config.option.reportchars = chars + "P"  # a passed test's report sections are shown with -rP
@@ -117,6 +129,12 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     """The first collected test that needs the sandbox starts its server, while pytest collects the rest."""
     if "pg_sandbox" in getattr(item, "fixturenames", ()):
         state.start_in_background(item.session)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pgsandbox.pytest import django
+
+    return django.header(config)  # which driver Django's databases use, when pgsandbox runs them
 
 
 @pytest.hookimpl(trylast=True)

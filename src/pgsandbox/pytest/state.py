@@ -37,6 +37,7 @@ BACKGROUND_KEY: pytest.StashKey[BackgroundStart] = pytest.StashKey()  # the serv
 CONTROLLER_KEY: pytest.StashKey[SharedSandbox] = pytest.StashKey()
 REPORT_KEY = pytest.StashKey[dict[str, Any]]()
 WORKER_REPORTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
+EXTRA_MIGRATIONS_KEY: pytest.StashKey[list[Migrator]] = pytest.StashKey()  # first in the migrations (django.py)
 XDIST_INPUT = "pgsandbox"  # the controller's sandbox, in each worker's workerinput
 XDIST_KEPT = "pgsandbox_kept"  # a worker's kept databases, in its workeroutput
 XDIST_REPORT = "pgsandbox_report"  # a worker's session report, in its workeroutput
@@ -85,7 +86,8 @@ def session_migrators(config: pytest.Config) -> tuple[list[Migrator], list[Migra
 
     options = settings(config)
     root = config.rootpath
-    migrations = load_migrators(options.migrations, options.migrations_inputs, root)
+    migrations = [*config.stash.get(EXTRA_MIGRATIONS_KEY, [])]  # django: (pytest/django.py) comes first
+    migrations += load_migrators(options.migrations, options.migrations_inputs, root)
     migrations += hook_migrators(config, "pytest_pgsandbox_migrate", options.migrations_inputs)
     seed = load_migrators(options.seed, options.migrations_inputs, root, "pg_seed")
     seed += hook_migrators(config, "pytest_pgsandbox_seed", options.migrations_inputs)
@@ -221,7 +223,8 @@ def session_line(config: pytest.Config) -> str:
     """What the session's databases are made of, said when the sandbox starts (a session without a database
     test does not say it)."""
     options = settings(config)
-    migrations = ", ".join([*options.migrations, *hook_names(config, "pytest_pgsandbox_migrate")])
+    extra = [migrator.label for migrator in config.stash.get(EXTRA_MIGRATIONS_KEY, [])]
+    migrations = ", ".join([*extra, *options.migrations, *hook_names(config, "pytest_pgsandbox_migrate")])
     line = f"isolation {options.isolation}; migrations: {migrations or 'none in pg_migrations'}"
     seed = [*options.seed, *hook_names(config, "pytest_pgsandbox_seed")]
     return line + (f"; seed: {', '.join(seed)}" if seed else "")

@@ -24,15 +24,16 @@ __all__ = [
 def load_migrators(
     specs: Sequence[str], inputs: Sequence[str], root: Path, setting: str = "pg_migrations"
 ) -> list[Migrator]:
-    """``sql:DIR`` (or a directory), ``alembic:PATH``, ``python:module:function``, ``sqlalchemy:module:metadata``
-    → migrators, in order. ``setting``: where the specs come from (``pg_seed`` takes the same forms), for
-    messages."""
+    """``sql:DIR`` (or a directory), ``alembic:PATH``, ``python:module:function``, ``sqlalchemy:module:metadata``,
+    ``django:[settings]`` → migrators, in order. ``setting``: where the specs come from (``pg_seed`` takes the
+    same forms), for messages."""
     with naming_setting(setting):
         return _load_migrators(specs, inputs, root)
 
 
 def _load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> list[Migrator]:
     from pgsandbox.template.alembic import AlembicMigrator
+    from pgsandbox.template.django import DjangoMigrator
     from pgsandbox.template.python import PythonMigrator
     from pgsandbox.template.sql import SqlDirMigrator
     from pgsandbox.template.sqlalchemy import SqlAlchemyMigrator
@@ -43,6 +44,9 @@ def _load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> 
         if sep and kind == "python":
             migrators.append(PythonMigrator(rest, inputs, root))
             continue
+        if sep and kind == "django":
+            migrators.append(DjangoMigrator(rest.strip(), root))
+            continue
         if sep and kind == "sqlalchemy":
             migrators.append(SqlAlchemyMigrator(rest, inputs, root))
             continue
@@ -52,7 +56,7 @@ def _load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> 
             raise MigrationError(
                 f"pg_migrations entry {spec!r}: unknown kind {kind!r}.",
                 "use sql:DIR, alembic:PATH/alembic.ini, python:package.module:function "
-                "or sqlalchemy:package.module:metadata.",
+                "sqlalchemy:package.module:metadata or django: (django:project.settings).",
             )
         else:
             kind, path = "", Path(spec).expanduser()

@@ -1,0 +1,155 @@
+"""Django under pytest-django on pgsandbox: the example project (examples/django_library) as its users run it,
+with no conftest: zero set-up, migrations once into the template, pytest-django's semantics, the report, SQL of a
+failed test, the escape guard, the opt-out. Django's settings are process-wide, so each run is a process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgsandbox.template.django import django_settings, schema_value
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "django_library"
+# what production settings hold: a server pgsandbox must not try, with TLS required and a password
+PRODUCTION_URL = "postgresql://library:prod-secret@db.invalid:5432/library"
+
+MORE_TESTS = """
+import pytest
+from django.db import connection
+
+from catalog.models import Author, Genre
+
+
+@pytest.mark.django_db
+def test_fails_showing_its_sql():
+    Author.objects.create(name="Octavia Butler")
+    assert Genre.objects.filter(name="Horror").exists()
+
+
+@pytest.mark.django_db
+def test_commit_escapes():
+    Author.objects.create(name="Escaped")
+    connection.connection.commit()
+
+
+@pytest.mark.django_db
+def test_pg_queries_sees_what_django_runs(pg_queries, django_assert_num_queries):
+    with pg_queries(2), django_assert_num_queries(2):
+        Author.objects.create(name="Counted")
+        assert Author.objects.filter(name="Counted").count() == 1
+
+
+@pytest.mark.django_db
+def test_the_projects_driver_as_the_sessions_role():
+    assert connection.Database.__name__ == "psycopg2"  # pg_django = psycopg2, though psycopg 3 is installed
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        assert cursor.fetchone() == (False,)
+
+
+@pytest.mark.django_db
+def test_after_the_escape_the_database_is_clean():
+    assert not Author.objects.filter(name="Escaped").exists()
+    assert Genre.objects.filter(name="Drama").exists()  # the changed data migration's
+"""
+
+
+BROKEN_MIGRATION = """
+from django.db import migrations
+
+
+class Migration(migrations.Migration):
+    dependencies = [("catalog", "0004_trigram_search")]
+    operations = [migrations.RunSQL("CREATE TABLEX oops (id int)")]
+"""
+
+
+def test_django_settings_replace_the_servers_keys_and_keep_the_apps() -> None:
+    params = {"host": "127.0.0.1", "port": 5433, "dbname": "t1", "user": "login", "passfile": "/run/x/passfile"}
+    options = {"sslmode": "require", "service": "prod", "server_side_binding": True, "options": "-c search_path=a"}
+    entry = django_settings(params, options)
+    assert entry["HOST"] == "127.0.0.1" and entry["PORT"] == "5433" and entry["NAME"] == "t1"
+    assert entry["USER"] == "login" and entry["PASSWORD"] == ""  # libpq reads the passfile
+    kept = {"server_side_binding": True, "options": "-c search_path=a"}
+    assert entry["OPTIONS"] == {**kept, "passfile": "/run/x/passfile"}
+
+
+def test_settings_in_the_hash_are_plain_and_stable() -> None:
+    class Anything:
+        pass
+
+    value = schema_value({"apps": ("a", "b"), "modules": Anything()})
+    assert value == {"apps": ["a", "b"], "modules": f"<{Anything.__qualname__}>"}
+
+
+@pytest.mark.slow
+def test_example_project_on_pgsandbox(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(EXAMPLE, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("DATABASE_URL", PRODUCTION_URL)
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
+    # pytest-django back among the plugins, which the suite's other runs leave out (conftest.UNUSED_PLUGINS)
+    monkeypatch.setenv("PYTEST_ADDOPTS", os.environ["PYTEST_ADDOPTS"].replace("-p no:django", ""))
+
+    # zero set-up: every alias (DATABASE_URL's default, the replica copied from it) on the sandbox; the
+    # migrations run once, into the template
+    first = pytester.runpytest_subprocess("-p", "no:randomly")
+    first.assert_outcomes(passed=12)
+    output = first.stdout.str()
+    assert "migrations: django:" in output
+    assert "Django's databases on the sandbox, driver psycopg" in output
+    assert "migrations template" in output and "(django:): cache miss, built" in output
+    assert "tests: 12 (database 3, transaction 9)" in output  # transaction=True: a clone each
+    assert "findings: none" in output
+    assert "prod-secret" not in output
+
+    # xdist: one server, a database per worker; the template from the cache, also for the project elsewhere
+    shutil.copytree(EXAMPLE, pytester.path / "elsewhere", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(pytester.path / "elsewhere")
+    second = pytester.runpytest_subprocess("-p", "no:randomly", "-n", "2")
+    # Django's own runner (TEST_RUNNER in the example's settings): the same server and template cache
+    runner = pytester.run(sys.executable, "manage.py", "test")
+    assert runner.ret == 0, runner.stderr.str()
+    assert "cache hit, from the cached cluster, nothing to migrate" in runner.stderr.str()
+    assert "Ran 5 tests" in runner.stderr.str() and "OK" in runner.stderr.str()
+    monkeypatch.chdir(pytester.path)
+    shutil.rmtree(pytester.path / "elsewhere")  # its tests package would shadow this one's
+    second.assert_outcomes(passed=12)
+    assert "cache hit, from the cached cluster, nothing to migrate" in second.stdout.str()
+    assert "tests: 12 (database 3, transaction 9)" in second.stdout.str()
+
+    # a changed migration rebuilds the template; a failed test shows its SQL; a COMMIT that escapes Django's
+    # rollback is found, and the next test starts clean
+    data_migration = pytester.path / "catalog/migrations/0003_seed_genres.py"
+    data_migration.write_text(data_migration.read_text().replace('"Science"]', '"Science", "Drama"]'))
+    (pytester.path / "tests/test_more.py").write_text(MORE_TESTS)
+    third = pytester.runpytest_subprocess("-p", "no:randomly", "--pg-django=psycopg2", "tests/test_more.py")
+    third.assert_outcomes(passed=4, failed=1, errors=1)
+    output = third.stdout.str()
+    assert "(django:): cache miss, built" in output
+    assert "SQL of call" in output
+    assert """INSERT INTO "catalog_author" ("name") VALUES ('Octavia Butler')""" in output
+    assert """FROM "catalog_genre" WHERE "catalog_genre"."name" = 'Horror'""" in output
+    assert "driver psycopg2" in output
+    assert "the transaction of its Django 'default' connection was ended by a COMMIT" in output
+    assert "findings: commits that escaped the rollback 1" in output
+
+    # a migration that fails: the message names it and PostgreSQL's error
+    (pytester.path / "catalog/migrations/0005_broken.py").write_text(BROKEN_MIGRATION)
+    broken = pytester.runpytest_subprocess("-p", "no:randomly", "tests/test_catalog.py", "-k", "seeded_genres")
+    broken.assert_outcomes(errors=1)
+    broken.stdout.fnmatch_lines(
+        ["*django:: `manage.py migrate` failed in catalog.0005_broken: ProgrammingError: *syntax error*"]
+    )
+    (pytester.path / "catalog/migrations/0005_broken.py").unlink()
+
+    # the opt-out: pytest-django makes its own test database where the settings say
+    off = pytester.runpytest_subprocess(
+        "-p", "no:randomly", "--pg-django=off", "tests/test_catalog.py", "-k", "seeded_genres"
+    )
+    off.assert_outcomes(errors=1)
+    assert "db.invalid" in off.stdout.str()
+    assert "prod-secret" not in off.stdout.str()
