@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,11 +42,33 @@ def test_no_script_names_a_path_of_one_machine() -> None:
             assert path not in text, f"{script.name} names {path}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
-def test_every_script_answers_help(script: Path) -> None:
-    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+# each script run as `python SCRIPT --help` would run it, all in one process: a process each cost the suite
+# half a second of CPU per script
+ANSWER_HELP = """
+import contextlib, io, json, runpy, sys
+sys.path.insert(0, sys.argv[1])
+answers = {}
+for script in sys.argv[2:]:
+    sys.argv, out, code = [script, "--help"], io.StringIO(), None
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code
+    answers[script] = [code, out.getvalue()]
+print(json.dumps(answers))
+"""
+
+
+def test_every_script_answers_help() -> None:
+    scripts = [str(script) for script in SCRIPTS]
+    command = [sys.executable, "-c", ANSWER_HELP, str(BENCH), *scripts]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("usage:")
+    answers = json.loads(out.stdout)
+    assert sorted(answers) == sorted(scripts)
+    for script, (code, text) in answers.items():
+        assert code in (0, None) and text.startswith("usage:"), f"{script}: exit {code}, {text[:200]!r}"
 
 
 def test_generated_schema_is_the_shared_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
