@@ -211,6 +211,7 @@ class ClonePool:
         self._alive: set[str] = set()
         self._pending = 0  # clones being made
         self.recycled = 0
+        self.replaced: deque[str] = deque(maxlen=100)  # why the last used clones were not recycled
         self._recycle = recycle
         self._recycling = 0  # used clones waiting for the recycler or in its hands
         self._recycles: queue.Queue[str | None] = queue.Queue()
@@ -371,7 +372,8 @@ class ClonePool:
                 restore(test_conn, pristine, plan, before)  # its counters flushed before it answers
                 baseline, _ = read_state(test_conn)
             test_conn.autocommit = False
-        except (psycopg.Error, NotRecyclable):
+        except (psycopg.Error, NotRecyclable) as error:
+            self.replaced.append(f"{name}: {type(error).__name__}: {error}")
             with contextlib.suppress(psycopg.Error):
                 test_conn.close()
             conn.execute("SELECT")  # the recycler's connection is alive (else: raise, recycle no more)

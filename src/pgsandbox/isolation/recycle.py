@@ -31,8 +31,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-LOCK_TIMEOUT = "200ms"  # an autovacuum in the way: a fresh clone rather than a wait
+LOCK_TIMEOUT = "200ms"  # an autovacuum in TRUNCATE's way: a fresh clone rather than a wait
 
+NEXT_XID = "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
 # The database's own facts, read from anywhere: its counters, its row, settings and comment, the next xid.
 DATABASE_FACTS = """\
   pg_stat_get_db_tuples_inserted(d.oid) + pg_stat_get_db_tuples_updated(d.oid)
@@ -42,19 +43,17 @@ DATABASE_FACTS = """\
   coalesce((SELECT string_agg(s.setrole::text || ':' || array_to_string(s.setconfig, ','), ';' ORDER BY s.setrole)
             FROM pg_db_role_setting s WHERE s.setdatabase = d.oid), ''),
   coalesce(shobj_description(d.oid, 'pg_database'), ''),
-  mod(pg_snapshot_xmax(pg_current_snapshot())::text::numeric, 4294967296)::text"""
+  mod(pg_snapshot_xmax(pg_current_snapshot())::text::bigint, 4294967296)::text"""
 FRESH_QUERY = f"SELECT {DATABASE_FACTS} FROM pg_database d WHERE d.datname = %s"
-# ... and, on a connection to it, the counters of the relations written to or vacuumed: tables, TOAST tables,
+# ... and, on a connection to it, the counters of the relations written to: tables, TOAST tables,
 # materialized views, of every schema (a fresh clone has none).
 STATE_QUERY = f"""\
 SELECT {DATABASE_FACTS},
   (SELECT coalesce(json_agg(json_build_array(
       c.oid, c.relnamespace = 'pg_catalog'::regnamespace, c.relkind,
-      pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid),
-      pg_stat_get_vacuum_count(c.oid) + pg_stat_get_autovacuum_count(c.oid)))
+      pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid)))
     FILTER (WHERE pg_stat_get_tuples_inserted(c.oid) + pg_stat_get_tuples_updated(c.oid)
-                  + pg_stat_get_tuples_deleted(c.oid) + pg_stat_get_vacuum_count(c.oid)
-                  + pg_stat_get_autovacuum_count(c.oid) > 0), '[]')
+                  + pg_stat_get_tuples_deleted(c.oid) > 0), '[]')
    FROM pg_class c WHERE c.relkind IN ('r', 't', 'm') AND NOT c.relisshared)
 FROM pg_database d WHERE d.datname = current_database()"""
 
@@ -117,15 +116,16 @@ class State:
     settings: str  # its pg_db_role_setting rows
     comment: str
     next_xid: str  # rows with an xmin from here on were written after this moment
-    relations: dict[int, tuple[bool, str, int, int, int, int]]  # written-to: (catalog, kind, ins, upd, del, vacuums)
+    relations: dict[int, tuple[bool, str, int, int, int]]  # the written-to: (catalog, kind, ins, upd, del)
 
-    def same_database(self, other: State) -> bool:
-        return (self.stats_reset, self.row_xmin, self.settings, self.comment) == (
-            other.stats_reset,
-            other.row_xmin,
-            other.settings,
-            other.comment,
-        )
+    def database_changes(self, other: State) -> list[str]:
+        """What differs in the database's own facts (its statistics' reset, row, settings, comment)."""
+        fields = ("stats_reset", "row_xmin", "settings", "comment")
+        return [
+            f"{name} {getattr(other, name)!r} -> {getattr(self, name)!r}"
+            for name in fields
+            if getattr(self, name) != getattr(other, name)
+        ]
 
 
 @dataclass
@@ -178,8 +178,8 @@ def read_state(
         cursor.nextset()
         values = {int(oid): (int(value), bool(called)) for oid, value, called in cursor}
     relations = {
-        int(oid): (bool(catalog), str(kind), int(ins), int(upd), int(dele), int(vac))
-        for oid, catalog, kind, ins, upd, dele, vac in row[6]
+        int(oid): (bool(catalog), str(kind), int(ins), int(upd), int(dele))
+        for oid, catalog, kind, ins, upd, dele in row[6]
     }
     return State(int(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), relations), values
 
@@ -194,20 +194,19 @@ def read_sequences(conn: psycopg.Connection[Any], pristine: Pristine) -> dict[in
 def plan_restore(pristine: Pristine, before: State, after: State, sequences: Mapping[int, tuple[int, bool]]) -> Plan:
     """What gives the clone back its state at hand-over (``before``), seen ``after`` the test; raises
     :class:`NotRecyclable` when only a fresh clone will do."""
-    if not after.same_database(before):
-        raise NotRecyclable("the database's own row, settings, comment or statistics changed")
+    changes = after.database_changes(before)
+    if changes:
+        raise NotRecyclable(f"the database's own row, settings, comment or statistics changed: {'; '.join(changes)}")
     changed: dict[int, tuple[int, int, int]] = {}  # table (a TOAST table counts for its owner) -> ins, upd, del
     total = 0
-    for oid, (catalog, kind, ins, upd, dele, vacuums) in after.relations.items():
-        was = before.relations.get(oid, (catalog, kind, 0, 0, 0, 0))
+    for oid, (catalog, kind, ins, upd, dele) in after.relations.items():
+        was = before.relations.get(oid, (catalog, kind, 0, 0, 0))
         delta = (ins - was[2], upd - was[3], dele - was[4])
-        if min(delta) < 0 or vacuums < was[5]:
+        if min(delta) < 0:
             raise NotRecyclable(f"the counters of relation {oid} went back")
         if not any(delta):
             continue
         table = pristine.toast_owner.get(oid, oid)
-        if vacuums != was[5] and not (table in pristine.tables and pristine.tables[table].empty):
-            raise NotRecyclable(f"relation {oid} was vacuumed (rows of the test may be frozen)")
         total += sum(delta)
         if catalog:
             raise NotRecyclable(f"a catalog changed (relation {oid})")
@@ -287,6 +286,11 @@ def _referencing_first(pristine: Pristine, tables: list[int]) -> list[int]:
     return ordered
 
 
+def _since(xid: sql.Composable, start: str) -> sql.Composed:
+    """How many xids ``xid`` (a 32-bit one) comes after ``start``, modulo 2^32."""
+    return sql.SQL("mod({} - {} + 4294967296, 4294967296)").format(xid, sql.Literal(int(start)))
+
+
 def restore(conn: psycopg.Connection[Any], pristine: Pristine, plan: Plan, before: State) -> None:
     """Carry out ``plan`` in one transaction, and have the counters flushed when it ends: one round trip
     (``conn``: the tests' role on the clone, autocommit). Raises :class:`psycopg.Error` when anything fails."""
@@ -297,28 +301,18 @@ def restore(conn: psycopg.Connection[Any], pristine: Pristine, plan: Plan, befor
         sql.SQL("BEGIN"),
         sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)),
     ]
-    if plan.delete_new:
-        names = sql.SQL(", ").join(sql.SQL(tables[oid].name) for oid in plan.delete_new)
-        statements.append(sql.SQL("LOCK TABLE ONLY {} IN SHARE UPDATE EXCLUSIVE MODE").format(names))
-        # a VACUUM that ended before the lock may have frozen the test's rows: their xmin would read as old
-        vacuumed = sql.SQL(" OR ").join(
-            sql.SQL("pg_stat_get_vacuum_count({0}) + pg_stat_get_autovacuum_count({0}) <> {1}").format(
-                sql.Literal(oid), sql.Literal(before.relations.get(oid, (False, "r", 0, 0, 0, 0))[5])
-            )
-            for oid in plan.delete_new
-        )
-        statements.append(
-            sql.SQL("DO $$BEGIN IF {} THEN RAISE 'vacuumed during the test'; END IF; END$$").format(vacuumed)
-        )
     if plan.truncate:
         statements.append(
             sql.SQL("TRUNCATE ONLY {}").format(sql.SQL(", ").join(sql.SQL(tables[oid].name) for oid in plan.truncate))
         )
     for oid in plan.delete_new:
-        # rows written since the hand-over; a frozen xmin reads as 2, the oldest of all
+        # rows written since the hand-over: their xmin is between its next xid and now's, modulo 2^32 (VACUUM
+        # FREEZE keeps the xmin; a template row would need to be 4 billion transactions old to pass for new)
         statements.append(
-            sql.SQL("DELETE FROM ONLY {} WHERE age(xmin) <= age({}::xid)").format(
-                sql.SQL(tables[oid].name), sql.Literal(before.next_xid)
+            sql.SQL("DELETE FROM ONLY {} WHERE {} < {}").format(
+                sql.SQL(tables[oid].name),
+                _since(sql.SQL("xmin::text::bigint"), before.next_xid),
+                _since(sql.SQL(f"mod({NEXT_XID}, 4294967296)"), before.next_xid),
             )
         )
     for oid in plan.setval:
