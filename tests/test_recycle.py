@@ -354,6 +354,23 @@ def test_an_app_writing_through_its_own_pool_gets_recycled_clones(pytester: pyte
     result.assert_outcomes(passed=9)
 
 
+@pytest.mark.slow
+def test_recycling_can_be_switched_off(tmp_path: Path, shared_dsn: str) -> None:
+    from pgsandbox import Sandbox, Settings
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/1.sql").write_text(f"create table t (x int) -- {tmp_path.name}")
+    with Sandbox.start(Settings(dsn=shared_dsn, migrations=("sql:m",), recycle_clones="off"), root=tmp_path) as sandbox:
+        names = set()
+        for n in range(4):
+            with sandbox.database("database", f"test_{n}") as db:
+                db.execute("insert into t values (1)")
+                db.connection.commit()
+                names.add(db.name)
+        assert sandbox._clones is not None
+        assert (sandbox._clones.recycled, len(names)) == (0, 4)
+
+
 # -- the rules, on synthetic counters ------------------------------------------------------------------------
 
 

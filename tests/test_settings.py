@@ -139,6 +139,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "rebuild": ("yes", True),
     "keep_failed": ("ON", True),
     "clone_strategy": ("wal_log", "wal_log"),
+    "recycle_clones": ("off", "off"),
     "templates_keep": ("5", 5),
     "role": ("admin", "admin"),
     "reap_grace": ("never", -1.0),
