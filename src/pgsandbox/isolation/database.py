@@ -28,10 +28,10 @@ from pgsandbox.isolation.findings import OWN_DB, Finding, clone_failed
 from pgsandbox.isolation.guests import app_name
 from pgsandbox.isolation.leftovers import end_left_open, end_prepared
 from pgsandbox.isolation.recycle import (
-    FRESH_QUERY,
     NotRecyclable,
     Pristine,
     State,
+    fresh_state,
     plan_restore,
     read_pristine,
     read_state,
@@ -364,13 +364,13 @@ class ClonePool:
         except psycopg.Error:
             return None
         try:
-            after, sequences = read_state(test_conn, pristine)
+            after, sequences = read_state(test_conn, conn, pristine)
             plan = plan_restore(pristine, before, after, sequences)
             if plan.empty:
                 baseline = after
             else:
                 restore(test_conn, pristine, plan, before)  # its counters flushed before it answers
-                baseline, _ = read_state(test_conn)
+                baseline, _ = read_state(test_conn, conn)
             test_conn.autocommit = False
         except (psycopg.Error, NotRecyclable) as error:
             self.replaced.append(f"{name}: {type(error).__name__}: {error}")
@@ -425,14 +425,6 @@ class ClonePool:
                     self.server.admin.execute(
                         sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                     )
-
-
-def fresh_state(conn: psycopg.Connection[Any], name: str) -> State:
-    """The counters of a clone just made (``conn``: the admin, elsewhere): its relations have none yet."""
-    row = conn.execute(FRESH_QUERY, [name]).fetchone()
-    if row is None:
-        raise NotRecyclable(f"database {name} is gone")
-    return State(int(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), {})
 
 
 def _gone(conn: psycopg.Connection[Any], name: str) -> bool:

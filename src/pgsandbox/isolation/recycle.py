@@ -24,7 +24,7 @@ superuser admin to read what a fresh clone holds once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,15 +47,13 @@ DATABASE_FACTS = """\
 FRESH_QUERY = f"SELECT {DATABASE_FACTS} FROM pg_database d WHERE d.datname = %s"
 # ... and, on a connection to it, the counters of the relations written to: tables, TOAST tables,
 # materialized views, of every schema (a fresh clone has none).
-STATE_QUERY = f"""\
-SELECT {DATABASE_FACTS},
-  (SELECT coalesce(json_agg(json_build_array(
-      c.oid, c.relnamespace = 'pg_catalog'::regnamespace, c.relkind,
-      pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid)))
-    FILTER (WHERE pg_stat_get_tuples_inserted(c.oid) + pg_stat_get_tuples_updated(c.oid)
-                  + pg_stat_get_tuples_deleted(c.oid) > 0), '[]')
-   FROM pg_class c WHERE c.relkind IN ('r', 't', 'm') AND NOT c.relisshared)
-FROM pg_database d WHERE d.datname = current_database()"""
+RELATIONS_QUERY = """\
+SELECT coalesce(json_agg(json_build_array(
+    c.oid, c.relnamespace = 'pg_catalog'::regnamespace, c.relkind,
+    pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid)))
+  FILTER (WHERE pg_stat_get_tuples_inserted(c.oid) + pg_stat_get_tuples_updated(c.oid)
+                + pg_stat_get_tuples_deleted(c.oid) > 0), '[]')
+FROM pg_class c WHERE c.relkind IN ('r', 't', 'm') AND NOT c.relisshared"""
 
 # What a fresh clone holds, read once: the user tables (empty or not), who references whom, the sequences.
 PRISTINE_TABLES = """\
@@ -162,26 +160,42 @@ def read_pristine(conn: psycopg.Connection[Any]) -> Pristine:
 
 
 def read_state(
-    conn: psycopg.Connection[Any], pristine: Pristine | None = None
+    conn: psycopg.Connection[Any], admin: psycopg.Connection[Any], pristine: Pristine | None = None
 ) -> tuple[State, dict[int, tuple[int, bool]]]:
-    """The clone's state (``conn``: on it) and, with ``pristine``, its sequences' values: one round trip."""
-    query: sql.SQL | sql.Composed = sql.SQL(STATE_QUERY)
+    """The clone's state and, with ``pristine``, its sequences' values (``conn``: on the clone, one round trip);
+    the database's own facts come from ``admin`` (a warm connection elsewhere: a new backend reading them pays
+    for loading the shared catalogs' caches)."""
+    facts = admin.execute(FRESH_QUERY, [conn.info.dbname]).fetchone()
+    if facts is None:
+        raise NotRecyclable("the database's row is gone")
+    query: sql.SQL | sql.Composed = sql.SQL(RELATIONS_QUERY)
     sequences = pristine.sequence_query() if pristine is not None else None
     if sequences is not None:
         query = sql.SQL("; ").join([query, sequences])
     cursor = conn.execute(query)
     row = cursor.fetchone()
-    if row is None:
-        raise NotRecyclable("the database's row is gone")
     values: dict[int, tuple[int, bool]] = {}
     if sequences is not None:
         cursor.nextset()
         values = {int(oid): (int(value), bool(called)) for oid, value, called in cursor}
     relations = {
         int(oid): (bool(catalog), str(kind), int(ins), int(upd), int(dele))
-        for oid, catalog, kind, ins, upd, dele in row[6]
+        for oid, catalog, kind, ins, upd, dele in (row[0] if row else [])
     }
-    return State(int(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), relations), values
+    return _state(facts, relations), values
+
+
+def _state(facts: Sequence[Any], relations: dict[int, tuple[bool, str, int, int, int]]) -> State:
+    return State(int(facts[0]), str(facts[1]), str(facts[2]), str(facts[3]), str(facts[4]), str(facts[5]), relations)
+
+
+def fresh_state(admin: psycopg.Connection[Any], name: str) -> State:
+    """The state of clone ``name``, just made (``admin``: a connection elsewhere): its relations have no counters
+    yet (a new database's statistics start empty)."""
+    facts = admin.execute(FRESH_QUERY, [name]).fetchone()
+    if facts is None:
+        raise NotRecyclable(f"database {name} is gone")
+    return _state(facts, {})
 
 
 def read_sequences(conn: psycopg.Connection[Any], pristine: Pristine) -> dict[int, tuple[int, bool]]:
