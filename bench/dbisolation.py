@@ -45,8 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    DURATIONS_ENV,
     NO_PGSANDBOX,
     NO_PYTEST_POSTGRESQL,
+    RECORDER,
     ROWS,
     TABLES,
     BenchError,
@@ -81,7 +83,6 @@ from harness import (
     unprivileged_runner,
     write_json,
 )
-from isolation import DURATIONS_ENV, RECORDER
 
 PYTEST_TIMEOUT = 1800.0
 SOCKET_ENV = "BENCH_SERVER_SOCKET"

@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    DURATIONS_ENV,
     NO_PGSANDBOX,
     NO_PYTEST_POSTGRESQL,
+    RECORDER,
     ROWS,
     TABLES,
     BenchError,
@@ -88,31 +90,10 @@ from harness import (
 
 PYTEST_TIMEOUT = 900.0
 TESTS = 200
-DURATIONS_ENV = "BENCH_DURATIONS_FILE"
 DATA_ENV = "BENCH_DATA_DIR"
 
 # ------------------------------------------------------------------------------------------- generated files
 
-RECORDER = """\
-import json
-import os
-import time
-
-_BENCH = {"tests": {}, "imported": time.time()}
-
-
-def pytest_runtest_logreport(report):
-    entry = _BENCH["tests"].setdefault(report.nodeid, {})
-    entry[report.when] = report.duration
-    if report.failed:
-        entry["failed"] = True
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _BENCH["finished"] = time.time()
-    with open(os.environ["BENCH_DURATIONS_FILE"], "w") as out:
-        json.dump(_BENCH, out)
-"""
 
 TEST_DB = """\
 import pytest

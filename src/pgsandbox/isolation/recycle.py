@@ -31,6 +31,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsandbox.server.tags import INTERNAL
+
 LOCK_TIMEOUT = "200ms"  # an autovacuum in TRUNCATE's way: a fresh clone rather than a wait
 
 NEXT_XID = "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
@@ -47,13 +49,16 @@ DATABASE_FACTS = """\
 FRESH_QUERY = f"SELECT {DATABASE_FACTS} FROM pg_database d WHERE d.datname = %s"
 # ... and, on a connection to it, the counters of the relations written to: tables, TOAST tables,
 # materialized views, of every schema (a fresh clone has none).
-RELATIONS_QUERY = """\
+RELATIONS_QUERY = (
+    INTERNAL
+    + """\
 SELECT coalesce(json_agg(json_build_array(
     c.oid, c.relnamespace = 'pg_catalog'::regnamespace, c.relkind,
     pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid)))
   FILTER (WHERE pg_stat_get_tuples_inserted(c.oid) + pg_stat_get_tuples_updated(c.oid)
                 + pg_stat_get_tuples_deleted(c.oid) > 0), '[]')
 FROM pg_class c WHERE c.relkind IN ('r', 't', 'm') AND NOT c.relisshared"""
+)
 
 # What a fresh clone holds, read once: the user tables (empty or not), who references whom, the sequences.
 PRISTINE_TABLES = """\
@@ -168,7 +173,7 @@ def read_state(
     facts = admin.execute(FRESH_QUERY, [conn.info.dbname]).fetchone()
     if facts is None:
         raise NotRecyclable("the database's row is gone")
-    query: sql.SQL | sql.Composed = sql.SQL(RELATIONS_QUERY)
+    query: sql.SQL | sql.Composed = sql.SQL(RELATIONS_QUERY)  # INTERNAL: the statement log's reader skips it
     sequences = pristine.sequence_query() if pristine is not None else None
     if sequences is not None:
         query = sql.SQL("; ").join([query, sequences])
@@ -312,7 +317,7 @@ def restore(conn: psycopg.Connection[Any], pristine: Pristine, plan: Plan, befor
         return
     tables = pristine.tables
     statements: list[sql.Composable] = [
-        sql.SQL("BEGIN"),
+        sql.SQL(INTERNAL + "BEGIN"),
         sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)),
     ]
     if plan.truncate:
