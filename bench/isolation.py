@@ -559,6 +559,7 @@ CASES = {
     "empty": "empty: no database (context)",
     "pgsandbox-transaction": "pgsandbox transaction",
     "pgsandbox-database": "pgsandbox database",
+    "pgsandbox-database-no-recycle": "pgsandbox database, recycling off (context, issue 16)",
     "pgsandbox-cold": "pgsandbox transaction, cold cache",
     "pgsandbox-transaction-empty": "pgsandbox transaction, fixture only (no query)",
     "pgsandbox-database-empty": "pgsandbox database, fixture only (no query)",
@@ -576,7 +577,7 @@ ASYNC_FIXTURES = ("pg_aconn", "pg_asyncpg", "pg_async_session")
 CASES.update(
     {f"driver-{name}-session-loop": f"pgsandbox transaction, {name} only, session loop" for name in ASYNC_FIXTURES}
 )
-CONTEXT = {"empty", "pytest-postgresql-shm", "hand-clone", "hand-rollback-empty"}
+CONTEXT = {"empty", "pytest-postgresql-shm", "hand-clone", "hand-rollback-empty", "pgsandbox-database-no-recycle"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -671,6 +672,14 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
         pgs_runner,
         f"{on_data} (runtime dir)",
         ini=pgs_ini + 'pg_isolation = "database"\n',
+        env=warm_cache,
+        **pgs,
+    )
+    spec(
+        "pgsandbox-database-no-recycle",
+        pgs_runner,
+        f"{on_data} (runtime dir)",
+        ini=pgs_ini + 'pg_isolation = "database"\npg_recycle_clones = "off"\n',
         env=warm_cache,
         **pgs,
     )
