@@ -47,6 +47,31 @@ NO_PGSANDBOX = ["-p", "no:pgsandbox"]
 NO_PYTEST_POSTGRESQL = ["-p", "no:pytest_postgresql"]
 
 
+DURATIONS_ENV = "BENCH_DURATIONS_FILE"
+# The top of a generated suite's conftest: every test's setup, call and teardown durations, written as JSON to
+# $BENCH_DURATIONS_FILE at the end of the session (isolation.py, dbisolation.py).
+RECORDER = """\
+import json
+import os
+import time
+
+_BENCH = {"tests": {}, "imported": time.time()}
+
+
+def pytest_runtest_logreport(report):
+    entry = _BENCH["tests"].setdefault(report.nodeid, {})
+    entry[report.when] = report.duration
+    if report.failed:
+        entry["failed"] = True
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _BENCH["finished"] = time.time()
+    with open(os.environ["BENCH_DURATIONS_FILE"], "w") as out:
+        json.dump(_BENCH, out)
+"""
+
+
 class BenchError(Exception):
     """One run failed; the message holds what the subprocess said."""
 

@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    DURATIONS_ENV,
     NO_PGSANDBOX,
     NO_PYTEST_POSTGRESQL,
+    RECORDER,
     ROWS,
     TABLES,
     BenchError,
@@ -88,31 +90,10 @@ from harness import (
 
 PYTEST_TIMEOUT = 900.0
 TESTS = 200
-DURATIONS_ENV = "BENCH_DURATIONS_FILE"
 DATA_ENV = "BENCH_DATA_DIR"
 
 # ------------------------------------------------------------------------------------------- generated files
 
-RECORDER = """\
-import json
-import os
-import time
-
-_BENCH = {"tests": {}, "imported": time.time()}
-
-
-def pytest_runtest_logreport(report):
-    entry = _BENCH["tests"].setdefault(report.nodeid, {})
-    entry[report.when] = report.duration
-    if report.failed:
-        entry["failed"] = True
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _BENCH["finished"] = time.time()
-    with open(os.environ["BENCH_DURATIONS_FILE"], "w") as out:
-        json.dump(_BENCH, out)
-"""
 
 TEST_DB = """\
 import pytest
@@ -579,6 +560,7 @@ CASES = {
     "empty": "empty: no database (context)",
     "pgsandbox-transaction": "pgsandbox transaction",
     "pgsandbox-database": "pgsandbox database",
+    "pgsandbox-database-no-recycle": "pgsandbox database, recycling off (context, issue 16)",
     "pgsandbox-cold": "pgsandbox transaction, cold cache",
     "pgsandbox-transaction-empty": "pgsandbox transaction, fixture only (no query)",
     "pgsandbox-database-empty": "pgsandbox database, fixture only (no query)",
@@ -596,7 +578,7 @@ ASYNC_FIXTURES = ("pg_aconn", "pg_asyncpg", "pg_async_session")
 CASES.update(
     {f"driver-{name}-session-loop": f"pgsandbox transaction, {name} only, session loop" for name in ASYNC_FIXTURES}
 )
-CONTEXT = {"empty", "pytest-postgresql-shm", "hand-clone", "hand-rollback-empty"}
+CONTEXT = {"empty", "pytest-postgresql-shm", "hand-clone", "hand-rollback-empty", "pgsandbox-database-no-recycle"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -691,6 +673,14 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
         pgs_runner,
         f"{on_data} (runtime dir)",
         ini=pgs_ini + 'pg_isolation = "database"\n',
+        env=warm_cache,
+        **pgs,
+    )
+    spec(
+        "pgsandbox-database-no-recycle",
+        pgs_runner,
+        f"{on_data} (runtime dir)",
+        ini=pgs_ini + 'pg_isolation = "database"\npg_recycle_clones = "off"\n',
         env=warm_cache,
         **pgs,
     )

@@ -285,6 +285,12 @@ OPTIONS: tuple[Option, ...] = (
         "CREATE DATABASE strategy for clones on PostgreSQL 15+: auto (file_copy), file_copy or wal_log",
         parse=_choice(*CLONE_STRATEGIES),
     ),
+    Option(
+        "recycle_clones",
+        "database isolation on PostgreSQL 15+: auto (default: a used clone whose test only wrote rows and advanced "
+        "sequences is restored and given to the next test) or off (every test gets a new clone)",
+        parse=_choice("auto", "off"),
+    ),
     Option("templates_keep", "how many templates per project to keep on the server (default 3)", parse=_count),
     Option(
         "role",
@@ -396,6 +402,7 @@ class Settings:
     keep_failed: bool = False
     keep_alive: float = 0.0  # seconds a local server outlives the run with no run attached; 0: it stops with the run
     clone_strategy: Literal["auto", "file_copy", "wal_log"] = "auto"
+    recycle_clones: Literal["auto", "off"] = "auto"
     templates_keep: int = 3
     role: Literal["own", "createdb", "admin"] = "own"
     reap_grace: float = 300.0

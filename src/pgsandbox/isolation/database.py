@@ -3,7 +3,9 @@
 Clones are made ahead by a background thread, with a connection already open to each (the first
 connection to a new database builds its catalog caches: about 4 ms), so a test rarely waits. Used clones
 are dropped by a second thread, after their connections are gone: ``DROP DATABASE`` otherwise sleeps 100 ms
-waiting for a backend that is still exiting.
+waiting for a backend that is still exiting. On PostgreSQL 15+, a third thread recycles a
+used clone instead when its statistics counters say it holds only rows and sequence values the test wrote
+(recycle.py): undone in a few milliseconds, against 25 for a drop and a new clone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from pgsandbox.isolation.base import Begun, GuestConnections, Mode
 from pgsandbox.isolation.findings import OWN_DB, Finding, clone_failed
 from pgsandbox.isolation.guests import app_name
 from pgsandbox.isolation.leftovers import end_left_open, end_prepared
+from pgsandbox.isolation.recycle import (
+    NotRecyclable,
+    Pristine,
+    State,
+    fresh_state,
+    plan_restore,
+    read_pristine,
+    read_state,
+    restore,
+)
 from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.base import Server
 from pgsandbox.server.tags import INTERNAL
@@ -54,11 +66,22 @@ class DatabaseIsolation:
     first_clone = "the first database of a test"
     keeps_in_place = True  # a kept clone keeps its name
 
-    def __init__(self, server: Server, template: str, strategies: Sequence[str], drop_at_close: bool = True) -> None:
+    def __init__(
+        self,
+        server: Server,
+        template: str,
+        strategies: Sequence[str],
+        drop_at_close: bool = True,
+        recycle: bool | None = None,
+    ) -> None:
         """``drop_at_close``: drop the clones left at :meth:`close` (not needed on a local server about to be
-        removed)."""
+        removed). ``recycle``: undo a used clone's writes rather than drop it (recycle.py); by default on
+        PostgreSQL 15+ when the tests log in as their own role (never a superuser) and the admin is a superuser
+        (checked by the recycling thread, with track_counts)."""
         self.server = server
-        self.pool = ClonePool(server, template, strategies)
+        if recycle is None:
+            recycle = server.version >= (15, 0) and server.login is not None
+        self.pool = ClonePool(server, template, strategies, recycle=recycle)
         self._drop_at_close = drop_at_close
         self._given: dict[str, psycopg.Connection[Any]] = {}  # the connections opened ahead, by clone
 
@@ -69,6 +92,11 @@ class DatabaseIsolation:
     @property
     def dropped(self) -> int:
         return self.pool.dropped
+
+    @property
+    def recycled(self) -> int:
+        """Used clones given to another test after their writes were undone."""
+        return self.pool.recycled
 
     @property
     def timings(self) -> dict[str, list[float]]:
@@ -104,7 +132,8 @@ class DatabaseIsolation:
                     closed.add(conn.info.backend_pid)
                 conn.close()
         found = self._left_behind(test_id, dbname, closed)
-        self.pool.release(dbname, keep=keep_as is not None)
+        # what the admin did there is not for the counters to judge (it may switch them off)
+        self.pool.release(dbname, keep=keep_as is not None, recyclable="pg_admin" not in guests.committing)
         return found
 
     def _left_behind(self, test_id: str, dbname: str, ours: Collection[int]) -> list[Finding]:
@@ -159,10 +188,12 @@ class ClonePool:
         strategies: Sequence[str],
         depth: int = DEPTH,
         makers: int = MAKERS,
+        recycle: bool = False,
     ) -> None:
         """``strategies``: CREATE DATABASE strategies to use; with several, the first clones try each and
         the fastest is kept (what wins depends on the server's storage and load). ``template``'s objects
-        already belong to the tests' role (Sandbox._test_template)."""
+        already belong to the tests' role (Sandbox._test_template). ``recycle``: used clones go to a recycling
+        thread first (recycle.py), and are dropped only when it cannot undo what their test did."""
         self.server = server
         self.template = template
         self.strategies = list(strategies)
@@ -179,12 +210,21 @@ class ClonePool:
         self._kept: list[str] = []
         self._alive: set[str] = set()
         self._pending = 0  # clones being made
+        self.recycled = 0
+        self.replaced: deque[str] = deque(maxlen=100)  # why the last used clones were not recycled
+        self._recycle = recycle
+        self._recycling = 0  # used clones waiting for the recycler or in its hands
+        self._recycles: queue.Queue[str | None] = queue.Queue()
+        self._baselines: dict[str, State] = {}  # a clone's counters when it was handed out
+        self._pristine: Pristine | None = None  # read from the first clone, before any test had it
+        self._reading_pristine = False
         self._makers = [
             threading.Thread(target=self._create_loop, name=f"pgsandbox-clone-maker-{n}", daemon=True)
             for n in range(makers)
         ]
         self._dropper = threading.Thread(target=self._drop_loop, name="pgsandbox-clone-dropper", daemon=True)
-        for thread in (*self._makers, self._dropper):
+        self._recycler = threading.Thread(target=self._recycle_loop, name="pgsandbox-clone-recycler", daemon=True)
+        for thread in (*self._makers, self._dropper, *([self._recycler] if recycle else [])):
             thread.start()
 
     # -- test side -------------------------------------------------------------------------------------
@@ -198,10 +238,15 @@ class ClonePool:
             self._cond.notify_all()
         return clone
 
-    def release(self, name: str, keep: bool = False) -> None:
+    def release(self, name: str, keep: bool = False, recyclable: bool = True) -> None:
         if keep:
             self._kept.append(name)
+        elif self._recycle and recyclable and name in self._baselines:
+            with self._cond:
+                self._recycling += 1
+            self._recycles.put(name)
         else:
+            self._baselines.pop(name, None)
             self._drops.put(name)
 
     @property
@@ -214,7 +259,7 @@ class ClonePool:
             with self.server.connect(autocommit=True) as conn:
                 while True:
                     with self._cond:
-                        while len(self._ready) + self._pending >= self.depth and not self._closed:
+                        while len(self._ready) + self._pending + self._recycling >= self.depth and not self._closed:
                             self._cond.wait()
                         if self._closed:
                             return
@@ -234,6 +279,8 @@ class ClonePool:
                     if strategy:
                         with self._cond:
                             self.timings[strategy].append(time.perf_counter() - started)
+                    if self._recycle:
+                        self._note_fresh(conn, name)
                     try:
                         test_conn: psycopg.Connection[Any] | None = psycopg.connect(self.server.login_dsn_for(name))
                     except psycopg.Error:
@@ -249,6 +296,90 @@ class ClonePool:
 
     def strategy(self) -> str | None:
         return pick_strategy(self.timings)
+
+    # -- recycling ---------------------------------------------------------------------------------------
+    def _note_fresh(self, conn: psycopg.Connection[Any], name: str) -> None:
+        """Record a new clone's counters (a new database has none of its relations') and, for the first, what
+        every clone holds. Any failure: this clone is not recycled (and, for the first, none is)."""
+        try:
+            with self._cond:
+                first = not self._reading_pristine
+                self._reading_pristine = True
+            if first:
+                with self.server.connect(name, autocommit=True) as clone_conn:
+                    pristine = read_pristine(clone_conn)
+                if not _gone(conn, name):
+                    raise NotRecyclable("the connection that read the template's state did not leave")
+                self._pristine = pristine
+            self._baselines[name] = fresh_state(conn, name)
+        except (psycopg.Error, NotRecyclable):
+            self._baselines.pop(name, None)
+
+    def _recycle_loop(self) -> None:
+        """Recycle what tests released (or drop it); its connection outliving every test proves the server did
+        not restart after a crash, which would have reset the counters."""
+        try:
+            conn = self.server.connect(autocommit=True)
+            row = conn.execute(
+                "SELECT current_setting('track_counts')::bool AND rolsuper FROM pg_roles WHERE rolname = current_user"
+            ).fetchone()
+            usable = bool(row and row[0])
+        except psycopg.Error:
+            conn, usable = None, False
+        while True:
+            name = self._recycles.get()
+            if name is None:
+                break
+            clone = None
+            if usable and conn is not None and not self._closed:
+                try:
+                    clone = self._recycled(conn, name)
+                except psycopg.OperationalError:
+                    usable = False  # the server restarted, or our connection went: nothing is known any more
+            with self._cond:
+                self._recycling -= 1
+                if clone is not None:
+                    self.recycled += 1
+                    self._ready.append(clone)
+                self._cond.notify_all()
+            if clone is None:
+                self._baselines.pop(name, None)
+                self._drops.put(name)
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def _recycled(self, conn: psycopg.Connection[Any], name: str) -> Clone | None:
+        """``name`` as its template made it, with the connection that checked and restored it open for its next
+        test; None: drop it. ``conn``: the recycler's own, to the admin database."""
+        before = self._baselines.pop(name, None)
+        pristine = self._pristine
+        if before is None or pristine is None:
+            return None
+        # the test's backends flush their counters as they exit, before they leave pg_stat_activity
+        if not _gone(conn, name):
+            return None
+        try:
+            test_conn = psycopg.connect(self.server.login_dsn_for(name), autocommit=True)
+        except psycopg.Error:
+            return None
+        try:
+            after, sequences = read_state(test_conn, conn, pristine)
+            plan = plan_restore(pristine, before, after, sequences)
+            if plan.empty:
+                baseline = after
+            else:
+                restore(test_conn, pristine, plan, before)  # its counters flushed before it answers
+                baseline, _ = read_state(test_conn, conn)
+            test_conn.autocommit = False
+        except (psycopg.Error, NotRecyclable) as error:
+            self.replaced.append(f"{name}: {type(error).__name__}: {error}")
+            with contextlib.suppress(psycopg.Error):
+                test_conn.close()
+            conn.execute("SELECT")  # the recycler's connection is alive (else: raise, recycle no more)
+            return None
+        self._baselines[name] = baseline
+        return Clone(name, test_conn)
 
     def _drop_loop(self) -> None:
         with contextlib.suppress(psycopg.Error), self.server.connect(autocommit=True) as conn:
@@ -273,6 +404,9 @@ class ClonePool:
             self._cond.notify_all()
         for maker in self._makers:
             maker.join()
+        if self._recycle:
+            self._recycles.put(None)
+            self._recycler.join()
         for clone in self._ready:
             if clone.conn is not None:
                 clone.conn.close()
@@ -291,6 +425,13 @@ class ClonePool:
                     self.server.admin.execute(
                         sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                     )
+
+
+def _gone(conn: psycopg.Connection[Any], name: str) -> bool:
+    """End every connection to ``name`` (a finished test's or ours) and say whether they all left in time."""
+    terminate_connections(conn, name, wait=GONE_WAIT_SECONDS)
+    row = conn.execute("SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = %s", [name]).fetchone()
+    return bool(row and row[0])
 
 
 def pick_strategy(timings: dict[str, list[float]]) -> str | None:

@@ -471,7 +471,8 @@ class Sandbox:
             local = self.server.owns_cluster
             strategies = clone_strategies(self.server.version, self.settings.clone_strategy, local)
             # a local server about to be removed does not need its clones dropped
-            made = self._clones = DatabaseIsolation(self.server, self._test_template(), strategies, not local)
+            recycle = None if self.settings.recycle_clones == "auto" else False
+            made = self._clones = DatabaseIsolation(self.server, self._test_template(), strategies, not local, recycle)
         self._isolations[mode] = made
         return made, True
 
