@@ -81,7 +81,14 @@ CORE = ["pytest-pgsandbox"]
 # [asyncio] extra's whole point (the async fixtures run under it, or under anyio's plugin, which comes with anyio,
 # not with pgsandbox), so [all] has it too. factory_boy requires Faker, whose plugin README.md documents (its
 # cost and -p no:faker); [all] leaves factory_boy out, so that Faker's plugin comes only with [factoryboy].
-PLUGINS_AN_EXTRA_MAY_BRING = {"asyncio": {"asyncio"}, "all": {"asyncio"}, "factoryboy": {"faker"}}
+# [django] is pytest-django, whose fixtures pgsandbox's Django integration replaces and extends (a Django project
+# under pytest has it anyway); [all] leaves it out.
+PLUGINS_AN_EXTRA_MAY_BRING = {
+    "asyncio": {"asyncio"},
+    "all": {"asyncio"},
+    "factoryboy": {"faker"},
+    "django": {"django"},
+}
 
 
 def test_the_core_brings_no_test_runner_plugin() -> None:
