@@ -93,9 +93,8 @@ def test_example_project_on_pgsandbox(
     shutil.copytree(EXAMPLE, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     # a cache of its own (from the suite's initdb cluster): the snapshot of its templates must outlive the runs
     # below, and the suite's other tests store enough snapshots meanwhile to push it out of the shared one
-    for cluster in (cache_dir / "initdb").iterdir():
-        if (cluster / "ready").exists():  # finished: not one another test is writing now
-            shutil.copytree(cluster, tmp_path / "cache" / "initdb" / cluster.name, symlinks=True)
+    for ready in cache_dir.glob("initdb/*/ready"):  # finished: not one another test is writing now
+        shutil.copytree(ready.parent, tmp_path / "cache" / "initdb" / ready.parent.name, symlinks=True)
     monkeypatch.setenv("PGSANDBOX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DATABASE_URL", PRODUCTION_URL)
     monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
