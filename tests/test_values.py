@@ -3,7 +3,9 @@ writes them), and the values it makes of a column's type within them, the same f
 
 from __future__ import annotations
 
+import pathlib
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -128,3 +130,22 @@ def test_the_same_seed_makes_the_same_values_and_another_seed_others() -> None:
 def test_a_type_without_a_value_is_named() -> None:
     with pytest.raises(CannotFill, match=r"t\.p is of type point, which pgsandbox cannot make a value of"):
         maker().value("t", "p", POINT, -1, False, [])
+
+
+def test_a_catalog_known_from_another_cache_directory_is_stored_in_this_one(tmp_path: pathlib.Path) -> None:
+    """A process that ran sessions on two cache directories (pytester, scripts) knew the template's catalog from
+    the first: the second directory gets its file too (the next process would otherwise read the catalogs)."""
+    from pgsandbox.data import catalog
+
+    def never(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        raise AssertionError("the catalog is known: nothing is read")
+
+    known = catalog.Catalog(search_path=("app", "public"))
+    catalog._memory["pgsandbox_tpl_test_two_caches"] = known
+    try:
+        for directory in (tmp_path / "first", tmp_path / "second"):
+            assert catalog.for_template("pgsandbox_tpl_test_two_caches", directory, never) is known
+            stored = catalog.Catalog.load((directory / "pgsandbox_tpl_test_two_caches.json").read_text())
+            assert stored == known
+    finally:
+        del catalog._memory["pgsandbox_tpl_test_two_caches"]

@@ -319,19 +319,19 @@ def for_template(template: str, cache_dir: Path | None, query: Query) -> Catalog
     """The catalog of ``template`` (every database cloned from it has the same): from memory, the cache
     directory, or read through ``query`` (a connection to a clone) and stored in both."""
     found = _memory.get(template)
-    if found is not None:
-        return found
     path = cache_dir / f"{template}.json" if cache_dir else None
-    if path is not None and path.is_file():
+    stored = path is not None and path.is_file()
+    if found is None and path is not None and stored:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             found = Catalog.load(path.read_text())
     if found is None:
         found = read(query)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".partial") as out:
-                    out.write(found.dump())
-                os.replace(out.name, path)  # another process may write the same: whole files only
+    # also when this process knew it already: from a session on another cache directory
+    if path is not None and not stored:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".partial") as out:
+                out.write(found.dump())
+            os.replace(out.name, path)  # another process may write the same: whole files only
     _memory[template] = found
     return found
