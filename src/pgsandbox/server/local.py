@@ -290,27 +290,9 @@ class LocalServer(Server):
         log_settings = statement_log.server_settings(run.path / "log", log_format) if log_format else {}
         tcp = keepalive.tcp_of(lease)
         # the previous run's passwords go: the superuser gets a new one, in this run's passfile only
-        passfile = Passfile(run.path / FILE_NAME)
-        passfile.add(clusters.SUPERUSER, secrets.token_urlsafe(32))
-        port = SOCKET_PORT if tcp is None else tcp[1]
-        admin_conninfo = make_conninfo(
-            host=str(run.socket_dir),
-            port=port,
-            user=clusters.SUPERUSER,
-            dbname="postgres",
-            password=NO_PASSWORD,
-            passfile=str(passfile.path),
-        )
-        conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
-        quiet: dict[str, Any] = {"options": QUIET_OPTIONS} if log_format else {}
-        admin = _connect_with(admin_conninfo, previous, run, autocommit=True, **quiet)
+        access = _new_superuser_password(run, tcp, previous, quiet=bool(log_format))
+        passfile, admin_conninfo, conninfo, admin = access
         try:
-            admin.execute(
-                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(clusters.SUPERUSER),
-                    sql.Literal(scram_verifier(passfile.password(clusters.SUPERUSER) or "")),
-                )
-            )
             if _altered_system(run):  # a test's ALTER SYSTEM does not outlive its run
                 admin.execute("ALTER SYSTEM RESET ALL")
                 admin.execute("SELECT pg_reload_conf()")
@@ -361,35 +343,13 @@ class LocalServer(Server):
             account.chown(log_dir)
             log_settings = statement_log.server_settings(log_dir, log_format)
         process, tcp = _start_listening(settings, installation, account, run, log_settings)
-        # the password the run gives its superuser lives in the run's passfile only (passfile.py); any port
-        # and host: the file is the run's own, and a restart may move the server to another port
-        passfile = Passfile(run.path / FILE_NAME)
-        passfile.add(clusters.SUPERUSER, secrets.token_urlsafe(32))
-        quiet: dict[str, Any] = {"options": QUIET_OPTIONS} if log_format else {}
-        port = SOCKET_PORT if tcp is None else tcp[1]
-        # pgsandbox's own connections use the socket (private to the run, and a connect costs less); clients
-        # get the TCP address, which code that parses host and port out of a URL understands
-        admin_conninfo = make_conninfo(
-            host=str(run.socket_dir),
-            port=port,
-            user=clusters.SUPERUSER,
-            dbname="postgres",
-            password=NO_PASSWORD,
-            passfile=str(passfile.path),
-        )
-        conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
         try:
-            admin = _connect_with(admin_conninfo, Secret(cached_password), run, autocommit=True, **quiet)
-            admin.execute(
-                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(clusters.SUPERUSER),
-                    sql.Literal(scram_verifier(passfile.password(clusters.SUPERUSER) or "")),
-                )
-            )
-            version_num = admin.info.server_version
+            access = _new_superuser_password(run, tcp, Secret(cached_password), quiet=bool(log_format))
         except BaseException:
             _kill(process)
             raise
+        passfile, admin_conninfo, conninfo, admin = access
+        version_num = admin.info.server_version
         server = cls(
             conninfo,
             version_num,
@@ -561,6 +521,40 @@ def _altered_system(run: runs.RunDir) -> bool:
     except OSError:
         return False
     return any(line.strip() and not line.lstrip().startswith("#") for line in lines)
+
+
+def _new_superuser_password(
+    run: runs.RunDir, tcp: tuple[str, int] | None, current: Secret, quiet: bool
+) -> tuple[Passfile, str, str, psycopg.Connection[Any]]:
+    """Connect as the superuser with its ``current`` password (the cached cluster's, or the run's before) and give
+    it a new one, kept in this run's passfile only (passfile.py; any port and host: the file is the run's own,
+    and a restart may move the server to another port). Returns the passfile, the admin's conninfo (the socket:
+    private to the run, and a connect costs less), the clients' (TCP, which code that parses host and port out
+    of a URL understands) and the admin connection (``quiet``: its statements are not logged)."""
+    passfile = Passfile(run.path / FILE_NAME)
+    passfile.add(clusters.SUPERUSER, secrets.token_urlsafe(32))
+    admin_conninfo = make_conninfo(
+        host=str(run.socket_dir),
+        port=SOCKET_PORT if tcp is None else tcp[1],
+        user=clusters.SUPERUSER,
+        dbname="postgres",
+        password=NO_PASSWORD,
+        passfile=str(passfile.path),
+    )
+    conninfo = admin_conninfo if tcp is None else make_conninfo(admin_conninfo, host=_connect_host(tcp[0]))
+    options: dict[str, Any] = {"options": QUIET_OPTIONS} if quiet else {}
+    admin = _connect_with(admin_conninfo, current, run, autocommit=True, **options)
+    try:
+        admin.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(clusters.SUPERUSER),
+                sql.Literal(scram_verifier(passfile.password(clusters.SUPERUSER) or "")),
+            )
+        )
+    except BaseException:
+        admin.close()
+        raise
+    return passfile, admin_conninfo, conninfo, admin
 
 
 def _connect_with(conninfo: str, password: Secret, run: runs.RunDir, **kwargs: Any) -> psycopg.Connection[Any]:
