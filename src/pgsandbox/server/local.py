@@ -291,7 +291,7 @@ class LocalServer(Server):
         tcp = keepalive.tcp_of(lease)
         # the previous run's passwords go: the superuser gets a new one, in this run's passfile only
         access = _new_superuser_password(run, tcp, previous, quiet=bool(log_format))
-        passfile, admin_conninfo, conninfo, admin = access
+        admin = access[3]
         try:
             if _altered_system(run):  # a test's ALTER SYSTEM does not outlive its run
                 admin.execute("ALTER SYSTEM RESET ALL")
@@ -302,27 +302,11 @@ class LocalServer(Server):
         except BaseException:
             admin.close()
             raise
-        server = cls(
-            conninfo,
-            admin.info.server_version,
-            run_id,
-            installation=installation,
-            run=run,
-            process=keepalive.Postmaster(pid),
-            tcp=tcp,
-            account=account,
-            snapshots=Path(),
-            snapshot=None,
-            admin_conninfo=admin_conninfo,
-            passfile=passfile,
-        )
-        server._start_settings = (settings, log_settings)
-        server._admin = admin
-        server._hold_run_lock(admin)  # what it creates is alive to a reaper (another run attached by its DSN)
+        postmaster = keepalive.Postmaster(pid)
+        logs = (log_format, log_settings)
+        server = cls._serving(settings, installation, account, run, run_id, postmaster, tcp, access, logs)
         server.lease = lease
         server.attached_kept = True
-        if log_format:
-            server.statement_log = statement_log.StatementLog(run.path / "log", log_format)
         return server
 
     @classmethod
@@ -348,11 +332,28 @@ class LocalServer(Server):
         except BaseException:
             _kill(process)
             raise
+        logs = (log_format, log_settings)
+        return cls._serving(settings, installation, account, run, run_id, process, tcp, access, logs)
+
+    @classmethod
+    def _serving(
+        cls,
+        settings: Settings,
+        installation: Installation,
+        account: osuser.Account,
+        run: runs.RunDir,
+        run_id: str,
+        process: subprocess.Popen[bytes] | keepalive.Postmaster,
+        tcp: tuple[str, int] | None,
+        access: tuple[Passfile, str, str, psycopg.Connection[Any]],
+        logs: tuple[str | None, dict[str, str]],
+    ) -> LocalServer:
+        """The server object of a postmaster that serves, with its admin connection (_new_superuser_password)
+        and its statement log (``logs``: its format, None for none, and its server settings)."""
         passfile, admin_conninfo, conninfo, admin = access
-        version_num = admin.info.server_version
         server = cls(
             conninfo,
-            version_num,
+            admin.info.server_version,
             run_id,
             installation=installation,
             run=run,
@@ -364,9 +365,11 @@ class LocalServer(Server):
             admin_conninfo=admin_conninfo,
             passfile=passfile,
         )
-        server._start_settings = (settings, log_settings)
         server._admin = admin
         server._hold_run_lock(admin)  # what it creates is alive to a reaper (another run attached by its DSN)
+        # what a restart (save_snapshot) needs to start it again
+        log_format, log_settings = logs
+        server._start_settings = (settings, log_settings)
         if log_format:
             server.statement_log = statement_log.StatementLog(run.path / "log", log_format)
         return server
