@@ -65,6 +65,10 @@ def test_lists_and_paths_are_parsed() -> None:
         ),
         ({"cli": {"clone_strategy": "reflink"}}, "expected one of auto, file_copy, wal_log"),
         ({"ini": {"django": "on"}}, "ini pg_django: bad value 'on': expected one of auto, psycopg, psycopg2, off"),
+        (
+            {"env": {"PGSANDBOX_CREDENTIALS_TIMEOUT": "0"}},
+            "PGSANDBOX_CREDENTIALS_TIMEOUT: bad value '0': expected a number of seconds greater than 0",
+        ),
     ],
 )
 def test_bad_values_name_the_source_and_the_fix(sources: dict[str, dict[str, object]], expected: str) -> None:
@@ -145,6 +149,8 @@ def test_migrations_isolation_and_flags() -> None:
 GOOD_VALUES: dict[str, tuple[str, object]] = {
     "server": ("external", "external"),
     "dsn": ("postgresql://app@db/app", "postgresql://app@db/app"),
+    "credentials_command": ("vault read -format=json database/creds/ci", "vault read -format=json database/creds/ci"),
+    "credentials_timeout": ("45", 45.0),
     "bin": ("/opt/pg/bin", Path("/opt/pg/bin")),
     "version": ("16.4", "16.4"),
     "extensions": ('uuid-ossp, "pgcrypto"', ("uuid-ossp", "pgcrypto")),

@@ -229,11 +229,12 @@ def clean(
 
 def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, include_kept: bool) -> int:
     """List (``dry_run``) or drop the databases and roles of runs that died on a shared server."""
-    from pgsandbox.server import reaper
+    from pgsandbox.server import credentials_command, reaper
     from pgsandbox.server.external import ExternalServer
 
     target = dsn if dsn is not None else settings.dsn or ""
-    server = ExternalServer.attach(target, "--dsn" if dsn is not None else settings.source_of("dsn"))
+    source = "--dsn" if dsn is not None else settings.source_of("dsn")
+    server = ExternalServer.attach(target, source, credentials=credentials_command(settings))
     try:
         admin = server.admin
         now = time.time()

@@ -119,6 +119,17 @@ def _count(value: str) -> int:
     return count
 
 
+def _timeout(value: str) -> float:
+    """A number of seconds greater than 0."""
+    try:
+        seconds = float(value.strip().removesuffix("s"))
+    except ValueError:
+        raise ValueError("expected a number of seconds greater than 0, such as 30") from None
+    if not seconds > 0:
+        raise ValueError("expected a number of seconds greater than 0, such as 30")
+    return seconds
+
+
 def _seconds(value: str) -> float:
     if value.strip().lower() in ("never", "off"):
         return -1.0
@@ -216,6 +227,18 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice("auto", "local", "external"),
     ),
     Option("dsn", "connection string or URL of an existing server to use instead of a local one"),
+    Option(
+        "credentials_command",
+        "a shell command that prints the password (or token) of the existing server's admin role, or JSON "
+        '{"user": ..., "password": ...} ("username" and "token" too, at the top or under "data" as vault read '
+        "-format=json prints it); it runs when pgsandbox attaches and again when a reconnect is refused (an "
+        "expired token, a rotated password), and wins over PGPASSWORD and ~/.pgpass",
+    ),
+    Option(
+        "credentials_timeout",
+        "seconds pg_credentials_command may take before pgsandbox stops it (default 30)",
+        parse=_timeout,
+    ),
     Option("bin", "directory holding the PostgreSQL binaries (postgres, initdb) to use", parse=_path),
     Option("version", "PostgreSQL version to use, such as 16 or 18.6 (default: the newest found)", parse=_version),
     Option(
@@ -384,6 +407,8 @@ class Settings:
 
     server: ServerKind = "auto"
     dsn: str | None = field(default=None, repr=False)  # may hold the server's password: not in a traceback's locals
+    credentials_command: str | None = field(default=None, repr=False)  # may hold a token (VAULT_TOKEN=...)
+    credentials_timeout: float = 30.0
     bin: Path | None = None
     version: str | None = None
     extensions: tuple[str, ...] = ()

@@ -38,7 +38,7 @@ from pgsandbox.sandbox.gone import GoneWatch, ServerGone
 from pgsandbox.sandbox.guards import ServerGuards
 from pgsandbox.sandbox.kept import KeptDatabases
 from pgsandbox.sandbox.report import Counters, ServerSummary, cache_report, session_report
-from pgsandbox.server import ExternalServer, Server, reaper, roles, start_server
+from pgsandbox.server import ExternalServer, Server, credentials_command, reaper, roles, start_server
 from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.clusters import cache_root
 from pgsandbox.server.statement_log import StatementLog
@@ -277,6 +277,9 @@ class Sandbox:
             statement_log,
             handoff.get("admin_dsn"),
             local_run=Path(run_dir) if handoff["local"] and run_dir else None,
+            # the controller's password first (its passfile): the command runs when that one is refused
+            credentials=None if handoff["local"] else credentials_command(settings),
+            credentials_first=False,
         )
         start_seconds = time.perf_counter() - started
         templates = [

@@ -21,6 +21,7 @@ from pgsandbox.binaries import Installation
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConfigError
 from pgsandbox.server.admin import lock_id
+from pgsandbox.server.credentials import RenewableCredentials, refused
 from pgsandbox.server.passfile import Passfile
 from pgsandbox.server.roles import Login, take_over
 from pgsandbox.server.statement_log import StatementLog
@@ -76,6 +77,8 @@ class Server(ABC):
         self.statement_log: StatementLog | None = None
         # settings of every database created for tests when they connect as the admin (no role to hold them)
         self.database_settings: dict[str, str] = {}
+        # pg_credentials_command (an existing server's): run again when an admin connect is refused
+        self.credentials: RenewableCredentials | None = None
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -233,7 +236,24 @@ class Server(ABC):
         conninfo = make_conninfo(self._admin_conninfo, dbname=dbname) if dbname else self._admin_conninfo
         if self.statement_log is not None and not logged:
             kwargs.setdefault("options", QUIET_OPTIONS)
-        return psycopg.connect(conninfo, **kwargs)
+        credentials = self.credentials
+        if credentials is None:
+            return psycopg.connect(conninfo, **kwargs)
+        seen = credentials.generation
+        try:
+            return psycopg.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as error:
+            if not refused(error):
+                raise
+        # the token expired or the password was rotated: the credentials command gives the current one
+        credentials.renew(seen)
+        try:
+            return psycopg.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as error:
+            if not refused(error):
+                raise
+            failure = credentials.refused(error, self.address)
+        raise failure
 
     @property
     def admin(self) -> psycopg.Connection[Any]:
