@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgsandbox import ExternalServer, LocalServer, Settings
+from pgsandbox import ExternalServer, LocalServer, Sandbox, Settings
 from pgsandbox.common.redact import Secret
 from pgsandbox.errors import ConfigError, ConnectError
 from pgsandbox.server import credentials_command
@@ -231,12 +231,13 @@ def test_a_password_rotated_on_the_server_is_fetched_again(
             conn.close()
 
         # an xdist worker attaches with the controller's passfile and runs the command only when it is refused
-        worker = ExternalServer.attach(server.dsn, credentials=command, credentials_first=False)
-        worker.stop()
+        handoff = {"dsn": server.dsn, "admin_dsn": server.admin_dsn, "local": False, "run_dir": None, "templates": []}
+        settings = Settings(credentials_command=command.command)
+        Sandbox.attach(handoff, settings).stop()
         assert issuer.calls == 3
         rotate(shared, user, issuer.password(4))
-        worker = ExternalServer.attach(server.dsn, credentials=command, credentials_first=False)
-        assert issuer.calls == 4 and worker.reveal_password() == issuer.password(4)
+        worker = Sandbox.attach(handoff, settings)
+        assert issuer.calls == 4 and worker.server.reveal_password() == issuer.password(4)
         worker.stop()
 
         # the command gives a password the server refuses, also when run again
