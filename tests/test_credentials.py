@@ -148,6 +148,8 @@ class Issuer:
         script.write_text(
             "#!/bin/sh\n"
             'dir=$(dirname "$0")\n'
+            # the manager refuses (an expired Vault token, a missing IAM permission), saying more than it should
+            'if [ -e "$dir/refuse" ]; then echo "403 permission denied, token=$(cat "$dir/refuse")" >&2; exit 4; fi\n'
             'n=$(($(cat "$dir/calls") + 1))\n'
             'echo $n > "$dir/calls"\n'
             f'printf \'{{"username": "%s", "token": "{self.prefix}-%s"}}\\n\' "$(cat "$dir/user")" "$n"\n'
@@ -297,6 +299,13 @@ def test_4_goes_on(pg, pg_server):
     with pg_server.connect():
         pass
     assert pg.fetchval("select 1") == 1 and issued() == 2
+
+
+def test_5_the_manager_refuses_mid_run(pg_server):
+    Path(os.environ["ISSUER_DIR"], "refuse").write_text(os.environ["REFUSAL_SECRET"])
+    with psycopg.connect(os.environ["SUPERUSER_URL"], autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD 'Expired-Again'").format(sql.Identifier(pg_server.user)))
+    pg_server.connect()
 """
 
 
@@ -313,13 +322,19 @@ def test_a_run_whose_token_expires_and_a_command_that_fails(
     monkeypatch.setenv("ISSUER_DIR", str(issuer.directory))
     monkeypatch.setenv("SUPERUSER_URL", shared_dsn)
     monkeypatch.setenv("NEXT_PASSWORD", issuer.password(2))
+    monkeypatch.setenv("REFUSAL_SECRET", "".join(["On-", "Stderr-", "Mid-Run"]))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "Env-Secret-Of-The-Command")  # the command's environment
     pytester.makepyfile(FULL_RUN)
     options = ("-v", "--tb=long", "--showlocals", "-p", "no:randomly", "-p", "no:cacheprovider", f"--pg-dsn={url}")
     result = pytester.runpytest(*options, f"--pg-credentials-command={issuer.command}")
-    result.assert_outcomes(passed=3, failed=1)
+    result.assert_outcomes(passed=3, failed=2)
     output = result.stdout.str() + result.stderr.str()
     assert "RuntimeError: the app failed with" in output and issuer.calls == 2
     assert issuer.prefix not in output  # neither password, in the DSNs, the locals or the report
+    assert "(--pg-credentials-command) failed with exit code 4; its stderr:" in output
+    assert "403 permission denied, token=***" in output
+    assert "Stderr-Mid-Run" not in output and "Env-Secret-Of-The-Command" not in output
+    (issuer.directory / "refuse").unlink()
 
     failing = (
         "sh -c 'printf %s%s Issued- On-Stdout; echo \"vault: permission denied, token=Leaked-On-Stderr\" >&2; exit 2'"

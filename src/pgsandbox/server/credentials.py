@@ -101,10 +101,21 @@ class CredentialsCommand:
         """Run the command and read its output. ``params``: the DSN's parameters, given to the command as
         ``PGHOST``, ``PGPORT``, ``PGUSER`` and ``PGDATABASE`` when the DSN names them (an IAM token is made for
         one host, port and user)."""
-        env = dict(os.environ)
-        for key, variable in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"), ("dbname", "PGDATABASE")):
-            if params and params.get(key):
-                env[variable] = str(params[key])
+        # this frame, which a traceback of the errors below shows with --showlocals, holds no environment, no
+        # unmasked stderr and no output but as a Secret
+        returncode, output, stderr = self._execute(params)
+        if returncode != 0:
+            raise ConnectError(
+                f"the credentials command `{self.shown}` ({self.source}) failed with exit code {returncode}{stderr}",
+                "run the command in a terminal to see what it needs (a login to the secret manager, a role, a "
+                f"region), then run the tests again; or fix {self.source}.",
+            )
+        credentials = parse_output(output, f"the credentials command `{self.shown}` ({self.source})")
+        register_secret(credentials.password)  # masked wherever it might show up, from now on
+        return credentials
+
+    def _execute(self, params: dict[str, Any] | None) -> tuple[int, Secret, str]:
+        """(exit code, stdout, what a message says of stderr: masked and trimmed)."""
         try:
             process = subprocess.Popen(
                 self.command,
@@ -112,7 +123,7 @@ class CredentialsCommand:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=env,
+                env=_environment(params),
                 start_new_session=True,  # a timeout kills the whole pipeline, not the shell alone
             )
         except OSError as error:
@@ -132,18 +143,16 @@ class CredentialsCommand:
                 "run it in a terminal: it may be waiting for a login (vault login, aws sso login, gcloud auth "
                 "login) or a prompt; or give it longer with pg_credentials_timeout.",
             ) from None
-        output = Secret(out.decode(errors="replace"))
-        del out
-        if process.returncode != 0:
-            raise ConnectError(
-                f"the credentials command `{self.shown}` ({self.source}) failed with exit code "
-                f"{process.returncode}{_stderr(err)}",
-                "run the command in a terminal to see what it needs (a login to the secret manager, a role, a "
-                f"region), then run the tests again; or fix {self.source}.",
-            ) from None
-        credentials = parse_output(output, f"the credentials command `{self.shown}` ({self.source})")
-        register_secret(credentials.password)  # masked wherever it might show up, from now on
-        return credentials
+        return process.returncode, Secret(out.decode(errors="replace")), _stderr(err)
+
+
+def _environment(params: dict[str, Any] | None) -> dict[str, str]:
+    """pgsandbox's environment, with the libpq variables of the DSN's host, port, user and database."""
+    env = dict(os.environ)
+    for key, variable in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"), ("dbname", "PGDATABASE")):
+        if params and params.get(key):
+            env[variable] = str(params[key])
+    return env
 
 
 def _stderr(err: bytes) -> str:
