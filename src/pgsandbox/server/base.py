@@ -232,7 +232,8 @@ class Server(ABC):
     # -- connections -------------------------------------------------------------------------------
     def connect(self, dbname: str | None = None, *, logged: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new psycopg connection as the admin role, to ``dbname`` (default: the admin database). Its
-        statements stay out of the statement log unless ``logged`` (a test's ``pg_admin``)."""
+        statements stay out of the statement log unless ``logged`` (a test's ``pg_admin``). With a credentials
+        command (credentials.py), a refused connect runs it again and is retried once."""
         conninfo = make_conninfo(self._admin_conninfo, dbname=dbname) if dbname else self._admin_conninfo
         if self.statement_log is not None and not logged:
             kwargs.setdefault("options", QUIET_OPTIONS)

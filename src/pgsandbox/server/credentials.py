@@ -6,8 +6,8 @@ is refused (the token expired, the password was rotated). What it prints goes to
 (passfile.py): never into a DSN, a message, an exception's arguments or a frame local that shows it (the frames
 that hold it hold a :class:`Secret`, whose ``repr()`` is masked).
 
-The command runs in a shell (``/bin/sh -c``), as ``git``'s credential helpers and libpq's ``sslpassword`` hooks
-of other tools do: the recipes pipe (``vault read ... | jq``) and read the environment (``$PGHOST``), which a
+The command runs in a shell (``/bin/sh -c``), as git runs a credential helper that starts with ``!``: the recipes
+pipe (``vault read ... | jq``), read the environment (``$PGHOST``) and set it (``VAULT_TOKEN=$(...)``), which a
 ``shlex`` split would not allow; the command is the user's own configuration, like the rest of the options.
 """
 
