@@ -3,6 +3,7 @@ server. A second real server ("prod") must not be reached; the shared server is 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,44 @@ def test_fence_under_xdist(
         ]
     )
     assert FAKE_PASSWORD not in result.stdout.str()
+
+
+def test_an_app_whose_settings_point_at_prod(
+    pytester: pytest.Pytester, shared_dsn: str, prod: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/projects/fence_app: its settings read DATABASE_URL, which the shell points at production. Its engine
+    made at import is refused (at import: a collection error; in a fixture: the test's error), a test that reads the
+    setting when it runs gets its own database (pg_env_url), and a migration that connects by the setting is
+    refused too, and production is never reached."""
+    assert prod.tcp is not None
+    shutil.copytree(PROJECTS / "fence_app", pytester.path, dirs_exist_ok=True)
+    monkeypatch.setenv("DATABASE_URL", prod_url(prod, "shop"))
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "--continue-on-collection-errors")
+    result.assert_outcomes(passed=1, errors=2)
+    port = prod.tcp[1]
+    result.stdout.fnmatch_lines_random(
+        [
+            "ERROR tests/test_warmup.py - sqlalchemy.exc.OperationalError: (pgsandbox*",
+            "ERROR tests/test_orders.py::test_counts_orders_through_the_settings_engine - *",
+            "E * sqlalchemy.exc.OperationalError: (pgsandbox.isolation.fence.ConnectionFenced) pgsandbox's *",
+            f"*refused a connection through psycopg to database 'shop' on 127.0.0.1:{port} as app, made by code "
+            "running outside any test (an import while pytest collected, a session fixture, a migration).*",
+            f"*refused a connection through psycopg to database 'shop' on 127.0.0.1:{port} as app, made by the test "
+            "tests/test_orders.py::test_counts_orders_through_the_settings_engine.*",
+        ]
+    )
+    assert FAKE_PASSWORD not in result.stdout.str()
+
+    result = pytester.runpytest(
+        f"--pg-dsn={shared_dsn}", "--pg-migrations=python:app.migrate:migrate", "tests/test_orders.py"
+    )
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            f"*python:app.migrate:migrate tried to connect to database 'shop' on 127.0.0.1:{port} as app through "
+            "psycopg while pgsandbox was building the template *"
+        ]
+    )
+    assert FAKE_PASSWORD not in result.stdout.str()
+    with prod.connect() as conn:  # production saw none of it: no connection ever authenticated as app
+        assert conn.execute("select count(*) from pg_roles where rolname = 'app'").fetchone() == (0,)

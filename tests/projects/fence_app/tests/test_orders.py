@@ -1,0 +1,11 @@
+from sqlalchemy import text
+
+from app import config, db
+
+
+def test_counts_orders_through_the_settings_engine(app_conn):
+    assert app_conn.execute(text("select count(*) from orders")).scalar_one() == 0
+
+
+def test_counts_orders_where_the_environment_points(pg):
+    assert db.count_orders(config.database_url()) == 0
