@@ -1,6 +1,5 @@
-from sqlalchemy import text
-
 from app import config, db
+from sqlalchemy import text
 
 
 def test_counts_orders_through_the_settings_engine(app_conn):
