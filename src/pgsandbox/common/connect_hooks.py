@@ -66,6 +66,7 @@ class Target:
 Check = Callable[[Target], None]
 
 
+@lru_cache(maxsize=1)
 def os_user() -> str:
     try:
         return getpass.getuser()
@@ -113,10 +114,17 @@ def resolve(
 
 def conninfo_params(conninfo: str) -> dict[str, Any]:
     """A DSN or URL parsed by libpq (through psycopg); empty when it does not parse (the library then says so)."""
+    return dict(_parsed(conninfo or ""))
+
+
+@lru_cache(maxsize=64)
+def _parsed(conninfo: str) -> dict[str, Any]:
+    """Cached: an app connects with the same few DSNs again and again, and libpq's parser is most of a check's
+    cost (bench/fence.py)."""
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        return conninfo_to_dict(conninfo or "")
+        return conninfo_to_dict(conninfo)
     except Exception:
         return {}
 
