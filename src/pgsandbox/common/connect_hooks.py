@@ -14,9 +14,6 @@ back when the last check goes.
 
 from __future__ import annotations
 
-import getpass
-import importlib.abc
-import ipaddress
 import os
 import sys
 import threading
@@ -68,6 +65,8 @@ Check = Callable[[Target], None]
 
 @lru_cache(maxsize=1)
 def os_user() -> str:
+    import getpass
+
     try:
         return getpass.getuser()
     except Exception:
@@ -167,6 +166,8 @@ def parse_allowed(text: str) -> Allowed:
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -233,8 +234,9 @@ def _checking(make_target: Callable[[], Target]) -> None:
 
 
 # -- patching ----------------------------------------------------------------------------------------------
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds a watched library's module with the other finders and patches it once it is executed."""
+class _PatchOnImport:
+    """Finds a watched library's module with the other finders and patches it once it is executed (a
+    ``sys.meta_path`` finder; not an ``importlib.abc`` subclass, whose import a session start would pay)."""
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         patch = _WATCHED.get(name)
@@ -254,7 +256,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _Patching(importlib.abc.Loader):
+class _Patching:
     def __init__(self, loader: Any, patch: Callable[[], None]) -> None:
         self.loader = loader
         self.patch = patch
