@@ -3,14 +3,14 @@ server. A second real server ("prod") must not be reached; the shared server is 
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import StartLocal
-from pgsandbox import LocalServer
+from pgsandbox import LocalServer, Settings
 
 pytestmark = pytest.mark.slow  # every test here starts a server or a process
 
@@ -18,10 +18,12 @@ PROJECTS = Path(__file__).parent / "projects"
 FAKE_PASSWORD = "s3cret-prod-pw"
 
 
-@pytest.fixture
-def prod(start_local: StartLocal) -> Iterator[LocalServer]:
-    """The server tests must not reach: a second real server on another port."""
-    yield start_local(listen="127.0.0.1", sql_log="off")
+@pytest.fixture(scope="module")
+def prod() -> Iterator[LocalServer]:
+    """The server tests must not reach: a second real server on another port (one for the module's tests)."""
+    server = LocalServer.start(Settings(cache=Path(os.environ["PGSANDBOX_CACHE"]), listen="127.0.0.1", sql_log="off"))
+    yield server
+    server.stop()
 
 
 def prod_url(prod: LocalServer, dbname: str = "proddb") -> str:
@@ -125,7 +127,7 @@ def test_fence_under_xdist(
     monkeypatch.setenv("PROD_TCP", f"127.0.0.1:{prod.tcp[1]}")
     monkeypatch.setenv("PROD_SOCKET_DSN", prod.admin_dsn)
     monkeypatch.setenv("DATABASE_URL", prod_url(prod, "from-the-shell"))
-    result = pytester.runpytest_subprocess("-n", "2", f"--pg-dsn={shared_dsn}", "-p", "xdist")
+    result = pytester.runpytest("-n", "2", f"--pg-dsn={shared_dsn}")
     result.assert_outcomes(passed=7, failed=1)
     port = prod.tcp[1]
     result.stdout.fnmatch_lines(
