@@ -164,3 +164,20 @@ def test_the_libpq_environment_points_at_the_sandbox_and_is_put_back(monkeypatch
         installed.remove()
     assert os.environ["PGHOST"] == "prod.example" and os.environ["PGPASSWORD"] == "prod-password"
     assert os.environ["DATABASE_URL"] == "postgresql://prod.example/shop" and "PGPORT" not in os.environ
+
+
+def test_the_markers_fence_options_are_checked() -> None:
+    from pgsandbox.pytest.markers import marker_value
+
+    assert marker_value("fence_allow", ["127.0.0.1:5433", "db.internal"]) == ("127.0.0.1:5433", "db.internal")
+    assert marker_value("fence_allow", "127.0.0.1:5433") == ("127.0.0.1:5433",)
+    assert marker_value("fence", "warn") == "warn"
+    with pytest.raises(pytest.fail.Exception) as caught:
+        marker_value("fence", "loose")
+    assert str(caught.value).startswith("pgsandbox: @pytest.mark.pg(fence='loose') is not one of error, warn, off.")
+    with pytest.raises(pytest.fail.Exception) as caught:
+        marker_value("fence_allow", ["db:port"])
+    assert str(caught.value).startswith(
+        "pgsandbox: @pytest.mark.pg(fence_allow='db:port'): 'db:port': the port must be a number from 1 to 65535.\n"
+        "  What to do: fence_allow takes: servers the connection fence lets tests reach"
+    )
