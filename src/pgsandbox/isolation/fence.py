@@ -33,7 +33,6 @@ from pgsandbox.common import connect_hooks
 from pgsandbox.common.connect_hooks import Allowed, Endpoint, Target, parse_allowed, same_host
 from pgsandbox.errors import PgSandboxError, PgSandboxWarning
 
-FENCE_MODES = ("error", "warn", "off")
 SESSION_ENV = ("PGHOST", "PGPORT", "PGUSER", "PGPASSFILE")
 CLEARED_ENV = ("PGDATABASE", "PGHOSTADDR", "PGSERVICE", "PGPASSWORD")
 
@@ -65,10 +64,6 @@ def refused_class(connection_error: type[Exception]) -> type[ConnectionFenced]:
     return made
 
 
-def endpoints_of(params: Mapping[str, Any]) -> tuple[Endpoint, ...]:
-    return connect_hooks.resolve(params).endpoints
-
-
 class Fence:
     """One session's fence (see the module). ``mode``: error, warn or off; ``allow``: ``pg_fence_allow``;
     ``env_urls``: the variables that get the test's database URL (``pg_env_url``)."""
@@ -84,7 +79,7 @@ class Fence:
         self._exempt = threading.local()
         self._remove: Any = None
         self._saved_env: dict[str, str | None] | None = None
-        self._session_env: dict[str, str] = {}
+        self._session_params: dict[str, Any] = {}
 
     # -- lifetime ------------------------------------------------------------------------------------------
     def install(self) -> Fence:
@@ -169,8 +164,8 @@ class Fence:
 
     # -- the libpq environment -----------------------------------------------------------------------------
     def point_env(self, params: Mapping[str, Any], database_url: str | None = None) -> None:
-        """Point the libpq environment at ``params`` (libpq keywords: the sandbox's server and the tests' role,
-        and a database when ``database_url`` is given too); the first call saves what was there."""
+        """Point the libpq environment at ``params`` (libpq keywords: the sandbox's server and the tests' role);
+        with ``database_url``, at the test's database too. The first call saves what was there."""
         if self.mode == "off":
             return
         names = (*SESSION_ENV, *CLEARED_ENV, *self.env_urls)
@@ -182,7 +177,9 @@ class Fence:
             "PGUSER": params.get("user"),
             "PGPASSFILE": params.get("passfile"),
         }
-        if database_url is not None:
+        if database_url is None:
+            self._session_params = dict(params)
+        else:
             values["PGDATABASE"] = params.get("dbname")
             values.update(dict.fromkeys(self.env_urls, database_url))
         for name in names:
@@ -191,19 +188,11 @@ class Fence:
                 os.environ[name] = str(value)
             else:
                 os.environ.pop(name, None)
-        if database_url is None:
-            self._session_env = {name: str(value) for name, value in values.items() if value}
-
-    def point_env_at_test(self, params: Mapping[str, Any], database_url: str) -> None:
-        self.point_env(params, database_url)
 
     def point_env_at_session(self) -> None:
+        """After a test's database: the sandbox's server again, no database."""
         if self._saved_env is not None:
-            self.point_env(self._session_env_params())
-
-    def _session_env_params(self) -> dict[str, str]:
-        keys = {"PGHOST": "host", "PGPORT": "port", "PGUSER": "user", "PGPASSFILE": "passfile"}
-        return {keys[name]: value for name, value in self._session_env.items()}
+            self.point_env(self._session_params)
 
     def _restore_env(self) -> None:
         if self._saved_env is None:
@@ -233,4 +222,6 @@ def allow_server(dsns: Iterable[str]) -> None:
     """The sandbox's server (its DSNs: the clients' and pgsandbox's own) may be reached from now on."""
     fence = active()
     if fence is not None:
-        fence.allow_endpoints(e for dsn in dsns for e in endpoints_of(connect_hooks.conninfo_params(dsn)))
+        fence.allow_endpoints(
+            e for dsn in dsns for e in connect_hooks.resolve(connect_hooks.conninfo_params(dsn)).endpoints
+        )
