@@ -14,6 +14,7 @@ back when the last check goes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -268,10 +269,17 @@ class _Patching:
         self.loader.exec_module(module)
         with _hooks.lock:
             if _hooks.checks:
-                self.patch()
+                _patch_library(self.patch)
 
     def __getattr__(self, name: str) -> Any:  # resource readers and the like
         return getattr(self.loader, name)
+
+
+def _patch_library(patch: Callable[[], None]) -> None:
+    """Patch one library; one that cannot be imported whole (a test that hides it: ``sys.modules[name] = None``)
+    makes no connection to check, and must not stop the session."""
+    with contextlib.suppress(ImportError):
+        patch()
 
 
 def _patch(owner: Any, attribute: str, replacement: Any) -> None:
@@ -289,7 +297,7 @@ def _unpatch_all() -> None:
 def _patch_all() -> None:
     for name, patch in _WATCHED.items():
         if name in sys.modules:
-            patch()
+            _patch_library(patch)
     finder = _PatchOnImport()
     sys.meta_path.insert(0, finder)
     _hooks.undo.append(lambda: sys.meta_path.remove(finder))
