@@ -357,7 +357,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "env_url",
         "environment variables (such as DATABASE_URL) set to the test's database URL while a test that has one "
-        "runs, and cleared otherwise, like PGDATABASE",
+        "runs, and cleared otherwise, like PGDATABASE (with the connection fence: not when pg_fence = off)",
         kind="list",
         parse=_env_name,
         env_separator=",",
