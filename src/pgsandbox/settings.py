@@ -205,6 +205,19 @@ def _keep_alive(value: str) -> float:
     return seconds
 
 
+def _fence_allow(value: str) -> str:
+    """``host:port`` (or a host alone: any port), checked as the fence reads it."""
+    from pgsandbox.common.connect_hooks import parse_allowed
+
+    return str(parse_allowed(value))
+
+
+def _env_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError("expected the name of an environment variable, such as DATABASE_URL")
+    return value
+
+
 def _class_path(value: str) -> str:
     """``module:Class``, imported only when a fixture needs it (settings import nothing of the app)."""
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
@@ -216,6 +229,7 @@ ISOLATIONS = ("transaction", "database")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
 GUARDS = ("error", "warn", "off")
+FENCES = ("error", "warn", "off")
 CLONE_STRATEGIES = ("auto", "file_copy", "wal_log")
 SQL_LOGS = ("auto", "jsonlog", "csvlog", "off")
 
@@ -349,6 +363,29 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*GUARDS),
     ),
     Option(
+        "fence",
+        "while the session runs, a connection through psycopg, psycopg2, asyncpg (SQLAlchemy, Django) to a server "
+        "other than the sandbox's is: error (default, refused with the library's connection error), warn (a "
+        "warning, and it goes ahead) or off; the libpq environment (PGHOST...) points at the sandbox unless off",
+        parse=_choice(*FENCES),
+    ),
+    Option(
+        "fence_allow",
+        "servers the connection fence lets tests reach besides the sandbox: host:port (or a host: any port; a "
+        "Unix socket: its directory:port)",
+        kind="list",
+        parse=_fence_allow,
+        env_separator=",",
+    ),
+    Option(
+        "env_url",
+        "environment variables (such as DATABASE_URL) set to the test's database URL while a test that has one "
+        "runs, and cleared otherwise, like PGDATABASE (with the connection fence: not when pg_fence = off)",
+        kind="list",
+        parse=_env_name,
+        env_separator=",",
+    ),
+    Option(
         "data_seed",
         "what the values pg.insert makes up are seeded with, besides the test's id (default: nothing; any text "
         "changes every made-up value)",
@@ -433,6 +470,9 @@ class Settings:
     reap_grace: float = 300.0
     report: str = "term"
     guard: Literal["error", "warn", "off"] = "error"
+    fence: Literal["error", "warn", "off"] = "error"
+    fence_allow: tuple[str, ...] = ()
+    env_url: tuple[str, ...] = ()
     statement_timeout: str = "5min"
     lock_timeout: str = "1min"
     idle_timeout: str = "1h"

@@ -464,11 +464,13 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox, isolation
     from pgsandbox.drivers import factoryboy
 
     factoryboy.enter_test(db)  # where TableFactory inserts
+    state.fence_env_at_test(request.config, db)
 
     def close() -> None:
         from pgsandbox.isolation.findings import IsolationError
 
         del node.stash[state.DATABASE_KEY]
+        state.fence_env_at_session(request.config)
         from pgsandbox.drivers import factoryboy
 
         factoryboy.leave_test(db)

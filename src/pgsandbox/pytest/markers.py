@@ -14,6 +14,8 @@ MARKER_OPTIONS = (
     "session_class",
     "async_session_class",
     "reset_sequences",
+    "fence",
+    "fence_allow",
 )
 
 
@@ -44,12 +46,20 @@ def marker_value(name: str, value: Any) -> Any:
     from pgsandbox.settings import BY_NAME
 
     option = BY_NAME[name]
-    where = f"@pytest.mark.pg({name}={value!r})"
-    takes = f"What to do: {name} takes: {option.help}."
     if isinstance(value, bool) and option.kind == "flag":
         return value
     if isinstance(value, type) and name in ("session_class", "async_session_class"):
         return value  # the class itself; the fixture checks what it is
+    if option.kind == "list" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(marker_value_item(name, option, item) for item in value)
+    if option.kind == "list" and isinstance(value, str):
+        return (marker_value_item(name, option, value),)
+    return marker_value_item(name, option, value)
+
+
+def marker_value_item(name: str, option: Any, value: Any) -> Any:
+    where = f"@pytest.mark.pg({name}={value!r})"
+    takes = f"What to do: {name} takes: {option.help}."
     if not isinstance(value, str):
         expected = "True or False" if option.kind == "flag" else "a string"
         pytest.fail(f"pgsandbox: {where}: expected {expected}.\n  {takes}", pytrace=False)
@@ -61,3 +71,16 @@ def marker_value(name: str, value: Any) -> Any:
     if reason.startswith("expected one of "):
         pytest.fail(f"pgsandbox: {where} is not one of {reason[16:]}.\n  {takes}", pytrace=False)
     pytest.fail(f"pgsandbox: {where}: {reason}.\n  {takes}", pytrace=False)
+
+
+def fence_options(item: pytest.Item) -> tuple[str | None, tuple[str, ...]]:
+    """The marker's ``fence`` and ``fence_allow`` (checked; the other options are the fixtures' to check)."""
+    marker = item.get_closest_marker("pg")
+    if marker is None:
+        return None, ()
+    mode = marker.kwargs.get("fence")
+    allow = marker.kwargs.get("fence_allow")
+    return (
+        None if mode is None else marker_value("fence", mode),
+        () if allow is None else marker_value("fence_allow", allow),
+    )

@@ -18,6 +18,7 @@ from pgsandbox.binaries import find_installations, missing_extension, missing_ex
 from pgsandbox.common.progress import Progress
 from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.errors import ConfigError, PgSandboxError
+from pgsandbox.isolation import fence
 from pgsandbox.isolation.base import Begun, Isolation
 from pgsandbox.isolation.database import DatabaseIsolation, clone_strategies
 from pgsandbox.isolation.findings import (
@@ -154,9 +155,11 @@ class Sandbox:
         chain = chain_of(migrations, seed)
         snapshots = snapshot_keys(chain, settings.rebuild)
         started = time.perf_counter()
-        server = start_server(settings, progress, snapshots) if server_start is None else server_start(snapshots)
+        with fence.exempt():  # the connection fence's: its address is known once it is started
+            server = start_server(settings, progress, snapshots) if server_start is None else server_start(snapshots)
         start_seconds = time.perf_counter() - started
         try:
+            fence.allow_server((server.dsn, server.admin_dsn))  # before the migrations, which reach it
             if settings.extensions and not server.owns_cluster:
                 _require_extensions(server, settings)
             templates: list[TemplateInfo] = []
@@ -184,6 +187,7 @@ class Sandbox:
             if not server.owns_cluster:  # a shared server: what runs that died left there
                 sandbox.drop_dead_runs()
             sandbox._create_login()
+            sandbox._point_env()
             return sandbox
         except BaseException as error:
             server.stop()
@@ -271,6 +275,7 @@ class Sandbox:
         log = handoff.get("statement_log")
         statement_log = StatementLog(Path(log["directory"]), log["format"]) if log else None
         run_dir = handoff.get("run_dir")
+        fence.allow_server(dsn for dsn in (handoff["dsn"], handoff.get("admin_dsn")) if dsn)
         server = ExternalServer.attach(
             handoff["dsn"],
             "the xdist controller's server",
@@ -297,7 +302,14 @@ class Sandbox:
         except BaseException:
             server.stop()
             raise
+        sandbox._point_env()
         return sandbox
+
+    def _point_env(self) -> None:
+        """The connection fence's libpq environment: the sandbox's server and the tests' role, no database."""
+        active = fence.active()
+        if active is not None:
+            active.point_env(self.server.login_params)
 
     def session_login(self) -> SessionLogin:
         """The tests' role and a database of this session's own, for session-scoped code (see
