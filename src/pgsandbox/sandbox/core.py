@@ -26,10 +26,12 @@ from pgsandbox.isolation.findings import (
     Finding,
     IsolationError,
     clone_failed,
+    not_kept_in_schema,
     not_kept_in_scope,
     scope_of_other_mode,
 )
 from pgsandbox.isolation.leftovers import end_left_open
+from pgsandbox.isolation.schema import SchemaIsolation
 from pgsandbox.isolation.server_objects import server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
 from pgsandbox.sandbox.database import Database, SessionLogin
@@ -46,6 +48,8 @@ from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator
 from pgsandbox.template.builds import chain_of, hold_in_use, snapshot_keys, warm_relcache
+from pgsandbox.template.schemas import SessionSchema
+from pgsandbox.template.schemas import describe as describe_schema
 
 __all__ = ["Sandbox", "ServerGone"]
 
@@ -124,6 +128,7 @@ class Sandbox:
         self._clone_scopes: list[Database] = []
         self._scoped_clones: set[str] = set()
         self._scoped_counter = 0
+        self.schema: SessionSchema | None = None  # schema isolation: the session's migrated schema
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -159,6 +164,8 @@ class Sandbox:
         try:
             if settings.extensions and not server.owns_cluster:
                 _require_extensions(server, settings)
+            if settings.isolation == "schema":
+                return cls._start_in_schema(server, chain, settings, progress, start_seconds)
             templates: list[TemplateInfo] = []
             if chain is not None:
                 templates = ensure_templates(
@@ -192,6 +199,34 @@ class Sandbox:
                 if explained is not None:
                     raise explained from error
             raise
+
+    @classmethod
+    def _start_in_schema(
+        cls,
+        server: Server,
+        chain: Chain | None,
+        settings: Settings,
+        progress: Progress | None,
+        start_seconds: float,
+        attached: bool = False,
+    ) -> Sandbox:
+        """Schema isolation: no template database; the session migrates a schema of its own in the DSN's
+        database (template/schemas.py), and its tests connect as the DSN's role (no role of their own: that
+        takes CREATEROLE, and the schema is the admin's)."""
+        sandbox = cls(server, [], settings, progress, attached=attached)
+        sandbox.start_seconds = start_seconds
+        if not server.owns_cluster:  # a shared server: what runs that died left there
+            sandbox.drop_dead_runs()
+        sandbox.schema = SessionSchema(server, chain, progress)
+        sandbox.schema.build()
+        if progress:
+            progress(describe_schema(sandbox.schema))
+        for name, value in sandbox.timeouts.items():  # the tests' timeouts, on their connections: not the database's
+            if value and server.test_options is not None:
+                dbname, options = server.test_options
+                escaped = value.replace("\\", "\\\\").replace(" ", "\\ ")
+                server.test_options = (dbname, f"{options} -c{name}={escaped}")
+        return sandbox
 
     @property
     def timeouts(self) -> dict[str, str]:
@@ -264,9 +299,16 @@ class Sandbox:
         }
 
     @classmethod
-    def attach(cls, handoff: dict[str, Any], settings: Settings, progress: Progress | None = None) -> Sandbox:
+    def attach(
+        cls,
+        handoff: dict[str, Any],
+        settings: Settings,
+        progress: Progress | None = None,
+        migrators: tuple[Sequence[Migrator], Sequence[Migrator]] | None = None,
+    ) -> Sandbox:
         """A sandbox on the server and templates another process's :meth:`handoff` gave: it creates (and
-        drops) only its own databases, under a prefix of its own."""
+        drops) only its own databases, under a prefix of its own. In schema isolation it migrates a schema of
+        its own with ``migrators`` (migrations, seed)."""
         started = time.perf_counter()
         log = handoff.get("statement_log")
         statement_log = StatementLog(Path(log["directory"]), log["format"]) if log else None
@@ -287,6 +329,14 @@ class Sandbox:
         ]
         if handoff["local"] and settings.clone_strategy == "auto":
             settings = settings.replace(clone_strategy="file_copy")  # what the controller's local server takes
+        if settings.isolation == "schema":
+            migrations, seed = migrators or ((), ())
+            try:
+                chain = chain_of(migrations, seed)
+                return cls._start_in_schema(server, chain, settings, progress, start_seconds, attached=True)
+            except BaseException:
+                server.stop()
+                raise
         sandbox = cls(server, templates, settings, progress, attached=True)
         sandbox.start_seconds = start_seconds
         try:
@@ -299,6 +349,12 @@ class Sandbox:
     def session_login(self) -> SessionLogin:
         """The tests' role and a database of this session's own, for session-scoped code (see
         :class:`SessionLogin`); the database is cloned from the template on the first call."""
+        if self.schema is not None:
+            raise ConfigError(
+                "pg_login gives a database of the session's own, and schema isolation creates no database.",
+                "use pg (the test's connection, in the session's schema) in schema isolation, or transaction or "
+                "database isolation on a server where the role may create databases.",
+            )
         if self._login is None:
             name = self.server.create_database(LOGIN_DATABASE, template=self._test_template(), clause=self.clone_clause)
             self._login = SessionLogin(self.server, name)
@@ -332,7 +388,8 @@ class Sandbox:
         if chosen not in ISOLATIONS:
             raise ConfigError(
                 f"isolation {chosen!r} is not one of {', '.join(ISOLATIONS)}.",
-                "use isolation='transaction' (rolled back, fastest) or isolation='database' (a clone per test).",
+                "use isolation='transaction' (rolled back, fastest), isolation='database' (a clone per test) or, "
+                "for the whole session, pg_isolation = schema.",
             )
         self._check_scope_mode(test_id, chosen)
         started = time.perf_counter()
@@ -405,6 +462,8 @@ class Sandbox:
 
     def _check_scope_mode(self, test_id: str, mode: str) -> None:
         """Scoped data lives in one isolation's databases: a test (or scope) of the other would not see it."""
+        if self.schema is not None and mode == "database":
+            self._schema_isolation(mode)  # says why not
         if mode == "database" and self._transaction is not None and self._transaction.scopes:
             raise scope_of_other_mode(test_id, mode, self._transaction.scopes[-1].scope_id)
         if mode == "transaction" and self._clone_scopes:
@@ -465,6 +524,10 @@ class Sandbox:
         if found is not None:
             return found, False
         made: Isolation
+        if self.schema is not None or mode == "schema":
+            made = self._schema_isolation(mode)
+            self._isolations["schema"] = self._isolations["transaction"] = made
+            return made, True
         if mode == "transaction":
             made = self._transaction = TransactionIsolation(self.server, self._test_template(), self.clone_clause)
         else:
@@ -475,6 +538,28 @@ class Sandbox:
             made = self._clones = DatabaseIsolation(self.server, self._test_template(), strategies, not local, recycle)
         self._isolations[mode] = made
         return made, True
+
+    def _schema_isolation(self, mode: str) -> SchemaIsolation:
+        """Schema isolation serves ``transaction`` too (per test, it is one); it cannot serve ``database``, and
+        only a session started in it has a schema."""
+        if self.schema is None:
+            raise ConfigError(
+                "schema isolation is chosen for the whole session (the session migrates its schema at its start), "
+                f"and this one runs in {self.settings.isolation} isolation.",
+                "set pg_isolation = schema (ini, --pg-isolation=schema or PGSANDBOX_ISOLATION=schema) rather than "
+                "@pytest.mark.pg(isolation='schema').",
+            )
+        if mode == "database":
+            raise ConfigError(
+                "database isolation clones a database per test, and this session runs in schema isolation "
+                "(pg_isolation = schema), which creates no database.",
+                "drop isolation='database' from the pg marker (in schema isolation each test is rolled back in the "
+                "session's schema), or run the session in database isolation on a server where the role may "
+                "create databases.",
+            )
+        made = SchemaIsolation(self.server, self.schema)
+        self._transaction = made
+        return made
 
     def _test_template(self) -> str:
         """What both isolations clone: the template, or, when its objects were handed over to pgsandbox_owner,
@@ -557,7 +642,9 @@ class Sandbox:
         isolation = self._isolations[db.isolation]
         kept_as = None
         not_kept: list[Finding] = []
-        if (keep or db.keep) and isolation is self._transaction and self._transaction.scopes:
+        if (keep or db.keep) and isinstance(isolation, SchemaIsolation):
+            not_kept = [not_kept_in_schema(db.test_id)]
+        elif (keep or db.keep) and isolation is self._transaction and self._transaction.scopes:
             not_kept = [not_kept_in_scope(db.test_id, self._transaction.scopes[-1].scope_id)]
         elif keep or db.keep:
             kept_as = self.kept.keep(db.name if isolation.keeps_in_place else None)
@@ -604,6 +691,12 @@ class Sandbox:
                 db._test.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
             return opened[0].execute(sql_text, params).fetchall()
 
+        if self.schema is not None:  # its name is the run's, its catalog names it: kept in memory only
+            try:
+                return for_template(self.schema.name, None, query)
+            finally:
+                for conn in opened:
+                    conn.close()
         if self._catalogs is None:  # cache_root() checks that the directory is writable: once per session
             self._catalogs = cache_root(self.settings.cache) / "catalogs"
         try:
@@ -670,6 +763,8 @@ class Sandbox:
     def _stop_on_server(self) -> None:
         for isolation in self._isolations.values():
             isolation.close()
+        if self.schema is not None:
+            self.schema.drop()
         if not self.attached:
             release(self.server, self.templates)
         self.kept.hand_over()

@@ -262,8 +262,9 @@ class Database(ConnectionForms):
     # -- for other client libraries -------------------------------------------------------------------
     @property
     def params(self) -> dict[str, Any]:
-        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
-        return {**self.server.login_params, "dbname": self.name}
+        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...; in
+        schema isolation, ``options`` setting the search_path to the session's schema)."""
+        return {**self.server.login_params, "dbname": self.name, **self.server.path_options(self.name)}
 
     def connect_admin(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new connection to this database as the admin (superuser on a local server), outside the test's

@@ -24,5 +24,7 @@ def start_server(
     cached cluster snapshot of ``snapshots``, if any)."""
     settings = settings or Settings.from_env()
     if wants_external(settings):
-        return ExternalServer.attach(settings.dsn or "", settings.source_of("dsn"))
+        return ExternalServer.attach(
+            settings.dsn or "", settings.source_of("dsn"), needs_createdb=settings.isolation != "schema"
+        )
     return LocalServer.start(settings, progress, snapshots)

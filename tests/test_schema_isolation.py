@@ -1,0 +1,154 @@
+"""Schema isolation (pg_isolation = schema) on a server where the tests' role may not create databases: a role
+with only CONNECT and CREATE on one database (no CREATEDB, not a superuser, no CREATEROLE) on the shared server."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from conftest import USERS, USERS_SEED
+
+
+@dataclass
+class Restricted:
+    dsn: str
+    dbname: str
+    admin: psycopg.Connection[Any]  # the superuser, on that database
+
+    def schemas(self) -> list[str]:
+        rows = self.admin.execute("select nspname from pg_namespace where nspname like 'pgsandbox\\_%'").fetchall()
+        return [str(name) for (name,) in rows]
+
+
+@pytest.fixture
+def restricted(shared_dsn: str) -> Iterator[Restricted]:
+    """A database and a role that may only connect to it and create schemas in it (and, as on PostgreSQL 14
+    and before, create in public: so that a migration's public.x is made and then refused)."""
+    suffix = secrets.token_hex(4)
+    role, dbname, password = f"ci_{suffix}", f"ci_{suffix}", secrets.token_hex(12)
+    with psycopg.connect(shared_dsn, autocommit=True) as server:
+        server.execute(
+            sql.SQL("CREATE ROLE {} LOGIN NOCREATEDB NOCREATEROLE NOSUPERUSER PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        server.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        server.execute(
+            sql.SQL("GRANT CONNECT, CREATE ON DATABASE {} TO {}").format(*map(sql.Identifier, (dbname, role)))
+        )
+        base = shared_dsn.rsplit("/", 1)[0]
+        with psycopg.connect(f"{base}/{dbname}", autocommit=True) as admin:
+            admin.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+            user_dsn = f"postgresql://{role}:{password}@{base.rsplit('@', 1)[1]}/{dbname}"
+            yield Restricted(user_dsn, dbname, admin)
+        server.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(dbname)))
+        server.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+PROJECT_TESTS = """
+import psycopg
+import pytest
+
+
+def test_a_write(pg):
+    pg.execute("insert into users (name) values ('cy')")
+    assert pg.fetchval("select count(*) from users") == 3
+    assert pg.fetchval("select current_schema()").startswith("pgsandbox_")
+
+
+def test_b_does_not_see_the_write_of_a(pg):
+    assert pg.fetchval("select count(*) from users") == 2
+    assert pg.isolation == "transaction"  # per test, it is one
+
+
+def test_c_every_connection_is_in_the_schema(pg, pg_psycopg2):
+    with psycopg.connect(pg.dsn) as conn:
+        assert conn.execute("select count(*) from users").fetchone()[0] == 2
+    with psycopg.connect(pg.database_url) as conn:
+        assert conn.execute("select current_schema()").fetchone()[0] == pg.fetchval("select current_schema()")
+    assert "search_path=pgsandbox_" in pg.env["PGOPTIONS"]
+    with pg_psycopg2.cursor() as cursor:
+        cursor.execute("insert into users (name) values ('dee') returning id")
+    assert pg.fetchval("select count(*) from users") == 2  # its own transaction, rolled back after the test
+
+
+def test_d_the_role_may_not_create_databases(pg):
+    with psycopg.connect(pg.dsn, autocommit=True) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("create database nope")
+
+
+@pytest.mark.pg(isolation="database")
+def test_e_database_isolation_is_refused(pg):
+    pass
+
+
+def test_f_a_raw_commit_is_caught_and_the_schema_migrated_again(pg):
+    pg.execute("insert into users (name) values ('escaped')")
+    pg.execute("commit")
+
+
+def test_g_starts_clean_after_the_escape(pg):
+    assert pg.fetchval("select count(*) from users") == 2
+"""
+
+
+@pytest.mark.slow
+def test_schema_isolation_on_a_role_with_only_create_on_one_database(
+    pytester: pytest.Pytester, restricted: Restricted
+) -> None:
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(USERS + USERS_SEED)
+    pytester.makefile(
+        ".toml",
+        pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\npg_isolation = "schema"\n',
+    )
+    pytester.makepyfile(test_app=PROJECT_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", "--pg-dsn", restricted.dsn)
+    output = result.stdout.str()
+    result.assert_outcomes(passed=6, errors=2)  # test_f passes, its teardown reports the escape
+    assert "test_e_database_isolation_is_refused" in output
+    assert "database isolation clones a database per test, and this session runs in schema isolation" in output
+    assert "test_f_a_raw_commit_is_caught" in output
+    assert "pgsandbox migrated the session's schema again: the next test starts clean" in output
+    assert "users (+1 row, 1 row written)" in output
+    assert "for code that opens its own connections, give them the test's connection" in output
+    assert "schema isolation: migrated the session's schema pgsandbox_" in output
+    assert restricted.schemas() == []  # dropped at the end of the run
+
+
+REFUSED = """
+create table users (id serial primary key);
+create table public.leak (id int);
+create extension citext;
+"""
+
+
+@pytest.mark.slow
+def test_a_migration_that_reaches_outside_the_schema_is_refused(
+    pytester: pytest.Pytester, restricted: Restricted
+) -> None:
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text(REFUSED)
+    pytester.makefile(
+        ".toml",
+        pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\npg_isolation = "schema"\n',
+    )
+    pytester.makepyfile(test_app="def test_x(pg):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--pg-dsn", restricted.dsn)
+    result.assert_outcomes(errors=1)
+    output = " ".join(result.stdout.str().split())  # pytest wraps long lines
+    assert (
+        "schema isolation cannot copy what the migrations (sql:migrations) made outside the session's schema" in output
+    )
+    assert "table public.leak" in output and "extension citext" in output
+    assert "What to do: leave the schema out of the migrations' names (create table x, not public.x)" in output
+    assert restricted.schemas() == []
+    assert "what they made outside it stays (pgsandbox drops only what it named): drop it" in output
+    left = restricted.admin.execute("select to_regclass('public.leak') is not null").fetchone()
+    assert left == (True,)
