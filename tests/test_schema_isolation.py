@@ -3,9 +3,11 @@ with only CONNECT and CREATE on one database (no CREATEDB, not a superuser, no C
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -13,6 +15,11 @@ import pytest
 from psycopg import sql
 
 from conftest import USERS, USERS_SEED
+
+from pgsandbox import Sandbox, Settings
+from pgsandbox.server import reaper
+from pgsandbox.template import load_migrators
+from pgsandbox.template.base import MigrationError
 
 
 @dataclass
@@ -26,7 +33,7 @@ class Restricted:
         return [str(name) for (name,) in rows]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def restricted(shared_dsn: str) -> Iterator[Restricted]:
     """A database and a role that may only connect to it and create schemas in it (and, as on PostgreSQL 14
     and before, create in public: so that a migration's public.x is made and then refused)."""
@@ -95,6 +102,8 @@ def test_f_a_raw_commit_is_caught_and_the_schema_migrated_again(pg):
 
 def test_g_starts_clean_after_the_escape(pg):
     assert pg.fetchval("select count(*) from users") == 2
+    assert pg.fetchval("show statement_timeout") == "5min"  # the tests' timeouts survive the schema's rebuild
+    assert pg.insert("users")["id"] > 2  # the data factories read the session schema's catalog
 """
 
 
@@ -130,25 +139,50 @@ create extension citext;
 
 
 @pytest.mark.slow
-def test_a_migration_that_reaches_outside_the_schema_is_refused(
-    pytester: pytest.Pytester, restricted: Restricted
-) -> None:
-    (pytester.path / "migrations").mkdir()
-    (pytester.path / "migrations/1.sql").write_text(REFUSED)
-    pytester.makefile(
-        ".toml",
-        pyproject='[tool.pytest.ini_options]\npg_migrations = ["sql:migrations"]\npg_isolation = "schema"\n',
-    )
-    pytester.makepyfile(test_app="def test_x(pg):\n    pass\n")
-    result = pytester.runpytest("-p", "no:cacheprovider", "--pg-dsn", restricted.dsn)
-    result.assert_outcomes(errors=1)
-    output = " ".join(result.stdout.str().split())  # pytest wraps long lines
+def test_a_migration_that_reaches_outside_the_schema_is_refused(restricted: Restricted, tmp_path: Path) -> None:
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations/1.sql").write_text(REFUSED)
+    settings = Settings(dsn=restricted.dsn, isolation="schema", migrations=("sql:migrations",))
+    with pytest.raises(MigrationError) as error:
+        Sandbox.start(settings, root=tmp_path)
+    message = str(error.value)
     assert (
-        "schema isolation cannot copy what the migrations (sql:migrations) made outside the session's schema" in output
+        "schema isolation cannot copy what the migrations (sql:migrations) made outside the session's schema" in message
     )
-    assert "table public.leak" in output and "extension citext" in output
-    assert "What to do: leave the schema out of the migrations' names (create table x, not public.x)" in output
+    assert "extension citext; table public.leak." in message
+    assert "what they made outside it stays (pgsandbox drops only what it named): drop it" in message
+    assert "What to do: leave the schema out of the migrations' names (create table x, not public.x)" in message
     assert restricted.schemas() == []
-    assert "what they made outside it stays (pgsandbox drops only what it named): drop it" in output
     left = restricted.admin.execute("select to_regclass('public.leak') is not null").fetchone()
     assert left == (True,)
+    restricted.admin.execute("drop table public.leak")
+
+
+@pytest.mark.slow
+def test_an_xdist_worker_migrates_a_schema_of_its_own(restricted: Restricted, tmp_path: Path) -> None:
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations/1.sql").write_text(USERS + USERS_SEED)
+    settings = Settings(dsn=restricted.dsn, isolation="schema", migrations=("sql:migrations",))
+    with Sandbox.start(settings, root=tmp_path) as controller:
+        migrators = (load_migrators(settings.migrations, (), tmp_path), [])
+        with Sandbox.attach(controller.handoff(), settings, migrators=migrators) as worker:
+            assert controller.schema is not None and worker.schema is not None
+            assert worker.schema.name != controller.schema.name
+            with worker.database(test_id="on the worker") as db:
+                assert db.fetchval("select current_schema()") == worker.schema.name
+                assert db.fetchval("select count(*) from users") == 2
+            assert len(restricted.schemas()) == 2
+        assert restricted.schemas() == [controller.schema.name]
+    assert restricted.schemas() == []
+
+
+@pytest.mark.slow
+def test_the_schema_of_a_run_that_died_is_reaped(restricted: Restricted) -> None:
+    label = json.dumps({"pgsandbox_run": "deadbeef", "started": 1})
+    restricted.admin.execute("create schema pgsandbox_deadbeef_schema")
+    restricted.admin.execute(sql.SQL("comment on schema pgsandbox_deadbeef_schema is {}").format(sql.Literal(label)))
+    restricted.admin.execute("create table pgsandbox_deadbeef_schema.users (id int)")
+    dead = [run for run in reaper.stale_runs(restricted.admin, 60) if run.run_id == "deadbeef"]
+    assert [run.schemas for run in dead] == [["pgsandbox_deadbeef_schema"]]
+    assert reaper.drop_dead_runs(restricted.admin, dead) == ["pgsandbox_deadbeef_schema"]
+    assert restricted.schemas() == []

@@ -319,6 +319,7 @@ class Sandbox:
             statement_log,
             handoff.get("admin_dsn"),
             local_run=Path(run_dir) if handoff["local"] and run_dir else None,
+            needs_createdb=settings.isolation != "schema",
         )
         start_seconds = time.perf_counter() - started
         templates = [

@@ -53,6 +53,8 @@ _IN_A_SCHEMA = (
     ("pg_ts_parser", "prsnamespace"),
     ("pg_ts_template", "tmplnamespace"),
 )
+# Objects named with what they belong to (a relation's row type, a type's array type): not listed apart.
+_ALSO = {"pg_type": " AND typrelid = 0 AND typelem = 0"}
 # Rows written by a transaction from {since} on (xmin), or deleted (xmax), compared across wraparound as
 # builds.changed_since does.
 _NEW = "(age(xmin) <= age({since}::xid) OR (xmax <> '0'::xid AND age(xmax) <= age({since}::xid)))"
@@ -62,7 +64,8 @@ _NEW = "(age(xmin) <= age({since}::xid) OR (xmax <> '0'::xid AND age(xmax) <= ag
 _OUTSIDE = (
     "WITH new(classid, objid, nsp) AS ("
     + " UNION ALL ".join(
-        f"SELECT '{catalog}'::regclass, oid, {column} FROM {catalog} WHERE {_NEW}" for catalog, column in _IN_A_SCHEMA
+        f"SELECT '{catalog}'::regclass, oid, {column} FROM {catalog} WHERE {_NEW}{_ALSO.get(catalog, '')}"
+        for catalog, column in _IN_A_SCHEMA
     )
     + f" UNION ALL SELECT 'pg_namespace'::regclass, oid, oid FROM pg_namespace WHERE {_NEW}"
     + f" UNION ALL SELECT 'pg_extension'::regclass, oid, 0::oid FROM pg_extension WHERE {_NEW}"
@@ -124,7 +127,8 @@ class SessionSchema:
                 "a database where that role may create schemas.",
             ) from None
         self.exists = True
-        self.server.test_options = (self.dbname, f"-csearch_path={self.search_path}")
+        if self.server.test_options is None:  # a rebuild keeps what the sandbox added (the tests' timeouts)
+            self.server.test_options = (self.dbname, f"-csearch_path={self.search_path}")
         try:
             admin.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(ident, sql.Literal(self.server.run_label)))
             if self.chain is not None:
@@ -217,7 +221,7 @@ class SessionSchema:
             "SELECT DISTINCT o.type, o.identity FROM ("
             + " UNION ALL ".join(
                 f"SELECT '{catalog}'::regclass AS classid, oid AS objid FROM {catalog} "
-                f"WHERE {column} = {{nsp}} AND {_NEW}"
+                f"WHERE {column} = {{nsp}} AND {_NEW}{_ALSO.get(catalog, '')}"
                 for catalog, column in _IN_A_SCHEMA
             )
             + ") new, pg_identify_object(new.classid, new.objid, 0) o ORDER BY 1, 2"
@@ -228,7 +232,7 @@ class SessionSchema:
             tables = {f"table {name}" for name in set(counts) | set(self.baseline)}
             for kind, identity in conn.execute(query.encode()).fetchall():
                 described = f"{kind} {identity}"
-                if described not in tables and kind not in ("type", "table", "toast table"):
+                if described not in tables and kind not in ("table", "toast table"):
                     found.append(f"{described} (created or altered)")
         return found[:MAX_NAMED] + ([f"and {len(found) - MAX_NAMED} more"] if len(found) > MAX_NAMED else [])
 
