@@ -15,7 +15,6 @@ import pytest
 from psycopg import sql
 
 from conftest import USERS, USERS_SEED
-
 from pgsandbox import Sandbox, Settings
 from pgsandbox.server import reaper
 from pgsandbox.template import load_migrators
