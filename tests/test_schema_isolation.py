@@ -18,7 +18,7 @@ from conftest import USERS, USERS_SEED
 from pgsandbox import Sandbox, Settings
 from pgsandbox.server import reaper
 from pgsandbox.template import load_migrators
-from pgsandbox.template.base import MigrationError
+from pgsandbox.template.base import MigrationError, Migrator
 
 
 @dataclass
@@ -163,7 +163,7 @@ def test_an_xdist_worker_migrates_a_schema_of_its_own(restricted: Restricted, tm
     (tmp_path / "migrations/1.sql").write_text(USERS + USERS_SEED)
     settings = Settings(dsn=restricted.dsn, isolation="schema", migrations=("sql:migrations",))
     with Sandbox.start(settings, root=tmp_path) as controller:
-        migrators = (load_migrators(settings.migrations, (), tmp_path), [])
+        migrators: tuple[list[Migrator], list[Migrator]] = (load_migrators(settings.migrations, (), tmp_path), [])
         with Sandbox.attach(controller.handoff(), settings, migrators=migrators) as worker:
             assert controller.schema is not None and worker.schema is not None
             assert worker.schema.name != controller.schema.name
