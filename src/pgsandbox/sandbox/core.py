@@ -129,6 +129,8 @@ class Sandbox:
         self._scoped_clones: set[str] = set()
         self._scoped_counter = 0
         self.schema: SessionSchema | None = None  # schema isolation: the session's migrated schema
+        # whether the tests' connections may create databases, roles or tablespaces (watched per test, guards.py)
+        self._may_create_server_objects = True
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -217,6 +219,11 @@ class Sandbox:
         sandbox.start_seconds = start_seconds
         if not server.owns_cluster:  # a shared server: what runs that died left there
             sandbox.drop_dead_runs()
+        row = server.admin.execute(
+            "SELECT rolsuper OR rolcreatedb OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        # the tests connect as the admin: a role with only CREATE on the database has nothing to watch
+        sandbox._may_create_server_objects = bool(row and row[0])
         sandbox.schema = SessionSchema(server, chain, progress)
         sandbox.schema.build()
         if progress:
@@ -413,7 +420,8 @@ class Sandbox:
         db._test.data_seed = self.settings.data_seed
         if self.server.statement_log is not None:
             db._test.log_start = self.server.statement_log.position()
-        if self.settings.role != "own" or self.server.login is None:  # its connections may create databases
+        # its connections may create databases (unless they are a role that may not: schema isolation's)
+        if (self.settings.role != "own" or self.server.login is None) and self._may_create_server_objects:
             db._test.server_objects = server_objects(self.server.admin)
         seconds = time.perf_counter() - started
         self._counters.opened(chosen, seconds)
