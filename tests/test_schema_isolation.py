@@ -16,6 +16,7 @@ from psycopg import sql
 
 from conftest import USERS, USERS_SEED
 from pgsandbox import Sandbox, Settings
+from pgsandbox.common.urls import libpq_env, sqlalchemy_url
 from pgsandbox.server import reaper
 from pgsandbox.template import load_migrators
 from pgsandbox.template.base import MigrationError, Migrator
@@ -55,6 +56,14 @@ def restricted(shared_dsn: str) -> Iterator[Restricted]:
             yield Restricted(user_dsn, dbname, admin)
         server.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(dbname)))
         server.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_the_search_path_travels_in_every_form_of_the_url() -> None:
+    params = {"host": "db", "port": 5432, "user": "ci", "dbname": "ci", "options": "-csearch_path=s,public"}
+    assert sqlalchemy_url(params, "psycopg").endswith("/ci?options=-csearch_path%3Ds%2Cpublic")
+    assert sqlalchemy_url(params, "postgresql").endswith("/ci?options=-csearch_path%3Ds%2Cpublic")
+    assert "options" not in sqlalchemy_url(params, "asyncpg")  # SQLAlchemy would pass it to asyncpg.connect()
+    assert libpq_env(params)["PGOPTIONS"] == "-csearch_path=s,public"
 
 
 PROJECT_TESTS = """
@@ -99,6 +108,25 @@ def test_f_a_raw_commit_is_caught_and_the_schema_migrated_again(pg):
     pg.execute("commit")
 
 
+class TestScopedData:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def class_row(cls, pg_class):
+        pg_class.execute("insert into users (name) values ('class')")
+
+    def test_h_scoped_data_is_there_and_rolled_back_with_each_test(self, class_row, pg):
+        assert pg.fetchval("select count(*) from users") == 3
+        pg.execute("delete from users")
+
+    def test_i_scoped_data_survives_the_previous_test(self, class_row, pg):
+        assert pg.fetchval("select count(*) from users") == 3
+
+
+@pytest.mark.pg(keep_failed=True)
+def test_j_fails_and_is_not_kept(pg):
+    assert False
+
+
 def test_g_starts_clean_after_the_escape(pg):
     assert pg.fetchval("select count(*) from users") == 2
     assert pg.fetchval("show statement_timeout") == "5min"  # the tests' timeouts survive the schema's rebuild
@@ -119,7 +147,7 @@ def test_schema_isolation_on_a_role_with_only_create_on_one_database(
     pytester.makepyfile(test_app=PROJECT_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", "--pg-dsn", restricted.dsn)
     output = result.stdout.str()
-    result.assert_outcomes(passed=6, errors=2)  # test_f passes, its teardown reports the escape
+    result.assert_outcomes(passed=8, failed=1, errors=2)  # test_f passes, its teardown reports the escape
     assert "test_e_database_isolation_is_refused" in output
     assert "database isolation clones a database per test, and this session runs in schema isolation" in output
     assert "test_f_a_raw_commit_is_caught" in output
@@ -127,6 +155,8 @@ def test_schema_isolation_on_a_role_with_only_create_on_one_database(
     assert "users (+1 row, 1 row written)" in output
     assert "for code that opens its own connections, give them the test's connection" in output
     assert "schema isolation: migrated the session's schema pgsandbox_" in output
+    assert "test_j_fails_and_is_not_kept failed, but its data was not kept (keep_failed): in schema isolation" in output
+    assert "kept as" not in output
     assert restricted.schemas() == []  # dropped at the end of the run
 
 
