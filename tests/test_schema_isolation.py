@@ -122,6 +122,13 @@ class TestScopedData:
         assert pg.fetchval("select count(*) from users") == 3
 
 
+def test_k_pg_login_has_a_schema_of_its_own(pg_login, pg):
+    with psycopg.connect(pg_login.dsn) as conn:
+        assert conn.execute("select current_schema()").fetchone()[0].endswith("_login")
+        conn.execute("insert into users (name) values ('session-wide')")
+    assert pg.fetchval("select count(*) from users") == 2
+
+
 @pytest.mark.pg(keep_failed=True)
 def test_j_fails_and_is_not_kept(pg):
     assert False
@@ -147,7 +154,7 @@ def test_schema_isolation_on_a_role_with_only_create_on_one_database(
     pytester.makepyfile(test_app=PROJECT_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", "--pg-dsn", restricted.dsn)
     output = result.stdout.str()
-    result.assert_outcomes(passed=8, failed=1, errors=2)  # test_f passes, its teardown reports the escape
+    result.assert_outcomes(passed=9, failed=1, errors=2)  # test_f passes, its teardown reports the escape
     assert "test_e_database_isolation_is_refused" in output
     assert "database isolation clones a database per test, and this session runs in schema isolation" in output
     assert "test_f_a_raw_commit_is_caught" in output

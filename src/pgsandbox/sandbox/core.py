@@ -129,6 +129,8 @@ class Sandbox:
         self._scoped_clones: set[str] = set()
         self._scoped_counter = 0
         self.schema: SessionSchema | None = None  # schema isolation: the session's migrated schema
+        self._login_schema: SessionSchema | None = None  # and pg_login's, made on its first use
+        self._timeout_options = ""  # schema isolation: the tests' timeouts as libpq options (-cname=value ...)
         # whether the tests' connections may create databases, roles or tablespaces (watched per test, guards.py)
         self._may_create_server_objects = True
 
@@ -228,11 +230,15 @@ class Sandbox:
         sandbox.schema.build()
         if progress:
             progress(describe_schema(sandbox.schema))
-        for name, value in sandbox.timeouts.items():  # the tests' timeouts, on their connections: not the database's
-            if value and server.test_options is not None:
-                dbname, options = server.test_options
-                escaped = value.replace("\\", "\\\\").replace(" ", "\\ ")
-                server.test_options = (dbname, f"{options} -c{name}={escaped}")
+        # the tests' timeouts, on their connections' options: the database is not theirs to ALTER
+        sandbox._timeout_options = "".join(
+            f" -c{name}={value.replace(chr(92), chr(92) * 2).replace(' ', chr(92) + ' ')}"
+            for name, value in sandbox.timeouts.items()
+            if value
+        )
+        if server.test_options is not None:
+            dbname, options = server.test_options
+            server.test_options = (dbname, options + sandbox._timeout_options)
         return sandbox
 
     @property
@@ -357,12 +363,13 @@ class Sandbox:
     def session_login(self) -> SessionLogin:
         """The tests' role and a database of this session's own, for session-scoped code (see
         :class:`SessionLogin`); the database is cloned from the template on the first call."""
-        if self.schema is not None:
-            raise ConfigError(
-                "pg_login gives a database of the session's own, and schema isolation creates no database.",
-                "use pg (the test's connection, in the session's schema) in schema isolation, or transaction or "
-                "database isolation on a server where the role may create databases.",
-            )
+        if self.schema is not None and self._login is None:
+            # schema isolation: a schema of its own, migrated on the first call (the tests' schema must stay
+            # as its build left it); its connections' options point at it
+            self._login_schema = SessionSchema(self.server, self.schema.chain, self.progress, kind="login")
+            self._login_schema.build()
+            options = f"-csearch_path={self._login_schema.search_path}{self._timeout_options}"
+            self._login = SessionLogin(self.server, self._login_schema.dbname, options)
         if self._login is None:
             name = self.server.create_database(LOGIN_DATABASE, template=self._test_template(), clause=self.clone_clause)
             self._login = SessionLogin(self.server, name)
@@ -772,8 +779,9 @@ class Sandbox:
     def _stop_on_server(self) -> None:
         for isolation in self._isolations.values():
             isolation.close()
-        if self.schema is not None:
-            self.schema.drop()
+        for schema in (self.schema, self._login_schema):
+            if schema is not None:
+                schema.drop()
         if not self.attached:
             release(self.server, self.templates)
         self.kept.hand_over()

@@ -93,11 +93,14 @@ class SessionSchema:
     """The schema of one session (one xdist worker), migrated once: what schema isolation rolls each test back
     in."""
 
-    def __init__(self, server: Server, chain: Chain | None, progress: Progress | None = None) -> None:
+    def __init__(
+        self, server: Server, chain: Chain | None, progress: Progress | None = None, kind: str = SCHEMA
+    ) -> None:
+        """``kind``: what follows the run prefix in its name (``schema``; ``login``: pg_login's)."""
         self.server = server
         self.chain = chain
         self.progress = progress
-        self.name = server.database_name(SCHEMA)
+        self.name = server.database_name(kind)
         row = server.admin.execute("SELECT current_database()").fetchone()
         assert row is not None
         self.dbname = str(row[0])
@@ -146,7 +149,7 @@ class SessionSchema:
 
     def _migrate(self) -> None:
         assert self.chain is not None
-        params = {**self.server.params, "dbname": self.dbname, **self.server.path_options(self.dbname)}
+        params = {**self.server.params, "dbname": self.dbname, "options": f"-csearch_path={self.search_path}"}
         target = Target(self.dbname, make_conninfo(self.server.dsn, **params), sqlalchemy_url(params))
         for layer in self.chain.layers:
             if self.progress:
