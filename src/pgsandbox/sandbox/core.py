@@ -479,7 +479,7 @@ class Sandbox:
     def _check_scope_mode(self, test_id: str, mode: str) -> None:
         """Scoped data lives in one isolation's databases: a test (or scope) of the other would not see it."""
         if self.schema is not None and mode == "database":
-            self._schema_isolation(mode)  # says why not
+            raise _no_database_in_schema_session()
         if mode == "database" and self._transaction is not None and self._transaction.scopes:
             raise scope_of_other_mode(test_id, mode, self._transaction.scopes[-1].scope_id)
         if mode == "transaction" and self._clone_scopes:
@@ -566,13 +566,7 @@ class Sandbox:
                 "@pytest.mark.pg(isolation='schema').",
             )
         if mode == "database":
-            raise ConfigError(
-                "database isolation clones a database per test, and this session runs in schema isolation "
-                "(pg_isolation = schema), which creates no database.",
-                "drop isolation='database' from the pg marker (in schema isolation each test is rolled back in the "
-                "session's schema), or run the session in database isolation on a server where the role may "
-                "create databases.",
-            )
+            raise _no_database_in_schema_session()
         made = SchemaIsolation(self.server, self.schema)
         self._transaction = made
         return made
@@ -800,6 +794,16 @@ class Sandbox:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _no_database_in_schema_session() -> ConfigError:
+    return ConfigError(
+        "database isolation clones a database per test, and this session runs in schema isolation "
+        "(pg_isolation = schema), which creates no database.",
+        "drop isolation='database' from the pg marker (in schema isolation each test is rolled back in the "
+        "session's schema), or run the session in database isolation on a server where the role may create "
+        "databases.",
+    )
 
 
 def _save_snapshot(
