@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pgsandbox.common.urls import libpq_env, sqlalchemy_url
 from pgsandbox.server import reaper
 from pgsandbox.template import load_migrators
 from pgsandbox.template.base import MigrationError, Migrator
+from test_alembic_app import ASYNCPG_ENV, MATCH_TEST, alembic_init, write, write_app
 
 
 @dataclass
@@ -221,4 +223,20 @@ def test_the_schema_of_a_run_that_died_is_reaped(restricted: Restricted) -> None
     dead = [run for run in reaper.stale_runs(restricted.admin, 60) if run.run_id == "deadbeef"]
     assert [run.schemas for run in dead] == [["pgsandbox_deadbeef_schema"]]
     assert reaper.drop_dead_runs(restricted.admin, dead) == ["pgsandbox_deadbeef_schema"]
+    assert restricted.schemas() == []
+
+
+@pytest.mark.slow
+def test_an_alembic_app_on_asyncpg_migrates_into_the_schema(pytester: pytest.Pytester, restricted: Restricted) -> None:
+    """A real project's shape: Alembic with an async env.py that swaps pgsandbox's URL to asyncpg (so SQLAlchemy's
+    asyncpg dialect gets the URL's options) on a role that may not read pg_statistic (the build's check that the
+    migration changed something reads the catalogs it may)."""
+    app = "shop_in_a_schema"
+    write_app(pytester, app, "alembic:alembic.ini")
+    alembic_init(pytester, app, "async").write_text(textwrap.dedent(ASYNCPG_ENV).format(app=app))
+    write(pytester.path, {"test_match.py": MATCH_TEST.format(app=app)})
+    pyproject = pytester.path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + 'pg_isolation = "schema"\n')
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--pg-dsn={restricted.dsn}")
+    result.assert_outcomes(passed=2)  # the tables are in the session's schema, and match the models
     assert restricted.schemas() == []

@@ -291,7 +291,8 @@ def next_xid(server: Server) -> int:
 
 def changed_since(server: Server, dbname: str, xid: int) -> bool:
     """Whether a transaction since ``xid`` wrote to ``dbname``'s catalogs (DDL, grants, comments) or to a row
-    of its tables (data): every new tuple version carries its writer's transaction id (``xmin``), a deleted
+    of its tables (data), those the admin may read (pg_statistic is a superuser's; schema isolation shares the
+    database with others' tables): every new tuple version carries its writer's transaction id (``xmin``), a deleted
     one its deleter's (``xmax``); ``age()`` compares them with ``xid`` across 32-bit wraparound. The catalogs
     of a template being built are small (a few ms); tables are read only when the catalogs did not change
     (a seed), and ``EXISTS`` stops at the first new row."""
@@ -300,12 +301,13 @@ def changed_since(server: Server, dbname: str, xid: int) -> bool:
     with server.connect(dbname, autocommit=True) as conn:
         catalogs = conn.execute(
             "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace "
-            "AND c.relkind = 'r' AND NOT c.relisshared"
+            "AND c.relkind = 'r' AND NOT c.relisshared AND has_table_privilege(c.oid, 'SELECT')"
         ).fetchall()
         tables = conn.execute(
             "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
-            "AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_(catalog$|toast|temp_)'"
+            "AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_(catalog$|toast|temp_)' "
+            "AND has_table_privilege(c.oid, 'SELECT')"
         ).fetchall()
         for group in (catalogs, tables):
             if not group:
