@@ -21,7 +21,6 @@ from pgsandbox.common.urls import libpq_env, sqlalchemy_url
 from pgsandbox.server import reaper
 from pgsandbox.template import load_migrators
 from pgsandbox.template.base import MigrationError, Migrator
-from test_alembic_app import ASYNCPG_ENV, MATCH_TEST, alembic_init, write, write_app
 
 
 @dataclass
@@ -231,6 +230,8 @@ def test_an_alembic_app_on_asyncpg_migrates_into_the_schema(pytester: pytest.Pyt
     """A real project's shape: Alembic with an async env.py that swaps pgsandbox's URL to asyncpg (so SQLAlchemy's
     asyncpg dialect gets the URL's options) on a role that may not read pg_statistic (the build's check that the
     migration changed something reads the catalogs it may)."""
+    from test_alembic_app import ASYNCPG_ENV, MATCH_TEST, alembic_init, write, write_app  # skips without Alembic
+
     app = "shop_in_a_schema"
     write_app(pytester, app, "alembic:alembic.ini")
     alembic_init(pytester, app, "async").write_text(textwrap.dedent(ASYNCPG_ENV).format(app=app))
