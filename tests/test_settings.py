@@ -263,7 +263,7 @@ KEEP_ALIVE = "expected a duration such as 30s, 10min or 1h (0 or off: the server
         ("report", "json:", "expected term (the default), json, json:PATH or off"),
         ("session_class", "sqlmodel.Session", "expected module:Class, such as sqlmodel:Session"),
         ("templates_keep", "three", "expected a whole number of at least 1"),
-        ("isolation", "schema", "expected one of transaction, database"),
+        ("isolation", "tables", "expected one of transaction, database, schema"),
         ("role", "owner", "expected one of own, createdb, admin"),
         ("guard", "fail", "expected one of error, warn, off"),
         ("sql_log", "stderr", "expected one of auto, jsonlog, csvlog, off"),

@@ -225,7 +225,7 @@ def _class_path(value: str) -> str:
     return value
 
 
-ISOLATIONS = ("transaction", "database")
+ISOLATIONS = ("transaction", "database", "schema")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
 GUARDS = ("error", "warn", "off")
@@ -302,7 +302,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("seed", "seed data on top of the migrations, same forms as pg_migrations", kind="list"),
     Option(
-        "isolation", "how each test gets its database: transaction (default) or database", parse=_choice(*ISOLATIONS)
+        "isolation",
+        "how each test gets its database: transaction (default), database, or schema (for a server where tests may "
+        "not create databases: the session migrates a schema of its own in the DSN's database, each test is "
+        "rolled back in it; needs only CREATE on that database)",
+        parse=_choice(*ISOLATIONS),
     ),
     Option("rebuild", "rebuild the templates even when the cache has them", kind="flag", parse=_flag),
     Option(
@@ -459,7 +463,7 @@ class Settings:
     migrations: tuple[str, ...] = ()
     migrations_inputs: tuple[str, ...] = ()
     seed: tuple[str, ...] = ()
-    isolation: Literal["transaction", "database"] = "transaction"
+    isolation: Literal["transaction", "database", "schema"] = "transaction"
     rebuild: bool = False
     keep_failed: bool = False
     keep_alive: float = 0.0  # seconds a local server outlives the run with no run attached; 0: it stops with the run

@@ -378,6 +378,11 @@ def _sqlalchemy() -> None:
             params["dbname"] = cparams["database"]
         library = f"SQLAlchemy ({dialect.name}+{dialect.driver})"
         _checking(lambda: resolve(params, library, via_sqlalchemy=True))
+        if dialect.driver == "asyncpg" and isinstance(cparams.get("options"), str):
+            # libpq's options (schema isolation's search_path) in a URL an env.py turned into asyncpg's, which
+            # SQLAlchemy would pass to asyncpg.connect() as an argument it does not take: asyncpg sends them in
+            # the startup packet, as libpq does, as a server setting
+            cparams["server_settings"] = {"options": cparams.pop("options"), **(cparams.get("server_settings") or {})}
 
     event.listen(engine_module.Engine, "do_connect", do_connect)
     _hooks.undo.append(lambda: event.remove(engine_module.Engine, "do_connect", do_connect))

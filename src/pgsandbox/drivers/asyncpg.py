@@ -48,6 +48,8 @@ def connect_kwargs(db: Database) -> dict[str, Any]:
     }
     if params.get("sslmode"):
         kwargs["ssl"] = params["sslmode"]
+    if params.get("options"):  # the startup packet's "options" (schema isolation's search_path), as libpq sends it
+        kwargs["server_settings"]["options"] = params["options"]
     return kwargs
 
 

@@ -186,6 +186,10 @@ def lock_section(sandbox: Sandbox, db: Database, found: list[Statement] | None) 
 
 def keep_database(item: pytest.Item, sandbox: Sandbox, db: Database) -> str:
     """Mark the failed test's database to be kept (its teardown keeps it), and say how to open it."""
+    if sandbox.schema is not None:  # schema isolation: the tests share the session's schema
+        from pgsandbox.isolation.findings import not_kept_in_schema
+
+        return not_kept_in_schema(item.nodeid).text
     scope = sandbox.transaction_scope if db.isolation == "transaction" else None
     if scope is not None:
         from pgsandbox.isolation.findings import not_kept_in_scope

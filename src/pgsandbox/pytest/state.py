@@ -108,7 +108,8 @@ def start(
     if shared is not None:  # an xdist worker: the controller starts the server and builds the templates
         from pgsandbox.pytest import xdist
 
-        return xdist.attach(shared, options)
+        # schema isolation: each worker migrates a schema of its own
+        return xdist.attach(shared, options, session_migrators(config) if options.isolation == "schema" else None)
     root = config.rootpath
     migrations, seed = session_migrators(config)
     progress = progress or progress_writer(config)
@@ -335,7 +336,7 @@ def next_transaction_test(item: pytest.Item, sandbox: Sandbox) -> str | None:
         return None
     marker = nextitem.get_closest_marker("pg")
     isolation = (marker.kwargs.get("isolation") if marker else None) or sandbox.settings.isolation
-    return nextitem.nodeid if isolation == "transaction" else None
+    return nextitem.nodeid if isolation in ("transaction", "schema") else None
 
 
 # -- the connection fence (isolation/fence.py) ---------------------------------------------------------------

@@ -262,8 +262,9 @@ class Database(ConnectionForms):
     # -- for other client libraries -------------------------------------------------------------------
     @property
     def params(self) -> dict[str, Any]:
-        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
-        return {**self.server.login_params, "dbname": self.name}
+        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...; in
+        schema isolation, ``options`` setting the search_path to the session's schema)."""
+        return {**self.server.login_params, "dbname": self.name, **self.server.path_options(self.name)}
 
     def connect_admin(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new connection to this database as the admin (superuser on a local server), outside the test's
@@ -294,14 +295,20 @@ class SessionLogin(ConnectionForms):
     cloned from the template (migrated and seeded) when first asked for and owned by the tests' role. It is not
     isolated: what is written there stays for the whole session, and the tests' own databases do not see it."""
 
-    def __init__(self, server: Server, dbname: str) -> None:
+    def __init__(self, server: Server, dbname: str, options: str = "") -> None:
+        """``options``: libpq's, on every connection (schema isolation: the search_path of pg_login's schema)."""
         self.server = server
         self.dbname = dbname
+        self.options = options
 
     @property
     def params(self) -> dict[str, Any]:
         """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
-        return {**self.server.login_params, "dbname": self.dbname}
+        return {
+            **self.server.login_params,
+            "dbname": self.dbname,
+            **({"options": self.options} if self.options else {}),
+        }
 
     def reveal_password(self) -> Secret | None:
         return self.server.login_password()

@@ -45,6 +45,9 @@ def start_server(
     settings = settings or Settings.from_env()
     if wants_external(settings):
         return ExternalServer.attach(
-            settings.dsn or "", settings.source_of("dsn"), credentials=credentials_command(settings)
+            settings.dsn or "",
+            settings.source_of("dsn"),
+            credentials=credentials_command(settings),
+            needs_createdb=settings.isolation != "schema",
         )
     return LocalServer.start(settings, progress, snapshots)

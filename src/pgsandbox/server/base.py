@@ -79,6 +79,9 @@ class Server(ABC):
         self.database_settings: dict[str, str] = {}
         # pg_credentials_command (an existing server's): run again when an admin connect is refused
         self.credentials: RenewableCredentials | None = None
+        # schema isolation (template/schemas.py): (database, libpq options) that every test connection to that
+        # database gets: the search_path on the session's schema, the tests' timeouts
+        self.test_options: tuple[str, str] | None = None
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -139,8 +142,15 @@ class Server(ABC):
     def login_dsn_for(self, dbname: str) -> str:
         """The DSN tests use: the login role's (:attr:`login`), or the admin's when there is none."""
         if self.login is None:
-            return self.dsn_for(dbname)
-        return make_conninfo(self._conninfo, dbname=dbname, user=self.login.user)
+            return make_conninfo(self._conninfo, dbname=dbname, **self.path_options(dbname))
+        return make_conninfo(self._conninfo, dbname=dbname, user=self.login.user, **self.path_options(dbname))
+
+    def path_options(self, dbname: str | None) -> dict[str, str]:
+        """libpq's ``options`` that point a connection to ``dbname`` at the session's schema (schema isolation),
+        else nothing."""
+        if self.test_options is None or self.test_options[0] != dbname:
+            return {}
+        return {"options": self.test_options[1]}
 
     @property
     def login_params(self) -> dict[str, Any]:
@@ -237,6 +247,9 @@ class Server(ABC):
         conninfo = make_conninfo(self._admin_conninfo, dbname=dbname) if dbname else self._admin_conninfo
         if self.statement_log is not None and not logged:
             kwargs.setdefault("options", QUIET_OPTIONS)
+        path = self.path_options(dbname).get("options")
+        if path:
+            kwargs["options"] = f"{kwargs['options']} {path}" if kwargs.get("options") else path
         credentials = self.credentials
         if credentials is None:
             return psycopg.connect(conninfo, **kwargs)

@@ -56,6 +56,8 @@ class ExternalServer(Server):
         local_run: Path | None = None,
         credentials: CredentialsCommand | None = None,
         credentials_first: bool = True,
+        *,
+        needs_createdb: bool = True,
     ) -> ExternalServer:
         """Connect with ``dsn`` (a URL or key=value string; empty: the libpq ``PG*`` variables) and check
         that the server is new enough and the role may create databases. ``statement_log``: the log of a
@@ -64,7 +66,8 @@ class ExternalServer(Server):
         ``local_run``: that server's run directory (its log), which makes it a :attr:`throwaway` server;
         ``credentials``: the command that gives the admin's password (credentials.py), run first (else, with
         ``credentials_first`` false, only when the password the DSN's passfile holds is refused: an xdist
-        worker, which takes the controller's) and again whenever a reconnect is refused."""
+        worker, which takes the controller's) and again whenever a reconnect is refused;
+        ``needs_createdb``: False for schema isolation, which creates no database."""
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as error:
@@ -119,7 +122,7 @@ class ExternalServer(Server):
             origin = params.get("passfile")
             dsn = make_conninfo(dsn, password=NO_PASSWORD, passfile=str(passfile.path))
             admin_dsn = admin_dsn and make_conninfo(admin_dsn, password=NO_PASSWORD, passfile=str(passfile.path))
-            _check(admin)
+            _check(admin, needs_createdb)
             server = cls(dsn, admin.info.server_version, run_id, admin_dsn, passfile=passfile)
             server._admin_user = admin.info.user
             server.secrets = secrets
@@ -266,7 +269,7 @@ def _connect_error(
     )
 
 
-def _check(admin: psycopg.Connection[Any]) -> None:
+def _check(admin: psycopg.Connection[Any], needs_createdb: bool = True) -> None:
     version = admin.info.server_version
     check_version(version)
     row = admin.execute(
@@ -274,10 +277,12 @@ def _check(admin: psycopg.Connection[Any]) -> None:
     ).fetchone()
     assert row is not None
     user, superuser, createdb = row
-    if not (superuser or createdb):
+    if needs_createdb and not (superuser or createdb):
         raise PrivilegeError(
             f"role {user!r} lacks the CREATEDB privilege, which pgsandbox needs to create test databases.",
-            f"as a superuser run: ALTER ROLE {user} CREATEDB; or connect as a role that has it.",
+            f"as a superuser run: ALTER ROLE {user} CREATEDB; or connect as a role that has it; or, where tests may "
+            "not create databases, use schema isolation (pg_isolation = schema), which needs only CREATE on the "
+            "DSN's database.",
         )
 
 
