@@ -160,3 +160,66 @@ def test_the_rls_example_fails_when_the_policy_is_dropped(pytester: pytest.Pytes
     result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_tenants.py")
     result.assert_outcomes(failed=EXAMPLE_TESTS)
     result.stdout.fnmatch_lines(["*No row-level security policy of items applies to app_rw*"])
+
+
+# -- the fast tier: the statements, the values, the errors ------------------------------------------------------
+def test_the_statements_that_set_and_leave_a_role() -> None:
+    from pgsandbox.isolation.roles import RoleBlock, role_sql
+
+    block = RoleBlock('app"rw', (("app.tenant_id", "o'brien"),))
+    assert role_sql(block, local=True) == (
+        "/* pgsandbox */ SET LOCAL ROLE \"app\"\"rw\"; SELECT set_config('app.tenant_id', 'o''brien', true)"
+    )
+    assert role_sql(None, local=False, clear=["app.tenant_id"]) == (
+        "/* pgsandbox */ SET ROLE NONE; SELECT set_config('app.tenant_id', '', false)"
+    )
+    assert role_sql(None, local=True) == "/* pgsandbox */ SET LOCAL ROLE NONE"
+
+
+def test_settings_are_text_or_json() -> None:
+    from pgsandbox.errors import ConfigError
+    from pgsandbox.isolation.roles import block_of
+
+    block = block_of("authenticated", {"request.jwt.claims": {"sub": "u1"}, "app.n": 3, "app.s": "a", "app.x": None})
+    assert dict(block.settings) == {"request.jwt.claims": '{"sub": "u1"}', "app.n": "3", "app.s": "a", "app.x": ""}
+    assert block.describe() == (
+        "role authenticated (settings: request.jwt.claims = '{\"sub\": \"u1\"}', app.n = '3', app.s = 'a', app.x = '')"
+    )
+    for role, settings, said in [
+        ("", None, "the role must be a role's name"),
+        ("app_rw", ["app.tenant_id"], "settings must be a dict"),
+        ("app_rw", {"app.when": object()}, "cannot be written as JSON"),
+    ]:
+        with pytest.raises(ConfigError, match=said) as refused:
+            block_of(role, settings)
+        assert "What to do: " in str(refused.value)
+
+
+def test_a_permission_denied_is_found_in_every_drivers_error() -> None:
+    import asyncpg
+    import psycopg
+    import sqlalchemy.exc
+
+    from pgsandbox.sandbox.app_roles import denial_of
+
+    message = "permission denied for table audit"
+    psycopg_error = psycopg.errors.InsufficientPrivilege(message)
+    for error in [
+        psycopg_error,  # psycopg2's has its pgcode only from a server: the pytester run above has one
+        asyncpg.exceptions.InsufficientPrivilegeError(message),
+        sqlalchemy.exc.ProgrammingError("INSERT INTO audit ...", {}, psycopg_error),
+    ]:
+        assert denial_of(error) == message, type(error)
+    assert denial_of(psycopg.errors.UniqueViolation("duplicate key")) is None
+    assert denial_of(None) is None
+
+
+def test_the_markers_role_is_checked() -> None:
+    from pgsandbox.pytest.markers import role_value
+
+    assert role_value("role", "app_rw") == "app_rw"
+    assert role_value("role_settings", {"app.tenant_id": "a"}) == {"app.tenant_id": "a"}
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)role=3\): expected the name of a role.*What to do"):
+        role_value("role", 3)
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)expected a dict of setting names.*What to do"):
+        role_value("role_settings", "app.tenant_id=a")
