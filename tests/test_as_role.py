@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,12 +169,11 @@ def test_the_statements_that_set_and_leave_a_role() -> None:
 
     block = RoleBlock('app"rw', (("app.tenant_id", "o'brien"),))
     assert role_sql(block, local=True) == (
-        "/* pgsandbox */ SET LOCAL ROLE \"app\"\"rw\"; SELECT set_config('app.tenant_id', 'o''brien', true)"
+        "/* pgsandbox */ SELECT set_config('role', 'app\"rw', true), set_config('app.tenant_id', 'o''brien', true)"
     )
-    assert role_sql(None, local=False, clear=["app.tenant_id"]) == (
-        "/* pgsandbox */ SET ROLE NONE; SELECT set_config('app.tenant_id', '', false)"
+    assert role_sql(None, local=False, clear=["app.tenant_id"], check=True) == (
+        "/* pgsandbox */ SELECT current_user, set_config('role', 'none', false), set_config('app.tenant_id', '', false)"
     )
-    assert role_sql(None, local=True) == "/* pgsandbox */ SET LOCAL ROLE NONE"
 
 
 def test_settings_are_text_or_json() -> None:
@@ -185,11 +185,12 @@ def test_settings_are_text_or_json() -> None:
     assert block.describe() == (
         "role authenticated (settings: request.jwt.claims = '{\"sub\": \"u1\"}', app.n = '3', app.s = 'a', app.x = '')"
     )
-    for role, settings, said in [
+    cases: list[tuple[str, Any, str]] = [
         ("", None, "the role must be a role's name"),
         ("app_rw", ["app.tenant_id"], "settings must be a dict"),
         ("app_rw", {"app.when": object()}, "cannot be written as JSON"),
-    ]:
+    ]
+    for role, settings, said in cases:
         with pytest.raises(ConfigError, match=said) as refused:
             block_of(role, settings)
         assert "What to do: " in str(refused.value)

@@ -85,21 +85,16 @@ def block_of(role: Any, settings: Mapping[str, Any] | None = None) -> RoleBlock:
     return RoleBlock(role, tuple(pairs))
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def role_sql(block: RoleBlock | None, local: bool, clear: Iterable[str] = ()) -> str:
+def role_sql(block: RoleBlock | None, local: bool, clear: Iterable[str] = (), check: bool = False) -> str:
     """What makes a connection run as ``block`` (None: as the login it connected as), with the settings in
-    ``clear`` emptied; ``local``: for the rest of the transaction only (the test's transaction)."""
-    scope = "LOCAL " if local else ""
-    parts = [f"SET {scope}ROLE {quote_ident(block.role) if block else 'NONE'}"]
-    values = dict.fromkeys(clear, "") | dict(block.settings if block else ())
-    if values:
-        is_local = "true" if local else "false"
-        calls = (f"set_config({literal(name)}, {literal(value)}, {is_local})" for name, value in values.items())
-        parts.append("SELECT " + ", ".join(calls))
-    return INTERNAL + "; ".join(parts)
+    ``clear`` emptied; ``local``: for the rest of the transaction only (the test's transaction). One ``SELECT``
+    (``set_config('role', ...)`` is ``SET ROLE``): one round trip, on every driver's protocol; with ``check``, its
+    first column is the role the connection ran as until then."""
+    is_local = "true" if local else "false"
+    values = {"role": block.role if block else "none", **dict.fromkeys(clear, "")}
+    values.update(block.settings if block else ())
+    calls = [f"set_config({literal(name)}, {literal(value)}, {is_local})" for name, value in values.items()]
+    return INTERNAL + "SELECT " + ", ".join(["current_user", *calls] if check else calls)
 
 
 # A client library's way of running a statement on one of its connections (``fetch``: return the first
@@ -264,20 +259,16 @@ class AsRole:
         for tracked, conn, statement, check in self._leave_steps():
             if tracked.asynchronous:  # the sync form never ran on it (it was refused at entry, or is closing)
                 continue
-            if check:
-                try:
-                    user = run_sync(tracked.run(conn, check, True))
-                except Exception:
-                    user = None
-                if user is not None and user != self.block.role:
-                    lost.append(tracked.label)
             try:
-                run_sync(tracked.run(conn, statement, False))
+                user = run_sync(tracked.run(conn, statement, check))
             except Exception:
                 # a connection whose transaction failed cannot take it; its rollback() will (role_sql). Said
                 # only when nothing else is being raised
                 if error is None and not self._in_error(conn):
                     raise
+                continue
+            if check and user != self.block.role:
+                lost.append(tracked.label)
         self._after_leave(lost)
 
     # -- async --------------------------------------------------------------------------------------------
@@ -297,18 +288,14 @@ class AsRole:
         self._note(error)
         lost = []
         for tracked, conn, statement, check in self._leave_steps():
-            if check:
-                try:
-                    user = await tracked.run(conn, check, True)
-                except Exception:
-                    user = None
-                if user is not None and user != self.block.role:
-                    lost.append(tracked.label)
             try:
-                await tracked.run(conn, statement, False)
+                user = await tracked.run(conn, statement, check)
             except Exception:
                 if error is None and not self._in_error(conn):
                     raise
+                continue
+            if check and user != self.block.role:
+                lost.append(tracked.label)
         self._after_leave(lost)
 
     # -- the steps ----------------------------------------------------------------------------------------
@@ -355,7 +342,7 @@ class AsRole:
             steps.append((tracked, conn, statement))
         return steps
 
-    def _leave_steps(self) -> list[tuple[Tracked, Any, str, str]]:
+    def _leave_steps(self) -> list[tuple[Tracked, Any, str, bool]]:
         """Back to the outer block's role (or the login), the settings only this block set emptied; and for the
         connections in the test's transaction, a check that the block's role was still on."""
         if not self._entered:
@@ -366,8 +353,9 @@ class AsRole:
         clear = [name for name, _ in self.block.settings if outer is None or name not in dict(outer.settings)]
         steps = []
         for tracked, conn, statement in self._steps(outer, clear):
-            check = "SELECT current_user" if tracked.in_transaction and not self._in_error(conn) else ""
-            steps.append((tracked, conn, statement, check))
+            check = tracked.in_transaction and not self._in_error(conn)
+            checked = role_sql(outer, tracked.in_transaction, clear, check=True) if check else statement
+            steps.append((tracked, conn, checked, check))
         if self.isolation == "database" and self.roles.service is not None:
             self.roles.service.set_defaults(self.dbname, outer)
         return steps
