@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pgsandbox import Sandbox, Settings
 
-ROUNDS = 50
+ROUNDS = 200
 SCHEMA = """
 DO $$ BEGIN CREATE ROLE bench_app NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 CREATE TABLE items (id serial PRIMARY KEY, tenant_id text NOT NULL);

@@ -102,11 +102,16 @@ class Psycopg2(guests.Adapter[Connection]):
         if status == psycopg2.extensions.TRANSACTION_STATUS_INERROR and not is_active(conn):
             Connection.rollback(conn)  # a failed transaction of the app's: nothing else can be done with it
             status = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-        with conn.cursor() as cursor:
-            cursor.execute(statement)
-            row = cursor.fetchone() if fetch else None
-        if status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-            Connection.commit(conn)
+        switch = status == psycopg2.extensions.TRANSACTION_STATUS_IDLE and not conn.autocommit
+        if switch:  # one round trip instead of three (BEGIN, it, COMMIT)
+            conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(statement)
+                row = cursor.fetchone() if fetch else None
+        finally:
+            if switch:
+                conn.autocommit = False
         return row[0] if row else None
 
     async def roll_back(self, conn: Connection, reuse: bool) -> None:

@@ -103,17 +103,22 @@ Run = Callable[[Any, str, bool], Coroutine[Any, Any, Any]]
 
 
 async def run_psycopg(conn: psycopg.Connection[Any], statement: str, fetch: bool) -> Any:
-    """psycopg 3 (sync): outside a transaction (``database`` isolation), the statement is committed at once;
-    a failed transaction is rolled back first (nothing else can be done with it, and a SET inside it would go)."""
+    """psycopg 3 (sync): outside a transaction (``database`` isolation), the statement is run in autocommit, one
+    round trip instead of three (BEGIN, it, COMMIT); a failed transaction of the app's is rolled back first
+    (nothing else can be done with it, and a SET inside it would go with it)."""
     status = conn.info.transaction_status
     if status == pq.TransactionStatus.INERROR and not state_of(conn).active:
         conn.rollback()
         status = pq.TransactionStatus.IDLE
-    cursor = conn.execute(statement)
-    value = cursor.fetchone()[0] if fetch else None  # type: ignore[index]
-    if status == pq.TransactionStatus.IDLE:
-        conn.commit()
-    return value
+    if status != pq.TransactionStatus.IDLE or conn.autocommit:
+        cursor = conn.execute(statement)
+        return cursor.fetchone()[0] if fetch else None  # type: ignore[index]
+    conn.autocommit = True
+    try:
+        cursor = conn.execute(statement)
+        return cursor.fetchone()[0] if fetch else None  # type: ignore[index]
+    finally:
+        conn.autocommit = False
 
 
 def _closed(conn: Any) -> bool:
