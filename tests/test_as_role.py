@@ -76,9 +76,20 @@ DRIVERS = """
                 assert tuple(await own.fetchrow(SEEN)) == ("app_rw", "apple")
                 await own.close()
         assert (await pg_asyncpg.fetchrow(SEEN))[0] == pg.info.user
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError) as refused:
+            async with pg.as_role("app_rw", settings=TENANT_A):
+                await pg_asyncpg.execute("INSERT INTO audit (note) VALUES ('x')")
+        assert "GRANT SELECT, INSERT, UPDATE, DELETE ON audit TO app_rw" in "\\n".join(refused.value.__notes__)
 
 
-    @in_each_mode()
+    @pytest.mark.parametrize(
+        "mode",
+        [
+            pytest.param(m, marks=pytest.mark.pg(isolation=m, async_driver=driver), id=f"{m}-{driver}")
+            for m in ("transaction", "database")
+            for driver in ("asyncpg", "psycopg")
+        ],
+    )
     async def test_async_sqlalchemy(pg, pg_async_session, mode):
         login = pg.info.user
         assert tuple((await pg_async_session.execute(text(SEEN))).one()) == (login, "apple,banana")
@@ -93,6 +104,8 @@ DRIVERS = """
             cursor = joined.cursor()
             cursor.execute(SEEN)
             assert cursor.fetchone() == ("app_rw", "apple")
+            pg.connection.rollback()  # psycopg's rollback: the role stays
+            assert pg.fetchval(CLAIM) == "u1"
 """
 
 # What a user gets wrong: each fails with what happened and what to do
@@ -141,7 +154,7 @@ def test_the_rls_example_and_every_driver_run_as_the_apps_role(pytester: pytest.
     result = pytester.runpytest(
         f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "-W", "error::pgsandbox.errors.PgSandboxWarning"
     )
-    result.assert_outcomes(passed=EXAMPLE_TESTS + 7 + 2, failed=1, errors=1)
+    result.assert_outcomes(passed=EXAMPLE_TESTS + 9 + 2, failed=1, errors=1)
     result.stdout.fnmatch_lines(
         [
             "*- pgsandbox: permission denied -*",
