@@ -28,10 +28,12 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import pq
 
-from pgsandbox.errors import ConfigError, PgSandboxWarning
+from pgsandbox.errors import ConfigError, PgSandboxWarning, sqlstate
 from pgsandbox.isolation.base import Mode
 from pgsandbox.isolation.guests import is_active, literal, run_sync, state_of
 from pgsandbox.server.tags import INTERNAL
+
+IN_FAILED_TRANSACTION = "25P02"  # the connection's transaction failed: only a rollback is taken
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class AsRole:
         self._refuse_async("with")
         self._admit()
         try:
+            self._set_defaults()
             for tracked, conn, statement in self._steps(self.block):
                 run_sync(tracked.run(conn, statement, False))
         except BaseException:
@@ -266,10 +269,10 @@ class AsRole:
                 continue
             try:
                 user = run_sync(tracked.run(conn, statement, check))
-            except Exception:
+            except Exception as failed:
                 # a connection whose transaction failed cannot take it; its rollback() will (role_sql). Said
                 # only when nothing else is being raised
-                if error is None and not self._in_error(conn):
+                if error is None and not self._in_error(conn) and sqlstate(failed) != IN_FAILED_TRANSACTION:
                     raise
                 continue
             if check and user != self.block.role:
@@ -280,10 +283,12 @@ class AsRole:
     async def __aenter__(self) -> AsRole:
         self._admit()
         try:
+            self._set_defaults()
             for tracked, conn, statement in self._steps(self.block):
                 await tracked.run(conn, statement, False)
         except BaseException:
-            await self.__aexit__(None, None, None)
+            with contextlib.suppress(Exception):
+                await self.__aexit__(None, None, None)
             raise
         return self
 
@@ -295,8 +300,8 @@ class AsRole:
         for tracked, conn, statement, check in self._leave_steps():
             try:
                 user = await tracked.run(conn, statement, check)
-            except Exception:
-                if error is None and not self._in_error(conn):
+            except Exception as failed:
+                if error is None and not self._in_error(conn) and sqlstate(failed) != IN_FAILED_TRANSACTION:
                     raise
                 continue
             if check and user != self.block.role:
@@ -318,6 +323,8 @@ class AsRole:
             self.roles.service.admit(self.block.role, self.isolation)
         self.roles.stack.append(self.block)
         self._entered = True
+
+    def _set_defaults(self) -> None:
         if self.isolation == "database" and self.roles.service is not None:
             self.roles.service.set_defaults(self.dbname, self.block)
 
