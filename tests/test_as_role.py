@@ -53,6 +53,14 @@ DRIVERS = """
             if mode == "database":  # the app's own connection, opened during the block
                 with psycopg.connect(pg.dsn) as own:
                     assert own.execute(SEEN).fetchone() == ("app_rw", "apple")
+            with pg.as_role(None, settings={"app.tenant_id": "b"}):  # nested: the tests' own role
+                cursor.execute(SEEN)
+                assert cursor.fetchone() == (login, "apple,banana")
+                if mode == "database":
+                    with psycopg.connect(pg.dsn) as own:
+                        assert own.execute(SEEN).fetchone() == (login, "apple,banana")
+            cursor.execute(SEEN + ", current_setting('app.tenant_id')")
+            assert cursor.fetchone() == ("app_rw", "apple", "a")  # the outer block's role and settings again
         cursor.execute(SEEN)
         assert cursor.fetchone() == (login, "apple,banana")
         assert pg.fetchval("SELECT current_setting('app.tenant_id', true)") in ("", None)

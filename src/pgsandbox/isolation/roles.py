@@ -40,12 +40,13 @@ IN_FAILED_TRANSACTION = "25P02"  # the connection's transaction failed: only a r
 class RoleBlock:
     """A role to run as, and the settings to run with (text, as ``set_config`` takes them)."""
 
-    role: str
+    role: str | None  # None: the tests' own login (the owner of the tables), inside a block of another role
     settings: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         shown = ", ".join(f"{name} = {value!r}" for name, value in self.settings)
-        return f"role {self.role}" + (f" (settings: {shown})" if shown else "")
+        who = f"role {self.role}" if self.role is not None else "the tests' own role"
+        return who + (f" (settings: {shown})" if shown else "")
 
 
 def setting_text(value: Any) -> str:
@@ -65,8 +66,8 @@ def setting_text(value: Any) -> str:
 
 
 def block_of(role: Any, settings: Mapping[str, Any] | None = None) -> RoleBlock:
-    """Check what the user gave: a role name, and settings named by strings."""
-    if not isinstance(role, str) or not role.strip():
+    """Check what the user gave: a role name (None: the tests' own), and settings named by strings."""
+    if role is not None and (not isinstance(role, str) or not role.strip()):
         raise ConfigError(
             f"pg.as_role: the role must be a role's name, got {role!r}.",
             "name a role the migrations created, such as pg.as_role('app_rw').",
@@ -93,7 +94,8 @@ def role_sql(block: RoleBlock | None, local: bool, clear: Iterable[str] = (), ch
     (``set_config('role', ...)`` is ``SET ROLE``): one round trip, on every driver's protocol; with ``check``, its
     first column is the role the connection ran as until then."""
     is_local = "true" if local else "false"
-    values = {"role": block.role if block else "none", **dict.fromkeys(clear, "")}
+    values = {"role": block.role if block is not None and block.role is not None else "none"}
+    values.update(dict.fromkeys(clear, ""))
     values.update(block.settings if block else ())
     calls = [f"set_config({literal(name)}, {literal(value)}, {is_local})" for name, value in values.items()]
     return INTERNAL + "SELECT " + ", ".join(["current_user", *calls] if check else calls)
@@ -214,7 +216,7 @@ class TestRoles:
         if error is not None and id(error) in self.explained:
             return self.explained[id(error)]
         block = block or self.current
-        if error is None or block is None or self.service is None:
+        if error is None or block is None or block.role is None or self.service is None:
             return None
         if id(error) not in self.explained:
             try:
@@ -319,7 +321,7 @@ class AsRole:
             )
 
     def _admit(self) -> None:
-        if self.roles.service is not None:
+        if self.roles.service is not None and self.block.role is not None:
             self.roles.service.admit(self.block.role, self.isolation)
         self.roles.stack.append(self.block)
         self._entered = True
@@ -365,7 +367,7 @@ class AsRole:
         clear = [name for name, _ in self.block.settings if outer is None or name not in dict(outer.settings)]
         steps = []
         for tracked, conn, statement in self._steps(outer, clear):
-            check = tracked.in_transaction and not self._in_error(conn)
+            check = tracked.in_transaction and self.block.role is not None and not self._in_error(conn)
             checked = role_sql(outer, tracked.in_transaction, clear, check=True) if check else statement
             steps.append((tracked, conn, checked, check))
         if self.isolation == "database" and self.roles.service is not None:

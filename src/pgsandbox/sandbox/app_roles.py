@@ -54,7 +54,7 @@ class AppRoles:
 
     def explain(self, error: BaseException, dbname: str, block: RoleBlock) -> str | None:
         message = denial_of(error)
-        if message is None:
+        if message is None or block.role is None:
             return None
         with self.server.connect(dbname, autocommit=True) as conn:
             return describe_denial(conn, message, block)
@@ -73,16 +73,17 @@ def denial_of(error: BaseException | None) -> str | None:
 def describe_denial(conn: psycopg.Connection[Any], message: str, block: RoleBlock) -> str:
     """What ``block``'s role lacked for ``message`` (read as the admin in the test's database): the failing
     policies of a row refused by row-level security, or the missing grant."""
+    role = block.role or "the tests' role"  # explain() asks only for an app's role
     head = f"pgsandbox: as {block.describe()}: {message}."
     found = _RLS.search(message)
     if found:
-        return head + "\n" + _policies(conn, found["name"], block)
+        return head + "\n" + _policies(conn, found["name"], role, block)
     found = _DENIED.search(message)
     if found is None:
-        return head + f"\n  {block.role} has only the grants and policies the migrations gave it."
+        return head + f"\n  {role} has only the grants and policies the migrations gave it."
     kind, name = found["kind"], found["name"]
     if kind in ("table", "view", "materialized view", "foreign table", "relation"):
-        return head + "\n" + _table_rights(conn, name, block.role)
+        return head + "\n" + _table_rights(conn, name, role)
     checks = {
         "schema": ("USAGE", "SCHEMA"),
         "sequence": ("USAGE", "SEQUENCE"),
@@ -92,7 +93,7 @@ def describe_denial(conn: psycopg.Connection[Any], message: str, block: RoleBloc
         "type": ("USAGE", "TYPE"),
     }
     right, keyword = checks[kind]
-    return head + f"\n  {block.role} lacks {right} on {kind} {name}: GRANT {right} ON {keyword} {name} TO {block.role}."
+    return head + f"\n  {role} lacks {right} on {kind} {name}: GRANT {right} ON {keyword} {name} TO {role}."
 
 
 def _table_rights(conn: psycopg.Connection[Any], name: str, role: str) -> str:
@@ -121,7 +122,7 @@ def _table_rights(conn: psycopg.Connection[Any], name: str, role: str) -> str:
     return "\n".join(lines)
 
 
-def _policies(conn: psycopg.Connection[Any], name: str, block: RoleBlock) -> str:
+def _policies(conn: psycopg.Connection[Any], name: str, role: str, block: RoleBlock) -> str:
     """The row-level security policies of table ``name`` that apply to the role."""
     table = conn.execute(
         "SELECT c.oid::regclass::text, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
@@ -136,14 +137,14 @@ def _policies(conn: psycopg.Connection[Any], name: str, block: RoleBlock) -> str
         "WHERE schemaname = %(schema)s AND tablename = %(table)s AND EXISTS (SELECT 1 FROM unnest(roles) r "
         "WHERE r = 'public' OR EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = r "
         "AND pg_has_role(%(role)s, g.oid, 'MEMBER'))) ORDER BY policyname",
-        {"schema": schema, "table": relname, "role": block.role},
+        {"schema": schema, "table": relname, "role": role},
     ).fetchall()
     if not policies:
         return (
-            f"  No row-level security policy of {shown} applies to {block.role}: with row-level security on, "
-            f"every row is refused. The migrations may lack a CREATE POLICY ... ON {shown} TO {block.role}."
+            f"  No row-level security policy of {shown} applies to {role}: with row-level security on, "
+            f"every row is refused. The migrations may lack a CREATE POLICY ... ON {shown} TO {role}."
         )
-    lines = [f"  The new row passed none of the policies of {shown} that apply to {block.role}:"]
+    lines = [f"  The new row passed none of the policies of {shown} that apply to {role}:"]
     for policy, permissive, command, to, qual, check in policies:
         rule = f"WITH CHECK ({check})" if check else f"USING ({qual})" if qual else "(no expression)"
         lines.append(f"    {policy} ({permissive.lower()}, FOR {command}, TO {to}): {rule}")

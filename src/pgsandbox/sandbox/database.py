@@ -208,7 +208,7 @@ class Database(ConnectionForms):
             conn.commit()
         return value
 
-    def as_role(self, role: str, settings: Mapping[str, Any] | None = None) -> AsRole:
+    def as_role(self, role: str | None, settings: Mapping[str, Any] | None = None) -> AsRole:
         """A block during which the test's connections run as ``role`` (one the migrations created, such as
         ``app_rw`` or ``authenticated``) with ``settings`` (``{"app.tenant_id": "a", "request.jwt.claims":
         {...}}``: a dict or list is sent as JSON), as the app does in production: its grants and row-level
@@ -217,7 +217,9 @@ class Database(ConnectionForms):
         It reaches the test's connections (``pg``, ``pg_conn``, every driver fixture and SQLAlchemy's), and
         those opened during the block; in ``database`` isolation also the app's own connections opened from
         :attr:`dsn` or :meth:`url` during the block. After it: the test's own role, the settings emptied. A
-        permission denied raised in it says what the role lacked."""
+        permission denied raised in it says what the role lacked. ``role=None``: the test's own role (the owner of
+        the tables) inside a block of another, or a test marked ``@pytest.mark.pg(role=...)``: to write rows of
+        every tenant, for example."""
         return AsRole(self._test.roles, self.isolation, self.name, block_of(role, settings), self._own_connections)
 
     def _own_connections(self) -> list[psycopg.Connection[Any]]:

@@ -280,12 +280,12 @@ def current_user(admin: psycopg.Connection[Any]) -> str:
 def set_login_defaults(
     admin: psycopg.Connection[Any], login: str, dbname: str, role: str | None, settings: Mapping[str, str]
 ) -> None:
-    """The defaults of ``login``'s new connections to ``dbname``: run as ``role`` with ``settings`` (None:
-    none, as created). One round trip."""
+    """The defaults of ``login``'s new connections to ``dbname``: run as ``role`` (None: as itself) with
+    ``settings`` (none: as created). One round trip."""
     target = sql.SQL("ALTER ROLE {} IN DATABASE {}").format(sql.Identifier(login), sql.Identifier(dbname))
     statements = [sql.SQL("{} RESET ALL").format(target)]
     if role is not None:
         statements.append(sql.SQL("{} SET role = {}").format(target, sql.Literal(role)))
-        for name, value in settings.items():
-            statements.append(sql.SQL("{} SET {} = {}").format(target, sql.Identifier(name), sql.Literal(value)))
+    for name, value in settings.items():
+        statements.append(sql.SQL("{} SET {} = {}").format(target, sql.Identifier(name), sql.Literal(value)))
     admin.execute(sql.SQL("; ").join(statements))
