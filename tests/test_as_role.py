@@ -157,8 +157,8 @@ def rls_project(pytester: pytest.Pytester) -> None:
 @pytest.mark.slow
 def test_the_rls_example_and_every_driver_run_as_the_apps_role(pytester: pytest.Pytester, shared_dsn: str) -> None:
     rls_project(pytester)
-    (pytester.path / "test_drivers.py").write_text(textwrap.dedent(DRIVERS))
-    (pytester.path / "test_mistakes.py").write_text(textwrap.dedent(MISTAKES))
+    (pytester.path / "test_rls_drivers.py").write_text(textwrap.dedent(DRIVERS))
+    (pytester.path / "test_rls_mistakes.py").write_text(textwrap.dedent(MISTAKES))
     result = pytester.runpytest(
         f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "-W", "error::pgsandbox.errors.PgSandboxWarning"
     )
@@ -179,7 +179,7 @@ def test_the_rls_example_and_every_driver_run_as_the_apps_role(pytester: pytest.
 def test_the_rls_example_fails_when_the_policy_is_dropped(pytester: pytest.Pytester, shared_dsn: str) -> None:
     rls_project(pytester)
     (pytester.path / "migrations" / "2_drop_policy.sql").write_text("DROP POLICY tenant_isolation ON items;\n")
-    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_tenants.py")
+    result = pytester.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "test_rls_tenants.py")
     result.assert_outcomes(failed=EXAMPLE_TESTS)
     result.stdout.fnmatch_lines(["*No row-level security policy of items applies to app_rw*"])
 

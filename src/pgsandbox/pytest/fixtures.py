@@ -470,9 +470,12 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox, isolation
 
         del node.stash[state.DATABASE_KEY]
         leave_role = node.stash.get(state.ROLE_KEY, None)
+        said: list[warnings.WarningMessage] = []  # leaving the marker's role: said once the database is closed
         if leave_role is not None:
             del node.stash[state.ROLE_KEY]
-            leave_role()
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                leave_role()
         from pgsandbox.drivers import factoryboy
 
         factoryboy.leave_test(db)
@@ -486,6 +489,8 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox, isolation
             findings = [str(error)]
         except PgSandboxError as error:
             fail(error)
+        for warning in said:
+            warnings.warn(warning.message, stacklevel=1)
         if not findings or guard == "off":
             return
         if guard == "error":
