@@ -150,6 +150,24 @@ MISTAKES = """
 """
 
 
+# Rows a module's fixture writes once as the app's role (scoped data)
+SCOPED = """
+    import pytest
+
+
+    @pytest.fixture(scope="module", autouse=True)
+    def apricot(pg_module):
+        with pg_module.as_role("app_rw", settings={"app.tenant_id": "a"}):
+            assert pg_module.fetchval("SELECT current_user") == "app_rw"
+            pg_module.execute("INSERT INTO items (tenant_id, name) VALUES ('a', 'apricot')")
+
+
+    def test_the_modules_row_was_written_as_tenant_a(pg):
+        assert pg.fetchval("SELECT current_user") == pg.info.user
+        assert pg.fetchval("SELECT string_agg(name, ',' ORDER BY name) FROM items") == "apple,apricot,banana"
+"""
+
+
 def rls_project(pytester: pytest.Pytester) -> None:
     shutil.copytree(PROJECT, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -159,10 +177,11 @@ def test_the_rls_example_and_every_driver_run_as_the_apps_role(pytester: pytest.
     rls_project(pytester)
     (pytester.path / "test_rls_drivers.py").write_text(textwrap.dedent(DRIVERS))
     (pytester.path / "test_rls_mistakes.py").write_text(textwrap.dedent(MISTAKES))
+    (pytester.path / "test_rls_scoped.py").write_text(textwrap.dedent(SCOPED))
     result = pytester.runpytest(
         f"--pg-dsn={shared_dsn}", "-p", "no:randomly", "-W", "error::pgsandbox.errors.PgSandboxWarning"
     )
-    result.assert_outcomes(passed=EXAMPLE_TESTS + 9 + 2, failed=1, errors=1)
+    result.assert_outcomes(passed=EXAMPLE_TESTS + 9 + 2 + 1, failed=1, errors=1)
     result.stdout.fnmatch_lines(
         [
             "*- pgsandbox: permission denied -*",

@@ -397,6 +397,7 @@ class Sandbox:
             raise gone from None
         db._test.catalog_source = self._catalog
         db._test.data_seed = self.settings.data_seed
+        db._test.roles.service = self.app_roles
         return db
 
     @property
