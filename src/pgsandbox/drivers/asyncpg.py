@@ -90,6 +90,12 @@ class Asyncpg(guests.Adapter[Any]):
     async def commit(self, conn: Any) -> None:
         await conn.execute("COMMIT")
 
+    async def run(self, conn: Any, statement: str, fetch: bool) -> Any:
+        if fetch:
+            return await conn.fetchval(statement)
+        await conn.execute(statement)  # outside a transaction, asyncpg's statements are committed at once
+        return None
+
     async def roll_back(self, conn: Any, reuse: bool) -> None:
         if not reuse:  # one round trip: the connection is dropped next
             await conn.execute(GUEST_ROLLBACK)

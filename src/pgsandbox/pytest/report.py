@@ -87,6 +87,9 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
         )
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
         return
+    denied = db._test.roles.explain(error, db.name)  # a permission denied as the app's role (pg.as_role)
+    if denied and denied not in getattr(error, "__notes__", ()):
+        report.sections.append(("pgsandbox: permission denied", denied))
     deadlock = deadlock_of(error)
     if deadlock is not None:
         # the server's log has each process's statement, which the client's error leaves out

@@ -31,6 +31,7 @@ KEPT_KEY = pytest.StashKey[list[str]]()  # psql commands of the kept databases, 
 DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
 LOG_KEY: pytest.StashKey[Database] = pytest.StashKey()  # the test's database, also after its teardown
 KEEP_KEY = pytest.StashKey[bool]()
+ROLE_KEY = pytest.StashKey["Callable[[], None]"]()  # leaves the role the marker's role= gave the test
 SQL_SHOWN_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 EARLY_START_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()  # started after collection

@@ -35,6 +35,7 @@ from pgsandbox.isolation.leftovers import end_left_open
 from pgsandbox.isolation.schema import SchemaIsolation
 from pgsandbox.isolation.server_objects import server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
+from pgsandbox.sandbox.app_roles import AppRoles
 from pgsandbox.sandbox.database import Database, SessionLogin
 from pgsandbox.sandbox.diagnostics import Diagnostics
 from pgsandbox.sandbox.gone import GoneWatch, ServerGone
@@ -115,6 +116,7 @@ class Sandbox:
         self.start_seconds = 0.0  # the server's start (or attach), for the session report
         self.kept = KeptDatabases(server)
         self.diagnostics = Diagnostics(server)
+        self.app_roles = AppRoles(server)  # pg.as_role: the app's roles a test may run as
         self._counters = Counters()
         self._isolations: dict[str, Isolation] = {}  # by mode, made when a first test asks for it
         self._transaction: TransactionIsolation | None = None  # the one of them the pg handle parks drivers on
@@ -440,6 +442,7 @@ class Sandbox:
         db._test.parking = self._transaction if isolation is not None and isolation is self._transaction else None
         db._test.catalog_source = self._catalog
         db._test.data_seed = self.settings.data_seed
+        db._test.roles.service = self.app_roles
         if self.server.statement_log is not None:
             db._test.log_start = self.server.statement_log.position()
         # its connections may create databases (unless they are a role that may not: schema isolation's)
@@ -482,6 +485,7 @@ class Sandbox:
             raise gone from None
         db._test.catalog_source = self._catalog
         db._test.data_seed = self.settings.data_seed
+        db._test.roles.service = self.app_roles
         return db
 
     @property
@@ -656,6 +660,9 @@ class Sandbox:
     def _end(self, db: Database, keep: bool, next_test_id: str | None) -> list[Finding]:
         """Hand the test's database back to the isolation that gave it (kept under a name of its own when
         ``keep``: a failed test under keep-failed)."""
+        if db._test.roles.stack and db.isolation == "database":  # a block never left: its clone may serve again
+            self.app_roles.set_defaults(db.name, None)
+        db._test.roles.forget()
         ours: set[int] = set()  # what the test opened through pgsandbox: closed here, not leaks
         for conn in db._opened:
             with contextlib.suppress(psycopg.Error):
