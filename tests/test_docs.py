@@ -59,3 +59,17 @@ def test_the_cli_reference_shows_every_command_s_help() -> None:
 def test_a_page_with_an_unknown_marker_fails_the_build() -> None:
     with pytest.raises(ValueError, match="unknown marker"):
         docs_gen().render("<!-- pgsandbox:nonsense -->", "guides/x.md")
+
+
+def test_the_readme_is_a_short_guide_whose_links_and_contents_hold() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 15_500, "the README is a five-minute guide: move details to docs/"
+    headings = re.findall(r"^## (.+)$", readme, flags=re.MULTILINE)
+    contents = re.findall(r"^- \[([^]]+)\]\(#([\w-]+)\)$", readme, flags=re.MULTILINE)
+    assert [title for title, _ in contents] == [h for h in headings if h != "Contents"]
+    for title, anchor in contents:
+        assert anchor == re.sub(r"[^\w -]", "", title.lower()).replace(" ", "-")
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme):
+        assert (ROOT / target).exists(), f"the README links to {target}, which does not exist"
+    # the Quick start's two commands, which .ci/run runs
+    assert ".venv/bin/pip install -e '.[dev]' && .venv/bin/pytest examples\n.venv/bin/pytest -n auto\n" in readme
