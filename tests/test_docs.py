@@ -3,6 +3,7 @@ site itself is built by `mkdocs build --strict` in CI (.ci/run)."""
 
 from __future__ import annotations
 
+import configparser
 import importlib
 import re
 import sys
@@ -11,7 +12,13 @@ from types import ModuleType
 
 import pytest
 
-from pgsandbox.settings import OPTIONS
+from pgsandbox.errors import ConfigError
+from pgsandbox.settings import BY_NAME, OPTIONS, Settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -73,3 +80,81 @@ def test_the_readme_is_a_short_guide_whose_links_and_contents_hold() -> None:
         assert (ROOT / target).exists(), f"the README links to {target}, which does not exist"
     # the Quick start's two commands, which .ci/run runs
     assert ".venv/bin/pip install -e '.[dev]' && .venv/bin/pytest examples\n.venv/bin/pytest -n auto\n" in readme
+
+
+def config_blocks(pages: list[Path]) -> list[tuple[str, dict[str, object]]]:
+    """The pytest settings of every toml and ini block of these pages: (where, {key: value})."""
+    found: list[tuple[str, dict[str, object]]] = []
+    for page in pages:
+        for block in docs_gen().code_blocks(page):
+            where = f"{block.page}:{block.line}"
+            if block.language == "toml":
+                table = tomllib.loads(block.text).get("tool", {}).get("pytest", {}).get("ini_options")
+                if table is not None:
+                    found.append((where, table))
+            elif block.language == "ini":
+                parser = configparser.ConfigParser()
+                parser.read_string(block.text)
+                for section in ("pytest", "tool:pytest"):
+                    if parser.has_section(section):
+                        found.append((where, dict(parser[section])))
+    return found
+
+
+def ini_value(option_kind: str, value: object) -> object:
+    if option_kind == "list" and isinstance(value, str):
+        return [line for line in value.splitlines() if line.strip()]  # an ini file's list: one per line
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value
+
+
+def config_problems(pages: list[Path]) -> list[str]:
+    """What pgsandbox would refuse in these pages' config blocks: an unknown pg_ option, a bad value."""
+    problems = []
+    for where, table in config_blocks(pages):
+        for key, value in table.items():
+            if not key.startswith("pg_"):
+                continue
+            option = BY_NAME.get(key.removeprefix("pg_"))
+            if option is None:
+                problems.append(f"{where}: {key} is not an option of pgsandbox")
+                continue
+            try:
+                Settings.from_sources(ini={option.name: ini_value(option.kind, value)}, env={})  # type: ignore[dict-item]
+            except ConfigError as error:
+                problems.append(f"{where}: {key} = {value!r} is refused: {error}")
+    return problems
+
+
+def test_the_docs_config_blocks_name_real_options_with_valid_values() -> None:
+    pages = docs_gen().documented_pages()
+    assert len(config_blocks(pages)) >= 4
+    assert config_problems(pages) == []
+
+
+def test_a_config_block_with_an_unknown_option_or_a_bad_value_is_caught(tmp_path: Path) -> None:
+    page = tmp_path / "typo.md"
+    page.write_text(
+        '```toml\n[tool.pytest.ini_options]\npg_isolaton = "database"\n```\n\n'
+        "```ini\n[pytest]\npg_isolation = rollback\npg_migrations =\n    sql:migrations\n```\n"
+    )
+    problems = config_problems([page])
+    assert len(problems) == 2
+    assert problems[0] == "typo.md:1: pg_isolaton is not an option of pgsandbox"
+    assert problems[1].startswith("typo.md:6: pg_isolation = 'rollback' is refused")
+
+
+@pytest.mark.slow
+def test_the_guides_runnable_blocks_pass_as_one_project(pytester: pytest.Pytester) -> None:
+    """Every block with a file name (``title="tests/test_users.py"``) is written where it says, and the tests among
+    them run in one in-process pytest run on a local server: each passes."""
+    files = docs_gen().runnable_files()
+    assert "pyproject.toml" in files and any(name.startswith("tests/test_") for name in files)
+    for name, text in files.items():
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    tests = sum(text.count("\ndef test_") + text.startswith("def test_") for text in files.values())
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=tests)

@@ -269,6 +269,49 @@ def errors_markdown(kind: str) -> str:
     )
 
 
+# -- code blocks -----------------------------------------------------------------------------------------------
+
+FENCE = re.compile(r'^```(\w*)((?: +\w+="[^"]*")*) *\n(.*?)^```\s*$', re.MULTILINE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced code block of a page. One with a ``title="path"`` is a file of the guides' runnable project."""
+
+    page: str
+    language: str
+    title: str
+    text: str
+    line: int
+
+
+def code_blocks(page: Path) -> list[Block]:
+    text = page.read_text()
+    blocks = []
+    for match in FENCE.finditer(text):
+        attributes = dict(re.findall(r'(\w+)="([^"]*)"', match[2]))
+        line = text.count("\n", 0, match.start()) + 1
+        blocks.append(Block(page.name, match[1], attributes.get("title", ""), match[3], line))
+    return blocks
+
+
+def documented_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def runnable_files() -> dict[str, str]:
+    """The files of the guides' runnable project: every titled block, by its path; one path, one text."""
+    files: dict[str, str] = {}
+    for page in documented_pages():
+        for block in code_blocks(page):
+            if not block.title:
+                continue
+            if files.get(block.title, block.text) != block.text:
+                raise ValueError(f"{block.page}:{block.line}: {block.title} differs from another page's block")
+            files[block.title] = block.text
+    return files
+
+
 # -- the mkdocs hook -------------------------------------------------------------------------------------------
 
 
