@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import pkgutil
 import re
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from types import ModuleType
 
 import pytest
 
-from pgsandbox.errors import ConfigError
+import pgsandbox
+from pgsandbox.errors import DOCS_URL, ConfigError, PgSandboxError
 from pgsandbox.settings import BY_NAME, OPTIONS, Settings
 
 if sys.version_info >= (3, 11):
@@ -158,3 +160,51 @@ def test_the_guides_runnable_blocks_pass_as_one_project(pytester: pytest.Pyteste
     tests = sum(text.count("\ndef test_") + text.startswith("def test_") for text in files.values())
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=tests)
+
+
+def every_error_class() -> set[type[PgSandboxError]]:
+    for module in pkgutil.walk_packages(pgsandbox.__path__, "pgsandbox."):
+        if not module.name.endswith("idle_watch"):  # a script run by path
+            importlib.import_module(module.name)
+    found: set[type[PgSandboxError]] = set()
+    pending = [PgSandboxError]
+    while pending:
+        kind = pending.pop()
+        found.add(kind)
+        pending += kind.__subclasses__()
+    return {kind for kind in found if kind.__module__.startswith("pgsandbox.")}
+
+
+def test_every_error_links_to_its_troubleshooting_entry() -> None:
+    page = (DOCS / "troubleshooting.md").read_text()
+    for kind in every_error_class():
+        anchor = kind.docs_url().rpartition("#")[2]
+        assert f"\n## {kind.__name__}\n" in page and anchor == kind.__name__.lower(), kind
+        assert f"<!-- pgsandbox:errors {kind.__name__} -->" in page
+    error = ConfigError("pg_port: bad value 'x'.", "give a port number.")
+    assert str(error).splitlines() == [
+        "pg_port: bad value 'x'.",
+        "  What to do: give a port number.",
+        f"  See: {DOCS_URL}troubleshooting/#configerror",
+    ]
+    assert str(PgSandboxError("the server went away earlier (see the first error).")).count("\n") == 0
+
+
+def test_the_docs_url_is_the_one_the_project_and_the_site_name() -> None:
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        urls = tomllib.load(file)["project"]["urls"]
+    assert urls["Documentation"] == DOCS_URL
+    assert f"site_url: {DOCS_URL}\n" in (ROOT / "mkdocs.yml").read_text()
+    assert urls["Changelog"].startswith(urls["Repository"])
+
+
+def test_the_troubleshooting_page_lists_every_message_of_each_kind() -> None:
+    gen = docs_gen()
+    rendered = gen.render((DOCS / "troubleshooting.md").read_text(), "troubleshooting.md")
+    assert "<!-- pgsandbox:" not in rendered
+    raised = gen.raised()
+    assert len(raised) > 100  # every raise of a pgsandbox error, and the warnings
+    assert "No PostgreSQL binaries found." in rendered
+    assert "{settings.source_of('listen')}: {host} does not resolve" in rendered
+    with pytest.raises(ValueError, match=r"no entry for .*ConfigError"):
+        gen.render("# Troubleshooting\n", "troubleshooting.md")

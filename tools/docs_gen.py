@@ -17,7 +17,6 @@ import inspect
 import io
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +188,7 @@ def error_classes() -> dict[str, str]:
     classes: dict[str, str] = {}
     bases = {"PgSandboxError"}
     for _path, tree in _modules():
-        for node in ast.walk(tree):
+        for node in tree.body:  # pgsandbox's error classes are defined at the top of their modules
             if isinstance(node, ast.ClassDef) and node.name != "PgSandboxError":
                 names = {base.id for base in node.bases if isinstance(base, ast.Name)}
                 if names & bases:
@@ -198,9 +197,9 @@ def error_classes() -> dict[str, str]:
     return classes
 
 
-def _modules() -> Iterator[tuple[Path, ast.Module]]:
-    for path in sorted(SOURCE.rglob("*.py")):
-        yield path, ast.parse(path.read_text(), str(path))
+@functools.cache
+def _modules() -> tuple[tuple[Path, ast.Module], ...]:
+    return tuple((path, ast.parse(path.read_text(), str(path))) for path in sorted(SOURCE.rglob("*.py")))
 
 
 def _text_of(node: ast.expr | None) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# The docs site ([project.urls] Documentation in pyproject.toml, site_url in mkdocs.yml): an error's what-to-do
+# links to its kind's entry on the troubleshooting page
+DOCS_URL = "https://pgsandbox.github.io/pytest-pgsandbox/"
+
 
 class PgSandboxError(Exception):
     """Base class: ``str(error)`` is the whole message, already free of passwords."""
@@ -11,7 +15,14 @@ class PgSandboxError(Exception):
 
         self.what = redact(what)
         self.fix = redact(fix)
-        super().__init__(self.what + (f"\n  What to do: {self.fix}" if self.fix else ""))
+        # a one-line error (fix left empty: "see the first error") stays one line
+        advice = f"\n  What to do: {self.fix}\n  See: {self.docs_url()}" if self.fix else ""
+        super().__init__(self.what + advice)
+
+    @classmethod
+    def docs_url(cls) -> str:
+        """This kind of error's entry on the docs site's troubleshooting page (a heading named after the class)."""
+        return f"{DOCS_URL}troubleshooting/#{cls.__name__.lower()}"
 
 
 class ConfigError(PgSandboxError):
