@@ -208,3 +208,19 @@ def test_the_troubleshooting_page_lists_every_message_of_each_kind() -> None:
     assert "{settings.source_of('listen')}: {host} does not resolve" in rendered
     with pytest.raises(ValueError, match=r"no entry for .*ConfigError"):
         gen.render("# Troubleshooting\n", "troubleshooting.md")
+
+
+def test_the_changelog_keeps_a_changelog_and_the_classifiers_name_the_python_tested() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    releases = re.findall(r"^## \[([^]]+)\](.*)$", changelog, flags=re.MULTILINE)
+    assert releases[0] == ("Unreleased", "")
+    for version, date in releases[1:]:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", version) and re.fullmatch(r" - \d{4}-\d{2}-\d{2}", date), version
+    for version, _ in releases:
+        assert re.search(rf"^\[{re.escape(version)}\]: https://", changelog, flags=re.MULTILINE), version
+    for heading in re.findall(r"^### (.+)$", changelog, flags=re.MULTILINE):
+        assert heading in ("Added", "Changed", "Deprecated", "Removed", "Fixed", "Security")
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        classifiers = tomllib.load(file)["project"]["classifiers"]
+    running = f"Programming Language :: Python :: {sys.version_info.major}.{sys.version_info.minor}"
+    assert running in classifiers, "the suite runs on a Python the classifiers do not name"
