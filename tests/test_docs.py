@@ -10,8 +10,10 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+import yaml
 
 import pgsandbox
 from pgsandbox.errors import DOCS_URL, ConfigError, PgSandboxError
@@ -224,3 +226,86 @@ def test_the_changelog_keeps_a_changelog_and_the_classifiers_name_the_python_tes
         classifiers = tomllib.load(file)["project"]["classifiers"]
     running = f"Programming Language :: Python :: {sys.version_info.major}.{sys.version_info.minor}"
     assert running in classifiers, "the suite runs on a Python the classifiers do not name"
+
+
+def ci_recipes() -> list[tuple[str, dict[str, Any], str]]:
+    """The YAML blocks of the CI recipes: (where, parsed, text)."""
+    page = DOCS / "guides/ci-recipes.md"
+    return [
+        (f"{block.page}:{block.line}", yaml.safe_load(block.text), block.text)
+        for block in docs_gen().code_blocks(page)
+        if block.language == "yaml"
+    ]
+
+
+def commands_of(recipe: dict[str, Any]) -> list[str]:
+    """The shell commands of a GitHub Actions workflow (steps' run) or a GitLab CI file (jobs' script)."""
+    commands: list[str] = []
+    for job in (recipe.get("jobs") or recipe).values():
+        if not isinstance(job, dict):
+            continue
+        commands += [step["run"] for step in job.get("steps", ()) if "run" in step]
+        commands += list(job.get("script", ()))
+    return commands
+
+
+def recipe_problems(where: str, recipe: dict[str, Any], text: str) -> list[str]:
+    """What would make a recipe fail: a job without the keys its CI system requires, an option, variable or
+    pgsandbox command that does not exist."""
+    problems = []
+    if "jobs" in recipe:  # GitHub Actions
+        if not ({"on", True} & set(recipe)):
+            problems.append(f"{where}: a workflow needs `on`")
+        for name, job in recipe["jobs"].items():
+            if "runs-on" not in job or not job.get("steps"):
+                problems.append(f"{where}: job {name} needs runs-on and steps")
+            if "services" in job:
+                problems.append(f"{where}: job {name} declares a service container")
+    else:  # GitLab CI: every job has a script
+        for name, job in recipe.items():
+            if isinstance(job, dict) and not name.startswith(".") and "script" not in job:
+                problems.append(f"{where}: job {name} has no script")
+    options = {option.cli for option in OPTIONS}
+    for used in re.findall(r"--pg-[a-z-]+", text):
+        if used not in options:
+            problems.append(f"{where}: {used} is not an option")
+    for variable in re.findall(r"\bPGSANDBOX_[A-Z_]+", text):
+        if variable not in {option.env for option in OPTIONS}:
+            problems.append(f"{where}: {variable} is not a pgsandbox variable")
+    gen = docs_gen()
+    for command in commands_of(recipe):
+        for match in re.finditer(r"\bpgsandbox (\w+)((?: --?[\w-]+(?: \d+)?)*)", command):
+            if match[1] not in gen.cli_commands():
+                problems.append(f"{where}: pgsandbox {match[1]} is not a command")
+                continue
+            help_text = gen._help_of(match[1])
+            problems += [
+                f"{where}: pgsandbox {match[1]} has no {flag}"
+                for flag in re.findall(r"--[\w-]+", match[2])
+                if flag not in help_text
+            ]
+    return problems
+
+
+def test_the_ci_recipes_parse_and_use_only_real_options_and_commands() -> None:
+    recipes = ci_recipes()
+    assert len(recipes) == 3  # GitHub Actions, GitLab CI, the sharded matrix on a shared server
+    for where, recipe, text in recipes:
+        assert recipe_problems(where, recipe, text) == []
+        assert commands_of(recipe), f"{where} runs nothing"
+    assert any("pgsandbox reap" in command for _, recipe, _ in recipes for command in commands_of(recipe))
+
+
+def test_a_recipe_with_a_wrong_option_or_command_is_caught() -> None:
+    text = "jobs:\n  t:\n    runs-on: x\n    services: {pg: {image: postgres}}\n    steps:\n"
+    text += "      - run: pytest --pg-isolaton=database\n      - run: pgsandbox reap --forever\n"
+    text += "      - run: pgsandbox vacuum\n    env: {PGSANDBOX_CACH: x}\n"
+    problems = recipe_problems("x.md:1", yaml.safe_load(text), text)
+    assert problems == [
+        "x.md:1: a workflow needs `on`",
+        "x.md:1: job t declares a service container",
+        "x.md:1: --pg-isolaton is not an option",
+        "x.md:1: PGSANDBOX_CACH is not a pgsandbox variable",
+        "x.md:1: pgsandbox reap has no --forever",
+        "x.md:1: pgsandbox vacuum is not a command",
+    ]
