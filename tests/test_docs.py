@@ -208,6 +208,7 @@ def test_the_troubleshooting_page_lists_every_message_of_each_kind() -> None:
     assert len(raised) > 100  # every raise of a pgsandbox error, and the warnings
     assert "No PostgreSQL binaries found." in rendered
     assert "{settings.source_of('listen')}: {host} does not resolve" in rendered
+    assert "{LISTEN_FIX}" not in rendered and "set pg_listen to an address of this machine" in rendered  # a constant
     with pytest.raises(ValueError, match=r"no entry for .*ConfigError"):
         gen.render("# Troubleshooting\n", "troubleshooting.md")
 

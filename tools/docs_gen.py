@@ -202,21 +202,41 @@ def _modules() -> tuple[tuple[Path, ast.Module], ...]:
     return tuple((path, ast.parse(path.read_text(), str(path))) for path in sorted(SOURCE.rglob("*.py")))
 
 
-def _text_of(node: ast.expr | None) -> str:
-    """A message argument as written: literals joined, f-string fields shown as {field}."""
+def _text_of(node: ast.expr | None, constants: dict[str, ast.expr] | None = None) -> str:
+    """A message argument as written: literals joined, f-string fields shown as {field}; a name bound to a
+    string at the top of its module (``LISTEN_FIX = "..."``) is shown as that string."""
+    constants = constants or {}
     if node is None:
         return ""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
+    if isinstance(node, ast.Name) and node.id in constants:
+        return _text_of(constants[node.id])
     if isinstance(node, ast.JoinedStr):
-        return "".join(str(part.value) if isinstance(part, ast.Constant) else _field(part) for part in node.values)
+        return "".join(
+            str(part.value) if isinstance(part, ast.Constant) else _field(part, constants) for part in node.values
+        )
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _text_of(node.left) + _text_of(node.right)
+        return _text_of(node.left, constants) + _text_of(node.right, constants)
     return "{" + ast.unparse(node) + "}"
 
 
-def _field(part: ast.expr) -> str:
+def _string_constants(tree: ast.Module) -> dict[str, ast.expr]:
+    """The module's top-level ``NAME = <a string>`` assignments."""
+    found: dict[str, ast.expr] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = node.value
+            is_string = isinstance(value, ast.Constant) and isinstance(value.value, str)
+            if is_string or isinstance(value, (ast.JoinedStr, ast.BinOp)):
+                found[node.targets[0].id] = value
+    return found
+
+
+def _field(part: ast.expr, constants: dict[str, ast.expr]) -> str:
     value = part.value if isinstance(part, ast.FormattedValue) else part
+    if isinstance(value, ast.Name) and value.id in constants:
+        return _text_of(constants[value.id])
     return "{" + ast.unparse(value) + "}"
 
 
@@ -228,6 +248,7 @@ def raised() -> tuple[Raised, ...]:
     found: list[Raised] = []
     for path, tree in _modules():
         where = path.relative_to(SOURCE.parent).as_posix()
+        constants = _string_constants(tree)
         for node in ast.walk(tree):
             call = node.exc if isinstance(node, ast.Raise) else node
             if not isinstance(call, ast.Call):
@@ -235,13 +256,15 @@ def raised() -> tuple[Raised, ...]:
             name = call.func.id if isinstance(call.func, ast.Name) else ""
             if isinstance(node, ast.Raise) and name in kinds:
                 args = [*call.args, *(keyword.value for keyword in call.keywords)]
-                what = _text_of(args[0]) if args else ""
-                fix = _text_of(args[1]) if len(args) > 1 else ""
+                what = _text_of(args[0], constants) if args else ""
+                fix = _text_of(args[1], constants) if len(args) > 1 else ""
                 found.append(Raised(name, what, fix, f"{where}:{node.lineno}"))
             elif isinstance(call.func, ast.Attribute) and call.func.attr == "warn" and call.args:
                 category = call.args[1] if len(call.args) > 1 else None
                 if category is not None and "PgSandboxWarning" in ast.unparse(category):
-                    found.append(Raised("PgSandboxWarning", _text_of(call.args[0]), "", f"{where}:{call.lineno}"))
+                    found.append(
+                        Raised("PgSandboxWarning", _text_of(call.args[0], constants), "", f"{where}:{call.lineno}")
+                    )
     return tuple(found)
 
 
