@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import pickle
 import pkgutil
 import re
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 import yaml
 
 import pgsandbox
-from pgsandbox.errors import DOCS_URL, ConfigError, PgSandboxError
+from pgsandbox.errors import DOCS_URL, ConfigError, PgSandboxError, with_link
 from pgsandbox.settings import BY_NAME, OPTIONS, Settings
 
 if sys.version_info >= (3, 11):
@@ -184,12 +186,17 @@ def test_every_error_links_to_its_troubleshooting_entry() -> None:
         assert f"\n## {kind.__name__}\n" in page and anchor == kind.__name__.lower(), kind
         assert f"<!-- pgsandbox:errors {kind.__name__} -->" in page
     error = ConfigError("pg_port: bad value 'x'.", "give a port number.")
-    assert str(error).splitlines() == [
+    # the link is a note: str(error) stays what it was, and tracebacks, pytest and with_link() add the note
+    assert str(error) == "pg_port: bad value 'x'.\n  What to do: give a port number."
+    assert with_link(error).splitlines() == [
         "pg_port: bad value 'x'.",
         "  What to do: give a port number.",
         f"  See: {DOCS_URL}troubleshooting/#configerror",
     ]
-    assert str(PgSandboxError("the server went away earlier (see the first error).")).count("\n") == 0
+    assert "".join(traceback.format_exception_only(error)).endswith(f"  See: {DOCS_URL}troubleshooting/#configerror\n")
+    one_line = PgSandboxError("the server went away earlier (see the first error).")
+    assert with_link(one_line).count("\n") == 0
+    assert pickle.loads(pickle.dumps(error)).__notes__ == error.__notes__  # xdist sends errors between processes
 
 
 def test_the_docs_url_is_the_one_the_project_and_the_site_name() -> None:

@@ -15,14 +15,21 @@ class PgSandboxError(Exception):
 
         self.what = redact(what)
         self.fix = redact(fix)
-        # a one-line error (fix left empty: "see the first error") stays one line
-        advice = f"\n  What to do: {self.fix}\n  See: {self.docs_url()}" if self.fix else ""
-        super().__init__(self.what + advice)
+        super().__init__(self.what + (f"\n  What to do: {self.fix}" if self.fix else ""))
+        if self.fix:  # a one-line error (no fix: "see the first error") stays one line
+            # a note (PEP 678), not part of str(error): tracebacks and pytest print it after the message, and
+            # with_link() adds it where a message quotes the error
+            self.__notes__ = [f"  See: {self.docs_url()}"]
 
     @classmethod
     def docs_url(cls) -> str:
         """This kind of error's entry on the docs site's troubleshooting page (a heading named after the class)."""
         return f"{DOCS_URL}troubleshooting/#{cls.__name__.lower()}"
+
+
+def with_link(error: BaseException) -> str:
+    """The error's message and its notes (a pgsandbox error's troubleshooting link), for a message that quotes it."""
+    return "\n".join([str(error), *getattr(error, "__notes__", ())])
 
 
 class ConfigError(PgSandboxError):
