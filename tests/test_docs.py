@@ -44,11 +44,14 @@ def test_the_options_reference_has_an_entry_per_option() -> None:
     assert "`transaction`" in generated  # a default shown: pg_isolation's
 
 
-def test_the_options_details_table_names_every_option_and_no_other() -> None:
+def test_the_options_details_table_names_only_real_options() -> None:
+    """The hand-written table of examples goes stale when an option is renamed or removed; a new option is in the
+    generated reference at once, and gets a row here when it needs an example."""
     page = (DOCS / "reference/options.md").read_text()
     details = page[page.index("## Details and examples") :]
     named = set(re.findall(r"^\| `--pg-[^`]*`[^|]*\| [^|]*\| `(pg_\w+)[` ]", details, flags=re.MULTILINE))
-    assert named == {option.ini for option in OPTIONS}
+    assert len(named) >= 37
+    assert named <= {option.ini for option in OPTIONS}
 
 
 def test_the_fixtures_reference_covers_every_fixture_with_its_docstring() -> None:
@@ -72,6 +75,15 @@ def test_the_cli_reference_shows_every_command_s_help() -> None:
 def test_a_page_with_an_unknown_marker_fails_the_build() -> None:
     with pytest.raises(ValueError, match="unknown marker"):
         docs_gen().render("<!-- pgsandbox:nonsense -->", "guides/x.md")
+    assert docs_gen().render("<!-- pgsandbox:runnable -->\n# A guide", "guides/x.md") == "\n# A guide"
+    # only the pages marked runnable make the project: a titled block elsewhere is an illustration
+    assert set(docs_gen().runnable_files()) == {
+        "pyproject.toml",
+        "migrations/001_users.sql",
+        "migrations/002_orders.sql",
+        "myapp/users.py",
+        "tests/test_users.py",
+    }
 
 
 def test_the_readme_is_a_short_guide_whose_links_and_contents_hold() -> None:

@@ -1,9 +1,10 @@
 """The docs site's generated parts, made from the code at every build so that they cannot go stale.
 
 `mkdocs.yml` loads this module as a hook: a page holds a marker (``<!-- pgsandbox:options -->``,
-``<!-- pgsandbox:fixtures -->``, ``<!-- pgsandbox:cli -->``, ``<!-- pgsandbox:errors ClassName -->``,
-``<!-- pgsandbox:warnings -->``) and the build puts the generated Markdown in its place. Guides that appear
-under ``docs/guides/`` are added to the navigation. The functions are plain, so that tests call them too.
+``<!-- pgsandbox:fixtures -->``, ``<!-- pgsandbox:cli -->``, ``<!-- pgsandbox:errors ClassName -->``) and the
+build puts the generated Markdown in its place; ``<!-- pgsandbox:runnable -->`` marks a page whose titled code
+blocks are files of a project the test suite runs. Guides that appear under ``docs/guides/`` are added to the
+navigation. The functions are plain, so that tests call them too.
 """
 
 from __future__ import annotations
@@ -321,10 +322,16 @@ def documented_pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
+RUNNABLE = "<!-- pgsandbox:runnable -->"
+
+
 def runnable_files() -> dict[str, str]:
-    """The files of the guides' runnable project: every titled block, by its path; one path, one text."""
+    """The files of the guides' runnable project: every titled block of the pages marked runnable, by its path;
+    one path, one text."""
     files: dict[str, str] = {}
     for page in documented_pages():
+        if RUNNABLE not in page.read_text():
+            continue
         for block in code_blocks(page):
             if not block.title:
                 continue
@@ -348,6 +355,8 @@ def render(markdown: str, page_path: str) -> str:
             return fixtures_markdown()
         if what == "cli":
             return cli_markdown()
+        if what == "runnable":  # the page's titled blocks are a project the test suite runs
+            return ""
         if what == "errors" and argument:
             return errors_markdown(argument)
         raise ValueError(f"{page_path}: unknown marker {match[0]}")
