@@ -15,6 +15,8 @@ durations (``pytest_runtest_logreport``) into a JSON file, for the median cost o
 * empty: the same 200 tests with no database (context: pytest's own cost per test);
 * pgsandbox transaction / database: ``pg_conn`` with ``pg_migrations = ["sql:migrations"]``, warm cache
   (filled by the warm-up round: the template comes from the cached cluster, no migration runs);
+* pgsandbox schema (issue 18): the same with ``pg_isolation = "schema"``: no template database, the session
+  migrates a schema of its own in the server's ``postgres`` database at every run (nothing is cached);
 * pgsandbox transaction, cold cache: a new empty ``PGSANDBOX_CACHE`` each run (initdb, migration, snapshot);
 * pytest-postgresql: its ``postgresql`` fixture, the schema loaded into its template by ``postgresql_proc``;
   data under pytest's basetemp in the temp directory, as by default; and (context) with basetemp on /dev/shm;
@@ -561,6 +563,7 @@ CASES = {
     "pgsandbox-transaction": "pgsandbox transaction",
     "pgsandbox-database": "pgsandbox database",
     "pgsandbox-database-no-recycle": "pgsandbox database, recycling off (context, issue 16)",
+    "pgsandbox-schema": "pgsandbox schema (issue 18: the session migrates its schema)",
     "pgsandbox-cold": "pgsandbox transaction, cold cache",
     "pgsandbox-transaction-empty": "pgsandbox transaction, fixture only (no query)",
     "pgsandbox-database-empty": "pgsandbox database, fixture only (no query)",
@@ -681,6 +684,14 @@ def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, c
         pgs_runner,
         f"{on_data} (runtime dir)",
         ini=pgs_ini + 'pg_isolation = "database"\npg_recycle_clones = "off"\n',
+        env=warm_cache,
+        **pgs,
+    )
+    spec(
+        "pgsandbox-schema",
+        pgs_runner,
+        f"{on_data} (runtime dir)",
+        ini=pgs_ini + 'pg_isolation = "schema"\n',
         env=warm_cache,
         **pgs,
     )

@@ -117,6 +117,14 @@ def sql_log_figures(document: Any) -> Figures:
     ]
 
 
+def fence_figures(document: Any) -> Figures:
+    return [
+        ("fence: connect + close, no fence", get(document, "connect_ms", "no fence"), "ms"),
+        ("fence: connect + close, fenced (allowed)", get(document, "connect_ms", "fence"), "ms"),
+        ("fence: its check per allowed connect", get(document, "check_us", "allowed"), "us"),
+    ]
+
+
 def factories_figures(document: Any) -> Figures:
     return [
         ("factories: hand-written INSERTs, per row", get(document, "per_row_ms", "hand-written"), "ms"),
@@ -163,6 +171,7 @@ BENCHMARKS = {
     "sql_log": Benchmark(
         "sql_log.py", ("--tests", "150", "--rounds", "1"), ("--tests", "400", "--rounds", "5"), sql_log_figures
     ),
+    "fence": Benchmark("fence.py", ("--connects", "100", "--checks", "5000", "--starts", "3"), (), fence_figures),
     "factories": Benchmark("factories.py", ("--rows", "300", "--rounds", "3"), (), factories_figures),
     "connect": Benchmark(
         "connect.py",

@@ -129,6 +129,7 @@ def test_missing_createdb_privilege(other: LocalServer) -> None:
     message = str(error.value)
     assert "role 'plain' lacks the CREATEDB privilege" in message
     assert "ALTER ROLE plain CREATEDB" in message
+    assert "use schema isolation (pg_isolation = schema), which needs only CREATE on the DSN's database" in message
 
 
 @pytest.mark.slow

@@ -395,7 +395,7 @@ def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: s
         def test_typo(pg):
             pass
 
-        @pytest.mark.pg(isolation="schema")
+        @pytest.mark.pg(isolation="tables")
         def test_bad_value(pg):
             pass
         """,
@@ -404,7 +404,7 @@ def test_bad_marker_and_isolation_values(project: pytest.Pytester, shared_dsn: s
     result.stdout.fnmatch_lines(
         [
             "*@pytest.mark.pg got unknown option(s) isolaton; it takes isolation, keep_failed, async_driver, guard*",
-            "*@pytest.mark.pg(isolation='schema') is not one of transaction, database.*",
+            "*@pytest.mark.pg(isolation='tables') is not one of transaction, database, schema.*",
         ]
     )
     project.makepyfile(test_it="def test_x(pg): pass")

@@ -17,6 +17,13 @@ from pgsandbox.common.redact import redact, register_secret
         ),
         ("postgresql://app@db/app", "postgresql://app@db/app"),
         ("url?password=abc&x=1", "url?password=***&x=1"),
+        # a dict's repr, as in a traceback's arguments of psycopg's connect() frame
+        (
+            "kwargs = {'user': 'app', 'password': 's3cr\\'t', 'port': 5}",
+            "kwargs = {'user': 'app', 'password': '***', 'port': 5}",
+        ),
+        ('{"password": "abc"}', "{\"password\": '***'}"),
+        ("{'password': ''}", "{'password': ''}"),
     ],
 )
 def test_redact_dsns_and_urls(text: str, expected: str) -> None:

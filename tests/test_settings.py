@@ -65,6 +65,10 @@ def test_lists_and_paths_are_parsed() -> None:
         ),
         ({"cli": {"clone_strategy": "reflink"}}, "expected one of auto, file_copy, wal_log"),
         ({"ini": {"django": "on"}}, "ini pg_django: bad value 'on': expected one of auto, psycopg, psycopg2, off"),
+        (
+            {"env": {"PGSANDBOX_CREDENTIALS_TIMEOUT": "0"}},
+            "PGSANDBOX_CREDENTIALS_TIMEOUT: bad value '0': expected a number of seconds greater than 0",
+        ),
     ],
 )
 def test_bad_values_name_the_source_and_the_fix(sources: dict[str, dict[str, object]], expected: str) -> None:
@@ -145,6 +149,8 @@ def test_migrations_isolation_and_flags() -> None:
 GOOD_VALUES: dict[str, tuple[str, object]] = {
     "server": ("external", "external"),
     "dsn": ("postgresql://app@db/app", "postgresql://app@db/app"),
+    "credentials_command": ("vault read -format=json database/creds/ci", "vault read -format=json database/creds/ci"),
+    "credentials_timeout": ("45", 45.0),
     "bin": ("/opt/pg/bin", Path("/opt/pg/bin")),
     "version": ("16.4", "16.4"),
     "extensions": ('uuid-ossp, "pgcrypto"', ("uuid-ossp", "pgcrypto")),
@@ -171,6 +177,9 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "lock_timeout": ("500ms", "500ms"),
     "idle_timeout": ("0", "0"),
     "guard": ("warn", "warn"),
+    "fence": ("warn", "warn"),
+    "fence_allow": ("127.0.0.1:5433, db.internal", ("127.0.0.1:5433", "db.internal")),
+    "env_url": ("DATABASE_URL", ("DATABASE_URL",)),
     "data_seed": ("42", "42"),
     "sql_log": ("csvlog", "csvlog"),
     "show_sql": ("1", True),
@@ -254,7 +263,7 @@ KEEP_ALIVE = "expected a duration such as 30s, 10min or 1h (0 or off: the server
         ("report", "json:", "expected term (the default), json, json:PATH or off"),
         ("session_class", "sqlmodel.Session", "expected module:Class, such as sqlmodel:Session"),
         ("templates_keep", "three", "expected a whole number of at least 1"),
-        ("isolation", "schema", "expected one of transaction, database"),
+        ("isolation", "tables", "expected one of transaction, database, schema"),
         ("role", "owner", "expected one of own, createdb, admin"),
         ("guard", "fail", "expected one of error, warn, off"),
         ("sql_log", "stderr", "expected one of auto, jsonlog, csvlog, off"),

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         ServerStartError,
         UnsupportedVersion,
     )
+    from pgsandbox.isolation.fence import ConnectionFenced
     from pgsandbox.isolation.findings import IsolationError
     from pgsandbox.sandbox import ConnectionInfo, Database, Sandbox, ServerGone, SessionLogin
     from pgsandbox.sandbox.queries import Queries, Recorded
@@ -72,6 +73,7 @@ _EXPORTS = {
     "MissingExtra": "pgsandbox.errors",
     "ServerGone": "pgsandbox.sandbox",
     "IsolationError": "pgsandbox.isolation.findings",
+    "ConnectionFenced": "pgsandbox.isolation.fence",
     "MigrationError": "pgsandbox.template.base",
     "ForeignConnection": "pgsandbox.template.guard",
     "StatementLogError": "pgsandbox.server.statement_log",
@@ -104,6 +106,7 @@ __all__ = [
     "CannotFill",
     "ConfigError",
     "ConnectError",
+    "ConnectionFenced",
     "ConnectionInfo",
     "Database",
     "ExternalServer",

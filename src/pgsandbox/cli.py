@@ -229,11 +229,12 @@ def clean(
 
 def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, include_kept: bool) -> int:
     """List (``dry_run``) or drop the databases and roles of runs that died on a shared server."""
-    from pgsandbox.server import reaper
+    from pgsandbox.server import credentials_command, reaper
     from pgsandbox.server.external import ExternalServer
 
     target = dsn if dsn is not None else settings.dsn or ""
-    server = ExternalServer.attach(target, "--dsn" if dsn is not None else settings.source_of("dsn"))
+    source = "--dsn" if dsn is not None else settings.source_of("dsn")
+    server = ExternalServer.attach(target, source, credentials=credentials_command(settings))
     try:
         admin = server.admin
         now = time.time()
@@ -245,12 +246,12 @@ def reap(settings: Settings, dsn: str | None, grace: float, dry_run: bool, inclu
             f"{len(stale)} to reap"
         )
         for run in live:
-            print(f"  leave {run.describe(now)}: {', '.join([*run.databases, *run.kept, *run.roles])}")
+            print(f"  leave {run.describe(now)}: {', '.join([*run.databases, *run.schemas, *run.kept, *run.roles])}")
         for run in stale:
             kept = f"; kept for failed tests: {', '.join(run.kept)}" if run.kept else ""
             print(
                 f"  {'would reap' if dry_run else 'reap'} {run.describe(now)}: "
-                f"{', '.join([*run.databases, *run.roles]) or 'nothing'}{kept}"
+                f"{', '.join([*run.databases, *run.schemas, *run.roles]) or 'nothing'}{kept}"
             )
         if not dry_run:
             dropped = reaper.drop_dead_runs(admin, stale, include_kept=include_kept)

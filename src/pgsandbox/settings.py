@@ -119,6 +119,17 @@ def _count(value: str) -> int:
     return count
 
 
+def _timeout(value: str) -> float:
+    """A number of seconds greater than 0."""
+    try:
+        seconds = float(value.strip().removesuffix("s"))
+    except ValueError:
+        raise ValueError("expected a number of seconds greater than 0, such as 30") from None
+    if not seconds > 0:
+        raise ValueError("expected a number of seconds greater than 0, such as 30")
+    return seconds
+
+
 def _seconds(value: str) -> float:
     if value.strip().lower() in ("never", "off"):
         return -1.0
@@ -194,6 +205,19 @@ def _keep_alive(value: str) -> float:
     return seconds
 
 
+def _fence_allow(value: str) -> str:
+    """``host:port`` (or a host alone: any port), checked as the fence reads it."""
+    from pgsandbox.common.connect_hooks import parse_allowed
+
+    return str(parse_allowed(value))
+
+
+def _env_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError("expected the name of an environment variable, such as DATABASE_URL")
+    return value
+
+
 def _class_path(value: str) -> str:
     """``module:Class``, imported only when a fixture needs it (settings import nothing of the app)."""
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
@@ -201,10 +225,11 @@ def _class_path(value: str) -> str:
     return value
 
 
-ISOLATIONS = ("transaction", "database")
+ISOLATIONS = ("transaction", "database", "schema")
 ASYNC_DRIVERS = ("asyncpg", "psycopg")
 ROLES = ("own", "createdb", "admin")
 GUARDS = ("error", "warn", "off")
+FENCES = ("error", "warn", "off")
 CLONE_STRATEGIES = ("auto", "file_copy", "wal_log")
 SQL_LOGS = ("auto", "jsonlog", "csvlog", "off")
 
@@ -216,6 +241,18 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice("auto", "local", "external"),
     ),
     Option("dsn", "connection string or URL of an existing server to use instead of a local one"),
+    Option(
+        "credentials_command",
+        "a shell command that prints the password (or token) of the existing server's admin role, or JSON "
+        '{"user": ..., "password": ...} ("username" and "token" too, at the top or under "data" as vault read '
+        "-format=json prints it); it runs when pgsandbox attaches and again when a reconnect is refused (an "
+        "expired token, a rotated password), and wins over PGPASSWORD and ~/.pgpass",
+    ),
+    Option(
+        "credentials_timeout",
+        "seconds pg_credentials_command may take before pgsandbox stops it (default 30)",
+        parse=_timeout,
+    ),
     Option("bin", "directory holding the PostgreSQL binaries (postgres, initdb) to use", parse=_path),
     Option("version", "PostgreSQL version to use, such as 16 or 18.6 (default: the newest found)", parse=_version),
     Option(
@@ -265,7 +302,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("seed", "seed data on top of the migrations, same forms as pg_migrations", kind="list"),
     Option(
-        "isolation", "how each test gets its database: transaction (default) or database", parse=_choice(*ISOLATIONS)
+        "isolation",
+        "how each test gets its database: transaction (default), database, or schema (for a server where tests may "
+        "not create databases: the session migrates a schema of its own in the DSN's database, each test is "
+        "rolled back in it; needs only CREATE on that database)",
+        parse=_choice(*ISOLATIONS),
     ),
     Option("rebuild", "rebuild the templates even when the cache has them", kind="flag", parse=_flag),
     Option(
@@ -326,6 +367,29 @@ OPTIONS: tuple[Option, ...] = (
         parse=_choice(*GUARDS),
     ),
     Option(
+        "fence",
+        "while the session runs, a connection through psycopg, psycopg2, asyncpg (SQLAlchemy, Django) to a server "
+        "other than the sandbox's is: error (default, refused with the library's connection error), warn (a "
+        "warning, and it goes ahead) or off; the libpq environment (PGHOST...) points at the sandbox unless off",
+        parse=_choice(*FENCES),
+    ),
+    Option(
+        "fence_allow",
+        "servers the connection fence lets tests reach besides the sandbox: host:port (or a host: any port; a "
+        "Unix socket: its directory:port)",
+        kind="list",
+        parse=_fence_allow,
+        env_separator=",",
+    ),
+    Option(
+        "env_url",
+        "environment variables (such as DATABASE_URL) set to the test's database URL while a test that has one "
+        "runs, and cleared otherwise, like PGDATABASE (with the connection fence: not when pg_fence = off)",
+        kind="list",
+        parse=_env_name,
+        env_separator=",",
+    ),
+    Option(
         "data_seed",
         "what the values pg.insert makes up are seeded with, besides the test's id (default: nothing; any text "
         "changes every made-up value)",
@@ -384,6 +448,8 @@ class Settings:
 
     server: ServerKind = "auto"
     dsn: str | None = field(default=None, repr=False)  # may hold the server's password: not in a traceback's locals
+    credentials_command: str | None = field(default=None, repr=False)  # may hold a token (VAULT_TOKEN=...)
+    credentials_timeout: float = 30.0
     bin: Path | None = None
     version: str | None = None
     extensions: tuple[str, ...] = ()
@@ -397,7 +463,7 @@ class Settings:
     migrations: tuple[str, ...] = ()
     migrations_inputs: tuple[str, ...] = ()
     seed: tuple[str, ...] = ()
-    isolation: Literal["transaction", "database"] = "transaction"
+    isolation: Literal["transaction", "database", "schema"] = "transaction"
     rebuild: bool = False
     keep_failed: bool = False
     keep_alive: float = 0.0  # seconds a local server outlives the run with no run attached; 0: it stops with the run
@@ -408,6 +474,9 @@ class Settings:
     reap_grace: float = 300.0
     report: str = "term"
     guard: Literal["error", "warn", "off"] = "error"
+    fence: Literal["error", "warn", "off"] = "error"
+    fence_allow: tuple[str, ...] = ()
+    env_url: tuple[str, ...] = ()
     statement_timeout: str = "5min"
     lock_timeout: str = "1min"
     idle_timeout: str = "1h"

@@ -14,6 +14,8 @@ _secrets: set[str] = set()
 
 _KEYWORD = re.compile(r"""(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&;]+)""", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
+# a dict's repr: the keyword arguments psycopg's connect() got, in a traceback's arguments of its frame
+_DICT_ITEM = re.compile(r"""(['"]password['"]\s*:\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.IGNORECASE)
 
 
 class Secret(str):
@@ -37,6 +39,7 @@ def redact(text: str) -> str:
     # an empty password (``password=''``, next to ``passfile=``) hides nothing
     text = _KEYWORD.sub(lambda m: m.group(0) if m.group(2) == "''" else m.group(1) + MASK, text)
     text = _URL_USERINFO.sub(lambda m: m.group(1) + MASK + m.group(3), text)
+    text = _DICT_ITEM.sub(lambda m: m.group(0) if m.group(2) in ("''", '""') else f"{m.group(1)}'{MASK}'", text)
     for secret in _secrets:
         text = text.replace(secret, MASK)
     return text

@@ -38,6 +38,10 @@ def sqlalchemy_url(params: Mapping[str, Any], driver: str = "psycopg") -> str:
     for key in ("sslmode", "sslrootcert", "sslcert", "sslkey"):
         if params.get(key):
             query["ssl" if driver == "asyncpg" and key == "sslmode" else key] = str(params[key])
+    if params.get("options") and driver != "asyncpg":
+        # libpq and asyncpg read it from a plain URL's query; SQLAlchemy's asyncpg dialect would hand it to
+        # asyncpg.connect() as an argument it does not take
+        query["options"] = str(params["options"])
     parts = [urlencode(query)] if query else []
     if params.get("passfile"):
         # its "/" as they are: Alembic's configparser reads "%2F" as an interpolation, while libpq, asyncpg and
@@ -56,6 +60,7 @@ LIBPQ_ENV = {
     "sslmode": "PGSSLMODE",
     "sslrootcert": "PGSSLROOTCERT",
     "passfile": "PGPASSFILE",
+    "options": "PGOPTIONS",
 }
 
 

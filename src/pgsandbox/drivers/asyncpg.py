@@ -48,6 +48,8 @@ def connect_kwargs(db: Database) -> dict[str, Any]:
     }
     if params.get("sslmode"):
         kwargs["ssl"] = params["sslmode"]
+    if params.get("options"):  # the startup packet's "options" (schema isolation's search_path), as libpq sends it
+        kwargs["server_settings"]["options"] = params["options"]
     return kwargs
 
 
@@ -87,6 +89,12 @@ class Asyncpg(guests.Adapter[Any]):
 
     async def commit(self, conn: Any) -> None:
         await conn.execute("COMMIT")
+
+    async def run(self, conn: Any, statement: str, fetch: bool) -> Any:
+        if fetch:
+            return await conn.fetchval(statement)
+        await conn.execute(statement)  # outside a transaction, asyncpg's statements are committed at once
+        return None
 
     async def roll_back(self, conn: Any, reuse: bool) -> None:
         if not reuse:  # one round trip: the connection is dropped next

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pgsandbox.isolation.guests import guest_begin, let_go, state_of
+from pgsandbox.isolation.guests import guest_begin, let_go, run_sync, state_of
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database
 
 C = TypeVar("C")  # a client library's connection
-T = TypeVar("T")
+
+__all__ = ["Adapter", "close", "connect", "run_sync"]
 
 
 class Adapter(ABC, Generic[C]):
@@ -65,6 +66,11 @@ class Adapter(ABC, Generic[C]):
         """Commit the test's transaction: the database is kept."""
 
     @abstractmethod
+    async def run(self, conn: C, statement: str, fetch: bool) -> Any:
+        """Run ``statement`` (pg.as_role's SET ROLE) on ``conn`` as it is; ``fetch``: return the first column of
+        its first row. Outside a transaction (``database`` isolation) it is committed at once."""
+
+    @abstractmethod
     async def roll_back(self, conn: C, reuse: bool) -> None:
         """Roll back to the test's savepoint (raises one of :attr:`escaped` when it is gone), then end the
         transaction; ``reuse``: the connection will serve another test, and its library must know that the
@@ -90,17 +96,6 @@ class Adapter(ABC, Generic[C]):
         ends the backend)."""
 
 
-def run_sync(step: Coroutine[Any, Any, T]) -> T:
-    """Run a step of a synchronous library's adapter, whose ``async`` methods never wait, to its end."""
-    try:
-        step.send(None)
-    except StopIteration as done:
-        value: T = done.value
-        return value
-    step.close()
-    raise RuntimeError("a synchronous adapter's step waited for something")
-
-
 async def connect(adapter: Adapter[C], db: Database) -> C:
     """A connection of ``adapter``'s library inside the test's isolation (see the module's docstring)."""
     test = db._test
@@ -110,12 +105,22 @@ async def connect(adapter: Adapter[C], db: Database) -> C:
     if conn is None or adapter.is_closed(conn):
         conn = await adapter.connect(db, transaction)
         test.joined(adapter.pid(conn))
-    if adapter.ours(conn):
+    ours = adapter.ours(conn)
+    if ours:
         state = state_of(conn)
         state.levels.clear()
         state.adapter_transactions.clear()  # what SQLAlchemy's checkouts put aside in the previous test
-        await adapter.begin(conn, guest_begin(db.test_id))
+        as_role = test.roles.joining(conn)  # inside a pg.as_role block: its role, in the test's transaction
+        await adapter.begin(conn, guest_begin(db.test_id) + (f"; {as_role}" if as_role else ""))
         state.active = True
+    test.roles.track(
+        conn,
+        adapter.run,
+        asynchronous=adapter.asynchronous,
+        in_transaction=ours,
+        label=adapter.label,
+        is_closed=adapter.is_closed,
+    )
     return conn
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgsandbox.drivers import guests, require
 from pgsandbox.isolation.connection import AUTOCOMMIT_REFUSED, COMMIT, ROLLBACK
-from pgsandbox.isolation.guests import SAVEPOINT, is_active
+from pgsandbox.isolation.guests import SAVEPOINT, after_rollback, is_active
 
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Database
@@ -29,13 +29,13 @@ class SandboxPsycopg2Connection(psycopg2.extensions.connection):
         if not is_active(self):
             return super().commit()
         in_error = self.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INERROR
-        self._run(ROLLBACK if in_error else COMMIT)
+        self._run(after_rollback(self, ROLLBACK) if in_error else COMMIT)
         return None
 
     def rollback(self) -> None:
         if not is_active(self):
             return super().rollback()
-        self._run(ROLLBACK)
+        self._run(after_rollback(self, ROLLBACK))
         return None
 
     def _run(self, statement: str) -> None:
@@ -96,6 +96,23 @@ class Psycopg2(guests.Adapter[Connection]):
 
     async def commit(self, conn: Connection) -> None:
         Connection.commit(conn)
+
+    async def run(self, conn: Connection, statement: str, fetch: bool) -> Any:
+        status = conn.info.transaction_status
+        if status == psycopg2.extensions.TRANSACTION_STATUS_INERROR and not is_active(conn):
+            Connection.rollback(conn)  # a failed transaction of the app's: nothing else can be done with it
+            status = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        switch = status == psycopg2.extensions.TRANSACTION_STATUS_IDLE and not conn.autocommit
+        if switch:  # one round trip instead of three (BEGIN, it, COMMIT)
+            conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(statement)
+                row = cursor.fetchone() if fetch else None
+        finally:
+            if switch:
+                conn.autocommit = False
+        return row[0] if row else None
 
     async def roll_back(self, conn: Connection, reuse: bool) -> None:
         with conn.cursor() as cursor:

@@ -47,6 +47,22 @@ class AsyncPsycopg(guests.Adapter[Connection]):
             await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
         await conn.commit()
 
+    async def run(self, conn: Connection, statement: str, fetch: bool) -> Any:
+        status = conn.info.transaction_status
+        if status == pq.TransactionStatus.INERROR and not isinstance(conn, AsyncSandboxConnection):
+            await conn.rollback()  # a failed transaction of the app's: nothing else can be done with it
+            status = pq.TransactionStatus.IDLE
+        switch = status == pq.TransactionStatus.IDLE and not conn.autocommit
+        if switch:  # one round trip instead of three (BEGIN, it, COMMIT)
+            await conn.set_autocommit(True)
+        try:
+            cursor = await conn.execute(statement)
+            row = await cursor.fetchone() if fetch else None
+        finally:
+            if switch:
+                await conn.set_autocommit(False)
+        return row[0] if row else None
+
     async def roll_back(self, conn: Connection, reuse: bool) -> None:
         await conn.execute(GUEST_ROLLBACK)
 

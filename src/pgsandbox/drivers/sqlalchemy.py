@@ -20,6 +20,7 @@ from pgsandbox.drivers import require
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.connection import AsyncSandboxConnection
 from pgsandbox.isolation.guests import state_of
+from pgsandbox.isolation.roles import Run, run_psycopg
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -42,11 +43,17 @@ ASYNC_DRIVERS = ("asyncpg", "psycopg")
 _ADAPTER_TRANSACTION_STATE: dict[str, Any] = {"_transaction": None, "_started": False}
 
 
-def _record_pids(engine: Engine, db: Database, pid: Any) -> None:
-    """Connections the engine opens are the test's own, not leaks to warn about."""
+def _record_pids(engine: Engine, db: Database, pid: Any, run: Run, asynchronous: bool = False) -> None:
+    """Connections the engine opens are the test's own, not leaks to warn about; a pg.as_role block reaches
+    them with ``run`` (its library's way of running a statement)."""
 
     def connected(dbapi_connection: Any, record: Any) -> None:
         db._test.joined(pid(dbapi_connection))
+        raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        is_closed = (lambda c: bool(c.is_closed())) if hasattr(raw, "is_closed") else (lambda c: bool(c.closed))
+        db._test.roles.track(
+            raw, run, asynchronous=asynchronous, in_transaction=False, label="SQLAlchemy", is_closed=is_closed
+        )
 
     event.listen(engine, "connect", connected)
 
@@ -151,7 +158,7 @@ def engine(db: Database) -> Engine:
     if db.isolation == "database":
         # password "": libpq reads the URL's passfile even when PGPASSWORD is set (server/passfile.py)
         made = create_engine(db.url("psycopg"), connect_args={"application_name": db.application_name, "password": ""})
-        _record_pids(made, db, lambda c: c.info.backend_pid)
+        _record_pids(made, db, lambda c: c.info.backend_pid, run_psycopg)
         return made
     conn: Any = db.connection
     # one engine per session connection, kept as long as the session database (made again for a new connection)
@@ -228,10 +235,16 @@ async def async_engine(db: Database, driver: str, connection: Any | None) -> Asy
                     "password": functools.partial(adapter.read_password, db),
                 },
             )
-            _record_pids(made.sync_engine, db, lambda c: c.driver_connection.get_server_pid())
+            _record_pids(
+                made.sync_engine, db, lambda c: c.driver_connection.get_server_pid(), adapter.ADAPTER.run, True
+            )
         else:
+            from pgsandbox.drivers import psycopg_async
+
             made = create_async_engine(url, connect_args={"application_name": db.application_name, "password": ""})
-            _record_pids(made.sync_engine, db, lambda c: c.driver_connection.info.backend_pid)
+            _record_pids(
+                made.sync_engine, db, lambda c: c.driver_connection.info.backend_pid, psycopg_async.ADAPTER.run, True
+            )
         return made
 
     # One engine per session and driver: its dialect reads the server's settings once (about 4 ms), and its

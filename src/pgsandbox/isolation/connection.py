@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from pgsandbox.isolation.guests import SAVEPOINT, is_active, state_of
+from pgsandbox.isolation.guests import SAVEPOINT, after_rollback, is_active, state_of
 from pgsandbox.server.tags import INTERNAL
 
 # what stands in for commit() and rollback() says so in the statement log
@@ -48,7 +48,8 @@ def _savepoint_for(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
     name = _savepoint(conn)
     # like COMMIT of a failed transaction: everything since the last commit is rolled back
     if action == "rollback" or conn.info.transaction_status == pq.TransactionStatus.INERROR:
-        return f"/* {action}() */ ROLLBACK TO SAVEPOINT {name}"
+        # a pg.as_role block's role, when set after that savepoint, is undone by it: set again
+        return after_rollback(conn, f"/* {action}() */ ROLLBACK TO SAVEPOINT {name}")
     return f"/* commit() */ RELEASE SAVEPOINT {name}; SAVEPOINT {name}"
 
 

@@ -116,6 +116,8 @@ def escaped(
     guests: Sequence[str] = (),
     committed: Sequence[str] = (),
     others: bool = False,
+    restored: str = "pgsandbox cloned the session database again from the template",
+    own_connections: str = "use @pytest.mark.pg(isolation='database')",
 ) -> IsolationError:
     """A test's committed writes escaped its transaction, changing ``changes``: through its ``own`` connection,
     its driver connections (``guests``, by label) whose transaction a COMMIT replaced, connections of its outside
@@ -134,9 +136,9 @@ def escaped(
         + "; ".join(causes)
         + ".\n  Changed: "
         + ", ".join(changes)
-        + ".\n  pgsandbox cloned the session database again from the template: the next test starts clean.",
+        + f".\n  {restored}: the next test starts clean.",
         "call conn.commit() on the connection pgsandbox gave you (it becomes a savepoint) instead of running "
-        "COMMIT; for code that opens its own connections, use @pytest.mark.pg(isolation='database').",
+        f"COMMIT; for code that opens its own connections, {own_connections}.",
     )
 
 
@@ -186,6 +188,15 @@ def scope_of_other_mode(test_id: str, mode: str, scope_id: str) -> IsolationErro
         f"{other} isolation ({where}).",
         f"give it {other} isolation like its scope (@pytest.mark.pg(isolation={other!r})), or move it to a module "
         f"(or class) that uses no {SCOPED_FIXTURES}.",
+    )
+
+
+def not_kept_in_schema(test_id: str) -> Finding:
+    return Finding(
+        "failed databases not kept",
+        f"{test_id} failed, but its data was not kept (keep_failed): in schema isolation the tests share the "
+        "session's schema, which keeping would commit for the tests after it. Use transaction or database "
+        "isolation on a server where the role may create databases to keep it.",
     )
 
 

@@ -13,11 +13,13 @@ What pgsandbox notes about another library's connection lives in one table, weak
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pgsandbox.server.tags import INTERNAL
+
+T = TypeVar("T")
 
 SAVEPOINT = "pgsandbox_test"  # the test's savepoint, on its own connection and on every guest's
 
@@ -89,6 +91,9 @@ class ConnectionState:
     fixture_checkout: bool = False  # the session fixture's own checkout (it lasts the test: no savepoint)
     current: list[Any] | None = None  # an async engine's: the test's connection its pool hands out
     used: bool = False  # a cursor was made on it (the session connection: since the last test's end)
+    # inside a pg.as_role block (transaction isolation): what its SET LOCAL ROLE was; a rollback to the test's
+    # savepoint undoes it, so commit()/rollback() that roll back run it again (isolation/roles.py)
+    role_sql: str = ""
 
 
 _STATES: weakref.WeakKeyDictionary[Any, ConnectionState] = weakref.WeakKeyDictionary()
@@ -108,9 +113,28 @@ def is_active(conn: object) -> bool:
     return state is not None and state.active
 
 
+def run_sync(step: Coroutine[Any, Any, T]) -> T:
+    """Run a step of a synchronous library's adapter, whose ``async`` methods never wait, to its end."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        value: T = done.value
+        return value
+    step.close()
+    raise RuntimeError("a synchronous adapter's step waited for something")
+
+
+def after_rollback(conn: object, statement: str) -> str:
+    """``statement`` (one that rolls back to a savepoint) followed by what sets the role of the pg.as_role block
+    the connection is in, which that rollback undid."""
+    state = _STATES.get(conn)
+    return f"{statement}; {state.role_sql}" if state is not None and state.role_sql else statement
+
+
 def let_go(conn: object) -> None:
     """The test is over for ``conn``: drop what in its state refers back to it (asyncpg's transactions)."""
     state = _STATES.get(conn)
     if state is not None:
         state.outer_transaction = None
         state.adapter_transactions.clear()
+        state.role_sql = ""

@@ -127,9 +127,13 @@ class TransactionIsolation:
         row = self.conn.execute(f"SELECT {_XMAX}, oid FROM pg_database WHERE datname = current_database()").fetchone()
         assert row is not None
         self._snapshot_xmax = int(row[0])
-        self._check = (CHECK if self.server.version[0] >= 15 else CHECK_14).replace("{oid}", str(int(row[1])))
+        self._check = self._check_template().replace("{oid}", str(int(row[1])))
         self.conn.autocommit = False
         self.sessions = self._sessions()
+
+    def _check_template(self) -> str:
+        """The statement read in the rollback's round trip ({oid}: the session database's, {ours}: our backends)."""
+        return CHECK if self.server.version[0] >= 15 else CHECK_14
 
     def _sessions(self) -> int | None:
         if self.server.version[0] < 15:
@@ -312,18 +316,35 @@ class TransactionIsolation:
         other_sessions = bool(left_open) or more_sessions
         if not (own_escape or guests.escaped or committed or other_sessions):
             return found
-        # Something may have escaped: compare with a fresh clone of the template, which replaces the
-        # session database if anything did.
-        fresh = self._fresh_clone()
-        changes = what_changed(self.server, self.dbname, fresh, started_xmax)
+        changes = self._restore_if_changed(started_xmax)
         if not changes:
-            self.server.drop_database(fresh)
             self.sessions = self._sessions()
             return found
-        self._switch_to(fresh)
         raise findings.escaped(
-            test_id, changes, own=own_escape, guests=guests.escaped, committed=committed, others=other_sessions
+            test_id,
+            changes,
+            own=own_escape,
+            guests=guests.escaped,
+            committed=committed,
+            others=other_sessions,
+            restored=self.restored,
+            own_connections=self.own_connections,
         )
+
+    restored = "pgsandbox cloned the session database again from the template"  # after an escape, said so
+    own_connections = "use @pytest.mark.pg(isolation='database')"  # the advice for code that connects itself
+
+    def _restore_if_changed(self, since_xmax: int) -> list[str]:
+        """Something may have escaped: compare with a fresh clone of the template, which replaces the session
+        database if anything did. Returns what changed (nothing: the session database stays)."""
+        assert self.dbname
+        fresh = self._fresh_clone()
+        changes = what_changed(self.server, self.dbname, fresh, since_xmax)
+        if not changes:
+            self.server.drop_database(fresh)
+            return []
+        self._switch_to(fresh)
+        return changes
 
     def _rollback(
         self, conn: SandboxConnection, next_test_id: str | None, scoped: bool = False
@@ -428,12 +449,11 @@ class TransactionIsolation:
             if restore:
                 conn.execute(restore)
             self._lose_scopes(f"{scope_id} ended the transaction that held it")
-            fresh = self._fresh_clone()
-            changes = what_changed(self.server, self.dbname or "", fresh, scope.started_xmax)
+            changes = self._restore_if_changed(scope.started_xmax)
             if changes:
-                self._switch_to(fresh)
-                raise findings.escaped(scope_id, changes, own=True) from None
-            self.server.drop_database(fresh)
+                raise findings.escaped(
+                    scope_id, changes, own=True, restored=self.restored, own_connections=self.own_connections
+                ) from None
         finally:
             if outermost and self.conn is not None:
                 state_of(self.conn).active = False

@@ -464,11 +464,20 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox, isolation
     from pgsandbox.drivers import factoryboy
 
     factoryboy.enter_test(db)  # where TableFactory inserts
+    state.fence_env_at_test(request.config, db)
 
     def close() -> None:
         from pgsandbox.isolation.findings import IsolationError
 
         del node.stash[state.DATABASE_KEY]
+        state.fence_env_at_session(request.config)
+        leave_role = node.stash.get(state.ROLE_KEY, None)
+        said: list[warnings.WarningMessage] = []  # leaving the marker's role: said once the database is closed
+        if leave_role is not None:
+            del node.stash[state.ROLE_KEY]
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                leave_role()
         from pgsandbox.drivers import factoryboy
 
         factoryboy.leave_test(db)
@@ -482,6 +491,8 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox, isolation
             findings = [str(error)]
         except PgSandboxError as error:
             fail(error)
+        for warning in said:
+            warnings.warn(warning.message, stacklevel=1)
         if not findings or guard == "off":
             return
         if guard == "error":
@@ -490,7 +501,33 @@ def sandbox_database(request: pytest.FixtureRequest, sandbox: Sandbox, isolation
             warnings.warn(PgSandboxWarning(finding), stacklevel=1)
 
     request.addfinalizer(close)
+    enter_marker_role(node, db, options)
     return db
+
+
+def enter_marker_role(node: Any, db: Database, options: dict[str, Any]) -> None:
+    """``@pytest.mark.pg(role=..., role_settings=...)``: the whole test runs in a ``pg.as_role`` block, entered
+    when its database opens and left at its teardown (before the database is rolled back or dropped)."""
+    if "role" not in options:
+        if "role_settings" in options:
+            pytest.fail(
+                "pgsandbox: @pytest.mark.pg(role_settings=...) without role=: the settings go with a role.\n"
+                "  What to do: add the role the test runs as, such as @pytest.mark.pg(role='app_rw', "
+                "role_settings={...}).",
+                pytrace=False,
+            )
+        return
+    try:
+        block = db.as_role(options["role"], options.get("role_settings"))
+        block.__enter__()
+    except PgSandboxError as error:
+        fail(error)
+
+    def leave() -> None:
+        with contextlib.suppress(Exception):  # a broken connection: the rollback or the drop ends it anyway
+            block.__exit__(None, None, None)
+
+    node.stash[state.ROLE_KEY] = leave
 
 
 def warn_outside_scope(sandbox: Sandbox, db: Database, what: str) -> None:

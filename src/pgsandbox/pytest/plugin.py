@@ -91,7 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "pg(isolation=..., keep_failed=..., async_driver=..., guard=..., session_class=..., "
-        "async_session_class=..., reset_sequences=...): per-test pgsandbox options, for a test, "
+        "async_session_class=..., reset_sequences=..., fence=..., fence_allow=[...]): per-test pgsandbox options, "
+        "for a test, "
         "class or module "
         "(they take precedence over the command line)",
     )
@@ -108,6 +109,7 @@ def pytest_configure(config: pytest.Config) -> None:
             check_startup(config.stash[SETTINGS_KEY], config.invocation_params.dir)
     except ConfigError as error:
         raise pytest.UsageError(f"pgsandbox: {with_link(error)}") from None
+    state.install_fence(config)
     for pattern in [] if worker else unmatched_inputs(config.stash[SETTINGS_KEY], config.rootpath):
         warning = PgSandboxWarning(
             f"pg_migrations_inputs: {pattern!r} matches no file under {config.rootpath}, so no file of it is in "
@@ -147,6 +149,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.start_early(session)
     else:
         state.discard_background_start(session.config)  # deselected after all
+        state.remove_fence(session.config)  # no sandbox: nothing to fence tests into
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own session teardown, where the fixture stops it normally
@@ -154,9 +157,22 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state.stop_at_session_end(session.config)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state.remove_fence(config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
     item.stash[NEXT_KEY] = nextitem  # lets a test's teardown open the next test's transaction
+    try:
+        return (yield)
+    finally:
+        state.fence_leave_test(item)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    state.fence_enter_test(item)  # before the fixtures: they connect for the test too
 
 
 @pytest.hookimpl(wrapper=True)

@@ -87,6 +87,9 @@ def add_sections(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.
         )
     if report.when != "call" or not report.failed or item.stash.get(DATABASE_KEY, None) is None:
         return
+    denied = db._test.roles.explain(error, db.name)  # a permission denied as the app's role (pg.as_role)
+    if denied and denied not in getattr(error, "__notes__", ()):
+        report.sections.append(("pgsandbox: permission denied", denied))
     deadlock = deadlock_of(error)
     if deadlock is not None:
         # the server's log has each process's statement, which the client's error leaves out
@@ -186,6 +189,10 @@ def lock_section(sandbox: Sandbox, db: Database, found: list[Statement] | None) 
 
 def keep_database(item: pytest.Item, sandbox: Sandbox, db: Database) -> str:
     """Mark the failed test's database to be kept (its teardown keeps it), and say how to open it."""
+    if sandbox.schema is not None:  # schema isolation: the tests share the session's schema
+        from pgsandbox.isolation.findings import not_kept_in_schema
+
+        return not_kept_in_schema(item.nodeid).text
     scope = sandbox.transaction_scope if db.isolation == "transaction" else None
     if scope is not None:
         from pgsandbox.isolation.findings import not_kept_in_scope

@@ -19,6 +19,7 @@ from pgsandbox.errors import PgSandboxError
 from pgsandbox.settings import Settings
 
 if TYPE_CHECKING:
+    from pgsandbox.isolation.fence import Fence
     from pgsandbox.pytest.xdist import SharedSandbox
     from pgsandbox.sandbox import Database, Sandbox
     from pgsandbox.server import Server
@@ -30,6 +31,7 @@ KEPT_KEY = pytest.StashKey[list[str]]()  # psql commands of the kept databases, 
 DATABASE_KEY: pytest.StashKey[Database] = pytest.StashKey()
 LOG_KEY: pytest.StashKey[Database] = pytest.StashKey()  # the test's database, also after its teardown
 KEEP_KEY = pytest.StashKey[bool]()
+ROLE_KEY = pytest.StashKey["Callable[[], None]"]()  # leaves the role the marker's role= gave the test
 SQL_SHOWN_KEY = pytest.StashKey[bool]()
 NEXT_KEY = pytest.StashKey["pytest.Item | None"]()
 EARLY_START_KEY: pytest.StashKey[Sandbox | PgSandboxError] = pytest.StashKey()  # started after collection
@@ -38,6 +40,7 @@ CONTROLLER_KEY: pytest.StashKey[SharedSandbox] = pytest.StashKey()
 REPORT_KEY = pytest.StashKey[dict[str, Any]]()
 WORKER_REPORTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
 EXTRA_MIGRATIONS_KEY: pytest.StashKey[list[Migrator]] = pytest.StashKey()  # first in the migrations (django.py)
+FENCE_KEY: pytest.StashKey[Fence] = pytest.StashKey()  # the session's connection fence (isolation/fence.py)
 XDIST_INPUT = "pgsandbox"  # the controller's sandbox, in each worker's workerinput
 XDIST_KEPT = "pgsandbox_kept"  # a worker's kept databases, in its workeroutput
 XDIST_REPORT = "pgsandbox_report"  # a worker's session report, in its workeroutput
@@ -106,7 +109,8 @@ def start(
     if shared is not None:  # an xdist worker: the controller starts the server and builds the templates
         from pgsandbox.pytest import xdist
 
-        return xdist.attach(shared, options)
+        # schema isolation: each worker migrates a schema of its own
+        return xdist.attach(shared, options, session_migrators(config) if options.isolation == "schema" else None)
     root = config.rootpath
     migrations, seed = session_migrators(config)
     progress = progress or progress_writer(config)
@@ -145,6 +149,9 @@ class BackgroundStart:
         self._server: Server | None = None
         self._error: BaseException | None = None
         self._taken = False
+        from pgsandbox.isolation import fence
+
+        self.exempt = fence.exempt  # imported here: the thread imports nothing (see above)
         self._thread = threading.Thread(target=self._run, name="pgsandbox-server-start")
         self._thread.start()
 
@@ -153,7 +160,8 @@ class BackgroundStart:
 
         started = time.perf_counter()
         try:
-            self._server = start_server(self.options, self._lines.put, self.snapshots)
+            with self.exempt():  # from the session's connection fence: the server's address is not known yet
+                self._server = start_server(self.options, self._lines.put, self.snapshots)
             self.seconds = time.perf_counter() - started
         except BaseException as error:  # raised again in the main thread, where the start is waited for
             self._error = error
@@ -329,4 +337,56 @@ def next_transaction_test(item: pytest.Item, sandbox: Sandbox) -> str | None:
         return None
     marker = nextitem.get_closest_marker("pg")
     isolation = (marker.kwargs.get("isolation") if marker else None) or sandbox.settings.isolation
-    return nextitem.nodeid if isolation == "transaction" else None
+    return nextitem.nodeid if isolation in ("transaction", "schema") else None
+
+
+# -- the connection fence (isolation/fence.py) ---------------------------------------------------------------
+def install_fence(config: pytest.Config) -> None:
+    """From the session's configuration on, so that an app module that connects at import is fenced too; the
+    sandbox's server is allowed once it starts (an existing server's DSN at once: it is known)."""
+    options = settings(config)
+    if options.fence == "off":
+        return
+    from pgsandbox.isolation import fence
+
+    session_fence = fence.Fence(options.fence, options.fence_allow, options.env_url).install()
+    config.stash[FENCE_KEY] = session_fence
+    if options.dsn and options.server != "local" and not hasattr(config, "workerinput"):
+        fence.allow_server([options.dsn])
+
+
+def remove_fence(config: pytest.Config) -> None:
+    session_fence = config.stash.get(FENCE_KEY, None)
+    if session_fence is not None:
+        session_fence.remove()
+        del config.stash[FENCE_KEY]
+
+
+def fence_enter_test(item: pytest.Item) -> None:
+    """The fence names the running test, with its marker's ``fence`` and ``fence_allow``."""
+    session_fence = item.config.stash.get(FENCE_KEY, None)
+    if session_fence is None:
+        return
+    from pgsandbox.pytest.markers import fence_options
+
+    mode, allow = fence_options(item)
+    session_fence.enter_test(item.nodeid, mode, allow)
+
+
+def fence_leave_test(item: pytest.Item) -> None:
+    session_fence = item.config.stash.get(FENCE_KEY, None)
+    if session_fence is not None:
+        session_fence.leave_test()
+
+
+def fence_env_at_test(config: pytest.Config, db: Database) -> None:
+    """While a test has its database, the libpq environment (and ``pg_env_url``'s variables) names it."""
+    session_fence = config.stash.get(FENCE_KEY, None)
+    if session_fence is not None:
+        session_fence.point_env(db.params, db.database_url)
+
+
+def fence_env_at_session(config: pytest.Config) -> None:
+    session_fence = config.stash.get(FENCE_KEY, None)
+    if session_fence is not None:
+        session_fence.point_env_at_session()

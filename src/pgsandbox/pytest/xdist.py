@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from pgsandbox.errors import ConnectError, PgSandboxError
 if TYPE_CHECKING:
     from pgsandbox.sandbox import Sandbox
     from pgsandbox.settings import Settings
+    from pgsandbox.template.base import Migrator
 
 WAIT_SECONDS = 600.0  # the file is written before the workers start; this is for a controller that died
 
@@ -79,8 +80,13 @@ class SharedSandbox:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def attach(worker_input: dict[str, Any], settings: Settings) -> Sandbox:
-    """The worker's side: wait for the controller's sandbox, then attach to it."""
+def attach(
+    worker_input: dict[str, Any],
+    settings: Settings,
+    migrators: tuple[Sequence[Migrator], Sequence[Migrator]] | None = None,
+) -> Sandbox:
+    """The worker's side: wait for the controller's sandbox, then attach to it (in schema isolation, migrating
+    a schema of its own with ``migrators``: migrations, seed)."""
     import psycopg
 
     from pgsandbox.sandbox import Sandbox
@@ -100,7 +106,7 @@ def attach(worker_input: dict[str, Any], settings: Settings) -> Sandbox:
     if "error" in description:
         raise PgSandboxError(description["error"])
     try:
-        return Sandbox.attach(description, settings)
+        return Sandbox.attach(description, settings, migrators=migrators)
     except (ConnectError, psycopg.OperationalError) as error:
         # a server killed between the worker's connect and its role set-up fails a query, not the connect
         stopped = controller_server_stopped(description, error)

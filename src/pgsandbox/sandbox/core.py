@@ -18,6 +18,7 @@ from pgsandbox.binaries import find_installations, missing_extension, missing_ex
 from pgsandbox.common.progress import Progress
 from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.errors import ConfigError, PgSandboxError
+from pgsandbox.isolation import fence
 from pgsandbox.isolation.base import Begun, Isolation
 from pgsandbox.isolation.database import DatabaseIsolation, clone_strategies
 from pgsandbox.isolation.findings import (
@@ -26,19 +27,22 @@ from pgsandbox.isolation.findings import (
     Finding,
     IsolationError,
     clone_failed,
+    not_kept_in_schema,
     not_kept_in_scope,
     scope_of_other_mode,
 )
 from pgsandbox.isolation.leftovers import end_left_open
+from pgsandbox.isolation.schema import SchemaIsolation
 from pgsandbox.isolation.server_objects import server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
+from pgsandbox.sandbox.app_roles import AppRoles
 from pgsandbox.sandbox.database import Database, SessionLogin
 from pgsandbox.sandbox.diagnostics import Diagnostics
 from pgsandbox.sandbox.gone import GoneWatch, ServerGone
 from pgsandbox.sandbox.guards import ServerGuards
 from pgsandbox.sandbox.kept import KeptDatabases
 from pgsandbox.sandbox.report import Counters, ServerSummary, cache_report, session_report
-from pgsandbox.server import ExternalServer, Server, reaper, roles, start_server
+from pgsandbox.server import ExternalServer, Server, credentials_command, reaper, roles, start_server
 from pgsandbox.server.admin import terminate_connections
 from pgsandbox.server.clusters import cache_root
 from pgsandbox.server.statement_log import StatementLog
@@ -46,6 +50,8 @@ from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator
 from pgsandbox.template.builds import chain_of, hold_in_use, snapshot_keys, warm_relcache
+from pgsandbox.template.schemas import SessionSchema
+from pgsandbox.template.schemas import describe as describe_schema
 
 __all__ = ["Sandbox", "ServerGone"]
 
@@ -110,6 +116,7 @@ class Sandbox:
         self.start_seconds = 0.0  # the server's start (or attach), for the session report
         self.kept = KeptDatabases(server)
         self.diagnostics = Diagnostics(server)
+        self.app_roles = AppRoles(server)  # pg.as_role: the app's roles a test may run as
         self._counters = Counters()
         self._isolations: dict[str, Isolation] = {}  # by mode, made when a first test asks for it
         self._transaction: TransactionIsolation | None = None  # the one of them the pg handle parks drivers on
@@ -124,6 +131,11 @@ class Sandbox:
         self._clone_scopes: list[Database] = []
         self._scoped_clones: set[str] = set()
         self._scoped_counter = 0
+        self.schema: SessionSchema | None = None  # schema isolation: the session's migrated schema
+        self._login_schema: SessionSchema | None = None  # and pg_login's, made on its first use
+        self._timeout_options = ""  # schema isolation: the tests' timeouts as libpq options (-cname=value ...)
+        # whether the tests' connections may create databases, roles or tablespaces (watched per test, guards.py)
+        self._may_create_server_objects = True
 
     # -- start ----------------------------------------------------------------------------------------
     @classmethod
@@ -154,11 +166,15 @@ class Sandbox:
         chain = chain_of(migrations, seed)
         snapshots = snapshot_keys(chain, settings.rebuild)
         started = time.perf_counter()
-        server = start_server(settings, progress, snapshots) if server_start is None else server_start(snapshots)
+        with fence.exempt():  # the connection fence's: its address is known once it is started
+            server = start_server(settings, progress, snapshots) if server_start is None else server_start(snapshots)
         start_seconds = time.perf_counter() - started
         try:
+            fence.allow_server((server.dsn, server.admin_dsn))  # before the migrations, which reach it
             if settings.extensions and not server.owns_cluster:
                 _require_extensions(server, settings)
+            if settings.isolation == "schema":
+                return cls._start_in_schema(server, chain, settings, progress, start_seconds)
             templates: list[TemplateInfo] = []
             if chain is not None:
                 templates = ensure_templates(
@@ -184,6 +200,7 @@ class Sandbox:
             if not server.owns_cluster:  # a shared server: what runs that died left there
                 sandbox.drop_dead_runs()
             sandbox._create_login()
+            sandbox._point_env()
             return sandbox
         except BaseException as error:
             server.stop()
@@ -192,6 +209,43 @@ class Sandbox:
                 if explained is not None:
                     raise explained from error
             raise
+
+    @classmethod
+    def _start_in_schema(
+        cls,
+        server: Server,
+        chain: Chain | None,
+        settings: Settings,
+        progress: Progress | None,
+        start_seconds: float,
+        attached: bool = False,
+    ) -> Sandbox:
+        """Schema isolation: no template database; the session migrates a schema of its own in the DSN's
+        database (template/schemas.py), and its tests connect as the DSN's role (no role of their own: that
+        takes CREATEROLE, and the schema is the admin's)."""
+        sandbox = cls(server, [], settings, progress, attached=attached)
+        sandbox.start_seconds = start_seconds
+        if not server.owns_cluster:  # a shared server: what runs that died left there
+            sandbox.drop_dead_runs()
+        row = server.admin.execute(
+            "SELECT rolsuper OR rolcreatedb OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        # the tests connect as the admin: a role with only CREATE on the database has nothing to watch
+        sandbox._may_create_server_objects = bool(row and row[0])
+        sandbox.schema = SessionSchema(server, chain, progress)
+        sandbox.schema.build()
+        if progress:
+            progress(describe_schema(sandbox.schema))
+        # the tests' timeouts, on their connections' options: the database is not theirs to ALTER
+        sandbox._timeout_options = "".join(
+            f" -c{name}={value.replace(chr(92), chr(92) * 2).replace(' ', chr(92) + ' ')}"
+            for name, value in sandbox.timeouts.items()
+            if value
+        )
+        if server.test_options is not None:
+            dbname, options = server.test_options
+            server.test_options = (dbname, options + sandbox._timeout_options)
+        return sandbox
 
     @property
     def timeouts(self) -> dict[str, str]:
@@ -264,19 +318,31 @@ class Sandbox:
         }
 
     @classmethod
-    def attach(cls, handoff: dict[str, Any], settings: Settings, progress: Progress | None = None) -> Sandbox:
+    def attach(
+        cls,
+        handoff: dict[str, Any],
+        settings: Settings,
+        progress: Progress | None = None,
+        migrators: tuple[Sequence[Migrator], Sequence[Migrator]] | None = None,
+    ) -> Sandbox:
         """A sandbox on the server and templates another process's :meth:`handoff` gave: it creates (and
-        drops) only its own databases, under a prefix of its own."""
+        drops) only its own databases, under a prefix of its own. In schema isolation it migrates a schema of
+        its own with ``migrators`` (migrations, seed)."""
         started = time.perf_counter()
         log = handoff.get("statement_log")
         statement_log = StatementLog(Path(log["directory"]), log["format"]) if log else None
         run_dir = handoff.get("run_dir")
+        fence.allow_server(dsn for dsn in (handoff["dsn"], handoff.get("admin_dsn")) if dsn)
         server = ExternalServer.attach(
             handoff["dsn"],
             "the xdist controller's server",
             statement_log,
             handoff.get("admin_dsn"),
             local_run=Path(run_dir) if handoff["local"] and run_dir else None,
+            # the controller's password first (its passfile): the command runs when that one is refused
+            credentials=None if handoff["local"] else credentials_command(settings),
+            credentials_first=False,
+            needs_createdb=settings.isolation != "schema",
         )
         start_seconds = time.perf_counter() - started
         templates = [
@@ -287,6 +353,14 @@ class Sandbox:
         ]
         if handoff["local"] and settings.clone_strategy == "auto":
             settings = settings.replace(clone_strategy="file_copy")  # what the controller's local server takes
+        if settings.isolation == "schema":
+            migrations, seed = migrators or ((), ())
+            try:
+                chain = chain_of(migrations, seed)
+                return cls._start_in_schema(server, chain, settings, progress, start_seconds, attached=True)
+            except BaseException:
+                server.stop()
+                raise
         sandbox = cls(server, templates, settings, progress, attached=True)
         sandbox.start_seconds = start_seconds
         try:
@@ -294,11 +368,25 @@ class Sandbox:
         except BaseException:
             server.stop()
             raise
+        sandbox._point_env()
         return sandbox
+
+    def _point_env(self) -> None:
+        """The connection fence's libpq environment: the sandbox's server and the tests' role, no database."""
+        active = fence.active()
+        if active is not None:
+            active.point_env(self.server.login_params)
 
     def session_login(self) -> SessionLogin:
         """The tests' role and a database of this session's own, for session-scoped code (see
         :class:`SessionLogin`); the database is cloned from the template on the first call."""
+        if self.schema is not None and self._login is None:
+            # schema isolation: a schema of its own, migrated on the first call (the tests' schema must stay
+            # as its build left it); its connections' options point at it
+            self._login_schema = SessionSchema(self.server, self.schema.chain, self.progress, kind="login")
+            self._login_schema.build()
+            options = f"-csearch_path={self._login_schema.search_path}{self._timeout_options}"
+            self._login = SessionLogin(self.server, self._login_schema.dbname, options)
         if self._login is None:
             name = self.server.create_database(LOGIN_DATABASE, template=self._test_template(), clause=self.clone_clause)
             self._login = SessionLogin(self.server, name)
@@ -332,7 +420,8 @@ class Sandbox:
         if chosen not in ISOLATIONS:
             raise ConfigError(
                 f"isolation {chosen!r} is not one of {', '.join(ISOLATIONS)}.",
-                "use isolation='transaction' (rolled back, fastest) or isolation='database' (a clone per test).",
+                "use isolation='transaction' (rolled back, fastest), isolation='database' (a clone per test) or, "
+                "for the whole session, pg_isolation = schema.",
             )
         self._check_scope_mode(test_id, chosen)
         started = time.perf_counter()
@@ -353,9 +442,11 @@ class Sandbox:
         db._test.parking = self._transaction if isolation is not None and isolation is self._transaction else None
         db._test.catalog_source = self._catalog
         db._test.data_seed = self.settings.data_seed
+        db._test.roles.service = self.app_roles
         if self.server.statement_log is not None:
             db._test.log_start = self.server.statement_log.position()
-        if self.settings.role != "own" or self.server.login is None:  # its connections may create databases
+        # its connections may create databases (unless they are a role that may not: schema isolation's)
+        if (self.settings.role != "own" or self.server.login is None) and self._may_create_server_objects:
             db._test.server_objects = server_objects(self.server.admin)
         seconds = time.perf_counter() - started
         self._counters.opened(chosen, seconds)
@@ -394,6 +485,7 @@ class Sandbox:
             raise gone from None
         db._test.catalog_source = self._catalog
         db._test.data_seed = self.settings.data_seed
+        db._test.roles.service = self.app_roles
         return db
 
     @property
@@ -405,6 +497,8 @@ class Sandbox:
 
     def _check_scope_mode(self, test_id: str, mode: str) -> None:
         """Scoped data lives in one isolation's databases: a test (or scope) of the other would not see it."""
+        if self.schema is not None and mode == "database":
+            raise _no_database_in_schema_session()
         if mode == "database" and self._transaction is not None and self._transaction.scopes:
             raise scope_of_other_mode(test_id, mode, self._transaction.scopes[-1].scope_id)
         if mode == "transaction" and self._clone_scopes:
@@ -465,6 +559,10 @@ class Sandbox:
         if found is not None:
             return found, False
         made: Isolation
+        if self.schema is not None or mode == "schema":
+            made = self._schema_isolation(mode)
+            self._isolations["schema"] = self._isolations["transaction"] = made
+            return made, True
         if mode == "transaction":
             made = self._transaction = TransactionIsolation(self.server, self._test_template(), self.clone_clause)
         else:
@@ -475,6 +573,22 @@ class Sandbox:
             made = self._clones = DatabaseIsolation(self.server, self._test_template(), strategies, not local, recycle)
         self._isolations[mode] = made
         return made, True
+
+    def _schema_isolation(self, mode: str) -> SchemaIsolation:
+        """Schema isolation serves ``transaction`` too (per test, it is one); it cannot serve ``database``, and
+        only a session started in it has a schema."""
+        if self.schema is None:
+            raise ConfigError(
+                "schema isolation is chosen for the whole session (the session migrates its schema at its start), "
+                f"and this one runs in {self.settings.isolation} isolation.",
+                "set pg_isolation = schema (ini, --pg-isolation=schema or PGSANDBOX_ISOLATION=schema) rather than "
+                "@pytest.mark.pg(isolation='schema').",
+            )
+        if mode == "database":
+            raise _no_database_in_schema_session()
+        made = SchemaIsolation(self.server, self.schema)
+        self._transaction = made
+        return made
 
     def _test_template(self) -> str:
         """What both isolations clone: the template, or, when its objects were handed over to pgsandbox_owner,
@@ -546,6 +660,9 @@ class Sandbox:
     def _end(self, db: Database, keep: bool, next_test_id: str | None) -> list[Finding]:
         """Hand the test's database back to the isolation that gave it (kept under a name of its own when
         ``keep``: a failed test under keep-failed)."""
+        if db._test.roles.stack and db.isolation == "database":  # a block never left: its clone may serve again
+            self.app_roles.set_defaults(db.name, None)
+        db._test.roles.forget()
         ours: set[int] = set()  # what the test opened through pgsandbox: closed here, not leaks
         for conn in db._opened:
             with contextlib.suppress(psycopg.Error):
@@ -557,7 +674,9 @@ class Sandbox:
         isolation = self._isolations[db.isolation]
         kept_as = None
         not_kept: list[Finding] = []
-        if (keep or db.keep) and isolation is self._transaction and self._transaction.scopes:
+        if (keep or db.keep) and isinstance(isolation, SchemaIsolation):
+            not_kept = [not_kept_in_schema(db.test_id)]
+        elif (keep or db.keep) and isolation is self._transaction and self._transaction.scopes:
             not_kept = [not_kept_in_scope(db.test_id, self._transaction.scopes[-1].scope_id)]
         elif keep or db.keep:
             kept_as = self.kept.keep(db.name if isolation.keeps_in_place else None)
@@ -604,6 +723,12 @@ class Sandbox:
                 db._test.joined(opened[0].info.backend_pid)  # ours: not a connection the guards should suspect
             return opened[0].execute(sql_text, params).fetchall()
 
+        if self.schema is not None:  # its name is the run's, its catalog names it: kept in memory only
+            try:
+                return for_template(self.schema.name, None, query)
+            finally:
+                for conn in opened:
+                    conn.close()
         if self._catalogs is None:  # cache_root() checks that the directory is writable: once per session
             self._catalogs = cache_root(self.settings.cache) / "catalogs"
         try:
@@ -670,6 +795,9 @@ class Sandbox:
     def _stop_on_server(self) -> None:
         for isolation in self._isolations.values():
             isolation.close()
+        for schema in (self.schema, self._login_schema):
+            if schema is not None:
+                schema.drop()
         if not self.attached:
             release(self.server, self.templates)
         self.kept.hand_over()
@@ -688,6 +816,16 @@ class Sandbox:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _no_database_in_schema_session() -> ConfigError:
+    return ConfigError(
+        "database isolation clones a database per test, and this session runs in schema isolation "
+        "(pg_isolation = schema), which creates no database.",
+        "drop isolation='database' from the pg marker (in schema isolation each test is rolled back in the "
+        "session's schema), or run the session in database isolation on a server where the role may create "
+        "databases.",
+    )
 
 
 def _save_snapshot(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from pgsandbox.data.rows import run_async as run_steps_async
 from pgsandbox.errors import ConfigError
 from pgsandbox.isolation.base import Mode
 from pgsandbox.isolation.guests import Guests, Parked, app_name
+from pgsandbox.isolation.roles import AsRole, TestRoles, block_of
 from pgsandbox.isolation.server_objects import ServerObjects, server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
 from pgsandbox.server import Server
@@ -68,6 +69,8 @@ class TestInternals:
     rows: Rows | None = None  # the test's data factory, once pg.insert or pg.rows made it
     log_start: Position | None = None  # where the statement log stood at the test's start
     started: float = field(default_factory=time.time)  # when the test's database was opened (epoch seconds)
+    roles: TestRoles = field(default_factory=TestRoles)  # pg.as_role blocks and the connections they reach
+    admin_connections: list[Any] = field(default_factory=list)  # pg_admin's: never switched to an app's role
 
     @property
     def scope(self) -> Scope:
@@ -205,6 +208,29 @@ class Database(ConnectionForms):
             conn.commit()
         return value
 
+    def as_role(self, role: str | None, settings: Mapping[str, Any] | None = None) -> AsRole:
+        """A block during which the test's connections run as ``role`` (one the migrations created, such as
+        ``app_rw`` or ``authenticated``) with ``settings`` (``{"app.tenant_id": "a", "request.jwt.claims":
+        {...}}``: a dict or list is sent as JSON), as the app does in production: its grants and row-level
+        security policies apply. ``with pg.as_role(...):``; ``async with`` in a test with async connections.
+
+        It reaches the test's connections (``pg``, ``pg_conn``, every driver fixture and SQLAlchemy's), and
+        those opened during the block; in ``database`` isolation also the app's own connections opened from
+        :attr:`dsn` or :meth:`url` during the block. After it: the test's own role, the settings emptied. A
+        permission denied raised in it says what the role lacked. ``role=None``: the test's own role (the owner of
+        the tables) inside a block of another, or a test marked ``@pytest.mark.pg(role=...)``: to write rows of
+        every tenant, for example."""
+        return AsRole(self._test.roles, self.isolation, self.name, block_of(role, settings), self._own_connections)
+
+    def _own_connections(self) -> list[psycopg.Connection[Any]]:
+        """The test's psycopg connections as the tests' role (not pg_admin's)."""
+        admin = self._test.admin_connections
+        return [
+            conn
+            for conn in (self._connection, *self._opened)
+            if conn is not None and not conn.closed and all(conn is not other for other in admin)
+        ]
+
     # -- data factories ---------------------------------------------------------------------------------
     @property
     def rows(self) -> Rows:
@@ -262,8 +288,9 @@ class Database(ConnectionForms):
     # -- for other client libraries -------------------------------------------------------------------
     @property
     def params(self) -> dict[str, Any]:
-        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
-        return {**self.server.login_params, "dbname": self.name}
+        """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...; in
+        schema isolation, ``options`` setting the search_path to the session's schema)."""
+        return {**self.server.login_params, "dbname": self.name, **self.server.path_options(self.name)}
 
     def connect_admin(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new connection to this database as the admin (superuser on a local server), outside the test's
@@ -273,6 +300,7 @@ class Database(ConnectionForms):
         if self._test.server_objects is None:  # the admin may create databases and roles: watch for them
             self._test.server_objects = server_objects(self.server.admin)
         conn = self.server.connect(self.name, logged=True, **kwargs)
+        self._test.admin_connections.append(conn)
         self._test.joined(conn.info.backend_pid)
         if "pg_admin" not in self._test.guests.committing:  # what it commits escapes a transaction-isolation test
             self._test.guests.committing.append("pg_admin")
@@ -294,14 +322,20 @@ class SessionLogin(ConnectionForms):
     cloned from the template (migrated and seeded) when first asked for and owned by the tests' role. It is not
     isolated: what is written there stays for the whole session, and the tests' own databases do not see it."""
 
-    def __init__(self, server: Server, dbname: str) -> None:
+    def __init__(self, server: Server, dbname: str, options: str = "") -> None:
+        """``options``: libpq's, on every connection (schema isolation: the search_path of pg_login's schema)."""
         self.server = server
         self.dbname = dbname
+        self.options = options
 
     @property
     def params(self) -> dict[str, Any]:
         """Connection parameters of the tests' role (libpq keywords: host, port, user, dbname, passfile...)."""
-        return {**self.server.login_params, "dbname": self.dbname}
+        return {
+            **self.server.login_params,
+            "dbname": self.dbname,
+            **({"options": self.options} if self.options else {}),
+        }
 
     def reveal_password(self) -> Secret | None:
         return self.server.login_password()

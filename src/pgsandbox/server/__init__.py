@@ -6,15 +6,35 @@ from collections.abc import Sequence
 
 from pgsandbox.common.progress import Progress
 from pgsandbox.server.base import Server
+from pgsandbox.server.credentials import CredentialsCommand
 from pgsandbox.server.external import ExternalServer
 from pgsandbox.server.local import LocalServer
 from pgsandbox.settings import Settings
 
-__all__ = ["ExternalServer", "LocalServer", "Progress", "Server", "start_server", "wants_external"]
+__all__ = [
+    "CredentialsCommand",
+    "ExternalServer",
+    "LocalServer",
+    "Progress",
+    "Server",
+    "credentials_command",
+    "start_server",
+    "wants_external",
+]
 
 
 def wants_external(settings: Settings) -> bool:
     return settings.server == "external" or (settings.server == "auto" and bool(settings.dsn))
+
+
+def credentials_command(settings: Settings) -> CredentialsCommand | None:
+    """``pg_credentials_command``, when set: it gives an existing server's admin password (a local server has
+    its own, and ignores it)."""
+    if not settings.credentials_command:
+        return None
+    return CredentialsCommand(
+        settings.credentials_command, settings.source_of("credentials_command"), settings.credentials_timeout
+    )
 
 
 def start_server(
@@ -24,5 +44,10 @@ def start_server(
     cached cluster snapshot of ``snapshots``, if any)."""
     settings = settings or Settings.from_env()
     if wants_external(settings):
-        return ExternalServer.attach(settings.dsn or "", settings.source_of("dsn"))
+        return ExternalServer.attach(
+            settings.dsn or "",
+            settings.source_of("dsn"),
+            credentials=credentials_command(settings),
+            needs_createdb=settings.isolation != "schema",
+        )
     return LocalServer.start(settings, progress, snapshots)

@@ -21,6 +21,7 @@ from pgsandbox.binaries import Installation
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConfigError
 from pgsandbox.server.admin import lock_id
+from pgsandbox.server.credentials import RenewableCredentials, refused
 from pgsandbox.server.passfile import Passfile
 from pgsandbox.server.roles import Login, take_over
 from pgsandbox.server.statement_log import StatementLog
@@ -76,6 +77,11 @@ class Server(ABC):
         self.statement_log: StatementLog | None = None
         # settings of every database created for tests when they connect as the admin (no role to hold them)
         self.database_settings: dict[str, str] = {}
+        # pg_credentials_command (an existing server's): run again when an admin connect is refused
+        self.credentials: RenewableCredentials | None = None
+        # schema isolation (template/schemas.py): (database, libpq options) that every test connection to that
+        # database gets: the search_path on the session's schema, the tests' timeouts
+        self.test_options: tuple[str, str] | None = None
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -136,8 +142,15 @@ class Server(ABC):
     def login_dsn_for(self, dbname: str) -> str:
         """The DSN tests use: the login role's (:attr:`login`), or the admin's when there is none."""
         if self.login is None:
-            return self.dsn_for(dbname)
-        return make_conninfo(self._conninfo, dbname=dbname, user=self.login.user)
+            return make_conninfo(self._conninfo, dbname=dbname, **self.path_options(dbname))
+        return make_conninfo(self._conninfo, dbname=dbname, user=self.login.user, **self.path_options(dbname))
+
+    def path_options(self, dbname: str | None) -> dict[str, str]:
+        """libpq's ``options`` that point a connection to ``dbname`` at the session's schema (schema isolation),
+        else nothing."""
+        if self.test_options is None or self.test_options[0] != dbname:
+            return {}
+        return {"options": self.test_options[1]}
 
     @property
     def login_params(self) -> dict[str, Any]:
@@ -229,11 +242,32 @@ class Server(ABC):
     # -- connections -------------------------------------------------------------------------------
     def connect(self, dbname: str | None = None, *, logged: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new psycopg connection as the admin role, to ``dbname`` (default: the admin database). Its
-        statements stay out of the statement log unless ``logged`` (a test's ``pg_admin``)."""
+        statements stay out of the statement log unless ``logged`` (a test's ``pg_admin``). With a credentials
+        command (credentials.py), a refused connect runs it again and is retried once."""
         conninfo = make_conninfo(self._admin_conninfo, dbname=dbname) if dbname else self._admin_conninfo
         if self.statement_log is not None and not logged:
             kwargs.setdefault("options", QUIET_OPTIONS)
-        return psycopg.connect(conninfo, **kwargs)
+        path = self.path_options(dbname).get("options")
+        if path:
+            kwargs["options"] = f"{kwargs['options']} {path}" if kwargs.get("options") else path
+        credentials = self.credentials
+        if credentials is None:
+            return psycopg.connect(conninfo, **kwargs)
+        seen = credentials.generation
+        try:
+            return psycopg.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as error:
+            if not refused(error):
+                raise
+        # the token expired or the password was rotated: the credentials command gives the current one
+        credentials.renew(seen)
+        try:
+            return psycopg.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as error:
+            if not refused(error):
+                raise
+            failure = credentials.refused(error, self.address)
+        raise failure
 
     @property
     def admin(self) -> psycopg.Connection[Any]:

@@ -13,9 +13,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import MIN_VERSION
 from pgsandbox.common.redact import Secret, redact
-from pgsandbox.errors import ConnectError, PrivilegeError, UnsupportedVersion
+from pgsandbox.errors import ConfigError, ConnectError, PrivilegeError, UnsupportedVersion
 from pgsandbox.server import runs
 from pgsandbox.server.base import Server, new_run_id
+from pgsandbox.server.credentials import CredentialsCommand, RenewableCredentials, refused
 from pgsandbox.server.local import log_tail
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.roles import drop_login
@@ -26,11 +27,6 @@ CONNECT_TIMEOUT = 10
 _UNREACHABLE = re.compile(
     r"could not connect|connection refused|could not translate host name|timeout expired|"
     r"no such file or directory|name or service not known|network is unreachable|no route to host",
-    re.IGNORECASE,
-)
-_BAD_PASSWORD = re.compile(
-    r"password authentication failed|no password supplied|authentication failed|"
-    r"password is required|SCRAM authentication",
     re.IGNORECASE,
 )
 
@@ -58,12 +54,20 @@ class ExternalServer(Server):
         statement_log: StatementLog | None = None,
         admin_dsn: str | None = None,
         local_run: Path | None = None,
+        credentials: CredentialsCommand | None = None,
+        credentials_first: bool = True,
+        *,
+        needs_createdb: bool = True,
     ) -> ExternalServer:
         """Connect with ``dsn`` (a URL or key=value string; empty: the libpq ``PG*`` variables) and check
         that the server is new enough and the role may create databases. ``statement_log``: the log of a
         pgsandbox local server (an xdist worker's), which the admin's own statements stay out of;
         ``admin_dsn``: the same role by another way for pgsandbox's own connections (that server's socket);
-        ``local_run``: that server's run directory (its log), which makes it a :attr:`throwaway` server."""
+        ``local_run``: that server's run directory (its log), which makes it a :attr:`throwaway` server;
+        ``credentials``: the command that gives the admin's password (credentials.py), run first (else, with
+        ``credentials_first`` false, only when the password the DSN's passfile holds is refused: an xdist
+        worker, which takes the controller's) and again whenever a reconnect is refused;
+        ``needs_createdb``: False for schema isolation, which creates no database."""
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as error:
@@ -72,6 +76,13 @@ class ExternalServer(Server):
                 "use a URL (postgresql://user@host:5432/dbname) or key=value pairs (host=... dbname=...).",
             ) from None
         _check_port(str(params.get("port") or ""), source)
+        if credentials is not None and params.get("password"):
+            raise ConfigError(
+                f"{source} holds a password and {credentials.source} gives one too: pgsandbox will not guess "
+                "which one is meant.",
+                f"take the password out of {source} (postgresql://user@host/db) to use the credentials command, "
+                f"or unset {credentials.source}.",
+            )
         run_id = new_run_id()
         secrets = runs.create_secrets_dir(run_id)
         try:
@@ -87,7 +98,18 @@ class ExternalServer(Server):
             if "connect_timeout" not in params:
                 dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
                 admin_dsn = admin_dsn and make_conninfo(admin_dsn, connect_timeout=CONNECT_TIMEOUT)
-            admin = _connect(admin_dsn or dsn, source, quiet=statement_log is not None)
+            fetch = credentials is not None and credentials_first
+            while True:
+                if fetch:
+                    assert credentials is not None
+                    dsn, admin_dsn = _fetch(credentials, params, passfile, dsn, admin_dsn)
+                try:
+                    admin = _open(admin_dsn or dsn, quiet=statement_log is not None)
+                    break
+                except psycopg.OperationalError as error:
+                    if fetch or credentials is None or not refused(error):
+                        raise _connect_error(error, describe_target(admin_dsn or dsn), source, credentials) from None
+                fetch = True  # the passfile's password was refused: the command's is current
         except BaseException:
             shutil.rmtree(secrets.path, ignore_errors=True)
             raise
@@ -100,13 +122,17 @@ class ExternalServer(Server):
             origin = params.get("passfile")
             dsn = make_conninfo(dsn, password=NO_PASSWORD, passfile=str(passfile.path))
             admin_dsn = admin_dsn and make_conninfo(admin_dsn, password=NO_PASSWORD, passfile=str(passfile.path))
-            _check(admin)
+            _check(admin, needs_createdb)
             server = cls(dsn, admin.info.server_version, run_id, admin_dsn, passfile=passfile)
             server._admin_user = admin.info.user
             server.secrets = secrets
             server.origin_passfile = Path(str(origin)) if origin else None
             server.statement_log = statement_log
             server.local_run = local_run
+            if credentials is not None:
+                server.credentials = RenewableCredentials(
+                    credentials, passfile, admin.info.user, _passfile_port(params), params
+                )
         except BaseException:
             admin.close()
             shutil.rmtree(secrets.path, ignore_errors=True)
@@ -192,32 +218,58 @@ def _check_port(port: str, source: str) -> None:
             )
 
 
-def _connect(dsn: str, source: str, quiet: bool = False) -> psycopg.Connection[Any]:
-    target = describe_target(dsn)
-    try:
-        extra: dict[str, Any] = {"options": QUIET_OPTIONS} if quiet else {}  # else PGOPTIONS applies
-        return psycopg.connect(dsn, autocommit=True, **extra)
-    except psycopg.OperationalError as error:
-        message = redact(str(error).strip())
-        if _BAD_PASSWORD.search(message):
-            raise ConnectError(
-                f"the PostgreSQL server at {target} refused the password: {message}",
-                f"give the right password in {source} (postgresql://user:PASSWORD@host/db), "
-                "in PGPASSWORD, or in ~/.pgpass.",
-            ) from None
-        if _UNREACHABLE.search(message):
-            raise ConnectError(
-                f"pgsandbox could not reach the PostgreSQL server at {target}: {message}",
-                f"check that the server is running and that the host and port in {source} (or PGHOST, "
-                "PGPORT) are right; or unset them to let pgsandbox start a local server.",
-            ) from None
-        raise ConnectError(
-            f"pgsandbox could not connect to the PostgreSQL server at {target}: {message}",
-            f"check {source} and the libpq variables (PGHOST, PGPORT, PGUSER, PGDATABASE).",
-        ) from None
+def _fetch(
+    credentials: CredentialsCommand, params: dict[str, Any], passfile: Passfile, dsn: str, admin_dsn: str | None
+) -> tuple[str, str | None]:
+    """Run the credentials command; its password goes to the passfile, and its user (when it names one: Vault's
+    dynamic users) into ``params``; return the DSNs to connect with, which name the passfile."""
+    given = credentials.run(params)
+    if given.user:
+        params["user"] = given.user
+    passfile.add(str(params.get("user") or "*"), given.password, port=_passfile_port(params))
+    del given
+    user = {"user": params["user"]} if params.get("user") else {}
+    dsn = make_conninfo(dsn, password=NO_PASSWORD, passfile=str(passfile.path), **user)
+    admin_dsn = admin_dsn and make_conninfo(admin_dsn, password=NO_PASSWORD, passfile=str(passfile.path), **user)
+    return dsn, admin_dsn
 
 
-def _check(admin: psycopg.Connection[Any]) -> None:
+def _open(dsn: str, quiet: bool = False) -> psycopg.Connection[Any]:
+    extra: dict[str, Any] = {"options": QUIET_OPTIONS} if quiet else {}  # else PGOPTIONS applies
+    return psycopg.connect(dsn, autocommit=True, **extra)
+
+
+def _connect_error(
+    error: psycopg.OperationalError, target: str, source: str, credentials: CredentialsCommand | None = None
+) -> ConnectError:
+    """What a failed first connect to the server means, and what to do."""
+    message = redact(str(error).strip())
+    if refused(error):
+        if credentials is not None:
+            return ConnectError(
+                f"the PostgreSQL server at {target} refused the password that the credentials command "
+                f"`{credentials.shown}` ({credentials.source}) gave: {message}",
+                "check that the command gives the current password (or token) of the role the DSN names, or prints "
+                'JSON {"user": ..., "password": ...} naming its role: run it in a terminal and connect with psql.',
+            )
+        return ConnectError(
+            f"the PostgreSQL server at {target} refused the password: {message}",
+            f"give the right password in {source} (postgresql://user:PASSWORD@host/db), "
+            "in PGPASSWORD, or in ~/.pgpass; or a command that prints it in pg_credentials_command.",
+        )
+    if _UNREACHABLE.search(message):
+        return ConnectError(
+            f"pgsandbox could not reach the PostgreSQL server at {target}: {message}",
+            f"check that the server is running and that the host and port in {source} (or PGHOST, "
+            "PGPORT) are right; or unset them to let pgsandbox start a local server.",
+        )
+    return ConnectError(
+        f"pgsandbox could not connect to the PostgreSQL server at {target}: {message}",
+        f"check {source} and the libpq variables (PGHOST, PGPORT, PGUSER, PGDATABASE).",
+    )
+
+
+def _check(admin: psycopg.Connection[Any], needs_createdb: bool = True) -> None:
     version = admin.info.server_version
     check_version(version)
     row = admin.execute(
@@ -225,10 +277,12 @@ def _check(admin: psycopg.Connection[Any]) -> None:
     ).fetchone()
     assert row is not None
     user, superuser, createdb = row
-    if not (superuser or createdb):
+    if needs_createdb and not (superuser or createdb):
         raise PrivilegeError(
             f"role {user!r} lacks the CREATEDB privilege, which pgsandbox needs to create test databases.",
-            f"as a superuser run: ALTER ROLE {user} CREATEDB; or connect as a role that has it.",
+            f"as a superuser run: ALTER ROLE {user} CREATEDB; or connect as a role that has it; or, where tests may "
+            "not create databases, use schema isolation (pg_isolation = schema), which needs only CREATE on the "
+            "DSN's database.",
         )
 
 

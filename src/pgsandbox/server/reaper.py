@@ -4,6 +4,7 @@ Every run holds a session-level advisory lock for its lifetime (``Server._hold_r
 creates ``pgsandbox_<run id>_...``; its databases carry a comment saying when the run started. A run whose
 lock is free is gone (the server released the lock with its connection): its databases and role are stale
 once the run started longer ago than the grace period. Kept databases (of failed tests) stay unless asked.
+Schema isolation's schemas (``pgsandbox_<run id>_schema``, in the database the admin connects to) go too.
 Nothing whose name does not match the run pattern is ever touched: not the templates (``pgsandbox_tpl_``,
 pruned by the template cache), not ``pgsandbox_owner``, not anyone else's.
 """
@@ -33,6 +34,7 @@ class Run:
     databases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     roles: list[str] = field(default_factory=list)
+    schemas: list[str] = field(default_factory=list)  # schema isolation's, in the admin's database
     started: float | None = None  # from the comments; None when nothing says
     host: str = ""
     pid: int | None = None
@@ -60,7 +62,9 @@ def runs_on(admin: psycopg.Connection[Any]) -> dict[str, Run]:
         "SELECT 'database', datname, shobj_description(oid, 'pg_database') FROM pg_database "
         "WHERE datname LIKE 'pgsandbox\\_%' "
         "UNION ALL SELECT 'role', rolname, shobj_description(oid, 'pg_authid') FROM pg_roles "
-        "WHERE rolname LIKE 'pgsandbox\\_%'"
+        "WHERE rolname LIKE 'pgsandbox\\_%' "
+        "UNION ALL SELECT 'schema', nspname, obj_description(oid, 'pg_namespace') FROM pg_namespace "
+        "WHERE nspname LIKE 'pgsandbox\\_%'"
     ).fetchall()
     for kind, name, comment in rows:
         match = RUN_NAME.match(name)
@@ -70,6 +74,8 @@ def runs_on(admin: psycopg.Connection[Any]) -> dict[str, Run]:
         label = _label(comment)
         if kind == "role":
             run.roles.append(name)
+        elif kind == "schema":
+            run.schemas.append(name)
         else:
             (run.kept if label.get("kept") else run.databases).append(name)
         if label.get("started") is not None:
@@ -118,6 +124,10 @@ def drop_dead_runs(
             terminate_connections(admin, name)
             with contextlib.suppress(psycopg.Error):
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                done.append(name)
+        for name in run.schemas:
+            with contextlib.suppress(psycopg.Error):
+                admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
                 done.append(name)
         if not run.kept or include_kept:  # otherwise its role still owns the kept databases
             for name in run.roles:

@@ -200,3 +200,92 @@ def create_login(
 def drop_login(admin: psycopg.Connection[Any], login: Login) -> None:
     with contextlib.suppress(psycopg.Error):
         admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(login.user)))
+
+
+# -- the app's own roles (pg.as_role) ------------------------------------------------------------------------
+# A role the tests' login may become: it exists, it is not PostgreSQL's or pgsandbox's own, and neither it nor
+# a role it belongs to is a superuser or may create roles (becoming it would let the tests' role become them)
+_APP_ROLE = """
+SELECT r.rolname LIKE 'pg\\_%%' OR r.rolname LIKE 'pgsandbox\\_%%' AS reserved,
+       EXISTS (SELECT 1 FROM pg_roles s WHERE (s.rolsuper OR s.rolcreaterole OR s.rolreplication)
+               AND pg_has_role(r.oid, s.oid, 'MEMBER')) AS powerful,
+       pg_has_role(%(login)s, r.oid, 'MEMBER') AS member
+  FROM pg_roles r WHERE r.rolname = %(role)s
+"""
+_APP_ROLES = """
+SELECT rolname FROM pg_roles r
+ WHERE rolname NOT LIKE 'pg\\_%' AND rolname NOT LIKE 'pgsandbox\\_%' AND NOT rolsuper AND NOT rolcreaterole
+   AND rolname <> current_user ORDER BY rolname
+"""
+# what a user may mean by the marker's role= when they think of the pg_role option
+_LOGIN_CHOICES = ("own", "createdb", "admin")
+
+
+def app_roles(admin: psycopg.Connection[Any]) -> list[str]:
+    """The roles a test may run as on this server (see :func:`admit_app_role`)."""
+    return [str(row[0]) for row in admin.execute(_APP_ROLES).fetchall()]
+
+
+def admit_app_role(admin: psycopg.Connection[Any], role: str, login: str) -> None:
+    """Make ``login`` (the tests' role) a member of the app's ``role``, so that it may ``SET ROLE`` to it;
+    raise :class:`ConfigError` or :class:`PrivilegeError` when it may not."""
+    from pgsandbox.errors import ConfigError, PrivilegeError
+
+    row = admin.execute(_APP_ROLE, {"role": role, "login": login}).fetchone()
+    if row is None:
+        existing = app_roles(admin)
+        said = f"Roles that exist: {', '.join(existing)}." if existing else "No role of the app's exists on it."
+        hint = (
+            f" (the marker's role= names a role of the app; {role!r} is a value of the pg_role option, whom "
+            "pgsandbox connects as)"
+            if role in _LOGIN_CHOICES
+            else ""
+        )
+        raise ConfigError(
+            f"pg.as_role: role {role!r} does not exist on the server{hint}. {said}",
+            f"create it in a migration (CREATE ROLE {role} NOLOGIN, then its GRANTs and policies), or name one "
+            "of the roles above.",
+        )
+    reserved, powerful, member = row
+    if reserved or powerful:
+        why = (
+            "is one of PostgreSQL's or pgsandbox's own roles"
+            if reserved
+            else "is, or belongs to, a superuser or a role that may create roles or replicate"
+        )
+        raise ConfigError(
+            f"pg.as_role: role {role!r} {why}; the tests' role may not become it.",
+            "run as the app's own least-privilege role (such as app_rw or authenticated), which the migrations "
+            "create NOLOGIN, with only the grants the app needs.",
+        )
+    if member:
+        return
+    with changing_roles(admin):
+        try:
+            admin.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(login)))
+        except psycopg.errors.InsufficientPrivilege as error:
+            raise PrivilegeError(
+                f"pg.as_role: the admin ({current_user(admin)}) may not make the tests' role a member of {role!r}: "
+                f"{error.diag.message_primary or error}.",
+                f"let the admin create {role} in the migrations (its creator may grant it), or give it the right: "
+                f"GRANT {role} TO {current_user(admin)} WITH ADMIN OPTION.",
+            ) from None
+
+
+def current_user(admin: psycopg.Connection[Any]) -> str:
+    row = admin.execute("SELECT current_user").fetchone()
+    return str(row[0]) if row else ""
+
+
+def set_login_defaults(
+    admin: psycopg.Connection[Any], login: str, dbname: str, role: str | None, settings: Mapping[str, str]
+) -> None:
+    """The defaults of ``login``'s new connections to ``dbname``: run as ``role`` (None: as itself) with
+    ``settings`` (none: as created). One round trip."""
+    target = sql.SQL("ALTER ROLE {} IN DATABASE {}").format(sql.Identifier(login), sql.Identifier(dbname))
+    statements = [sql.SQL("{} RESET ALL").format(target)]
+    if role is not None:
+        statements.append(sql.SQL("{} SET role = {}").format(target, sql.Literal(role)))
+    for name, value in settings.items():
+        statements.append(sql.SQL("{} SET {} = {}").format(target, sql.Identifier(name), sql.Literal(value)))
+    admin.execute(sql.SQL("; ").join(statements))

@@ -233,7 +233,7 @@ def _build(
             )
             opened: set[str] = set()
             for migrator in layer.migrators:
-                _migrate(server, migrator, target, opened)
+                migrate_step(server, migrator, target, opened)
             files = reads.watched(opened, [p for m in layer.migrators for p in m.input_paths()])
             if files:
                 meta["reads"] = reads.record(files, root)
@@ -261,13 +261,13 @@ def _build(
         return True
 
 
-def _migrate(server: Server, migrator: Migrator, target: Target, opened: set[str]) -> None:
+def migrate_step(server: Server, migrator: Migrator, target: Target, opened: set[str]) -> None:
     """One step, with connections elsewhere refused and the files it reads recorded; a step running the app's
     code must change something in the template (else it most likely migrated another database)."""
     if not migrator.runs_app_code:  # sql:, sqlalchemy: connect to the template only and read only their inputs
         migrator.migrate(target)
         return
-    since = _next_xid(server)
+    since = next_xid(server)
     refused: list[guard.ForeignConnection] = []
     try:
         with reads.recording() as read, guard.only_template(target.dbname, migrator.label) as refused:
@@ -279,19 +279,20 @@ def _migrate(server: Server, migrator: Migrator, target: Target, opened: set[str
         raise
     if refused:  # the migration caught the refusal and went on: it still tried to change another database
         raise refused[0]
-    if not _changed_since(server, target.dbname, since):
+    if not changed_since(server, target.dbname, since):
         migrator.unchanged(target)
 
 
-def _next_xid(server: Server) -> int:
+def next_xid(server: Server) -> int:
     """The first transaction id not yet assigned on the server: what a step writes carries one at least as new."""
     row = server.admin.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
     return int(row[0]) if row else 0
 
 
-def _changed_since(server: Server, dbname: str, xid: int) -> bool:
+def changed_since(server: Server, dbname: str, xid: int) -> bool:
     """Whether a transaction since ``xid`` wrote to ``dbname``'s catalogs (DDL, grants, comments) or to a row
-    of its tables (data): every new tuple version carries its writer's transaction id (``xmin``), a deleted
+    of its tables (data), those the admin may read (pg_statistic is a superuser's; schema isolation shares the
+    database with others' tables): every new tuple version carries its writer's transaction id (``xmin``), a deleted
     one its deleter's (``xmax``); ``age()`` compares them with ``xid`` across 32-bit wraparound. The catalogs
     of a template being built are small (a few ms); tables are read only when the catalogs did not change
     (a seed), and ``EXISTS`` stops at the first new row."""
@@ -300,12 +301,13 @@ def _changed_since(server: Server, dbname: str, xid: int) -> bool:
     with server.connect(dbname, autocommit=True) as conn:
         catalogs = conn.execute(
             "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace "
-            "AND c.relkind = 'r' AND NOT c.relisshared"
+            "AND c.relkind = 'r' AND NOT c.relisshared AND has_table_privilege(c.oid, 'SELECT')"
         ).fetchall()
         tables = conn.execute(
             "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
-            "AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_(catalog$|toast|temp_)'"
+            "AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_(catalog$|toast|temp_)' "
+            "AND has_table_privilege(c.oid, 'SELECT')"
         ).fetchall()
         for group in (catalogs, tables):
             if not group:

@@ -1,0 +1,5 @@
+import app.warmup  # noqa: F401
+
+
+def test_warm():
+    pass
