@@ -88,6 +88,9 @@ PLUGINS_AN_EXTRA_MAY_BRING = {
     "all": {"asyncio"},
     "factoryboy": {"faker"},
     "django": {"django"},
+    # the example application's own test plugins (pytest-factoryboy; anyio's comes with FastAPI), for CI's run of
+    # the example on the installed wheel: not a set of fixtures a project installs
+    "examples": {"asyncio", "faker", "pytest-factoryboy", "anyio"},
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from pgsandbox._version import __version__
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
-from pgsandbox.errors import ConfigError, PgSandboxError
+from pgsandbox.errors import ConfigError, PgSandboxError, with_link
 from pgsandbox.server import clusters, keepalive, osuser, runs, wants_external
 from pgsandbox.server.external import describe_target
 from pgsandbox.settings import OPTIONS, Settings
@@ -102,7 +102,7 @@ def doctor(settings: Settings) -> int:
                 state = "there" if (target / ".ready").exists() else "made by the first start"
                 print(f"  its binaries copied to {target} ({state}): {account.name!r} cannot reach {chosen.bindir}")
     except PgSandboxError as error:
-        print(f"Would use for a local server: none.\n  {error}")
+        print(f"Would use for a local server: none.\n  {with_link(error)}")
         status = 0 if wants_external(settings) else 1
     root = settings.cache or clusters.default_cache_root()
     size = clusters.cache_size(root) if root.exists() else 0
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reap(settings, args.dsn, args.grace, args.dry_run, args.include_kept)
         return clean(settings, args.keep_cache, args.run_ids, args.dry_run, args.all_users)
     except PgSandboxError as error:
-        print(f"pgsandbox: {error}", file=sys.stderr)
+        print(f"pgsandbox: {with_link(error)}", file=sys.stderr)
         return 2
 
 

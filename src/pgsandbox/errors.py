@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# The docs site ([project.urls] Documentation in pyproject.toml, site_url in mkdocs.yml): an error's what-to-do
+# links to its kind's entry on the troubleshooting page
+DOCS_URL = "https://pgsandbox.github.io/pytest-pgsandbox/"
+
 
 class PgSandboxError(Exception):
     """Base class: ``str(error)`` is the whole message, already free of passwords."""
@@ -12,6 +16,20 @@ class PgSandboxError(Exception):
         self.what = redact(what)
         self.fix = redact(fix)
         super().__init__(self.what + (f"\n  What to do: {self.fix}" if self.fix else ""))
+        if self.fix:  # a one-line error (no fix: "see the first error") stays one line
+            # a note (PEP 678), not part of str(error): tracebacks and pytest print it after the message, and
+            # with_link() adds it where a message quotes the error
+            self.__notes__ = [f"  See: {self.docs_url()}"]
+
+    @classmethod
+    def docs_url(cls) -> str:
+        """This kind of error's entry on the docs site's troubleshooting page (a heading named after the class)."""
+        return f"{DOCS_URL}troubleshooting/#{cls.__name__.lower()}"
+
+
+def with_link(error: BaseException) -> str:
+    """The error's message and its notes (a pgsandbox error's troubleshooting link), for a message that quotes it."""
+    return "\n".join([str(error), *getattr(error, "__notes__", ())])
 
 
 class ConfigError(PgSandboxError):

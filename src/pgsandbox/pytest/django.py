@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pgsandbox.errors import PgSandboxError
+from pgsandbox.errors import PgSandboxError, with_link
 from pgsandbox.pytest import state
 from pgsandbox.pytest.fixtures import fail, sandbox_database
 
@@ -67,7 +67,7 @@ def choose_driver(early_config: pytest.Config) -> None:
     try:
         use_driver(driver, options.source_of("django"))
     except PgSandboxError as error:
-        raise pytest.UsageError(f"pgsandbox: {error}") from None
+        raise pytest.UsageError(f"pgsandbox: {with_link(error)}") from None
 
 
 def header(config: pytest.Config) -> list[str]:
@@ -283,4 +283,4 @@ def start(config: pytest.Config) -> None:
     try:
         configure(config)
     except PgSandboxError as error:
-        raise pytest.UsageError(f"pgsandbox: {error}") from None
+        raise pytest.UsageError(f"pgsandbox: {with_link(error)}") from None

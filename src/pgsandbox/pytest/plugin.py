@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning
+from pgsandbox.errors import ConfigError, PgSandboxError, PgSandboxWarning, with_link
 from pgsandbox.pytest import report as reports
 from pgsandbox.pytest import state
 from pgsandbox.pytest.state import (
@@ -108,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if not worker:
             check_startup(config.stash[SETTINGS_KEY], config.invocation_params.dir)
     except ConfigError as error:
-        raise pytest.UsageError(f"pgsandbox: {error}") from None
+        raise pytest.UsageError(f"pgsandbox: {with_link(error)}") from None
     state.install_fence(config)
     for pattern in [] if worker else unmatched_inputs(config.stash[SETTINGS_KEY], config.rootpath):
         warning = PgSandboxWarning(
