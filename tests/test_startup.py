@@ -21,10 +21,13 @@ import json, os, pathlib, time
 def _postmaster():
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for pid_file in pathlib.Path(os.environ["PGSANDBOX_RUNTIME_DIR"]).rglob("postmaster.pid"):
-            lines = pid_file.read_text().splitlines()
-            if len(lines) >= 8 and lines[7].strip() == "ready":
-                return int(lines[0]), str(pid_file.parent.parent)
+        try:  # the server's start removes directories (a killed run's) while this walks them
+            for pid_file in pathlib.Path(os.environ["PGSANDBOX_RUNTIME_DIR"]).rglob("postmaster.pid"):
+                lines = pid_file.read_text().splitlines()
+                if len(lines) >= 8 and lines[7].strip() == "ready":
+                    return int(lines[0]), str(pid_file.parent.parent)
+        except FileNotFoundError:
+            pass
         time.sleep(0.01)
     return None
 
