@@ -160,3 +160,30 @@ def test_example_project_on_pgsandbox(
     off.assert_outcomes(errors=1)
     assert "db.invalid" in off.stdout.str()
     assert "prod-secret" not in off.stdout.str()
+
+
+SHOP = Path(__file__).parent / "projects" / "django_shop"
+
+
+@pytest.mark.slow
+def test_django_shop_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run of tests/projects/django_shop (its tests check each point themselves; some fail on purpose):
+    pg.insert/execute/fetch in Django's transaction and rolled back with it (both isolations), keep-failed
+    keeping what a failed django_db test wrote (both isolations), serialized_rollback, Django's own test classes
+    counted and their SQL shown, and an app a router migrates on a second alias present in the template."""
+    shutil.copytree(SHOP, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("DATABASE_URL", PRODUCTION_URL)
+    monkeypatch.setenv("LEDGER_URL", PRODUCTION_URL.replace("library", "ledger"))
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", os.environ["PYTEST_ADDOPTS"].replace("-p no:django", ""))
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    output = result.stdout.str()
+    failed = {"test_fails_and_keeps_its_database", "test_transactional_fails_and_keeps_its_database"}
+    failed.add("CustomerTests::test_fails_showing_its_sql")
+    assert {line.split("::", 1)[1].split(" ")[0] for line in output.splitlines() if line.startswith("FAILED")} == failed
+    result.assert_outcomes(passed=9, failed=3)
+    assert "tests: 11 (database 4, django unittest 3, transaction 4)" in output
+    # the failed unittest's SQL, Django's own rollback included
+    assert """INSERT INTO "shop_customer" ("name") VALUES ('unittest-made')""" in output
+    assert output.count("the database of this test is kept as") == 2  # their rows: test_zz_kept.py
+    assert "prod-secret" not in output
