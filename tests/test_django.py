@@ -183,6 +183,7 @@ def test_django_shop_project(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     assert {line.split("::", 1)[1].split(" ")[0] for line in output.splitlines() if line.startswith("FAILED")} == failed
     result.assert_outcomes(passed=9, failed=3)
     assert "tests: 11 (database 4, django unittest 3, transaction 4)" in output
+    assert "driver psycopg2" in output  # pg.insert on Django's psycopg2 connection (psycopg 3: the example's)
     # the failed unittest's SQL, Django's own rollback included
     assert """INSERT INTO "shop_customer" ("name") VALUES ('unittest-made')""" in output
     assert output.count("the database of this test is kept as") == 2  # their rows: test_zz_kept.py
