@@ -253,6 +253,32 @@ def _raw_connection(alias: str) -> Callable[[], Any]:
     return raw
 
 
+# pgsandbox's fixtures of one test's database (the others last longer than a test)
+_LONGER_THAN_A_TEST = frozenset(("pg_sandbox", "pg_server", "pg_login", "pg_module", "pg_class", "pg_package"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for ``pg`` (or another per-test fixture of pgsandbox's) before ``transactional_db``,
+    ``live_server`` or ``db`` gets Django's database first: the first fixture to ask opens the test's database,
+    and only Django's knows it needs ``database`` isolation (``def test(pg, transactional_db)`` would otherwise run
+    a transactional test in a transaction, and its commits would escape)."""
+    for item in items:
+        names: list[str] | None = getattr(item, "fixturenames", None)
+        if not names or "_django_db_helper" not in names:
+            continue
+        helper = names.index("_django_db_helper")
+        first = next(
+            (
+                index
+                for index, name in enumerate(names[:helper])
+                if name.startswith("pg") and name not in _LONGER_THAN_A_TEST and name != "pg_session_data"
+            ),
+            None,
+        )
+        if first is not None:
+            names.insert(first, names.pop(helper))
+
+
 UNITTEST_KIND = "django unittest"  # what the report counts Django's own test classes as
 
 

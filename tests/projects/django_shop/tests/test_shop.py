@@ -32,6 +32,13 @@ def test_pg_insert_inside_an_atomic_block_of_a_transactional_test(pg):
     assert Order.objects.filter(customer=customer).count() == 1
 
 
+def test_pg_asked_for_before_transactional_db(pg, transactional_db):
+    with transaction.atomic():
+        Customer.objects.create(name="committed")
+    assert pg.isolation == "database"  # Django's fixture opened the test's database, a clone
+    assert pg.fetchval("SELECT count(*) FROM shop_customer WHERE name = 'committed'") == 1
+
+
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_serialized_rollback_sees_the_data_migrations_rows():
     assert Customer.objects.filter(name="house").exists()
