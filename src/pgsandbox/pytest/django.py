@@ -14,6 +14,12 @@ same name wins; a conftest's still wins over both):
   database, Django's atomic blocks roll it back, and a savepoint of pgsandbox's inside Django's transaction
   tells an escaped ``COMMIT``); a ``transaction=True`` test gets ``database`` isolation, a clone that is dropped,
   so Django's flush is skipped. So pgsandbox counts these tests, shows a failed one's SQL and runs its guards.
+  ``pg.execute``/``fetch``/``insert`` run on Django's connection of the test (``TestInternals.borrowed``), in
+  its transaction; under keep-failed a failed test's Django transaction is committed, not rolled back.
+
+Django's own test classes collected by pytest run on the session's database as pytest-django runs them; they are
+counted (``django unittest``) and a failed one's SQL is shown (``Sandbox.watch``). Django's database fixture is
+set up before pgsandbox's per-test fixtures, whatever the order of a test's arguments.
 """
 
 from __future__ import annotations
@@ -254,7 +260,9 @@ def _raw_connection(alias: str) -> Callable[[], Any]:
 
 
 # pgsandbox's fixtures of one test's database (the others last longer than a test)
-_LONGER_THAN_A_TEST = frozenset(("pg_sandbox", "pg_server", "pg_login", "pg_module", "pg_class", "pg_package"))
+_LONGER_THAN_A_TEST = frozenset(
+    ("pg_sandbox", "pg_server", "pg_login", "pg_module", "pg_class", "pg_package", "pg_session_data")
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -271,7 +279,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             (
                 index
                 for index, name in enumerate(names[:helper])
-                if name.startswith("pg") and name not in _LONGER_THAN_A_TEST and name != "pg_session_data"
+                if name.startswith("pg") and name not in _LONGER_THAN_A_TEST
             ),
             None,
         )
