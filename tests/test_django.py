@@ -86,6 +86,20 @@ def test_settings_in_the_hash_are_plain_and_stable() -> None:
     assert value == {"apps": ["a", "b"], "modules": f"<{Anything.__qualname__}>"}
 
 
+def test_djangos_database_fixture_is_set_up_before_pgs() -> None:
+    from pgsandbox.pytest.django import django_database_first
+
+    names = ["_django_db_marker", "pg_sandbox", "pg", "request", "transactional_db", "_django_db_helper"]
+    django_database_first(names)
+    assert names == ["_django_db_marker", "pg_sandbox", "_django_db_helper", "pg", "request", "transactional_db"]
+    already = ["_django_db_helper", "db", "pg_conn"]
+    django_database_first(already)
+    assert already == ["_django_db_helper", "db", "pg_conn"]
+    longer = ["pg_module", "pg_login", "db", "_django_db_helper"]  # not a test's database: left in place
+    django_database_first(longer)
+    assert longer == ["pg_module", "pg_login", "db", "_django_db_helper"]
+
+
 @pytest.mark.slow
 def test_example_project_on_pgsandbox(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path

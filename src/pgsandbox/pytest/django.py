@@ -272,19 +272,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     a transactional test in a transaction, and its commits would escape)."""
     for item in items:
         names: list[str] | None = getattr(item, "fixturenames", None)
-        if not names or "_django_db_helper" not in names:
-            continue
-        helper = names.index("_django_db_helper")
-        first = next(
-            (
-                index
-                for index, name in enumerate(names[:helper])
-                if name.startswith("pg") and name not in _LONGER_THAN_A_TEST
-            ),
-            None,
-        )
-        if first is not None:
-            names.insert(first, names.pop(helper))
+        if names:
+            django_database_first(names)
+
+
+def django_database_first(names: list[str]) -> None:
+    """Move pytest-django's ``_django_db_helper`` (what ``db``, ``transactional_db`` and ``live_server`` go
+    through) before the first per-test fixture of pgsandbox's in ``names``, a test's fixtures in setup order."""
+    if "_django_db_helper" not in names:
+        return
+    helper = names.index("_django_db_helper")
+    ours = [index for index, name in enumerate(names[:helper]) if name.startswith("pg")]
+    first = next((index for index in ours if names[index] not in _LONGER_THAN_A_TEST), None)
+    if first is not None:
+        names.insert(first, names.pop(helper))
 
 
 UNITTEST_KIND = "django unittest"  # what the report counts Django's own test classes as
