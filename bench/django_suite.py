@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/django_suite.py [--runs N] [--json PATH]
+    python bench/django_suite.py [--runs N] [--migrations M] [--json PATH]
 
 The suite is examples/django_library (four migrations, Django's contrib apps, a data migration, pg_trgm) with
 200 more tests (150 ``django_db`` tests writing and reading through the ORM, 50 requests through ``client``).
@@ -10,7 +10,8 @@ pytest-django runs against a server started beforehand (pgsandbox's ``LocalServe
 developer's PostgreSQL): its first run (create the test database, migrate), a ``--reuse-db`` run once the
 database exists (Django still runs ``migrate``, which finds nothing to apply), and, for pgsandbox, a run that
 builds the template (an empty cache) and a warm run (template from the cache). Each case is the whole
-``pytest`` process, runs interleaved, the median shown.
+``pytest`` process, runs interleaved, the median shown. ``--migrations M`` adds an app of M generated migrations
+(a model created, then a field added to it, in turns), for a project whose history is long.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import statistics
 import sys
+from pathlib import Path
 
 from harness import REPO, bench_parser, fmt, run_timed, scratch, write_json
 
@@ -42,9 +44,42 @@ def test_view(client, db, n):
 """
 
 
+def add_generated_app(project: Path, migrations: int) -> None:
+    """An app ``bulk`` with ``migrations`` migrations: migration 2k creates model ``T<k>``, 2k+1 adds a field to
+    it; its models.py is their final state."""
+    app = project / "bulk"
+    (app / "migrations").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "migrations" / "__init__.py").write_text("")
+    models = ["from django.db import models\n"]
+    previous = ""
+    for number in range(migrations):
+        name = f"{number + 1:04d}_step"
+        model = f"T{number // 2}"
+        if number % 2 == 0:
+            operation = (
+                f"migrations.CreateModel(name={model!r}, fields=[('id', models.BigAutoField(primary_key=True)), "
+                "('name', models.CharField(max_length=50))])"
+            )
+            models.append(f"\nclass {model}(models.Model):\n    name = models.CharField(max_length=50)\n")
+        else:
+            operation = f"migrations.AddField({model.lower()!r}, 'value', models.IntegerField(default=0))"
+            models[-1] += "    value = models.IntegerField(default=0)\n"
+        depends = f"[('bulk', {previous!r})]" if previous else "[]"
+        (app / "migrations" / f"{name}.py").write_text(
+            "from django.db import migrations, models\n\n\n"
+            f"class Migration(migrations.Migration):\n    dependencies = {depends}\n    operations = [{operation}]\n"
+        )
+        previous = name
+    (app / "models.py").write_text("".join(models))
+    settings_file = project / "library" / "settings.py"
+    settings_file.write_text(settings_file.read_text().replace('    "catalog",\n]', '    "catalog",\n    "bulk",\n]'))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--migrations", type=int, default=0, help="an app of this many generated migrations")
     args = parser.parse_args(argv)
     from pgsandbox import LocalServer, Settings
 
@@ -54,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         (project / "tests" / "test_many.py").write_text(MANY_TESTS)
         settings_file = project / "library" / "settings.py"
         settings_file.write_text(settings_file.read_text().replace('"sslmode": "require"', '"sslmode": "disable"'))
+        if args.migrations:
+            add_generated_app(project, args.migrations)
         server = LocalServer.start(Settings(listen="127.0.0.1", sql_log="off", runtime_dir=data))
         try:
             assert server.tcp is not None
@@ -99,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     width = max(map(len, seconds))
-    print(f"211 tests (200 + 11 of the example's), median of {args.runs} runs, whole pytest process:")
+    more = f", {args.migrations} generated migrations more" if args.migrations else ""
+    print(f"211 tests (200 + 11 of the example's){more}, median of {args.runs} runs, whole pytest process:")
     for name, values in seconds.items():
         print(f"  {name:<{width}}  {fmt(statistics.median(values), 2)} s  ({', '.join(fmt(v, 2) for v in values)})")
     write_json(args.json, {name: values for name, values in seconds.items()})

@@ -86,6 +86,20 @@ def test_settings_in_the_hash_are_plain_and_stable() -> None:
     assert value == {"apps": ["a", "b"], "modules": f"<{Anything.__qualname__}>"}
 
 
+def test_djangos_database_fixture_is_set_up_before_pgs() -> None:
+    from pgsandbox.pytest.django import django_database_first
+
+    names = ["_django_db_marker", "pg_sandbox", "pg", "request", "transactional_db", "_django_db_helper"]
+    django_database_first(names)
+    assert names == ["_django_db_marker", "pg_sandbox", "_django_db_helper", "pg", "request", "transactional_db"]
+    already = ["_django_db_helper", "db", "pg_conn"]
+    django_database_first(already)
+    assert already == ["_django_db_helper", "db", "pg_conn"]
+    longer = ["pg_module", "pg_login", "db", "_django_db_helper"]  # not a test's database: left in place
+    django_database_first(longer)
+    assert longer == ["pg_module", "pg_login", "db", "_django_db_helper"]
+
+
 @pytest.mark.slow
 def test_example_project_on_pgsandbox(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path
@@ -160,3 +174,32 @@ def test_example_project_on_pgsandbox(
     off.assert_outcomes(errors=1)
     assert "db.invalid" in off.stdout.str()
     assert "prod-secret" not in off.stdout.str()
+
+
+SHOP = Path(__file__).parent / "projects" / "django_shop"
+
+
+@pytest.mark.slow
+def test_django_shop_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run of tests/projects/django_shop (its tests check each point themselves; some fail on purpose):
+    pg.insert/execute/fetch in Django's transaction and rolled back with it (both isolations), keep-failed
+    keeping what a failed django_db test wrote (both isolations), serialized_rollback, pg asked for before
+    transactional_db, Django's own test classes
+    counted and their SQL shown, and an app a router migrates on a second alias present in the template."""
+    shutil.copytree(SHOP, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("DATABASE_URL", PRODUCTION_URL)
+    monkeypatch.setenv("LEDGER_URL", PRODUCTION_URL.replace("library", "ledger"))
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", os.environ["PYTEST_ADDOPTS"].replace("-p no:django", ""))
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    output = result.stdout.str()
+    failed = {"test_fails_and_keeps_its_database", "test_transactional_fails_and_keeps_its_database"}
+    failed.add("CustomerTests::test_fails_showing_its_sql")
+    assert {line.split("::", 1)[1].split(" ")[0] for line in output.splitlines() if line.startswith("FAILED")} == failed
+    result.assert_outcomes(passed=10, failed=3)
+    assert "tests: 12 (database 5, django unittest 3, transaction 4)" in output
+    assert "driver psycopg2" in output  # pg.insert on Django's psycopg2 connection (psycopg 3: the example's)
+    # the failed unittest's SQL, Django's own rollback included
+    assert """INSERT INTO "shop_customer" ("name") VALUES ('unittest-made')""" in output
+    assert output.count("the database of this test is kept as") == 2  # their rows: test_zz_kept.py
+    assert "prod-secret" not in output

@@ -56,6 +56,21 @@ def executor(conn: Any) -> Execute:
     )
 
 
+def dict_cursor(conn: Any, dict_rows: bool) -> Any:
+    """A new cursor of the DB-API connection ``conn`` (psycopg 3 or psycopg2) whose rows are dicts when
+    ``dict_rows``, tuples otherwise."""
+    if not dict_rows:
+        return conn.cursor()
+    library = _library(conn)
+    if library.startswith("psycopg2."):
+        from psycopg2.extras import RealDictCursor
+
+        return conn.cursor(cursor_factory=RealDictCursor)
+    from psycopg.rows import dict_row
+
+    return conn.cursor(row_factory=dict_row)
+
+
 def _on_cursor(cursor: Callable[[], Any]) -> Execute:
     """Run a statement on a new cursor (one that yields dict-like rows) of a DB-API connection."""
 

@@ -14,13 +14,19 @@ same name wins; a conftest's still wins over both):
   database, Django's atomic blocks roll it back, and a savepoint of pgsandbox's inside Django's transaction
   tells an escaped ``COMMIT``); a ``transaction=True`` test gets ``database`` isolation, a clone that is dropped,
   so Django's flush is skipped. So pgsandbox counts these tests, shows a failed one's SQL and runs its guards.
+  ``pg.execute``/``fetch``/``insert`` run on Django's connection of the test (``TestInternals.borrowed``), in
+  its transaction; under keep-failed a failed test's Django transaction is committed, not rolled back.
+
+Django's own test classes collected by pytest run on the session's database as pytest-django runs them; they are
+counted (``django unittest``) and a failed one's SQL is shown (``Sandbox.watch``). Django's database fixture is
+set up before pgsandbox's per-test fixtures, whatever the order of a test's arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -168,7 +174,7 @@ def _django_db_helper(
     db = sandbox_database(request, pg_sandbox, "database" if transactional else None)
 
     import django.test
-    from django.db import connections
+    from django.db import DEFAULT_DB_ALIAS, connections
 
     from pgsandbox.template.django import point_aliases, postgres_aliases
 
@@ -222,15 +228,84 @@ def _django_db_helper(
                     with connections[alias].connection.cursor() as cursor:
                         cursor.execute(f"{INTERNAL}SAVEPOINT {SAVEPOINT}")
                     marked.append(alias)
+            if used:  # pg.execute, fetch and insert write where the ORM reads: in Django's transaction
+                db._test.borrowed = _raw_connection(DEFAULT_DB_ALIAS if DEFAULT_DB_ALIAS in used else used[0])
             yield
-            escaped = [alias for alias in marked if not _roll_back_to_savepoint(db, alias)]
+            db._test.borrowed = None
+            if db.keep:  # a failed test under keep-failed: its database is kept with what it wrote
+                for alias in marked:
+                    connections[alias].connection.commit()
+                escaped = list(used)  # not parked: the kept database is renamed, a new one made
+            else:
+                escaped = [alias for alias in marked if not _roll_back_to_savepoint(db, alias)]
             test_case._post_teardown()
             PgSandboxDjangoTestCase.tearDownClass()
             PgSandboxDjangoTestCase.doClassCleanups()
             if db.isolation == "transaction":
                 parked = [alias for alias in used if alias not in escaped and _park(db, alias)]
         finally:
+            db._test.borrowed = None
             restore(keep=parked)  # closes the others before pgsandbox ends the test
+
+
+def _raw_connection(alias: str) -> Callable[[], Any]:
+    """Django's DB-API connection of ``alias`` (psycopg or psycopg2), connected if it was not."""
+    from django.db import connections
+
+    def raw() -> Any:
+        connections[alias].ensure_connection()
+        return connections[alias].connection
+
+    return raw
+
+
+# pgsandbox's fixtures of one test's database (the others last longer than a test)
+_LONGER_THAN_A_TEST = frozenset(
+    ("pg_sandbox", "pg_server", "pg_login", "pg_module", "pg_class", "pg_package", "pg_session_data")
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for ``pg`` (or another per-test fixture of pgsandbox's) before ``transactional_db``,
+    ``live_server`` or ``db`` gets Django's database first: the first fixture to ask opens the test's database,
+    and only Django's knows it needs ``database`` isolation (``def test(pg, transactional_db)`` would otherwise run
+    a transactional test in a transaction, and its commits would escape)."""
+    for item in items:
+        names: list[str] | None = getattr(item, "fixturenames", None)
+        if names:
+            django_database_first(names)
+
+
+def django_database_first(names: list[str]) -> None:
+    """Move pytest-django's ``_django_db_helper`` (what ``db``, ``transactional_db`` and ``live_server`` go
+    through) before the first per-test fixture of pgsandbox's in ``names``, a test's fixtures in setup order."""
+    if "_django_db_helper" not in names:
+        return
+    helper = names.index("_django_db_helper")
+    ours = [index for index, name in enumerate(names[:helper]) if name.startswith("pg")]
+    first = next((index for index in ours if names[index] not in _LONGER_THAN_A_TEST), None)
+    if first is not None:
+        names.insert(first, names.pop(helper))
+
+
+UNITTEST_KIND = "django unittest"  # what the report counts Django's own test classes as
+
+
+@pytest.fixture(autouse=True)
+def _pgsandbox_django_unittest(request: pytest.FixtureRequest) -> None:
+    """Django's own test classes collected by pytest (``TestCase``, ``TransactionTestCase``) run as
+    pytest-django runs them, on the session's database with Django's isolation (a class-wide transaction, or a
+    flush): pgsandbox counts them in the report and shows the SQL of a failed one."""
+    from pytest_django.django_compat import is_django_unittest
+
+    if not is_django_unittest(request) or not getattr(request.cls, "databases", None):
+        return  # a SimpleTestCase: no database
+    sandbox: Sandbox = request.getfixturevalue("pg_sandbox")
+    try:
+        dbname = sandbox.session_login().dbname
+    except PgSandboxError as error:
+        fail(error)
+    request.node.stash[state.LOG_KEY] = sandbox.watch(request.node.nodeid, dbname, UNITTEST_KIND)
 
 
 def _unpark(db: Any, alias: str) -> bool:

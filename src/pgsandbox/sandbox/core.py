@@ -454,6 +454,17 @@ class Sandbox:
             self.progress(f"cloned {isolation.first_clone} from the template in {seconds:.2f} s ({chosen} isolation)")
         return db
 
+    def watch(self, test_id: str, dbname: str, kind: str) -> Database:
+        """A test that runs on a database pgsandbox does not isolate (Django's own test classes, on the
+        session's database: their isolation is Django's): counted in the report under ``kind``, its SQL read
+        from the statement log (everything run in ``dbname`` from now, which only this process's tests use).
+        The handle is for the report only: it is not closed, and nothing is rolled back or dropped."""
+        db = Database("database", dbname, test_id, self.server)
+        if self.server.statement_log is not None:
+            db._test.log_start = self.server.statement_log.position()
+        self._counters.opened(kind, 0.0)
+        return db
+
     # -- scoped data ----------------------------------------------------------------------------------
     def open_scope(
         self, scope_id: str, *, isolation: str | None = None, reset_sequences: bool | None = None

@@ -15,7 +15,7 @@ from pgsandbox.common.redact import Secret
 from pgsandbox.common.urls import ConnectionForms
 from pgsandbox.data.catalog import Catalog
 from pgsandbox.data.catalog import read as read_catalog
-from pgsandbox.data.connections import async_executor, executor
+from pgsandbox.data.connections import async_executor, dict_cursor, executor
 from pgsandbox.data.rows import Rows
 from pgsandbox.data.rows import run as run_steps
 from pgsandbox.data.rows import run_async as run_steps_async
@@ -67,6 +67,10 @@ class TestInternals:
     catalog_source: Callable[[Database], Catalog] | None = None
     data_seed: str = ""  # the data factories' seed option (pg_data_seed)
     rows: Rows | None = None  # the test's data factory, once pg.insert or pg.rows made it
+    # the DB-API connection (psycopg or psycopg2) pg.execute, fetch and insert run on instead of pg's own: a
+    # framework's, whose transaction the test's code writes in (Django's, in a django_db test); its transaction
+    # state is the framework's to decide
+    borrowed: Callable[[], Any] | None = None
     log_start: Position | None = None  # where the statement log stood at the test's start
     started: float = field(default_factory=time.time)  # when the test's database was opened (epoch seconds)
     roles: TestRoles = field(default_factory=TestRoles)  # pg.as_role blocks and the connections they reach
@@ -193,7 +197,12 @@ class Database(ConnectionForms):
 
     def _run(self, query: Any, params: Any, result: Callable[[Any], T], row_factory: Any = None) -> T:
         """In ``database`` isolation a helper called outside a transaction commits, like autocommit: the
-        app's own connections see its rows, and no transaction is left holding locks."""
+        app's own connections see its rows, and no transaction is left holding locks. On a borrowed connection
+        (:attr:`TestInternals.borrowed`) it runs in whatever transaction that connection is in."""
+        if self._test.borrowed is not None:
+            with dict_cursor(self._test.borrowed(), row_factory is not None) as cursor:
+                cursor.execute(query, params)
+                return result(cursor)
         conn = self.connection
         own_transaction = self.isolation == "database" and conn.info.transaction_status == pq.TransactionStatus.IDLE
         try:

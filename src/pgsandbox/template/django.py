@@ -48,8 +48,8 @@ _SERVER_OPTIONS = frozenset(
         "require_auth",
     )
 )
-# the settings that change what `migrate` makes
-_SCHEMA_SETTINGS = ("INSTALLED_APPS", "MIGRATION_MODULES", "AUTH_USER_MODEL", "DEFAULT_AUTO_FIELD")
+# the settings that change what `migrate` makes (the routers' allow_migrate decides which alias gets an app)
+_SCHEMA_SETTINGS = ("INSTALLED_APPS", "MIGRATION_MODULES", "AUTH_USER_MODEL", "DEFAULT_AUTO_FIELD", "DATABASE_ROUTERS")
 
 
 def _django_missing() -> MigrationError:
@@ -239,7 +239,7 @@ class DjangoMigrator(Migrator):
                     files.update(p for p in directory.rglob("*.py") if "__pycache__" not in p.parts)
             elif app.models_module is not None and getattr(app.models_module, "__file__", None):
                 files.add(Path(app.models_module.__file__))
-        return sorted(files)
+        return sorted(files | router_files())
 
     def input_paths(self) -> list[Path]:
         return self._files()
@@ -273,6 +273,7 @@ class DjangoMigrator(Migrator):
         if not self.use_migrations:
             settings.MIGRATION_MODULES = _NoMigrations()
         output = io.StringIO()
+        unroute = migrate_for_every_alias(aliases)
         try:
             call_command(
                 "migrate", database=DEFAULT_DB_ALIAS, interactive=False, run_syncdb=True, verbosity=1, stdout=output
@@ -288,6 +289,7 @@ class DjangoMigrator(Migrator):
                 "on an empty database shows the same); the template was not kept.",
             ) from error
         finally:
+            unroute()
             settings.MIGRATION_MODULES = saved_modules
             restore()
 
@@ -297,6 +299,48 @@ class DjangoMigrator(Migrator):
             "a django_migrations table): the migrations ran somewhere else.",
             "check for code that connects by itself (a database router, a custom backend) during migrate.",
         )
+
+
+def migrate_for_every_alias(aliases: list[str]) -> Callable[[], None]:
+    """Every PostgreSQL alias points at the test's one database, so the template holds what ``migrate`` makes
+    for each of them: while it runs on ``default``, an app (a model, a RunPython) is migrated when the routers'
+    ``allow_migrate`` lets any of the aliases have it. (One ``migrate --database`` per alias would not do: the
+    first records every migration as applied, also those it skipped, and the next ones would skip them.)
+    Returns what puts the router back."""
+    from django.db import router
+
+    routed = router.allow_migrate
+    own = vars(router).get("allow_migrate")  # set on the instance already (by a test, say): put back as it was
+
+    def allow_migrate(db: str, app_label: str, **hints: Any) -> bool:
+        return any(routed(alias, app_label, **hints) for alias in aliases)
+
+    router.allow_migrate = allow_migrate
+
+    def unroute() -> None:
+        if own is None:
+            del router.allow_migrate  # the class's method again
+        else:
+            router.allow_migrate = own
+
+    return unroute
+
+
+def router_files() -> set[Path]:
+    """The source of each class of ``DATABASE_ROUTERS``: what ``allow_migrate`` says decides the template."""
+    from django.conf import settings
+
+    files: set[Path] = set()
+    for entry in getattr(settings, "DATABASE_ROUTERS", None) or []:
+        module_name = entry.rpartition(".")[0] if isinstance(entry, str) else type(entry).__module__
+        try:
+            module = sys.modules.get(module_name) or (importlib.util.find_spec(module_name) if module_name else None)
+        except (ImportError, ValueError):
+            module = None  # Django says so itself when it loads the routers
+        origin = getattr(module, "__file__", None) or getattr(module, "origin", None)
+        if origin and Path(origin).is_file():
+            files.add(Path(origin))
+    return files
 
 
 class _NoMigrations:

@@ -1,0 +1,72 @@
+"""pytest-django tests, in the order they run (-p no:randomly); some fail on purpose (the outer test counts)."""
+
+from decimal import Decimal
+
+import pytest
+from django.db import transaction
+from ledger.models import Entry
+from shop.models import Customer, Order
+
+
+@pytest.mark.django_db
+def test_pg_insert_is_in_djangos_transaction(pg):
+    made = pg.insert("shop_order", total=Decimal("9.50"))  # its customer made up too
+    assert Order.objects.get(pk=made["id"]).customer_id == made["customer_id"]
+    Customer.objects.create(name="orm")
+    assert pg.fetchval("SELECT count(*) FROM shop_customer WHERE name = 'orm'") == 1
+    pg.execute("UPDATE shop_customer SET name = 'renamed' WHERE name = 'orm'")
+    assert Customer.objects.filter(name="renamed").exists()
+
+
+@pytest.mark.django_db
+def test_and_it_is_rolled_back():
+    assert not Order.objects.exists()
+    assert list(Customer.objects.values_list("name", flat=True)) == ["house"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pg_insert_inside_an_atomic_block_of_a_transactional_test(pg):
+    with transaction.atomic():
+        customer = Customer.objects.create(name="atomic")
+        pg.insert("shop_order", customer_id=customer.pk, total=1)  # on another connection: it would wait forever
+    assert Order.objects.filter(customer=customer).count() == 1
+
+
+def test_pg_asked_for_before_transactional_db(pg, transactional_db):
+    with transaction.atomic():
+        Customer.objects.create(name="committed")
+    assert pg.isolation == "database"  # Django's fixture opened the test's database, a clone
+    assert pg.fetchval("SELECT count(*) FROM shop_customer WHERE name = 'committed'") == 1
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_serialized_rollback_sees_the_data_migrations_rows():
+    assert Customer.objects.filter(name="house").exists()
+    Customer.objects.all().delete()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_next_transactional_test_starts_from_the_template():
+    assert Customer.objects.filter(name="house").exists()
+
+
+@pytest.mark.django_db(databases=["default", "ledger"])
+def test_the_routed_app_is_migrated_for_its_alias():
+    assert Entry.objects.get().account == "opening"  # the ledger's data migration ran
+    Entry.objects.create(account="sale", amount=5)
+    assert Entry.objects.using("ledger").count() == 2
+
+
+@pytest.mark.pg(keep_failed=True)
+@pytest.mark.django_db
+def test_fails_and_keeps_its_database(pg):
+    Customer.objects.create(name="kept in transaction isolation")
+    pg.insert("shop_customer", name="kept by pg.insert")
+    raise AssertionError("on purpose")
+
+
+@pytest.mark.pg(keep_failed=True)
+@pytest.mark.django_db(transaction=True)
+def test_transactional_fails_and_keeps_its_database():
+    Customer.objects.create(name="kept in database isolation")
+    raise AssertionError("on purpose")
