@@ -57,6 +57,23 @@ def test_the_routed_app_is_migrated_for_its_alias():
     assert Entry.objects.using("ledger").count() == 2
 
 
+@pytest.fixture(scope="module")
+def customers_when_the_module_starts(django_db_blocker):
+    with django_db_blocker.unblock():
+        return list(Customer.objects.values_list("name", flat=True))
+
+
+@pytest.mark.django_db
+def test_django_db_blocker_lets_a_module_fixture_read_the_template(customers_when_the_module_starts):
+    assert customers_when_the_module_starts == ["house"]
+
+
+@pytest.mark.django_db(reset_sequences=True)
+def test_reset_sequences_starts_the_ids_again():
+    house = Customer.objects.get(name="house")
+    assert Order.objects.create(customer=house, total=1).pk == 1
+
+
 @pytest.mark.pg(keep_failed=True)
 @pytest.mark.django_db
 def test_fails_and_keeps_its_database(pg):
