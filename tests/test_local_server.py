@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from conftest import StartLocal
-from pgsandbox import LocalServer, Settings
+from pgsandbox import ExternalServer, LocalServer, Settings
 from pgsandbox.errors import ServerStartError
 
 pytestmark = pytest.mark.slow  # every test here starts a server or a process
@@ -27,6 +27,15 @@ def test_start_connect_create_drop_stop(start_local: StartLocal) -> None:
         assert conn.execute("select current_database()").fetchone() == (name,)
     server.drop_database(name)
     assert server.databases == ()
+    # fsync off: its databases are copied file by file (FILE_COPY), not page by page through the WAL; an existing
+    # server (here the same one, attached by its DSN) keeps PostgreSQL's default, WAL_LOG
+    with server.connect() as conn:
+        assert "STRATEGY FILE_COPY" in server.creation("x", "template1")[0].as_string(conn)
+        external = ExternalServer.attach(server.dsn)
+        try:
+            assert "STRATEGY" not in external.creation("x", "template1")[0].as_string(conn)
+        finally:
+            external.stop()
     run_dir, pid = server.run.path, server.pid
     server.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
