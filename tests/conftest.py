@@ -47,6 +47,11 @@ with contextlib.suppress(ImportError):
 for _module in (
     "pgsandbox.sandbox",
     "pgsandbox.sandbox.app_roles",
+    "pgsandbox.isolation.changes",
+    "pgsandbox.isolation.database",
+    "pgsandbox.isolation.schema",
+    "pgsandbox.template.schemas",
+    "pgsandbox.pytest.django",
     "pgsandbox.template.alembic",
     "pgsandbox.template.django",
     "pgsandbox.template.python",

@@ -29,6 +29,25 @@ def test_a_run_without_a_database_test_imports_neither_the_driver_nor_the_server
     result.stdout.fnmatch_lines(["*pg_migrations_inputs: 'dta/*.csv' matches no file under *"])
 
 
+@pytest.mark.slow
+def test_a_database_session_imports_only_what_its_options_use(pytester: pytest.Pytester) -> None:
+    """Every session's start-up pays for what it imports: the other migrators, Django's integration, database and
+    schema isolation and the escape analysis load only in the sessions that use them."""
+    (pytester.path / "migrations").mkdir()
+    (pytester.path / "migrations/1.sql").write_text("create table t (id int);\n")
+    pytester.makepyfile(
+        "import sys\n"
+        "def test_db(pg):\n"
+        "    assert pg.fetchval('select count(*) from t') == 0\n"
+        "    unused = ['pgsandbox.template.' + m for m in ('alembic', 'django', 'python', 'sqlalchemy', 'schemas')]\n"
+        "    unused += ['pgsandbox.pytest.django', 'pgsandbox.isolation.database', 'pgsandbox.isolation.schema']\n"
+        "    unused += ['pgsandbox.isolation.changes']\n"
+        "    assert [m for m in unused if m in sys.modules] == []\n"
+    )
+    result = pytester.runpytest_subprocess("--pg-migrations=sql:migrations", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+
+
 def test_public_names_resolve_on_first_use() -> None:
     import pgsandbox
 

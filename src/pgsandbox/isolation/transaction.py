@@ -23,7 +23,6 @@ from psycopg import pq, sql
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation import findings
 from pgsandbox.isolation.base import Begun, GuestConnections, Mode
-from pgsandbox.isolation.changes import what_changed
 from pgsandbox.isolation.connection import SandboxConnection
 from pgsandbox.isolation.findings import SESSION_DB, TRANSACTION_ADVICE, Finding, clone_failed
 from pgsandbox.isolation.guests import SAVEPOINT, Parked, app_name, state_of
@@ -339,6 +338,8 @@ class TransactionIsolation:
         database if anything did. Returns what changed (nothing: the session database stays)."""
         assert self.dbname
         fresh = self._fresh_clone()
+        from pgsandbox.isolation.changes import what_changed  # only after an escape
+
         changes = what_changed(self.server, self.dbname, fresh, since_xmax)
         if not changes:
             self.server.drop_database(fresh)

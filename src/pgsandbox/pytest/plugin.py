@@ -69,9 +69,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None, None, None]:
     """Before pytest-django sets Django up: its PostgreSQL backend loads with the project's driver."""
-    from pgsandbox.pytest import django
+    if early_config.pluginmanager.hasplugin("django"):  # else not even imported: 10-25 ms of every start
+        from pgsandbox.pytest import django
 
-    django.choose_driver(early_config)
+        django.choose_driver(early_config)
     return (yield)
 
 
@@ -119,9 +120,10 @@ def pytest_configure(config: pytest.Config) -> None:
             config.issue_config_time_warning(warning, stacklevel=2)
         except PgSandboxWarning:  # -W error: a usage error, not pytest's INTERNALERROR
             raise pytest.UsageError(f"pgsandbox: {warning}") from None
-    from pgsandbox.pytest import django
+    if config.pluginmanager.hasplugin("django"):
+        from pgsandbox.pytest import django
 
-    django.start(config)  # pytest-django's database fixtures on the sandbox, when it runs
+        django.start(config)  # pytest-django's database fixtures on the sandbox
     chars = config.option.reportchars or ""
     if config.stash[SETTINGS_KEY].show_sql and not {"P", "A"} & set(chars):
         config.option.reportchars = chars + "P"  # a passed test's report sections are shown with -rP
@@ -134,6 +136,8 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    if not config.pluginmanager.hasplugin("django"):
+        return []
     from pgsandbox.pytest import django
 
     return django.header(config)  # which driver Django's databases use, when pgsandbox runs them

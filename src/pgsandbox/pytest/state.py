@@ -71,12 +71,12 @@ def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
 
 def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) -> list[Migrator]:
     """A conftest's ``pytest_pgsandbox_migrate``/``_seed`` as a migrator hashed by its source files."""
-    from pgsandbox.template.python import Call, CallableMigrator
-
     hook = getattr(config.hook, name)
     impls = [i for i in hook.get_hookimpls() if not (i.hookwrapper or getattr(i, "wrapper", False))]
     if not impls:
         return []
+    from pgsandbox.template.python import Call, CallableMigrator
+
     sources = sorted({Path(inspect.getfile(impl.function)) for impl in impls})
     # in pluggy's order; each implementation gets what it names (conn, dsn, url, session), async ones too
     calls = [Call.hook(impl.function, impl.argnames) for impl in reversed(impls)]

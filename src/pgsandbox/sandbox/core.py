@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -20,7 +20,6 @@ from pgsandbox.data.catalog import Catalog, for_template
 from pgsandbox.errors import ConfigError, PgSandboxError
 from pgsandbox.isolation import fence
 from pgsandbox.isolation.base import Begun, Isolation
-from pgsandbox.isolation.database import DatabaseIsolation, clone_strategies
 from pgsandbox.isolation.findings import (
     ESCAPED,
     OWN_DB,
@@ -32,7 +31,6 @@ from pgsandbox.isolation.findings import (
     scope_of_other_mode,
 )
 from pgsandbox.isolation.leftovers import end_left_open
-from pgsandbox.isolation.schema import SchemaIsolation
 from pgsandbox.isolation.server_objects import server_objects
 from pgsandbox.isolation.transaction import TransactionIsolation
 from pgsandbox.sandbox.app_roles import AppRoles
@@ -50,8 +48,11 @@ from pgsandbox.settings import ISOLATIONS, Settings
 from pgsandbox.template import Chain, TemplateInfo, ensure_templates, load_migrators, release
 from pgsandbox.template.base import MigrationError, Migrator
 from pgsandbox.template.builds import chain_of, hold_in_use, snapshot_keys, warm_relcache
-from pgsandbox.template.schemas import SessionSchema
-from pgsandbox.template.schemas import describe as describe_schema
+
+if TYPE_CHECKING:  # database and schema isolation's modules load only in their sessions
+    from pgsandbox.isolation.database import DatabaseIsolation
+    from pgsandbox.isolation.schema import SchemaIsolation
+    from pgsandbox.template.schemas import SessionSchema
 
 __all__ = ["Sandbox", "ServerGone"]
 
@@ -232,6 +233,9 @@ class Sandbox:
         ).fetchone()
         # the tests connect as the admin: a role with only CREATE on the database has nothing to watch
         sandbox._may_create_server_objects = bool(row and row[0])
+        from pgsandbox.template.schemas import SessionSchema
+        from pgsandbox.template.schemas import describe as describe_schema
+
         sandbox.schema = SessionSchema(server, chain, progress)
         sandbox.schema.build()
         if progress:
@@ -383,6 +387,8 @@ class Sandbox:
         if self.schema is not None and self._login is None:
             # schema isolation: a schema of its own, migrated on the first call (the tests' schema must stay
             # as its build left it); its connections' options point at it
+            from pgsandbox.template.schemas import SessionSchema
+
             self._login_schema = SessionSchema(self.server, self.schema.chain, self.progress, kind="login")
             self._login_schema.build()
             options = f"-csearch_path={self._login_schema.search_path}{self._timeout_options}"
@@ -578,6 +584,8 @@ class Sandbox:
             made = self._transaction = TransactionIsolation(self.server, self._test_template(), self.clone_clause)
         else:
             local = self.server.owns_cluster
+            from pgsandbox.isolation.database import DatabaseIsolation, clone_strategies
+
             strategies = clone_strategies(self.server.version, self.settings.clone_strategy, local)
             # a local server about to be removed does not need its clones dropped
             recycle = None if self.settings.recycle_clones == "auto" else False
@@ -597,6 +605,8 @@ class Sandbox:
             )
         if mode == "database":
             raise _no_database_in_schema_session()
+        from pgsandbox.isolation.schema import SchemaIsolation
+
         made = SchemaIsolation(self.server, self.schema)
         self._transaction = made
         return made
@@ -685,7 +695,7 @@ class Sandbox:
         isolation = self._isolations[db.isolation]
         kept_as = None
         not_kept: list[Finding] = []
-        if (keep or db.keep) and isinstance(isolation, SchemaIsolation):
+        if (keep or db.keep) and self.schema is not None:  # every isolation of the session is its schema's
             not_kept = [not_kept_in_schema(db.test_id)]
         elif (keep or db.keep) and isolation is self._transaction and self._transaction.scopes:
             not_kept = [not_kept_in_scope(db.test_id, self._transaction.scopes[-1].scope_id)]

@@ -32,22 +32,23 @@ def load_migrators(
 
 
 def _load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> list[Migrator]:
-    from pgsandbox.template.alembic import AlembicMigrator
-    from pgsandbox.template.django import DjangoMigrator
-    from pgsandbox.template.python import PythonMigrator
-    from pgsandbox.template.sql import SqlDirMigrator
-    from pgsandbox.template.sqlalchemy import SqlAlchemyMigrator
-
+    # each migrator's module only when a spec names its kind: every session starts here
     migrators: list[Migrator] = []
     for spec in specs:
         kind, sep, rest = spec.partition(":")
         if sep and kind == "python":
+            from pgsandbox.template.python import PythonMigrator
+
             migrators.append(PythonMigrator(rest, inputs, root))
             continue
         if sep and kind == "django":
+            from pgsandbox.template.django import DjangoMigrator
+
             migrators.append(DjangoMigrator(rest.strip(), root))
             continue
         if sep and kind == "sqlalchemy":
+            from pgsandbox.template.sqlalchemy import SqlAlchemyMigrator
+
             migrators.append(SqlAlchemyMigrator(rest, inputs, root))
             continue
         if sep and kind in ("sql", "alembic"):
@@ -62,7 +63,11 @@ def _load_migrators(specs: Sequence[str], inputs: Sequence[str], root: Path) -> 
             kind, path = "", Path(spec).expanduser()
         path = path if path.is_absolute() else root / path
         if kind == "alembic" or (not kind and (path.name.endswith(".ini") or (path / "env.py").is_file())):
+            from pgsandbox.template.alembic import AlembicMigrator
+
             migrators.append(AlembicMigrator(path, root))
         else:
+            from pgsandbox.template.sql import SqlDirMigrator
+
             migrators.append(SqlDirMigrator(path, root))
     return migrators
