@@ -184,7 +184,7 @@ def test_django_shop_project(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     """One run of tests/projects/django_shop (its tests check each point themselves; some fail on purpose):
     pg.insert/execute/fetch in Django's transaction and rolled back with it (both isolations), keep-failed
     keeping what a failed django_db test wrote (both isolations), serialized_rollback, pg asked for before
-    transactional_db, django_db_blocker in a module fixture, reset_sequences, Django's own test classes
+    transactional_db, django_db_blocker in a module fixture, reset_sequences, --nomigrations, Django's own test classes
     counted and their SQL shown, and an app a router migrates on a second alias present in the template."""
     shutil.copytree(SHOP, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setenv("DATABASE_URL", PRODUCTION_URL)
@@ -196,10 +196,14 @@ def test_django_shop_project(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     failed = {"test_fails_and_keeps_its_database", "test_transactional_fails_and_keeps_its_database"}
     failed.add("CustomerTests::test_fails_showing_its_sql")
     assert {line.split("::", 1)[1].split(" ")[0] for line in output.splitlines() if line.startswith("FAILED")} == failed
-    result.assert_outcomes(passed=12, failed=3)
-    assert "tests: 14 (database 6, django unittest 3, transaction 5)" in output
+    result.assert_outcomes(passed=12, failed=3, skipped=1)
+    assert "tests: 15 (database 6, django unittest 3, transaction 6)" in output
     assert "driver psycopg2" in output  # pg.insert on Django's psycopg2 connection (psycopg 3: the example's)
     # the failed unittest's SQL, Django's own rollback included
     assert """INSERT INTO "shop_customer" ("name") VALUES ('unittest-made')""" in output
     assert output.count("the database of this test is kept as") == 2  # their rows: test_zz_kept.py
     assert "prod-secret" not in output
+    # --nomigrations: a template of its own, its tables made from the models
+    nomigrations = pytester.runpytest_subprocess("-p", "no:randomly", "--nomigrations", "-k", "nomigrations")
+    nomigrations.assert_outcomes(passed=1)
+    assert "(django: (--nomigrations)): cache miss, built" in nomigrations.stdout.str()

@@ -74,6 +74,14 @@ def test_reset_sequences_starts_the_ids_again():
     assert Order.objects.create(customer=house, total=1).pk == 1
 
 
+@pytest.mark.django_db
+def test_tables_from_the_models_with_nomigrations(request):
+    if not request.config.getoption("nomigrations"):
+        pytest.skip("run with --nomigrations")
+    assert not Customer.objects.exists()  # the tables, made from the models; no data migration ran
+    assert Customer.objects.create(name="made").pk
+
+
 @pytest.mark.pg(keep_failed=True)
 @pytest.mark.django_db
 def test_fails_and_keeps_its_database(pg):
