@@ -163,6 +163,42 @@ def test_a_config_block_with_an_unknown_option_or_a_bad_value_is_caught(tmp_path
     assert problems[1].startswith("typo.md:6: pg_isolation = 'rollback' is refused")
 
 
+def test_every_guide_code_block_compiles_and_names_only_what_pgsandbox_has() -> None:
+    """The blocks no test runs (fragments, a FastAPI app, Django) still compile and name real fixtures, options,
+    variables and marker keys, so a rename in the code shows up here and not in a reader's copy."""
+    gen = docs_gen()
+    pages = gen.guide_pages()
+    python_blocks = [block for page in pages for block in gen.code_blocks(page) if block.language == "python"]
+    assert len(python_blocks) >= 15
+    assert gen.guide_problems(pages) == []
+
+
+def test_a_guide_block_with_a_wrong_name_or_bad_python_is_caught(tmp_path: Path) -> None:
+    page = tmp_path / "typo.md"
+    page.write_text(
+        '```python\n@pytest.mark.pg(isolaton="database")\ndef test_a(pg_connn, pg_tenant): ...\n\n\n'
+        "@pytest.fixture\ndef pg_tenant(pg): ...\n\n\n"
+        '@pytest.mark.pg(isolation="rollback")\nasync def test_b(pg):\n'
+        '    await pg.ainsert("x", using=pg_psycopg)\n```\n'
+        "\n```sh\npytest --pg-isolaton=database  # or PGSANDBOX_ISOLATON\n```\n"
+        "\n```python\nrow = await pg.ainsert('x')  # a fragment may await\n```\n"
+        "\n```python\ndef broken(:\n```\n"
+    )
+    problems = docs_gen().guide_problems([page])
+    assert [problem.split(" is refused")[0] for problem in problems] == [
+        "typo.md:1: pg_connn is not a fixture or an option of pgsandbox",
+        "typo.md:1: pg_psycopg is not a fixture or an option of pgsandbox",
+        "typo.md:2: @pytest.mark.pg has no key isolaton",
+        "typo.md:10: @pytest.mark.pg(isolation=...)",
+        "typo.md:15: --pg-isolaton is not an option",
+        "typo.md:15: PGSANDBOX_ISOLATON is not a pgsandbox variable",
+        "typo.md:24: does not compile: invalid syntax",
+    ]
+    assert "is not one of transaction, database, schema" in problems[3]  # the option's own message
+    with pytest.raises(ValueError, match="pg_connn is not a fixture"):  # the site's build fails on it
+        docs_gen().render(page.read_text(), "guides/typo.md")
+
+
 @pytest.mark.slow
 def test_the_guides_runnable_blocks_pass_as_one_project(pytester: pytest.Pytester) -> None:
     """Every block with a file name (``title="tests/test_users.py"``) is written where it says, and the tests among
