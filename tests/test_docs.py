@@ -83,7 +83,11 @@ def test_a_page_with_an_unknown_marker_fails_the_build() -> None:
         "migrations/002_orders.sql",
         "myapp/users.py",
         "tests/test_users.py",
+        "migrations/003_items.sql",  # security-roles.md: its tests, shown one at a time, are one file
+        "tests/test_tenants.py",
     }
+    tenants = docs_gen().runnable_files()["tests/test_tenants.py"]
+    assert tenants.startswith("import pytest\n") and tenants.count("\ndef test_") == 3
 
 
 def test_the_readme_is_a_short_guide_whose_links_and_contents_hold() -> None:
