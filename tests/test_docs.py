@@ -85,6 +85,9 @@ def test_a_page_with_an_unknown_marker_fails_the_build() -> None:
         "tests/test_users.py",
         "migrations/003_items.sql",  # security-roles.md: its tests, shown one at a time, are one file
         "tests/test_tenants.py",
+        "migrations/004_posts.sql",  # data.md
+        "tests/test_factories.py",
+        "tests/test_factoryboy.py",
     }
     tenants = docs_gen().runnable_files()["tests/test_tenants.py"]
     assert tenants.startswith("import pytest\n") and tenants.count("\ndef test_") == 3
