@@ -88,6 +88,7 @@ def test_a_page_with_an_unknown_marker_fails_the_build() -> None:
         "migrations/004_posts.sql",  # data.md
         "tests/test_factories.py",
         "tests/test_factoryboy.py",
+        "tests/test_scoped_data.py",  # isolation.md
     }
     tenants = docs_gen().runnable_files()["tests/test_tenants.py"]
     assert tenants.startswith("import pytest\n") and tenants.count("\ndef test_") == 3
@@ -216,7 +217,7 @@ def test_the_guides_runnable_blocks_pass_as_one_project(pytester: pytest.Pyteste
         path = pytester.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    tests = sum(text.count("\ndef test_") + text.startswith("def test_") for text in files.values())
+    tests = sum(len(re.findall(r"^\s*def test_", text, flags=re.MULTILINE)) for text in files.values())
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=tests)
 
