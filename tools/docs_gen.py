@@ -391,6 +391,64 @@ def block_problems(block: Block) -> list[str]:
     ]
     if tree is not None:
         problems += _marker_problems(block, tree)
+        problems += _import_problems(block, tree)
+        problems += _attribute_problems(block, tree, defined)
+    return problems
+
+
+def _import_problems(block: Block, tree: ast.AST) -> list[str]:
+    """Each ``from pgsandbox... import name``: the module and the name exist."""
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pgsandbox":
+            where = f"{block.page}:{block.line + node.lineno}"
+            try:
+                module = importlib.import_module(node.module or "")
+            except ImportError as error:
+                problems.append(f"{where}: {node.module} cannot be imported: {error}")
+                continue
+            problems += [
+                f"{where}: {node.module} has no {alias.name}" for alias in node.names if not hasattr(module, alias.name)
+            ]
+    return problems
+
+
+@functools.cache
+def fixture_classes() -> dict[str, type]:
+    """pgsandbox's fixtures that give one of pgsandbox's own classes (``pg``: Database), by fixture name: the
+    return annotation's name, as the fixture's module imports it (``Session`` there is SQLAlchemy's)."""
+    imported: dict[str, str] = {}
+    for module_name in FIXTURE_MODULES:
+        path = SOURCE.parent / (module_name.replace(".", "/") + ".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pgsandbox"):
+                imported.update({alias.asname or alias.name: node.module or "" for alias in node.names})
+    found: dict[str, type] = {}
+    for fixture in fixtures():
+        name = re.sub(r"^(?:Async)?Iterator\[(.*)\]$", r"\1", fixture.returns)
+        if name in imported:
+            found[fixture.name] = getattr(importlib.import_module(imported[name]), name)
+    return found
+
+
+def _has_attribute(kind: type, name: str) -> bool:
+    if hasattr(kind, name):
+        return True
+    fields = {field.name for field in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
+    annotated = {key for klass in kind.__mro__ for key in getattr(klass, "__annotations__", {})}
+    return name in fields | annotated or f"self.{name} =" in inspect.getsource(kind)
+
+
+def _attribute_problems(block: Block, tree: ast.AST, defined: set[str]) -> list[str]:
+    """``pg.insert(...)``, ``pg_login.database_url``: what a block reads from a pgsandbox fixture exists."""
+    classes = fixture_classes()
+    problems = []
+    for node in sorted(ast.walk(tree), key=lambda node: (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            kind = classes.get(node.value.id)
+            if kind is not None and node.value.id not in defined and not _has_attribute(kind, node.attr):
+                where = f"{block.page}:{block.line + node.lineno}"
+                problems.append(f"{where}: {node.value.id} ({kind.__name__}) has no {node.attr}")
     return problems
 
 
