@@ -393,6 +393,28 @@ def block_problems(block: Block) -> list[str]:
         problems += _marker_problems(block, tree)
         problems += _import_problems(block, tree)
         problems += _attribute_problems(block, tree, defined)
+        problems += _hook_problems(block, tree)
+    return problems
+
+
+def _hook_problems(block: Block, tree: ast.AST) -> list[str]:
+    """A ``def pytest_pgsandbox_...`` is one of pgsandbox's hooks and takes only arguments the hook passes."""
+    from pgsandbox.pytest import hookspecs
+
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("pytest_pgsandbox_"):
+            where = f"{block.page}:{block.line + node.lineno}"
+            spec = getattr(hookspecs, node.name, None)
+            if spec is None:
+                problems.append(f"{where}: {node.name} is not a hook of pgsandbox")
+                continue
+            passed = list(inspect.signature(spec).parameters)
+            problems += [
+                f"{where}: {node.name} gets no {argument.arg} (it passes {', '.join(passed)})"
+                for argument in node.args.args
+                if argument.arg not in passed
+            ]
     return problems
 
 
