@@ -193,7 +193,7 @@ def test_a_guide_block_with_a_wrong_name_or_bad_python_is_caught(tmp_path: Path)
         "\n```sh\npytest --pg-isolaton=database  # or PGSANDBOX_ISOLATON\n```\n"
         "\n```python\nrow = await pg.ainsert('x')  # a fragment may await\n```\n"
         "\n```python\ndef broken(:\n```\n"
-        "\n```python\nfrom pgsandbox.data import Factori\n\n\n"
+        "\n```python\nfrom pgsandbox import Sandbox\nfrom pgsandbox.data import Factori\n\nSandbox.begin()\n\n"
         "def test_c(pg, pg_login):\n    pg.inserrt('users')\n    assert pg_login.database_uri\n\n\n"
         "def pytest_pgsandbox_seed(session, engine): ...\n\n\ndef pytest_pgsandbox_sed(conn): ...\n```\n"
     )
@@ -206,11 +206,12 @@ def test_a_guide_block_with_a_wrong_name_or_bad_python_is_caught(tmp_path: Path)
         "typo.md:15: --pg-isolaton is not an option",
         "typo.md:15: PGSANDBOX_ISOLATON is not a pgsandbox variable",
         "typo.md:24: does not compile: invalid syntax",
-        "typo.md:28: pgsandbox.data has no Factori",
-        "typo.md:32: pg (Database) has no inserrt",
-        "typo.md:33: pg_login (SessionLogin) has no database_uri",
-        "typo.md:36: pytest_pgsandbox_seed gets no engine (it passes conn, session, url, dsn)",
-        "typo.md:39: pytest_pgsandbox_sed is not a hook of pgsandbox",
+        "typo.md:29: pgsandbox.data has no Factori",
+        "typo.md:31: Sandbox (Sandbox) has no begin",
+        "typo.md:34: pg (Database) has no inserrt",
+        "typo.md:35: pg_login (SessionLogin) has no database_uri",
+        "typo.md:38: pytest_pgsandbox_seed gets no engine (it passes conn, session, url, dsn)",
+        "typo.md:41: pytest_pgsandbox_sed is not a hook of pgsandbox",
     ]
     assert "is not one of transaction, database, schema" in problems[3]  # the option's own message
     with pytest.raises(ValueError, match="pg_connn is not a fixture"):  # the site's build fails on it

@@ -453,9 +453,11 @@ def fixture_classes() -> dict[str, type]:
     return found
 
 
-def _has_attribute(kind: type, name: str) -> bool:
+def _has_attribute(kind: Any, name: str) -> bool:
     if hasattr(kind, name):
         return True
+    if not isinstance(kind, type):
+        return False
     fields = {field.name for field in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
     annotated = {key for klass in kind.__mro__ for key in getattr(klass, "__annotations__", {})}
     return name in fields | annotated or f"self.{name} =" in inspect.getsource(kind)
@@ -463,12 +465,19 @@ def _has_attribute(kind: type, name: str) -> bool:
 
 def _attribute_problems(block: Block, tree: ast.AST, defined: set[str]) -> list[str]:
     """``pg.insert(...)``, ``pg_login.database_url``: what a block reads from a pgsandbox fixture exists."""
-    classes = fixture_classes()
+    classes: dict[str, Any] = dict(fixture_classes())
+    for node in ast.walk(tree):  # and what the block imports from pgsandbox: Sandbox.start, Settings.from_env
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pgsandbox":
+            with contextlib.suppress(ImportError):
+                module = importlib.import_module(node.module or "")
+                classes.update({alias.asname or alias.name: getattr(module, alias.name, None) for alias in node.names})
     problems = []
     for node in sorted(ast.walk(tree), key=lambda node: (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             kind = classes.get(node.value.id)
-            if kind is not None and node.value.id not in defined and not _has_attribute(kind, node.attr):
+            if kind is None or node.value.id in defined:
+                continue
+            if not _has_attribute(kind, node.attr):
                 where = f"{block.page}:{block.line + node.lineno}"
                 problems.append(f"{where}: {node.value.id} ({kind.__name__}) has no {node.attr}")
     return problems
