@@ -91,6 +91,10 @@ def test_a_page_with_an_unknown_marker_fails_the_build() -> None:
         "tests/test_scoped_data.py",  # isolation.md
         "myapp/models.py",  # client-libraries.md
         "tests/test_model_factories.py",
+        "migrations/005_products.sql",  # migrations.md
+        "myapp/catalog.py",
+        "conftest.py",
+        "tests/test_seed.py",
     }
     tenants = docs_gen().runnable_files()["tests/test_tenants.py"]
     assert tenants.startswith("import pytest\n") and tenants.count("\ndef test_") == 3
