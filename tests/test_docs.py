@@ -225,7 +225,10 @@ def test_a_guide_block_with_a_wrong_name_or_bad_python_is_caught(tmp_path: Path)
 @pytest.mark.slow
 def test_the_guides_runnable_blocks_pass_as_one_project(pytester: pytest.Pytester) -> None:
     """Every block with a file name (``title="tests/test_users.py"``) is written where it says, and the tests among
-    them run in one in-process pytest run on a local server: each passes."""
+    them run in one in-process pytest run on a local server: each passes. The pages marked runnable (the first
+    project, and the data, isolation, migrations, client libraries and roles guides on top of it, each with its
+    migration on the page) are one project: one server, one template build, for every guide (pg_queries needs the
+    local server's statement log, so not the shared server)."""
     files = docs_gen().runnable_files()
     assert "pyproject.toml" in files and any(name.startswith("tests/test_") for name in files)
     for name, text in files.items():
