@@ -83,7 +83,21 @@ def test_a_page_with_an_unknown_marker_fails_the_build() -> None:
         "migrations/002_orders.sql",
         "myapp/users.py",
         "tests/test_users.py",
+        "migrations/003_items.sql",  # security-roles.md: its tests, shown one at a time, are one file
+        "tests/test_tenants.py",
+        "migrations/004_posts.sql",  # data.md
+        "tests/test_factories.py",
+        "tests/test_factoryboy.py",
+        "tests/test_scoped_data.py",  # isolation.md
+        "myapp/models.py",  # client-libraries.md
+        "tests/test_model_factories.py",
+        "migrations/005_products.sql",  # migrations.md
+        "myapp/catalog.py",
+        "conftest.py",
+        "tests/test_seed.py",
     }
+    tenants = docs_gen().runnable_files()["tests/test_tenants.py"]
+    assert tenants.startswith("import pytest\n") and tenants.count("\ndef test_") == 3
 
 
 def test_the_readme_is_a_short_guide_whose_links_and_contents_hold() -> None:
@@ -163,17 +177,65 @@ def test_a_config_block_with_an_unknown_option_or_a_bad_value_is_caught(tmp_path
     assert problems[1].startswith("typo.md:6: pg_isolation = 'rollback' is refused")
 
 
+def test_every_guide_code_block_compiles_and_names_only_what_pgsandbox_has() -> None:
+    """The blocks no test runs (fragments, a FastAPI app, Django) still compile and name real fixtures, options,
+    variables and marker keys, so a rename in the code shows up here and not in a reader's copy."""
+    gen = docs_gen()
+    pages = gen.guide_pages()
+    python_blocks = [block for page in pages for block in gen.code_blocks(page) if block.language == "python"]
+    assert len(python_blocks) >= 15
+    assert gen.guide_problems(pages) == []
+
+
+def test_a_guide_block_with_a_wrong_name_or_bad_python_is_caught(tmp_path: Path) -> None:
+    page = tmp_path / "typo.md"
+    page.write_text(
+        '```python\n@pytest.mark.pg(isolaton="database")\ndef test_a(pg_connn, pg_tenant): ...\n\n\n'
+        "@pytest.fixture\ndef pg_tenant(pg): ...\n\n\n"
+        '@pytest.mark.pg(isolation="rollback")\nasync def test_b(pg):\n'
+        '    await pg.ainsert("x", using=pg_psycopg)\n```\n'
+        "\n```sh\npytest --pg-isolaton=database  # or PGSANDBOX_ISOLATON\n```\n"
+        "\n```python\nrow = await pg.ainsert('x')  # a fragment may await\n```\n"
+        "\n```python\ndef broken(:\n```\n"
+        "\n```python\nfrom pgsandbox import Sandbox\nfrom pgsandbox.data import Factori\n\nSandbox.begin()\n\n"
+        "def test_c(pg, pg_login):\n    pg.inserrt('users')\n    assert pg_login.database_uri\n\n\n"
+        "def pytest_pgsandbox_seed(session, engine): ...\n\n\ndef pytest_pgsandbox_sed(conn): ...\n```\n"
+    )
+    problems = docs_gen().guide_problems([page])
+    assert [problem.split(" is refused")[0] for problem in problems] == [
+        "typo.md:1: pg_connn is not a fixture or an option of pgsandbox",
+        "typo.md:1: pg_psycopg is not a fixture or an option of pgsandbox",
+        "typo.md:2: @pytest.mark.pg has no key isolaton",
+        "typo.md:10: @pytest.mark.pg(isolation=...)",
+        "typo.md:15: --pg-isolaton is not an option",
+        "typo.md:15: PGSANDBOX_ISOLATON is not a pgsandbox variable",
+        "typo.md:24: does not compile: invalid syntax",
+        "typo.md:29: pgsandbox.data has no Factori",
+        "typo.md:31: Sandbox (Sandbox) has no begin",
+        "typo.md:34: pg (Database) has no inserrt",
+        "typo.md:35: pg_login (SessionLogin) has no database_uri",
+        "typo.md:38: pytest_pgsandbox_seed gets no engine (it passes conn, session, url, dsn)",
+        "typo.md:41: pytest_pgsandbox_sed is not a hook of pgsandbox",
+    ]
+    assert "is not one of transaction, database, schema" in problems[3]  # the option's own message
+    with pytest.raises(ValueError, match="pg_connn is not a fixture"):  # the site's build fails on it
+        docs_gen().render(page.read_text(), "guides/typo.md")
+
+
 @pytest.mark.slow
 def test_the_guides_runnable_blocks_pass_as_one_project(pytester: pytest.Pytester) -> None:
     """Every block with a file name (``title="tests/test_users.py"``) is written where it says, and the tests among
-    them run in one in-process pytest run on a local server: each passes."""
+    them run in one in-process pytest run on a local server: each passes. The pages marked runnable (the first
+    project, and the data, isolation, migrations, client libraries and roles guides on top of it, each with its
+    migration on the page) are one project: one server, one template build, for every guide (pg_queries needs the
+    local server's statement log, so not the shared server)."""
     files = docs_gen().runnable_files()
     assert "pyproject.toml" in files and any(name.startswith("tests/test_") for name in files)
     for name, text in files.items():
         path = pytester.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    tests = sum(text.count("\ndef test_") + text.startswith("def test_") for text in files.values())
+    tests = sum(len(re.findall(r"^\s*def test_", text, flags=re.MULTILINE)) for text in files.values())
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=tests)
 

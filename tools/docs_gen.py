@@ -3,8 +3,9 @@
 `mkdocs.yml` loads this module as a hook: a page holds a marker (``<!-- pgsandbox:options -->``,
 ``<!-- pgsandbox:fixtures -->``, ``<!-- pgsandbox:cli -->``, ``<!-- pgsandbox:errors ClassName -->``) and the
 build puts the generated Markdown in its place; ``<!-- pgsandbox:runnable -->`` marks a page whose titled code
-blocks are files of a project the test suite runs. Guides that appear under ``docs/guides/`` are added to the
-navigation. The functions are plain, so that tests call them too.
+blocks are files of a project the test suite runs. A guide whose code blocks name a fixture, option or marker
+key pgsandbox does not have, or whose Python does not compile, fails the build. Guides that appear under
+``docs/guides/`` are added to the navigation. The functions are plain, so that tests call them too.
 """
 
 from __future__ import annotations
@@ -309,12 +310,15 @@ class Block:
 
 
 def code_blocks(page: Path) -> list[Block]:
-    text = page.read_text()
+    return code_blocks_of(page.read_text(), page.name)
+
+
+def code_blocks_of(text: str, page_name: str) -> list[Block]:
     blocks = []
     for match in FENCE.finditer(text):
         attributes = dict(re.findall(r'(\w+)="([^"]*)"', match[2]))
         line = text.count("\n", 0, match.start()) + 1
-        blocks.append(Block(page.name, match[1], attributes.get("title", ""), match[3], line))
+        blocks.append(Block(page_name, match[1], attributes.get("title", ""), match[3], line))
     return blocks
 
 
@@ -326,19 +330,192 @@ RUNNABLE = "<!-- pgsandbox:runnable -->"
 
 
 def runnable_files() -> dict[str, str]:
-    """The files of the guides' runnable project: every titled block of the pages marked runnable, by its path;
-    one path, one text."""
+    """The files of the guides' runnable project: every titled block of the pages marked runnable, by its path.
+    The blocks of one page with the same path are one file, in page order (a test file shown a test at a time);
+    two pages may show the same file only with the same text."""
     files: dict[str, str] = {}
     for page in documented_pages():
         if RUNNABLE not in page.read_text():
             continue
+        on_page: dict[str, str] = {}
         for block in code_blocks(page):
-            if not block.title:
-                continue
-            if files.get(block.title, block.text) != block.text:
-                raise ValueError(f"{block.page}:{block.line}: {block.title} differs from another page's block")
-            files[block.title] = block.text
+            if block.title:
+                on_page[block.title] = (
+                    on_page[block.title] + "\n\n" + block.text if block.title in on_page else block.text
+                )
+        for title, text in on_page.items():
+            if files.get(title, text) != text:
+                raise ValueError(f"{page.name}: {title} differs from another page's block of that name")
+            files[title] = text
     return files
+
+
+# names in code blocks that are PostgreSQL's, not pgsandbox's; a `pg_x`/`--pg-x` stands for any option
+POSTGRESQL_NAMES = frozenset({"pg_catalog", "pg_config", "pg_policies", "pg_dump", "pg_restore", "pg_ctl"})
+PLACEHOLDERS = frozenset({"pg_x", "--pg-x", "PGSANDBOX_X"})
+
+
+def guide_pages() -> list[Path]:
+    """The pages whose code blocks a user copies: the README and the guides."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
+
+
+def block_problems(block: Block) -> list[str]:
+    """What is wrong in a code block that a reader would copy: Python that does not compile (fragments may
+    ``await`` at the top level), a fixture, option, variable or ``@pytest.mark.pg`` key pgsandbox does not have,
+    a marker value its option refuses."""
+    from pgsandbox.settings import OPTIONS
+
+    where = f"{block.page}:{block.line}"
+    tree = None
+    problems = []
+    if block.language == "python":
+        try:
+            tree = compile(block.text, where, "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        except SyntaxError as error:
+            problems.append(f"{block.page}:{block.line + (error.lineno or 0)}: does not compile: {error.msg}")
+    defined = _defined_names(tree) if tree is not None else set()  # a fixture of the page's own: pg_tenant
+    known = {fixture.name for fixture in fixtures()} | {option.ini for option in OPTIONS} | defined
+    problems += [
+        f"{where}: {name} is not a fixture or an option of pgsandbox"
+        for name in sorted(set(re.findall(r"\bpg_\w+", block.text)) - known - POSTGRESQL_NAMES - PLACEHOLDERS)
+    ]
+    problems += [
+        f"{where}: {flag} is not an option"
+        for flag in sorted(set(re.findall(r"--pg-[a-z-]+", block.text)) - {o.cli for o in OPTIONS} - PLACEHOLDERS)
+    ]
+    problems += [
+        f"{where}: {variable} is not a pgsandbox variable"
+        for variable in sorted(set(re.findall(r"\bPGSANDBOX_[A-Z_]+", block.text)) - {o.env for o in OPTIONS})
+        if variable not in PLACEHOLDERS
+    ]
+    if tree is not None:
+        problems += _marker_problems(block, tree)
+        problems += _import_problems(block, tree)
+        problems += _attribute_problems(block, tree, defined)
+        problems += _hook_problems(block, tree)
+    return problems
+
+
+def _hook_problems(block: Block, tree: ast.AST) -> list[str]:
+    """A ``def pytest_pgsandbox_...`` is one of pgsandbox's hooks and takes only arguments the hook passes."""
+    from pgsandbox.pytest import hookspecs
+
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("pytest_pgsandbox_"):
+            where = f"{block.page}:{block.line + node.lineno}"
+            spec = getattr(hookspecs, node.name, None)
+            if spec is None:
+                problems.append(f"{where}: {node.name} is not a hook of pgsandbox")
+                continue
+            passed = list(inspect.signature(spec).parameters)
+            problems += [
+                f"{where}: {node.name} gets no {argument.arg} (it passes {', '.join(passed)})"
+                for argument in node.args.args
+                if argument.arg not in passed
+            ]
+    return problems
+
+
+def _import_problems(block: Block, tree: ast.AST) -> list[str]:
+    """Each ``from pgsandbox... import name``: the module and the name exist."""
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pgsandbox":
+            where = f"{block.page}:{block.line + node.lineno}"
+            try:
+                module = importlib.import_module(node.module or "")
+            except ImportError as error:
+                problems.append(f"{where}: {node.module} cannot be imported: {error}")
+                continue
+            problems += [
+                f"{where}: {node.module} has no {alias.name}" for alias in node.names if not hasattr(module, alias.name)
+            ]
+    return problems
+
+
+@functools.cache
+def fixture_classes() -> dict[str, type]:
+    """pgsandbox's fixtures that give one of pgsandbox's own classes (``pg``: Database), by fixture name: the
+    return annotation's name, as the fixture's module imports it (``Session`` there is SQLAlchemy's)."""
+    imported: dict[str, str] = {}
+    for module_name in FIXTURE_MODULES:
+        path = SOURCE.parent / (module_name.replace(".", "/") + ".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pgsandbox"):
+                imported.update({alias.asname or alias.name: node.module or "" for alias in node.names})
+    found: dict[str, type] = {}
+    for fixture in fixtures():
+        name = re.sub(r"^(?:Async)?Iterator\[(.*)\]$", r"\1", fixture.returns)
+        if name in imported:
+            found[fixture.name] = getattr(importlib.import_module(imported[name]), name)
+    return found
+
+
+def _has_attribute(kind: Any, name: str) -> bool:
+    if hasattr(kind, name):
+        return True
+    if not isinstance(kind, type):
+        return False
+    fields = {field.name for field in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
+    annotated = {key for klass in kind.__mro__ for key in getattr(klass, "__annotations__", {})}
+    return name in fields | annotated or f"self.{name} =" in inspect.getsource(kind)
+
+
+def _attribute_problems(block: Block, tree: ast.AST, defined: set[str]) -> list[str]:
+    """``pg.insert(...)``, ``pg_login.database_url``: what a block reads from a pgsandbox fixture exists."""
+    classes: dict[str, Any] = dict(fixture_classes())
+    for node in ast.walk(tree):  # and what the block imports from pgsandbox: Sandbox.start, Settings.from_env
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pgsandbox":
+            with contextlib.suppress(ImportError):
+                module = importlib.import_module(node.module or "")
+                classes.update({alias.asname or alias.name: getattr(module, alias.name, None) for alias in node.names})
+    problems = []
+    for node in sorted(ast.walk(tree), key=lambda node: (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            kind = classes.get(node.value.id)
+            if kind is None or node.value.id in defined:
+                continue
+            if not _has_attribute(kind, node.attr):
+                where = f"{block.page}:{block.line + node.lineno}"
+                problems.append(f"{where}: {node.value.id} ({kind.__name__}) has no {node.attr}")
+    return problems
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return {node.name for node in ast.walk(tree) if isinstance(node, functions)} | {
+        node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+    }
+
+
+def _marker_problems(block: Block, tree: ast.AST) -> list[str]:
+    """Each ``@pytest.mark.pg(key=value)``: a key the marker takes, a literal value its option accepts."""
+    from pgsandbox.pytest.markers import MARKER_ONLY, MARKER_OPTIONS, marker_value
+
+    problems = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.mark.pg"):
+            continue
+        where = f"{block.page}:{block.line + node.lineno}"
+        for keyword in node.keywords:
+            if keyword.arg not in (*MARKER_OPTIONS, *MARKER_ONLY):
+                problems.append(f"{where}: @pytest.mark.pg has no key {keyword.arg}")
+                continue
+            try:
+                value = ast.literal_eval(keyword.value)
+            except ValueError:  # not a literal: only a run can check it
+                continue
+            try:
+                marker_value(keyword.arg, value)
+            except BaseException as error:  # pytest.fail's exception, with the option's own message
+                problems.append(f"{where}: @pytest.mark.pg({keyword.arg}=...) is refused: {error}")
+    return problems
+
+
+def guide_problems(pages: list[Path]) -> list[str]:
+    return [problem for page in pages for block in code_blocks(page) for problem in block_problems(block)]
 
 
 # -- the mkdocs hook -------------------------------------------------------------------------------------------
@@ -362,6 +539,10 @@ def render(markdown: str, page_path: str) -> str:
         raise ValueError(f"{page_path}: unknown marker {match[0]}")
 
     rendered = MARKER.sub(replace, markdown)
+    if page_path.startswith("guides/"):  # a guide's code that readers copy must name what exists
+        problems = [problem for block in code_blocks_of(markdown, page_path) for problem in block_problems(block)]
+        if problems:
+            raise ValueError("; ".join(problems))
     if page_path == "troubleshooting.md":
         kinds = [*error_classes(), "PgSandboxError", "PgSandboxWarning"]
         missing = [name for name in kinds if f"<!-- pgsandbox:errors {name} -->" not in markdown]
