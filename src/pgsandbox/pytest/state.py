@@ -69,10 +69,23 @@ def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
     return write
 
 
+def hook_impls(config: pytest.Config, name: str) -> list[Any]:
+    """A hook's implementations in conftests and plugins, not its wrappers."""
+    hook = getattr(config.hook, name)
+    return [i for i in hook.get_hookimpls() if not (i.hookwrapper or getattr(i, "wrapper", False))]
+
+
+def has_migrations(config: pytest.Config) -> bool:
+    """Whether the session has a migration or seed (options, hooks, Django's), without importing the migrators."""
+    options = settings(config)
+    if options.migrations or options.seed or EXTRA_MIGRATIONS_KEY in config.stash:
+        return True
+    return any(hook_impls(config, name) for name in ("pytest_pgsandbox_migrate", "pytest_pgsandbox_seed"))
+
+
 def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) -> list[Migrator]:
     """A conftest's ``pytest_pgsandbox_migrate``/``_seed`` as a migrator hashed by its source files."""
-    hook = getattr(config.hook, name)
-    impls = [i for i in hook.get_hookimpls() if not (i.hookwrapper or getattr(i, "wrapper", False))]
+    impls = hook_impls(config, name)
     if not impls:
         return []
     from pgsandbox.template.python import Call, CallableMigrator
@@ -149,20 +162,37 @@ class BackgroundStart:
         self._server: Server | None = None
         self._error: BaseException | None = None
         self._taken = False
+        # set once the main thread has imported what connecting to the server needs (psycopg, server/local.py)
+        self._imported = threading.Event()
         from pgsandbox.isolation import fence
+        from pgsandbox.server import launch, wants_external
 
         self.exempt = fence.exempt  # imported here: the thread imports nothing (see above)
+        # a kept-alive server is attached to, not launched: that waits for the imports as a whole
+        self._launch = None if wants_external(options) or options.keep_alive else launch
         self._thread = threading.Thread(target=self._run, name="pgsandbox-server-start")
         self._thread.start()
 
-    def _run(self) -> None:
-        from pgsandbox.server import start_server  # imported by the main thread before this one started
+    def imported(self) -> None:
+        """The main thread has imported psycopg and the server's modules: the thread may go on to connect."""
+        self._imported.set()
 
+    def _run(self) -> None:
         started = time.perf_counter()
+        waited = 0.0
         try:
+            launched = None
+            if self._launch is not None:  # postgres starts (subprocesses: no GIL) while the main thread imports
+                prepared = self._launch.prepare(self.options, self._lines.put)
+                launched = self._launch.launch(self.options, prepared, list(self.snapshots), self._lines.put)
+            before = time.perf_counter()
+            self._imported.wait()
+            waited = time.perf_counter() - before
+            from pgsandbox.server import start_server  # the package, imported by the main thread already
+
             with self.exempt():  # from the session's connection fence: the server's address is not known yet
-                self._server = start_server(self.options, self._lines.put, self.snapshots)
-            self.seconds = time.perf_counter() - started
+                self._server = start_server(self.options, self._lines.put, self.snapshots, launched=launched)
+            self.seconds = time.perf_counter() - started - waited
         except BaseException as error:  # raised again in the main thread, where the start is waited for
             self._error = error
         finally:
@@ -252,15 +282,29 @@ def start_in_background(session: pytest.Session) -> None:
     ):
         return
     try:
-        # everything the thread runs is imported here, in the main thread (see BackgroundStart)
-        import pgsandbox.server
-        from pgsandbox.template.builds import chain_of, snapshot_keys
+        # everything the thread runs is imported in the main thread (see BackgroundStart): here, what starts
+        # postgres (no psycopg), and the migrators only when there are some (their snapshot keys choose the
+        # cluster to copy), which imports psycopg first
+        import pgsandbox.server.launch
 
         options = settings(config)
-        snapshots = snapshot_keys(chain_of(*session_migrators(config)), options.rebuild)
+        snapshots: list[str] = []
+        if not options.rebuild and has_migrations(config):
+            from pgsandbox.template.builds import chain_of, snapshot_keys
+
+            snapshots = snapshot_keys(chain_of(*session_migrators(config)), options.rebuild)
     except Exception:  # the start after collection meets the same error, and says it as it always did
         return
-    config.stash[BACKGROUND_KEY] = BackgroundStart(options, snapshots)
+    background = BackgroundStart(options, snapshots)
+    config.stash[BACKGROUND_KEY] = background
+    try:
+        # while postgres starts: what connecting to it needs, then the thread goes on
+        import pgsandbox.server.external
+        import pgsandbox.server.local
+    except Exception:  # the thread meets the same error, raised at the start after collection
+        pass
+    finally:
+        background.imported()
     import pgsandbox.sandbox  # noqa: F401 - the rest of what a test needs, while the server starts
 
 
