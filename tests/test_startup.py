@@ -145,7 +145,13 @@ def test_postgres_starts_before_the_main_thread_has_imported_psycopg_and_is_conn
     # a runtime directory of its own (no other test's server in it), on tmpfs as the default one is
     runtime = Path(tempfile.mkdtemp(prefix="pgsb-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp_path))
     runtime.chmod(0o755)  # as root, the server's own account goes through it
-    background = BackgroundStart(Settings(cache=cache_dir, runtime_dir=runtime), [])
+    options = Settings(cache=cache_dir, runtime_dir=runtime)
+    # the snapshot keys come later (the main thread imports the migrators meanwhile): it prepares, then waits
+    cancelled = BackgroundStart(options, None)
+    cancelled.cancel()  # the keys failed: it ends, having started nothing
+    assert not list(runtime.rglob("postmaster.pid")) and cancelled._server is None and cancelled._error is None
+    background = BackgroundStart(options, None)
+    background.keyed([])
     try:
         found = ready_postmaster(runtime)
         assert found is not None, "postgres did not start before the main thread's imports were done"
