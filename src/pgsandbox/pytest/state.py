@@ -322,9 +322,11 @@ def start_in_background(session: pytest.Session) -> None:
             from pgsandbox.template.builds import chain_of, snapshot_keys
 
             background.keyed(snapshot_keys(chain_of(*session_migrators(config)), options.rebuild))
-        except Exception:  # the start after collection meets the same error, and says it as it always did
+        except BaseException as error:  # Ctrl-C too: the thread would wait for the keys, and the process for it
             background.cancel()
-            return
+            if isinstance(error, Exception):  # the start after collection meets it, and says it as it always did
+                return
+            raise
     config.stash[BACKGROUND_KEY] = background
     try:
         # while postgres starts: what connecting to it needs, then the thread goes on
