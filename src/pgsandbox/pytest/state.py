@@ -212,6 +212,8 @@ class BackgroundStart:
             self._imported.wait()
             waited = time.perf_counter() - before
             if self._cancelled:
+                if launched is not None:
+                    launched.discard()
                 return
             from pgsandbox.server import start_server  # the package, imported by the main thread already
 
