@@ -190,3 +190,37 @@ def test_hidden_system_binaries_embedded_wheel_suffices(pytester: pytest.Pyteste
     )
     assert "15.18" not in probe.stdout and "a system directory" not in probe.stdout
     assert "Would use for a local server: PostgreSQL 18" in probe.stdout
+
+
+@pytest.mark.slow
+def test_pg_config_bindir_is_asked_once_per_file_also_in_the_next_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Debian's /usr/bin/pg_config is a shell script (sh, ls, tail) that every start ran: its answer is cached
+    from pgsandbox import binaries
+
+    calls = tmp_path / "calls"
+    pg_config = tmp_path / "pg_config"
+    pg_config.write_text(f"#!/bin/sh\necho run >> {calls}\necho /opt/pg/bin\n")
+    pg_config.chmod(0o755)
+    known = tmp_path / "cache" / binaries.BINDIRS_FILE
+    monkeypatch.setattr(binaries, "_BINDIRS", {})
+    assert binaries.pg_config_bindir(pg_config, known) == "/opt/pg/bin"
+    assert binaries.pg_config_bindir(pg_config, known) == "/opt/pg/bin"
+    monkeypatch.setattr(binaries, "_BINDIRS", {})  # a new process: the answer comes from the cache directory
+    monkeypatch.setattr(binaries, "_READ", set())
+    assert binaries.pg_config_bindir(pg_config, known) == "/opt/pg/bin"
+    assert calls.read_text().count("run") == 1
+    # another pg_config (a new file, or another version installed under its root): asked again
+    pg_config.write_text(f"#!/bin/sh\necho run >> {calls}\necho /opt/pg17/bin\n")
+    os.utime(pg_config, ns=(0, 1))
+    assert binaries.pg_config_bindir(pg_config, known) == "/opt/pg17/bin"
+    assert calls.read_text().count("run") == 2
+    # a failure is not remembered: the next start asks again
+    broken = tmp_path / "broken" / "pg_config"
+    broken.parent.mkdir()
+    broken.write_text(f"#!/bin/sh\necho run >> {calls}\nexit 1\n")
+    broken.chmod(0o755)
+    assert binaries.pg_config_bindir(broken, known) is None
+    assert binaries.pg_config_bindir(broken, known) is None
+    assert calls.read_text().count("run") == 4

@@ -136,7 +136,7 @@ def test_socket_only_when_asked(start_local: StartLocal, listen: str) -> None:
 def test_a_free_port_taken_before_the_server_binds_it_is_picked_again(
     start_local: StartLocal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pgsandbox.server import local
+    from pgsandbox.server import launch as local
 
     picked: list[int] = []
     real = local._free_port
@@ -159,7 +159,7 @@ def _first_taken(picked: list[int], taken: socket.socket, free: int) -> int:
 def test_a_port_taken_while_the_server_restarts_for_a_snapshot_moves_it(
     start_local: StartLocal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pgsandbox.server import local
+    from pgsandbox.server import launch as local
 
     server = start_local()
     assert server.tcp is not None
@@ -184,7 +184,7 @@ def test_a_port_taken_while_the_server_restarts_for_a_snapshot_moves_it(
 
 
 def test_free_ports_taken_every_time_are_reported(start_local: StartLocal, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pgsandbox.server import local
+    from pgsandbox.server import launch as local
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -3,10 +3,14 @@ collects the rest (pytest/state.py, BackgroundStart); what it prints, its errors
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +116,61 @@ def test_a_server_started_during_collection_that_no_test_takes_is_stopped(
     pid, run_dir = found
     assert gone(pid) and not Path(run_dir).exists()
     assert "= pgsandbox =" not in result.stdout.str()  # no report of a sandbox no test used
+
+
+def ready_postmaster(base: Path) -> tuple[int, Path] | None:
+    """The pid and run directory of a postmaster ready under ``base``, polled for (bounded)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid_file in base.rglob("postmaster.pid"):
+            with contextlib.suppress(OSError):
+                lines = pid_file.read_text().splitlines()
+                if len(lines) >= 8 and lines[7].strip() == "ready":
+                    return int(lines[0]), pid_file.parent.parent
+        time.sleep(0.005)
+    return None
+
+
+@pytest.mark.slow
+def test_postgres_starts_before_the_main_thread_has_imported_psycopg_and_is_connected_to_only_after(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    # the main thread imports psycopg and the server's modules while the thread copies the cluster and spawns
+    # postgres (server/launch.py imports neither); the thread connects (the password rotation) only once told
+    from pgsandbox.pytest.state import BackgroundStart
+    from pgsandbox.server import LocalServer
+    from pgsandbox.server.passfile import FILE_NAME
+    from pgsandbox.settings import Settings
+
+    # a runtime directory of its own (no other test's server in it), on tmpfs as the default one is
+    runtime = Path(tempfile.mkdtemp(prefix="pgsb-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp_path))
+    runtime.chmod(0o755)  # as root, the server's own account goes through it
+    options = Settings(cache=cache_dir, runtime_dir=runtime)
+    # the snapshot keys come later (the main thread imports the migrators meanwhile): it prepares, then waits
+    cancelled = BackgroundStart(options, None)
+    cancelled.cancel()  # the keys failed: it ends, having started nothing
+    assert not list(runtime.rglob("postmaster.pid")) and cancelled._server is None and cancelled._error is None
+    background = BackgroundStart(options, None)
+    background.keyed([])
+    try:
+        found = ready_postmaster(runtime)
+        assert found is not None, "postgres did not start before the main thread's imports were done"
+        assert not (found[1] / FILE_NAME).exists()  # not connected to yet: still the cached cluster's password
+    finally:
+        background.imported()
+    server = background.server([], None)
+    try:
+        assert isinstance(server, LocalServer)
+        assert (server.pid, server.run_dir) == found
+        assert server.admin.execute("select 1").fetchone() == (1,)
+        assert (server.run_dir / FILE_NAME).exists()
+    finally:
+        server.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, pgsandbox.server.launch; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'psycopg'" not in imported and "'pgsandbox.server.launch'" in imported

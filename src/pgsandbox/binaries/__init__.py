@@ -124,12 +124,9 @@ def candidate_dirs(
         yield from archives.unpacked(cache_root)
     pg_config = shutil.which("pg_config", path=path)
     if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10)
-            if out.returncode == 0 and out.stdout.strip():
-                yield Path(out.stdout.strip()), f"pg_config ({pg_config})"
-        except (OSError, subprocess.SubprocessError):
-            pass
+        said = pg_config_bindir(Path(pg_config), cache_root / BINDIRS_FILE if cache_root is not None else None)
+        if said:
+            yield Path(said), f"pg_config ({pg_config})"
     on_path = shutil.which("postgres", path=path)
     if on_path:
         # /usr/local/bin/postgres is often a link into the real installation, where initdb lives too
@@ -182,6 +179,34 @@ def _version_of(postgres: Path, known: Path | None) -> subprocess.CompletedProce
         _VERSIONS[key] = out.stdout
         _write_known(_VERSIONS, known)
     return out
+
+
+# `pg_config --bindir` of each pg_config already run, like the versions above: Debian's /usr/bin/pg_config is a
+# shell script that lists /usr/lib/postgresql and runs the newest one's (sh, ls, tail: 8-17 ms here, in every
+# start), so its answer also depends on what those directories hold: their modification time is part of the key.
+BINDIRS_FILE = "pg-config-bindirs.json"
+PG_CONFIG_ROOTS = (Path("/usr/lib/postgresql"),)  # where Debian's wrapper looks
+_BINDIRS: dict[str, str] = {}
+
+
+def pg_config_bindir(pg_config: Path, known: Path | None) -> str | None:
+    """What ``pg_config --bindir`` says (None when it fails), run once per file and installed versions."""
+    try:
+        key = _file_key(pg_config) + "".join(f":{root.stat().st_mtime_ns}" for root in PG_CONFIG_ROOTS if root.is_dir())
+    except OSError:
+        return None
+    _read_known(_BINDIRS, known)
+    if key in _BINDIRS:
+        return _BINDIRS[key]
+    try:
+        out = subprocess.run([str(pg_config), "--bindir"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    _BINDIRS[key] = out.stdout.strip()
+    _write_known(_BINDIRS, known)
+    return _BINDIRS[key]
 
 
 # What identifies a build of PostgreSQL: a hash of its `postgres` executable, read once per file like its version.

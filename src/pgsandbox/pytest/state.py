@@ -69,10 +69,23 @@ def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
     return write
 
 
+def hook_impls(config: pytest.Config, name: str) -> list[Any]:
+    """A hook's implementations in conftests and plugins, not its wrappers."""
+    hook = getattr(config.hook, name)
+    return [i for i in hook.get_hookimpls() if not (i.hookwrapper or getattr(i, "wrapper", False))]
+
+
+def has_migrations(config: pytest.Config) -> bool:
+    """Whether the session has a migration or seed (options, hooks, Django's), without importing the migrators."""
+    options = settings(config)
+    if options.migrations or options.seed or EXTRA_MIGRATIONS_KEY in config.stash:
+        return True
+    return any(hook_impls(config, name) for name in ("pytest_pgsandbox_migrate", "pytest_pgsandbox_seed"))
+
+
 def hook_migrators(config: pytest.Config, name: str, inputs: tuple[str, ...]) -> list[Migrator]:
     """A conftest's ``pytest_pgsandbox_migrate``/``_seed`` as a migrator hashed by its source files."""
-    hook = getattr(config.hook, name)
-    impls = [i for i in hook.get_hookimpls() if not (i.hookwrapper or getattr(i, "wrapper", False))]
+    impls = hook_impls(config, name)
     if not impls:
         return []
     from pgsandbox.template.python import Call, CallableMigrator
@@ -141,30 +154,75 @@ class BackgroundStart:
     wait for the main thread, which prints them as the sandbox's start did; its error is raised there, so that
     it reads as it did. Whatever it started is stopped at the session's end if no test took it."""
 
-    def __init__(self, options: Settings, snapshots: list[str]) -> None:
+    def __init__(self, options: Settings, snapshots: list[str] | None) -> None:
         self.options = options
-        self.snapshots = snapshots
+        self.snapshots: list[str] = snapshots or []
         self.seconds: float | None = None
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._server: Server | None = None
         self._error: BaseException | None = None
         self._taken = False
+        # set once the main thread has imported what connecting to the server needs (psycopg, server/local.py)
+        self._imported = threading.Event()
+        # set once the snapshot keys are known (``snapshots`` None: the main thread computes them meanwhile,
+        # importing the migrators); the keys choose the cluster to copy
+        self._keyed = threading.Event()
+        if snapshots is not None:
+            self._keyed.set()
+        self._cancelled = False
         from pgsandbox.isolation import fence
+        from pgsandbox.server import launch, wants_external
 
         self.exempt = fence.exempt  # imported here: the thread imports nothing (see above)
+        # a kept-alive server is attached to, not launched: that waits for the imports as a whole
+        self._launch = None if wants_external(options) or options.keep_alive else launch
         self._thread = threading.Thread(target=self._run, name="pgsandbox-server-start")
         self._thread.start()
 
-    def _run(self) -> None:
-        from pgsandbox.server import start_server  # imported by the main thread before this one started
+    def keyed(self, snapshots: list[str]) -> None:
+        """The snapshot keys, computed by the main thread while this one prepared."""
+        self.snapshots = snapshots
+        self._keyed.set()
 
+    def cancel(self) -> None:
+        """The main thread could not compute the keys: the start after collection meets the error and says it;
+        this thread ends without starting anything."""
+        self._cancelled = True
+        self._keyed.set()
+        self._imported.set()
+        self._thread.join()
+
+    def imported(self) -> None:
+        """The main thread has imported psycopg and the server's modules: the thread may go on to connect."""
+        self._imported.set()
+
+    def _run(self) -> None:
         started = time.perf_counter()
+        waited = 0.0
         try:
+            launched = None
+            if self._launch is not None:  # postgres starts (subprocesses: no GIL) while the main thread imports
+                prepared = self._launch.prepare(self.options, self._lines.put)
+                self._keyed.wait()
+                if self._cancelled:
+                    return
+                launched = self._launch.launch(self.options, prepared, list(self.snapshots), self._lines.put)
+            before = time.perf_counter()
+            self._keyed.wait()
+            self._imported.wait()
+            waited = time.perf_counter() - before
+            if self._cancelled:
+                if launched is not None:
+                    launched.discard()
+                return
+            from pgsandbox.server import start_server  # the package, imported by the main thread already
+
             with self.exempt():  # from the session's connection fence: the server's address is not known yet
-                self._server = start_server(self.options, self._lines.put, self.snapshots)
-            self.seconds = time.perf_counter() - started
+                self._server = start_server(self.options, self._lines.put, self.snapshots, launched=launched)
+            self.seconds = time.perf_counter() - started - waited
         except BaseException as error:  # raised again in the main thread, where the start is waited for
-            self._error = error
+            if not self._cancelled:
+                self._error = error
         finally:
             self._lines.put(None)
 
@@ -251,16 +309,35 @@ def start_in_background(session: pytest.Session) -> None:
         or may_deselect(config)
     ):
         return
+    # everything the thread runs is imported in the main thread (see BackgroundStart): first what starts postgres
+    # (no psycopg); the thread prepares (finds the binaries, clears leftovers) while this one imports the
+    # migrators when there are some: their snapshot keys choose the cluster to copy
     try:
-        # everything the thread runs is imported here, in the main thread (see BackgroundStart)
-        import pgsandbox.server
-        from pgsandbox.template.builds import chain_of, snapshot_keys
-
-        options = settings(config)
-        snapshots = snapshot_keys(chain_of(*session_migrators(config)), options.rebuild)
+        import pgsandbox.server.launch
     except Exception:  # the start after collection meets the same error, and says it as it always did
         return
-    config.stash[BACKGROUND_KEY] = BackgroundStart(options, snapshots)
+    options = settings(config)
+    keyed = options.rebuild or not has_migrations(config)
+    background = BackgroundStart(options, [] if keyed else None)
+    if not keyed:
+        try:
+            from pgsandbox.template.builds import chain_of, snapshot_keys
+
+            background.keyed(snapshot_keys(chain_of(*session_migrators(config)), options.rebuild))
+        except BaseException as error:  # Ctrl-C too: the thread would wait for the keys, and the process for it
+            background.cancel()
+            if isinstance(error, Exception):  # the start after collection meets it, and says it as it always did
+                return
+            raise
+    config.stash[BACKGROUND_KEY] = background
+    try:
+        # while postgres starts: what connecting to it needs, then the thread goes on
+        import pgsandbox.server.external
+        import pgsandbox.server.local
+    except Exception:  # the thread meets the same error, raised at the start after collection
+        pass
+    finally:
+        background.imported()
     import pgsandbox.sandbox  # noqa: F401 - the rest of what a test needs, while the server starts
 
 

@@ -119,7 +119,7 @@ def controller_server_stopped(description: dict[str, Any], error: Exception) -> 
     """Why a worker cannot reach the controller's local server, when it is because that server is not running
     any more: said with the end of its log, rather than as a connection string to check."""
     from pgsandbox.server import runs
-    from pgsandbox.server.local import log_tail
+    from pgsandbox.server.launch import log_tail
 
     if not description.get("run_dir"):
         return None

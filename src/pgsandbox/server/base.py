@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import socket
 import time
 from abc import ABC, abstractmethod
@@ -28,11 +27,6 @@ from pgsandbox.server.statement_log import StatementLog
 from pgsandbox.server.tags import QUIET_OPTIONS
 
 MAX_IDENTIFIER = 63
-
-
-def new_run_id() -> str:
-    """Short, random and lower-case: part of every database name a run creates."""
-    return secrets.token_hex(4)
 
 
 class Server(ABC):

@@ -15,9 +15,9 @@ from pgsandbox.binaries import MIN_VERSION
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.errors import ConfigError, ConnectError, PrivilegeError, UnsupportedVersion
 from pgsandbox.server import runs
-from pgsandbox.server.base import Server, new_run_id
+from pgsandbox.server.base import Server
 from pgsandbox.server.credentials import CredentialsCommand, RenewableCredentials, refused
-from pgsandbox.server.local import log_tail
+from pgsandbox.server.launch import log_tail
 from pgsandbox.server.passfile import FILE_NAME, NO_PASSWORD, Passfile
 from pgsandbox.server.roles import drop_login
 from pgsandbox.server.statement_log import StatementLog
@@ -83,7 +83,7 @@ class ExternalServer(Server):
                 f"take the password out of {source} (postgresql://user@host/db) to use the credentials command, "
                 f"or unset {credentials.source}.",
             )
-        run_id = new_run_id()
+        run_id = runs.new_run_id()
         secrets = runs.create_secrets_dir(run_id)
         try:
             passfile = Passfile(secrets.path / FILE_NAME)

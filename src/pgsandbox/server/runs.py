@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -87,6 +88,11 @@ def check_runtime_base(base: Path, account: Account, source: str) -> Path:
 def is_out_of_space(error: BaseException) -> bool:
     """``cp``/``shutil.copytree`` failing for want of room (``shutil.Error`` lists each file)."""
     return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)[:2000]
+
+
+def new_run_id() -> str:
+    """Short, random and lower-case: part of every database name a run creates."""
+    return secrets.token_hex(4)
 
 
 @dataclass(frozen=True)

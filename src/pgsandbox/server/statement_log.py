@@ -25,11 +25,12 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from pgsandbox.errors import PgSandboxError
+
+if TYPE_CHECKING:
+    import psycopg  # imported with the connection: the server's start reads this module's settings without it
 
 FORMATS = ("jsonlog", "csvlog")
 FILE_PREFIX = "statements-"
@@ -233,6 +234,8 @@ class StatementLog:
 
     def _changed_settings(self, conn: psycopg.Connection[Any]) -> str:
         """The logging settings that differ from what this log needs (``name = value``), if any."""
+        import psycopg
+
         expected = {"log_destination": self.format, "logging_collector": "on", "log_directory": str(self.directory)}
         try:
             rows = conn.execute(
