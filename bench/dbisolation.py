@@ -54,13 +54,12 @@ from harness import (
     BenchError,
     Runner,
     bench_parser,
-    chosen_bindir,
+    chosen_cases,
     clean_env,
     current_runner,
     divide,
     filesystem,
     fmt,
-    full_command,
     load_average,
     machine_facts,
     package_version,
@@ -72,10 +71,10 @@ from harness import (
     print_targets,
     pytest_postgresql_args,
     raw_server_commands,
+    run_bench,
     run_timed,
     same_interpreter,
     schema_sql,
-    scratch,
     shown_command,
     source_state,
     stop_stragglers,
@@ -368,23 +367,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     positive(parser, args, "tests", "runs")
-    chosen = [key.strip() for key in (args.cases or ",".join(CASES)).split(",") if key.strip()]
-    unknown = [key for key in chosen if key not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(CASES)}")
-    args.cases = chosen
+    args.cases = chosen_cases(parser, args.cases, list(CASES))
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = full_command("bench/dbisolation.py", argv)
-    bindir = chosen_bindir(args)
-    if bindir is None:
-        return 2
-    with scratch("pgsandbox-dbisolation-", keep=args.keep) as (work, data):
-        return bench_main(args, bindir, work, data, command)
-    return 130  # interrupted
+    return run_bench("bench/dbisolation.py", "pgsandbox-dbisolation-", parse_args(argv), argv, bench_main)
 
 
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:

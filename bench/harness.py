@@ -135,6 +135,33 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
 
 
+def chosen_cases(parser: argparse.ArgumentParser, given: str | None, cases: Sequence[str]) -> list[str]:
+    """``--cases a,b``: the names given (all of ``cases`` when none), each checked."""
+    chosen = [key.strip() for key in (given or ",".join(cases)).split(",") if key.strip()]
+    unknown = [key for key in chosen if key not in cases]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(cases)}")
+    return chosen
+
+
+def run_bench(
+    script: str,
+    prefix: str,
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    bench_main: Callable[[argparse.Namespace, Path, Path, Path, str], int],
+) -> int:
+    """A script's ``main``: the binaries chosen, ``bench_main(args, bindir, work, data, command)`` run in a
+    scratch directory (:func:`scratch`); 2 without binaries, 130 when interrupted."""
+    command = full_command(script, argv)
+    bindir = chosen_bindir(args)
+    if bindir is None:
+        return 2
+    with scratch(prefix, keep=args.keep) as (work, data):
+        return bench_main(args, bindir, work, data, command)
+    return 130  # interrupted
+
+
 def full_command(script: str, argv: Sequence[str] | None) -> str:
     """The command with the interpreter's full path (the longer reports print it)."""
     return shlex.join([sys.executable, *(sys.argv if argv is None else [script, *argv])])

@@ -59,13 +59,12 @@ from harness import (
     BenchError,
     Runner,
     bench_parser,
-    chosen_bindir,
+    chosen_cases,
     clean_env,
     current_runner,
     divide,
     filesystem,
     fmt,
-    full_command,
     load_average,
     machine_facts,
     minus,
@@ -78,10 +77,10 @@ from harness import (
     print_targets,
     pytest_postgresql_args,
     raw_server_commands,
+    run_bench,
     run_timed,
     same_interpreter,
     schema_sql,
-    scratch,
     shown_command,
     source_state,
     stop_stragglers,
@@ -594,26 +593,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     positive(parser, args, "runs")
-    if args.cases:
-        chosen = [key.strip() for key in args.cases.split(",") if key.strip()]
-        unknown = [key for key in chosen if key not in CASES]
-        if unknown:
-            parser.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(CASES)}")
-        args.cases = chosen
-    else:
-        args.cases = list(CASES)
+    args.cases = chosen_cases(parser, args.cases, list(CASES))
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = full_command("bench/isolation.py", argv)
-    bindir = chosen_bindir(args)
-    if bindir is None:
-        return 2
-    with scratch("pgsandbox-isolation-", keep=args.keep) as (work, data):
-        return bench_main(args, bindir, work, data, command)
-    return 130  # interrupted
+    return run_bench("bench/isolation.py", "pgsandbox-isolation-", parse_args(argv), argv, bench_main)
 
 
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:

@@ -44,13 +44,11 @@ from harness import (
     BenchError,
     Runner,
     bench_parser,
-    chosen_bindir,
     clean_env,
     current_runner,
     divide,
     filesystem,
     fmt,
-    full_command,
     load_average,
     machine_facts,
     pgsandbox_env,
@@ -59,8 +57,8 @@ from harness import (
     print_facts,
     print_ratios,
     raw_server_commands,
+    run_bench,
     run_timed,
-    scratch,
     shown_command,
     source_state,
     tail,
@@ -484,14 +482,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = full_command("bench/small_suite.py", argv)
-    bindir = chosen_bindir(args)
-    if bindir is None:
-        return 2
-    with scratch("pgsandbox-small-suite-", keep=args.keep) as (work, data):
-        return bench_main(args, bindir, work, data, command)
-    return 130  # interrupted
+    return run_bench("bench/small_suite.py", "pgsandbox-small-suite-", parse_args(argv), argv, bench_main)
 
 
 def bench_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
