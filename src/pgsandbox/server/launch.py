@@ -19,7 +19,7 @@ from typing import IO
 from filelock import BaseFileLock
 
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
-from pgsandbox.common import staging
+from pgsandbox.common import staging, trace
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import redact
 from pgsandbox.errors import ServerStartError
@@ -72,6 +72,7 @@ class Prepared:
 
 def prepare(settings: Settings, progress: Progress | None) -> Prepared:
     """Choose the installation and the account, check the runtime directory, clear what killed runs left."""
+    trace.mark("server: preparing")
     if os.name != "posix":
         raise ServerStartError(
             "pgsandbox cannot run a local PostgreSQL server on this platform yet (Linux and macOS only).",
@@ -104,6 +105,7 @@ def prepare(settings: Settings, progress: Progress | None) -> Prepared:
         staging.remove(abandoned)
         if progress:
             progress(f"removed {abandoned.describe()}")
+    trace.mark("server: prepared")
     return Prepared(installation, account, root, base)
 
 
@@ -159,6 +161,7 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
             ) as cluster:
                 clusters.copy_tree(cluster.data, run.data)
             password, fresh = cluster.password, cluster.fresh
+        trace.mark("server: cluster copied")
         account.chown(run.data)
         run.data.chmod(0o700)
         (run.data / "pg_hba.conf").write_text(HBA)
@@ -231,8 +234,10 @@ def _start_listening(
         tcp = again if again and attempt == 0 else _tcp_address(settings)
         _write_config(run, installation, account, settings, tcp, log_settings)
         process = _spawn(installation, account, run)
+        trace.mark("server: postgres spawned")
         try:
             _wait_ready(process, run)
+            trace.mark("server: postgres ready")
             return process, tcp
         except ServerStartError:
             _kill(process)

@@ -17,6 +17,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import Installation
+from pgsandbox.common import trace
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
@@ -146,11 +147,13 @@ class LocalServer(Server):
                     progress,
                 )
                 if kept is not None:
+                    trace.mark("server: attached to a kept-alive server")
                     return kept
             launched = launch.launch(settings, prepared, list(snapshots), progress)
         else:
             key = _keep_alive_key(settings, launched.prepared) if settings.keep_alive else ""
         server = cls._launch(settings, launched)
+        trace.mark("server: connected")
         server.snapshots = launched.snapshot_dir
         server.snapshot = launched.snapshot
         server.fresh_cluster = launched.fresh
@@ -379,6 +382,7 @@ class LocalServer(Server):
         if self._stopped:
             return
         self._stopped = True
+        trace.mark("server: stopping")
         atexit.unregister(self.stop)
         if self.lease is not None and not keep_running and self.process.poll() is None and self._leave_running():
             self._release_build_lock()
