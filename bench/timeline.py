@@ -18,6 +18,11 @@ the plain run's:
 - ``test end``: from the body to the end of the session (teardown, the server stopped);
 - ``exit``: from the end of the session to the process's end (the report, the interpreter's end).
 
+Two projects are timed so: a bare one, whose plain run imports nothing but pytest (so the database run pays for
+importing psycopg, 50-100 ms, as well as pgsandbox's own work), and one whose ``conftest.py`` imports psycopg, as a
+project does whose code uses it (its application, its fixtures): there the plain run imports the driver too, and
+the difference is what pgsandbox adds.
+
 The pgsandbox run uses a local server started from a warm cache (the warm-up round fills it). The runs use this
 interpreter, whichever pgsandbox it imports (``PYTHONPATH=src`` for a checkout's), and the plugins installed here
 minus the unrelated ones a database run does not use either.
@@ -142,10 +147,16 @@ def stage_times(moments: dict[str, float]) -> dict[str, float | None]:
     return times
 
 
+PROJECTS = {"bare": {}, "driver imported": {"conftest.py": "import psycopg  # the project's code uses it\n"}}
+
+
 def timeline_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path, command: str) -> int:
     runner = current_runner()
-    project = work / "project"
-    runner.write({project / "test_db.py": DB_TEST, project / "test_plain.py": PLAIN_TEST})
+    projects: dict[str, Path] = {}
+    for label, extra in PROJECTS.items():
+        projects[label] = work / label.replace(" ", "_")
+        files = {"test_db.py": DB_TEST, "test_plain.py": PLAIN_TEST, **extra}
+        runner.write({projects[label] / name: text for name, text in files.items()})
     plugins = work / "plugins"
     runner.write({plugins / "timeline_marks.py": MARKS_PLUGIN})
     env = clean_env()
@@ -156,29 +167,45 @@ def timeline_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path
     env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     (data / "runtime").mkdir()
     base = [sys.executable, "-m", "pytest", "-q", "-p", "timeline_marks", *UNRELATED]
-    cases = {"plain": [*base, "test_plain.py"], "db": [*base, "test_db.py"]}
+    runs = {(label, kind): [*base, f"test_{kind}.py"] for label in projects for kind in ("plain", "db")}
     trace_file = work / "trace.jsonl"
 
     facts = machine_facts(bindir, runner, pgsandbox_revision())
-    print(f"{args.runs} rounds of (plain, db) after a warm-up round, interleaved ...", flush=True)
-    for case in cases.values():  # warm-up: bytecode, the initdb cache
-        run_once(case, project, env, trace_file)
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    print(f"{args.runs} rounds of {len(runs)} runs after a warm-up round, interleaved ...", flush=True)
+    for (label, _), command_line in runs.items():  # warm-up: bytecode, the initdb cache
+        run_once(command_line, projects[label], env, trace_file)
+    results: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in runs}
     for number in range(args.runs):
-        order = list(cases) if number % 2 else list(reversed(cases))
-        for name in order:
-            results[name].append(run_once(cases[name], project, env, trace_file))
+        for key in list(runs) if number % 2 else list(reversed(runs)):
+            results[key].append(run_once(runs[key], projects[key[0]], env, trace_file))
 
-    plain, db = medians(results["plain"]), medians(results["db"])
     print()
     print("Where a database test's overhead goes: one run of 1 database test next to one of 1 plain test")
     print(f"command: {command}")
     print_facts({**facts, "load average (after)": load_average()}, 24)
+    summary: dict[str, object] = {}
+    for label in projects:
+        plain, db = medians(results[(label, "plain")]), medians(results[(label, "db")])
+        summary[label] = {"plain": plain, "db": db, "overhead_ms": db["exit"] - plain["exit"]}
+        print_project(label, plain, db, args.runs)
+    write_json(
+        args.json,
+        {
+            "command": command,
+            "facts": facts,
+            "medians": summary,
+            "runs": {f"{label} {kind}": found for (label, kind), found in results.items()},
+        },
+    )
+    return 0
+
+
+def print_project(label: str, plain: dict[str, float], db: dict[str, float], runs: int) -> None:
     print()
-    print(f"{'moment (ms since spawn, medians of ' + str(args.runs) + ' runs)':<52}{'plain':>8}{'db':>8}")
+    print(f"project: {label}")
+    print(f"{'moment (ms since spawn, medians of ' + str(runs) + ' runs)':<52}{'plain':>8}{'db':>8}")
     for name, at in sorted(db.items(), key=lambda item: item[1]):
         print(f"  {name:<50}{fmt(plain.get(name), 0):>8}{fmt(at, 0):>8}")
-    print()
     plain_stages, db_stages = stage_times(plain), stage_times(db)
     print(f"{'stage (ms)':<52}{'plain':>8}{'db':>8}{'db-plain':>10}")
     for name, _, _ in STAGES:
@@ -187,11 +214,6 @@ def timeline_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path
         print(f"  {name:<50}{fmt(p, 0):>8}{fmt(d, 0):>8}{fmt(extra, 0):>10}")
     overhead = db["exit"] - plain["exit"]
     print(f"  {'whole process (exit)':<50}{fmt(plain['exit'], 0):>8}{fmt(db['exit'], 0):>8}{fmt(overhead, 0):>10}")
-    write_json(
-        args.json,
-        {"command": command, "facts": facts, "runs": results, "medians": {"plain": plain, "db": db}},
-    )
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -289,6 +289,7 @@ def shared() -> Iterator[LocalServer]:
     attached by a DSN do not read its statement log, so it writes none (measured: about 15% of its CPU)."""
     server = LocalServer.start(Settings(listen="127.0.0.1", sql_log="off"))
     yield server
+    server.spare_of = None  # the worker's end: no start follows to take a copy made ahead
     server.stop()
 
 

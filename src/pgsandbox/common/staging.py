@@ -21,10 +21,10 @@ from pathlib import Path
 
 import psutil
 
-KINDS = ("initdb", "snapshot", ".build", ".copy", ".unpack")
+KINDS = ("initdb", "snapshot", ".build", ".copy", ".unpack", ".spare")
 # a staging directory named before owners were marked: abandoned when untouched for this long
 UNMARKED_AGE_SECONDS = 24 * 3600.0
-_NAME = re.compile(r"^(?P<kind>initdb|snapshot|\.build|\.copy|\.unpack)-(?:(?P<pid>\d+)\.(?P<started>\d+)-)?")
+_NAME = re.compile(r"^(?P<kind>initdb|snapshot|\.build|\.copy|\.unpack|\.spare)-(?:(?P<pid>\d+)\.(?P<started>\d+)-)?")
 
 
 CLOCK_TOLERANCE_SECONDS = 2.0  # without /proc: a start time on the wall clock, which a clock step moves

@@ -23,7 +23,7 @@ from pgsandbox.common import staging, trace
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import redact
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import clusters, keepalive, osuser, runs, statement_log
+from pgsandbox.server import clusters, keepalive, osuser, runs, spares, statement_log
 from pgsandbox.server.scram import SCRAM_ITERATIONS
 from pgsandbox.settings import Settings, listens_on_tcp
 
@@ -126,6 +126,7 @@ class Launched:
     tcp: tuple[str, int] | None
     log_format: str | None
     log_settings: dict[str, str]
+    spare_of: Path | None = None  # the cached cluster to make a spare of for the next start (server/spares.py)
 
     def discard(self) -> None:
         """Stop it and remove its run directory (its start failed after this step, or nobody took it)."""
@@ -144,10 +145,12 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
     run = runs.create_run_dir(base, run_id, account)
     snapshot_dir = clusters.snapshot_dir(root, installation, settings.initdb_args)
     build_lock = clusters.snapshot_build_lock(snapshot_dir, snapshots, progress)
+    parent = runs.runtime_parent(base)
+    spare_of: Path | None = None
     try:
         with clusters.snapshot_source(snapshot_dir, snapshots) as found:
             if found:
-                clusters.copy_tree(found[1].data, run.data)
+                spare_of = _copy(found[1], run, parent)
                 password, fresh = found[1].password, False
         if not found:
             with clusters.cluster_source(
@@ -159,10 +162,13 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
                 progress,
                 settings.cache_max_size,
             ) as cluster:
-                clusters.copy_tree(cluster.data, run.data)
+                spare_of = None if cluster.fresh else _copy(cluster, run, parent)
+                if cluster.fresh:
+                    clusters.copy_tree(cluster.data, run.data)
             password, fresh = cluster.password, cluster.fresh
         trace.mark("server: cluster copied")
-        account.chown(run.data)
+        if run.data.stat().st_uid != account.uid:  # cp -a kept the cache's owner, the server's account, as root
+            account.chown(run.data)
         run.data.chmod(0o700)
         (run.data / "pg_hba.conf").write_text(HBA)
         account.chown(run.data / "pg_hba.conf")
@@ -199,7 +205,18 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
         tcp,
         log_format,
         log_settings,
+        spare_of,
     )
+
+
+def _copy(source: clusters.CachedCluster, run: runs.RunDir, parent: Path) -> Path | None:
+    """The cached cluster into the run directory: a spare of it when one is ready, else a copy. Returns the cached
+    cluster when it starts often (used by another start within the hour, or a spare was there): a spare of it is
+    made for the next start once this server stops."""
+    if spares.take(source.data, run.data, parent):
+        return source.data
+    clusters.copy_tree(source.data, run.data)
+    return source.data if source.recently_used(spares.HOT_SECONDS) else None
 
 
 def _out_of_space(base: Path, source: str) -> ServerStartError:

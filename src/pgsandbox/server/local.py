@@ -22,7 +22,7 @@ from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import clusters, idle_watch, keepalive, launch, osuser, reaper, runs, statement_log
+from pgsandbox.server import clusters, idle_watch, keepalive, launch, osuser, reaper, runs, spares, statement_log
 from pgsandbox.server.base import Server
 from pgsandbox.server.launch import (
     SOCKET_PORT,
@@ -82,6 +82,7 @@ class LocalServer(Server):
         # pg_keep_alive: the server outlives this run (keepalive.py); attached: an earlier run started it
         self.lease: keepalive.Lease | None = None
         self.attached_kept = False
+        self.spare_of: Path | None = None  # the cached cluster to make a spare of once stopped (spares.py)
         atexit.register(self.stop)
 
     @property
@@ -154,6 +155,7 @@ class LocalServer(Server):
             key = _keep_alive_key(settings, launched.prepared) if settings.keep_alive else ""
         server = cls._launch(settings, launched)
         trace.mark("server: connected")
+        server.spare_of = launched.spare_of
         server.snapshots = launched.snapshot_dir
         server.snapshot = launched.snapshot
         server.fresh_cluster = launched.fresh
@@ -396,6 +398,8 @@ class LocalServer(Server):
         else:
             self._shutdown(immediate=True)  # its data goes with the run directory
             shutil.rmtree(self.run.path, ignore_errors=True)
+            if self.spare_of is not None:  # the next start renames it instead of copying
+                spares.make_in_background(self.spare_of, self.run.path.parent)
         self._release_build_lock()
         clusters.wait_for_cache_writes()
 
