@@ -126,10 +126,13 @@ class Launched:
     tcp: tuple[str, int] | None
     log_format: str | None
     log_settings: dict[str, str]
-    spare_of: Path | None = None  # the cached cluster to make a spare of for the next start (server/spares.py)
+    copy_ahead: spares.CopyAhead | None = None  # the next start's copy of the cluster, made meanwhile
 
     def discard(self) -> None:
         """Stop it and remove its run directory (its start failed after this step, or nobody took it)."""
+        if self.copy_ahead is not None:
+            self.copy_ahead.abandon()
+            self.copy_ahead = None
         _kill(self.process)
         shutil.rmtree(self.run.path, ignore_errors=True)
         if self.build_lock:
@@ -205,14 +208,15 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
         tcp,
         log_format,
         log_settings,
-        spare_of,
+        # once postgres is up: the copy does not compete with its start
+        spares.CopyAhead.start(spare_of, parent) if spare_of is not None else None,
     )
 
 
 def _copy(source: clusters.CachedCluster, run: runs.RunDir, parent: Path) -> Path | None:
     """The cached cluster into the run directory: a spare of it when one is ready, else a copy. Returns the cached
     cluster when it starts often (used by another start within the hour, or a spare was there): a spare of it is
-    made for the next start once this server stops."""
+    made for the next start while this server runs."""
     if spares.take(source.data, run.data, parent):
         return source.data
     clusters.copy_tree(source.data, run.data)

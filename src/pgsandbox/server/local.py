@@ -82,7 +82,7 @@ class LocalServer(Server):
         # pg_keep_alive: the server outlives this run (keepalive.py); attached: an earlier run started it
         self.lease: keepalive.Lease | None = None
         self.attached_kept = False
-        self.spare_of: Path | None = None  # the cached cluster to make a spare of once stopped (spares.py)
+        self.copy_ahead: spares.CopyAhead | None = None  # the next start's copy of the cluster (spares.py)
         atexit.register(self.stop)
 
     @property
@@ -155,7 +155,7 @@ class LocalServer(Server):
             key = _keep_alive_key(settings, launched.prepared) if settings.keep_alive else ""
         server = cls._launch(settings, launched)
         trace.mark("server: connected")
-        server.spare_of = launched.spare_of
+        server.copy_ahead, launched.copy_ahead = launched.copy_ahead, None
         server.snapshots = launched.snapshot_dir
         server.snapshot = launched.snapshot
         server.fresh_cluster = launched.fresh
@@ -388,6 +388,7 @@ class LocalServer(Server):
         atexit.unregister(self.stop)
         if self.lease is not None and not keep_running and self.process.poll() is None and self._leave_running():
             self._release_build_lock()
+            self._finish_copy_ahead()
             clusters.wait_for_cache_writes()
             return
         self._close_admin()
@@ -398,10 +399,16 @@ class LocalServer(Server):
         else:
             self._shutdown(immediate=True)  # its data goes with the run directory
             shutil.rmtree(self.run.path, ignore_errors=True)
-            if self.spare_of is not None:  # the next start renames it instead of copying
-                spares.make_in_background(self.spare_of, self.run.path.parent)
         self._release_build_lock()
+        self._finish_copy_ahead()
         clusters.wait_for_cache_writes()
+
+    def _finish_copy_ahead(self) -> None:
+        """The next start's copy of the cluster, made while this server ran: waited for (it is done by now unless
+        the run was very short) and put where that start takes it."""
+        if self.copy_ahead is not None:
+            self.copy_ahead.finish()
+            self.copy_ahead = None
 
     def _leave_running(self) -> bool:
         """pg_keep_alive: leave the server to the next run (or to its watcher, after the idle time) without this

@@ -1,14 +1,15 @@
-"""A copy of a cached cluster made ready, after a run, for the next local server's start: the next start renames
-it into its run directory instead of copying (24 MB and a thousand files for an empty cluster: 30 ms on an idle
-machine, 50-100 ms while the main thread imports what the tests need, and the server's start waits for it).
+"""A copy of a cached cluster made ready for the next local server's start: the next start renames it into its run
+directory instead of copying (24 MB and a thousand files for an empty cluster: 30 ms on an idle machine, 50-100
+ms while the main thread imports what the tests need, and the server's start waits for it).
 
-The copy is made by a background shell (``cp -a``, then a rename into place) that this process does not wait for,
+The copy is made while this run's server runs (``cp -a`` in a child process, started once the server is ready)
 into a staging directory named after this process (``.spare-<pid>.<start>-...``: half-written by a killed run, it
-is removed as the other staging directories are); only a complete copy gets the name a start takes
-(``spare-<key>-...``). The key names the cache entry (its path and identity), so a rebuilt or pruned entry's
-spare is never taken: it is removed, as are spares beyond :data:`MAX_SPARES` per runtime directory, by the next
-spare made there, and by ``pgsandbox clean``. A spare is made only for a cluster that starts often: one that
-another start used within :data:`HOT_SECONDS`, or one this run's start took a spare of.
+is removed as the other staging directories are), and the server's stop waits for it and renames it to the name a
+start takes (``spare-<key>-...``): nothing of it outlives the run. The key names the cache entry (its path and
+identity), so a rebuilt or pruned entry's spare is never taken: it is removed, as are spares beyond
+:data:`MAX_SPARES` per runtime directory, when the next spare is made there, and by ``pgsandbox clean``. A spare
+is made only of a cluster that starts often: one that another start used within :data:`HOT_SECONDS`, or one
+whose spare this start took.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ PREFIX = "spare-"
 MAX_SPARES = 2  # per runtime directory: the clusters of the last two projects (or template sets) started
 HOT_SECONDS = 3600.0
 
-# $1 the cached cluster, $2 the staging directory, $3 the spare's name: renamed only once the copy is complete
-_MAKE = 'cp -a "$1" "$2/data" && mv "$2" "$3" || rm -rf "$2"'
+FINISH_TIMEOUT = 60.0  # seconds the server's stop waits for the copy (24 MB: tens of milliseconds)
 
 
 def key_of(source: Path) -> str:
@@ -76,37 +76,69 @@ def take(source: Path, destination: Path, parent: Path) -> bool:
     return False
 
 
-def make_in_background(source: Path, parent: Path) -> bool:
-    """Start copying ``source`` into a spare in ``parent``, unless one is there; True when started.
-    Older spares beyond :data:`MAX_SPARES`, and those of the same cache entry before a rebuild, go first."""
-    try:  # the runtime directory may be gone (removed with the run that made it), or the cache entry
-        key = key_of(source)
-        spares = spares_in(parent)
-    except OSError:
+class CopyAhead:
+    """A spare being made while this run's server runs (:meth:`start`); :meth:`finish` at its stop."""
+
+    def __init__(self, process: subprocess.Popen[bytes], work: Path, final: Path) -> None:
+        self.process = process
+        self.work = work
+        self.final = final
+
+    @classmethod
+    def start(cls, source: Path, parent: Path) -> CopyAhead | None:
+        """Start copying ``source`` for the next start, unless a spare of it is there already. Older spares beyond
+        :data:`MAX_SPARES`, and those of the same cache entry before a rebuild, go first."""
+        try:  # the runtime directory may be gone (removed with the run that made it), or the cache entry
+            key = key_of(source)
+            spares = spares_in(parent)
+        except OSError:
+            return None
+        if any(path.name.startswith(f"{PREFIX}{key}-") for path in spares):
+            return None
+        for stale in spares[: max(0, len(spares) - MAX_SPARES + 1)]:
+            discard(stale)
+        cp = shutil.which("cp")
+        if cp is None or os.name != "posix":
+            return None
+        try:
+            work = staging.make_staging_dir(parent, ".spare")
+        except OSError:
+            return None
+        final = parent / f"{PREFIX}{key}-{work.name.rsplit('-', 1)[-1]}"
+        try:
+            process = subprocess.Popen(
+                [cp, "-a", str(source), str(work / "data")],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in the terminal is pytest's, which stops the copy at the server's
+            )
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)
+            return None
+        return cls(process, work, final)
+
+    def finish(self) -> bool:
+        """Wait for the copy and give it the name a start takes; True when it is there. A copy that failed (or a
+        cache entry removed meanwhile) leaves nothing."""
+        try:
+            done = self.process.wait(FINISH_TIMEOUT) == 0
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            done = False
+        if done:
+            try:
+                os.rename(self.work, self.final)
+                return True
+            except OSError:
+                pass
+        shutil.rmtree(self.work, ignore_errors=True)
         return False
-    if any(path.name.startswith(f"{PREFIX}{key}-") for path in spares):
-        return False
-    for stale in spares[: max(0, len(spares) - MAX_SPARES + 1)]:
-        discard(stale)
-    cp = shutil.which("cp")
-    if cp is None or os.name != "posix":
-        return False
-    try:
-        work = staging.make_staging_dir(parent, ".spare")
-    except OSError:
-        return False
-    final = parent / f"{PREFIX}{key}-{work.name.rsplit('-', 1)[-1]}"
-    try:
-        # the shell leaves the copy running and exits: nothing of it is left to wait for at this process's end
-        subprocess.run(
-            ["sh", "-c", f"({_MAKE}) >/dev/null 2>&1 &", "sh", str(source), str(work), str(final)],
-            check=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C in the terminal is pytest's, not the copy's
-        )
-    except (OSError, subprocess.CalledProcessError):
-        shutil.rmtree(work, ignore_errors=True)
-        return False
-    return True
+
+    def abandon(self) -> None:
+        """Stop the copy and remove it (the server's start failed, or a run ends without a server to take)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
