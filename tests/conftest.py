@@ -289,6 +289,9 @@ def shared() -> Iterator[LocalServer]:
     attached by a DSN do not read its statement log, so it writes none (measured: about 15% of its CPU)."""
     server = LocalServer.start(Settings(listen="127.0.0.1", sql_log="off"))
     yield server
+    if server.copy_ahead is not None:  # the worker's end: no start follows to take the copy
+        server.copy_ahead.abandon()
+        server.copy_ahead = None
     server.stop()
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from conftest import StartLocal
 from pgsandbox import LocalServer
 from pgsandbox.binaries import working_psql
-from pgsandbox.server import runs
+from pgsandbox.server import Server, runs
 
 
 def run(project: pytest.Pytester, shared_dsn: str, source: str, *args: str) -> pytest.RunResult:
@@ -955,3 +956,29 @@ def test_timeouts_hold_when_tests_connect_as_the_admin(project: pytest.Pytester,
     """
     result = run(project, shared_dsn, source, "--pg-role=admin", "--pg-lock-timeout=200ms")
     result.assert_outcomes(passed=2)
+
+
+@pytest.mark.slow
+def test_the_session_database_is_dropped_at_the_end_on_a_server_that_outlives_the_run(
+    tmp_path: Path, shared: LocalServer, shared_dsn: str, start_local: StartLocal
+) -> None:
+    from pgsandbox import Sandbox, Settings
+
+    def names(server: Server) -> set[str]:
+        return {row[0] for row in server.admin.execute("select datname from pg_database")}
+
+    before = names(shared)
+    with Sandbox.start(Settings(dsn=shared_dsn), root=tmp_path) as sandbox, sandbox.database("transaction") as db:
+        assert db.name in names(shared)
+    assert names(shared) == before  # someone else's server: nothing of the run is left on it
+    assert sandbox.server.counts["dropped"] == 1
+    # its own server: the database goes with the server's directory; dropping it first only waited for the
+    # backend of its connection to exit (DROP DATABASE polls every 100 ms)
+    local = start_local()
+    with (
+        Sandbox.start(Settings(), root=tmp_path, server_start=lambda snapshots: local) as sandbox,
+        sandbox.database("transaction") as db,
+    ):
+        assert db.name in names(local)
+    assert local.counts["created"] == 1 and local.counts["dropped"] == 0
+    assert not local.run_dir.exists()

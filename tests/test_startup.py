@@ -4,6 +4,7 @@ collects the rest (pytest/state.py, BackgroundStart); what it prints, its errors
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -174,3 +175,42 @@ def test_postgres_starts_before_the_main_thread_has_imported_psycopg_and_is_conn
         check=True,
     ).stdout
     assert "'psycopg'" not in imported and "'pgsandbox.server.launch'" in imported
+
+
+@pytest.mark.slow
+def test_a_traced_run_records_its_start_and_end_in_order(
+    pytester: pytest.Pytester, private_runtime: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench/timeline.py splits a run's time with these moments (PGSANDBOX_TRACE)
+    trace_file = pytester.path / "trace.jsonl"
+    monkeypatch.setenv("PGSANDBOX_TRACE", str(trace_file))
+    pytester.makepyfile(test_a="def test_db(pg_conn):\n    assert pg_conn.execute('select 1').fetchone() == (1,)\n")
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    moments = [json.loads(line)["moment"] for line in trace_file.read_text().splitlines()]
+    expected = [
+        "sandbox: a collected test needs it",
+        "imported: the server's launch",
+        "server: prepared",
+        "server: cluster copied",
+        "server: postgres ready",
+        "server: connected",
+        "sandbox: started",
+        "session database: created",
+        "session database: connected",
+        "sandbox: stopping",
+        "server: stopping",
+        "sandbox: stopped",
+    ]
+    assert [moment for moment in moments if moment in expected] == expected
+
+
+@pytest.mark.slow
+def test_the_objects_imported_for_the_sandbox_are_frozen_once_per_process(pytester: pytest.Pytester) -> None:
+    # frozen, the garbage collector's full passes (pytest's at its end, the interpreter's) skip them; a process
+    # running pytest again (pytester) does not freeze what its earlier runs left
+    pytester.makepyfile(test_a="def test_db(pg_conn):\n    assert pg_conn.execute('select 1').fetchone() == (1,)\n")
+    pytester.runpytest().assert_outcomes(passed=1)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    pytester.runpytest().assert_outcomes(passed=1)
+    assert gc.get_freeze_count() <= frozen  # (frozen objects freed by their reference counts leave it)

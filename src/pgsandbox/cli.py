@@ -16,7 +16,7 @@ from pgsandbox._version import __version__
 from pgsandbox.binaries import archives, check, find_installations, select_installation, why_chosen
 from pgsandbox.common import staging
 from pgsandbox.errors import ConfigError, PgSandboxError, with_link
-from pgsandbox.server import clusters, keepalive, osuser, runs, wants_external
+from pgsandbox.server import clusters, keepalive, osuser, runs, spares, wants_external
 from pgsandbox.server.external import describe_target
 from pgsandbox.settings import OPTIONS, Settings
 
@@ -135,7 +135,15 @@ def doctor(settings: Settings) -> int:
     print("Half-written directories of killed runs: " + ("none" if not abandoned else ""))
     for directory in abandoned:
         print(f"  {directory.path} ({directory.size / 1e6:.1f} MB; the next run or pgsandbox clean removes it)")
+    ahead = [spare for base in runs.search_bases(settings.runtime_dir) for spare in spares_of_this_user(base)]
+    print("Clusters copied ahead for the next server's start: " + ("none" if not ahead else ""))
+    for spare in ahead:
+        print(f"  {spare} ({staging.tree_size(spare) / 1e6:.1f} MB; pgsandbox clean removes it)")
     return status
+
+
+def spares_of_this_user(base: Path) -> list[Path]:
+    return spares.spares_in(base / f"pgsandbox-{os.geteuid()}")
 
 
 def fetch(settings: Settings, version: str | None, wheel: str | None) -> int:
@@ -213,6 +221,12 @@ def clean(
         if not dry_run:
             staging.remove(abandoned)
         print(f"{'would remove' if dry_run else 'removed'} {abandoned.describe()}")
+    for base in runs.search_bases(settings.runtime_dir):
+        for spare in spares_of_this_user(base):
+            size = staging.tree_size(spare)
+            if not dry_run:
+                spares.discard(spare)
+            print(f"{'would remove' if dry_run else 'removed'} {spare} ({size / 1e6:.1f} MB, a cluster copied ahead)")
     if not keep_cache:
         if root.exists():
             size = clusters.cache_size(root)

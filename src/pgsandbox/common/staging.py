@@ -19,12 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-KINDS = ("initdb", "snapshot", ".build", ".copy", ".unpack")
+KINDS = ("initdb", "snapshot", ".build", ".copy", ".unpack", ".spare")
 # a staging directory named before owners were marked: abandoned when untouched for this long
 UNMARKED_AGE_SECONDS = 24 * 3600.0
-_NAME = re.compile(r"^(?P<kind>initdb|snapshot|\.build|\.copy|\.unpack)-(?:(?P<pid>\d+)\.(?P<started>\d+)-)?")
+_NAME = re.compile(r"^(?P<kind>initdb|snapshot|\.build|\.copy|\.unpack|\.spare)-(?:(?P<pid>\d+)\.(?P<started>\d+)-)?")
 
 
 CLOCK_TOLERANCE_SECONDS = 2.0  # without /proc: a start time on the wall clock, which a clock step moves
@@ -47,10 +45,18 @@ def process_start(pid: int) -> int | None:
     else:
         fields = stat[stat.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces and parentheses
         return int(fields[19])
+    import psutil  # only without /proc (macOS): on Linux a server's start does not import it (30 ms loaded)
+
     try:
         return int(psutil.Process(pid).create_time())
     except psutil.NoSuchProcess:
         return None
+    except psutil.Error as error:  # no permission: not knowable
+        raise ProcessUnknown(pid) from error
+
+
+class ProcessUnknown(Exception):
+    """Whether a process runs, or when it started, cannot be told (no permission)."""
 
 
 def is_running(pid: int, started: int) -> bool:
@@ -58,7 +64,7 @@ def is_running(pid: int, started: int) -> bool:
     process that reused its pid. True when that cannot be told (no permission)."""
     try:
         now = process_start(pid)
-    except psutil.Error:
+    except ProcessUnknown:
         return True
     if now is None:
         return False

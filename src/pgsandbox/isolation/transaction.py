@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
+from pgsandbox.common import trace
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.isolation import findings
 from pgsandbox.isolation.base import Begun, GuestConnections, Mode
@@ -79,8 +80,9 @@ class TransactionIsolation:
     first_clone = "the session database"
     keeps_in_place = False  # a kept test's session database is renamed, and a new one cloned
 
-    def __init__(self, server: Server, template: str, clone_clause: sql.Composable) -> None:
+    def __init__(self, server: Server, template: str, clone_clause: sql.Composable, drop_at_close: bool = True) -> None:
         self.server = server
+        self._drop_at_close = drop_at_close
         self.template = template
         self.clone_clause = clone_clause
         self.dbname: str | None = None
@@ -105,7 +107,9 @@ class TransactionIsolation:
             self.dbname = self.server.create_database("session", template=self.template, clause=self.clone_clause)
         except psycopg.errors.InvalidCatalogName as error:  # the template was dropped (by a test?)
             raise clone_failed(self.template, error) from None
+        trace.mark("session database: created")
         self._connect()
+        trace.mark("session database: connected")
 
     def _connect(self) -> None:
         assert self.dbname
@@ -545,7 +549,9 @@ class TransactionIsolation:
     def close(self) -> None:
         self._close_parked()
         self._close()
-        if self.dbname and not self.server.drops_databases_later:
+        # not on a local server about to be removed: the database goes with it, and its DROP would wait up to
+        # 100 ms for the backend of the connection just closed to exit (PostgreSQL polls at that interval)
+        if self.dbname and self._drop_at_close and not self.server.drops_databases_later:
             with contextlib.suppress(psycopg.Error, PgSandboxError):
                 self.server.drop_database(self.dbname)
         self.dbname = None

@@ -5,6 +5,7 @@ never the plugin."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import queue
 import threading
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pgsandbox.common import trace
 from pgsandbox.errors import PgSandboxError
 from pgsandbox.settings import Settings
 
@@ -312,10 +314,12 @@ def start_in_background(session: pytest.Session) -> None:
     # everything the thread runs is imported in the main thread (see BackgroundStart): first what starts postgres
     # (no psycopg); the thread prepares (finds the binaries, clears leftovers) while this one imports the
     # migrators when there are some: their snapshot keys choose the cluster to copy
+    trace.mark("sandbox: a collected test needs it")
     try:
         import pgsandbox.server.launch
     except Exception:  # the start after collection meets the same error, and says it as it always did
         return
+    trace.mark("imported: the server's launch")
     options = settings(config)
     keyed = options.rebuild or not has_migrations(config)
     background = BackgroundStart(options, [] if keyed else None)
@@ -338,16 +342,27 @@ def start_in_background(session: pytest.Session) -> None:
         pass
     finally:
         background.imported()
+        trace.mark("imported: psycopg and the server")
     import pgsandbox.sandbox  # noqa: F401 - the rest of what a test needs, while the server starts
+
+    trace.mark("imported: the sandbox")
+    # what was just imported (psycopg, the sandbox: some 100,000 objects, alive until the process ends) leaves the
+    # garbage collector's generations: every full collection walked them, pytest's at its end and the interpreter's
+    # included (50-80 ms of a short run). Once per process: a process that runs pytest many times (pytester) would
+    # otherwise also freeze, each time, the garbage its earlier runs left.
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
 
 
 def start_early(session: pytest.Session) -> None:
     """Start the sandbox right after collection; an error waits for the first test that needs the sandbox."""
     config = session.config
+    trace.mark("sandbox: starting after collection")
     try:
         config.stash[EARLY_START_KEY] = start(config, background=config.stash.get(BACKGROUND_KEY, None))
     except PgSandboxError as error:
         config.stash[EARLY_START_KEY] = error
+    trace.mark("sandbox: started")
 
 
 def discard_background_start(config: pytest.Config) -> None:
@@ -383,7 +398,9 @@ def stop_sandbox(config: pytest.Config, sandbox: Sandbox) -> None:
         workeroutput[XDIST_REPORT] = config.stash[REPORT_KEY]
         if sandbox.kept:
             workeroutput[XDIST_KEPT] = {"names": sandbox.kept.names, "commands": commands}
+    trace.mark("sandbox: stopping")
     sandbox.stop()
+    trace.mark("sandbox: stopped")
 
 
 def stop_at_session_end(config: pytest.Config) -> None:

@@ -581,7 +581,9 @@ class Sandbox:
             self._isolations["schema"] = self._isolations["transaction"] = made
             return made, True
         if mode == "transaction":
-            made = self._transaction = TransactionIsolation(self.server, self._test_template(), self.clone_clause)
+            made = self._transaction = TransactionIsolation(
+                self.server, self._test_template(), self.clone_clause, drop_at_close=not self.server.owns_cluster
+            )
         else:
             local = self.server.owns_cluster
             from pgsandbox.isolation.database import DatabaseIsolation, clone_strategies

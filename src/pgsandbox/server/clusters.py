@@ -78,6 +78,10 @@ class CachedCluster:
     data: Path
     password: str
     fresh: bool = False  # initdb made it just now (it goes into the cache after)
+    used_before: float | None = None  # when a start last used it (wall clock), None if never
+
+    def recently_used(self, seconds: float) -> bool:
+        return self.used_before is not None and time.time() - self.used_before < seconds
 
 
 def initdb_key(installation: Installation, initdb_args: tuple[str, ...], root: Path) -> str:
@@ -125,9 +129,8 @@ def cluster_source(
         try:
             password: str = Secret((target / "password").read_text().strip())
             register_secret(password)
-            with contextlib.suppress(OSError):
-                os.utime(target / "ready")  # pruning keeps the recently used
-            yield CachedCluster(target / "data", password)
+            used_before = _touch(target / "ready")
+            yield CachedCluster(target / "data", password, used_before=used_before)
         finally:
             lock.release()
         return
@@ -284,9 +287,8 @@ def snapshot_source(directory: Path, keys: list[str]) -> Iterator[tuple[str, Cac
                 continue
             password: str = Secret((target / "password").read_text().strip())
             register_secret(password)
-            with contextlib.suppress(OSError):
-                os.utime(target / "ready")  # pruning keeps the recently used
-            yield key, CachedCluster(target / "data", password)
+            used_before = _touch(target / "ready")
+            yield key, CachedCluster(target / "data", password, used_before=used_before)
             return
     yield None
 
@@ -402,6 +404,16 @@ def prune_cache(root: Path, max_size: int) -> list[Pruned]:
         total -= size
         pruned.append(Pruned(path, size))
     return pruned
+
+
+def _touch(ready: Path) -> float | None:
+    """Mark a cached cluster used now (pruning keeps the recently used); when it was used before."""
+    try:
+        before = ready.stat().st_mtime
+        os.utime(ready)
+    except OSError:
+        return None
+    return before
 
 
 def copy_tree(source: Path, destination: Path) -> None:

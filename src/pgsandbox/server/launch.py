@@ -19,11 +19,11 @@ from typing import IO
 from filelock import BaseFileLock
 
 from pgsandbox.binaries import Installation, find_installations, select_installation, why_chosen
-from pgsandbox.common import staging
+from pgsandbox.common import staging, trace
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import redact
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import clusters, keepalive, osuser, runs, statement_log
+from pgsandbox.server import clusters, keepalive, osuser, runs, spares, statement_log
 from pgsandbox.server.scram import SCRAM_ITERATIONS
 from pgsandbox.settings import Settings, listens_on_tcp
 
@@ -72,6 +72,7 @@ class Prepared:
 
 def prepare(settings: Settings, progress: Progress | None) -> Prepared:
     """Choose the installation and the account, check the runtime directory, clear what killed runs left."""
+    trace.mark("server: preparing")
     if os.name != "posix":
         raise ServerStartError(
             "pgsandbox cannot run a local PostgreSQL server on this platform yet (Linux and macOS only).",
@@ -104,6 +105,7 @@ def prepare(settings: Settings, progress: Progress | None) -> Prepared:
         staging.remove(abandoned)
         if progress:
             progress(f"removed {abandoned.describe()}")
+    trace.mark("server: prepared")
     return Prepared(installation, account, root, base)
 
 
@@ -124,9 +126,13 @@ class Launched:
     tcp: tuple[str, int] | None
     log_format: str | None
     log_settings: dict[str, str]
+    copy_ahead: spares.CopyAhead | None = None  # the next start's copy of the cluster, made meanwhile
 
     def discard(self) -> None:
         """Stop it and remove its run directory (its start failed after this step, or nobody took it)."""
+        if self.copy_ahead is not None:
+            self.copy_ahead.abandon()
+            self.copy_ahead = None
         _kill(self.process)
         shutil.rmtree(self.run.path, ignore_errors=True)
         if self.build_lock:
@@ -142,10 +148,12 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
     run = runs.create_run_dir(base, run_id, account)
     snapshot_dir = clusters.snapshot_dir(root, installation, settings.initdb_args)
     build_lock = clusters.snapshot_build_lock(snapshot_dir, snapshots, progress)
+    parent = runs.runtime_parent(base)
+    spare_of: Path | None = None
     try:
         with clusters.snapshot_source(snapshot_dir, snapshots) as found:
             if found:
-                clusters.copy_tree(found[1].data, run.data)
+                spare_of = _copy(found[1], run, parent)
                 password, fresh = found[1].password, False
         if not found:
             with clusters.cluster_source(
@@ -157,9 +165,13 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
                 progress,
                 settings.cache_max_size,
             ) as cluster:
-                clusters.copy_tree(cluster.data, run.data)
+                spare_of = None if cluster.fresh else _copy(cluster, run, parent)
+                if cluster.fresh:
+                    clusters.copy_tree(cluster.data, run.data)
             password, fresh = cluster.password, cluster.fresh
-        account.chown(run.data)
+        trace.mark("server: cluster copied")
+        if run.data.stat().st_uid != account.uid:  # cp -a kept the cache's owner, the server's account, as root
+            account.chown(run.data)
         run.data.chmod(0o700)
         (run.data / "pg_hba.conf").write_text(HBA)
         account.chown(run.data / "pg_hba.conf")
@@ -196,7 +208,19 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
         tcp,
         log_format,
         log_settings,
+        # once postgres is up: the copy does not compete with its start
+        spares.CopyAhead.start(spare_of, parent) if spare_of is not None else None,
     )
+
+
+def _copy(source: clusters.CachedCluster, run: runs.RunDir, parent: Path) -> Path | None:
+    """The cached cluster into the run directory: a spare of it when one is ready, else a copy. Returns the cached
+    cluster when it starts often (used by another start within the hour, or a spare was there): a spare of it is
+    made for the next start while this server runs."""
+    if spares.take(source.data, run.data, parent):
+        return source.data
+    clusters.copy_tree(source.data, run.data)
+    return source.data if source.recently_used(spares.HOT_SECONDS) else None
 
 
 def _out_of_space(base: Path, source: str) -> ServerStartError:
@@ -231,8 +255,10 @@ def _start_listening(
         tcp = again if again and attempt == 0 else _tcp_address(settings)
         _write_config(run, installation, account, settings, tcp, log_settings)
         process = _spawn(installation, account, run)
+        trace.mark("server: postgres spawned")
         try:
             _wait_ready(process, run)
+            trace.mark("server: postgres ready")
             return process, tcp
         except ServerStartError:
             _kill(process)

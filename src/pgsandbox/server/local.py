@@ -17,11 +17,12 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsandbox.binaries import Installation
+from pgsandbox.common import trace
 from pgsandbox.common.progress import Progress
 from pgsandbox.common.redact import Secret, redact
 from pgsandbox.common.staging import make_staging_dir
 from pgsandbox.errors import ServerStartError
-from pgsandbox.server import clusters, idle_watch, keepalive, launch, osuser, reaper, runs, statement_log
+from pgsandbox.server import clusters, idle_watch, keepalive, launch, osuser, reaper, runs, spares, statement_log
 from pgsandbox.server.base import Server
 from pgsandbox.server.launch import (
     SOCKET_PORT,
@@ -81,6 +82,7 @@ class LocalServer(Server):
         # pg_keep_alive: the server outlives this run (keepalive.py); attached: an earlier run started it
         self.lease: keepalive.Lease | None = None
         self.attached_kept = False
+        self.copy_ahead: spares.CopyAhead | None = None  # the next start's copy of the cluster (spares.py)
         atexit.register(self.stop)
 
     @property
@@ -146,11 +148,14 @@ class LocalServer(Server):
                     progress,
                 )
                 if kept is not None:
+                    trace.mark("server: attached to a kept-alive server")
                     return kept
             launched = launch.launch(settings, prepared, list(snapshots), progress)
         else:
             key = _keep_alive_key(settings, launched.prepared) if settings.keep_alive else ""
         server = cls._launch(settings, launched)
+        trace.mark("server: connected")
+        server.copy_ahead, launched.copy_ahead = launched.copy_ahead, None
         server.snapshots = launched.snapshot_dir
         server.snapshot = launched.snapshot
         server.fresh_cluster = launched.fresh
@@ -379,9 +384,11 @@ class LocalServer(Server):
         if self._stopped:
             return
         self._stopped = True
+        trace.mark("server: stopping")
         atexit.unregister(self.stop)
         if self.lease is not None and not keep_running and self.process.poll() is None and self._leave_running():
             self._release_build_lock()
+            self._finish_copy_ahead()
             clusters.wait_for_cache_writes()
             return
         self._close_admin()
@@ -393,7 +400,15 @@ class LocalServer(Server):
             self._shutdown(immediate=True)  # its data goes with the run directory
             shutil.rmtree(self.run.path, ignore_errors=True)
         self._release_build_lock()
+        self._finish_copy_ahead()
         clusters.wait_for_cache_writes()
+
+    def _finish_copy_ahead(self) -> None:
+        """The next start's copy of the cluster, made while this server ran: waited for (it is done by now unless
+        the run was very short) and put where that start takes it."""
+        if self.copy_ahead is not None:
+            self.copy_ahead.finish()
+            self.copy_ahead = None
 
     def _leave_running(self) -> bool:
         """pg_keep_alive: leave the server to the next run (or to its watcher, after the idle time) without this

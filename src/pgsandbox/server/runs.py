@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from pgsandbox.binaries import archives
 from pgsandbox.common import staging
 from pgsandbox.errors import ServerStartError
@@ -279,16 +277,26 @@ def _owner_alive(run: RunDir) -> bool:
     try:
         pid = int(owner["pid"])
         if owner.get("start") is None:  # written by an older pgsandbox: a start on the wall clock
-            started = psutil.Process(pid).create_time()
-            return abs(started - float(owner["started"])) < staging.CLOCK_TOLERANCE_SECONDS
+            return _started_at(pid, float(owner["started"]))
         return staging.is_running(pid, int(owner["start"]))
+    except (KeyError, TypeError, ValueError):
+        return True
+
+
+def _started_at(pid: int, started: float) -> bool:
+    import psutil  # psutil only for what the standard library cannot do: a server's start on Linux imports none
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < staging.CLOCK_TOLERANCE_SECONDS
     except psutil.NoSuchProcess:
         return False
-    except (psutil.Error, KeyError, TypeError, ValueError):
+    except psutil.Error:
         return True
 
 
 def _postmaster_serving(run: RunDir) -> int | None:
+    import psutil
+
     try:
         pid = int((run.data / "postmaster.pid").read_text().splitlines()[0])
         process = psutil.Process(pid)
@@ -301,6 +309,8 @@ def _postmaster_serving(run: RunDir) -> int | None:
 
 def stop_postmaster(pid: int, timeout: float = 10.0) -> None:
     """Immediate shutdown (the data is throwaway), then SIGKILL if it lingers."""
+    import psutil
+
     try:
         process = psutil.Process(pid)
         children = process.children(recursive=True)
