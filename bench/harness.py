@@ -5,7 +5,8 @@
 - the reference schema (``../shared/bench/schema50.sql``, or the identical SQL generated): :func:`schema_sql`;
 - facts printed before the figures: :func:`machine_facts`, :func:`load_average`, :func:`source_state`;
 - who runs what: :class:`Runner` and, as root, :func:`unprivileged_runner` (PostgreSQL refuses root);
-- scratch directories and the servers left in them: :func:`scratch`, :func:`stop_stragglers`;
+- scratch directories and the servers left in them: :func:`scratch`, :func:`stop_stragglers`; the servers
+  ``pg_keep_alive`` kept in a benchmark's own runtime directory: :func:`stop_kept_alive`;
 - the compared tools started one way for every script: :func:`raw_server_commands` (initdb + ``pg_ctl``),
   :func:`pytest_postgresql_args`, :func:`pgsandbox_env`;
 - whole-process measurements (``time pytest``): :func:`run_timed`, :func:`run_together`; Python snippets that
@@ -605,6 +606,24 @@ def stop_stragglers(roots: Sequence[Path]) -> list[str]:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return found
+
+
+def stop_kept_alive(runner: Runner, runtime: Path) -> list[str]:
+    """Stop the servers ``pg_keep_alive`` left in ``runtime`` (a benchmark's own runtime directory) and their
+    watchers, the way a user does: ``pgsandbox clean --keep-cache RUN_ID...``. Run by run: a plain ``pgsandbox
+    clean`` would also stop this OS user's other kept and leftover servers in /dev/shm and the temp dir (other
+    people's runs on a shared machine). Returns what it said, one line each; an error when it failed."""
+    state_file = "keepalive.json"  # pgsandbox.server.idle_watch.STATE_FILE
+    ids = sorted(path.name for path in runtime.glob("pgsandbox-*/run-*") if (path / state_file).exists())
+    if not ids:
+        return []
+    env = {**clean_env(), **runner.env, "PGSANDBOX_RUNTIME_DIR": str(runtime)}
+    command = [runner.python, "-m", "pgsandbox.cli", "clean", "--keep-cache", *ids]  # named runs: no cache touched
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, **runner.popen_kwargs())
+    if out.returncode != 0:
+        raise BenchError(f"{shlex.join(command)} exited {out.returncode}:\n{tail(out.stdout + out.stderr)}")
+    said: str = out.stdout
+    return said.strip().splitlines()
 
 
 def running(pid: int) -> bool:
