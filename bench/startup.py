@@ -66,6 +66,9 @@ from pathlib import Path
 from harness import (
     NO_PGSANDBOX,
     NO_PYTEST_POSTGRESQL,
+    TIMELINE_ENV,
+    TIMELINE_PLUGIN,
+    TIMELINE_PLUGIN_NAME,
     BenchError,
     Runner,
     bench_parser,
@@ -82,6 +85,7 @@ from harness import (
     print_facts,
     print_ratios,
     print_targets,
+    print_timeline,
     pytest_postgresql_args,
     raw_server_commands,
     run_timed,
@@ -91,6 +95,7 @@ from harness import (
     stop_kept_alive,
     stop_stragglers,
     tail,
+    timeline_of,
     unprivileged_runner,
     write_json,
 )
@@ -491,194 +496,6 @@ def db():
 """
 
 
-# --timeline: a plugin loaded with `-p bench_timeline` in extra runs (not the measured ones), which notes the wall
-# clock at pytest's hooks, around the first import of psycopg, SQLAlchemy and pgsandbox's heavier packages, and
-# around calls of the pgsandbox functions a database run goes through (in the thread that ran them); the names
-# it looks for are those of this tree: one that is gone is left out, not an error
-TIMELINE_PLUGIN_NAME = "bench_timeline"
-TIMELINE_ENV = "BENCH_TIMELINE_FILE"
-TIMELINE_PLUGIN = """'''The benchmark's timeline plugin (``-p bench_timeline``): wall-clock times of pytest's
-hooks, of the first import of some modules and of calls to some pgsandbox functions, written at exit to
-$BENCH_TIMELINE_FILE.'''
-
-import atexit
-import importlib.abc
-import json
-import os
-import sys
-import threading
-import time
-
-import pytest
-
-EVENTS = []
-IMPORTS = {"psycopg", "sqlalchemy", "pgsandbox.server", "pgsandbox.server.local", "pgsandbox.sandbox"}
-CALLS = {
-    "pgsandbox.pytest.state": ["BackgroundStart.__init__", "BackgroundStart.server", "start_early"],
-    "pgsandbox.server.launch": ["prepare", "launch"],
-    "pgsandbox.server.local": [
-        "LocalServer.start", "LocalServer._attach_kept", "LocalServer._adopt", "LocalServer._launch",
-        "_new_superuser_password", "LocalServer.stop", "LocalServer.detach",
-    ],
-    "pgsandbox.server.keepalive": ["sweep", "find"],
-    "pgsandbox.server.reaper": ["stale_runs", "drop_dead_runs"],
-    "pgsandbox.sandbox.core": [
-        "Sandbox.start", "Sandbox._create_login", "Sandbox.open", "Sandbox.close", "Sandbox.stop",
-    ],
-}
-
-
-def mark(name):
-    thread = threading.current_thread().name
-    EVENTS.append((name if thread == "MainThread" else f"{name} [{thread}]", time.time()))
-
-
-def timed(name, function):
-    def wrapper(*args, **kwargs):
-        mark(f"{name} >")
-        try:
-            return function(*args, **kwargs)
-        finally:
-            mark(f"{name} <")
-
-    wrapper.__wrapped__ = function
-    return wrapper
-
-
-def wrap(module, qualname):
-    owner_name, _, name = qualname.rpartition(".")
-    owner = getattr(module, owner_name) if owner_name else module
-    found = owner.__dict__.get(name) if owner_name else getattr(module, name, None)
-    if found is None:
-        return
-    if isinstance(found, (classmethod, staticmethod)):
-        setattr(owner, name, type(found)(timed(qualname, found.__func__)))
-    else:
-        setattr(owner, name, timed(qualname, found))
-
-
-class TimedLoader(importlib.abc.Loader):
-    def __init__(self, inner, name):
-        self.inner, self.name = inner, name
-
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module):
-        watched = self.name in IMPORTS
-        if watched:
-            mark(f"import {self.name} >")
-        try:
-            self.inner.exec_module(module)
-        finally:
-            if watched:
-                mark(f"import {self.name} <")
-        for qualname in CALLS.get(self.name, ()):
-            wrap(module, qualname)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-class Watch(importlib.abc.MetaPathFinder):
-    searching = threading.local()  # another finder that asks the others (pgsandbox's connect hooks) asks this one
-
-    def find_spec(self, name, path, target=None):
-        if name not in IMPORTS and name not in CALLS or getattr(self.searching, "name", None) == name:
-            return None
-        self.searching.name = name
-        try:
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    if spec.loader is not None:
-                        spec.loader = TimedLoader(spec.loader, name)
-                    return spec
-            return None
-        finally:
-            self.searching.name = None
-
-
-sys.meta_path.insert(0, Watch())
-mark("timeline plugin imported")
-
-
-def write():
-    mark("atexit")
-    with open(os.environ["BENCH_TIMELINE_FILE"], "w") as out:
-        json.dump(EVENTS, out)
-
-
-atexit.register(write)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    mark("pytest_configure")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session):
-    mark("pytest_sessionstart")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_collection_finish(session):
-    mark("pytest_collection_finish >")
-    try:
-        return (yield)
-    finally:
-        mark("pytest_collection_finish <")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
-    mark("pytest_runtest_setup >")
-    try:
-        return (yield)
-    finally:
-        mark("pytest_runtest_setup <")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    mark("pytest_runtest_teardown >")
-    try:
-        return (yield)
-    finally:
-        mark("pytest_runtest_teardown <")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_sessionfinish(session, exitstatus):
-    mark("pytest_sessionfinish >")
-    try:
-        return (yield)
-    finally:
-        mark("pytest_sessionfinish <")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_unconfigure(config):
-    mark("pytest_unconfigure >")
-    try:
-        return (yield)
-    finally:
-        mark("pytest_unconfigure <")
-"""
-
-
-def timeline_of(events: list[tuple[str, float]], started: float, seconds: float) -> dict[str, float]:
-    """Milliseconds from the spawn to each event's first occurrence, and to the process's exit."""
-    times: dict[str, float] = {}
-    for name, at in events:
-        times.setdefault(name, (at - started) * 1000)
-    times["process exit"] = seconds * 1000
-    return times
-
-
 @dataclass
 class OverheadCase:
     """One tool: a project whose 1-database-test run and 1-plain-test run are timed in turn."""
@@ -934,7 +751,11 @@ def overhead_report(
     }
     print()
     print_targets(targets)
-    timelines = {case.key: print_timeline(case) for case in cases if case.timelines["db"]}
+    timelines = {
+        case.key: print_timeline(case.label, {"db run": case.timelines["db"], "plain": case.timelines["plain"]})
+        for case in cases
+        if case.timelines["db"]
+    }
     if args.json is not None:
         document = {
             "command": command,
@@ -959,30 +780,6 @@ def overhead_report(
         }
         write_json(args.json, document)
     return 1 if any(case.error is not None for case in cases) else 0
-
-
-def print_timeline(case: OverheadCase) -> dict[str, dict[str, float | None]]:
-    """The medians of --timeline's runs of ``case``: milliseconds from the spawn to each event, in the order of
-    the database run's (an event of a thread other than the main one names it)."""
-    medians = {
-        which: {
-            name: statistics.median(run[name] for run in runs if name in run)
-            for name in {name for run in runs for name in run}
-        }
-        for which, runs in case.timelines.items()
-    }
-    db, plain = medians["db"], medians["plain"]
-    runs = len(case.timelines["db"])
-    print()
-    print(f"Timeline, {case.label}: ms from spawn, medians of {runs} runs with -p {TIMELINE_PLUGIN_NAME}")
-    width = max(len(name) for name in db) + 2
-    print(f"  {'event':<{width}}{'db run':>8}{'plain':>8}{'db-plain':>10}")
-    for name in sorted(db, key=lambda event: db[event]):
-        before = plain.get(name)
-        gap = "" if before is None else f"{db[name] - before:.0f}"
-        print(f"  {name:<{width}}{db[name]:>8.0f}{fmt(before):>8}{gap:>10}")
-    print("  ('>': a call or import begins, '<': it returns; [thread]: not the main thread)")
-    return {name: {"db": db[name], "plain": plain.get(name)} for name in db}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
