@@ -682,6 +682,7 @@ hooks, of the first import of some modules and of calls to some pgsandbox functi
 $BENCH_TIMELINE_FILE.'''
 
 import atexit
+import gc
 import importlib.abc
 import json
 import os
@@ -692,7 +693,10 @@ import time
 import pytest
 
 EVENTS = []
-IMPORTS = {"psycopg", "sqlalchemy", "pgsandbox.server", "pgsandbox.server.local", "pgsandbox.sandbox"}
+IMPORTS = {
+    "psycopg", "psutil", "sqlalchemy", "pgsandbox.binaries", "pgsandbox.data", "pgsandbox.server",
+    "pgsandbox.server.external", "pgsandbox.server.launch", "pgsandbox.server.local", "pgsandbox.sandbox",
+}
 CALLS = {
     "pgsandbox.pytest.state": ["BackgroundStart.__init__", "BackgroundStart.server", "start_early"],
     "pgsandbox.server.launch": ["prepare", "launch"],
@@ -782,6 +786,7 @@ class Watch(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, Watch())
+gc.collect = timed("gc.collect", gc.collect)  # pytest collects at its end: the more objects, the longer
 mark("timeline plugin imported")
 
 
