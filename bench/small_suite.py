@@ -721,7 +721,10 @@ def stop_kept(runner: Runner, kept: Path, facts: dict[str, str]) -> None:
     except BenchError as error:
         stopped = [f"pgsandbox clean FAILED: {error}"]
     left = stop_stragglers([kept])
-    facts["kept-alive servers"] = f"{len(stopped)} stopped by pgsandbox clean at the end" + (
+    attached = {0: "", 1: " (every run after the warm-up attached to it)"}.get(
+        len(stopped), " (NOT one: runs started servers)"
+    )
+    facts["kept-alive servers"] = f"{len(stopped)} stopped by pgsandbox clean at the end{attached}" + (
         f"; still running after it, stopped: {'; '.join(left)}" if left else ""
     )
 

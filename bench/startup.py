@@ -694,9 +694,8 @@ def overhead_main(args: argparse.Namespace, bindir: Path, work: Path, data: Path
         if server and raw_runner is not None:
             subprocess.run(server, capture_output=True, timeout=RAW_TIMEOUT, **raw_runner.popen_kwargs())
     servers = sorted(path.name for path in kept.glob("pgsandbox-*/run-*"))
-    facts["kept-alive servers after the runs"] = (
-        f"{len(servers)} ({', '.join(servers)}; one: every run after the warm-up attached to it)"
-    )
+    attached = "every run after the warm-up attached to it" if len(servers) == 1 else "NOT one: runs started servers"
+    facts["kept-alive servers after the runs"] = f"{len(servers)} ({', '.join(servers)}; {attached})"
     return overhead_report(args, cases, facts, skipped, command)
 
 
