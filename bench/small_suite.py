@@ -353,7 +353,8 @@ def auth(client):  # per test: the test's database is a clone of its own
 
 # Scoped data (issue 16): the login is module-scoped again. `pg_module` is the module's data: the login runs once,
 # through the app, on an engine over its connection (one connection: StaticPool), and each test is rolled back to
-# the token row; the tests' own requests go through `pg_engine` as above.
+# the token row; the tests' own requests go through `pg_engine` as above. The login is the module's first write:
+# SQLAlchemy rolls back after its first connect, which on `pg_module.connection` would undo earlier scoped writes.
 PGSANDBOX_TRANSACTION_MODULE_CONFTEST = (
     """\
 import pytest
