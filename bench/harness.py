@@ -5,11 +5,14 @@
 - the reference schema (``../shared/bench/schema50.sql``, or the identical SQL generated): :func:`schema_sql`;
 - facts printed before the figures: :func:`machine_facts`, :func:`load_average`, :func:`source_state`;
 - who runs what: :class:`Runner` and, as root, :func:`unprivileged_runner` (PostgreSQL refuses root);
-- scratch directories and the servers left in them: :func:`scratch`, :func:`stop_stragglers`;
+- scratch directories and the servers left in them: :func:`scratch`, :func:`stop_stragglers`; the servers
+  ``pg_keep_alive`` kept in a benchmark's own runtime directory: :func:`stop_kept_alive`;
 - the compared tools started one way for every script: :func:`raw_server_commands` (initdb + ``pg_ctl``),
   :func:`pytest_postgresql_args`, :func:`pgsandbox_env`;
-- whole-process measurements (``time pytest``): :func:`run_timed`, :func:`run_together`; Python snippets that
-  drive a sandbox through the plain API: :func:`sandbox_project`, :func:`run_snippet`;
+- whole-process measurements (``time pytest``): :func:`run_timed`, :func:`run_together`; where a run's time goes
+  (``-p bench_timeline``, written into a suite): :data:`TIMELINE_PLUGIN`, :func:`timeline_of`,
+  :func:`print_timeline`; Python snippets that drive a sandbox through the plain API: :func:`sandbox_project`,
+  :func:`run_snippet`;
 - timing and figures: :func:`timed`, :func:`alternate`, :func:`divide`, :func:`fmt`, :func:`print_ratios`,
   :func:`print_targets`, :func:`write_json`.
 
@@ -29,6 +32,7 @@ import pwd
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -607,6 +611,24 @@ def stop_stragglers(roots: Sequence[Path]) -> list[str]:
     return found
 
 
+def stop_kept_alive(runner: Runner, runtime: Path) -> list[str]:
+    """Stop the servers ``pg_keep_alive`` left in ``runtime`` (a benchmark's own runtime directory) and their
+    watchers, the way a user does: ``pgsandbox clean --keep-cache RUN_ID...``. Run by run: a plain ``pgsandbox
+    clean`` would also stop this OS user's other kept and leftover servers in /dev/shm and the temp dir (other
+    people's runs on a shared machine). Returns what it said, one line each; an error when it failed."""
+    state_file = "keepalive.json"  # pgsandbox.server.idle_watch.STATE_FILE
+    ids = sorted(path.name for path in runtime.glob("pgsandbox-*/run-*") if (path / state_file).exists())
+    if not ids:
+        return []
+    env = {**clean_env(), **runner.env, "PGSANDBOX_RUNTIME_DIR": str(runtime)}
+    command = [runner.python, "-m", "pgsandbox.cli", "clean", "--keep-cache", *ids]  # named runs: no cache touched
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, **runner.popen_kwargs())
+    if out.returncode != 0:
+        raise BenchError(f"{shlex.join(command)} exited {out.returncode}:\n{tail(out.stdout + out.stderr)}")
+    said: str = out.stdout
+    return said.strip().splitlines()
+
+
 def running(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -647,6 +669,227 @@ def scratch(prefix: str, keep: bool = False) -> Iterator[tuple[Path, Path]]:
         else:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
+
+
+# --timeline (startup.py, small_suite.py): a plugin loaded with `-p bench_timeline` in extra runs (not the measured
+# ones), which notes the wall clock at pytest's hooks, around the first import of psycopg, SQLAlchemy and
+# pgsandbox's heavier packages, and around calls of the pgsandbox functions a database run goes through (in the
+# thread that ran them); the names it looks for are those of this tree: one that is gone is left out, not an error
+TIMELINE_PLUGIN_NAME = "bench_timeline"
+TIMELINE_ENV = "BENCH_TIMELINE_FILE"
+TIMELINE_PLUGIN = """'''The benchmark's timeline plugin (``-p bench_timeline``): wall-clock times of pytest's
+hooks, of the first import of some modules and of calls to some pgsandbox functions, written at exit to
+$BENCH_TIMELINE_FILE.'''
+
+import atexit
+import gc
+import importlib.abc
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+EVENTS = []
+IMPORTS = {
+    "psycopg", "psutil", "sqlalchemy", "pgsandbox.binaries", "pgsandbox.data", "pgsandbox.server",
+    "pgsandbox.server.external", "pgsandbox.server.launch", "pgsandbox.server.local", "pgsandbox.sandbox",
+}
+CALLS = {
+    "pgsandbox.pytest.state": ["BackgroundStart.__init__", "BackgroundStart.server", "start_early"],
+    "pgsandbox.server.launch": ["prepare", "launch"],
+    "pgsandbox.server.local": [
+        "LocalServer.start", "LocalServer._attach_kept", "LocalServer._adopt", "LocalServer._launch",
+        "_new_superuser_password", "LocalServer.stop", "LocalServer.detach",
+    ],
+    "pgsandbox.server.keepalive": ["sweep", "find"],
+    "pgsandbox.server.reaper": ["stale_runs", "drop_dead_runs"],
+    "pgsandbox.sandbox.core": [
+        "Sandbox.start", "Sandbox._create_login", "Sandbox.open", "Sandbox.close", "Sandbox.stop",
+    ],
+}
+
+
+def mark(name):
+    thread = threading.current_thread().name
+    EVENTS.append((name if thread == "MainThread" else f"{name} [{thread}]", time.time()))
+
+
+def timed(name, function):
+    def wrapper(*args, **kwargs):
+        mark(f"{name} >")
+        try:
+            return function(*args, **kwargs)
+        finally:
+            mark(f"{name} <")
+
+    wrapper.__wrapped__ = function
+    return wrapper
+
+
+def wrap(module, qualname):
+    owner_name, _, name = qualname.rpartition(".")
+    owner = getattr(module, owner_name) if owner_name else module
+    found = owner.__dict__.get(name) if owner_name else getattr(module, name, None)
+    if found is None:
+        return
+    if isinstance(found, (classmethod, staticmethod)):
+        setattr(owner, name, type(found)(timed(qualname, found.__func__)))
+    else:
+        setattr(owner, name, timed(qualname, found))
+
+
+class TimedLoader(importlib.abc.Loader):
+    def __init__(self, inner, name):
+        self.inner, self.name = inner, name
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        watched = self.name in IMPORTS
+        if watched:
+            mark(f"import {self.name} >")
+        try:
+            self.inner.exec_module(module)
+        finally:
+            if watched:
+                mark(f"import {self.name} <")
+        for qualname in CALLS.get(self.name, ()):
+            wrap(module, qualname)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class Watch(importlib.abc.MetaPathFinder):
+    searching = threading.local()  # another finder that asks the others (pgsandbox's connect hooks) asks this one
+
+    def find_spec(self, name, path, target=None):
+        if name not in IMPORTS and name not in CALLS or getattr(self.searching, "name", None) == name:
+            return None
+        self.searching.name = name
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    if spec.loader is not None:
+                        spec.loader = TimedLoader(spec.loader, name)
+                    return spec
+            return None
+        finally:
+            self.searching.name = None
+
+
+sys.meta_path.insert(0, Watch())
+gc.collect = timed("gc.collect", gc.collect)  # pytest collects at its end: the more objects, the longer
+mark("timeline plugin imported")
+
+
+def write():
+    mark("atexit")
+    with open(os.environ["BENCH_TIMELINE_FILE"], "w") as out:
+        json.dump(EVENTS, out)
+
+
+atexit.register(write)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    mark("pytest_configure")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    mark("pytest_sessionstart")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_finish(session):
+    mark("pytest_collection_finish >")
+    try:
+        return (yield)
+    finally:
+        mark("pytest_collection_finish <")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    mark("pytest_runtest_setup >")
+    try:
+        return (yield)
+    finally:
+        mark("pytest_runtest_setup <")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    mark("pytest_runtest_teardown >")
+    try:
+        return (yield)
+    finally:
+        mark("pytest_runtest_teardown <")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session, exitstatus):
+    mark("pytest_sessionfinish >")
+    try:
+        return (yield)
+    finally:
+        mark("pytest_sessionfinish <")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_unconfigure(config):
+    mark("pytest_unconfigure >")
+    try:
+        return (yield)
+    finally:
+        mark("pytest_unconfigure <")
+"""
+
+
+def timeline_of(events: list[tuple[str, float]], started: float, seconds: float) -> dict[str, float]:
+    """Milliseconds from the spawn to each event's first occurrence, and to the process's exit."""
+    times: dict[str, float] = {}
+    for name, at in events:
+        times.setdefault(name, (at - started) * 1000)
+    times["process exit"] = seconds * 1000
+    return times
+
+
+def print_timeline(label: str, columns: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """The medians of timeline runs (:func:`timeline_of`), one column per kind of run, in the order of the first
+    column's events, and the first column minus the second; returns the medians."""
+    medians = {
+        column: {
+            name: statistics.median(run[name] for run in runs if name in run)
+            for name in {name for run in runs for name in run}
+        }
+        for column, runs in columns.items()
+    }
+    first, *others = medians
+    main = medians[first]
+    count = len(columns[first])
+    print()
+    print(f"Timeline, {label}: ms from spawn, medians of {count} runs with -p {TIMELINE_PLUGIN_NAME}")
+    width = max(len(name) for name in main) + 2
+    heads = [first, *others]
+    print(
+        f"  {'event':<{width}}" + "".join(f"{head:>14}" for head in heads) + (f"{'difference':>12}" if others else "")
+    )
+    for name in sorted(main, key=lambda event: main[event]):
+        values = [medians[head].get(name) for head in heads]
+        gap = fmt(minus(values[0], values[1]), 0) if len(values) > 1 and values[1] is not None else ""
+        print(f"  {name:<{width}}" + "".join(f"{fmt(value, 0):>14}" for value in values) + f"{gap:>12}")
+    print("  ('>': a call or import begins, '<': it returns; [thread]: not the main thread)")
+    return {name: {head: value for head in heads if (value := medians[head].get(name)) is not None} for name in main}
 
 
 # ------------------------------------------------------------------------------------------- timing, figures

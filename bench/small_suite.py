@@ -3,7 +3,8 @@ conftest, and the same suite with pgsandbox, whole process.
 
 Usage::
 
-    python bench/small_suite.py [--runs N] [--json PATH] [--bin DIR | --pg-version N] [--keep] [--user NAME]
+    python bench/small_suite.py [--runs N] [--cases a,b] [--timeline N] [--json PATH] [--bin DIR | --pg-version N]
+        [--keep] [--user NAME]
 
 What users with docker-compose or a CI service compare pgsandbox with: their PostgreSQL is already running
 before ``time pytest``. The suite is 12 tests in two modules on a small app that builds its SQLAlchemy engine
@@ -18,10 +19,22 @@ from a URL (``create_app(url)``: log in, create and list items). Each module log
   the token included, is rolled back after it;
 * pgsandbox database: the app built from ``pg.url()`` per test (a clone per test), the token per test;
 * the same two on the pre-started server (``PGSANDBOX_DSN``): what a user who keeps the server gets, without
-  pgsandbox's own server start (the templates stay on that server between runs).
+  pgsandbox's own server start (the templates stay on that server between runs);
+* scoped data (issue 16), the login module-scoped again as in the hand-written conftest: pgsandbox transaction
+  with the ``auth`` fixture on ``pg_module`` (the app's login runs once per module on an engine over
+  ``pg_module.connection``; its commit is a savepoint, and each test is rolled back to the token row); the same
+  with ``pg_keep_alive`` (``PGSANDBOX_KEEP_ALIVE=10min``: every run after the warm-up attaches to the server the
+  warm-up round kept, stopped at the end with ``pgsandbox clean RUN_ID``); and pgsandbox database with the login
+  in the module's database (``pg_module.url()``), of which each test gets a clone.
+
+``--timeline N`` adds N rounds (not counted in the figures) with a plugin that notes the time of pytest's hooks,
+of the first import of psycopg, SQLAlchemy and pgsandbox's packages and of pgsandbox's start-up steps, and prints
+their medians for each case next to the hand-written one's.
 
 Every case is a ``python -m pytest`` run timed from spawn to exit; runs are interleaved (one of each case per
-round) after a discarded warm-up round that also fills pgsandbox's cache. Faker's and pytest-factoryboy's plugins
+round) after a discarded warm-up round that also fills pgsandbox's cache and Python's bytecode cache (a
+``PYTHONPYCACHEPREFIX`` of the benchmark's own, as an installed project runs: ``PYTHONDONTWRITEBYTECODE``, set on
+some machines, would make every run compile every module). Faker's and pytest-factoryboy's plugins
 are off in every case (not part of such a project); the rest of this environment's plugins load in every case.
 """
 
@@ -41,9 +54,13 @@ from pathlib import Path
 from harness import (
     NO_PGSANDBOX,
     NO_PYTEST_POSTGRESQL,
+    TIMELINE_ENV,
+    TIMELINE_PLUGIN,
+    TIMELINE_PLUGIN_NAME,
     BenchError,
     Runner,
     bench_parser,
+    chosen_cases,
     clean_env,
     current_runner,
     divide,
@@ -56,12 +73,16 @@ from harness import (
     positive,
     print_facts,
     print_ratios,
+    print_timeline,
     raw_server_commands,
     run_bench,
     run_timed,
     shown_command,
     source_state,
+    stop_kept_alive,
+    stop_stragglers,
     tail,
+    timeline_of,
     unprivileged_runner,
     write_json,
 )
@@ -330,6 +351,75 @@ def auth(client):  # per test: the test's database is a clone of its own
 """
 )
 
+# Scoped data (issue 16): the login is module-scoped again. `pg_module` is the module's data: the login runs once,
+# through the app, on an engine over its connection (one connection: StaticPool), and each test is rolled back to
+# the token row; the tests' own requests go through `pg_engine` as above. The login is the module's first write:
+# SQLAlchemy rolls back after its first connect, which on `pg_module.connection` would undo earlier scoped writes.
+PGSANDBOX_TRANSACTION_MODULE_CONFTEST = (
+    """\
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
+from sqlalchemy.pool import StaticPool
+
+from app import create_app, get_engine
+"""
+    + LOGIN
+    + """
+
+@pytest.fixture(scope="session")
+def app():
+    return create_app("postgresql+psycopg:///unused")  # the engine is overridden
+
+
+@pytest.fixture
+def client(app, pg_engine):
+    app.dependency_overrides[get_engine] = lambda: pg_engine
+    yield TestClient(app)
+    app.dependency_overrides.clear()
+
+
+@pytest.fixture(scope="module")
+def auth(app, pg_module):  # once per module: the token row is the module's data, each test rolled back to it
+    connection = pg_module.connection
+    engine = create_engine(
+        "postgresql+psycopg://", creator=lambda: connection, poolclass=StaticPool, pool_reset_on_return=None
+    )
+    app.dependency_overrides[get_engine] = lambda: engine
+    try:
+        return log_in(TestClient(app))
+    finally:
+        app.dependency_overrides.clear()
+"""
+)
+
+PGSANDBOX_DATABASE_MODULE_CONFTEST = (
+    """\
+import pytest
+from fastapi.testclient import TestClient
+
+from app import create_app
+"""
+    + LOGIN
+    + """
+
+@pytest.fixture
+def client(pg):
+    app = create_app(pg.url("psycopg"))
+    yield TestClient(app)
+    app.state.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def auth(pg_module):  # once per module, in the module's database: each test's clone has the token
+    app = create_app(pg_module.url("psycopg"))
+    try:
+        return log_in(TestClient(app))
+    finally:
+        app.state.engine.dispose()  # no connection may stay: the module's database is cloned for each test
+"""
+)
+
 # Appended to every conftest: when the conftest was imported (pytest and its plugins loaded), when collection
 # ended, and each test's phases, for where the time goes.
 RECORDER = """
@@ -371,7 +461,11 @@ CASES = {
     "pgsandbox-database": "pgsandbox database (app from pg.url(), login per test)",
     "pgsandbox-transaction-dsn": "pgsandbox transaction on the pre-started server (--pg-dsn)",
     "pgsandbox-database-dsn": "pgsandbox database on the pre-started server (--pg-dsn)",
+    "pgsandbox-transaction-module": "pgsandbox transaction, login per module (pg_module)",
+    "pgsandbox-transaction-module-keepalive": "pgsandbox transaction, login per module, pg_keep_alive",
+    "pgsandbox-database-module": "pgsandbox database, login per module (pg_module)",
 }
+KEEP_ALIVE = "10min"
 
 
 @dataclass
@@ -386,18 +480,28 @@ class Case:
     stages: dict[str, list[float]] = field(default_factory=lambda: {stage: [] for stage in STAGES})
     error: str | None = None
     command: str = ""
+    timelines: list[dict[str, float]] = field(default_factory=list)
+    pycache: Path | None = None  # Python's bytecode cache, shared by every case (filled by the warm-up round)
 
-    def run(self, record: bool) -> None:
+    def run(self, record: bool, timeline: bool = False) -> None:
         if self.error is not None:
             return
         env = {**clean_env(), **self.runner.env, **self.env}
+        if self.pycache is not None:  # as an installed project runs: PYTHONDONTWRITEBYTECODE would time the compiler
+            env["PYTHONPYCACHEPREFIX"] = str(self.pycache)
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
         durations = self.suite / "durations.json"
         env["BENCH_DURATIONS_FILE"] = str(durations)
         durations.unlink(missing_ok=True)
-        command = [self.runner.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *UNUSED, *self.args]
-        self.command = (
-            f"cd {shlex.quote(str(self.suite))} && {shown_command(command, env, ('PGSANDBOX_', 'DATABASE_'))}"
-        )
+        events = self.suite / "timeline.json"
+        env[TIMELINE_ENV] = str(events)
+        events.unlink(missing_ok=True)
+        plugins = ["-p", TIMELINE_PLUGIN_NAME] if timeline else []
+        command = [self.runner.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *UNUSED, *self.args, *plugins]
+        if not timeline:
+            self.command = (
+                f"cd {shlex.quote(str(self.suite))} && {shown_command(command, env, ('PGSANDBOX_', 'DATABASE_'))}"
+            )
         try:
             out = run_timed(command, self.suite, env, PYTEST_TIMEOUT, self.runner)
             if out.returncode != 0 or f"{TESTS} passed" not in out.output:
@@ -406,7 +510,9 @@ class Case:
             self.error = str(error)
             print(f"  {self.label}: FAILED\n{error}", file=sys.stderr)
             return
-        if record:
+        if timeline:
+            self.timelines.append(timeline_of(json.loads(events.read_text()), out.started, out.seconds))
+        elif record:
             self.seconds.append(out.seconds)
             recorded = json.loads(durations.read_text())
             phases = recorded["phases"]
@@ -432,6 +538,7 @@ def write_suite(runner: Runner, suite: Path, conftest: str, ini: str, migrations
         suite / "pyproject.toml": "[tool.pytest.ini_options]\n" + ini,
         suite / "app.py": APP,
         suite / "conftest.py": conftest + RECORDER,
+        suite / f"{TIMELINE_PLUGIN_NAME}.py": TIMELINE_PLUGIN,  # loaded by --timeline's runs only
         suite / "test_items.py": TESTS_ITEMS,
         suite / "test_accounts.py": TESTS_ACCOUNTS,
         suite / ("migrations/1_schema.sql" if migrations else "schema.sql"): SCHEMA,
@@ -474,10 +581,22 @@ class PreStarted:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=7, help="measured rounds (default 7)")
+    parser.add_argument("--cases", help=f"comma-separated subset of: {', '.join(CASES)}")
+    parser.add_argument(
+        "--timeline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N more rounds with a plugin that notes the time of pytest's hooks, imports and pgsandbox's start-up "
+        "steps, and print their medians for each case next to the hand-written one's (where the time goes)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories (printed at the end)")
     parser.add_argument("--user", default="postgres", help="as root: the unprivileged user that runs the server")
     args = parser.parse_args(argv)
     positive(parser, args, "runs")
+    if args.timeline < 0:
+        parser.error("--timeline N needs N >= 0")
+    args.cases = chosen_cases(parser, args.cases, list(CASES))
     return args
 
 
@@ -530,34 +649,85 @@ def measure(
         pgs_ini + 'pg_isolation = "database"\n',
         migrations=True,
     )
+    write_suite(
+        runner,
+        suites / "pgsandbox-transaction-module",
+        PGSANDBOX_TRANSACTION_MODULE_CONFTEST,
+        pgs_ini,
+        migrations=True,
+    )
+    write_suite(
+        runner,
+        suites / "pgsandbox-database-module",
+        PGSANDBOX_DATABASE_MODULE_CONFTEST,
+        pgs_ini + 'pg_isolation = "database"\n',
+        migrations=True,
+    )
     warm = pgsandbox_env(bindir, runtime=data, cache=work / "cache")
     on_server = {"PGSANDBOX_DSN": server.dsn(), "PGSANDBOX_CACHE": str(work / "cache")}
+    # the kept-alive server's own runtime directory: stopped by `pgsandbox clean RUN_ID` at the end
+    kept_dir = runner.own(data / "kept")
+    pycache = runner.own(work / "pycache")
+    facts["bytecode"] = f"cached in {pycache} (PYTHONPYCACHEPREFIX, filled by the warm-up round)"
+    kept = {**pgsandbox_env(bindir, runtime=kept_dir, cache=work / "cache"), "PGSANDBOX_KEEP_ALIVE": KEEP_ALIVE}
+    envs = {
+        "hand-written": {"DATABASE_URL": server.url()},
+        "pgsandbox-transaction-dsn": on_server,
+        "pgsandbox-database-dsn": on_server,
+        "pgsandbox-transaction-module-keepalive": kept,
+    }
+    suite_of = {
+        "pgsandbox-transaction-dsn": "pgsandbox-transaction",
+        "pgsandbox-database-dsn": "pgsandbox-database",
+        "pgsandbox-transaction-module-keepalive": "pgsandbox-transaction-module",
+    }
     cases = [
         Case(
-            "hand-written",
-            CASES["hand-written"],
-            suites / "hand-written",
+            key,
+            CASES[key],
+            suites / suite_of.get(key, key),
             runner,
-            [*NO_PGSANDBOX, *NO_PYTEST_POSTGRESQL],
-            {"DATABASE_URL": server.url()},
-        ),
-        *(
-            Case(key, CASES[key], suites / key, runner, NO_PYTEST_POSTGRESQL, warm)
-            for key in ("pgsandbox-transaction", "pgsandbox-database")
-        ),
-        *(
-            Case(key, CASES[key], suites / key.removesuffix("-dsn"), runner, NO_PYTEST_POSTGRESQL, on_server)
-            for key in ("pgsandbox-transaction-dsn", "pgsandbox-database-dsn")
-        ),
+            [*NO_PGSANDBOX, *NO_PYTEST_POSTGRESQL] if key == "hand-written" else NO_PYTEST_POSTGRESQL,
+            envs.get(key, warm),
+            pycache=pycache,
+        )
+        for key in args.cases
     ]
+    try:
+        run_rounds(args, command, cases)
+    finally:
+        stop_kept(runner, kept_dir, facts)
+    facts["load average at end"] = load_average()
+    return report(args, cases, facts, command)
+
+
+def run_rounds(args: argparse.Namespace, command: str, cases: list[Case]) -> None:
     print(f"command: {command}")
     print(f"{len(cases)} cases, 1 warm-up round + {args.runs} measured rounds, interleaved ...", flush=True)
     for round_number in range(args.runs + 1):
         for case in cases:
             case.run(record=round_number > 0)
         print(f"  round {round_number}/{args.runs} done" + (" (warm-up)" if round_number == 0 else ""), flush=True)
-    facts["load average at end"] = load_average()
-    return report(args, cases, facts, command)
+    for round_number in range(args.timeline):
+        for case in cases:
+            case.run(record=False, timeline=True)
+        print(f"  timeline round {round_number + 1}/{args.timeline} done", flush=True)
+
+
+def stop_kept(runner: Runner, kept: Path, facts: dict[str, str]) -> None:
+    """Stop the kept-alive server(s) with ``pgsandbox clean RUN_ID``; one means every run after the warm-up
+    attached to the server the warm-up round kept."""
+    try:
+        stopped = stop_kept_alive(runner, kept)
+    except BenchError as error:
+        stopped = [f"pgsandbox clean FAILED: {error}"]
+    left = stop_stragglers([kept])
+    attached = {0: "", 1: " (every run after the warm-up attached to it)"}.get(
+        len(stopped), " (NOT one: runs started servers)"
+    )
+    facts["kept-alive servers"] = f"{len(stopped)} stopped by pgsandbox clean at the end{attached}" + (
+        f"; still running after it, stopped: {'; '.join(left)}" if left else ""
+    )
 
 
 def report(args: argparse.Namespace, cases: list[Case], facts: dict[str, str], command: str) -> int:
@@ -584,11 +754,17 @@ def report(args: argparse.Namespace, cases: list[Case], facts: dict[str, str], c
         print(f"   {stage}: {meaning}")
     print(")")
     by_key = {case.key: case.median() for case in cases}
-    base = by_key["hand-written"]
-    ratios = {f"{key} / hand-written": divide(by_key[key], base) for key in CASES if key != "hand-written"}
+    base = by_key.get("hand-written")
+    ratios = {f"{key} / hand-written": divide(by_key[key], base) for key in by_key if key != "hand-written"}
     print()
     print("(below 1.00x: pgsandbox is faster)")
-    print_ratios(ratios, 48)
+    print_ratios(ratios, max(len(name) for name in ratios) + 2 if ratios else 0)
+    hand = next((case.timelines for case in cases if case.key == "hand-written"), [])
+    timelines = {
+        case.key: print_timeline(case.label, {"this case": case.timelines, "hand-written": hand})
+        for case in cases
+        if case.timelines and case.key != "hand-written"
+    }
     print()
     for case in cases:
         print(f"  reproduce {case.key}: {case.command}")
@@ -612,6 +788,7 @@ def report(args: argparse.Namespace, cases: list[Case], facts: dict[str, str], c
             },
             "medians": by_key,
             "ratios": ratios,
+            "timelines": timelines,
         },
     )
     return 1 if any(case.error for case in cases) else 0

@@ -103,3 +103,31 @@ def test_raw_primitives_fill_in_placeholders() -> None:
     filled = [part.format(data="/d", sock="/s", log="/l") for part in start]
     assert filled == ["/pg/bin/pg_ctl", "start", "-w", "-D", "/d", "-l", "/l", "-o", "-F -c listen_addresses='' -k /s"]
     assert initdb[0] == "/pg/bin/initdb" and stop[:2] == ["/pg/bin/pg_ctl", "stop"]
+
+
+def test_timeline_plugin_notes_hooks_and_wrapped_calls(tmp_path: Path) -> None:
+    (tmp_path / f"{harness.TIMELINE_PLUGIN_NAME}.py").write_text(harness.TIMELINE_PLUGIN)
+    (tmp_path / "test_one.py").write_text("def test_one():\n    from pgsandbox.server import keepalive\n")
+    events = tmp_path / "events.json"
+    env = {**harness.clean_env(), harness.TIMELINE_ENV: str(events), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", harness.TIMELINE_PLUGIN_NAME]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    names = [name for name, _ in json.loads(events.read_text())]
+    for name in ("pytest_configure", "pytest_runtest_setup >", "pytest_unconfigure <", "atexit"):
+        assert name in names
+    assert names.index("import pgsandbox.server >") < names.index("import pgsandbox.server <")
+
+
+def test_timeline_medians(capsys: pytest.CaptureFixture[str]) -> None:
+    runs = [
+        harness.timeline_of([("start", 10.1), ("end", 10.5), ("start", 10.9)], 10.0, 1.0),
+        harness.timeline_of([("start", 20.3), ("end", 20.7)], 20.0, 1.2),
+    ]
+    assert runs[0] == pytest.approx({"start": 100.0, "end": 500.0, "process exit": 1000.0})
+    medians = harness.print_timeline("a case", {"db": runs, "plain": [{"start": 150.0, "process exit": 900.0}]})
+    assert medians["end"] == pytest.approx({"db": 600.0})
+    assert medians["process exit"] == pytest.approx({"db": 1100.0, "plain": 900.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[3:6]] == ["start", "end", "process"]  # in the order of the first
+    assert lines[5].split()[-1] == "200"  # db minus plain
