@@ -106,6 +106,48 @@ def _remember_distributions() -> None:
 
 _remember_distributions()
 
+
+def _remember_statement_ranges() -> None:
+    """A failure's or an interruption's report shows the statement of each traceback entry, for which pytest parses
+    the entry's whole source file and walks its syntax tree, once per report: the in-process runs report hundreds
+    of tracebacks through the same files (pytest's, pluggy's, pgsandbox's), a few milliseconds each, a few seconds
+    of the suite's CPU. This process keeps each file's statement lines instead (a small stand-in node carries them:
+    pytest reads nothing else from the tree); the reports stay the same."""
+    import ast
+    import warnings
+
+    from _pytest._code import code
+    from _pytest._code import source as pytest_source
+
+    original = getattr(code, "getstatementrange_ast", None)
+    linenos = getattr(pytest_source, "_statement_linenos", None)
+    if original is None or linenos is None:  # another pytest: its own way
+        return
+    known: dict[str, ast.AST] = {}
+
+    def getstatementrange_ast(
+        lineno: int, source: pytest_source.Source, assertion: bool = False, astnode: ast.AST | None = None
+    ) -> tuple[ast.AST, int, int]:
+        if astnode is None:
+            content = str(source)
+            astnode = known.get(content)
+            if astnode is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse(content, "source", "exec")
+                astnode = ast.Module(body=[], type_ignores=[])
+                astnode._pytest_statement_linenos = linenos(tree)  # type: ignore[attr-defined]
+                if len(known) > 500:
+                    known.clear()
+                known[content] = astnode
+        found: tuple[ast.AST, int, int] = original(lineno, source, assertion, astnode)
+        return found
+
+    setattr(code, "getstatementrange_ast", getstatementrange_ast)  # noqa: B010 (not a name pytest exports)
+
+
+_remember_statement_ranges()
+
 _CACHE: list[str] = []
 
 
@@ -136,6 +178,11 @@ def pytest_configure(config: pytest.Config) -> None:
         _CACHE.append(tempfile.mkdtemp(prefix="pgsandbox-test-cache-", dir=memory))
         os.environ["PGSANDBOX_CACHE"] = _CACHE[0]
     os.environ["PYTEST_ADDOPTS"] = _without_unused_plugins(os.environ.get("PYTEST_ADDOPTS", ""))
+    if getattr(config.option, "maxschedchunk", False) is None:
+        # pytest-xdist's load scheduling hands a worker up to a sixth of the tests left at once: near the end one
+        # worker still had a queue of slow tests while the others ran out of fast ones and idled (7-11 s). Two at
+        # a time, every worker takes the next test when it is free, and the fast tier, last, fills the gaps.
+        config.option.maxschedchunk = 1
 
 
 @pytest.fixture

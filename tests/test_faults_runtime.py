@@ -174,7 +174,7 @@ def test_4_too(pg):
     assert pg.fetchval("select count(*) from users") == 2
 """
     )
-    result = project.runpytest_subprocess("-p", "no:randomly")
+    result = project.runpytest("-p", "no:randomly")
     output = result.stdout.str().split("short test summary info")[0]
     result.assert_outcomes(passed=4, errors=1)
     error = report_of(output, "test_2_drops_the_session_database")
@@ -209,7 +209,7 @@ def test_2_drops_the_templates_and_commits(pg_server, pg_admin):
     pg_admin.execute("insert into users (name) values ('x')")  # an escape: the session database is cloned again
 """
     )
-    result = project.runpytest_subprocess("-p", "no:randomly")
+    result = project.runpytest("-p", "no:randomly")
     output = result.stdout.str().split("short test summary info")[0]
     result.assert_outcomes(passed=2, errors=1)
     error = report_of(output, "test_2_drops_the_templates_and_commits")
@@ -233,7 +233,7 @@ def test_2_fails(pg_conn):
     assert False
 """
     )
-    result = project.runpytest_subprocess("-p", "no:randomly")
+    result = project.runpytest("-p", "no:randomly")
     output = result.stdout.str()
     result.assert_outcomes(passed=1, failed=1, errors=1)
     error = report_of(output, "test_1_sends_the_log_elsewhere")
@@ -259,7 +259,7 @@ def test_2_fails(pg_conn):
     assert False
 """
     )
-    result = project.runpytest_subprocess("-p", "no:randomly")
+    result = project.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [

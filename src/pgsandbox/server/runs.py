@@ -307,6 +307,20 @@ def _postmaster_serving(run: RunDir) -> int | None:
     return None
 
 
+def _ended(process: psutil.Process) -> bool:
+    """Exited: gone, or a zombie that only its parent can reap. The postmaster of a killed run is another
+    process's child (init's, or a container's first process, which may reap late or never): waiting for it to
+    disappear took 1-2 s per server here, and the whole timeout where nothing reaps."""
+    try:
+        if process.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
+        return True
+    with contextlib.suppress(ChildProcessError):  # this process's own child (a kept-alive server it started)
+        os.waitpid(process.pid, os.WNOHANG)
+    return True
+
+
 def stop_postmaster(pid: int, timeout: float = 10.0) -> None:
     """Immediate shutdown (the data is throwaway), then SIGKILL if it lingers."""
     import psutil
@@ -315,11 +329,15 @@ def stop_postmaster(pid: int, timeout: float = 10.0) -> None:
         process = psutil.Process(pid)
         children = process.children(recursive=True)
         process.send_signal(signal.SIGQUIT)
-        _, alive = psutil.wait_procs([process], timeout=timeout)
-        for straggler in alive + [c for c in children if c.is_running()]:
-            straggler.kill()
     except psutil.NoSuchProcess:
-        pass
+        return
+    deadline = time.monotonic() + timeout
+    while not _ended(process) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for straggler in [process, *children]:
+        if not _ended(straggler):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                straggler.kill()
 
 
 def postmaster_serving(run: RunDir) -> int | None:
