@@ -19,11 +19,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgsandbox.binaries import archives
 from pgsandbox.common import staging
 from pgsandbox.errors import ServerStartError
 from pgsandbox.server.osuser import ROOT_SHARED_CACHE, Account, can_reach
+
+if TYPE_CHECKING:
+    import psutil
 
 MIN_SHM_FREE = 512 * 1024 * 1024
 STARTING_GRACE_SECONDS = 60.0
@@ -311,6 +315,8 @@ def _ended(process: psutil.Process) -> bool:
     """Exited: gone, or a zombie that only its parent can reap. The postmaster of a killed run is another
     process's child (init's, or a container's first process, which may reap late or never): waiting for it to
     disappear took 1-2 s per server here, and the whole timeout where nothing reaps."""
+    import psutil
+
     try:
         if process.status() != psutil.STATUS_ZOMBIE:
             return False
