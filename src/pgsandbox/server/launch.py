@@ -171,7 +171,7 @@ def launch(settings: Settings, prepared: Prepared, snapshots: list[str], progres
             password, fresh = cluster.password, cluster.fresh
         trace.mark("server: cluster copied")
         if run.data.stat().st_uid != account.uid:  # cp -a kept the cache's owner, the server's account, as root
-            account.chown(run.data)
+            account.chown_tree(run.data)
         run.data.chmod(0o700)
         (run.data / "pg_hba.conf").write_text(HBA)
         account.chown(run.data / "pg_hba.conf")

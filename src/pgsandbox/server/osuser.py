@@ -54,18 +54,23 @@ class Account:
         """Give ``path`` and everything below it to this account (a no-op when not switching)."""
         if not self.switch:
             return
-        # a cluster's copy has a thousand files: one chown process instead of a thousand calls here, each of which
-        # gives up the interpreter's lock and waits to get it back (5 ms at worst) while the server starts in a
-        # thread and the main thread imports
+        os.chown(path, self.uid, self.gid, follow_symlinks=False)
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)
+
+    def chown_tree(self, path: Path) -> None:
+        """:meth:`chown` for a cluster's copy, a thousand files: one chown process instead of a thousand calls
+        here, each of which gives up the interpreter's lock and waits to get it back (5 ms at worst) while the
+        server starts in a thread and the main thread imports."""
+        if not self.switch:
+            return
         chown = shutil.which("chown")
         if chown and path.is_dir() and not path.is_symlink():
             done = subprocess.run([chown, "-R", "-h", f"{self.uid}:{self.gid}", str(path)], capture_output=True)
             if done.returncode == 0:
                 return
-        os.chown(path, self.uid, self.gid, follow_symlinks=False)
-        for root, dirs, files in os.walk(path):
-            for name in dirs + files:
-                os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)
+        self.chown(path)
 
 
 def current_account() -> Account:
