@@ -170,6 +170,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "keep_alive": ("10 min", 600.0),
     "clone_strategy": ("wal_log", "wal_log"),
     "recycle_clones": ("off", "off"),
+    "gc_freeze": ("off", "off"),
     "templates_keep": ("5", 5),
     "role": ("admin", "admin"),
     "reap_grace": ("never", -1.0),

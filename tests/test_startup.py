@@ -214,3 +214,15 @@ def test_the_objects_imported_for_the_sandbox_are_frozen_once_per_process(pytest
     assert frozen > 0
     pytester.runpytest().assert_outcomes(passed=1)
     assert gc.get_freeze_count() <= frozen  # (frozen objects freed by their reference counts leave it)
+
+
+@pytest.mark.slow
+def test_pg_gc_freeze_off_keeps_python_s_default(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_a="import gc\n\ndef test_db(pg):\n    assert pg.fetchval('select 1') == 1\n"
+        "    assert gc.get_freeze_count() == 0\n"
+    )
+    pytester.runpytest_subprocess("-o", "pg_gc_freeze=off").assert_outcomes(passed=1)
+    result = pytester.runpytest_subprocess()  # auto: the objects are frozen before the first test
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*assert * == 0*"])

@@ -334,6 +334,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("templates_keep", "how many templates per project to keep on the server (default 3)", parse=_count),
     Option(
+        "gc_freeze",
+        "auto (default: what the run has made when its sandbox starts, pytest's and the plugins' modules, the tests "
+        "collected, psycopg and pgsandbox, is frozen for Python's garbage collector, whose full passes then skip it: "
+        "50-200 ms off a short run's end) or off",
+        parse=_choice("auto", "off"),
+    ),
+    Option(
         "role",
         "whom tests connect as: own (default: a least-privilege role of the session's own), createdb (the same, "
         "allowed to create databases) or admin",
@@ -469,6 +476,7 @@ class Settings:
     keep_alive: float = 0.0  # seconds a local server outlives the run with no run attached; 0: it stops with the run
     clone_strategy: Literal["auto", "file_copy", "wal_log"] = "auto"
     recycle_clones: Literal["auto", "off"] = "auto"
+    gc_freeze: Literal["auto", "off"] = "auto"
     templates_keep: int = 3
     role: Literal["own", "createdb", "admin"] = "own"
     reap_grace: float = 300.0

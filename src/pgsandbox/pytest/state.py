@@ -346,12 +346,6 @@ def start_in_background(session: pytest.Session) -> None:
     import pgsandbox.sandbox  # noqa: F401 - the rest of what a test needs, while the server starts
 
     trace.mark("imported: the sandbox")
-    # what was just imported (psycopg, the sandbox: some 100,000 objects, alive until the process ends) leaves the
-    # garbage collector's generations: every full collection walked them, pytest's at its end and the interpreter's
-    # included (50-80 ms of a short run). Once per process: a process that runs pytest many times (pytester) would
-    # otherwise also freeze, each time, the garbage its earlier runs left.
-    if gc.get_freeze_count() == 0:
-        gc.freeze()
 
 
 def start_early(session: pytest.Session) -> None:
@@ -363,6 +357,17 @@ def start_early(session: pytest.Session) -> None:
     except PgSandboxError as error:
         config.stash[EARLY_START_KEY] = error
     trace.mark("sandbox: started")
+    freeze_for_the_collector(settings(config))
+
+
+def freeze_for_the_collector(options: Settings) -> None:
+    """What the run has made by now (pytest, its plugins and the tests collected, psycopg, the sandbox: some
+    100,000 objects, most alive until the process ends) leaves the garbage collector's generations: each full
+    collection walked them all, pytest's at its end and the interpreter's at its exit included (50-200 ms of a short
+    run). Once per process: a process that runs pytest many times (pytester) would otherwise also freeze, each
+    time, the garbage its earlier runs left. ``pg_gc_freeze = off`` keeps Python's default."""
+    if options.gc_freeze == "auto" and gc.get_freeze_count() == 0:
+        gc.freeze()
 
 
 def discard_background_start(config: pytest.Config) -> None:
