@@ -148,6 +148,41 @@ OTHER_LIBRARY = """
 """
 
 
+# a module-scoped login through SQLAlchemy, on rows an earlier module fixture made: SQLAlchemy rolls back after its
+# first connect and when a Connection closes, which must not take the scope's rows with it
+SQLALCHEMY_MODULE = """
+    import pytest
+    import sqlalchemy as sa
+
+    import pgsandbox
+
+    @pytest.fixture(scope="module")
+    def users(pg_module):
+        pg_module.execute("insert into users (name) values ('first')")
+
+    @pytest.fixture(scope="module")
+    def engine(pg_module, users):
+        return pgsandbox.sqlalchemy_engine(pg_module)
+
+    @pytest.fixture(scope="module")
+    def login(engine):
+        with engine.begin() as conn:
+            conn.execute(sa.text("insert into users (name) values ('login')"))
+        with engine.connect() as conn:  # closed without a commit: rolls back only its own work
+            conn.execute(sa.text("insert into users (name) values ('dropped')"))
+        return "token"
+
+    def test_the_scope_rows_are_all_there(pg, login):
+        assert pg.fetchval("select count(*) from users") == 4  # the migration's two, the module's two
+        pg.execute("insert into users (name) values ('test')")
+
+    def test_each_test_is_rolled_back_to_them(pg, engine, login):
+        with engine.connect() as conn:
+            names = conn.execute(sa.text("select name from users order by id")).scalars().all()
+        assert names[2:] == ["first", "login"]
+"""
+
+
 @pytest.mark.slow
 def test_module_and_class_data_with_per_test_rollback(project: pytest.Pytester, shared_dsn: str) -> None:
     write(
@@ -158,9 +193,10 @@ def test_module_and_class_data_with_per_test_rollback(project: pytest.Pytester, 
         test_d=WITHOUT_RESET,
         test_e=RESET_WITHOUT_SCOPE,
         test_f=OTHER_LIBRARY,
+        test_g=SQLALCHEMY_MODULE,
     )
     result = project.runpytest(f"--pg-dsn={shared_dsn}", "-p", "no:randomly")
-    result.assert_outcomes(passed=16)
+    result.assert_outcomes(passed=18)
     result.stdout.fnmatch_lines(
         [
             "*PgSandboxWarning: pg_psycopg2 is a transaction of its own on the session "

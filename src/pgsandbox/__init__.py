@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pgsandbox.binaries import Installation as Installation
+    from pgsandbox.drivers.sqlalchemy import sqlalchemy_engine
     from pgsandbox.binaries import find_installations as find_installations
     from pgsandbox.binaries import select_installation as select_installation
     from pgsandbox.data.catalog import UnknownTable
@@ -60,6 +61,7 @@ _EXPORTS = {
     "ExternalServer": "pgsandbox.server",
     "start_server": "pgsandbox.server",
     "Migrator": "pgsandbox.template.base",
+    "sqlalchemy_engine": "pgsandbox.drivers.sqlalchemy",
     "Target": "pgsandbox.template.base",
     # what it catches (every error is a PgSandboxError) and filters
     "PgSandboxError": "pgsandbox.errors",
@@ -133,5 +135,6 @@ __all__ = [
     "UnknownTable",
     "UnsupportedVersion",
     "__version__",
+    "sqlalchemy_engine",
     "start_server",
 ]

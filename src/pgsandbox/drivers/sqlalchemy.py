@@ -180,6 +180,17 @@ def engine(db: Database) -> Engine:
     return made_for[1]
 
 
+def sqlalchemy_engine(db: Database) -> Engine:
+    """A SQLAlchemy engine on ``db`` made as ``pg_engine``'s is, for a scope handle's fixtures (``pg_module``,
+    ``pg_class``, ``pg_package``, ``pg_session_data``): a login, the app's own code run once for a module. In
+    ``transaction`` isolation its one connection is the handle's, SQLAlchemy's own rollbacks (after its first
+    connect, when a ``Connection`` closes) undo only what it did since, and ``commit()`` moves a savepoint: the
+    scope's rows stay. (An engine made with ``creator=lambda: pg_module.connection`` rolls the scope back to its
+    start on its first connect.) In ``database`` isolation it connects to the scope's own database; dispose of it
+    when the fixture ends."""
+    return engine(db)
+
+
 def dispose(db: Database, made: Engine) -> None:
     if db.isolation == "database":
         made.dispose()
