@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pgsandbox.binaries import Installation as Installation
-    from pgsandbox.drivers.sqlalchemy import sqlalchemy_engine
     from pgsandbox.binaries import find_installations as find_installations
     from pgsandbox.binaries import select_installation as select_installation
     from pgsandbox.data.catalog import UnknownTable
     from pgsandbox.data.rows import InsertError
     from pgsandbox.data.values import CannotFill
+    from pgsandbox.drivers.sqlalchemy import sqlalchemy_engine
     from pgsandbox.errors import (
         BinariesNotFound,
         ConfigError,
