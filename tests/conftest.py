@@ -218,6 +218,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for path in _CACHE:
         shutil.rmtree(path, ignore_errors=True)
+    if _CACHE:  # the clusters copied ahead from the suite's cache, which is gone now
+        from pgsandbox.server import runs, spares
+
+        for base in runs.search_bases():
+            spares.remove_orphans(base / f"pgsandbox-{os.geteuid()}")
 
 
 # The fast tier (`pytest -m "not slow"`) is the tests that start no PostgreSQL server and no process. A test

@@ -115,3 +115,17 @@ def test_a_copy_half_made_by_a_killed_run_is_found_abandoned(tmp_path: Path) -> 
     half = tmp_path / f".spare-{process.pid}.1-x1y2z3"
     (half / "data").mkdir(parents=True)
     assert [found.path for found in staging.find_abandoned([tmp_path])] == [half]
+
+
+def test_a_spare_whose_cached_cluster_went_goes_at_the_next_start(tmp_path: Path) -> None:
+    parent = tmp_path / "runtime"
+    parent.mkdir()
+    kept_source, gone_source = tmp_path / "kept" / "data", tmp_path / "gone" / "data"
+    for source in (kept_source, gone_source):
+        source.mkdir(parents=True)
+        (source / "PG_VERSION").write_text("18\n")
+    kept, gone = made(kept_source, parent), made(gone_source, parent)
+    shutil.rmtree(gone_source.parent)  # the cache cleaned, or a temporary one removed
+    assert spares.remove_orphans(parent) == [gone]
+    assert spares.spares_in(parent) == [kept] and not list(parent.glob(".spare-*"))
+    assert spares.take(kept_source, tmp_path / "run", parent) and not kept.exists()

@@ -105,6 +105,8 @@ def prepare(settings: Settings, progress: Progress | None) -> Prepared:
         staging.remove(abandoned)
         if progress:
             progress(f"removed {abandoned.describe()}")
+    for parent in runs.search_bases(settings.runtime_dir):
+        spares.remove_orphans(parent / f"pgsandbox-{os.geteuid()}")
     trace.mark("server: prepared")
     return Prepared(installation, account, root, base)
 

@@ -6,8 +6,9 @@ The copy is made while this run's server runs (``cp -a`` in a child process, sta
 into a staging directory named after this process (``.spare-<pid>.<start>-...``: half-written by a killed run, it
 is removed as the other staging directories are), and the server's stop waits for it and renames it to the name a
 start takes (``spare-<key>-...``): nothing of it outlives the run. The key names the cache entry (its path and
-identity), so a rebuilt or pruned entry's spare is never taken: it is removed, as are spares beyond
-:data:`MAX_SPARES` per runtime directory, when the next spare is made there, and by ``pgsandbox clean``. A spare
+identity), so a rebuilt or pruned entry's spare is never taken: it is removed at the next start when its cache
+entry is gone (each spare records it), else with the spares beyond :data:`MAX_SPARES` per runtime directory
+when the next spare is made there, and by ``pgsandbox clean``. A spare
 is made only of a cluster that starts often: one that another start used within :data:`HOT_SECONDS`, or one
 whose spare this start took.
 """
@@ -46,6 +47,24 @@ def spares_in(parent: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+SOURCE_FILE = "source"  # in a spare: the cached cluster it copies, so that one whose cache entry went goes too
+
+
+def remove_orphans(parent: Path) -> list[Path]:
+    """Spares whose cached cluster is gone (the cache cleaned or pruned, a temporary cache removed): never taken
+    again, so removed (each start sweeps its runtime directory)."""
+    removed = []
+    for spare in spares_in(parent):
+        try:
+            source = Path((spare / SOURCE_FILE).read_text())
+        except OSError:
+            continue  # taken meanwhile (or made by an older pgsandbox: MAX_SPARES bounds those)
+        if not source.is_dir():
+            discard(spare)
+            removed.append(spare)
+    return removed
+
+
 def discard(spare: Path) -> None:
     """Remove a spare without racing a start that takes it: renamed first (one of the two renames wins), then
     removed under a staging name of this process's (removed as a killed run's half-written directory if this
@@ -71,6 +90,7 @@ def take(source: Path, destination: Path, parent: Path) -> bool:
         except OSError:
             continue
         with contextlib.suppress(OSError):
+            (spare / SOURCE_FILE).unlink()
             spare.rmdir()  # empty now (a discard that renamed it meanwhile removes it)
         return True
     return False
@@ -79,8 +99,9 @@ def take(source: Path, destination: Path, parent: Path) -> bool:
 class CopyAhead:
     """A spare being made while this run's server runs (:meth:`start`); :meth:`finish` at its stop."""
 
-    def __init__(self, process: subprocess.Popen[bytes], work: Path, final: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], source: Path, work: Path, final: Path) -> None:
         self.process = process
+        self.source = source
         self.work = work
         self.final = final
 
@@ -116,7 +137,7 @@ class CopyAhead:
         except OSError:
             shutil.rmtree(work, ignore_errors=True)
             return None
-        return cls(process, work, final)
+        return cls(process, source, work, final)
 
     def finish(self) -> bool:
         """Wait for the copy and give it the name a start takes; True when it is there. A copy that failed (or a
@@ -129,6 +150,7 @@ class CopyAhead:
             done = False
         if done:
             try:
+                (self.work / SOURCE_FILE).write_text(str(self.source))
                 os.rename(self.work, self.final)
                 return True
             except OSError:
