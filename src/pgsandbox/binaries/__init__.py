@@ -74,6 +74,7 @@ def extensions_in(bindir: Path) -> frozenset[str]:
     return frozenset(path.stem for path in directory.glob("*.control")) if directory else frozenset()
 
 
+@cache  # pg_config is a process (on Debian a shell script): asked once per process and installation
 def extension_dir(bindir: Path) -> Path | None:
     """``<sharedir>/extension``: pg_config beside postgres knows the share directory (relocated with the
     installation, and elsewhere on Debian: /usr/share/postgresql/N); without it, the usual places."""
