@@ -222,7 +222,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         from pgsandbox.server import runs, spares
 
         for base in runs.search_bases():
-            spares.remove_orphans(base / f"pgsandbox-{os.geteuid()}")
+            spares.remove_orphans(runs.user_dir(base))
 
 
 # The fast tier (`pytest -m "not slow"`) is the tests that start no PostgreSQL server and no process. A test
@@ -290,7 +290,7 @@ def machine_wide_servers() -> Iterator[None]:
 
     def secrets_dirs() -> set[Path]:
         """Run directories that hold only a run's secrets (an existing server's), not a server's data."""
-        found = (base / f"pgsandbox-{os.geteuid()}" for base in runs.search_bases())
+        found = (runs.user_dir(base) for base in runs.search_bases())
         return {path for parent in found for path in parent.glob("run-*") if not (path / "data").exists()}
 
     with FileLock(os.path.join(tempfile.gettempdir(), f"pgsandbox-tests-kept-servers-{os.geteuid()}.lock")):

@@ -135,15 +135,13 @@ def doctor(settings: Settings) -> int:
     print("Half-written directories of killed runs: " + ("none" if not abandoned else ""))
     for directory in abandoned:
         print(f"  {directory.path} ({directory.size / 1e6:.1f} MB; the next run or pgsandbox clean removes it)")
-    ahead = [spare for base in runs.search_bases(settings.runtime_dir) for spare in spares_of_this_user(base)]
+    ahead = [
+        spare for base in runs.search_bases(settings.runtime_dir) for spare in spares.spares_in(runs.user_dir(base))
+    ]
     print("Clusters copied ahead for the next server's start: " + ("none" if not ahead else ""))
     for spare in ahead:
         print(f"  {spare} ({staging.tree_size(spare) / 1e6:.1f} MB; pgsandbox clean removes it)")
     return status
-
-
-def spares_of_this_user(base: Path) -> list[Path]:
-    return spares.spares_in(base / f"pgsandbox-{os.geteuid()}")
 
 
 def fetch(settings: Settings, version: str | None, wheel: str | None) -> int:
@@ -222,7 +220,7 @@ def clean(
             staging.remove(abandoned)
         print(f"{'would remove' if dry_run else 'removed'} {abandoned.describe()}")
     for base in runs.search_bases(settings.runtime_dir):
-        for spare in spares_of_this_user(base):
+        for spare in spares.spares_in(runs.user_dir(base)):
             size = staging.tree_size(spare)
             if not dry_run:
                 spares.discard(spare)

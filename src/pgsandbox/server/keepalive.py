@@ -198,7 +198,7 @@ def candidates(bases: list[Path]) -> list[runs.RunDir]:
     """This OS user's run directories that are kept alive, newest first."""
     found = []
     for base in bases:
-        parent = base / f"pgsandbox-{os.geteuid()}"
+        parent = runs.user_dir(base)
         found += [runs.RunDir(path) for path in parent.glob("run-*") if (path / idle_watch.STATE_FILE).exists()]
     return sorted(found, key=lambda run: _mtime(run.path / idle_watch.STATE_FILE), reverse=True)
 

@@ -105,8 +105,8 @@ def prepare(settings: Settings, progress: Progress | None) -> Prepared:
         staging.remove(abandoned)
         if progress:
             progress(f"removed {abandoned.describe()}")
-    for parent in runs.search_bases(settings.runtime_dir):
-        spares.remove_orphans(parent / f"pgsandbox-{os.geteuid()}")
+    for searched in runs.search_bases(settings.runtime_dir):
+        spares.remove_orphans(runs.user_dir(searched))
     trace.mark("server: prepared")
     return Prepared(installation, account, root, base)
 

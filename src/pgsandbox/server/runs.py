@@ -44,9 +44,14 @@ def default_runtime_base() -> Path:
     return Path(tempfile.gettempdir())
 
 
+def user_dir(base: Path) -> Path:
+    """``<base>/pgsandbox-<uid>``: this OS user's runs, spares and half-written directories in a runtime base."""
+    return base / f"pgsandbox-{os.geteuid()}"
+
+
 def runtime_parent(base: Path) -> Path:
-    """``<base>/pgsandbox-<uid>``: one per invoking user, traversable by the server's account."""
-    parent = base / f"pgsandbox-{os.geteuid()}"
+    """:func:`user_dir`, made: one per invoking user, traversable by the server's account."""
+    parent = user_dir(base)
     parent.mkdir(parents=True, exist_ok=True)
     parent.chmod(0o755 if os.geteuid() == 0 else 0o700)
     return parent
@@ -62,14 +67,14 @@ def check_runtime_base(base: Path, account: Account, source: str) -> Path:
     """``runtime_parent(base)``, or :class:`ServerStartError` saying why the server cannot keep its data
     there: not a directory, not writable, or not enterable by the server's OS account (as root)."""
     fix = RUNTIME_FIX
-    existed = (base / f"pgsandbox-{os.geteuid()}").is_dir()
+    existed = user_dir(base).is_dir()
     try:
         parent = runtime_parent(base)
         probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=parent))
         probe.rmdir()
     except OSError as error:
         reason = error.strerror or str(error)
-        in_the_way = [p for p in [base / f"pgsandbox-{os.geteuid()}", base, *base.parents] if p.is_file()]
+        in_the_way = [p for p in [user_dir(base), base, *base.parents] if p.is_file()]
         if in_the_way:
             reason = f"{in_the_way[-1]} is a file, not a directory"
         raise ServerStartError(f"the local server cannot keep its data in {base} ({source}): {reason}.", fix) from None
@@ -155,7 +160,7 @@ def remove_run_dirs(run_id: str, bases: list[Path]) -> list[Path]:
     """Remove run ``run_id``'s directories (what ``pgsandbox reap`` dropped the databases of): its secrets."""
     removed = []
     for base in bases:
-        path = base / f"pgsandbox-{os.geteuid()}" / f"run-{run_id}"
+        path = user_dir(base) / f"run-{run_id}"
         if path.is_dir() and not _postmaster_serving(RunDir(path)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -211,7 +216,7 @@ def find_leftovers(bases: list[Path], include_kept: bool = False, all_users: boo
     OS user's (``pgsandbox-<uid>``) unless ``all_users``."""
     leftovers = []
     for base in bases:
-        parents = [base / f"pgsandbox-{os.geteuid()}"]
+        parents = [user_dir(base)]
         if all_users:
             parents = sorted(path for path in base.glob("pgsandbox-*") if path.name[10:].isdigit())
         for parent in parents:
@@ -235,7 +240,7 @@ def _leftovers_in(parent: Path, include_kept: bool) -> list[Leftover]:
 def staging_parents(bases: list[Path], cache_root: Path | None) -> list[Path]:
     """Where half-written directories can be: the runtime directories (initdb, snapshots copied aside) and the
     cache's (clusters and snapshots being stored, binaries being unpacked or copied for the server's user)."""
-    parents = [base / f"pgsandbox-{os.geteuid()}" for base in bases]
+    parents = [user_dir(base) for base in bases]
     if cache_root is not None:
         parents += [cache_root / "initdb", archives.unpacked_root(cache_root), cache_root / "binaries"]
         parents += sorted(path for path in (cache_root / "snapshots").glob("*") if path.is_dir())
@@ -256,7 +261,7 @@ def run_size(run: RunDir) -> int:
 def live_run(bases: list[Path], run_id: str) -> bool:
     """Whether run ``run_id`` of this user has a directory whose owner still runs."""
     for base in bases:
-        path = base / f"pgsandbox-{os.geteuid()}" / f"run-{run_id}"
+        path = user_dir(base) / f"run-{run_id}"
         if path.is_dir() and _owner_alive(RunDir(path)):
             return True
     return False
